@@ -1,0 +1,18 @@
+"""Default ports and paths, as fixed by the design card (override by flag or config file)."""
+
+from pathlib import Path
+
+AGENT_PORT = 7443
+METRICS_PORT = 9469
+COORDINATOR_LISTEN = f"0.0.0.0:{AGENT_PORT}"
+METRICS_LISTEN = f"0.0.0.0:{METRICS_PORT}"
+ADMIN_SOCKET = Path("/run/picoord/admin.sock")
+ADMIN_SOCKET_ENV = "COORDCTL_ADMIN_SOCKET"
+COORDINATOR_STATE_DIR = Path("/var/lib/picoord")
+AGENT_STATE_DIR = Path("/var/lib/picoord/agent")
+COORDINATOR_CONFIG = Path("/etc/picoord/coordinator.toml")
+AGENT_CONFIG = Path("/etc/picoord/agent.toml")
+
+TOKEN_TTL_SECONDS = 24 * 3600
+METRICS_INTERVAL_SECONDS = 5.0
+MIN_METRICS_INTERVAL_SECONDS = 1.0

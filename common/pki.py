@@ -1,0 +1,38 @@
+"""The CA pin shared by `coordctl token create` and `picoord-agent join`.
+
+Like kubeadm's --discovery-token-ca-cert-hash, the pin is the SHA-256 of the CA
+certificate's DER-encoded SubjectPublicKeyInfo, so it survives re-issuing the CA
+certificate with the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+CA_HASH_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+class InvalidCaHash(ValueError):
+    """The text is not a `sha256:<64 hex>` pin."""
+
+
+def parse_ca_hash(text: str) -> str:
+    value = text.strip().lower() if isinstance(text, str) else ""
+    if not CA_HASH_PATTERN.match(value):
+        raise InvalidCaHash("malformed --ca-cert-hash: expected sha256: followed by 64 hex digits")
+    return value
+
+
+def ca_cert_hash(certificate: x509.Certificate) -> str:
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def ca_cert_hash_from_pem(pem: bytes) -> str:
+    return ca_cert_hash(x509.load_pem_x509_certificate(pem))
