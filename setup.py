@@ -6,7 +6,8 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-_spec = importlib.util.spec_from_file_location("proto_generate", Path(__file__).parent / "proto" / "generate.py")
+_GENERATOR = Path(__file__).parent / "proto" / "generate.py"
+_spec = importlib.util.spec_from_file_location("proto_generate", _GENERATOR)
 proto_generate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(proto_generate)
 

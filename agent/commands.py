@@ -18,7 +18,7 @@ OUTPUT_TAIL_BYTES = 8192
 @dataclass(frozen=True)
 class CommandResult:
     argv: tuple[str, ...]
-    exit_code: int          # -1 when the program could not be started or timed out
+    exit_code: int  # -1 when the program could not be started or timed out
     stdout: str
     stderr: str
     timed_out: bool = False

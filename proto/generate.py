@@ -31,9 +31,7 @@ TOOLCHAIN_ENV = "PICOORD_PROTOC_TOOLCHAIN"
 
 def _protoc_version(argv: list[str]) -> tuple[int, ...] | None:
     try:
-        done = subprocess.run(
-            [*argv, "--version"], capture_output=True, text=True, timeout=60, check=False
-        )
+        done = subprocess.run([*argv, "--version"], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r"(\d+)\.(\d+)", done.stdout)
