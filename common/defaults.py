@@ -16,3 +16,8 @@ AGENT_CONFIG = Path("/etc/picoord/agent.toml")
 TOKEN_TTL_SECONDS = 24 * 3600
 METRICS_INTERVAL_SECONDS = 5.0
 MIN_METRICS_INTERVAL_SECONDS = 1.0
+
+# The coordinator's server certificate is issued to this name and agents check it instead
+# of the address they dial: home labs move between DHCP addresses, and trust comes from
+# the pinned CA. A node may therefore never enroll under this name.
+COORDINATOR_SERVER_NAME = "picoord-coordinator"

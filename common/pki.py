@@ -7,6 +7,7 @@ certificate with the same key.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
 
@@ -36,3 +37,10 @@ def ca_cert_hash(certificate: x509.Certificate) -> str:
 
 def ca_cert_hash_from_pem(pem: bytes) -> str:
     return ca_cert_hash(x509.load_pem_x509_certificate(pem))
+
+
+def certificate_not_after(certificate: x509.Certificate) -> datetime.datetime:
+    """Expiry as an aware UTC datetime (cryptography < 42, as in Debian 12, has no *_utc)."""
+    if hasattr(certificate, "not_valid_after_utc"):
+        return certificate.not_valid_after_utc
+    return certificate.not_valid_after.replace(tzinfo=datetime.UTC)

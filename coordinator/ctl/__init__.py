@@ -1,0 +1,1 @@
+"""coordctl: the operator's CLI over the coordinator's admin API."""

@@ -1,0 +1,1 @@
+"""Thin gRPC servicers: they translate between the wire and the Cluster, nothing more."""

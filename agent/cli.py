@@ -1,0 +1,163 @@
+"""`picoord-agent`: `join` once with the command `coordctl token create` printed, then `run`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import sys
+import tomllib
+from pathlib import Path
+
+import structlog
+
+from picoord.agent.enroll import Endpoint, JoinError, join
+from picoord.agent.state import AgentFiles, NotEnrolled
+from picoord.common import VERSION, defaults
+from picoord.common.logs import configure_logging
+from picoord.common.names import InvalidName, parse_label_assignment, validate_node_name
+from picoord.common.pki import InvalidCaHash, parse_ca_hash
+from picoord.common.tokens import BootstrapToken, InvalidToken
+
+log = structlog.get_logger("picoord.agent")
+
+TOKEN_ENV = "PICOORD_JOIN_TOKEN"
+AGENT_SETTINGS = {"state_dir": str, "metrics_interval": float, "log_level": str}
+
+
+class UsageError(Exception):
+    pass
+
+
+def load_config(path: Path, required: bool) -> dict[str, object]:
+    """Settings from /etc/picoord/agent.toml; unknown keys are an error, not a silent typo."""
+    if not path.exists():
+        if required:
+            raise UsageError(f"config file {path} does not exist")
+        return {}
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise UsageError(f"cannot read {path}: {error}") from None
+    settings: dict[str, object] = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in AGENT_SETTINGS:
+            raise UsageError(f"{path}: unknown setting {key!r} (known: {', '.join(AGENT_SETTINGS)})")
+        try:
+            settings[name] = AGENT_SETTINGS[name](value)
+        except (TypeError, ValueError):
+            raise UsageError(f"{path}: {key} has an invalid value {value!r}") from None
+    return settings
+
+
+def _read_token(args: argparse.Namespace) -> BootstrapToken:
+    # --token is what the printed join command uses; --token-file and the environment keep
+    # the secret out of `ps` and shell history for those who prefer.
+    sources = [s for s in (args.token, args.token_file, os.environ.get(TOKEN_ENV)) if s]
+    if not sources:
+        raise UsageError(f"a bootstrap token is required: --token, --token-file or ${TOKEN_ENV}")
+    if args.token:
+        text = args.token
+    elif args.token_file:
+        text = Path(args.token_file).read_text()
+    else:
+        text = os.environ[TOKEN_ENV]
+    return BootstrapToken.parse(text)
+
+
+def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
+    token = _read_token(args)
+    ca_hash = parse_ca_hash(args.ca_cert_hash)
+    node_name = validate_node_name(args.node_name or socket.gethostname().split(".")[0].lower())
+    labels = dict(parse_label_assignment(item) for item in args.label)
+    coordinator = Endpoint.parse(args.coordinator)
+    enroll_endpoint = Endpoint(coordinator.host, args.enroll_port or coordinator.port + 1)
+    files = AgentFiles(Path(args.state_dir or settings.get("state_dir") or defaults.AGENT_STATE_DIR))
+    if files.enrollment_path.exists() and not args.force:
+        raise UsageError(
+            f"already enrolled ({files.enrollment_path} exists): remove the node with "
+            "`coordctl node remove` and re-run join with --force to enroll again"
+        )
+    enrollment = join(files, coordinator, enroll_endpoint, token, ca_hash, node_name, labels)
+    print(
+        f"node {enrollment.node_name} enrolled with {enrollment.coordinator}; now start: picoord-agent run"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
+    from picoord.agent.session import AgentRunner, RunSettings  # keeps `join` light
+
+    interval = (
+        args.metrics_interval if args.metrics_interval is not None else settings.get("metrics_interval")
+    )
+    if interval is not None and not defaults.MIN_METRICS_INTERVAL_SECONDS <= float(interval) <= 3600:
+        raise UsageError("--metrics-interval must be between 1 and 3600 seconds")
+    files = AgentFiles(Path(args.state_dir or settings.get("state_dir") or defaults.AGENT_STATE_DIR))
+    runner = AgentRunner(
+        files, RunSettings(metrics_interval=float(interval) if interval is not None else None)
+    )
+    log.info(
+        "agent starting",
+        version=VERSION,
+        node=runner.enrollment.node_name,
+        coordinator=runner.enrollment.coordinator,
+    )
+
+    async def main() -> None:
+        task = asyncio.create_task(runner.run_forever())
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            log.info("agent stopping")
+
+    asyncio.run(main())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="picoord-agent", description="The picoord node agent.")
+    parser.add_argument("--config", type=Path, help=f"settings file (default {defaults.AGENT_CONFIG})")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--version", action="version", version=f"picoord-agent {VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    join_parser = commands.add_parser("join", help="enroll this node with a coordinator")
+    join_parser.add_argument("coordinator", metavar="HOST:PORT", help="the coordinator's agent endpoint")
+    join_parser.add_argument("--token", help="bootstrap token from `coordctl token create`")
+    join_parser.add_argument("--token-file", help="read the token from this file instead")
+    join_parser.add_argument("--ca-cert-hash", required=True, help="sha256:<hex> pin of the cluster CA")
+    join_parser.add_argument("--node-name", help="DNS label naming this node (default: the hostname)")
+    join_parser.add_argument("--label", action="append", default=[], metavar="k=v", help="initial label")
+    join_parser.add_argument("--enroll-port", type=int, help="enrollment port (default: PORT + 1)")
+    join_parser.add_argument(
+        "--state-dir", help=f"where the key and certificate go ({defaults.AGENT_STATE_DIR})"
+    )
+    join_parser.add_argument("--force", action="store_true", help="replace an existing enrollment")
+    join_parser.set_defaults(handler=cmd_join)
+
+    run_parser = commands.add_parser("run", help="run the agent (what the systemd unit starts)")
+    run_parser.add_argument("--state-dir", help=f"enrollment state ({defaults.AGENT_STATE_DIR})")
+    run_parser.add_argument("--metrics-interval", type=float, help="seconds between samples (1-3600)")
+    run_parser.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_config(args.config or defaults.AGENT_CONFIG, required=args.config is not None)
+        configure_logging(args.log_level or str(settings.get("log_level", "info")))
+        raise SystemExit(args.handler(args, settings))
+    except (UsageError, InvalidToken, InvalidCaHash, InvalidName) as error:
+        print(f"picoord-agent: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (JoinError, NotEnrolled, OSError) as error:
+        print(f"picoord-agent: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,198 @@
+"""`picoord-agent run`: keep one mutual-TLS session to the coordinator open, forever.
+
+The agent dials out, says hello with its hardware report, then streams metric samples
+(which double as heartbeats). When the coordinator is away the agent keeps retrying
+with exponential backoff and jitter, so a restarted coordinator is not flooded by every
+Pi at once, and never exits on its own: the node's workloads do not depend on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
+
+from picoord.agent.enroll import channel_options
+from picoord.agent.hardware import collect_hardware
+from picoord.agent.metrics import MetricsSampler
+from picoord.agent.state import AgentFiles, Enrollment
+from picoord.common import PROTOCOL_VERSION, VERSION, defaults
+from picoord.v1 import agent_pb2, agent_pb2_grpc
+
+log = structlog.get_logger("picoord.agent")
+
+WELCOME_TIMEOUT = 20.0
+HEALTHY_SESSION = 60.0  # a session that lasted this long resets the backoff
+MAX_INTERVAL = 3600.0
+
+
+class SessionLost(Exception):
+    """The session ended; the reason is in the message."""
+
+
+class HealthySessionEnded(Exception):
+    """A long, healthy session ended: reconnect starting from the shortest backoff."""
+
+
+@dataclass
+class RunSettings:
+    metrics_interval: float | None = None  # None: what the coordinator's welcome says
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+
+
+class AgentRunner:
+    def __init__(self, files: AgentFiles, settings: RunSettings) -> None:
+        self.files = files
+        self.settings = settings
+        self.enrollment: Enrollment = files.load()
+        self.sampler = MetricsSampler()
+        self.connected = asyncio.Event()
+
+    def _credentials(self) -> grpc.ChannelCredentials:
+        # Read at every attempt, so a re-join while running takes effect on reconnect.
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.files.ca.read_bytes(),
+            private_key=self.files.key.read_bytes(),
+            certificate_chain=self.files.certificate.read_bytes(),
+        )
+
+    async def run_forever(self) -> None:
+        while True:
+            retrying = AsyncRetrying(
+                retry=retry_if_exception_type(SessionLost),
+                wait=wait_exponential_jitter(
+                    initial=self.settings.backoff_initial, max=self.settings.backoff_max
+                ),
+                stop=stop_never,
+                before_sleep=self._before_sleep,
+                reraise=True,
+            )
+            try:
+                async for attempt in retrying:
+                    with attempt:
+                        await self._session_once()
+            except HealthySessionEnded as ended:
+                log.warning("session ended, reconnecting", reason=str(ended))
+
+    @staticmethod
+    def _before_sleep(state: object) -> None:
+        outcome = state.outcome  # type: ignore[attr-defined]
+        log.warning(
+            "coordinator unreachable, retrying",
+            attempt=state.attempt_number,  # type: ignore[attr-defined]
+            wait_seconds=round(state.next_action.sleep, 1),  # type: ignore[attr-defined]
+            reason=str(outcome.exception()) if outcome else "",
+        )
+
+    async def _session_once(self) -> None:
+        started = time.monotonic()
+        try:
+            await self._stream()
+            reason = "the coordinator closed the session"
+        except grpc.aio.AioRpcError as error:
+            reason = _explain(error)
+        finally:
+            self.connected.clear()
+        if time.monotonic() - started >= HEALTHY_SESSION:
+            raise HealthySessionEnded(reason)
+        raise SessionLost(reason)
+
+    async def _stream(self) -> None:
+        hello = agent_pb2.AgentMessage(
+            hello=agent_pb2.Hello(
+                node_name=self.enrollment.node_name,
+                agent_version=VERSION,
+                hardware=collect_hardware(),
+                protocol_version=PROTOCOL_VERSION,
+            )
+        )
+        outbox: asyncio.Queue[agent_pb2.AgentMessage] = asyncio.Queue(maxsize=256)
+        await outbox.put(hello)
+
+        async def outgoing() -> AsyncIterator[agent_pb2.AgentMessage]:
+            while True:
+                yield await outbox.get()
+
+        async with grpc.aio.secure_channel(
+            self.enrollment.coordinator, self._credentials(), options=channel_options()
+        ) as channel:
+            call = agent_pb2_grpc.AgentSessionStub(channel).Session(outgoing())
+            first = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT)
+            if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
+                raise SessionLost("the coordinator did not welcome this agent")
+            interval = self._interval(first.welcome)
+            self.connected.set()
+            log.info(
+                "session established", coordinator=self.enrollment.coordinator, metrics_interval=interval
+            )
+            sender = asyncio.create_task(
+                self._send_samples(outbox, interval, first.welcome.heartbeat_interval_seconds)
+            )
+            try:
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    await self._handle(message, outbox)
+            finally:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sender
+
+    def _interval(self, welcome: agent_pb2.Welcome) -> float:
+        if self.settings.metrics_interval is not None:
+            return self.settings.metrics_interval
+        offered = welcome.metrics_interval_seconds
+        if defaults.MIN_METRICS_INTERVAL_SECONDS <= offered <= MAX_INTERVAL:
+            return offered
+        log.warning("ignoring the coordinator's metrics interval", offered=offered)
+        return defaults.METRICS_INTERVAL_SECONDS
+
+    async def _send_samples(
+        self, outbox: asyncio.Queue[agent_pb2.AgentMessage], interval: float, heartbeat_interval: float
+    ) -> None:
+        """Samples every `interval`; a heartbeat in between when samples are rarer than heartbeats."""
+        tick = min(interval, heartbeat_interval) if heartbeat_interval > 0 else interval
+        next_tick = next_sample = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_sample:
+                message = agent_pb2.AgentMessage(metrics=self.sampler.sample())
+                next_sample += interval
+            else:
+                message = agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(timestamp=time.time()))
+            if outbox.full():  # the coordinator is not reading; drop rather than grow
+                log.warning("outgoing queue full, dropping a message")
+            else:
+                outbox.put_nowait(message)
+            next_tick += tick
+            await asyncio.sleep(max(0.0, min(next_tick, next_sample) - time.monotonic()))
+
+    async def _handle(self, message: agent_pb2.CoordinatorMessage, outbox: asyncio.Queue) -> None:
+        kind = message.WhichOneof("body")
+        if kind == "action":
+            # This agent version executes no actions yet: say so instead of staying silent.
+            await outbox.put(
+                agent_pb2.AgentMessage(
+                    action_result=agent_pb2.ActionResult(
+                        action_id=message.action.action_id,
+                        outcome=agent_pb2.ACTION_OUTCOME_REJECTED,
+                        message=f"picoord-agent {VERSION} does not execute actions",
+                    )
+                )
+            )
+        elif kind == "error":
+            log.error("coordinator reported an error", code=message.error.code, message=message.error.message)
+        else:
+            log.warning("ignoring an unexpected message from the coordinator", kind=kind)
+
+
+def _explain(error: grpc.aio.AioRpcError) -> str:
+    code = error.code()
+    if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        return f"refused by the coordinator: {error.details()}"
+    return f"{code.name.lower()}: {error.details()}"

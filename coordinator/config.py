@@ -1,0 +1,73 @@
+"""Coordinator settings: defaults, then /etc/picoord/coordinator.toml, then flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from picoord.common import defaults
+from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class CoordinatorConfig:
+    listen: str = defaults.COORDINATOR_LISTEN
+    enroll_listen: str = ""  # empty: the agent port + 1 on the same host
+    admin_socket: str = str(defaults.ADMIN_SOCKET)
+    metrics_listen: str = defaults.METRICS_LISTEN
+    state_dir: str = str(defaults.COORDINATOR_STATE_DIR)
+    advertise_address: str = ""  # what join commands name; empty: this host's name
+    heartbeat_timeout: float = 20.0
+    down_timeout: float = 60.0
+    metrics_interval: float = defaults.METRICS_INTERVAL_SECONDS
+    heartbeat_interval: float = 5.0
+    metrics_history: int = 120
+    log_level: str = "info"
+    log_json: bool | None = None
+
+    @classmethod
+    def load(cls, path: Path | None, required: bool) -> CoordinatorConfig:
+        config = cls()
+        if path is None or not path.exists():
+            if required:
+                raise ConfigError(f"config file {path} does not exist")
+            return config
+        try:
+            values = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"cannot read {path}: {error}") from None
+        known = {field.name: field for field in fields(cls)}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+            setattr(config, name, value)
+        return config
+
+    def validate(self) -> None:
+        try:
+            for name in ("listen", "metrics_listen"):
+                split_host_port(getattr(self, name), name)
+            if self.enroll_listen:
+                split_host_port(self.enroll_listen, "enroll_listen")
+        except InvalidAddress as error:
+            raise ConfigError(str(error)) from None
+        if not self.metrics_interval >= defaults.MIN_METRICS_INTERVAL_SECONDS:
+            raise ConfigError(f"metrics_interval must be at least {defaults.MIN_METRICS_INTERVAL_SECONDS} s")
+        if not 0 < self.heartbeat_timeout <= self.down_timeout:
+            raise ConfigError("heartbeat_timeout must be positive and at most down_timeout")
+        if self.heartbeat_interval >= self.heartbeat_timeout:
+            raise ConfigError("heartbeat_interval must be shorter than heartbeat_timeout")
+        if self.metrics_history < 2:
+            raise ConfigError("metrics_history must be at least 2")
+
+    def enroll_address(self) -> str:
+        if self.enroll_listen:
+            return self.enroll_listen
+        host, port = split_host_port(self.listen, "listen")
+        return join_host_port(host, port + 1)

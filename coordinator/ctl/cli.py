@@ -1,0 +1,353 @@
+"""`coordctl`: tokens, nodes, labels, removal and a live `top`, over the admin API."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from rich.live import Live
+
+from picoord.common import VERSION
+from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
+from picoord.common.throttling import describe_throttled
+from picoord.coordinator.ctl.client import CALL_TIMEOUT, AdminUnavailable, admin_socket_path, connect
+from picoord.coordinator.ctl.output import (
+    FORMATS,
+    STATUS_NAMES,
+    ago,
+    emit,
+    human_bytes,
+    iso_time,
+    node_view,
+    table,
+)
+from picoord.coordinator.ctl.output import (
+    console as output_console,
+)
+from picoord.v1 import admin_pb2, admin_pb2_grpc
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 90s, 30m, 24h or 7d")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def token_view(info: admin_pb2.TokenInfo) -> dict[str, Any]:
+    return {
+        "token_id": info.token_id,
+        "created_at": iso_time(info.created_at),
+        "expires_at": iso_time(info.expires_at),
+        "uses": info.uses,
+        "usage_limit": info.usage_limit or None,
+        "description": info.description,
+    }
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return ",".join(f"{key}={value}" for key, value in labels.items()) or "-"
+
+
+def cmd_token_create(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    reply = stub.CreateToken(
+        admin_pb2.CreateTokenRequest(
+            ttl_seconds=args.ttl, usage_limit=args.uses, description=args.description
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    if args.output == "table":
+        print(reply.join_command)
+        return 0
+    view = {
+        "token": reply.token,
+        "ca_cert_hash": reply.ca_cert_hash,
+        "join_command": reply.join_command,
+        **token_view(reply.info),
+    }
+    emit(view, args.output, [])
+    return 0
+
+
+def cmd_token_list(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    reply = stub.ListTokens(admin_pb2.ListTokensRequest(), timeout=CALL_TIMEOUT)
+    views = [token_view(info) for info in reply.tokens]
+    emit(
+        views,
+        args.output,
+        [
+            ("TOKEN ID", lambda v: v["token_id"]),
+            ("EXPIRES", lambda v: v["expires_at"]),
+            ("USES", lambda v: f"{v['uses']}/{v['usage_limit'] or 'unlimited'}"),
+            ("DESCRIPTION", lambda v: v["description"] or "-"),
+        ],
+    )
+    return 0
+
+
+def cmd_nodes(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    reply = stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=CALL_TIMEOUT)
+    views = [node_view(node) for node in reply.nodes]
+    now = time.time()
+    last_seen = {node.name: node.last_seen for node in reply.nodes}
+    emit(
+        views,
+        args.output,
+        [
+            ("NAME", lambda v: v["name"]),
+            ("STATUS", lambda v: v["status"]),
+            ("ARCH", lambda v: v["arch"] or "-"),
+            ("CPUS", lambda v: str(v["cpu_cores"] or "-")),
+            ("MEMORY", lambda v: human_bytes(v["memory_total_bytes"]) if v["memory_total_bytes"] else "-"),
+            ("MODEL", lambda v: v["machine_model"] or "-"),
+            ("OS", lambda v: v["os"] or "-"),
+            ("AGENT", lambda v: v["agent_version"] or "-"),
+            ("LAST SEEN", lambda v: ago(last_seen[v["name"]], now)),
+            ("LABELS", lambda v: _labels_text(v["labels"])),
+        ],
+    )
+    return 0
+
+
+def cmd_node_show(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    detail = stub.GetNode(
+        admin_pb2.GetNodeRequest(name=args.name, recent_metrics=args.samples), timeout=CALL_TIMEOUT
+    )
+    view = {
+        **node_view(detail.summary),
+        "certificate_serial": detail.certificate_serial or None,
+        "certificate_not_after": iso_time(detail.certificate_not_after),
+        "hardware": MessageToDict(detail.hardware, preserving_proto_field_name=True),
+        "recent_metrics": [MessageToDict(s, preserving_proto_field_name=True) for s in detail.recent_metrics],
+    }
+    if args.output != "table":
+        emit(view, args.output, [])
+        return 0
+    console = output_console()
+    hw = detail.hardware
+    summary = [
+        ("Name", detail.summary.name),
+        ("Status", STATUS_NAMES[detail.summary.status]),
+        ("Model", hw.machine_model or "-"),
+        ("Arch", hw.arch),
+        ("CPU", f"{hw.cpu_model} ({hw.cpu_cores} logical, {hw.cpu_physical_cores} physical)"),
+        ("Memory", f"{human_bytes(hw.memory_total_bytes)}, swap {human_bytes(hw.swap_total_bytes)}"),
+        ("OS", f"{hw.os_name}, kernel {hw.kernel}"),
+        (
+            "Docker",
+            f"{hw.docker.version} (API {hw.docker.api_version})" if hw.docker.present else "not running",
+        ),
+        ("GPUs", ", ".join(f"{g.name} {human_bytes(g.memory_bytes)}" for g in hw.gpus) or "none"),
+        ("Agent", detail.summary.agent_version or "-"),
+        ("Labels", _labels_text(dict(sorted(detail.summary.labels.items())))),
+        ("Certificate", f"{detail.certificate_serial or '-'} until {view['certificate_not_after']}"),
+        ("Last seen", ago(detail.summary.last_seen, time.time())),
+    ]
+    console.print(
+        table([{"k": k, "v": v} for k, v in summary], [("", lambda r: r["k"]), ("", lambda r: r["v"])])
+    )
+    console.print(
+        table(
+            [{"d": d} for d in hw.disks],
+            [
+                ("DEVICE", lambda r: r["d"].device),
+                ("MOUNT", lambda r: r["d"].mountpoint),
+                ("FSTYPE", lambda r: r["d"].fstype),
+                ("SIZE", lambda r: human_bytes(r["d"].total_bytes)),
+            ],
+            title="Disks",
+        )
+    )
+    console.print(
+        table(
+            [{"i": i} for i in hw.interfaces],
+            [
+                ("INTERFACE", lambda r: r["i"].name),
+                ("STATE", lambda r: "up" if r["i"].up else "down"),
+                ("MAC", lambda r: r["i"].mac or "-"),
+                ("ADDRESSES", lambda r: " ".join(r["i"].addresses) or "-"),
+            ],
+            title="Network",
+        )
+    )
+    console.print(
+        table(
+            [{"s": s} for s in detail.recent_metrics],
+            [
+                ("TIME", lambda r: iso_time(r["s"].timestamp) or "-"),
+                ("CPU%", lambda r: f"{r['s'].cpu_percent:.1f}"),
+                ("LOAD1", lambda r: f"{r['s'].load1:.2f}"),
+                ("MEM AVAIL", lambda r: human_bytes(r["s"].memory_available_bytes)),
+                ("TEMP", lambda r: " ".join(f"{t.celsius:.1f}C" for t in r["s"].temperatures) or "-"),
+            ],
+            title="Recent metrics",
+        )
+    )
+    return 0
+
+
+def cmd_node_label(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    to_set: dict[str, str] = {}
+    to_remove: list[str] = []
+    for item in args.labels:
+        if item.endswith("-") and "=" not in item:
+            to_remove.append(validate_label_key(item[:-1]))
+        else:
+            key, value = parse_label_assignment(item)
+            to_set[key] = value
+    summary = stub.LabelNode(
+        admin_pb2.LabelNodeRequest(name=args.name, set=to_set, remove=to_remove), timeout=CALL_TIMEOUT
+    )
+    print(f"node/{summary.name} labelled: {_labels_text(dict(sorted(summary.labels.items())))}")
+    return 0
+
+
+def cmd_node_remove(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    reply = stub.RemoveNode(admin_pb2.RemoveNodeRequest(name=args.name), timeout=CALL_TIMEOUT)
+    revoked = ", ".join(reply.revoked_serials) or "none"
+    closed = "; its session was closed" if reply.session_closed else ""
+    print(f"node/{reply.name} removed; revoked certificates: {revoked}{closed}")
+    return 0
+
+
+def top_view(row: admin_pb2.TopRow) -> dict[str, Any]:
+    used = row.memory_total_bytes - row.memory_available_bytes
+    return {
+        "name": row.name,
+        "status": STATUS_NAMES[row.status],
+        "sample_time": iso_time(row.sample_time),
+        "cpu_percent": round(row.cpu_percent, 1),
+        "cpu_cores": row.cpu_cores,
+        "load1": round(row.load1, 2),
+        "memory_used_bytes": used if row.memory_total_bytes else None,
+        "memory_available_bytes": row.memory_available_bytes if row.memory_total_bytes else None,
+        "memory_total_bytes": row.memory_total_bytes or None,
+        "disk_used_bytes": row.disk_size_bytes - row.disk_avail_bytes if row.disk_size_bytes else None,
+        "disk_size_bytes": row.disk_size_bytes or None,
+        "network_receive_bytes_per_second": round(row.network_receive_bytes_per_second, 1),
+        "network_transmit_bytes_per_second": round(row.network_transmit_bytes_per_second, 1),
+        "soc_temperature_celsius": round(row.soc_temperature_celsius, 1)
+        if row.temperature_available
+        else None,
+        "throttled": describe_throttled(row.throttled) if row.throttled_available else None,
+    }
+
+
+def _rate(value: float) -> str:
+    return f"{human_bytes(value)}/s"
+
+
+TOP_COLUMNS = [
+    ("NODE", lambda v: v["name"]),
+    ("STATUS", lambda v: v["status"]),
+    ("CPU%", lambda v: f"{v['cpu_percent']:.1f}" if v["sample_time"] else "-"),
+    ("LOAD1", lambda v: f"{v['load1']:.2f}" if v["sample_time"] else "-"),
+    ("MEM USED", lambda v: human_bytes(v["memory_used_bytes"]) if v["memory_total_bytes"] else "-"),
+    ("MEM AVAIL", lambda v: human_bytes(v["memory_available_bytes"]) if v["memory_total_bytes"] else "-"),
+    (
+        "DISK",
+        lambda v: (
+            f"{human_bytes(v['disk_used_bytes'])}/{human_bytes(v['disk_size_bytes'])}"
+            if v["disk_size_bytes"]
+            else "-"
+        ),
+    ),
+    ("NET RX", lambda v: _rate(v["network_receive_bytes_per_second"]) if v["sample_time"] else "-"),
+    ("NET TX", lambda v: _rate(v["network_transmit_bytes_per_second"]) if v["sample_time"] else "-"),
+    (
+        "TEMP",
+        lambda v: f"{v['soc_temperature_celsius']:.1f}C" if v["soc_temperature_celsius"] is not None else "-",
+    ),
+    ("THROTTLING", lambda v: ", ".join(v["throttled"]) or "none" if v["throttled"] is not None else "n/a"),
+]
+
+
+def cmd_top(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    def snapshot() -> list[dict[str, Any]]:
+        return [top_view(row) for row in stub.Top(admin_pb2.TopRequest(), timeout=CALL_TIMEOUT).rows]
+
+    once = args.once or args.output != "table" or not sys.stdout.isatty()
+    if once:
+        emit(snapshot(), args.output, TOP_COLUMNS)
+        return 0
+    with Live(table(snapshot(), TOP_COLUMNS), auto_refresh=False, screen=False) as live:
+        try:
+            while True:
+                time.sleep(args.interval)
+                live.update(table(snapshot(), TOP_COLUMNS), refresh=True)
+        except KeyboardInterrupt:
+            return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coordctl", description="Operate a picoord cluster.")
+    parser.add_argument("--admin-socket", help="coordinator admin socket (env COORDCTL_ADMIN_SOCKET)")
+    parser.add_argument("--version", action="version", version=f"coordctl {VERSION}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_output(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument("-o", "--output", choices=FORMATS, default="table")
+        return sub
+
+    token = commands.add_parser("token", help="bootstrap tokens").add_subparsers(
+        dest="token_command", required=True
+    )
+    create = with_output(token.add_parser("create", help="create a token and print the join command"))
+    create.add_argument(
+        "--ttl", type=parse_duration, default=24 * 3600.0, help="lifetime, e.g. 24h (default)"
+    )
+    create.add_argument(
+        "--uses", type=int, default=0, help="how many nodes may join with it (default unlimited)"
+    )
+    create.add_argument("--description", default="")
+    create.set_defaults(handler=cmd_token_create)
+    with_output(token.add_parser("list", help="list tokens (ids only)")).set_defaults(handler=cmd_token_list)
+
+    with_output(commands.add_parser("nodes", help="list nodes")).set_defaults(handler=cmd_nodes)
+    node = commands.add_parser("node", help="one node").add_subparsers(dest="node_command", required=True)
+    show = with_output(node.add_parser("show", help="hardware report and recent metrics"))
+    show.add_argument("name")
+    show.add_argument("--samples", type=int, default=10, help="recent metric samples to show")
+    show.set_defaults(handler=cmd_node_show)
+    label = node.add_parser("label", help="set labels (k=v) or remove them (k-)")
+    label.add_argument("name")
+    label.add_argument("labels", nargs="+", metavar="k=v|k-")
+    label.set_defaults(handler=cmd_node_label)
+    remove = node.add_parser("remove", help="revoke the node's certificate and forget it")
+    remove.add_argument("name")
+    remove.set_defaults(handler=cmd_node_remove)
+
+    top = with_output(commands.add_parser("top", help="live per-node resource view"))
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.add_argument("--interval", type=parse_duration, default=2.0, help="refresh period (default 2s)")
+    top.set_defaults(handler=cmd_top)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "uses", 0) < 0:
+        parser.error("--uses must be 0 (unlimited) or more")
+    try:
+        if hasattr(args, "name"):
+            validate_node_name(args.name)
+        stub = connect(admin_socket_path(args.admin_socket))
+        raise SystemExit(args.handler(stub, args))
+    except InvalidName as error:
+        print(f"coordctl: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except AdminUnavailable as error:
+        print(f"coordctl: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except grpc.RpcError as error:
+        print(f"coordctl: {error.code().name.lower()}: {error.details()}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -1,0 +1,33 @@
+"""The admin connection: coordctl talks to the coordinator over its root-only unix socket."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+
+from picoord.common import defaults
+from picoord.v1 import admin_pb2_grpc
+
+CALL_TIMEOUT = 10.0
+
+
+class AdminUnavailable(RuntimeError):
+    pass
+
+
+def admin_socket_path(flag: str | None) -> Path:
+    return Path(flag or os.environ.get(defaults.ADMIN_SOCKET_ENV) or defaults.ADMIN_SOCKET)
+
+
+def connect(socket_path: Path) -> admin_pb2_grpc.AdminStub:
+    if not socket_path.exists():
+        raise AdminUnavailable(
+            f"no coordinator admin socket at {socket_path}: is picoord-coordinator running? "
+            f"(set --admin-socket or {defaults.ADMIN_SOCKET_ENV})"
+        )
+    if not os.access(socket_path, os.R_OK | os.W_OK):
+        raise AdminUnavailable(f"permission denied on {socket_path}: coordctl must run as root")
+    channel = grpc.insecure_channel(f"unix:{socket_path}")
+    return admin_pb2_grpc.AdminStub(channel)

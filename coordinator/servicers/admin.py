@@ -1,0 +1,151 @@
+"""The operator's API behind coordctl."""
+
+from __future__ import annotations
+
+import grpc
+import structlog
+
+from picoord.common import defaults
+from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
+from picoord.common.tokens import BootstrapToken
+from picoord.coordinator.ca import ClusterCA
+from picoord.coordinator.cluster import Cluster
+from picoord.coordinator.store import NodeRecord, TokenRecord
+from picoord.coordinator.telemetry import top_row
+from picoord.v1 import admin_pb2, admin_pb2_grpc
+
+log = structlog.get_logger("picoord.coordinator.admin")
+
+MAX_TOKEN_TTL = 365 * 24 * 3600.0
+DEFAULT_RECENT_METRICS = 10
+
+
+def token_info(record: TokenRecord) -> admin_pb2.TokenInfo:
+    return admin_pb2.TokenInfo(
+        token_id=record.token_id,
+        created_at=record.created_at,
+        expires_at=record.expires_at,
+        usage_limit=record.usage_limit,
+        uses=record.uses,
+        description=record.description,
+    )
+
+
+class AdminServicer(admin_pb2_grpc.AdminServicer):
+    def __init__(
+        self, cluster: Cluster, ca: ClusterCA, join_address: str, enroll_port_hint: int | None
+    ) -> None:
+        self.cluster = cluster
+        self.ca = ca
+        self.join_address = join_address
+        self.enroll_port_hint = enroll_port_hint
+
+    async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
+        try:
+            validate_node_name(name)
+        except InvalidName as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        record = self.cluster.store.get_node(name)
+        if record is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no node named {name!r}")
+        assert record is not None
+        return record
+
+    async def CreateToken(
+        self, request: admin_pb2.CreateTokenRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CreateTokenResponse:
+        ttl = request.ttl_seconds or float(defaults.TOKEN_TTL_SECONDS)
+        if not 0 < ttl <= MAX_TOKEN_TTL:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl must be between 1 second and 365 days")
+        if len(request.description) > 256:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "description is longer than 256 characters")
+        token = BootstrapToken.generate()
+        now = self.cluster.clock()
+        record = TokenRecord(
+            token_id=token.token_id,
+            secret_hash=token.secret_hash,
+            created_at=now,
+            expires_at=now + ttl,
+            usage_limit=request.usage_limit,
+            uses=0,
+            description=request.description,
+        )
+        self.cluster.store.add_token(record)
+        log.info("token created", token_id=token.token_id, ttl_seconds=ttl, usage_limit=request.usage_limit)
+        command = f"picoord-agent join {self.join_address} --token {token} --ca-cert-hash {self.ca.cert_hash}"
+        if self.enroll_port_hint is not None:
+            command += f" --enroll-port {self.enroll_port_hint}"
+        return admin_pb2.CreateTokenResponse(
+            token=str(token), info=token_info(record), ca_cert_hash=self.ca.cert_hash, join_command=command
+        )
+
+    async def ListTokens(
+        self, request: admin_pb2.ListTokensRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListTokensResponse:
+        return admin_pb2.ListTokensResponse(tokens=[token_info(r) for r in self.cluster.store.list_tokens()])
+
+    async def ListNodes(
+        self, request: admin_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListNodesResponse:
+        return admin_pb2.ListNodesResponse(
+            nodes=[self.cluster.summary(record) for record in self.cluster.store.list_nodes()]
+        )
+
+    async def GetNode(
+        self, request: admin_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.NodeDetail:
+        record = await self._node(request.name, context)
+        certificates = self.cluster.store.active_certificates(record.name, self.cluster.clock())
+        detail = admin_pb2.NodeDetail(
+            summary=self.cluster.summary(record),
+            hardware=self.cluster.hardware(record),
+            recent_metrics=self.cluster.history.recent(
+                record.name, request.recent_metrics or DEFAULT_RECENT_METRICS
+            ),
+        )
+        if certificates:
+            detail.certificate_serial = certificates[0].serial
+            detail.certificate_not_after = certificates[0].not_after
+        return detail
+
+    async def LabelNode(
+        self, request: admin_pb2.LabelNodeRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.NodeSummary:
+        record = await self._node(request.name, context)
+        try:
+            to_set = validate_labels(dict(request.set))
+            for key in request.remove:
+                validate_label_key(key)
+        except InvalidName as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        self.cluster.store.update_labels(record.name, to_set, list(request.remove))
+        log.info("node labelled", node=record.name, set=to_set, removed=list(request.remove))
+        updated = self.cluster.store.get_node(record.name)
+        assert updated is not None
+        return self.cluster.summary(updated)
+
+    async def RemoveNode(
+        self, request: admin_pb2.RemoveNodeRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RemoveNodeResponse:
+        record = await self._node(request.name, context)
+        serials, session_closed = self.cluster.remove_node(record.name)
+        log.info("node removed", node=record.name, revoked=serials, session_closed=session_closed)
+        return admin_pb2.RemoveNodeResponse(
+            name=record.name, revoked_serials=serials, session_closed=session_closed
+        )
+
+    async def Top(
+        self, request: admin_pb2.TopRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.TopResponse:
+        rows = []
+        for record in self.cluster.store.list_nodes():
+            summary = self.cluster.summary(record)
+            rows.append(
+                top_row(
+                    record.name,
+                    summary.status,
+                    summary.cpu_cores,
+                    self.cluster.history.recent(record.name, 2),
+                )
+            )
+        return admin_pb2.TopResponse(rows=rows)

@@ -1,0 +1,111 @@
+"""The long-lived agent stream: authenticate by certificate, take hello, then metrics,
+heartbeats and events up, and whatever the coordinator queues down."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from picoord.common import VERSION
+from picoord.coordinator.cluster import Cluster, LiveSession
+from picoord.coordinator.inbound import MalformedMessage, check_followup, check_hello
+from picoord.coordinator.servicers.peers import certified_peer
+from picoord.v1 import agent_pb2, agent_pb2_grpc
+
+log = structlog.get_logger("picoord.coordinator.session")
+
+HELLO_TIMEOUT = 15.0
+
+
+class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
+    def __init__(self, cluster: Cluster, metrics_interval: float, heartbeat_interval: float) -> None:
+        self.cluster = cluster
+        self.metrics_interval = metrics_interval
+        self.heartbeat_interval = heartbeat_interval
+
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
+        peer = certified_peer(context)
+        if peer is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a client certificate is required: enroll with `picoord-agent join` first",
+            )
+            raise AssertionError("unreachable")
+        record = self.cluster.store.certificate(peer.serial)
+        if record is None or record.node != peer.common_name:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "certificate not issued to this node")
+            raise AssertionError("unreachable")
+        if record.revoked_at is not None:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"certificate of node {record.node!r} is revoked (node removed): join again with a new token",
+            )
+        return record.node, record.serial
+
+    async def Session(
+        self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
+        node, serial = await self._authenticate(context)
+        messages = aiter(request_iterator)
+        try:
+            first = await asyncio.wait_for(anext(messages), HELLO_TIMEOUT)
+            hello = check_hello(first, node)
+        except MalformedMessage as error:
+            await self._reject(context, node, error)
+            return
+        except (TimeoutError, StopAsyncIteration):
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received")
+            return
+        session = LiveSession(node=node, serial=serial)
+        self.cluster.open_session(session, hello)
+        log.info("session opened", node=node, agent_version=hello.agent_version, peer=context.peer())
+        yield agent_pb2.CoordinatorMessage(
+            welcome=agent_pb2.Welcome(
+                node_name=node,
+                metrics_interval_seconds=self.metrics_interval,
+                heartbeat_interval_seconds=self.heartbeat_interval,
+                coordinator_version=VERSION,
+            )
+        )
+        reader = asyncio.create_task(self._read(node, messages))
+        closed = asyncio.create_task(session.closed.wait())
+        try:
+            while True:
+                outgoing = asyncio.create_task(session.outbox.get())
+                done, _ = await asyncio.wait({outgoing, reader, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if outgoing in done:
+                    yield outgoing.result()
+                    continue
+                outgoing.cancel()
+                if closed in done:
+                    log.info("session closed by coordinator", node=node, reason=session.close_reason)
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED, session.close_reason)
+                    return
+                error = reader.exception()
+                if isinstance(error, MalformedMessage):
+                    await self._reject(context, node, error)
+                elif error is not None:
+                    raise error
+                return
+        finally:
+            reader.cancel()
+            closed.cancel()
+            self.cluster.close_session(session)
+            log.info("session ended", node=node)
+
+    async def _read(self, node: str, messages: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+        async for message in messages:
+            kind = check_followup(message)
+            self.cluster.heard_from(node)
+            if kind == "metrics":
+                self.cluster.history.add(node, message.metrics)
+            elif kind == "event":
+                log.info("agent event", node=node, kind=message.event.kind, message=message.event.message)
+
+    async def _reject(self, context: grpc.aio.ServicerContext, node: str, error: MalformedMessage) -> None:
+        self.cluster.counters.malformed_messages += 1
+        log.warning("malformed message from agent", node=node, code=error.code, error=str(error))
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{error.code}: {error}")

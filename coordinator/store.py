@@ -1,0 +1,267 @@
+"""Durable coordinator state in SQLite (WAL): nodes, labels, tokens, certificates.
+
+A thin shell: plain rows in, plain dataclasses out, no policy. Every multi-row change
+is one transaction, so a crash or a kill never leaves half of it behind. Fast-changing
+facts (last seen, metrics) live in memory and are flushed here in batches.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    enrolled_at REAL NOT NULL,
+    last_seen REAL NOT NULL DEFAULT 0,
+    agent_version TEXT NOT NULL DEFAULT '',
+    hardware BLOB
+);
+CREATE TABLE IF NOT EXISTS labels (
+    node TEXT NOT NULL REFERENCES nodes(name) ON DELETE CASCADE,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (node, key)
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    token_id TEXT PRIMARY KEY,
+    secret_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    usage_limit INTEGER NOT NULL DEFAULT 0,
+    uses INTEGER NOT NULL DEFAULT 0,
+    description TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    serial TEXT PRIMARY KEY,
+    node TEXT NOT NULL,
+    issued_at REAL NOT NULL,
+    not_after REAL NOT NULL,
+    revoked_at REAL
+);
+CREATE INDEX IF NOT EXISTS certificates_by_node ON certificates(node);
+"""
+
+_UPSERT_LABEL = (
+    "INSERT INTO labels VALUES (?, ?, ?) ON CONFLICT(node, key) DO UPDATE SET value = excluded.value"
+)
+
+
+class EnrollmentConflict(Exception):
+    """The enrollment lost to the store's current state (token used up, name taken)."""
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    token_id: str
+    secret_hash: str
+    created_at: float
+    expires_at: float
+    usage_limit: int
+    uses: int
+    description: str
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    serial: str
+    node: str
+    issued_at: float
+    not_after: float
+    revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    enrolled_at: float
+    last_seen: float
+    agent_version: str
+    hardware: bytes | None  # serialized picoord.v1.Hardware
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        with self.transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+        path.chmod(0o600)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def integrity_ok(self) -> bool:
+        return self._query("PRAGMA integrity_check")[0][0] == "ok"
+
+    # tokens
+    def add_token(self, record: TokenRecord) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.token_id,
+                    record.secret_hash,
+                    record.created_at,
+                    record.expires_at,
+                    record.usage_limit,
+                    record.uses,
+                    record.description,
+                ),
+            )
+
+    def get_token(self, token_id: str) -> TokenRecord | None:
+        rows = self._query("SELECT * FROM tokens WHERE token_id = ?", (token_id,))
+        return TokenRecord(**dict(rows[0])) if rows else None
+
+    def list_tokens(self) -> list[TokenRecord]:
+        return [TokenRecord(**dict(row)) for row in self._query("SELECT * FROM tokens ORDER BY created_at")]
+
+    def delete_expired_tokens(self, now: float) -> int:
+        with self.transaction() as db:
+            return db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,)).rowcount
+
+    # enrollment: one transaction checks and uses the token, creates the node and records
+    # its certificate, so two agents racing for the last use of a token cannot both win.
+    def enroll(
+        self,
+        token_id: str,
+        node: str,
+        labels: dict[str, str],
+        certificate: CertificateRecord,
+        now: float,
+    ) -> None:
+        with self.transaction() as db:
+            used = db.execute(
+                "UPDATE tokens SET uses = uses + 1 WHERE token_id = ? AND expires_at > ? "
+                "AND (usage_limit = 0 OR uses < usage_limit)",
+                (token_id, now),
+            ).rowcount
+            if not used:
+                raise EnrollmentConflict(f"token {token_id} is expired or used up")
+            holder = db.execute(
+                "SELECT 1 FROM certificates WHERE node = ? AND revoked_at IS NULL AND not_after > ?",
+                (node, now),
+            ).fetchone()
+            if holder:
+                raise EnrollmentConflict(
+                    f"node {node!r} is already enrolled: remove it first (coordctl node remove {node})"
+                )
+            db.execute(
+                "INSERT INTO nodes(name, enrolled_at) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET enrolled_at = excluded.enrolled_at",
+                (node, now),
+            )
+            db.executemany(_UPSERT_LABEL, [(node, key, value) for key, value in labels.items()])
+            db.execute(
+                "INSERT INTO certificates VALUES (?, ?, ?, ?, NULL)",
+                (certificate.serial, node, certificate.issued_at, certificate.not_after),
+            )
+
+    # certificates
+    def certificate(self, serial: str) -> CertificateRecord | None:
+        rows = self._query("SELECT * FROM certificates WHERE serial = ?", (serial,))
+        return CertificateRecord(**dict(rows[0])) if rows else None
+
+    def active_certificates(self, node: str, now: float) -> list[CertificateRecord]:
+        rows = self._query(
+            "SELECT * FROM certificates WHERE node = ? AND revoked_at IS NULL AND not_after > ? "
+            "ORDER BY issued_at DESC",
+            (node, now),
+        )
+        return [CertificateRecord(**dict(row)) for row in rows]
+
+    # nodes
+    def get_node(self, name: str) -> NodeRecord | None:
+        rows = self._query("SELECT * FROM nodes WHERE name = ?", (name,))
+        if not rows:
+            return None
+        return NodeRecord(**dict(rows[0]), labels=self._labels(name))
+
+    def list_nodes(self) -> list[NodeRecord]:
+        labels: dict[str, dict[str, str]] = {}
+        for row in self._query("SELECT node, key, value FROM labels ORDER BY node, key"):
+            labels.setdefault(row["node"], {})[row["key"]] = row["value"]
+        return [
+            NodeRecord(**dict(row), labels=labels.get(row["name"], {}))
+            for row in self._query("SELECT * FROM nodes ORDER BY name")
+        ]
+
+    def _labels(self, node: str) -> dict[str, str]:
+        rows = self._query("SELECT key, value FROM labels WHERE node = ? ORDER BY key", (node,))
+        return {row["key"]: row["value"] for row in rows}
+
+    def record_hello(self, name: str, agent_version: str, hardware: bytes, now: float) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE nodes SET agent_version = ?, hardware = ?, last_seen = ? WHERE name = ?",
+                (agent_version, hardware, now, name),
+            )
+
+    def record_last_seen(self, seen: dict[str, float]) -> None:
+        if not seen:
+            return
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE nodes SET last_seen = MAX(last_seen, ?) WHERE name = ?",
+                [(when, name) for name, when in seen.items()],
+            )
+
+    def update_labels(self, name: str, set_labels: dict[str, str], remove: list[str]) -> None:
+        with self.transaction() as db:
+            db.executemany("DELETE FROM labels WHERE node = ? AND key = ?", [(name, key) for key in remove])
+            db.executemany(
+                _UPSERT_LABEL,
+                [(name, key, value) for key, value in set_labels.items()],
+            )
+
+    def remove_node(self, name: str, now: float) -> list[str]:
+        """Revoke every certificate of the node and forget it; return the revoked serials."""
+        with self.transaction() as db:
+            serials = [
+                row[0]
+                for row in db.execute(
+                    "SELECT serial FROM certificates WHERE node = ? AND revoked_at IS NULL", (name,)
+                ).fetchall()
+            ]
+            db.execute(
+                "UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (now, name)
+            )
+            db.execute("DELETE FROM nodes WHERE name = ?", (name,))
+        return serials
