@@ -19,7 +19,7 @@ class InvalidName(ValueError):
 
 
 def validate_node_name(name: str) -> str:
-    if not isinstance(name, str) or not _DNS_LABEL.match(name):
+    if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name):
         raise InvalidName(
             f"invalid node name {name!r}: use a DNS label (lowercase letters, digits and '-', "
             "1-63 characters, starting and ending with a letter or digit)"
@@ -29,9 +29,9 @@ def validate_node_name(name: str) -> str:
 
 def validate_label_key(key: str) -> str:
     prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix)):
         raise InvalidName(f"invalid label key {key!r}: the prefix must be a DNS subdomain")
-    if not _LABEL_NAME.match(name):
+    if not _LABEL_NAME.fullmatch(name):
         raise InvalidName(
             f"invalid label key {key!r}: 1-63 characters of letters, digits, '-', '_' or '.', "
             "starting and ending with a letter or digit"
@@ -40,7 +40,7 @@ def validate_label_key(key: str) -> str:
 
 
 def validate_label_value(key: str, value: str) -> str:
-    if value and not _LABEL_NAME.match(value):
+    if value and not _LABEL_NAME.fullmatch(value):
         raise InvalidName(
             f"invalid value {value!r} for label {key!r}: at most 63 characters of letters, digits, "
             "'-', '_' or '.', starting and ending with a letter or digit"

@@ -23,7 +23,7 @@ class InvalidCaHash(ValueError):
 
 def parse_ca_hash(text: str) -> str:
     value = text.strip().lower() if isinstance(text, str) else ""
-    if not CA_HASH_PATTERN.match(value):
+    if not CA_HASH_PATTERN.fullmatch(value):
         raise InvalidCaHash("malformed --ca-cert-hash: expected sha256: followed by 64 hex digits")
     return value
 

@@ -38,7 +38,7 @@ class BootstrapToken:
 
     @classmethod
     def parse(cls, text: str) -> BootstrapToken:
-        match = TOKEN_PATTERN.match(text.strip()) if isinstance(text, str) else None
+        match = TOKEN_PATTERN.fullmatch(text.strip()) if isinstance(text, str) else None
         if not match:
             raise InvalidToken("malformed token: expected 6 and 16 characters of [a-z0-9] joined by '.'")
         return cls(match.group(1), match.group(2))
