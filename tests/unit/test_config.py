@@ -1,0 +1,72 @@
+"""Coordinator settings and HOST:PORT parsing."""
+
+from pathlib import Path
+
+import pytest
+
+from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
+from picoord.coordinator.config import ConfigError, CoordinatorConfig
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.0.0.0:7443", ("0.0.0.0", 7443)),
+        ("pi-desktop:7443", ("pi-desktop", 7443)),
+        ("[::1]:7443", ("::1", 7443)),
+        ("[fe80::1]:0", ("fe80::1", 0)),
+    ],
+)
+def test_split_host_port(text: str, expected: tuple[str, int]) -> None:
+    assert split_host_port(text) == expected
+    assert split_host_port(join_host_port(*expected)) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["7443", ":7443", "host:", "host:70000", "host:-1", "host:port", "-oProxy:22"]
+)
+def test_split_host_port_rejects(text: str) -> None:
+    with pytest.raises(InvalidAddress):
+        split_host_port(text)
+
+
+def test_enroll_port_defaults_to_the_next_port() -> None:
+    config = CoordinatorConfig(listen="0.0.0.0:7443")
+    assert config.enroll_address() == "0.0.0.0:7444"
+    config.enroll_listen = "127.0.0.1:9000"
+    assert config.enroll_address() == "127.0.0.1:9000"
+
+
+def test_config_file_is_read_and_unknown_keys_refused(tmp_path: Path) -> None:
+    path = tmp_path / "coordinator.toml"
+    path.write_text('listen = "127.0.0.1:8443"\nheartbeat-timeout = 10.0\n')
+    config = CoordinatorConfig.load(path, required=True)
+    assert config.listen == "127.0.0.1:8443" and config.heartbeat_timeout == 10.0
+    path.write_text('listne = "127.0.0.1:8443"\n')
+    with pytest.raises(ConfigError, match="unknown setting 'listne'"):
+        CoordinatorConfig.load(path, required=True)
+    path.write_text("listen = \n")
+    with pytest.raises(ConfigError, match="cannot read"):
+        CoordinatorConfig.load(path, required=True)
+
+
+def test_missing_config_file() -> None:
+    assert CoordinatorConfig.load(Path("/nonexistent.toml"), required=False) == CoordinatorConfig()
+    with pytest.raises(ConfigError, match="does not exist"):
+        CoordinatorConfig.load(Path("/nonexistent.toml"), required=True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"listen": "nowhere"}, "listen"),
+        ({"metrics_interval": 0.5}, "metrics_interval"),
+        ({"heartbeat_timeout": 90.0, "down_timeout": 60.0}, "heartbeat_timeout"),
+        ({"heartbeat_interval": 30.0, "heartbeat_timeout": 20.0}, "heartbeat_interval"),
+        ({"metrics_history": 1}, "metrics_history"),
+    ],
+)
+def test_invalid_settings(changes: dict, message: str) -> None:
+    config = CoordinatorConfig(**changes)
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
