@@ -82,9 +82,7 @@ def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
             "`coordctl node remove` and re-run join with --force to enroll again"
         )
     enrollment = join(files, coordinator, enroll_endpoint, token, ca_hash, node_name, labels)
-    print(
-        f"node {enrollment.node_name} enrolled with {enrollment.coordinator}; now start: picoord-agent run"
-    )
+    print(f"node {enrollment.node_name} enrolled with {enrollment.coordinator}; now start: picoord-agent run")
     return 0
 
 
@@ -161,3 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     except (JoinError, NotEnrolled, OSError) as error:
         print(f"picoord-agent: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

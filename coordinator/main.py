@@ -133,26 +133,24 @@ async def serve(config: CoordinatorConfig) -> None:
     admin_socket = Path(config.admin_socket)
     _bind_admin_socket(server, admin_socket)
     await server.start()
-    os.chmod(admin_socket, 0o600)
-
-    metrics_host, metrics_port = split_host_port(config.metrics_listen, "metrics_listen")
-    serve_metrics(cluster, metrics_host, metrics_port)
-    log.info(
-        "coordinator started",
-        version=VERSION,
-        listen=config.listen,
-        enroll=enroll_address,
-        admin_socket=str(admin_socket),
-        metrics=config.metrics_listen,
-        state_dir=str(state_dir),
-        ca_cert_hash=ca.cert_hash,
-    )
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     try:
+        os.chmod(admin_socket, 0o600)
+        metrics_host, metrics_port = split_host_port(config.metrics_listen, "metrics_listen")
+        serve_metrics(cluster, metrics_host, metrics_port)
+        log.info(
+            "coordinator started",
+            version=VERSION,
+            listen=config.listen,
+            enroll=enroll_address,
+            admin_socket=str(admin_socket),
+            metrics=config.metrics_listen,
+            state_dir=str(state_dir),
+            ca_cert_hash=ca.cert_hash,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), FLUSH_INTERVAL)

@@ -1,0 +1,245 @@
+"""systemd/picoord-agent.service and systemd/picoord-coordinator.service: valid, and as intended.
+
+There is no systemd as PID 1 here, so units are checked offline: `systemd-analyze verify
+--root=ROOT` against a root holding a copy of this machine's system units (for
+network-online.target, multi-user.target, ...) and stand-in executables at the ExecStart
+paths, as a Debian package would install them. verify exits 0 on an unknown directive
+(it only warns "Unknown key ..., ignoring"), so any output at all counts as a failure,
+and a deliberately broken copy proves that the check catches it.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from picoord.common import defaults
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+UNITS_DIR = REPO_ROOT / "systemd"
+AGENT_UNIT = "picoord-agent.service"
+COORDINATOR_UNIT = "picoord-coordinator.service"
+SYSTEM_UNITS = Path("/usr/lib/systemd/system")
+EXECUTABLES = ("/usr/bin/picoord-agent", "/usr/bin/picoord-coordinator")
+MAX_COORDINATOR_EXPOSURE = 3.0  # systemd-analyze security: 0 (locked down) .. 10 (unsafe)
+
+# Options that give a service its own mount namespace (its mounts would then never reach
+# the host or dockerd), restrict devices (/dev/fuse for glusterfs), kernel tunables,
+# modules or capabilities, or are inherited by every helper the agent runs.
+AGENT_FORBIDDEN = {
+    "BindPaths",
+    "BindReadOnlyPaths",
+    "CapabilityBoundingSet",
+    "DeviceAllow",
+    "DevicePolicy",
+    "DynamicUser",
+    "ExecPaths",
+    "Group",
+    "InaccessiblePaths",
+    "MountFlags",
+    "NoExecPaths",
+    "NoNewPrivileges",
+    "PrivateDevices",
+    "PrivateMounts",
+    "PrivateNetwork",
+    "PrivateTmp",
+    "PrivateUsers",
+    "ProcSubset",
+    "ProtectClock",
+    "ProtectControlGroups",
+    "ProtectHome",
+    "ProtectHostname",
+    "ProtectKernelLogs",
+    "ProtectKernelModules",
+    "ProtectKernelTunables",
+    "ProtectProc",
+    "ProtectSystem",
+    "ReadOnlyPaths",
+    "ReadWritePaths",
+    "RestrictNamespaces",
+    "RootDirectory",
+    "RootImage",
+    "SystemCallFilter",
+    "TemporaryFileSystem",
+    "User",
+}
+
+Unit = dict[str, dict[str, list[str]]]
+
+
+def parse_unit(text: str) -> Unit:
+    """Sections -> key -> every value given (systemd allows repeating a key)."""
+    unit: Unit = {}
+    section: dict[str, list[str]] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = unit.setdefault(line[1:-1], {})
+            continue
+        assert section is not None, f"directive outside a section: {line!r}"
+        key, separator, value = line.partition("=")
+        assert separator, f"not a directive: {line!r}"
+        section.setdefault(key.strip(), []).append(value.strip())
+    return unit
+
+
+def words(unit: Unit, section: str, key: str) -> list[str]:
+    """All whitespace-separated values of a list-like directive (After=, Wants=, ...)."""
+    return [word for value in unit.get(section, {}).get(key, []) for word in value.split()]
+
+
+def load(name: str) -> Unit:
+    """The unit file from systemd/, parsed."""
+    return parse_unit((UNITS_DIR / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def unit_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A root for `systemd-analyze verify --root`: the system units, stand-in picoord binaries."""
+    if not shutil.which("systemd-analyze"):
+        pytest.fail("systemd-analyze is missing: apt-get install systemd", pytrace=False)
+    root = tmp_path_factory.mktemp("unit-root")
+    try:
+        shutil.copytree(SYSTEM_UNITS, root / SYSTEM_UNITS.relative_to("/"), symlinks=True)
+        for executable in EXECUTABLES:
+            stand_in = root / executable.lstrip("/")
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.write_text("#!/bin/sh\nexit 0\n")
+            stand_in.chmod(0o755)
+        (root / "etc" / "systemd" / "system").mkdir(parents=True)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def verify(root: Path, name: str, text: str) -> tuple[int, list[str]]:
+    """Install `text` as /etc/systemd/system/NAME in `root` and verify it: (exit code, output lines)."""
+    path = root / "etc" / "systemd" / "system" / name
+    path.write_text(text)
+    try:
+        done = subprocess.run(
+            ["systemd-analyze", "verify", f"--root={root}", "--man=no", "--recursive-errors=no", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        path.unlink()
+    return done.returncode, [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("name", [AGENT_UNIT, COORDINATOR_UNIT])
+def test_unit_verifies_without_any_warning(unit_root: Path, name: str) -> None:
+    """`systemd-analyze verify` accepts the unit as shipped, silently."""
+    code, output = verify(unit_root, name, (UNITS_DIR / name).read_text())
+    assert code == 0 and not output, f"systemd-analyze verify {name} ({code}):\n" + "\n".join(output)
+
+
+@pytest.mark.parametrize("name", [AGENT_UNIT, COORDINATOR_UNIT])
+@pytest.mark.parametrize(
+    ("breakage", "expected"),
+    [
+        (("Restart=", "Restrat="), "Unknown key 'Restrat'"),  # a typo'd directive
+        (("Restart=", "Restart=sometimes\n#"), "restart specifier"),  # an invalid value
+        (("ExecStart=/usr/bin/picoord-", "ExecStart=/usr/bin/picoord-typo-"), "is not executable"),
+        (("[Service]", "[Servcie]"), "Unknown section 'Servcie'"),
+    ],
+    ids=["typo-directive", "bad-value", "missing-executable", "typo-section"],
+)
+def test_verify_catches_a_broken_copy(
+    unit_root: Path, name: str, breakage: tuple[str, str], expected: str
+) -> None:
+    """The verify check above is not vacuous: each kind of mistake is reported."""
+    original = (UNITS_DIR / name).read_text()
+    old, new = breakage
+    assert f"\n{old}" in original
+    broken = original.replace(f"\n{old}", f"\n{new}", 1)
+
+    code, output = verify(unit_root, name, broken)
+
+    assert code != 0 or output, f"verify accepted a broken {name}"
+    assert any(expected in line for line in output), output
+
+
+def test_agent_unit_runs_picoord_agent_forever_as_root() -> None:
+    """`picoord-agent run`, restarted forever, as root with nothing that would confine its mounts."""
+    unit = load(AGENT_UNIT)
+    service = unit["Service"]
+
+    assert service["ExecStart"] == ["/usr/bin/picoord-agent run"]
+    assert service["Type"] == ["simple"]
+    assert service["Restart"] == ["always"]
+    assert service["RestartSec"] and service["RestartSec"] != ["0"]
+    assert unit["Unit"]["StartLimitIntervalSec"] == ["0"], "the agent must never give up restarting"
+    assert service["EnvironmentFile"] == ["-/etc/default/picoord-agent"]
+    # Helpers that must outlive a restart (the glusterfs FUSE client behind a mount) survive it.
+    assert service["KillMode"] == ["process"]
+    forbidden = sorted(AGENT_FORBIDDEN & service.keys())
+    assert not forbidden, f"the agent runs as root without namespacing or restrictions: {forbidden}"
+
+
+def test_coordinator_unit_runs_picoord_coordinator_hardened() -> None:
+    """`picoord-coordinator`, restarted on failure, locked down, with room for 1000+ sessions."""
+    service = load(COORDINATOR_UNIT)["Service"]
+
+    assert service["ExecStart"] == ["/usr/bin/picoord-coordinator"]
+    assert service["Type"] == ["simple"]
+    assert service["Restart"] == ["on-failure"]
+    assert int(service["LimitNOFILE"][0]) >= 4096, "1000+ agent sessions need file descriptors"
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert service["ProtectSystem"] == ["strict"]
+    assert service["ProtectHome"] == ["yes"]
+    assert service["PrivateTmp"] == ["yes"]
+
+
+def test_units_match_the_default_paths_and_do_not_clash() -> None:
+    """State and runtime directories are picoord's defaults, and both daemons can share a desktop."""
+    agent, coordinator = load(AGENT_UNIT)["Service"], load(COORDINATOR_UNIT)["Service"]
+
+    assert Path("/var/lib", *coordinator["StateDirectory"]) == defaults.COORDINATOR_STATE_DIR
+    assert Path("/var/lib", *agent["StateDirectory"]) == defaults.AGENT_STATE_DIR
+    assert Path("/run", *coordinator["RuntimeDirectory"]) == defaults.ADMIN_SOCKET.parent
+    assert coordinator["RuntimeDirectoryMode"] == ["0700"], "the admin socket is root-only"
+    # A unit removes its RuntimeDirectory when it stops: only the coordinator may claim
+    # /run/picoord, or stopping the desktop's agent would delete the admin socket.
+    assert "RuntimeDirectory" not in agent
+    # Both run as root and agree on the mode, so neither re-owns or re-modes the other's state.
+    assert "User" not in coordinator and "DynamicUser" not in coordinator
+    assert agent["StateDirectoryMode"] == coordinator["StateDirectoryMode"] == ["0700"]
+
+
+@pytest.mark.parametrize("name", [AGENT_UNIT, COORDINATOR_UNIT])
+def test_units_wait_for_the_network_and_start_at_boot(name: str) -> None:
+    """Both start at boot, once the network is up."""
+    unit = load(name)
+
+    assert "network-online.target" in words(unit, "Unit", "After")
+    assert "network-online.target" in words(unit, "Unit", "Wants")
+    assert words(unit, "Install", "WantedBy") == ["multi-user.target"]
+
+
+def test_coordinator_exposure_stays_low(unit_root: Path) -> None:
+    """`systemd-analyze security` rates the coordinator's confinement OK (the agent is root by design)."""
+    path = unit_root / "etc" / "systemd" / "system" / COORDINATOR_UNIT
+    shutil.copy(UNITS_DIR / COORDINATOR_UNIT, path)
+    try:
+        done = subprocess.run(
+            ["systemd-analyze", "security", "--offline=yes", f"--root={unit_root}", "--no-pager", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        path.unlink()
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+    assert match, f"no exposure level in:\n{done.stdout}{done.stderr}"
+    assert float(match.group(1)) <= MAX_COORDINATOR_EXPOSURE, done.stdout
