@@ -23,7 +23,7 @@ from picoord.common.tokens import BootstrapToken, InvalidToken
 
 log = structlog.get_logger("picoord.agent")
 
-TOKEN_ENV = "PICOORD_JOIN_TOKEN"
+
 AGENT_SETTINGS = {"state_dir": str, "metrics_interval": float, "log_level": str}
 
 
@@ -56,15 +56,17 @@ def load_config(path: Path, required: bool) -> dict[str, object]:
 def _read_token(args: argparse.Namespace) -> BootstrapToken:
     # --token is what the printed join command uses; --token-file and the environment keep
     # the secret out of `ps` and shell history for those who prefer.
-    sources = [s for s in (args.token, args.token_file, os.environ.get(TOKEN_ENV)) if s]
+    sources = [s for s in (args.token, args.token_file, os.environ.get(defaults.JOIN_TOKEN_ENV)) if s]
     if not sources:
-        raise UsageError(f"a bootstrap token is required: --token, --token-file or ${TOKEN_ENV}")
+        raise UsageError(
+            f"a bootstrap token is required: --token, --token-file or ${defaults.JOIN_TOKEN_ENV}"
+        )
     if args.token:
         text = args.token
     elif args.token_file:
         text = Path(args.token_file).read_text()
     else:
-        text = os.environ[TOKEN_ENV]
+        text = os.environ[defaults.JOIN_TOKEN_ENV]
     return BootstrapToken.parse(text)
 
 

@@ -335,9 +335,14 @@ def _run_statvfs(call: _StatvfsCall, statvfs: Callable[[str], os.statvfs_result]
 
 
 def collect_disks() -> list[node_pb2.Disk]:
-    """Mounted filesystems with their size; one that cannot be measured is left out."""
+    """Mounted filesystems with their size, one entry per device (bind mounts such as
+    /run/netns repeat their source); one that cannot be measured is left out."""
     disks: list[node_pb2.Disk] = []
+    seen: set[str] = set()
     for part in list_filesystems():
+        if part.device in seen:
+            continue
+        seen.add(part.device)
         stat = bounded_statvfs(part.mountpoint, part.fstype)
         if stat is None:
             continue

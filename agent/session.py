@@ -98,6 +98,11 @@ class AgentRunner:
             reason = "the coordinator closed the session"
         except grpc.aio.AioRpcError as error:
             reason = _explain(error)
+        except (OSError, ValueError, RuntimeError) as error:
+            # Unreadable key files, a bad message, a bug: log it with its traceback and try
+            # again rather than leave the node unmanaged until someone restarts the agent.
+            log.exception("session failed unexpectedly")
+            reason = f"{type(error).__name__}: {error}"
         finally:
             self.connected.clear()
         if time.monotonic() - started >= HEALTHY_SESSION:

@@ -21,3 +21,7 @@ MIN_METRICS_INTERVAL_SECONDS = 1.0
 # of the address they dial: home labs move between DHCP addresses, and trust comes from
 # the pinned CA. A node may therefore never enroll under this name.
 COORDINATOR_SERVER_NAME = "picoord-coordinator"
+
+# `picoord-agent join` reads the token from here when --token is not given, which keeps it
+# out of `ps` and shell history.
+JOIN_TOKEN_ENV = "PICOORD_JOIN_TOKEN"

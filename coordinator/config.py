@@ -25,7 +25,7 @@ class CoordinatorConfig:
     heartbeat_timeout: float = 20.0
     down_timeout: float = 60.0
     metrics_interval: float = defaults.METRICS_INTERVAL_SECONDS
-    heartbeat_interval: float = 5.0
+    heartbeat_interval: float = 0.0  # 0: a quarter of heartbeat_timeout, at most 5 s
     metrics_history: int = 120
     log_level: str = "info"
     log_json: bool | None = None
@@ -61,8 +61,10 @@ class CoordinatorConfig:
             raise ConfigError(f"metrics_interval must be at least {defaults.MIN_METRICS_INTERVAL_SECONDS} s")
         if not 0 < self.heartbeat_timeout <= self.down_timeout:
             raise ConfigError("heartbeat_timeout must be positive and at most down_timeout")
-        if self.heartbeat_interval >= self.heartbeat_timeout:
-            raise ConfigError("heartbeat_interval must be shorter than heartbeat_timeout")
+        if not self.heartbeat_interval:
+            self.heartbeat_interval = min(5.0, self.heartbeat_timeout / 4)
+        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
+            raise ConfigError("heartbeat_interval must be positive and shorter than heartbeat_timeout")
         if self.metrics_history < 2:
             raise ConfigError("metrics_history must be at least 2")
 

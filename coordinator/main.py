@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
     parser.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before NotReady (20)")
     parser.add_argument("--down-timeout", type=float, help="seconds of silence before Down (60)")
     parser.add_argument(
+        "--heartbeat-interval", type=float, help="seconds between heartbeats (timeout/4, <= 5)"
+    )
+    parser.add_argument(
         "--metrics-interval", type=float, help="seconds between agent samples (5, at least 1)"
     )
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -70,6 +73,7 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
         "state_dir",
         "advertise_address",
         "heartbeat_timeout",
+        "heartbeat_interval",
         "down_timeout",
         "metrics_interval",
         "log_level",

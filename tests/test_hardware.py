@@ -9,6 +9,8 @@ import os
 import platform
 import socket
 import socketserver
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -477,3 +479,28 @@ def test_collect_hardware_tolerates_an_empty_or_broken_root(tmp_path: Path) -> N
     assert hardware.machine_model == "" and hardware.raspberry_pi is False
     assert hardware.docker.present is False
     assert hardware.arch == platform.machine()  # the probes that do not use the roots still run
+
+
+BIND_AND_LIST = """
+import subprocess, sys
+subprocess.run(["mount", "--bind", sys.argv[1], sys.argv[2]], check=True, timeout=10)
+from picoord.agent.hardware import collect_disks
+print("\\n".join(disk.device for disk in collect_disks()))
+"""
+
+
+def test_collect_disks_lists_each_device_once(tmp_path: Path) -> None:
+    """A bind mount repeats its source device; the hardware report names each device once."""
+    target = tmp_path / "bound"
+    target.mkdir()
+    # a private mount namespace, so the bind mount never touches the host's mount table
+    unshare = ["unshare", "--mount", "--propagation", "private", "--"]
+    done = subprocess.run(
+        [*unshare, sys.executable, "-c", BIND_AND_LIST, str(tmp_path), str(target)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    devices = done.stdout.split()
+    assert devices and len(devices) == len(set(devices))

@@ -70,3 +70,25 @@ def test_invalid_settings(changes: dict, message: str) -> None:
     config = CoordinatorConfig(**changes)
     with pytest.raises(ConfigError, match=message):
         config.validate()
+
+
+@pytest.mark.parametrize(("timeout", "interval"), [(20.0, 5.0), (8.0, 2.0), (3.0, 0.75)])
+def test_heartbeat_interval_follows_a_short_timeout(timeout: float, interval: float) -> None:
+    config = CoordinatorConfig(heartbeat_timeout=timeout, down_timeout=60.0)
+    config.validate()
+    assert config.heartbeat_interval == interval
+
+
+def test_flags_override_the_config_file(tmp_path: Path) -> None:
+    from picoord.coordinator.main import parse_args
+
+    path = tmp_path / "coordinator.toml"
+    path.write_text('listen = "127.0.0.1:8443"\nheartbeat-timeout = 10.0\n')
+    config, _ = parse_args(["--config", str(path), "--heartbeat-timeout", "4", "--heartbeat-interval", "1"])
+    assert (config.listen, config.heartbeat_timeout, config.heartbeat_interval) == (
+        "127.0.0.1:8443",
+        4.0,
+        1.0,
+    )
+    config, _ = parse_args(["--config", str(path), "--listen", "10.0.0.1:7443", "--metrics-interval", "1"])
+    assert (config.listen, config.metrics_interval, config.heartbeat_interval) == ("10.0.0.1:7443", 1.0, 2.5)

@@ -1,0 +1,238 @@
+"""`picoord-lab`: bring a namespaced cluster up, look at it, tear it down, or run a demo.
+
+Why a CLI besides the pytest fixtures: an operator (or a developer) wants to poke at a live
+cluster with `coordctl` by hand; `up` leaves it running detached and prints the line that
+points `coordctl` at it, and `down` cleans up from any shell, even after a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from picoord.lab import netns
+from picoord.lab.cluster import INDEX_DIR, Lab, known_labs, sweep_orphans
+from picoord.lab.netns import LabError
+
+DEMO_SAMPLE_WAIT = 3.0
+
+
+def _lab_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nodes", type=int, default=3, help="how many Pis (namespaces) to start (default 3)")
+    parser.add_argument(
+        "--work-dir", type=Path, help="state, logs and admin socket (default /run/picoord-lab/ID)"
+    )
+    parser.add_argument(
+        "--subnet", help="private IPv4 subnet for the lab bridge (default: first free /24 in 10.213.0.0/16)"
+    )
+    parser.add_argument("--id", dest="lab_id", help="4 hex digits naming the lab (default: random)")
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds to wait for every node to be Ready"
+    )
+    parser.add_argument("--log-level", default="info", help="log level of the coordinator")
+    parser.add_argument("--heartbeat-timeout", type=float, help="passed to picoord-coordinator")
+    parser.add_argument(
+        "--bin-dir",
+        type=Path,
+        help="where picoord-coordinator, picoord-agent and coordctl are (default: this venv)",
+    )
+    parser.add_argument("--down-timeout", type=float, help="passed to picoord-coordinator")
+
+
+def _select_options(parser: argparse.ArgumentParser, allow_all: bool) -> None:
+    parser.add_argument("--work-dir", type=Path, help="the lab's work dir")
+    parser.add_argument("--id", dest="lab_id", help="the lab's id")
+    if allow_all:
+        parser.add_argument(
+            "--all", action="store_true", help="every lab on this host, and sweep leftovers of crashed ones"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="picoord-lab",
+        description="Stand in for a rack of Raspberry Pis with network namespaces (needs root).",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="create the lab and leave it running")
+    _lab_options(up)
+    down = commands.add_parser("down", help="stop every process of a lab and remove its network")
+    _select_options(down, allow_all=True)
+    down.add_argument("--purge", action="store_true", help="also delete the work dir (logs included)")
+    status = commands.add_parser("status", help="show labs, their processes and their nodes")
+    _select_options(status, allow_all=False)
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    demo = commands.add_parser("demo", help="up, show `coordctl nodes` and `coordctl top --once`, then down")
+    _lab_options(demo)
+    return parser
+
+
+def _make_lab(args: argparse.Namespace) -> Lab:
+    return Lab(
+        args.work_dir,
+        subnet=args.subnet,
+        lab_id=args.lab_id,
+        log_level=args.log_level,
+        heartbeat_timeout=args.heartbeat_timeout,
+        down_timeout=args.down_timeout,
+        ready_timeout=args.timeout,
+        bin_dir=args.bin_dir,
+    )
+
+
+def _work_dir_of(lab_id: str) -> Path:
+    index = netns.LAB_ROOT / INDEX_DIR / lab_id
+    if index.exists():
+        return Path(index.read_text().strip())
+    return netns.LAB_ROOT / lab_id
+
+
+def _selected(args: argparse.Namespace) -> list[Path]:
+    if args.work_dir:
+        return [args.work_dir]
+    if args.lab_id:
+        return [_work_dir_of(args.lab_id)]
+    labs = list(known_labs())
+    if getattr(args, "all", False) or len(labs) <= 1 or args.command == "status":
+        return labs
+    raise LabError(
+        f"{len(labs)} labs are up ({', '.join(str(p) for p in labs)}); "
+        "pick one with --id or --work-dir, or use --all"
+    )
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    lab = _make_lab(args)
+    print(f"picoord-lab: starting lab {lab.lab_id} with {args.nodes} Pis in {lab.work_dir} ...", flush=True)
+    lab.up(args.nodes)
+    net = lab.network
+    assert net is not None
+    print(f"lab {lab.lab_id} is up: {len(lab.nodes)} Pis Ready on {net.subnet} (bridge {net.bridge})")
+    for pi in net.pis:
+        print(f"  {pi.node:6} {pi.address:15} namespace {pi.netns}   ip netns exec {pi.netns} ...")
+    print(f"  coordinator   {lab.coordinator_address} (agents), metrics {lab.metrics_url}")
+    print(f"  admin socket  {lab.admin_socket}")
+    print(f"  logs          {lab.logs_dir}")
+    print(f"  tear down     picoord-lab down --id {lab.lab_id}")
+    print(f"export COORDCTL_ADMIN_SOCKET={lab.admin_socket}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    netns.require_root()
+    failures = 0
+    work_dirs = _selected(args)
+    if not work_dirs and not args.all:
+        print("picoord-lab: no lab is up")
+    for work_dir in work_dirs:
+        try:
+            lab = Lab.load(work_dir)
+        except LabError as error:
+            # The work dir is gone (e.g. a cleaned tmp dir): forget the lab; --all sweeps its network.
+            print(f"picoord-lab: {error}; forgetting it", file=sys.stderr)
+            _forget(work_dir)
+            continue
+        try:
+            lab.down(remove_work_dir=args.purge)
+            print(f"lab {lab.lab_id} is down ({work_dir})")
+        except LabError as error:
+            failures += 1
+            print(f"picoord-lab: {error}", file=sys.stderr)
+    if args.all:
+        swept = sweep_orphans()
+        if swept:
+            print(f"swept leftovers of crashed labs: {', '.join(swept)}")
+    return 1 if failures else 0
+
+
+def _forget(work_dir: Path) -> None:
+    index = netns.LAB_ROOT / INDEX_DIR
+    with contextlib.suppress(FileNotFoundError):
+        for entry in index.iterdir():
+            if Path(entry.read_text().strip()) == Path(work_dir):
+                entry.unlink()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    described = []
+    for work_dir in _selected(args):
+        try:
+            lab = Lab.load(work_dir)
+        except LabError as error:
+            described.append({"work_dir": str(work_dir), "error": str(error)})
+            continue
+        state = lab.describe()
+        if lab.is_running("coordinator"):
+            try:
+                state["nodes"] = lab.node_statuses()
+            except LabError as error:
+                state["nodes_error"] = str(error)
+        described.append(state)
+    if args.output == "json":
+        print(json.dumps(described, indent=2, sort_keys=True))
+        return 0
+    if not described:
+        print("no lab is up")
+    for state in described:
+        if "error" in state:
+            print(f"{state['work_dir']}: {state['error']}")
+            continue
+        network = state["network"] or {}
+        subnet = network.get("subnet", "-")
+        print(f"lab {state['lab_id']}: {state['status']}, subnet {subnet}, {state['work_dir']}")
+        print(
+            f"  admin socket {state['admin_socket']}  (export COORDCTL_ADMIN_SOCKET={state['admin_socket']})"
+        )
+        for name, running in sorted(state["running"].items()):
+            pid = state["pids"][name]
+            node_status = state.get("nodes", {}).get(name, "")
+            print(f"  {name:12} pid {pid:<8} {'running' if running else 'stopped':8} {node_status}")
+        if "nodes_error" in state:
+            print(f"  coordctl nodes failed: {state['nodes_error']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    lab = _make_lab(args)
+    failed = False
+    try:
+        print(f"picoord-lab demo: starting {args.nodes} Pis (lab {lab.lab_id}) ...", flush=True)
+        lab.up(args.nodes)
+        time.sleep(DEMO_SAMPLE_WAIT)  # a few metric samples, so `top` shows rates, not zeros
+        for command in (("nodes",), ("top", "--once")):
+            done = lab.coordctl(*command)
+            print(f"\n$ coordctl {' '.join(command)}")
+            print(done.stdout.rstrip())
+            if done.returncode != 0:
+                failed = True
+                print(f"(exit {done.returncode}) {done.stderr.strip()}", file=sys.stderr)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        print(f"\npicoord-lab demo: tearing lab {lab.lab_id} down", flush=True)
+        lab.down(remove_work_dir=not failed)
+        if failed:
+            print(f"picoord-lab demo: logs kept in {lab.logs_dir}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handlers = {"up": cmd_up, "down": cmd_down, "status": cmd_status, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except LabError as error:
+        print(f"picoord-lab: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

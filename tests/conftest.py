@@ -1,0 +1,112 @@
+"""Shared fixtures: labs of namespaced "Pis" that are always torn down, whatever happens.
+
+Tests that need root fail (never skip) when not root, with the reason, so a run without
+privileges cannot look green.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from picoord.lab import netns
+from picoord.lab.cluster import Lab
+from picoord.lab.netns import LabError, LabNetwork
+
+
+def require_root_or_fail() -> None:
+    """Fail the test loudly (not skip) when the lab cannot run here; and make a SIGTERM (a CI
+    timeout) unwind like Ctrl-C, so fixture teardown still removes namespaces and processes."""
+    try:
+        netns.require_root()
+    except netns.LabNeedsRoot as error:
+        pytest.fail(str(error), pytrace=False)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}: tearing the lab down")
+
+
+def _down_all(labs: list[Lab]) -> None:
+    problems = []
+    for lab in reversed(labs):
+        try:
+            lab.down()
+        except Exception as error:
+            problems.append(f"lab {lab.lab_id}: {error}")
+    if problems:
+        pytest.fail("lab teardown failed: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def root() -> None:
+    """For tests that need root but no lab fixture: fail with the reason when not root."""
+    require_root_or_fail()
+
+
+@pytest.fixture
+def lab_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Lab]]:
+    """`make(nodes=None, **Lab kwargs) -> Lab`: a Lab in a fresh tmp work dir, brought up when
+    `nodes` is given. Every lab made is downed at teardown, also when the test failed."""
+    require_root_or_fail()
+    labs: list[Lab] = []
+
+    def make(nodes: int | None = None, **kwargs: Any) -> Lab:
+        kwargs.setdefault("work_dir", tmp_path_factory.mktemp("lab"))
+        lab = Lab(**kwargs)
+        labs.append(lab)
+        if nodes is not None:
+            lab.up(nodes)
+        return lab
+
+    try:
+        yield make
+    finally:
+        _down_all(labs)
+
+
+@pytest.fixture(scope="module")
+def lab3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Three Pis, up and Ready, shared by the tests of one module: only for tests that read."""
+    require_root_or_fail()
+    lab = Lab(tmp_path_factory.mktemp("lab3"))
+    try:
+        lab.up(3)
+        yield lab
+    finally:
+        _down_all([lab])
+
+
+@pytest.fixture
+def network_factory() -> Iterator[Callable[..., LabNetwork]]:
+    """`make(nodes, subnet=None, lab_id=None) -> LabNetwork`: namespaces and bridge only, no
+    processes; for tests of the network itself or of programs that bring their own daemons."""
+    require_root_or_fail()
+    made: list[LabNetwork] = []
+
+    def make(nodes: int, subnet: str | None = None, lab_id: str | None = None) -> LabNetwork:
+        with netns.host_lock():
+            chosen = subnet or netns.choose_subnet()
+            if subnet:
+                netns.check_subnet_free(subnet)
+            net = netns.plan_network(lab_id or netns.new_lab_id(), chosen, nodes)
+            made.append(net)
+            netns.create_network(net)
+        return net
+
+    try:
+        yield make
+    finally:
+        problems = []
+        for net in reversed(made):
+            try:
+                netns.teardown_network(net)
+            except LabError as error:
+                problems.append(str(error))
+        if problems:
+            pytest.fail("network teardown failed: " + "; ".join(problems), pytrace=False)
