@@ -152,9 +152,6 @@ class Lab:
             agent_args=list(agent_args),
             coordinator_config=dict(coordinator_config or {}),
         )
-        if heartbeat_timeout is not None and "heartbeat_interval" not in self.config.coordinator_config:
-            # The coordinator wants heartbeats well inside the timeout; it has no flag for that.
-            self.config.coordinator_config["heartbeat_interval"] = min(5.0, heartbeat_timeout / 3)
         self.ready_timeout = ready_timeout
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout

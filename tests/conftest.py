@@ -70,16 +70,26 @@ def lab_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
         _down_all(labs)
 
 
-@pytest.fixture(scope="module")
-def lab3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """Three Pis, up and Ready, shared by the tests of one module: only for tests that read."""
+def _module_lab(tmp_path_factory: pytest.TempPathFactory, nodes: int) -> Iterator[Lab]:
     require_root_or_fail()
-    lab = Lab(tmp_path_factory.mktemp("lab3"))
+    lab = Lab(tmp_path_factory.mktemp(f"lab{nodes}"))
     try:
-        lab.up(3)
+        lab.up(nodes)
         yield lab
     finally:
         _down_all([lab])
+
+
+@pytest.fixture(scope="module")
+def lab1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """One Pi, up and Ready, shared by the tests of one module; tests undo what they add."""
+    yield from _module_lab(tmp_path_factory, 1)
+
+
+@pytest.fixture(scope="module")
+def lab3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """Three Pis, up and Ready, shared by the tests of one module: only for tests that read."""
+    yield from _module_lab(tmp_path_factory, 3)
 
 
 @pytest.fixture

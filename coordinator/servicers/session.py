@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 import structlog
+from google.protobuf.message import DecodeError
 
 from picoord.common import VERSION
 from picoord.coordinator.cluster import Cluster, LiveSession
@@ -18,6 +19,19 @@ from picoord.v1 import agent_pb2, agent_pb2_grpc
 log = structlog.get_logger("picoord.coordinator.session")
 
 HELLO_TIMEOUT = 15.0
+
+
+async def _decoded(
+    request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+) -> AsyncIterator[agent_pb2.AgentMessage]:
+    """The stream's messages; bytes that are no AgentMessage end it as a malformed message."""
+    try:
+        async for message in request_iterator:
+            yield message
+    except DecodeError:
+        raise MalformedMessage(
+            "malformed_message", "the stream carried bytes that are not an AgentMessage"
+        ) from None
 
 
 class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
@@ -49,7 +63,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
         node, serial = await self._authenticate(context)
-        messages = aiter(request_iterator)
+        messages = aiter(_decoded(request_iterator))
         try:
             first = await asyncio.wait_for(anext(messages), HELLO_TIMEOUT)
             hello = check_hello(first, node)
