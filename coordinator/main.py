@@ -85,6 +85,12 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
     return config, args
 
 
+def advertised_host(listen_host: str) -> str:
+    """What join commands name when --advertise-address is not given: the listen address
+    if it is a specific one, else this machine's hostname."""
+    return socket.gethostname() if listen_host in ("0.0.0.0", "::", "") else listen_host
+
+
 def _bind_admin_socket(server: grpc.aio.Server, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with contextlib.suppress(FileNotFoundError):
@@ -99,8 +105,8 @@ def _bind_admin_socket(server: grpc.aio.Server, path: Path) -> None:
 async def serve(config: CoordinatorConfig) -> None:
     state_dir = Path(config.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _, listen_port = split_host_port(config.listen, "listen")
-    advertise_host = config.advertise_address or socket.gethostname()
+    listen_host, listen_port = split_host_port(config.listen, "listen")
+    advertise_host = config.advertise_address or advertised_host(listen_host)
     ca = ClusterCA.load_or_create(state_dir, [advertise_host])
     store = Store(state_dir / "state.db")
     cluster = Cluster(

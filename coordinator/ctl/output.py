@@ -86,8 +86,11 @@ def console() -> Console:
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str | None = None) -> Table:
     grid = Table(box=None, pad_edge=False, header_style="bold", title=title, title_justify="left")
-    for heading, _ in columns:
-        grid.add_column(heading, no_wrap=True)
-    for row in rows:
-        grid.add_row(*(render(row) for _, render in columns))
+    cells = [[render(row) for _, render in columns] for row in rows]
+    for index, (heading, _) in enumerate(columns):
+        # The first column names the row (a node): it never shrinks on a narrow terminal.
+        widest = max([len(heading), *(len(line[index]) for line in cells)]) if index == 0 else None
+        grid.add_column(heading, no_wrap=True, min_width=widest)
+    for line in cells:
+        grid.add_row(*line)
     return grid

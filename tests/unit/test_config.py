@@ -92,3 +92,15 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
     )
     config, _ = parse_args(["--config", str(path), "--listen", "10.0.0.1:7443", "--metrics-interval", "1"])
     assert (config.listen, config.metrics_interval, config.heartbeat_interval) == ("10.0.0.1:7443", 1.0, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("listen_host", "expected"),
+    [("10.213.0.1", "10.213.0.1"), ("::1", "::1"), ("0.0.0.0", None), ("::", None)],
+)
+def test_join_commands_name_a_specific_listen_address(listen_host: str, expected: str | None) -> None:
+    import socket
+
+    from picoord.coordinator.main import advertised_host
+
+    assert advertised_host(listen_host) == (expected or socket.gethostname())
