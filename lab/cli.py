@@ -12,6 +12,7 @@ import contextlib
 import json
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -197,6 +198,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics_lines(url: str, needle: str, count: int) -> list[str]:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        lines = [line for line in reply.read().decode().splitlines() if needle in line]
+    return lines[:count]
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     lab = _make_lab(args)
     failed = False
@@ -204,13 +211,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"picoord-lab demo: starting {args.nodes} Pis (lab {lab.lab_id}) ...", flush=True)
         lab.up(args.nodes)
         time.sleep(DEMO_SAMPLE_WAIT)  # a few metric samples, so `top` shows rates, not zeros
-        for command in (("nodes",), ("top", "--once")):
+        last = lab.nodes[-1]
+        for command in (
+            ("nodes",),
+            ("top", "--once"),
+            ("node", "label", "pi1", "role=storage"),
+            ("node", "show", "pi1", "--samples", "3"),
+            ("node", "remove", last),
+            ("nodes",),
+        ):
             done = lab.coordctl(*command)
             print(f"\n$ coordctl {' '.join(command)}")
             print(done.stdout.rstrip())
             if done.returncode != 0:
                 failed = True
                 print(f"(exit {done.returncode}) {done.stderr.strip()}", file=sys.stderr)
+        print(f"\n$ curl -s {lab.metrics_url} | grep 'instance=\"pi1\"' | head -5")
+        print("\n".join(_metrics_lines(lab.metrics_url, 'instance="pi1"', 5)))
     except BaseException:
         failed = True
         raise
