@@ -1,0 +1,90 @@
+"""What every executor shares: its context, its outcome, and the one way it runs commands.
+
+An executor is a function `(request message, ActionContext) -> Outcome`. Its decisions
+(what to run, given what is in place) are pure functions it keeps beside it and tests
+with tables; this module holds the imperative shell they all use.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from picoord.agent.commands import CommandResult, run_command
+from picoord.common.validation import FieldError
+from picoord.v1 import actions_pb2, agent_pb2
+
+Runner = Callable[[Sequence[str], float], CommandResult]
+REDACTED = "<redacted>"
+
+
+class ActionFailed(Exception):
+    """A command failed; the outcome is FAILED with what ran so far."""
+
+
+@dataclass
+class ActionContext:
+    """Per-request facts and the means to act: executors touch the system only through `run`."""
+
+    dry_run: bool
+    deadline: float  # time.monotonic() by which the whole action must end
+    coordinator_host: str = ""  # where this agent's session goes (the firewall keeps it open)
+    coordinator_port: int = 0
+    run: Runner = run_command
+    secrets: tuple[str, ...] = ()  # values to redact from recorded argv and output
+    commands: list[actions_pb2.CommandRecord] = field(default_factory=list)
+
+    def remaining(self, cap: float) -> float:
+        """A command's timeout: at most `cap`, and never past the action's deadline."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ActionFailed("the action's time ran out")
+        return min(cap, left)
+
+    def _redact(self, text: str) -> str:
+        for secret in self.secrets:
+            if secret:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def read(self, argv: Sequence[str], timeout: float = 30.0) -> CommandResult:
+        """Run a command that only reads state (also in a dry run); not recorded."""
+        return self.run(argv, self.remaining(timeout))
+
+    def change(self, argv: Sequence[str], timeout: float = 60.0, check: bool = True) -> CommandResult | None:
+        """Run a command that changes state, and record it. In a dry run, record it only."""
+        record = actions_pb2.CommandRecord(argv=[self._redact(word) for word in argv], ran=not self.dry_run)
+        self.commands.append(record)
+        if self.dry_run:
+            return None
+        started = time.monotonic()
+        result = self.run(argv, self.remaining(timeout))
+        record.exit_code = result.exit_code
+        record.seconds = round(time.monotonic() - started, 3)
+        record.output_tail = self._redact((result.stdout + result.stderr)[-4096:])
+        if check and not result.ok:
+            reason = "timed out" if result.timed_out else f"exited {result.exit_code}"
+            raise ActionFailed(f"{argv[0]} {reason}: {record.output_tail.strip()[-500:]}")
+        return result
+
+
+@dataclass
+class Outcome:
+    outcome: int  # agent_pb2.ActionOutcome
+    message: str
+    in_place: str = ""
+    facts: list[actions_pb2.Fact] = field(default_factory=list)
+
+    @classmethod
+    def done(cls, context: ActionContext, message: str, in_place: str = "") -> Outcome:
+        """SUCCEEDED, PLANNED (dry run) or UNCHANGED, from whether anything was (to be) run."""
+        if not context.commands:
+            return cls(agent_pb2.ACTION_OUTCOME_UNCHANGED, message or "already in place", in_place)
+        if context.dry_run:
+            return cls(agent_pb2.ACTION_OUTCOME_PLANNED, message, in_place)
+        return cls(agent_pb2.ACTION_OUTCOME_SUCCEEDED, message, in_place)
+
+
+def rejected(error: FieldError) -> Outcome:
+    return Outcome(agent_pb2.ACTION_OUTCOME_REJECTED, str(error))

@@ -1,0 +1,208 @@
+"""Field validators for node actions, used at both ends: by the coordinator when it reads a
+spec file, and by the agent on every action it receives, before anything runs.
+
+Each validator returns the normalised value or raises FieldError naming the field, so a
+rejected document can say precisely what is wrong. None of them lets through a value
+that could act as shell syntax or as a command-line option: executors never use a shell,
+but a value starting with '-' could still be read as an option by the program.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+
+from picoord.common.addresses import InvalidAddress, split_host_port
+
+
+class FieldError(ValueError):
+    """A field with an invalid value; `field` is its path, e.g. rules[2].from."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+# Characters no value may contain: shell syntax, quotes, whitespace, control characters.
+_FORBIDDEN = re.compile(r"[\s;&|`$<>(){}\[\]\\'\"*?!#~\x00-\x1f\x7f]")
+_HOSTNAME = re.compile(
+    r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+_VOLUME_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SWARM_TOKEN = re.compile(r"SWMTKN-1-[0-9a-z]{50}-[0-9a-z]{25}")
+_KUBEADM_TOKEN = re.compile(r"[a-z0-9]{6}\.[a-z0-9]{16}")
+_SHA256_PIN = re.compile(r"sha256:[0-9a-f]{64}")
+_K3S_TOKEN = re.compile(
+    r"(K10[0-9a-f]{64}::[A-Za-z0-9_.-]{1,64}:[A-Za-z0-9_.-]{1,256}|[A-Za-z0-9_.-]{8,256})"
+)
+_MOUNT_OPTION = re.compile(r"[A-Za-z0-9_.:/=,+@-]{1,256}")
+
+# Mount targets that would hide or break the system.
+FORBIDDEN_MOUNT_TARGETS = (
+    "/",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+    "/boot",
+    "/etc",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+)
+FORBIDDEN_MOUNT_TREES = ("/proc", "/sys", "/dev")
+
+
+def safe_word(field: str, value: str, max_length: int = 256) -> str:
+    """A value that becomes one argv element: no shell syntax, not an option."""
+    if not isinstance(value, str) or not value:
+        raise FieldError(field, "must be a non-empty string")
+    if len(value) > max_length:
+        raise FieldError(field, f"longer than {max_length} characters")
+    if value.startswith("-"):
+        raise FieldError(field, f"{value!r} starts with '-' and would be read as an option")
+    match = _FORBIDDEN.search(value)
+    if match:
+        raise FieldError(field, f"{value!r} contains {match.group()!r}, which is not allowed")
+    return value
+
+
+def cidr(field: str, value: str) -> str:
+    """An IPv4 or IPv6 network in CIDR form (a bare address means a single host)."""
+    safe_word(field, value, 64)
+    try:
+        return str(ipaddress.ip_network(value, strict=True))
+    except ValueError as error:
+        raise FieldError(field, f"{value!r} is not a valid CIDR ({error})") from None
+
+
+def ip_address(field: str, value: str) -> str:
+    safe_word(field, value, 64)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise FieldError(field, f"{value!r} is not an IP address") from None
+
+
+def port(field: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldError(field, f"{value!r} is not a port number")
+    if not 1 <= value <= 65535:
+        raise FieldError(field, f"port {value} is outside 1-65535")
+    return value
+
+
+def port_range(field: str, first: object, last: object) -> tuple[int, int]:
+    low, high = port(field, first), port(field, last)
+    if low > high:
+        raise FieldError(field, f"range {low}:{high} is inverted")
+    return low, high
+
+
+def hostname(field: str, value: str) -> str:
+    """A DNS name or an IP address, as used to reach another node."""
+    safe_word(field, value, 253)
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    if not _HOSTNAME.fullmatch(value):
+        raise FieldError(field, f"{value!r} is not a host name or IP address")
+    return value
+
+
+def host_port(field: str, value: str, default_port: int | None = None) -> str:
+    """HOST:PORT (or HOST alone when a default port is given)."""
+    safe_word(field, value, 260)
+    text = value
+    if default_port is not None and (
+        ":" not in value or (value.count(":") > 1 and not value.startswith("["))
+    ):
+        text = f"[{value}]:{default_port}" if ":" in value else f"{value}:{default_port}"
+    try:
+        host, number = split_host_port(text, field)
+    except InvalidAddress as error:
+        raise FieldError(field, str(error)) from None
+    hostname(field, host)
+    port(field, number)
+    return f"[{host}]:{number}" if ":" in host else f"{host}:{number}"
+
+
+def absolute_path(field: str, value: str) -> str:
+    """An absolute, normalised path with no '..' tricks."""
+    safe_word(field, value, 1024)
+    if not value.startswith("/"):
+        raise FieldError(field, f"{value!r} is not an absolute path")
+    normalised = posixpath.normpath(value)
+    if normalised.startswith("//"):
+        normalised = "/" + normalised.lstrip("/")
+    return normalised
+
+
+def mount_target(field: str, value: str) -> str:
+    path = absolute_path(field, value)
+    if path in FORBIDDEN_MOUNT_TARGETS:
+        raise FieldError(field, f"refusing to mount over {path}")
+    for tree in FORBIDDEN_MOUNT_TREES:
+        if path.startswith(tree + "/"):
+            raise FieldError(field, f"refusing to mount under {tree} ({value!r} resolves to {path})")
+    return path
+
+
+def remote_path(field: str, value: str) -> tuple[str, str]:
+    """HOST:/path, as in glusterfs and nfs sources and gluster bricks."""
+    safe_word(field, value, 1024)
+    host, sep, path = value.partition(":")
+    if not sep or not path:
+        raise FieldError(field, f"{value!r} is not HOST:/path")
+    return hostname(field, host), absolute_path(field, path)
+
+
+def volume_name(field: str, value: str) -> str:
+    safe_word(field, value, 64)
+    if not _VOLUME_NAME.fullmatch(value):
+        raise FieldError(field, f"{value!r} is not a volume name (letters, digits, '_', '.', '-')")
+    return value
+
+
+def mount_option(field: str, value: str) -> str:
+    safe_word(field, value, 256)
+    if not _MOUNT_OPTION.fullmatch(value):
+        raise FieldError(field, f"{value!r} is not a mount option")
+    return value
+
+
+def swarm_token(field: str, value: str) -> str:
+    if not isinstance(value, str) or not _SWARM_TOKEN.fullmatch(value):
+        raise FieldError(field, "not a Docker Swarm join token (SWMTKN-1-<50>-<25>)")
+    return value
+
+
+def kubeadm_token(field: str, value: str) -> str:
+    if not isinstance(value, str) or not _KUBEADM_TOKEN.fullmatch(value):
+        raise FieldError(field, "not a kubeadm token ([a-z0-9]{6}.[a-z0-9]{16})")
+    return value
+
+
+def sha256_pin(field: str, value: str) -> str:
+    if not isinstance(value, str) or not _SHA256_PIN.fullmatch(value):
+        raise FieldError(field, "not sha256:<64 hex digits>")
+    return value
+
+
+def k3s_token(field: str, value: str) -> str:
+    if not isinstance(value, str) or value.startswith("-") or not _K3S_TOKEN.fullmatch(value):
+        raise FieldError(field, "not a k3s token (K10<hash>::<user>:<secret>, or 8-256 safe characters)")
+    return value
+
+
+def https_url(field: str, value: str) -> str:
+    """https://HOST:PORT, as k3s wants its server."""
+    safe_word(field, value, 300)
+    if not value.startswith("https://"):
+        raise FieldError(field, f"{value!r} must start with https://")
+    host_port(field, value[len("https://") :].rstrip("/"))
+    return value.rstrip("/")
