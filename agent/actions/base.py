@@ -31,6 +31,7 @@ class ActionContext:
     deadline: float  # time.monotonic() by which the whole action must end
     coordinator_host: str = ""  # where this agent's session goes (the firewall keeps it open)
     coordinator_port: int = 0
+    docker_socket: str = "/var/run/docker.sock"
     run: Runner = run_command
     secrets: tuple[str, ...] = ()  # values to redact from recorded argv and output
     commands: list[actions_pb2.CommandRecord] = field(default_factory=list)
