@@ -1,0 +1,370 @@
+"""cluster.yaml: the documents `coordctl apply` takes, read into plain, validated data.
+
+A file holds YAML documents of four kinds: ClusterMembership, GlusterVolume, Mount and
+FirewallPolicy (see README). Reading is all-or-nothing: the first invalid field stops it
+with an error naming the document and the field, so a rejected file changes nothing.
+Node names and selectors are checked against the inventory later, by the planner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from picoord.common import validation as v
+from picoord.common.names import InvalidName, validate_label_key, validate_label_value, validate_node_name
+from picoord.common.validation import FieldError
+
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_DOCUMENTS = 256
+MAX_RULES = 512
+ENGINES = ("swarm", "kubeadm", "k3s")
+MOUNT_TYPES = ("glusterfs", "nfs", "bind", "tmpfs")
+# `persist: true` means the classic way, an fstab line.
+PERSISTENCE = {False: "none", True: "fstab", "none": "none", "fstab": "fstab", "systemd": "systemd"}
+BACKENDS = ("ufw", "nftables")
+VERDICTS = ("allow", "deny")
+PROTOCOLS = ("tcp", "udp", "any")
+
+
+class SpecError(ValueError):
+    """The file is not a valid cluster spec; the message names the document and field."""
+
+
+@dataclass(frozen=True)
+class NodeSet:
+    """Which nodes a document applies to: explicit names, or a label selector."""
+
+    names: tuple[str, ...] = ()
+    selector: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class ClusterMembership:
+    name: str
+    engine: str
+    manager: str
+    workers: NodeSet
+    state: str = "present"  # present: init and join; absent: workers leave
+    advertise_address: str = ""  # default: the manager's address as the coordinator sees it
+    pod_network_cidr: str = ""  # kubeadm only
+
+
+@dataclass(frozen=True)
+class Brick:
+    node: str
+    path: str
+
+
+@dataclass(frozen=True)
+class GlusterVolume:
+    name: str
+    replica: int
+    bricks: tuple[Brick, ...]
+    start: bool = True
+
+
+@dataclass(frozen=True)
+class Mount:
+    name: str
+    type: str
+    source: str
+    target: str
+    nodes: NodeSet
+    options: tuple[str, ...] = ()
+    persist: str = "none"
+
+
+@dataclass(frozen=True)
+class Rule:
+    verdict: str
+    from_cidr: str = ""
+    port_from: int = 0
+    port_to: int = 0
+    protocol: str = "any"
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class FirewallPolicy:
+    name: str
+    nodes: NodeSet
+    backend: str = "ufw"
+    default_incoming: str = "deny"
+    rules: tuple[Rule, ...] = ()
+    confirm_within_seconds: float = 10.0
+
+
+Document = ClusterMembership | GlusterVolume | Mount | FirewallPolicy
+
+
+@dataclass
+class _Fields:
+    """One YAML mapping being read: knows its path for errors and refuses unknown keys."""
+
+    path: str
+    data: dict[str, Any]
+    used: set[str] = field(default_factory=set)
+
+    def at(self, key: str) -> str:
+        return f"{self.path}.{key}"
+
+    def get(self, key: str, default: Any = None, required: bool = False) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            if required:
+                raise FieldError(self.at(key), "is required")
+            return default
+        return self.data[key]
+
+    def text(self, key: str, default: str | None = None, choices: tuple[str, ...] = ()) -> str:
+        value = self.get(key, default, required=default is None)
+        if not isinstance(value, str):
+            raise FieldError(self.at(key), f"must be a string, not {type(value).__name__}")
+        if choices and value not in choices:
+            raise FieldError(self.at(key), f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise FieldError(self.at(unknown[0]), "unknown field")
+
+
+def _mapping(path: str, value: Any) -> _Fields:
+    if not isinstance(value, dict):
+        raise FieldError(path, f"must be a mapping, not {type(value).__name__}")
+    for key in value:
+        if not isinstance(key, str):
+            raise FieldError(path, f"has a non-string key {key!r}")
+    return _Fields(path, value)
+
+
+def _list(path: str, value: Any, limit: int = MAX_RULES) -> list[Any]:
+    if not isinstance(value, list):
+        raise FieldError(path, f"must be a list, not {type(value).__name__}")
+    if len(value) > limit:
+        raise FieldError(path, f"has more than {limit} entries")
+    return value
+
+
+def _node_name(path: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise FieldError(path, "must be a node name")
+    try:
+        return validate_node_name(value)
+    except InvalidName as error:
+        raise FieldError(path, str(error)) from None
+
+
+def _node_set(path: str, value: Any) -> NodeSet:
+    """`[pi1, pi2]`, or `{selector: {arch: arm64, role: storage}}`, or `{selector: "arch=arm64"}`."""
+    if isinstance(value, list):
+        names = tuple(_node_name(f"{path}[{i}]", item) for i, item in enumerate(_list(path, value)))
+        if not names:
+            raise FieldError(path, "names no node")
+        if len(set(names)) != len(names):
+            raise FieldError(path, "names a node twice")
+        return NodeSet(names=names)
+    fields = _mapping(path, value)
+    raw = fields.get("selector", required=True)
+    fields.finish()
+    if isinstance(raw, str):
+        pairs = []
+        for item in raw.split(","):
+            key, sep, wanted = item.strip().partition("=")
+            if not sep:
+                raise FieldError(f"{path}.selector", f"{item!r} is not key=value")
+            pairs.append((key, wanted))
+    else:
+        pairs = [(key, str(wanted)) for key, wanted in _mapping(f"{path}.selector", raw).data.items()]
+    if not pairs:
+        raise FieldError(f"{path}.selector", "is empty")
+    try:
+        for key, wanted in pairs:
+            validate_label_key(key)
+            validate_label_value(key, wanted)
+    except InvalidName as error:
+        raise FieldError(f"{path}.selector", str(error)) from None
+    return NodeSet(selector=tuple(sorted(pairs)))
+
+
+def _membership(doc: _Fields, name: str) -> ClusterMembership:
+    engine = doc.text("engine", choices=ENGINES)
+    advertise = doc.text("advertise_address", "")
+    pod_cidr = doc.text("pod_network_cidr", "")
+    return ClusterMembership(
+        name=name,
+        engine=engine,
+        manager=_node_name(doc.at("manager"), doc.get("manager", required=True)),
+        workers=_node_set(doc.at("workers"), doc.get("workers", required=True)),
+        state=doc.text("state", "present", choices=("present", "absent")),
+        advertise_address=v.ip_address(doc.at("advertise_address"), advertise) if advertise else "",
+        pod_network_cidr=v.cidr(doc.at("pod_network_cidr"), pod_cidr) if pod_cidr else "",
+    )
+
+
+def _gluster_volume(doc: _Fields, name: str) -> GlusterVolume:
+    v.volume_name(doc.at("name"), name)
+    replica = doc.get("replica", 0)
+    if (
+        isinstance(replica, bool)
+        or not isinstance(replica, int)
+        or replica < 0
+        or replica == 1
+        or replica > 16
+    ):
+        raise FieldError(doc.at("replica"), f"{replica!r} is not a replica count (0 for none, or 2-16)")
+    bricks = []
+    for index, item in enumerate(_list(doc.at("bricks"), doc.get("bricks", required=True))):
+        where = f"{doc.at('bricks')}[{index}]"
+        host, path = v.remote_path(where, item)
+        bricks.append(Brick(node=_node_name(where, host), path=path))
+    if not bricks:
+        raise FieldError(doc.at("bricks"), "names no brick")
+    if len(set(bricks)) != len(bricks):
+        raise FieldError(doc.at("bricks"), "names a brick twice")
+    if replica and len(bricks) % replica:
+        raise FieldError(
+            doc.at("bricks"), f"{len(bricks)} bricks do not divide into replica sets of {replica}"
+        )
+    start = doc.get("start", True)
+    if not isinstance(start, bool):
+        raise FieldError(doc.at("start"), "must be true or false")
+    return GlusterVolume(name=name, replica=replica, bricks=tuple(bricks), start=start)
+
+
+def _mount(doc: _Fields, name: str) -> Mount:
+    kind = doc.text("type", choices=MOUNT_TYPES)
+    source = doc.get("source", "" if kind == "tmpfs" else None)
+    if source is None:
+        raise FieldError(doc.at("source"), "is required")
+    if not isinstance(source, str):
+        raise FieldError(doc.at("source"), "must be a string")
+    if kind in ("glusterfs", "nfs"):
+        _, path = v.remote_path(doc.at("source"), source)
+        if kind == "glusterfs":
+            v.volume_name(doc.at("source"), path.lstrip("/"))
+    elif kind == "bind":
+        v.absolute_path(doc.at("source"), source)
+    elif source not in ("", "tmpfs"):
+        raise FieldError(doc.at("source"), "must be empty or 'tmpfs' for a tmpfs mount")
+    options = tuple(
+        v.mount_option(f"{doc.at('options')}[{i}]", option)
+        for i, option in enumerate(_list(doc.at("options"), doc.get("options", [])))
+    )
+    persist = doc.get("persist", "none")
+    if not isinstance(persist, bool | str) or persist not in PERSISTENCE:
+        raise FieldError(doc.at("persist"), f"{persist!r} is not one of false, true (fstab), fstab, systemd")
+    return Mount(
+        name=name,
+        type=kind,
+        source=source,
+        target=v.mount_target(doc.at("target"), doc.get("target", required=True)),
+        nodes=_node_set(doc.at("nodes"), doc.get("nodes", required=True)),
+        options=options,
+        persist=PERSISTENCE[persist],
+    )
+
+
+def _ports(path: str, value: Any) -> tuple[int, int]:
+    """`6443`, `"2379:2380"` (ufw's form) or `"10250-10252"`."""
+    if value is None:
+        return 0, 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return v.port(path, value), v.port(path, value)
+    if isinstance(value, str):
+        for separator in (":", "-"):
+            low, sep, high = value.partition(separator)
+            if sep:
+                if not (low.isdigit() and high.isdigit()):
+                    raise FieldError(path, f"{value!r} is not a port range")
+                return v.port_range(path, int(low), int(high))
+        if value.isdigit():
+            return v.port(path, int(value)), v.port(path, int(value))
+    raise FieldError(path, f"{value!r} is not a port or a port range")
+
+
+def _rule(path: str, raw: Any) -> Rule:
+    fields = _mapping(path, raw)
+    verdict = fields.text("action", choices=VERDICTS)
+    source = fields.get("from", "")
+    if not isinstance(source, str):
+        raise FieldError(fields.at("from"), "must be a CIDR string")
+    from_cidr = "" if source in ("", "any") else v.cidr(fields.at("from"), source)
+    port_from, port_to = _ports(fields.at("port"), fields.get("port"))
+    protocol = fields.text("protocol", "any", choices=PROTOCOLS)
+    if port_from != port_to and protocol == "any":
+        raise FieldError(fields.at("protocol"), "a port range needs tcp or udp")
+    comment = fields.text("comment", "")
+    if comment:
+        v.safe_word(fields.at("comment"), comment.replace(" ", "_"), 64)
+    if not from_cidr and not port_from:
+        raise FieldError(path, "a rule needs `from`, `port`, or both")
+    fields.finish()
+    return Rule(verdict, from_cidr, port_from, port_to if port_to != port_from else 0, protocol, comment)
+
+
+def _firewall(doc: _Fields, name: str) -> FirewallPolicy:
+    rules = tuple(
+        _rule(f"{doc.at('rules')}[{i}]", item)
+        for i, item in enumerate(_list(doc.at("rules"), doc.get("rules", [])))
+    )
+    confirm = doc.get("confirm_within_seconds", 10.0)
+    if isinstance(confirm, bool) or not isinstance(confirm, int | float) or not 1 <= confirm <= 300:
+        raise FieldError(doc.at("confirm_within_seconds"), "must be a number of seconds between 1 and 300")
+    return FirewallPolicy(
+        name=name,
+        nodes=_node_set(doc.at("nodes"), doc.get("nodes", required=True)),
+        backend=doc.text("backend", "ufw", choices=BACKENDS),
+        default_incoming=doc.text("default_incoming", "deny", choices=VERDICTS),
+        rules=rules,
+        confirm_within_seconds=float(confirm),
+    )
+
+
+READERS: dict[str, Callable[[_Fields, str], Document]] = {
+    "ClusterMembership": _membership,
+    "GlusterVolume": _gluster_volume,
+    "Mount": _mount,
+    "FirewallPolicy": _firewall,
+}
+
+
+def parse_spec(text: str | bytes) -> list[Document]:
+    """Every document of the file, validated, in file order; SpecError on the first problem."""
+    if isinstance(text, bytes):
+        if len(text) > MAX_SPEC_BYTES:
+            raise SpecError(f"the file is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
+        text = text.decode("utf-8", errors="strict")
+    if len(text.encode()) > MAX_SPEC_BYTES:
+        raise SpecError(f"the file is larger than {MAX_SPEC_BYTES} bytes")
+    try:
+        raw_documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError as error:
+        raise SpecError(f"not valid YAML: {error}") from None
+    if not raw_documents:
+        raise SpecError("the file holds no document")
+    if len(raw_documents) > MAX_DOCUMENTS:
+        raise SpecError(f"more than {MAX_DOCUMENTS} documents")
+    documents: list[Document] = []
+    seen: set[tuple[str, str]] = set()
+    for index, raw in enumerate(raw_documents):
+        path = f"documents[{index}]"
+        try:
+            fields = _mapping(path, raw)
+            kind = fields.text("kind", choices=tuple(READERS))
+            name = fields.text("name")
+            v.safe_word(fields.at("name"), name, 64)
+            if (kind, name) in seen:
+                raise FieldError(fields.at("name"), f"a second {kind} named {name!r}")
+            seen.add((kind, name))
+            fields.path = f"{kind}/{name}"
+            documents.append(READERS[kind](fields, name))
+            fields.finish()
+        except FieldError as error:
+            raise SpecError(str(error)) from None
+    return documents
