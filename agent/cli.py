@@ -24,7 +24,7 @@ from picoord.common.tokens import BootstrapToken, InvalidToken
 log = structlog.get_logger("picoord.agent")
 
 
-AGENT_SETTINGS = {"state_dir": str, "metrics_interval": float, "log_level": str}
+AGENT_SETTINGS = {"state_dir": str, "metrics_interval": float, "log_level": str, "docker_socket": str}
 
 
 class UsageError(Exception):

@@ -23,6 +23,7 @@ from picoord.agent.hardware import collect_hardware
 from picoord.agent.metrics import MetricsSampler
 from picoord.agent.state import AgentFiles, Enrollment
 from picoord.common import PROTOCOL_VERSION, VERSION, defaults
+from picoord.common.addresses import split_host_port
 from picoord.v1 import agent_pb2, agent_pb2_grpc
 
 log = structlog.get_logger("picoord.agent")
@@ -45,6 +46,7 @@ class RunSettings:
     metrics_interval: float | None = None  # None: what the coordinator's welcome says
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
+    docker_socket: str = "/var/run/docker.sock"
 
 
 class AgentRunner:
@@ -54,6 +56,8 @@ class AgentRunner:
         self.enrollment: Enrollment = files.load()
         self.sampler = MetricsSampler()
         self.connected = asyncio.Event()
+        self._action_lock = asyncio.Lock()
+        self._actions: set[asyncio.Task[None]] = set()
 
     def _credentials(self) -> grpc.ChannelCredentials:
         # Read at every attempt, so a re-join while running takes effect on reconnect.
@@ -180,20 +184,25 @@ class AgentRunner:
     async def _handle(self, message: agent_pb2.CoordinatorMessage, outbox: asyncio.Queue) -> None:
         kind = message.WhichOneof("body")
         if kind == "action":
-            # This agent version executes no actions yet: say so instead of staying silent.
-            await outbox.put(
-                agent_pb2.AgentMessage(
-                    action_result=agent_pb2.ActionResult(
-                        action_id=message.action.action_id,
-                        outcome=agent_pb2.ACTION_OUTCOME_REJECTED,
-                        message=f"picoord-agent {VERSION} does not execute actions",
-                    )
-                )
-            )
+            task = asyncio.create_task(self._run_action(message.action, outbox))
+            self._actions.add(task)
+            task.add_done_callback(self._actions.discard)
         elif kind == "error":
             log.error("coordinator reported an error", code=message.error.code, message=message.error.message)
         else:
             log.warning("ignoring an unexpected message from the coordinator", kind=kind)
+
+    async def _run_action(self, request: agent_pb2.ActionRequest, outbox: asyncio.Queue) -> None:
+        """One action at a time, in a thread, so samples and heartbeats keep flowing."""
+        from picoord.agent.actions.registry import NodeSettings, execute  # loaded on first action
+
+        host, port = split_host_port(self.enrollment.coordinator, "coordinator")
+        node = NodeSettings(
+            coordinator_host=host, coordinator_port=port, docker_socket=self.settings.docker_socket
+        )
+        async with self._action_lock:
+            result = await asyncio.to_thread(execute, request, node)
+        await outbox.put(agent_pb2.AgentMessage(action_result=result))
 
 
 def _explain(error: grpc.aio.AioRpcError) -> str:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from picoord.coordinator.apply.runner import NodeUnavailable
 from picoord.coordinator.status import Status, StatusTimeouts, node_status
 from picoord.coordinator.store import NodeRecord, Store
 from picoord.coordinator.telemetry import MetricsHistory
@@ -30,6 +31,7 @@ class LiveSession:
 
     node: str
     serial: str
+    address: str = ""  # the IP the session comes from: how other nodes can reach this one
     outbox: asyncio.Queue[agent_pb2.CoordinatorMessage] = field(default_factory=asyncio.Queue)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
@@ -65,6 +67,8 @@ class Cluster:
         self._last_seen: dict[str, float] = {node.name: node.last_seen for node in store.list_nodes()}
         self._unflushed: dict[str, float] = {}
         self._hardware: dict[str, node_pb2.Hardware] = {}
+        self._pending_actions: dict[str, tuple[str, asyncio.Future[agent_pb2.ActionResult]]] = {}
+        self.apply_lock = asyncio.Lock()
 
     # sessions
     def open_session(self, session: LiveSession, hello: agent_pb2.Hello) -> None:
@@ -82,6 +86,35 @@ class Cluster:
     def close_session(self, session: LiveSession) -> None:
         if self.sessions.get(session.node) is session:
             del self.sessions[session.node]
+            for node, future in self._pending_actions.values():
+                if node == session.node and not future.done():
+                    future.set_exception(
+                        NodeUnavailable(f"{node} disconnected while the action ran: its outcome is unknown")
+                    )
+
+    # actions
+    async def dispatch(
+        self, node: str, request: agent_pb2.ActionRequest, timeout: float
+    ) -> agent_pb2.ActionResult:
+        """Send an action over the node's session and wait for its result."""
+        session = self.sessions.get(node)
+        if session is None:
+            raise NodeUnavailable(f"{node} is not connected")
+        future: asyncio.Future[agent_pb2.ActionResult] = asyncio.get_running_loop().create_future()
+        self._pending_actions[request.action_id] = (node, future)
+        try:
+            await session.outbox.put(agent_pb2.CoordinatorMessage(action=request))
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._pending_actions.pop(request.action_id, None)
+
+    def action_result(self, node: str, result: agent_pb2.ActionResult) -> bool:
+        """Deliver a result to whoever waits for it; False when nobody does (late or foreign)."""
+        pending = self._pending_actions.get(result.action_id)
+        if pending is None or pending[0] != node or pending[1].done():
+            return False
+        pending[1].set_result(result)
+        return True
 
     def heard_from(self, node: str) -> None:
         now = self.clock()

@@ -102,8 +102,26 @@ def check_followup(message: agent_pb2.AgentMessage) -> str:
         check_sample(message.metrics)
     elif kind == "heartbeat":
         _finite("heartbeat.timestamp", message.heartbeat.timestamp)
+    elif kind == "action_result":
+        check_action_result(message.action_result)
     elif kind == "event":
         _text("event.kind", message.event.kind)
         if len(message.event.message) > 4096:
             raise MalformedMessage("malformed_message", "event.message is longer than 4096 characters")
     return kind
+
+
+MAX_COMMANDS = 256
+MAX_RESULT_TEXT = 64 * 1024
+
+
+def check_action_result(result: agent_pb2.ActionResult) -> None:
+    _text("action_result.action_id", result.action_id)
+    if len(result.message) > MAX_RESULT_TEXT or len(result.in_place) > MAX_RESULT_TEXT:
+        raise MalformedMessage("malformed_message", f"action_result text is longer than {MAX_RESULT_TEXT}")
+    _count("action_result.commands", result.commands, MAX_COMMANDS)
+    _count("action_result.facts", result.facts, 64)
+    for command in result.commands:
+        _count("action_result.commands.argv", command.argv, 512)
+        if len(command.output_tail) > MAX_RESULT_TEXT:
+            raise MalformedMessage("malformed_message", "a command's output tail is too long")

@@ -48,6 +48,13 @@ CREATE TABLE IF NOT EXISTS certificates (
     revoked_at REAL
 );
 CREATE INDEX IF NOT EXISTS certificates_by_node ON certificates(node);
+CREATE TABLE IF NOT EXISTS actions (
+    action_id TEXT PRIMARY KEY,
+    record BLOB NOT NULL,
+    node TEXT NOT NULL,
+    started_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS actions_by_node ON actions(node, started_at);
 """
 
 _UPSERT_LABEL = (
@@ -250,6 +257,26 @@ class Store:
                 _UPSERT_LABEL,
                 [(name, key, value) for key, value in set_labels.items()],
             )
+
+    # action history: one serialized picoord.v1.ActionRecord per action, written at its
+    # start and again at its end, so a coordinator crash mid-apply still shows what began.
+    def record_action(self, action_id: str, node: str, started_at: float, record: bytes) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO actions VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(action_id) DO UPDATE SET record = excluded.record",
+                (action_id, record, node, started_at),
+            )
+
+    def list_actions(self, node: str | None, limit: int) -> list[bytes]:
+        if node:
+            sql, params = (
+                "SELECT record FROM actions WHERE node = ? ORDER BY started_at DESC LIMIT ?",
+                (node, limit),
+            )
+        else:
+            sql, params = "SELECT record FROM actions ORDER BY started_at DESC LIMIT ?", (limit,)
+        return [row[0] for row in self._query(sql, params)]
 
     def remove_node(self, name: str, now: float) -> list[str]:
         """Revoke every certificate of the node and forget it; return the revoked serials."""

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import pwd
 import re
+import shlex
+import socket
 import sys
 import time
 from typing import Any
@@ -15,6 +19,7 @@ from rich.live import Live
 from picoord.common import VERSION
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
 from picoord.common.throttling import describe_throttled
+from picoord.coordinator.apply.spec import MAX_SPEC_BYTES, SpecError, parse_spec
 from picoord.coordinator.ctl.client import CALL_TIMEOUT, AdminUnavailable, admin_socket_path, connect
 from picoord.coordinator.ctl.output import (
     FORMATS,
@@ -29,8 +34,9 @@ from picoord.coordinator.ctl.output import (
 from picoord.coordinator.ctl.output import (
     console as output_console,
 )
-from picoord.v1 import admin_pb2, admin_pb2_grpc
+from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 
+APPLY_TIMEOUT = 3600.0
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -287,6 +293,132 @@ def cmd_top(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
             return 0
 
 
+OUTCOME_NAMES = {
+    agent_pb2.ACTION_OUTCOME_UNSPECIFIED: "running",
+    agent_pb2.ACTION_OUTCOME_SUCCEEDED: "changed",
+    agent_pb2.ACTION_OUTCOME_UNCHANGED: "unchanged",
+    agent_pb2.ACTION_OUTCOME_FAILED: "FAILED",
+    agent_pb2.ACTION_OUTCOME_REJECTED: "REJECTED",
+    agent_pb2.ACTION_OUTCOME_PLANNED: "would change",
+    agent_pb2.ACTION_OUTCOME_REVERTED: "REVERTED",
+    agent_pb2.ACTION_OUTCOME_SKIPPED: "SKIPPED",
+}
+
+
+def action_view(record: admin_pb2.ActionRecord) -> dict[str, Any]:
+    return {
+        "action_id": record.action_id,
+        "apply_id": record.apply_id,
+        "node": record.node,
+        "step": record.step,
+        "kind": record.kind,
+        "requested_by": record.requested_by,
+        "dry_run": record.dry_run,
+        "started_at": iso_time(record.started_at),
+        "finished_at": iso_time(record.finished_at),
+        "outcome": OUTCOME_NAMES[record.outcome],
+        "message": record.message,
+        "in_place": record.in_place,
+        "commands": [
+            {
+                "argv": list(command.argv),
+                "ran": command.ran,
+                "exit_code": command.exit_code if command.ran else None,
+                "output_tail": command.output_tail,
+            }
+            for command in record.commands
+        ],
+    }
+
+
+def read_spec_file(path: str) -> str:
+    """The file's text, refused before reading it whole when it is larger than a spec can be."""
+    source = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+    with source:
+        data = source.read(MAX_SPEC_BYTES + 1)
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"{path} is larger than {MAX_SPEC_BYTES} bytes: not a cluster spec")
+    return data.decode("utf-8")
+
+
+def _print_record(record: admin_pb2.ActionRecord, dry_run: bool) -> None:
+    print(f"{record.node:<12} {record.step:<48} {OUTCOME_NAMES[record.outcome]}", flush=True)
+    if record.message and record.outcome != agent_pb2.ACTION_OUTCOME_UNCHANGED:
+        print(f"{'':<12}   {record.message}")
+    if record.in_place:
+        print(f"{'':<12}   in place: {record.in_place}")
+    for command in record.commands:
+        status = "" if not command.ran else f"  (exit {command.exit_code})"
+        print(f"{'':<12}   {'would run' if dry_run else 'ran'}: {shlex.join(command.argv)}{status}")
+        if command.ran and command.exit_code != 0 and command.output_tail.strip():
+            for line in command.output_tail.strip().splitlines()[-5:]:
+                print(f"{'':<12}     | {line}")
+
+
+def cmd_apply(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    text = read_spec_file(args.file)
+    parse_spec(text)  # the same checks the coordinator makes: fail early, before sending
+    request = admin_pb2.ApplyRequest(
+        documents=text, dry_run=args.dry_run, requested_by=operator_name(), source=args.file
+    )
+    records: list[admin_pb2.ActionRecord] = []
+    summary = admin_pb2.ApplySummary()
+    for event in stub.Apply(request, timeout=APPLY_TIMEOUT):
+        kind = event.WhichOneof("event")
+        if kind == "finished":
+            records.append(event.finished)
+            if args.output == "table":
+                _print_record(event.finished, args.dry_run)
+        elif kind == "started" and args.output == "table":
+            print(f"{event.started.node:<12} {event.started.step:<48} ...", flush=True)
+        elif kind == "summary":
+            summary = event.summary
+    if args.output != "table":
+        emit({"converged": summary.converged, "actions": [action_view(r) for r in records]}, args.output, [])
+    elif summary.changed == 0 and summary.failed == 0:
+        print("nothing to change: every node is already as the file says")
+    else:
+        verb = "would change" if args.dry_run else "changed"
+        print(f"{summary.changed} {verb}, {summary.unchanged} unchanged, {summary.failed} failed")
+    return 0 if summary.converged else 1
+
+
+def cmd_actions(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    reply = stub.ListActions(
+        admin_pb2.ListActionsRequest(node=args.node or "", limit=args.limit), timeout=CALL_TIMEOUT
+    )
+    views = [action_view(record) for record in reply.actions]
+    emit(
+        views,
+        args.output,
+        [
+            ("STARTED", lambda v: v["started_at"] or "-"),
+            ("NODE", lambda v: v["node"]),
+            ("STEP", lambda v: v["step"]),
+            ("BY", lambda v: v["requested_by"]),
+            ("DRY RUN", lambda v: "yes" if v["dry_run"] else "no"),
+            ("OUTCOME", lambda v: v["outcome"]),
+            ("OUTPUT", lambda v: _last_output(v)),
+        ],
+    )
+    return 0
+
+
+def _last_output(view: dict[str, Any]) -> str:
+    for command in reversed(view["commands"]):
+        if command["output_tail"].strip():
+            return command["output_tail"].strip().splitlines()[-1][:80]
+    return view["message"][:80] or "-"
+
+
+def operator_name() -> str:
+    try:
+        user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        user = str(os.getuid())
+    return f"{os.environ.get('SUDO_USER', user)}@{socket.gethostname()}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coordctl", description="Operate a picoord cluster.")
     parser.add_argument("--admin-socket", help="coordinator admin socket (env COORDCTL_ADMIN_SOCKET)")
@@ -325,6 +457,17 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("name")
     remove.set_defaults(handler=cmd_node_remove)
 
+    apply = with_output(commands.add_parser("apply", help="converge the cluster to a spec file"))
+    apply.add_argument("-f", "--file", required=True, help="cluster.yaml (- for standard input)")
+    apply.add_argument(
+        "--dry-run", action="store_true", help="show what would run on each node; change nothing"
+    )
+    apply.set_defaults(handler=cmd_apply)
+    actions = with_output(commands.add_parser("actions", help="history of node actions"))
+    actions.add_argument("node", nargs="?", help="only this node")
+    actions.add_argument("--limit", type=int, default=50)
+    actions.set_defaults(handler=cmd_actions)
+
     top = with_output(commands.add_parser("top", help="live per-node resource view"))
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument("--interval", type=parse_duration, default=2.0, help="refresh period (default 2s)")
@@ -338,13 +481,17 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "uses", 0) < 0:
         parser.error("--uses must be 0 (unlimited) or more")
     try:
-        if hasattr(args, "name"):
-            validate_node_name(args.name)
+        for field in ("name", "node"):
+            if getattr(args, field, None):
+                validate_node_name(getattr(args, field))
         stub = connect(admin_socket_path(args.admin_socket))
         raise SystemExit(args.handler(stub, args))
-    except InvalidName as error:
+    except (InvalidName, SpecError) as error:
         print(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except (OSError, UnicodeDecodeError) as error:
+        print(f"coordctl: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except AdminUnavailable as error:
         print(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import structlog
 
@@ -39,6 +41,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.ca = ca
         self.join_address = join_address
         self.enroll_port_hint = enroll_port_hint
+        self._applies: set[asyncio.Task[None]] = set()
 
     async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
         try:

@@ -34,6 +34,15 @@ async def _decoded(
         ) from None
 
 
+def peer_address(peer: str) -> str:
+    """The IP in gRPC's peer string: "ipv4:10.0.0.5:53210" or "ipv6:[fe80::1]:53210"."""
+    family, _, rest = peer.partition(":")
+    if family not in ("ipv4", "ipv6"):
+        return ""
+    host, _, _port = rest.rpartition(":")
+    return host.strip("[]")
+
+
 class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
     def __init__(self, cluster: Cluster, metrics_interval: float, heartbeat_interval: float) -> None:
         self.cluster = cluster
@@ -73,7 +82,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         except (TimeoutError, StopAsyncIteration):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received")
             return
-        session = LiveSession(node=node, serial=serial)
+        session = LiveSession(node=node, serial=serial, address=peer_address(context.peer()))
         self.cluster.open_session(session, hello)
         log.info("session opened", node=node, agent_version=hello.agent_version, peer=context.peer())
         yield agent_pb2.CoordinatorMessage(
@@ -116,6 +125,10 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             self.cluster.heard_from(node)
             if kind == "metrics":
                 self.cluster.history.add(node, message.metrics)
+            elif kind == "action_result" and not self.cluster.action_result(node, message.action_result):
+                log.warning(
+                    "action result nobody waits for", node=node, action_id=message.action_result.action_id
+                )
             elif kind == "event":
                 log.info("agent event", node=node, kind=message.event.kind, message=message.event.message)
 
