@@ -193,3 +193,16 @@ def test_a_ten_megabyte_document_is_refused_before_parsing() -> None:
 def test_yaml_tags_cannot_construct_objects() -> None:
     with pytest.raises(SpecError, match="not valid YAML"):
         parse_spec("kind: !!python/object/apply:os.system ['true']\n")
+
+
+def test_the_example_file_reads() -> None:
+    from pathlib import Path
+
+    documents = parse_spec((Path(__file__).parents[2] / "examples" / "cluster.yaml").read_text())
+    assert [type(doc).__name__ for doc in documents] == [
+        "ClusterMembership",
+        "GlusterVolume",
+        "Mount",
+        "FirewallPolicy",
+    ]
+    assert len(documents[3].rules) == 7
