@@ -13,9 +13,10 @@ from pathlib import Path
 
 import structlog
 
-from picoord.agent.enroll import Endpoint, JoinError, join
+from picoord.agent.errors import JoinError
 from picoord.agent.state import AgentFiles, NotEnrolled
 from picoord.common import VERSION, defaults
+from picoord.common.addresses import InvalidAddress
 from picoord.common.logs import configure_logging
 from picoord.common.names import InvalidName, parse_label_assignment, validate_node_name
 from picoord.common.pki import InvalidCaHash, parse_ca_hash
@@ -71,6 +72,8 @@ def _read_token(args: argparse.Namespace) -> BootstrapToken:
 
 
 def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
+    from picoord.agent.enroll import Endpoint, join  # cryptography: only `join` needs it
+
     token = _read_token(args)
     ca_hash = parse_ca_hash(args.ca_cert_hash)
     node_name = validate_node_name(args.node_name or socket.gethostname().split(".")[0].lower())
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_config(args.config or defaults.AGENT_CONFIG, required=args.config is not None)
         configure_logging(args.log_level or str(settings.get("log_level", "info")))
         raise SystemExit(args.handler(args, settings))
-    except (UsageError, InvalidToken, InvalidCaHash, InvalidName) as error:
+    except (UsageError, InvalidToken, InvalidCaHash, InvalidName, InvalidAddress) as error:
         print(f"picoord-agent: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (JoinError, NotEnrolled, OSError) as error:

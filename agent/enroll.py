@@ -19,6 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from picoord.agent.channel import channel_options
+from picoord.agent.errors import JoinError
 from picoord.agent.state import AgentFiles, Enrollment
 from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
 from picoord.common.defaults import COORDINATOR_SERVER_NAME
@@ -28,10 +30,6 @@ from picoord.v1 import agent_pb2, agent_pb2_grpc
 
 CONNECT_TIMEOUT = 10.0
 ENROLL_TIMEOUT = 30.0
-
-
-class JoinError(RuntimeError):
-    """Joining failed; the message says why and what to do."""
 
 
 @dataclass(frozen=True)
@@ -51,14 +49,6 @@ class Endpoint:
         if port == 0:
             raise JoinError(f"invalid coordinator address {text!r}: port 0")
         return cls(host, port)
-
-
-def channel_options() -> list[tuple[str, object]]:
-    return [
-        ("grpc.ssl_target_name_override", COORDINATOR_SERVER_NAME),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-    ]
 
 
 def _unverified_chain(tls: ssl.SSLSocket) -> list[bytes]:

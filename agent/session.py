@@ -18,7 +18,7 @@ import grpc
 import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
 
-from picoord.agent.enroll import channel_options
+from picoord.agent.channel import channel_options
 from picoord.agent.hardware import collect_hardware
 from picoord.agent.metrics import MetricsSampler
 from picoord.agent.state import AgentFiles, Enrollment

@@ -10,9 +10,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import re
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+if TYPE_CHECKING:  # the running agent parses pins but never loads cryptography (~10 MiB)
+    from cryptography import x509
 
 CA_HASH_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -29,6 +30,8 @@ def parse_ca_hash(text: str) -> str:
 
 
 def ca_cert_hash(certificate: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import serialization
+
     spki = certificate.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -36,6 +39,8 @@ def ca_cert_hash(certificate: x509.Certificate) -> str:
 
 
 def ca_cert_hash_from_pem(pem: bytes) -> str:
+    from cryptography import x509
+
     return ca_cert_hash(x509.load_pem_x509_certificate(pem))
 
 

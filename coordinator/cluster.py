@@ -64,7 +64,10 @@ class Cluster:
         self.clock = clock
         self.counters = Counters()
         self.sessions: dict[str, LiveSession] = {}
-        self._last_seen: dict[str, float] = {node.name: node.last_seen for node in store.list_nodes()}
+        # Node records are read from the store once and refreshed when a node changes
+        # (enrolled, said hello, relabelled, removed): admin calls and scrapes never query it.
+        self._records: dict[str, NodeRecord] = {node.name: node for node in store.list_nodes()}
+        self._last_seen: dict[str, float] = {name: node.last_seen for name, node in self._records.items()}
         self._unflushed: dict[str, float] = {}
         self._hardware: dict[str, node_pb2.Hardware] = {}
         self._pending_actions: dict[str, tuple[str, asyncio.Future[agent_pb2.ActionResult]]] = {}
@@ -80,6 +83,7 @@ class Cluster:
         now = self.clock()
         self.store.record_hello(session.node, hello.agent_version, hello.hardware.SerializeToString(), now)
         self._hardware[session.node] = hello.hardware
+        self.refresh_node(session.node)
         self._last_seen[session.node] = now
         self.counters.sessions_opened += 1
 
@@ -128,6 +132,21 @@ class Cluster:
         self.store.record_last_seen(pending)
 
     # reading
+    def refresh_node(self, name: str) -> NodeRecord | None:
+        """Re-read one node after the store changed it; None when it no longer exists."""
+        record = self.store.get_node(name)
+        if record is None:
+            self._records.pop(name, None)
+        else:
+            self._records[name] = record
+        return record
+
+    def node(self, name: str) -> NodeRecord | None:
+        return self._records.get(name)
+
+    def nodes(self) -> list[NodeRecord]:
+        return [self._records[name] for name in sorted(self._records)]
+
     def hardware(self, record: NodeRecord) -> node_pb2.Hardware:
         cached = self._hardware.get(record.name)
         if cached is None:
@@ -160,6 +179,7 @@ class Cluster:
     # changes made by the operator
     def remove_node(self, name: str) -> tuple[list[str], bool]:
         serials = self.store.remove_node(name, self.clock())
+        self._records.pop(name, None)
         session = self.sessions.get(name)
         if session is not None:
             session.close("node removed: its certificate is revoked")

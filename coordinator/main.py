@@ -33,6 +33,9 @@ log = structlog.get_logger("picoord.coordinator")
 
 FLUSH_INTERVAL = 5.0
 GRPC_OPTIONS = [
+    # Without this, a second coordinator on the same port starts "fine" and the kernel
+    # splits connections between two CAs; fail at start-up instead.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", 4 * 1024 * 1024),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),

@@ -81,7 +81,7 @@ class ClusterCollector(Collector):
             "picoord_node_status", "The node's status, one series per possible value.", ("status",)
         )
 
-        for record in self.cluster.store.list_nodes():
+        for record in self.cluster.nodes():
             node = record.name
             node_status = self.cluster.status(node)
             up.add_metric([node], 1.0 if node_status is Status.READY else 0.0)

@@ -11,9 +11,8 @@ from picoord.common import defaults
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.tokens import BootstrapToken
 from picoord.coordinator.ca import ClusterCA
-from picoord.coordinator.cluster import Cluster
+from picoord.coordinator.cluster import STATUS_TO_WIRE, Cluster
 from picoord.coordinator.store import NodeRecord, TokenRecord
-from picoord.coordinator.telemetry import top_row
 from picoord.v1 import admin_pb2, admin_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator.admin")
@@ -48,7 +47,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             validate_node_name(name)
         except InvalidName as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        record = self.cluster.store.get_node(name)
+        record = self.cluster.node(name)
         if record is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no node named {name!r}")
         assert record is not None
@@ -91,7 +90,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListNodesResponse:
         return admin_pb2.ListNodesResponse(
-            nodes=[self.cluster.summary(record) for record in self.cluster.store.list_nodes()]
+            nodes=[self.cluster.summary(record) for record in self.cluster.nodes()]
         )
 
     async def GetNode(
@@ -123,7 +122,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         self.cluster.store.update_labels(record.name, to_set, list(request.remove))
         log.info("node labelled", node=record.name, set=to_set, removed=list(request.remove))
-        updated = self.cluster.store.get_node(record.name)
+        updated = self.cluster.refresh_node(record.name)
         assert updated is not None
         return self.cluster.summary(updated)
 
@@ -140,15 +139,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def Top(
         self, request: admin_pb2.TopRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.TopResponse:
-        rows = []
-        for record in self.cluster.store.list_nodes():
-            summary = self.cluster.summary(record)
-            rows.append(
-                top_row(
-                    record.name,
-                    summary.status,
-                    summary.cpu_cores,
-                    self.cluster.history.recent(record.name, 2),
-                )
+        rows = [
+            self.cluster.history.top(
+                record.name,
+                STATUS_TO_WIRE[self.cluster.status(record.name)],
+                self.cluster.hardware(record).cpu_cores,
             )
+            for record in self.cluster.nodes()
+        ]
         return admin_pb2.TopResponse(rows=rows)

@@ -72,6 +72,7 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
             self.cluster.store.enroll(token.token_id, node, labels, record, now)
         except EnrollmentConflict as error:
             await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, str(error), node)
+        self.cluster.refresh_node(node)
         self.cluster.counters.enrollments += 1
         log.info("node enrolled", node=node, token_id=token.token_id, serial=record.serial)
         return agent_pb2.EnrollResponse(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from picoord.agent.enroll import channel_options
+from picoord.agent.channel import channel_options
 from picoord.lab.cluster import Lab
 from picoord.v1 import agent_pb2, agent_pb2_grpc
 

@@ -113,3 +113,21 @@ def test_top_row_from_two_samples() -> None:
     assert row.network_transmit_bytes_per_second == pytest.approx(500.0)
     assert row.temperature_available and row.soc_temperature_celsius == 71.0
     assert row.throttled_available and row.throttled == 0x50005
+
+
+def test_history_keeps_the_top_row_of_the_last_two_samples() -> None:
+    history = MetricsHistory(size=5)
+    assert history.top("pi1", admin_pb2.NODE_STATUS_DOWN, 4).sample_time == 0  # no sample yet
+    history.add("pi1", sample(10.0, {"eth0": 0}, {"eth0": 0}, cpu_percent=5.0))
+    history.add("pi1", sample(12.0, {"eth0": 4000}, {"eth0": 0}, cpu_percent=25.0))
+    row = history.top("pi1", admin_pb2.NODE_STATUS_READY, 4)
+    assert (row.name, row.status, row.cpu_cores, row.cpu_percent) == (
+        "pi1",
+        admin_pb2.NODE_STATUS_READY,
+        4,
+        25.0,
+    )
+    assert row.network_receive_bytes_per_second == pytest.approx(2000.0)
+    row.cpu_percent = 99.0  # a caller changing its copy does not change the history
+    assert history.top("pi1", admin_pb2.NODE_STATUS_READY, 4).cpu_percent == 25.0
+    assert [s.cpu_percent for s in history.recent("pi1")] == [5.0, 25.0]
