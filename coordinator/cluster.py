@@ -70,6 +70,7 @@ class Cluster:
         self._last_seen: dict[str, float] = {name: node.last_seen for name, node in self._records.items()}
         self._unflushed: dict[str, float] = {}
         self._hardware: dict[str, node_pb2.Hardware] = {}
+        self._summaries: dict[str, tuple[NodeRecord, admin_pb2.NodeSummary]] = {}
         self._pending_actions: dict[str, tuple[str, asyncio.Future[agent_pb2.ActionResult]]] = {}
         self.apply_lock = asyncio.Lock()
 
@@ -160,26 +161,35 @@ class Cluster:
         return node_status(name in self.sessions, self._last_seen.get(name, 0.0), self.clock(), self.timeouts)
 
     def summary(self, record: NodeRecord) -> admin_pb2.NodeSummary:
-        hardware = self.hardware(record)
-        return admin_pb2.NodeSummary(
-            name=record.name,
-            status=STATUS_TO_WIRE[self.status(record.name)],
-            arch=hardware.arch,
-            cpu_cores=hardware.cpu_cores,
-            memory_total_bytes=hardware.memory_total_bytes,
-            machine_model=hardware.machine_model,
-            os_name=hardware.os_name,
-            agent_version=record.agent_version,
-            last_seen=self._last_seen.get(record.name, record.last_seen),
-            labels=record.labels,
-            enrolled_at=record.enrolled_at,
-            connected=record.name in self.sessions,
-        )
+        """What `coordctl nodes` shows of a node. The parts that change only with the record
+        are built once per record; status, last seen and connected are filled in per call."""
+        static = self._summaries.get(record.name)
+        if static is None or static[0] is not record:
+            hardware = self.hardware(record)
+            built = admin_pb2.NodeSummary(
+                name=record.name,
+                arch=hardware.arch,
+                cpu_cores=hardware.cpu_cores,
+                memory_total_bytes=hardware.memory_total_bytes,
+                machine_model=hardware.machine_model,
+                os_name=hardware.os_name,
+                agent_version=record.agent_version,
+                labels=record.labels,
+                enrolled_at=record.enrolled_at,
+            )
+            static = self._summaries[record.name] = (record, built)
+        summary = admin_pb2.NodeSummary()
+        summary.CopyFrom(static[1])
+        summary.status = STATUS_TO_WIRE[self.status(record.name)]
+        summary.last_seen = self._last_seen.get(record.name, record.last_seen)
+        summary.connected = record.name in self.sessions
+        return summary
 
     # changes made by the operator
     def remove_node(self, name: str) -> tuple[list[str], bool]:
         serials = self.store.remove_node(name, self.clock())
         self._records.pop(name, None)
+        self._summaries.pop(name, None)
         session = self.sessions.get(name)
         if session is not None:
             session.close("node removed: its certificate is revoked")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -146,6 +147,9 @@ async def serve(config: CoordinatorConfig) -> None:
     admin_socket = Path(config.admin_socket)
     _bind_admin_socket(server, admin_socket)
     await server.start()
+    # Everything loaded so far lives as long as the process: keep it out of the garbage
+    # collector's full scans, which otherwise pause the event loop for every session.
+    gc.freeze()
     try:
         os.chmod(admin_socket, 0o600)
         metrics_host, metrics_port = split_host_port(config.metrics_listen, "metrics_listen")
