@@ -1,0 +1,859 @@
+"""How many agent sessions one coordinator holds, and what that does to the admin API.
+
+One picoord-coordinator on loopback; `--processes` load processes each enroll their share
+of `--sessions` simulated nodes through the real Enrollment RPC (pinned CA, token, CSR),
+then hold one real mutual-TLS Session stream per node: Hello, wait for Welcome, then one
+Raspberry-Pi-sized MetricsSample per second. Once every session is up, a steady window of
+`--seconds` measures, from this process:
+
+* admin round trips (ListNodes and Top over the unix socket, `--admin-rate` calls/s),
+  p50/p99/max, against the same probe on the same coordinator before any session was
+  opened (the anchor: ratio p99 under load / idle p99);
+* the coordinator's CPU (% of one core) and RSS, the load generator's CPU, the machine's;
+* messages/s the coordinator counted (picoord_coordinator_messages_received_total);
+* sessions held: Ready nodes in ListNodes and picoord_coordinator_sessions at the end,
+  against sessions attempted.
+
+Targets: every session held, coordinator <= 1 core, admin p99 <= 100 ms. The coordinator
+and the load generator share this machine's CPUs: see bench/README.md.
+
+    .venv/bin/python bench/fanin.py [--sessions 1000] [--seconds 60] [--strict] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import multiprocessing
+import os
+import queue
+import random
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from multiprocessing.synchronize import Event as MpEvent
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from _common import (
+    BenchError,
+    Coordinator,
+    MachineCpu,
+    Processes,
+    Sampler,
+    bench_workspace,
+    die_with_parent,
+    footprint,
+    mib,
+    percentile,
+    raise_nofile_limit,
+    table,
+    verdict,
+)
+
+from picoord.agent.channel import channel_options
+from picoord.agent.enroll import Endpoint, fetch_pinned_ca, new_key_and_csr
+from picoord.common import PROTOCOL_VERSION, VERSION
+from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, node_pb2
+
+ADMIN_P99_TARGET = 0.100  # seconds
+CPU_TARGET = 100.0  # % of one core
+SETTLE_SECONDS = 5.0
+# Every simulated node has its own certificate, hence its own channel; a local subchannel
+# pool makes sure gRPC never folds two of them onto one connection.
+SESSION_OPTIONS = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
+COORDINATOR_SERIES = (
+    "picoord_coordinator_sessions",
+    "picoord_coordinator_messages_received_total",
+    "picoord_coordinator_sessions_opened_total",
+    "picoord_coordinator_malformed_messages_total",
+)
+
+
+# --- what a simulated Raspberry Pi says --------------------------------------------------------
+
+
+def pi_hardware(name: str, index: int) -> node_pb2.Hardware:
+    """A small hardware report like a Raspberry Pi 4 with 1 GB sends."""
+    return node_pb2.Hardware(
+        hostname=name,
+        arch="aarch64",
+        cpu_model="Cortex-A72",
+        cpu_cores=4,
+        cpu_physical_cores=4,
+        memory_total_bytes=971_000_000,
+        swap_total_bytes=104_853_504,
+        os_name="Debian GNU/Linux 12 (bookworm)",
+        kernel="6.1.0-rpi7-rpi-v8",
+        machine_model="Raspberry Pi 4 Model B Rev 1.4",
+        raspberry_pi=True,
+        disks=[
+            node_pb2.Disk(device="/dev/mmcblk0p2", mountpoint="/", fstype="ext4", total_bytes=31_000_000_000)
+        ],
+        interfaces=[
+            node_pb2.NetworkInterface(
+                name="eth0",
+                mac=f"dc:a6:32:{index >> 16 & 255:02x}:{index >> 8 & 255:02x}:{index & 255:02x}",
+                addresses=[f"10.{index >> 16 & 255}.{index >> 8 & 255}.{index & 255}/16"],
+                up=True,
+                speed_mbps=1000,
+                mtu=1500,
+            )
+        ],
+        docker=node_pb2.DockerInfo(present=True, version="20.10.24", api_version="1.41"),
+        boot_time=time.time() - 86400,
+    )
+
+
+def pi_sample() -> agent_pb2.AgentMessage:
+    """One metrics message sized like a Pi's: 4 CPUs, 2 filesystems, 2 NICs, 1 thermal zone."""
+    sample = node_pb2.MetricsSample(
+        timestamp=time.time(),
+        cpu_percent=7.5,
+        cpus=[
+            node_pb2.CpuTimes(
+                cpu=cpu, user=1200.5, nice=0.3, system=300.2, idle=86000.1, iowait=12.0, softirq=4.1
+            )
+            for cpu in range(4)
+        ],
+        load1=0.21,
+        load5=0.18,
+        load15=0.12,
+        memory_total_bytes=971_000_000,
+        memory_available_bytes=640_000_000,
+        memory_free_bytes=420_000_000,
+        swap_total_bytes=104_853_504,
+        swap_free_bytes=104_853_504,
+        filesystems=[
+            node_pb2.FilesystemUsage(
+                device="/dev/mmcblk0p2",
+                mountpoint="/",
+                fstype="ext4",
+                size_bytes=31_000_000_000,
+                free_bytes=24_000_000_000,
+                avail_bytes=22_500_000_000,
+            ),
+            node_pb2.FilesystemUsage(
+                device="/dev/mmcblk0p1",
+                mountpoint="/boot/firmware",
+                fstype="vfat",
+                size_bytes=535_805_952,
+                free_bytes=470_000_000,
+                avail_bytes=470_000_000,
+            ),
+        ],
+        network=[
+            node_pb2.NetworkCounters(device="eth0", receive_bytes=10**9, transmit_bytes=4 * 10**8),
+            node_pb2.NetworkCounters(device="wlan0", receive_bytes=1000, transmit_bytes=2000),
+        ],
+        temperatures=[node_pb2.Temperature(zone="thermal_zone0", type="cpu-thermal", celsius=48.3)],
+        throttled_available=True,
+        throttled=0,
+        boot_time=time.time() - 86400,
+    )
+    return agent_pb2.AgentMessage(metrics=sample)
+
+
+def advance(message: agent_pb2.AgentMessage, elapsed: float) -> None:
+    """Move a sample forward in time in place (cheaper than building a new one)."""
+    sample = message.metrics
+    sample.timestamp = time.time()
+    sample.cpu_percent = random.uniform(2.0, 30.0)
+    for cpu in sample.cpus:
+        cpu.user += 0.1 * elapsed
+        cpu.idle += 0.85 * elapsed
+    for counters in sample.network:
+        counters.receive_bytes += int(2000 * elapsed)
+        counters.transmit_bytes += int(800 * elapsed)
+    sample.memory_available_bytes = 640_000_000 + random.randrange(-1_000_000, 1_000_000)
+
+
+# --- the load processes ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    index: int
+    first_node: int
+    count: int
+    session_address: str
+    enroll_host: str
+    enroll_port: int
+    token: str
+    ca_hash: str
+    interval: float
+    enroll_concurrency: int
+    open_concurrency: int
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    index: int
+    key_pem: bytes
+    certificate_pem: bytes
+
+
+@dataclass
+class SessionStats:
+    attempted: int = 0
+    opened: int = 0
+    open_failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    open_latencies: list[float] = field(default_factory=list)
+    sent: int = 0
+    ended: collections.Counter[str] = field(default_factory=collections.Counter)
+    all_tried: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def tried(self) -> None:
+        if self.opened + sum(self.open_failures.values()) >= self.attempted:
+            self.all_tried.set()
+
+
+async def wait_event(event: MpEvent) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.1)
+
+
+def _error_text(error: BaseException) -> str:
+    if isinstance(error, grpc.aio.AioRpcError):
+        return f"{error.code().name}: {error.details()}"[:160]
+    return f"{type(error).__name__}: {error}"[:160]
+
+
+async def enroll_nodes(spec: WorkerSpec) -> tuple[list[Node], dict[str, Any]]:
+    """Enroll this worker's nodes through the Enrollment RPC, one TLS connection each."""
+    ca_pem = await asyncio.to_thread(
+        fetch_pinned_ca, Endpoint(spec.enroll_host, spec.enroll_port), spec.ca_hash
+    )
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    address = f"{spec.enroll_host}:{spec.enroll_port}"
+    limit = asyncio.Semaphore(spec.enroll_concurrency)
+    latencies: list[float] = []
+    failures: collections.Counter[str] = collections.Counter()
+
+    async def one(index: int) -> Node | None:
+        name = f"pi{index:04d}"
+        async with limit:
+            key_pem, csr_pem = new_key_and_csr(name)
+            started = time.perf_counter()
+            try:
+                async with grpc.aio.secure_channel(address, credentials, options=SESSION_OPTIONS) as channel:
+                    reply = await agent_pb2_grpc.EnrollmentStub(channel).Enroll(
+                        agent_pb2.EnrollRequest(token=spec.token, node_name=name, csr_pem=csr_pem), timeout=60
+                    )
+            except grpc.aio.AioRpcError as error:
+                failures[_error_text(error)] += 1
+                return None
+            latencies.append(time.perf_counter() - started)
+        if reply.node_name != name or reply.ca_certificate_pem.strip() != ca_pem.strip():
+            failures["reply does not match the pinned CA or the name"] += 1
+            return None
+        return Node(name, index, key_pem, reply.certificate_pem)
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(spec.first_node, spec.first_node + spec.count)))
+    elapsed = time.perf_counter() - started
+    nodes = [node for node in results if node is not None]
+    return nodes, {
+        "enrolled": len(nodes),
+        "failures": dict(failures),
+        "latencies": latencies,
+        "elapsed": elapsed,
+        "ca_pem": ca_pem.decode(),
+    }
+
+
+async def hold_session(
+    node: Node, spec: WorkerSpec, ca_pem: bytes, stats: SessionStats, opening: asyncio.Semaphore
+) -> None:
+    """One agent: Hello, Welcome, then a sample every `interval` until cancelled."""
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=node.key_pem, certificate_chain=node.certificate_pem
+    )
+    channel = grpc.aio.secure_channel(spec.session_address, credentials, options=SESSION_OPTIONS)
+    opened = False
+    try:
+        async with opening:
+            started = time.perf_counter()
+            try:
+                call = agent_pb2_grpc.AgentSessionStub(channel).Session()
+                await call.write(
+                    agent_pb2.AgentMessage(
+                        hello=agent_pb2.Hello(
+                            node_name=node.name,
+                            agent_version=VERSION,
+                            hardware=pi_hardware(node.name, node.index),
+                            protocol_version=PROTOCOL_VERSION,
+                        )
+                    )
+                )
+                first = await asyncio.wait_for(call.read(), 60)
+                if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
+                    raise BenchError(f"no welcome: {first}")
+            except (grpc.aio.AioRpcError, BenchError, TimeoutError, grpc.aio.UsageError) as error:
+                stats.open_failures[_error_text(error)] += 1
+                stats.tried()
+                return
+            stats.open_latencies.append(time.perf_counter() - started)
+            stats.opened += 1
+            opened = True
+            stats.tried()
+        message = pi_sample()
+        loop = asyncio.get_running_loop()
+        last = loop.time()
+        next_at = last + random.uniform(0, spec.interval)  # spread the agents over the second
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            now = loop.time()
+            advance(message, now - last)
+            last = now
+            await call.write(message)
+            stats.sent += 1
+            next_at += spec.interval
+    except asyncio.CancelledError:
+        raise
+    except Exception as error:
+        if opened:
+            stats.ended[_error_text(error)] += 1
+        else:
+            stats.open_failures[_error_text(error)] += 1
+            stats.tried()
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(channel.close())
+
+
+async def worker_run(spec: WorkerSpec, events: dict[str, MpEvent], results: multiprocessing.Queue) -> None:
+    results.put(("ready", spec.index, {"pid": os.getpid()}))
+    await wait_event(events["enroll"])
+    nodes, enrolled = await enroll_nodes(spec)
+    ca_pem = enrolled.pop("ca_pem").encode()
+    results.put(("enrolled", spec.index, enrolled))
+    await wait_event(events["sessions"])
+    stats = SessionStats(attempted=len(nodes))
+    if not nodes:
+        stats.all_tried.set()
+    opening = asyncio.Semaphore(spec.open_concurrency)
+    started = time.perf_counter()
+    tasks = [asyncio.create_task(hold_session(node, spec, ca_pem, stats, opening)) for node in nodes]
+    await stats.all_tried.wait()
+    results.put(
+        (
+            "up",
+            spec.index,
+            {
+                "attempted": stats.attempted,
+                "opened": stats.opened,
+                "failures": dict(stats.open_failures),
+                "latencies": stats.open_latencies,
+                "elapsed": time.perf_counter() - started,
+            },
+        )
+    )
+    await wait_event(events["window"])
+    sent_at_start = stats.sent
+    window_started = time.perf_counter()
+    await wait_event(events["stop"])
+    window = time.perf_counter() - window_started
+    sent_in_window = stats.sent - sent_at_start
+    live = sum(1 for task in tasks if not task.done())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    results.put(
+        (
+            "done",
+            spec.index,
+            {
+                "sent": stats.sent,
+                "sent_per_second": sent_in_window / window,
+                "live": live,
+                "ended": dict(stats.ended),
+            },
+        )
+    )
+
+
+def worker_main(spec: WorkerSpec, events: dict[str, MpEvent], results: multiprocessing.Queue) -> None:
+    """Entry point of a load process (spawned: no gRPC state inherited through fork)."""
+    die_with_parent(signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the bench process decides when we stop
+    try:
+        asyncio.run(worker_run(spec, events, results))
+    except BaseException:
+        results.put(("error", spec.index, traceback.format_exc()))
+        raise
+
+
+# --- the bench process -------------------------------------------------------------------------
+
+
+class PrometheusScraper(threading.Thread):
+    """Scrapes the coordinator's /metrics every `interval` s during the window, as Prometheus would."""
+
+    def __init__(self, coordinator: Coordinator, interval: float) -> None:
+        super().__init__(name="prometheus", daemon=True)
+        self.coordinator = coordinator
+        self.interval = interval
+        self.durations: list[float] = []
+        self.failures = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            try:
+                self.durations.append(self.coordinator.metrics(())[1])
+            except OSError:
+                self.failures += 1
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(120)
+
+
+class Workers:
+    """The load processes and their reports; `stop` ends each by its pid."""
+
+    def __init__(self, specs: list[WorkerSpec]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.events = {name: context.Event() for name in ("enroll", "sessions", "window", "stop")}
+        self.results: multiprocessing.Queue = context.Queue()
+        self.processes = [
+            context.Process(
+                target=worker_main, args=(spec, self.events, self.results), name=f"load-{spec.index}"
+            )
+            for spec in specs
+        ]
+
+    def start(self) -> None:
+        for process in self.processes:
+            process.start()
+
+    def collect(self, kind: str, timeout: float) -> list[dict[str, Any]]:
+        """Wait for one `kind` report from every worker."""
+        reports: dict[int, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(reports) < len(self.processes):
+            try:
+                got, index, payload = self.results.get(
+                    timeout=max(0.1, min(1.0, deadline - time.monotonic()))
+                )
+            except queue.Empty:
+                dead = [p.name for p in self.processes if not p.is_alive()]
+                if dead:
+                    raise BenchError(f"load processes died: {', '.join(dead)}") from None
+                if time.monotonic() > deadline:
+                    raise BenchError(
+                        f"timed out after {timeout:.0f} s waiting for '{kind}' from the load"
+                    ) from None
+                continue
+            if got == "error":
+                raise BenchError(f"load process {index} failed:\n{payload}")
+            if got != kind:
+                raise BenchError(f"load process {index} reported {got!r}, expected {kind!r}")
+            reports[index] = payload
+        return [reports[i] for i in sorted(reports)]
+
+    def check_alive(self) -> None:
+        dead = [p.name for p in self.processes if p.exitcode is not None]
+        if dead:
+            raise BenchError(f"load processes died: {', '.join(dead)}")
+
+    def stop(self) -> None:
+        self.events["stop"].set()
+        for process in self.processes:
+            process.join(timeout=15)
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+
+
+@dataclass
+class Probe:
+    """Admin round trips over the unix socket, by RPC."""
+
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {"ListNodes": [], "Top": []})
+    failures: collections.Counter[str] = field(default_factory=collections.Counter)
+    last_list: admin_pb2.ListNodesResponse | None = None
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        every = [v for values in self.latencies.values() for v in values]
+        out = {}
+        for name, values in [*self.latencies.items(), ("all", every)]:
+            out[name] = {
+                "calls": len(values),
+                "p50": percentile(values, 50),
+                "p99": percentile(values, 99),
+                "max": max(values) if values else float("nan"),
+            }
+        return out
+
+
+def probe_admin(stub: admin_pb2_grpc.AdminStub, seconds: float, rate: float, alive: list[Any]) -> Probe:
+    """ListNodes and Top alternately, `rate` calls per second, for `seconds`."""
+    probe = Probe()
+    interval = 1.0 / rate
+    start = next_at = time.monotonic()
+    turn = 0
+    while time.monotonic() - start < seconds:
+        name = ("ListNodes", "Top")[turn % 2]
+        turn += 1
+        began = time.perf_counter()
+        try:
+            if name == "ListNodes":
+                probe.last_list = stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=10)
+            else:
+                stub.Top(admin_pb2.TopRequest(), timeout=10)
+            probe.latencies[name].append(time.perf_counter() - began)
+        except grpc.RpcError as error:
+            probe.failures[f"{name}: {error.code().name}"] += 1  # type: ignore[attr-defined]
+        if turn % 10 == 0:
+            for check in alive:
+                check()
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    return probe
+
+
+def ready_nodes(stub: admin_pb2_grpc.AdminStub) -> tuple[int, int, int]:
+    """(Ready, connected, total) in ListNodes."""
+    reply = stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=30)
+    ready = sum(1 for node in reply.nodes if node.status == admin_pb2.NODE_STATUS_READY)
+    return ready, sum(1 for node in reply.nodes if node.connected), len(reply.nodes)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    result: dict[str, Any] = {"sessions": args.sessions, "processes": args.processes, "seconds": args.seconds}
+    result["nofile"] = raise_nofile_limit(max(65536, 4 * args.sessions))
+    with bench_workspace("fanin") as (root, processes):
+        coordinator = Coordinator.start(root, processes, ["--metrics-interval", str(args.interval)])
+        assert coordinator.process is not None
+        channel = grpc.insecure_channel(f"unix:{coordinator.admin_socket}")
+        try:
+            stub = admin_pb2_grpc.AdminStub(channel)
+            created = stub.CreateToken(
+                admin_pb2.CreateTokenRequest(
+                    ttl_seconds=3600, usage_limit=args.sessions, description="fanin bench"
+                ),
+                timeout=10,
+            )
+            per_worker, extra = divmod(args.sessions, args.processes)
+            specs, first = [], 0
+            for index in range(args.processes):
+                count = per_worker + (1 if index < extra else 0)
+                specs.append(
+                    WorkerSpec(
+                        index=index,
+                        first_node=first,
+                        count=count,
+                        session_address=coordinator.address,
+                        enroll_host="127.0.0.1",
+                        enroll_port=coordinator.port + 1,
+                        token=created.token,
+                        ca_hash=created.ca_cert_hash,
+                        interval=args.interval,
+                        enroll_concurrency=args.enroll_concurrency,
+                        open_concurrency=args.open_concurrency,
+                    )
+                )
+                first += count
+            workers = Workers(specs)
+            try:
+                workers.start()
+                measure(args, result, coordinator, processes, workers, stub)
+            finally:
+                workers.stop()
+        finally:
+            channel.close()
+    return result
+
+
+def measure(
+    args: argparse.Namespace,
+    result: dict[str, Any],
+    coordinator: Coordinator,
+    processes: Processes,
+    workers: Workers,
+    stub: admin_pb2_grpc.AdminStub,
+) -> None:
+    assert coordinator.process is not None
+    alive = [processes.check_alive, workers.check_alive]
+    pids = [report["pid"] for report in workers.collect("ready", 120)]
+
+    say(f"enrolling {args.sessions} nodes ...")
+    started = time.perf_counter()
+    workers.events["enroll"].set()
+    enrolled = workers.collect("enrolled", 120 + args.sessions / 2)
+    elapsed = time.perf_counter() - started
+    enroll_latencies = [v for report in enrolled for v in report["latencies"]]
+    enroll_failures: collections.Counter[str] = collections.Counter()
+    for report in enrolled:
+        enroll_failures.update(report["failures"])
+    result["enrollment"] = {
+        "enrolled": sum(report["enrolled"] for report in enrolled),
+        "seconds": elapsed,
+        "per_second": sum(report["enrolled"] for report in enrolled) / elapsed,
+        "p50": percentile(enroll_latencies, 50),
+        "p99": percentile(enroll_latencies, 99),
+        "in_flight": args.enroll_concurrency * args.processes,
+        "failures": dict(enroll_failures),
+    }
+
+    say(f"idle baseline: admin probe for {args.idle_seconds:.0f} s with no session open ...")
+    idle_cpu = Sampler({"coordinator": coordinator.process})
+    idle_cpu.sample_all()
+    idle = probe_admin(stub, args.idle_seconds, args.admin_rate, alive)
+    idle_cpu.sample_all()
+    result["idle"] = {
+        "nodes_listed": len(idle.last_list.nodes) if idle.last_list else 0,
+        "admin": idle.summary(),
+        "admin_failures": dict(idle.failures),
+        "coordinator": asdict(footprint(idle_cpu.samples["coordinator"])),
+    }
+
+    say(f"opening {args.sessions} sessions ...")
+    started = time.perf_counter()
+    workers.events["sessions"].set()
+    ups = workers.collect("up", 120 + args.sessions / 5)
+    open_latencies = [v for report in ups for v in report["latencies"]]
+    open_failures: collections.Counter[str] = collections.Counter()
+    for report in ups:
+        open_failures.update(report["failures"])
+    result["ramp"] = {
+        "attempted": sum(report["attempted"] for report in ups),
+        "opened": sum(report["opened"] for report in ups),
+        "seconds": time.perf_counter() - started,
+        "p50": percentile(open_latencies, 50),
+        "p99": percentile(open_latencies, 99),
+        "failures": dict(open_failures),
+    }
+    time.sleep(SETTLE_SECONDS)
+
+    before, scrape_before = coordinator.metrics(COORDINATOR_SERIES)
+    before_at = time.monotonic()
+    say(f"steady window: {args.seconds:.0f} s ...")
+    watched = {"coordinator": coordinator.process, "bench": psutil.Process()}
+    watched.update({f"load-{i}": psutil.Process(pid) for i, pid in enumerate(pids)})
+    sampler = Sampler(watched)
+    machine = MachineCpu()
+    scraper = PrometheusScraper(coordinator, args.prometheus_interval) if args.prometheus_interval else None
+    workers.events["window"].set()
+    sampler.start()
+    if scraper:
+        scraper.start()
+    try:
+        loaded = probe_admin(stub, args.seconds, args.admin_rate, alive)
+    finally:
+        if scraper:
+            scraper.stop()
+        sampler.stop()
+        machine.stop()
+    after, scrape_after = coordinator.metrics(COORDINATOR_SERIES)
+    after_at = time.monotonic()
+    ready, connected, listed = ready_nodes(stub)  # while every session is still up
+    workers.events["stop"].set()  # workers note what they sent, then hang up
+    done = workers.collect("done", 60)
+
+    prints = {name: footprint(samples) for name, samples in sampler.samples.items()}
+    load_cpu = sum(fp.cpu_percent for name, fp in prints.items() if name.startswith("load-"))
+    received = after.get("picoord_coordinator_messages_received_total", 0) - before.get(
+        "picoord_coordinator_messages_received_total", 0
+    )
+    ended: collections.Counter[str] = collections.Counter()
+    for report in done:
+        ended.update(report["ended"])
+    result["window"] = {
+        "coordinator": asdict(prints["coordinator"]),
+        "bench_cpu_percent": prints["bench"].cpu_percent,
+        "load_cpu_percent": load_cpu,
+        "machine_busy_cores": machine.busy_cores,
+        "machine_steal_cores": machine.steal_cores,
+        "cpus": psutil.cpu_count(),
+        "messages_per_second": received / (after_at - before_at),
+        "sent_per_second": sum(report["sent_per_second"] for report in done),
+        "admin": loaded.summary(),
+        "admin_failures": dict(loaded.failures),
+        "ready_nodes": ready,
+        "connected_nodes": connected,
+        "listed_nodes": listed,
+        "sessions_gauge": after.get("picoord_coordinator_sessions"),
+        "sessions_gauge_before": before.get("picoord_coordinator_sessions"),
+        "malformed": after.get("picoord_coordinator_malformed_messages_total"),
+        "live_at_end": sum(report["live"] for report in done),
+        "ended_early": dict(ended),
+        "metrics_scrape_seconds": max(scrape_before, scrape_after),
+        "prometheus_interval": args.prometheus_interval,
+        "prometheus_scrapes": scraper.durations if scraper else [],
+        "prometheus_failures": scraper.failures if scraper else 0,
+    }
+
+
+def say(text: str) -> None:
+    """Progress goes to stderr, figures to stdout."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def ms(value: float) -> str:
+    return f"{1000 * value:.1f} ms"
+
+
+def report(result: dict[str, Any]) -> bool:
+    """Print the figures; return whether every target was met."""
+    enrollment, ramp, idle, window = result["enrollment"], result["ramp"], result["idle"], result["window"]
+    coordinator = window["coordinator"]
+    attempted = result["sessions"]
+    print(
+        f"\npicoord fan-in: {attempted} simulated agents = {result['processes']} load processes x "
+        f"~{attempted // result['processes']} mTLS sessions, 1 Pi-sized sample/s each, "
+        f"{result['seconds']:.0f} s steady window (loopback)"
+    )
+    ours = (coordinator["cpu_percent"] + window["load_cpu_percent"] + window["bench_cpu_percent"]) / 100
+    print(
+        f"caveat: coordinator, load generator and this bench share {window['cpus']} CPUs; "
+        f"machine busy {window['machine_busy_cores']:.2f} cores during the window "
+        f"(coordinator {coordinator['cpu_percent'] / 100:.2f}, load {window['load_cpu_percent'] / 100:.2f}, "
+        f"bench {window['bench_cpu_percent'] / 100:.2f}, "
+        f"everything else {max(0.0, window['machine_busy_cores'] - ours):.2f}, "
+        f"steal {window['machine_steal_cores']:.2f})"
+    )
+    print(
+        f"enrollment: {enrollment['enrolled']}/{attempted} nodes in {enrollment['seconds']:.1f} s = "
+        f"{enrollment['per_second']:.1f} nodes/s ({enrollment['in_flight']} in flight, "
+        f"one TLS connection each; Enroll RPC p50 {ms(enrollment['p50'])}, p99 {ms(enrollment['p99'])})"
+        + (f"; failures {enrollment['failures']}" if enrollment["failures"] else "")
+    )
+    print(
+        f"ramp: {ramp['opened']}/{ramp['attempted']} sessions welcomed in {ramp['seconds']:.1f} s "
+        f"(TLS + Hello -> Welcome p50 {ms(ramp['p50'])}, p99 {ms(ramp['p99'])})"
+        + (f"; failures {ramp['failures']}" if ramp["failures"] else "")
+    )
+    print(
+        f"coordinator over the window: CPU {coordinator['cpu_percent']:.1f} % of one core "
+        f"(idle baseline {idle['coordinator']['cpu_percent']:.1f} %), "
+        f"RSS steady {mib(coordinator['steady_rss'])}, peak {mib(coordinator['peak_rss'])}"
+    )
+    print(
+        f"messages: coordinator received {window['messages_per_second']:.0f}/s "
+        f"(picoord_coordinator_messages_received_total delta); load sent {window['sent_per_second']:.0f}/s; "
+        f"malformed {window['malformed']:.0f}"
+    )
+    held = min(window["ready_nodes"], window["sessions_gauge"] or 0)
+    print(
+        f"sessions held at the end: Ready in ListNodes {window['ready_nodes']}/{window['listed_nodes']} "
+        f"(connected {window['connected_nodes']}), "
+        f"picoord_coordinator_sessions {window['sessions_gauge']:.0f}, load side live {window['live_at_end']}"
+        + (f"; ended early {window['ended_early']}" if window["ended_early"] else "")
+    )
+    rows = []
+    for phase, figures, failures in (
+        (f"idle ({idle['nodes_listed']} nodes, 0 sessions)", idle["admin"], idle["admin_failures"]),
+        (f"load ({window['ready_nodes']} sessions)", window["admin"], window["admin_failures"]),
+    ):
+        for rpc in ("ListNodes", "Top", "all"):
+            stats = figures[rpc]
+            failed = sum(v for k, v in failures.items() if rpc == "all" or k.startswith(rpc))
+            rows.append(
+                [
+                    phase,
+                    rpc,
+                    str(stats["calls"]),
+                    ms(stats["p50"]),
+                    ms(stats["p99"]),
+                    ms(stats["max"]),
+                    str(failed),
+                ]
+            )
+    print("admin round trip over the unix socket (ListNodes and Top alternately):")
+    print(table(["phase", "rpc", "calls", "p50", "p99", "max", "failed"], rows))
+    ratios = {
+        rpc: window["admin"][rpc]["p99"] / idle["admin"][rpc]["p99"]
+        if idle["admin"][rpc]["p99"] > 0
+        else float("nan")
+        for rpc in ("ListNodes", "Top", "all")
+    }
+    print(
+        "ratio p99 under load / idle p99: "
+        + ", ".join(f"{rpc} {value:.1f}x" for rpc, value in ratios.items())
+        + f"; sessions held / attempted: {held}/{attempted} = {held / attempted:.3f}"
+    )
+    print(
+        f"/metrics scrape with {window['listed_nodes']} nodes took {window['metrics_scrape_seconds']:.2f} s"
+    )
+    if window["prometheus_interval"]:
+        scrapes = window["prometheus_scrapes"]
+        print(
+            f"during the window /metrics was scraped every {window['prometheus_interval']:g} s: "
+            f"{len(scrapes)} scrapes, {window['prometheus_failures']} failed, "
+            f"max {max(scrapes, default=float('nan')):.2f} s"
+        )
+    else:
+        print("(no Prometheus scrape during the window; --prometheus-interval 15 adds one)")
+    worst = max(window["admin"]["ListNodes"]["p99"], window["admin"]["Top"]["p99"])
+    checks = [
+        (f"sessions held = attempted ({attempted})", f"{held}", held == attempted),
+        (
+            f"coordinator CPU <= {CPU_TARGET:.0f} % of one core",
+            f"{coordinator['cpu_percent']:.1f} %",
+            coordinator["cpu_percent"] <= CPU_TARGET,
+        ),
+        (
+            f"admin p99 <= {ms(ADMIN_P99_TARGET)} (worse of ListNodes, Top)",
+            ms(worst),
+            worst <= ADMIN_P99_TARGET and not window["admin_failures"],
+        ),
+    ]
+    print(table(["target", "measured", "result"], [[t, m, verdict(ok)] for t, m, ok in checks]))
+    return all(ok for _, _, ok in checks)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sessions", type=int, default=1000, help="simulated agents (default 1000)")
+    parser.add_argument("--processes", type=int, default=4, help="load processes (default 4)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="steady window (default 60)")
+    parser.add_argument("--idle-seconds", type=float, default=20.0, help="idle baseline probe (default 20)")
+    parser.add_argument("--admin-rate", type=float, default=5.0, help="admin calls per second (default 5)")
+    parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples per agent")
+    parser.add_argument("--enroll-concurrency", type=int, default=4, help="enrollments in flight per process")
+    parser.add_argument(
+        "--open-concurrency", type=int, default=50, help="session handshakes in flight per process"
+    )
+    parser.add_argument(
+        "--prometheus-interval",
+        type=float,
+        default=0.0,
+        help="also scrape the coordinator's /metrics every N s during the window (default: off)",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.sessions < 1 or args.processes < 1 or args.processes > args.sessions:
+        parser.error("need 1 <= --processes <= --sessions")
+    try:
+        result = run(args)
+    except BenchError as error:
+        print(f"fanin: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fanin: interrupted, cleaned up", file=sys.stderr)
+        return 130
+    met = report(result)
+    result["targets_met"] = met
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return 1 if args.strict and not met else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
