@@ -43,6 +43,17 @@ def _lab_options(parser: argparse.ArgumentParser) -> None:
         help="where picoord-coordinator, picoord-agent and coordctl are (default: this venv)",
     )
     parser.add_argument("--down-timeout", type=float, help="passed to picoord-coordinator")
+    parser.add_argument(
+        "--sandboxes",
+        action="store_true",
+        help="give each Pi its own mount namespace (own /etc/ufw, /etc/fstab, docker and gluster "
+        "state, /mnt, /srv) and run its agent inside it",
+    )
+    parser.add_argument(
+        "--services",
+        default="",
+        help="comma-separated daemons to run in every Pi: dockerd, glusterd (implies --sandboxes)",
+    )
 
 
 def _select_options(parser: argparse.ArgumentParser, allow_all: bool) -> None:
@@ -83,7 +94,13 @@ def _make_lab(args: argparse.Namespace) -> Lab:
         down_timeout=args.down_timeout,
         ready_timeout=args.timeout,
         bin_dir=args.bin_dir,
+        sandboxes=args.sandboxes or bool(_services(args)),
+        services=_services(args),
     )
+
+
+def _services(args: argparse.Namespace) -> list[str]:
+    return [name.strip() for name in args.services.split(",") if name.strip()]
 
 
 def _work_dir_of(lab_id: str) -> Path:
@@ -115,7 +132,13 @@ def cmd_up(args: argparse.Namespace) -> int:
     assert net is not None
     print(f"lab {lab.lab_id} is up: {len(lab.nodes)} Pis Ready on {net.subnet} (bridge {net.bridge})")
     for pi in net.pis:
-        print(f"  {pi.node:6} {pi.address:15} namespace {pi.netns}   ip netns exec {pi.netns} ...")
+        if lab.rack is not None:
+            enter = " ".join(lab.sandbox(pi.node).argv(["..."]))
+            print(f"  {pi.node:6} {pi.address:15} namespace {pi.netns}   {enter}")
+        else:
+            print(f"  {pi.node:6} {pi.address:15} namespace {pi.netns}   ip netns exec {pi.netns} ...")
+    if lab.rack is not None and lab.rack.services:
+        print(f"  services      {', '.join(lab.rack.services)} in every Pi (logs: {lab.logs_dir})")
     print(f"  coordinator   {lab.coordinator_address} (agents), metrics {lab.metrics_url}")
     print(f"  admin socket  {lab.admin_socket}")
     print(f"  logs          {lab.logs_dir}")

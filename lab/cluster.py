@@ -5,6 +5,10 @@ they need to take nodes away and bring the coordinator back. `Lab` drives the re
 `picoord-coordinator`, `coordctl` and `picoord-agent` executables through their CLIs only,
 and records everything it starts in a JSON state file so that another process
 (`picoord-lab down`) can clean up after it, even after a crash half-way through `up()`.
+
+With `sandboxes=True` every Pi also gets its own mount and UTS namespace (a PiSandbox:
+private /etc/ufw, /etc/fstab, docker and gluster state, /mnt, /srv) and its agent runs in
+it; `services=("dockerd", "glusterd")` starts those daemons in every Pi before the agents.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +30,7 @@ from typing import Any
 from picoord.common.defaults import JOIN_TOKEN_ENV
 from picoord.lab import netns
 from picoord.lab.netns import LabError, LabNetwork, require_root, tail
+from picoord.lab.sandbox import SERVICES, PiRack, PiSandbox, find_sandboxes
 
 STATE_FILE = "lab.json"
 INDEX_DIR = "index"  # LAB_ROOT/index/<id> holds the work dir of every lab not yet torn down
@@ -61,6 +66,8 @@ class LabConfig:
     # Written to the lab's own coordinator.toml (--config), e.g. {"heartbeat_interval": 1}:
     # settings without a flag. The host's /etc/picoord/*.toml never reaches a lab.
     coordinator_config: dict[str, Any] = field(default_factory=dict)
+    sandboxes: bool = False  # each Pi gets a PiSandbox and its agent runs inside it
+    services: list[str] = field(default_factory=list)  # started in every sandbox: dockerd, glusterd
 
 
 def executable(name: str, bin_dir: Path | None = None) -> Path:
@@ -137,7 +144,14 @@ class Lab:
         ready_timeout: float = 60.0,
         start_timeout: float = 30.0,
         stop_timeout: float = 10.0,
+        sandboxes: bool = False,
+        services: Sequence[str] = (),
     ) -> None:
+        unknown = [name for name in services if name not in SERVICES]
+        if unknown:
+            raise LabError(f"unknown lab service(s) {unknown}: known are {sorted(SERVICES)}")
+        if services and not sandboxes:
+            raise LabError("services run inside the Pis' sandboxes: pass sandboxes=True as well")
         self.lab_id = lab_id or netns.new_lab_id(self._indexed_ids())
         self.work_dir = Path(work_dir) if work_dir else netns.LAB_ROOT / self.lab_id
         self.requested_subnet = subnet
@@ -151,7 +165,10 @@ class Lab:
             coordinator_args=list(coordinator_args),
             agent_args=list(agent_args),
             coordinator_config=dict(coordinator_config or {}),
+            sandboxes=sandboxes,
+            services=list(services),
         )
+        self.rack: PiRack | None = None
         self.ready_timeout = ready_timeout
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
@@ -182,6 +199,22 @@ class Lab:
     @property
     def agent_config_path(self) -> Path:
         return self.work_dir / "agent.toml"
+
+    @property
+    def sandboxes_dir(self) -> Path:
+        return self.work_dir / "sandboxes"
+
+    def sandbox(self, node: str) -> PiSandbox:
+        """The PiSandbox of a Pi (labs made with sandboxes=True)."""
+        if self.rack is None:
+            raise LabError(f"lab {self.lab_id} has no sandboxes: create it with sandboxes=True")
+        return self.rack.sandbox(node)
+
+    def in_pi(self, node: str, argv: Sequence[str]) -> list[str]:
+        """argv that runs inside the Pi: its sandbox if it has one, else its network namespace."""
+        if self.rack is not None:
+            return self.sandbox(node).argv(argv)
+        return netns.netns_argv(self.namespace(node), argv)
 
     def agent_state_dir(self, node: str) -> Path:
         return self.work_dir / "pis" / node
@@ -243,6 +276,7 @@ class Lab:
             "processes": {name: asdict(record) for name, record in self.processes.items()},
             "pids": {name: record.pid for name, record in self.processes.items()},
             "logs": str(self.logs_dir),
+            "sandboxes": self.rack.describe() if self.rack else None,
         }
 
     def save(self) -> None:
@@ -268,6 +302,9 @@ class Lab:
         lab.status = data["status"]
         lab.admin_socket = Path(data["admin_socket"])
         lab._popens = {}
+        lab.rack = None
+        if data.get("sandboxes") and lab.network is not None:
+            lab.rack = PiRack.from_dict(lab.network, data["sandboxes"])
         return lab
 
     @staticmethod
@@ -312,6 +349,7 @@ class Lab:
             self._create_network(nodes)
             self.status = "starting"
             self.save()
+            self._create_sandboxes()
             self.start_coordinator()
             self._enroll_all(labels or {})
             for node in self.nodes:
@@ -348,6 +386,23 @@ class Lab:
             self._index()
             netns.create_network(self.network)
 
+    def _create_sandboxes(self) -> None:
+        """Sandboxes and services for every Pi; recorded before they exist, so a crash from
+        here on is recoverable by `picoord-lab down`."""
+        if not self.config.sandboxes:
+            self.rack = None
+            return
+        self.rack = PiRack(
+            self._net(),
+            self.sandboxes_dir,
+            self.config.services,
+            logs_dir=self.logs_dir,
+            service_timeout=self.start_timeout * 2,
+        )
+        self.save()
+        self.rack.up()
+        self.save()
+
     def _claimed_subnets(self) -> list[str]:
         """Subnets of labs that are indexed but may not have their bridge up yet."""
         claimed = []
@@ -367,6 +422,11 @@ class Lab:
         problems: list[str] = []
         for name in [name for name in self.processes if name != COORDINATOR]:
             self._stop(name, problems)  # agents first: they must not see a half-dead coordinator
+        if self.rack is not None:
+            try:
+                self.rack.down()  # services, then whatever else runs inside, then the namespaces
+            except LabError as error:
+                problems.append(str(error))
         if COORDINATOR in self.processes:
             self._stop(COORDINATOR, problems)
         if self.network:
@@ -394,12 +454,16 @@ class Lab:
 
     # ------------------------------------------------------------------ processes
 
-    def _spawn(self, name: str, argv: list[str], log: Path, netns_name: str | None = None) -> ProcessRecord:
-        if netns_name:
-            popen = netns.popen_in_netns(netns_name, argv, log)
+    def _spawn(
+        self, name: str, argv: list[str], log: Path, netns_name: str | None = None, node: str | None = None
+    ) -> ProcessRecord:
+        """Start and record a process: on the host, in `netns_name`, or inside Pi `node`."""
+        if node is not None:
+            argv = self.in_pi(node, argv)
+            netns_name = self.namespace(node)
+        elif netns_name:
             argv = netns.netns_argv(netns_name, argv)
-        else:
-            popen = netns.popen_logged(argv, log)
+        popen = netns.popen_logged(argv, log)
         starttime = _proc_starttime(popen.pid) or 0
         record = ProcessRecord(name, popen.pid, starttime, argv, str(log), netns_name)
         self._popens[popen.pid] = popen
@@ -535,10 +599,20 @@ class Lab:
                 raise LabError(f"`coordctl token create -o json` gave no {key!r}: {data!r}")
         return data
 
+    def agent_settings(self) -> dict[str, Any]:
+        """The lab's agent.toml: empty, except that a sandboxed agent is told where its Pi's
+        dockerd listens (once the agent knows a `docker_socket` setting)."""
+        from picoord.agent.cli import AGENT_SETTINGS  # the agent's own list of known keys
+
+        settings: dict[str, Any] = {}
+        if self.config.sandboxes and "docker_socket" in AGENT_SETTINGS:
+            settings["docker_socket"] = PiSandbox.docker_socket
+        return settings
+
     def _agent(self) -> list[str]:
-        """The agent executable with the lab's own (empty) settings file."""
+        """The agent executable with the lab's own settings file."""
         if not self.agent_config_path.exists():
-            write_settings(self.agent_config_path, {})
+            write_settings(self.agent_config_path, self.agent_settings())
         return [str(executable("picoord-agent", self.bin_dir)), "--config", str(self.agent_config_path)]
 
     def _join_command(
@@ -559,7 +633,7 @@ class Lab:
         ]
         for key, value in labels.items():
             argv += ["--label", f"{key}={value}"]
-        return netns.netns_argv(self.namespace(node), argv), {JOIN_TOKEN_ENV: str(token["token"])}
+        return self.in_pi(node, argv), {JOIN_TOKEN_ENV: str(token["token"])}
 
     def _enroll_all(self, labels: Mapping[str, Mapping[str, str]]) -> None:
         """Run every `picoord-agent join` at once (each in its Pi) and wait for all of them."""
@@ -620,7 +694,7 @@ class Lab:
         if self.config.metrics_interval is not None:
             argv += ["--metrics-interval", _fmt_seconds(self.config.metrics_interval)]
         argv += self.config.agent_args
-        self._spawn(node, argv, self.log_path(node), self.namespace(node))
+        self._spawn(node, argv, self.log_path(node), node=node)
 
     def kill_agent(self, node: str, graceful: bool = False) -> None:
         """Take a Pi's agent away: SIGKILL by default (a crash or power cut, no goodbye), or
@@ -721,7 +795,10 @@ class Lab:
         return self.wait_for_status("Ready", nodes, timeout)
 
     def exec_in(self, node: str, *argv: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        """Run a short command inside a Pi's namespace, e.g. `lab.exec_in("pi1", "ip", "addr")`."""
+        """Run a short command inside a Pi (its sandbox if it has one), e.g.
+        `lab.exec_in("pi1", "ip", "addr")`."""
+        if self.rack is not None:
+            return self.sandbox(node).run(argv, timeout)
         return netns.run_in_netns(self.namespace(node), argv, timeout)
 
     def describe(self) -> dict[str, Any]:
@@ -740,13 +817,31 @@ def known_labs() -> Iterator[Path]:
             yield Path(entry.read_text().strip())
 
 
-def sweep_orphans() -> list[str]:
-    """Remove namespaces and interfaces of lab ids that no index entry claims (crash leftovers)."""
+def sweep_orphans(lab_ids: Iterable[str] | None = None) -> list[str]:
+    """Remove sandboxes, namespaces and interfaces of lab ids that no index entry claims
+    (crash leftovers); `lab_ids` limits the sweep to those ids."""
     require_root()
     claimed = set(Lab._indexed_ids())
+    only = set(lab_ids) if lab_ids is not None else None
+
+    def orphaned(lab_id: str | None) -> bool:
+        return lab_id is not None and lab_id not in claimed and (only is None or lab_id in only)
+
+    claimed_dirs = []
+    for lab_id in claimed:
+        with contextlib.suppress(OSError):
+            claimed_dirs.append((Lab._index_dir() / lab_id).read_text().strip())
     swept = []
+    for sandbox in find_sandboxes():
+        lab_id = netns.lab_id_of(sandbox.netns)
+        unknown = lab_id is None and only is None  # marker lost: orphaned unless in a live lab's dir
+        if unknown and any(str(sandbox.root).startswith(f"{d}/") for d in claimed_dirs):
+            continue
+        if unknown or orphaned(lab_id):
+            sandbox.destroy()
+            swept.append(f"sandbox {sandbox.name} ({sandbox.root})")
     for lab_id, names in netns.lab_names_in_use().items():
-        if lab_id in claimed:
+        if not orphaned(lab_id):
             continue
         netns.teardown_network(netns.orphaned_network(lab_id))
         swept += names

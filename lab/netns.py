@@ -194,6 +194,12 @@ def list_links() -> list[str]:
     return sorted(entry.name for entry in SYS_CLASS_NET.iterdir())
 
 
+def lab_id_of(name: str) -> str | None:
+    """The lab id in a namespace or interface name of a lab, None for any other name."""
+    match = _LAB_NAME.match(name)
+    return match.group(1) if match else None
+
+
 def lab_names_in_use() -> dict[str, list[str]]:
     """Namespaces and host interfaces that look like any lab's, keyed by lab id."""
     found: dict[str, list[str]] = {}

@@ -7,7 +7,8 @@ privileges cannot look green.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from picoord.lab import netns
 from picoord.lab.cluster import Lab
 from picoord.lab.netns import LabError, LabNetwork
+from picoord.lab.sandbox import PiRack
 
 
 def require_root_or_fail() -> None:
@@ -92,6 +94,25 @@ def lab3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     yield from _module_lab(tmp_path_factory, 3)
 
 
+def _new_network(made: list[LabNetwork], nodes: int, subnet: str | None, lab_id: str | None) -> LabNetwork:
+    with netns.host_lock():
+        chosen = subnet or netns.choose_subnet()
+        if subnet:
+            netns.check_subnet_free(subnet)
+        net = netns.plan_network(lab_id or netns.new_lab_id(), chosen, nodes)
+        made.append(net)
+        netns.create_network(net)
+    return net
+
+
+def _teardown_networks(made: list[LabNetwork], problems: list[str]) -> None:
+    for net in reversed(made):
+        try:
+            netns.teardown_network(net)
+        except LabError as error:
+            problems.append(str(error))
+
+
 @pytest.fixture
 def network_factory() -> Iterator[Callable[..., LabNetwork]]:
     """`make(nodes, subnet=None, lab_id=None) -> LabNetwork`: namespaces and bridge only, no
@@ -100,23 +121,54 @@ def network_factory() -> Iterator[Callable[..., LabNetwork]]:
     made: list[LabNetwork] = []
 
     def make(nodes: int, subnet: str | None = None, lab_id: str | None = None) -> LabNetwork:
-        with netns.host_lock():
-            chosen = subnet or netns.choose_subnet()
-            if subnet:
-                netns.check_subnet_free(subnet)
-            net = netns.plan_network(lab_id or netns.new_lab_id(), chosen, nodes)
-            made.append(net)
-            netns.create_network(net)
-        return net
+        return _new_network(made, nodes, subnet, lab_id)
 
     try:
         yield make
     finally:
-        problems = []
-        for net in reversed(made):
-            try:
-                netns.teardown_network(net)
-            except LabError as error:
-                problems.append(str(error))
+        problems: list[str] = []
+        _teardown_networks(made, problems)
         if problems:
             pytest.fail("network teardown failed: " + "; ".join(problems), pytrace=False)
+
+
+def _rack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PiRack]]:
+    require_root_or_fail()
+    networks: list[LabNetwork] = []
+    racks: list[PiRack] = []
+
+    def make(nodes: int, services: Sequence[str] = (), subnet: str | None = None) -> PiRack:
+        net = _new_network(networks, nodes, subnet, None)
+        rack = PiRack(net, Path(tmp_path_factory.mktemp(f"rack{net.lab_id}")), services)
+        racks.append(rack)
+        return rack.up()
+
+    try:
+        yield make
+    finally:
+        problems: list[str] = []
+        for rack in reversed(racks):
+            try:
+                rack.down()
+            except LabError as error:
+                problems.append(f"rack {rack.network.lab_id}: {error}")
+        _teardown_networks(networks, problems)
+        if problems:
+            pytest.fail("sandbox teardown failed: " + "; ".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def sandbox_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PiRack]]:
+    """`make(nodes, services=(), subnet=None) -> PiRack`: a fresh lab network whose Pis each
+    have a PiSandbox (own /etc/ufw, /etc/fstab, docker and gluster state, /mnt, /srv) and the
+    given services ("dockerd", "glusterd") running; no coordinator, no agents. Services
+    stopped, sandboxes destroyed and network removed at teardown, also when the test failed.
+    `rack.sandbox("pi1")`, `rack.address("pi1")`, `rack.daemon("pi1", "dockerd")`."""
+    yield from _rack_factory(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def module_sandbox_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PiRack]]:
+    """sandbox_factory shared by the tests of one module (dockerd and glusterd take seconds
+    to start): for tests that only read, or that undo what they change."""
+    yield from _rack_factory(tmp_path_factory)

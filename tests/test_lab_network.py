@@ -520,9 +520,9 @@ def test_the_lab_refuses_to_run_without_root(
 @pytest.mark.usefixtures("root")
 def test_the_cli_refuses_when_really_run_as_nobody() -> None:
     """The same for a real unprivileged process (needs root to become nobody)."""
-    before = netns.lab_names_in_use()
+    lab_id = netns.new_lab_id()  # its own id: other tests may add labs meanwhile
     done = subprocess.run(
-        [*NOBODY, sys.executable, "-m", "picoord.lab.cli", "up", "--nodes", "1"],
+        [*NOBODY, sys.executable, "-m", "picoord.lab.cli", "up", "--nodes", "1", "--id", lab_id],
         capture_output=True,
         text=True,
         timeout=60,
@@ -532,7 +532,7 @@ def test_the_cli_refuses_when_really_run_as_nobody() -> None:
     assert done.returncode == 1
     assert "the lab needs root: it creates network namespaces" in done.stderr, done.stderr
     assert "effective uid is 65534" in done.stderr
-    assert netns.lab_names_in_use() == before
+    assert lab_id not in netns.lab_names_in_use()
 
 
 @pytest.mark.usefixtures("root")
