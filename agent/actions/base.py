@@ -43,7 +43,8 @@ class ActionContext:
             raise ActionFailed("the action's time ran out")
         return min(cap, left)
 
-    def _redact(self, text: str) -> str:
+    def redact(self, text: str) -> str:
+        """The text with every known secret replaced, fit for records and logs."""
         for secret in self.secrets:
             if secret:
                 text = text.replace(secret, REDACTED)
@@ -55,7 +56,7 @@ class ActionContext:
 
     def change(self, argv: Sequence[str], timeout: float = 60.0, check: bool = True) -> CommandResult | None:
         """Run a command that changes state, and record it. In a dry run, record it only."""
-        record = actions_pb2.CommandRecord(argv=[self._redact(word) for word in argv], ran=not self.dry_run)
+        record = actions_pb2.CommandRecord(argv=[self.redact(word) for word in argv], ran=not self.dry_run)
         self.commands.append(record)
         if self.dry_run:
             return None
@@ -63,7 +64,7 @@ class ActionContext:
         result = self.run(argv, self.remaining(timeout))
         record.exit_code = result.exit_code
         record.seconds = round(time.monotonic() - started, 3)
-        record.output_tail = self._redact((result.stdout + result.stderr)[-4096:])
+        record.output_tail = self.redact((result.stdout + result.stderr)[-4096:])
         if check and not result.ok:
             reason = "timed out" if result.timed_out else f"exited {result.exit_code}"
             raise ActionFailed(f"{argv[0]} {reason}: {record.output_tail.strip()[-500:]}")

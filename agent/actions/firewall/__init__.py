@@ -1,0 +1,25 @@
+"""The firewall executor: one FirewallPolicy applied as one change, ufw or nftables.
+
+The policy is the whole incoming firewall: its default plus exactly its rules (rules not
+in it are removed), always preceded by rules that keep this agent's connection to the
+coordinator open. After the change the agent must open a new connection to the
+coordinator within the policy's window, or it restores the previous rules by itself
+(guard.py). The backends (ufw.py, nftables.py) read the firewall's own state, plan with
+pure functions and load the result in one step; their docstrings say how atomic that is.
+"""
+
+from __future__ import annotations
+
+from picoord.agent.actions.base import ActionContext, Outcome
+from picoord.agent.actions.firewall import guard, nftables, ufw
+from picoord.common.checks.firewall import policy_spec
+from picoord.v1 import actions_pb2
+
+
+def firewall(request: actions_pb2.FirewallPolicy, context: ActionContext) -> Outcome:
+    """Validate the whole policy, then hand it to its backend (UNSPECIFIED means ufw)."""
+    spec = policy_spec(request)
+    endpoints = guard.coordinator_endpoints(spec, context)
+    keep_open = guard.keep_open_rules(endpoints)
+    backend = nftables if spec.backend == "nftables" else ufw
+    return backend.apply(spec, keep_open, endpoints, context)
