@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from picoord.common.checks import check_action
+from picoord.common.validation import FieldError
 from picoord.coordinator.apply.spec import (
     ClusterMembership,
     Document,
@@ -290,6 +292,12 @@ def plan(documents: Sequence[Document], inventory: Sequence[NodeView]) -> list[S
         if isinstance(doc, FirewallPolicy):
             planner.firewall(doc)
     _check_conflicts(planner.steps)
+    for step in planner.steps:
+        if not step.inputs:  # a step filled in at run time is checked by its agent then
+            try:
+                check_action(step.action)
+            except FieldError as error:
+                raise PlanError(f"{step.document} on {step.node}: {error}") from None
     return planner.steps
 
 

@@ -35,7 +35,18 @@ STEP_TIMEOUTS = {
     "firewall": 120.0,
 }
 DEFAULT_STEP_TIMEOUT = 120.0
-REPLY_GRACE = 15.0  # beyond the action's own timeout, for the result to travel back
+REPLY_GRACE = 15.0
+
+
+def step_timeout(kind: str, action: actions_pb2.Action) -> float:
+    """A firewall change waits up to its confirm window before and after applying, and may
+    then restore: it needs twice the window and some."""
+    if kind == "firewall":
+        return max(STEP_TIMEOUTS["firewall"], 2 * action.firewall.confirm_within_seconds + 30)
+    return STEP_TIMEOUTS.get(
+        kind, DEFAULT_STEP_TIMEOUT
+    )  # beyond the action's own timeout, for the result to travel back
+
 
 Dispatch = Callable[[str, agent_pb2.ActionRequest, float], Awaitable[agent_pb2.ActionResult]]
 Emit = Callable[[admin_pb2.ApplyEvent], Awaitable[None]]
@@ -124,7 +135,7 @@ class ApplyRun:
                 message = f"{missing.step} reported no {missing.key}"
                 await self._finish(step, record, agent_pb2.ACTION_OUTCOME_FAILED, message)
             return
-        timeout = STEP_TIMEOUTS.get(step.kind, DEFAULT_STEP_TIMEOUT)
+        timeout = step_timeout(step.kind, action)
         request = agent_pb2.ActionRequest(
             action_id=record.action_id, dry_run=self.dry_run, timeout_seconds=timeout, action=action
         )

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from picoord.common import validation as v
+from picoord.common.checks import firewall as firewall_checks
 from picoord.common.names import InvalidName, validate_label_key, validate_label_value, validate_node_name
 from picoord.common.validation import FieldError
 
@@ -301,7 +302,7 @@ def _rule(path: str, raw: Any) -> Rule:
         raise FieldError(fields.at("protocol"), "a port range needs tcp or udp")
     comment = fields.text("comment", "")
     if comment:
-        v.safe_word(fields.at("comment"), comment.replace(" ", "_"), 64)
+        firewall_checks.comment(fields.at("comment"), comment)
     if not from_cidr and not port_from:
         raise FieldError(path, "a rule needs `from`, `port`, or both")
     fields.finish()

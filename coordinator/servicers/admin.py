@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import structlog
@@ -10,6 +11,9 @@ import structlog
 from picoord.common import defaults
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.tokens import BootstrapToken
+from picoord.coordinator.apply.planner import NodeView, PlanError, plan
+from picoord.coordinator.apply.runner import ApplyRun
+from picoord.coordinator.apply.spec import SpecError, parse_spec
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import STATUS_TO_WIRE, Cluster
 from picoord.coordinator.store import NodeRecord, TokenRecord
@@ -135,6 +139,77 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         return admin_pb2.RemoveNodeResponse(
             name=record.name, revoked_serials=serials, session_closed=session_closed
         )
+
+    async def Apply(
+        self, request: admin_pb2.ApplyRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[admin_pb2.ApplyEvent]:
+        try:
+            steps = plan(parse_spec(request.documents), self._inventory())
+        except (SpecError, PlanError) as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        if self.cluster.apply_lock.locked():
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "another apply is running; try again when it ends"
+            )
+        events: asyncio.Queue[admin_pb2.ApplyEvent | None] = asyncio.Queue()
+        run = ApplyRun(
+            dispatch=self.cluster.dispatch,
+            emit=events.put,
+            record=lambda record: self.cluster.store.record_action(
+                record.action_id, record.node, record.started_at, record.SerializeToString()
+            ),
+            dry_run=request.dry_run,
+            requested_by=request.requested_by[:128] or context.peer(),
+            clock=self.cluster.clock,
+        )
+        log.info(
+            "apply", apply_id=run.apply_id, steps=len(steps), dry_run=request.dry_run, by=run.requested_by
+        )
+        for step in steps:
+            yield admin_pb2.ApplyEvent(
+                planned=admin_pb2.PlannedStep(
+                    step=step.id, node=step.node, kind=step.kind, requires=step.requires
+                )
+            )
+
+        async def carry_out() -> None:
+            async with self.cluster.apply_lock:
+                try:
+                    summary = await run.run(steps)
+                    await events.put(admin_pb2.ApplyEvent(summary=summary))
+                finally:
+                    await events.put(None)
+
+        # The apply runs to its end even if coordctl goes away: actions already sent must be
+        # followed and recorded.
+        task = asyncio.create_task(carry_out())
+        self._applies.add(task)
+        task.add_done_callback(self._applies.discard)
+        while (event := await events.get()) is not None:
+            yield event
+        await task
+
+    def _inventory(self) -> list[NodeView]:
+        views = []
+        for record in self.cluster.nodes():
+            session = self.cluster.sessions.get(record.name)
+            views.append(
+                NodeView(
+                    name=record.name,
+                    labels=record.labels,
+                    arch=self.cluster.hardware(record).arch,
+                    address=session.address if session else "",
+                )
+            )
+        return views
+
+    async def ListActions(
+        self, request: admin_pb2.ListActionsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListActionsResponse:
+        if request.node:
+            await self._node(request.node, context)
+        records = self.cluster.store.list_actions(request.node or None, min(request.limit or 50, 1000))
+        return admin_pb2.ListActionsResponse(actions=[admin_pb2.ActionRecord.FromString(r) for r in records])
 
     async def Top(
         self, request: admin_pb2.TopRequest, context: grpc.aio.ServicerContext

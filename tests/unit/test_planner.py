@@ -159,6 +159,24 @@ def test_plan_errors(text: str, message: str) -> None:
     assert message in str(raised.value)
 
 
+def test_the_agents_own_checks_run_at_plan_time() -> None:
+    twice = (
+        "kind: FirewallPolicy\nname: f\nnodes: [pi1]\nrules:\n"
+        + "  - {action: allow, port: 22, protocol: tcp}\n" * 2
+    )
+    with pytest.raises(PlanError, match="FirewallPolicy/f on pi1: rules"):
+        steps_of(twice)
+
+
+def test_firewall_steps_get_time_for_their_confirm_window() -> None:
+    from picoord.coordinator.apply.runner import step_timeout
+
+    (step,) = steps_of("kind: FirewallPolicy\nname: f\nnodes: [pi1]\nconfirm_within_seconds: 200\n")
+    assert step_timeout(step.kind, step.action) == 430
+    (mount,) = steps_of("kind: Mount\nname: t\ntype: tmpfs\ntarget: /mnt/t\nnodes: [pi1]\n")
+    assert step_timeout(mount.kind, mount.action) == 120
+
+
 def test_an_offline_node_is_still_planned_when_its_address_is_not_needed() -> None:
     (step,) = steps_of("kind: Mount\nname: t\ntype: tmpfs\ntarget: /mnt/t\nnodes: [pi4]\n")
     assert (step.node, step.kind, step.action.mount.type) == ("pi4", "mount", actions_pb2.MOUNT_TYPE_TMPFS)

@@ -137,6 +137,7 @@ MOUNT = "kind: Mount\nname: m\ntype: {type}\nsource: {source}\ntarget: {target}\
         (FIREWALL.format(rule="{action: reject, port: 22}"), "rules[0].action: 'reject' is not one of"),
         (FIREWALL.format(rule="{action: allow}"), "rules[0]: a rule needs `from`, `port`, or both"),
         (FIREWALL.format(rule="{action: allow, port: 22, comment: 'x; reboot'}"), "rules[0].comment"),
+        (FIREWALL.format(rule="{action: allow, port: 22, comment: '100%'}"), "rules[0].comment"),
         (FIREWALL.format(rule="{action: allow, port: 22, extra: 1}"), "rules[0].extra: unknown field"),
         (
             MOUNT.format(type="tmpfs", source="tmpfs", target="/etc/../proc"),
