@@ -142,14 +142,23 @@ def absolute_path(field: str, value: str) -> str:
     return normalised
 
 
-def mount_target(field: str, value: str) -> str:
+def outside_system_directories(field: str, value: str, over: str, under: str) -> str:
+    """An absolute path that is not a system directory nor below /proc, /sys or /dev.
+
+    `over` and `under` word the refusal, e.g. "mount over {path}", "mount under {tree}"."""
     path = absolute_path(field, value)
     if path in FORBIDDEN_MOUNT_TARGETS:
-        raise FieldError(field, f"refusing to mount over {path}")
+        raise FieldError(field, "refusing to " + over.format(path=path))
     for tree in FORBIDDEN_MOUNT_TREES:
         if path.startswith(tree + "/"):
-            raise FieldError(field, f"refusing to mount under {tree} ({value!r} resolves to {path})")
+            raise FieldError(
+                field, "refusing to " + under.format(tree=tree) + f" ({value!r} resolves to {path})"
+            )
     return path
+
+
+def mount_target(field: str, value: str) -> str:
+    return outside_system_directories(field, value, "mount over {path}", "mount under {tree}")
 
 
 def remote_path(field: str, value: str) -> tuple[str, str]:

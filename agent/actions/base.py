@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from picoord.agent.commands import CommandResult, run_command
 from picoord.common.validation import FieldError
@@ -21,6 +22,16 @@ REDACTED = "<redacted>"
 
 class ActionFailed(Exception):
     """A command failed; the outcome is FAILED with what ran so far."""
+
+
+def read_file(path: Path) -> str | None:
+    """A state file's text, None when it does not exist; unreadable is a failure, not absence."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ActionFailed(f"cannot read {path}: {error}") from None
 
 
 @dataclass

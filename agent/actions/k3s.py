@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
+from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome, read_file
 from picoord.common.checks.membership import (
     KUBE_API_PORT,
     check_k3s_agent,
@@ -221,15 +221,6 @@ def _k3s_binary() -> str:
         raise ActionFailed(f"k3s was found at {found!r}, a path a unit file cannot hold") from None
 
 
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise ActionFailed(f"cannot read {path}: {error}") from None
-
-
 def _active(context: ActionContext, systemd: bool, unit: str) -> bool:
     if not systemd:
         return False
@@ -270,7 +261,7 @@ def _carry_out(context: ActionContext, steps: Sequence[Step]) -> None:
 def _wait_for_node_token(context: ActionContext) -> str:
     deadline = time.monotonic() + context.remaining(NODE_TOKEN_WAIT)
     while True:
-        token = (_read(NODE_TOKEN) or "").strip()
+        token = (read_file(NODE_TOKEN) or "").strip()
         if token:
             return token
         if time.monotonic() >= deadline:
@@ -292,14 +283,14 @@ def k3s_server(request: actions_pb2.K3sServer, context: ActionContext) -> Outcom
     advertise = request.advertise_address
     k3s = _k3s_binary()
     systemd = SYSTEMD_RUNNING.is_dir()
-    current = _read(UNIT_DIR / SERVER_UNIT)
+    current = read_file(UNIT_DIR / SERVER_UNIT)
     state = ServiceState(systemd, current, _active(context, systemd, SERVER_UNIT))
     desired = unit_text("Lightweight Kubernetes (k3s server)", server_exec(k3s, advertise))
     steps = plan_k3s_server(state, desired, advertise)
     _carry_out(context, steps)
     url = "https://" + host_port("advertise_address", advertise, KUBE_API_PORT)
     facts = [_fact("k3s.server_url", url)]
-    token = _wait_for_node_token(context) if not context.dry_run else (_read(NODE_TOKEN) or "").strip()
+    token = _wait_for_node_token(context) if not context.dry_run else (read_file(NODE_TOKEN) or "").strip()
     if token:
         context.secrets = (*context.secrets, token)
         facts.append(_fact("k3s.token", token, secret=True))
@@ -320,8 +311,8 @@ def k3s_agent(request: actions_pb2.K3sAgent, context: ActionContext) -> Outcome:
     context.secrets = (*context.secrets, request.token)
     k3s = _k3s_binary()
     systemd = SYSTEMD_RUNNING.is_dir()
-    current = _read(UNIT_DIR / AGENT_UNIT)
-    token_text = _read(AGENT_TOKEN_FILE)
+    current = read_file(UNIT_DIR / AGENT_UNIT)
+    token_text = read_file(AGENT_TOKEN_FILE)
     state = ServiceState(
         systemd,
         current,
@@ -348,7 +339,7 @@ def k3s_uninstall(request: actions_pb2.K3sUninstall, context: ActionContext) -> 
     units = [name for name in (AGENT_UNIT, SERVER_UNIT) if (UNIT_DIR / name).exists()]
     files = [str(AGENT_TOKEN_FILE)] if AGENT_TOKEN_FILE.exists() else []
     trees = [str(path) for path in (DATA_DIR, CONFIG_DIR) if path.is_dir()]
-    mountinfo = _read(Path("/proc/self/mountinfo")) or ""
+    mountinfo = read_file(Path("/proc/self/mountinfo")) or ""
     busy = [point for tree in trees for point in mounted_below(mountinfo, tree)]
     if busy:
         raise ActionFailed(f"still mounted below k3s's data: {', '.join(busy)}; stop k3s and unmount first")

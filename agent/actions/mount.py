@@ -45,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
+from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome, read_file
 from picoord.common.checks.storage import VFS_FLAGS, MountSpec, mount_spec, unmount_target
 from picoord.common.validation import FieldError, mount_target
 from picoord.v1 import actions_pb2
@@ -373,15 +373,6 @@ def plan_unit(existing: str | None, wanted: str | None, name: str) -> str | None
 # --- files ---------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise ActionFailed(f"cannot read {path}: {error}") from None
-
-
 def write_file(path: Path, text: str, in_place: bool = False, mode: int = 0o644) -> None:
     """Replace the file's content atomically, keeping its mode and owner (new files: `mode`)."""
     try:
@@ -492,7 +483,7 @@ def plan_persistence(
 ) -> PersistPlan:
     """Read /etc/fstab and the unit file; decide what to write (spec None: remove ours)."""
     plan = PersistPlan()
-    fstab_text = _read_text(FSTAB) or ""
+    fstab_text = read_file(FSTAB) or ""
     line = fstab_line(spec) if spec is not None and persist == "fstab" else None
     plan.fstab = plan_fstab(fstab_text, spec_target, line)
     if plan.fstab is not None:
@@ -503,7 +494,7 @@ def plan_persistence(
         plan.notes.append(f"/etc/fstab has a line for {spec_target} that picoord did not write; left as is")
     name = mount_unit_name(spec_target)
     unit_path = UNIT_DIR / name
-    existing = _read_text(unit_path)
+    existing = read_file(unit_path)
     wanted = mount_unit_text(spec) if spec is not None and persist == "systemd" else None
     plan.unit = plan_unit(existing, wanted, name)
     plan.unit_text = wanted

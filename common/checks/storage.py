@@ -23,13 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from picoord.common.validation import (
-    FORBIDDEN_MOUNT_TARGETS,
-    FORBIDDEN_MOUNT_TREES,
     FieldError,
     absolute_path,
     hostname,
     mount_option,
     mount_target,
+    outside_system_directories,
     remote_path,
     safe_word,
     volume_name,
@@ -104,13 +103,9 @@ class VolumeSpec:
 
 def brick_path(field: str, value: str) -> str:
     """A brick directory: absolute, normalised, not a system directory."""
-    path = absolute_path(field, value)
-    if path in FORBIDDEN_MOUNT_TARGETS:
-        raise FieldError(field, f"refusing to use {path} as a brick directory")
-    for tree in FORBIDDEN_MOUNT_TREES:
-        if path.startswith(tree + "/"):
-            raise FieldError(field, f"refusing to put a brick under {tree} ({value!r} resolves to {path})")
-    return path
+    return outside_system_directories(
+        field, value, "use {path} as a brick directory", "put a brick under {tree}"
+    )
 
 
 def peers_spec(request: actions_pb2.GlusterPeerProbe) -> tuple[str, ...]:

@@ -27,11 +27,13 @@ import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
 from picoord.agent.actions.firewall import guard
 from picoord.common.checks.firewall import PolicySpec, Rule
+from picoord.common.files import write_atomically
 from picoord.v1 import actions_pb2
 
 FAMILY, TABLE, CHAIN = "inet", "picoord", "input"
@@ -256,14 +258,7 @@ def stage_path(content: str, host: str | None = None) -> str:
 def _write_stage(content: str) -> str:
     path = stage_path(content)
     os.makedirs(STAGE_DIR, mode=0o700, exist_ok=True)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        os.write(descriptor, content.encode())
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-    os.replace(temporary, path)
+    write_atomically(Path(path), content.encode(), 0o600)
     return path
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
 from picoord.agent.actions.firewall import guard
 from picoord.common.checks.firewall import PolicySpec, Rule
+from picoord.common.files import write_atomically
 from picoord.v1 import actions_pb2
 
 USER_RULES = "/etc/ufw/user.rules"
@@ -327,20 +328,11 @@ def read_state(context: ActionContext) -> UfwState:
     return UfwState(files, live=probe.exit_code == 0)
 
 
-def _write_stage(stage: str, content: str) -> None:
-    """Write a staging file (root-only, like ufw's own) and make it durable before the move."""
-    descriptor = os.open(stage, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o640)
-    try:
-        os.write(descriptor, content.encode())
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def run_steps(context: ActionContext, steps: Sequence[Step]) -> None:
     for step in steps:
         if step.content is not None and step.stage is not None and not context.dry_run:
-            _write_stage(step.stage, step.content)
+            # root-only like ufw's own files, and durable before the move
+            write_atomically(Path(step.stage), step.content.encode(), 0o640)
         context.change(list(step.argv), CHANGE_TIMEOUT)
         if step.stage is not None and not context.dry_run and os.path.exists(step.stage):
             os.unlink(step.stage)  # cp leaves it behind
