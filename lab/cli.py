@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="show labs, their processes and their nodes")
     _select_options(status, allow_all=False)
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
-    demo = commands.add_parser("demo", help="up, show `coordctl nodes` and `coordctl top --once`, then down")
+    demo = commands.add_parser(
+        "demo", help="up with dockerd and glusterd, show nodes and top, apply a cluster spec, then down"
+    )
     _lab_options(demo)
     return parser
 
@@ -227,30 +229,47 @@ def _metrics_lines(url: str, needle: str, count: int) -> list[str]:
     return lines[:count]
 
 
+DEMO_SPEC = Path(__file__).resolve().parent / "demo-cluster.yaml"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The quick start's main job: a lab of Pis with their own dockerd and glusterd, the
+    inventory and live metrics, then `coordctl apply` of a seed-like cluster."""
+    if not args.services:
+        args.services = "dockerd,glusterd"
+    if args.nodes < 3:
+        raise LabError("the demo needs at least 3 Pis (its Gluster volume is replicated 3 ways)")
     lab = _make_lab(args)
     failed = False
+
+    def show(*command: str, timeout: float = 60) -> None:
+        nonlocal failed
+        done = lab.coordctl(*command, timeout=timeout)
+        print(f"\n$ coordctl {' '.join(command)}")
+        print(done.stdout.rstrip())
+        if done.returncode != 0:
+            failed = True
+            print(f"(exit {done.returncode}) {done.stderr.strip()}", file=sys.stderr)
+
     try:
         print(f"picoord-lab demo: starting {args.nodes} Pis (lab {lab.lab_id}) ...", flush=True)
         lab.up(args.nodes)
         time.sleep(DEMO_SAMPLE_WAIT)  # a few metric samples, so `top` shows rates, not zeros
-        last = lab.nodes[-1]
-        for command in (
-            ("nodes",),
-            ("top", "--once"),
-            ("node", "label", "pi1", "role=storage"),
-            ("node", "show", "pi1", "--samples", "3"),
-            ("node", "remove", last),
-            ("nodes",),
-        ):
-            done = lab.coordctl(*command)
-            print(f"\n$ coordctl {' '.join(command)}")
-            print(done.stdout.rstrip())
-            if done.returncode != 0:
-                failed = True
-                print(f"(exit {done.returncode}) {done.stderr.strip()}", file=sys.stderr)
+        show("nodes")
+        show("top", "--once")
+        show("node", "label", "pi1", "role=storage")
+        spec = str(DEMO_SPEC)
+        show("apply", "-f", spec, "--dry-run", timeout=600)
+        show("apply", "-f", spec, timeout=600)
+        show("apply", "-f", spec, timeout=600)
+        show("actions", "pi2", "--limit", "8")
+        swarm = lab.sandbox("pi1").run(["docker", "node", "ls"], timeout=60)
+        print("\n$ docker node ls   # on pi1, the Swarm manager")
+        print(swarm.stdout.rstrip() or swarm.stderr.rstrip())
         print(f"\n$ curl -s {lab.metrics_url} | grep 'instance=\"pi1\"' | head -5")
         print("\n".join(_metrics_lines(lab.metrics_url, 'instance="pi1"', 5)))
+        show("node", "remove", lab.nodes[-1])
+        show("nodes")
     except BaseException:
         failed = True
         raise

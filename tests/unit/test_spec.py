@@ -207,3 +207,19 @@ def test_the_example_file_reads() -> None:
         "FirewallPolicy",
     ]
     assert len(documents[3].rules) == 7
+
+
+def test_the_lab_demo_spec_reads_and_plans_for_three_pis() -> None:
+    from picoord.coordinator.apply.planner import NodeView, plan
+    from picoord.lab.cli import DEMO_SPEC
+
+    inventory = [NodeView(f"pi{i}", {}, "x86_64", f"10.213.0.{10 + i}") for i in (1, 2, 3)]
+    steps = plan(parse_spec(DEMO_SPEC.read_text()), inventory)
+    assert {step.kind for step in steps} == {
+        "swarm_init",
+        "swarm_join",
+        "gluster_peer_probe",
+        "gluster_volume",
+        "mount",
+        "firewall",
+    }
