@@ -369,7 +369,7 @@ def cmd_apply(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
             records.append(event.finished)
             if args.output == "table":
                 _print_record(event.finished, args.dry_run)
-        elif kind == "started" and args.output == "table":
+        elif kind == "started" and args.output == "table" and sys.stdout.isatty():  # live progress
             print(f"{event.started.node:<12} {event.started.step:<48} ...", flush=True)
         elif kind == "summary":
             summary = event.summary
