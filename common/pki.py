@@ -38,12 +38,6 @@ def ca_cert_hash(certificate: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(spki).hexdigest()
 
 
-def ca_cert_hash_from_pem(pem: bytes) -> str:
-    from cryptography import x509
-
-    return ca_cert_hash(x509.load_pem_x509_certificate(pem))
-
-
 def certificate_not_after(certificate: x509.Certificate) -> datetime.datetime:
     """Expiry as an aware UTC datetime (cryptography < 42, as in Debian 12, has no *_utc)."""
     if hasattr(certificate, "not_valid_after_utc"):

@@ -24,11 +24,12 @@ from picoord.coordinator.config import ConfigError, CoordinatorConfig
 from picoord.coordinator.prometheus import serve_metrics
 from picoord.coordinator.servicers.admin import AdminServicer
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
+from picoord.coordinator.servicers.peers import restrict_to_operators
 from picoord.coordinator.servicers.session import SessionServicer
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import Store
 from picoord.coordinator.telemetry import MetricsHistory
-from picoord.v1 import admin_pb2_grpc, agent_pb2_grpc
+from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator")
 
@@ -127,11 +128,14 @@ async def serve(config: CoordinatorConfig) -> None:
         SessionServicer(cluster, config.metrics_interval, config.heartbeat_interval), server
     )
     admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminServicer(
-            cluster,
-            ca,
-            join_address=join_host_port(advertise_host, listen_port),
-            enroll_port_hint=None if enroll_port == listen_port + 1 else enroll_port,
+        restrict_to_operators(
+            AdminServicer(
+                cluster,
+                ca,
+                join_address=join_host_port(advertise_host, listen_port),
+                enroll_port_hint=None if enroll_port == listen_port + 1 else enroll_port,
+            ),
+            admin_pb2.DESCRIPTOR.services_by_name["Admin"],
         ),
         server,
     )

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from picoord.agent.commands import CommandResult, run_command
-from picoord.common.validation import FieldError
 from picoord.v1 import actions_pb2, agent_pb2
 
 Runner = Callable[[Sequence[str], float], CommandResult]
@@ -97,7 +96,3 @@ class Outcome:
         if context.dry_run:
             return cls(agent_pb2.ACTION_OUTCOME_PLANNED, message, in_place)
         return cls(agent_pb2.ACTION_OUTCOME_SUCCEEDED, message, in_place)
-
-
-def rejected(error: FieldError) -> Outcome:
-    return Outcome(agent_pb2.ACTION_OUTCOME_REJECTED, str(error))

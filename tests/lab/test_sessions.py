@@ -11,8 +11,9 @@ from collections.abc import Callable
 import grpc
 import pytest
 
+from picoord.agent.channel import channel_options
 from picoord.lab.cluster import Lab
-from picoord.v1 import agent_pb2, node_pb2
+from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, node_pb2
 from tests.lab.helpers import enroll_address, hello, node_credentials, open_session, session_raw
 
 FAST = {"heartbeat_timeout": 3.0, "down_timeout": 6.0}
@@ -182,3 +183,43 @@ def test_agent_killed_and_restarted(lab_factory: Callable[..., Lab]) -> None:
     lab.wait_ready(timeout=20)
     assert lab.coordctl_json("node", "show", "pi1")["enrolled_at"] == enrolled
     assert [node["name"] for node in lab.coordctl_json("nodes")] == ["pi1", "pi2"]
+
+
+@pytest.mark.parametrize(
+    ("call", "request_message"),
+    [
+        ("ListNodes", admin_pb2.ListNodesRequest()),
+        ("CreateToken", admin_pb2.CreateTokenRequest()),
+        ("RemoveNode", admin_pb2.RemoveNodeRequest(name="pi1")),
+    ],
+)
+def test_the_admin_api_is_not_for_nodes(lab1: Lab, call: str, request_message: object) -> None:
+    """The admin service shares the gRPC server with the agent ports: a node's certificate
+    (agent port) or no certificate (enrollment port) must not reach it."""
+    before = lab1.coordctl_json("token", "list")
+    for address, credentials in (
+        (lab1.coordinator_address, node_credentials(lab1, "pi1")),
+        (enroll_address(lab1), ca_only(lab1)),
+    ):
+        channel = grpc.secure_channel(address, credentials, options=channel_options())
+        with channel, pytest.raises(grpc.RpcError) as raised:
+            getattr(admin_pb2_grpc.AdminStub(channel), call)(request_message, timeout=10)
+        assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "only for operators" in raised.value.details()
+    assert lab1.coordctl_json("token", "list") == before  # nothing was created
+    assert lab1.node_statuses() == {"pi1": "Ready"}  # nor removed
+
+
+def test_apply_is_not_for_nodes_either(lab1: Lab) -> None:
+    request = admin_pb2.ApplyRequest(
+        documents="kind: Mount\nname: m\ntype: tmpfs\ntarget: /mnt/x\nnodes: [pi1]\n"
+    )
+    with (
+        grpc.secure_channel(
+            lab1.coordinator_address, node_credentials(lab1, "pi1"), options=channel_options()
+        ) as ch,
+        pytest.raises(grpc.RpcError) as raised,
+    ):
+        list(admin_pb2_grpc.AdminStub(ch).Apply(request, timeout=10))
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert lab1.coordctl_json("actions") == []
