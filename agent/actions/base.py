@@ -17,6 +17,7 @@ from picoord.v1 import actions_pb2, agent_pb2
 
 Runner = Callable[[Sequence[str], float], CommandResult]
 REDACTED = "<redacted>"
+WITHHELD = "<output withheld: it contains a secret>"
 
 
 class ActionFailed(Exception):
@@ -64,8 +65,13 @@ class ActionContext:
         """Run a command that only reads state (also in a dry run); not recorded."""
         return self.run(argv, self.remaining(timeout))
 
-    def change(self, argv: Sequence[str], timeout: float = 60.0, check: bool = True) -> CommandResult | None:
-        """Run a command that changes state, and record it. In a dry run, record it only."""
+    def change(
+        self, argv: Sequence[str], timeout: float = 60.0, check: bool = True, secret_output: bool = False
+    ) -> CommandResult | None:
+        """Run a command that changes state, and record it. In a dry run, record it only.
+
+        `secret_output`: the command prints a secret not known beforehand (a token it
+        generates), so its output is withheld from the record."""
         record = actions_pb2.CommandRecord(argv=[self.redact(word) for word in argv], ran=not self.dry_run)
         self.commands.append(record)
         if self.dry_run:
@@ -74,7 +80,8 @@ class ActionContext:
         result = self.run(argv, self.remaining(timeout))
         record.exit_code = result.exit_code
         record.seconds = round(time.monotonic() - started, 3)
-        record.output_tail = self.redact((result.stdout + result.stderr)[-4096:])
+        output = WITHHELD if secret_output else (result.stdout + result.stderr)[-4096:]
+        record.output_tail = self.redact(output)
         if check and not result.ok:
             reason = "timed out" if result.timed_out else f"exited {result.exit_code}"
             raise ActionFailed(f"{argv[0]} {reason}: {record.output_tail.strip()[-500:]}")

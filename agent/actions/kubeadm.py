@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
-import string
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,6 +28,7 @@ from picoord.common.checks.membership import (
     check_kubeadm_reset,
     kubeadm_api_server,
 )
+from picoord.common.files import write_atomically
 from picoord.common.validation import FieldError, host_port, kubeadm_token, sha256_pin
 from picoord.v1 import actions_pb2
 
@@ -67,13 +66,28 @@ def plan_kubeadm_init(initialised: bool, advertise: str, pod_network_cidr: str) 
     return [[*argv, "--skip-token-print"]]
 
 
-def token_create_argv(token: str) -> list[str]:
-    return ["kubeadm", "token", "create", token, "--print-join-command"]
+# kubeadm generates the token: it is printed (output withheld from records), never on an argv.
+TOKEN_CREATE_ARGV = ["kubeadm", "token", "create", "--print-join-command"]
+# The join's token travels in this file (root-only, removed after the join), not on the
+# command line, where `ps` would show it to every user of the Pi.
+JOIN_CONFIG = Path("/run/picoord-agent/kubeadm-join.yaml")
 
 
-def plan_kubeadm_join(
-    joined_to: str | None, api_server: str, token: str, ca_cert_hash: str
-) -> list[list[str]]:
+def join_configuration(api_server: str, token: str, ca_cert_hash: str) -> str:
+    """kubeadm's JoinConfiguration: what `join HOST:PORT --token T --discovery-token-ca-cert-hash H` says."""
+    return (
+        "apiVersion: kubeadm.k8s.io/v1beta3\n"
+        "kind: JoinConfiguration\n"
+        "discovery:\n"
+        "  bootstrapToken:\n"
+        f'    apiServerEndpoint: "{api_server}"\n'
+        f'    token: "{token}"\n'
+        "    caCertHashes:\n"
+        f'      - "{ca_cert_hash}"\n'
+    )
+
+
+def plan_kubeadm_join(joined_to: str | None, api_server: str) -> list[list[str]]:
     """Nothing when kubelet.conf already points at `api_server`; join when there is none.
 
     A node joined to another control plane fails: kubeadm_reset first, never implicitly.
@@ -85,7 +99,7 @@ def plan_kubeadm_join(
             f"this node is already joined to the cluster at {joined_to}, not {api_server}; "
             "kubeadm_reset first"
         )
-    return [["kubeadm", "join", api_server, "--token", token, "--discovery-token-ca-cert-hash", ca_cert_hash]]
+    return [["kubeadm", "join", "--config", str(JOIN_CONFIG)]]
 
 
 def plan_kubeadm_reset(initialised: bool, joined: bool) -> list[list[str]]:
@@ -195,12 +209,6 @@ def ca_cert_hash(pem: bytes) -> str:
     return "sha256:" + hashlib.sha256(spki).hexdigest()
 
 
-def new_token() -> str:
-    alphabet = string.ascii_lowercase + string.digits
-    pick = "".join(secrets.choice(alphabet) for _ in range(22))
-    return f"{pick[:6]}.{pick[6:]}"
-
-
 # --- the imperative shell ----------------------------------------------------------
 
 
@@ -268,9 +276,7 @@ def kubeadm_init(request: actions_pb2.KubeadmInit, context: ActionContext) -> Ou
             raise ActionFailed(f"{CA_CERT} is missing: cannot pin the cluster CA for joining workers")
         join = JoinCommand(server or planned_server, token, ca_cert_hash(pem))
     else:
-        token = new_token()
-        context.secrets = (*context.secrets, token)
-        result = context.change(token_create_argv(token), TOKEN_TIMEOUT)
+        result = context.change(TOKEN_CREATE_ARGV, TOKEN_TIMEOUT, secret_output=True)
         if result is None:  # dry run on an initialised control plane without a usable token
             outcome = Outcome.done(context, "would create a join token", in_place)
             outcome.facts = [_fact("kubeadm.api_server", server or planned_server)]
@@ -278,8 +284,7 @@ def kubeadm_init(request: actions_pb2.KubeadmInit, context: ActionContext) -> Ou
                 outcome.facts.append(_fact("kubeadm.ca_cert_hash", ca_cert_hash(pem)))
             return outcome
         join = parse_join_command(result.stdout)
-        if join.token != token:
-            raise ActionFailed("kubeadm token create printed another token than the one it was given")
+        context.secrets = (*context.secrets, join.token)
     message = (
         "control plane initialised" if admin is None else "join token created" if context.commands else ""
     )
@@ -295,8 +300,8 @@ def kubeadm_init(request: actions_pb2.KubeadmInit, context: ActionContext) -> Ou
 def kubeadm_join(request: actions_pb2.KubeadmJoin, context: ActionContext) -> Outcome:
     """Join the cluster at api_server unless kubelet.conf shows this node already did.
 
-    The token is on kubeadm's argv while it runs (as in the seed); it is redacted from
-    everything recorded. Facts: kubeadm.api_server this node is joined to.
+    The token goes to kubeadm in a root-only JoinConfiguration file, removed afterwards,
+    never on its command line. Facts: kubeadm.api_server this node is joined to.
     """
     check_kubeadm_join(request)
     _require_kubeadm()
@@ -305,8 +310,18 @@ def kubeadm_join(request: actions_pb2.KubeadmJoin, context: ActionContext) -> Ou
     kubelet = _read_text(KUBELET_CONF)
     joined_to = (kubeconfig_server(kubelet) or "?") if kubelet is not None else None
     in_place = f"joined to {joined_to}" if joined_to else "not joined"
-    for argv in plan_kubeadm_join(joined_to, api_server, request.token, request.ca_cert_hash):
-        context.change(argv, JOIN_TIMEOUT)
+    for argv in plan_kubeadm_join(joined_to, api_server):
+        if context.dry_run:
+            context.change(argv, JOIN_TIMEOUT)
+            continue
+        JOIN_CONFIG.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_atomically(
+            JOIN_CONFIG, join_configuration(api_server, request.token, request.ca_cert_hash).encode(), 0o600
+        )
+        try:
+            context.change(argv, JOIN_TIMEOUT)
+        finally:
+            JOIN_CONFIG.unlink(missing_ok=True)
     verb = "would join" if context.dry_run else "joined"
     outcome = Outcome.done(
         context, f"{verb} the cluster at {api_server}" if context.commands else "", in_place

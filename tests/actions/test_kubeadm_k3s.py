@@ -252,30 +252,24 @@ def test_kubeadm_manager_init_then_reuses_inits_token(make_node: Any) -> None:
 
 
 def test_kubeadm_token_create_when_no_usable_token(make_node: Any) -> None:
-    """init's token is expired: the agent creates one with a token it chose, so it is a
-    known secret before kubeadm prints it; the recorded argv and output are redacted."""
+    """init's token is expired: the agent has kubeadm create one. The token is never on an
+    argv, and the output that prints it is withheld from the record."""
     manager = make_node("manager")
     manager.extra_env["STANDIN_TOKEN_EXPIRES"] = "2020-01-01T00:00:00Z"
     result = manager.act(f"{KUBEADM}:kubeadm_init", init_request())
     assert result["outcome"] == "SUCCEEDED", result
     token = facts(result)["kubeadm.token"]
-    assert manager.new_calls() == [
-        INIT_ARGV,
-        TOKEN_LIST_ARGV,
-        ["kubeadm", "token", "create", token, "--print-join-command"],
-    ]
-    assert recorded(result) == [
-        INIT_ARGV,
-        ["kubeadm", "token", "create", "<redacted>", "--print-join-command"],
-    ]
-    assert "<redacted>" in result["commands"][1]["output_tail"]
+    create = ["kubeadm", "token", "create", "--print-join-command"]
+    assert manager.new_calls() == [INIT_ARGV, TOKEN_LIST_ARGV, create]
+    assert recorded(result) == [INIT_ARGV, create]
+    assert result["commands"][1]["output_tail"] == "<output withheld: it contains a secret>"
     assert facts(result)["kubeadm.api_server"] == API_SERVER
     assert facts(result)["kubeadm.ca_cert_hash"] == openssl_pin(STANDIN / "ca.crt")
 
     # Every listed token is expired again: a dry run plans a create, and runs only the list.
     planned = manager.act(f"{KUBEADM}:kubeadm_init", init_request(), dry_run=True)
     assert planned["outcome"] == "PLANNED", planned
-    assert recorded(planned) == [["kubeadm", "token", "create", "<redacted>", "--print-join-command"]]
+    assert recorded(planned) == [create]
     assert manager.new_calls() == [TOKEN_LIST_ARGV]
     assert facts(planned) == {
         "kubeadm.api_server": API_SERVER,
@@ -317,25 +311,19 @@ def test_manager_token_to_worker_join_then_reset(make_node: Any) -> None:
         token=given["kubeadm.token"],
         ca_cert_hash=given["kubeadm.ca_cert_hash"],
     )
-    join_argv = [
-        "kubeadm",
-        "join",
-        API_SERVER,
-        "--token",
-        given["kubeadm.token"],
-        "--discovery-token-ca-cert-hash",
-        openssl_pin(STANDIN / "ca.crt"),
-    ]
+    # The token reaches kubeadm in a 0600 file (the stand-in refuses anything else), not on argv.
+    join_argv = ["kubeadm", "join", "--config", "/run/picoord-agent/kubeadm-join.yaml"]
 
     planned = worker.act(f"{KUBEADM}:kubeadm_join", join, dry_run=True)
     assert planned["outcome"] == "PLANNED", planned
     assert worker.new_calls() == []
-    assert recorded(planned) == [[*join_argv[:4], "<redacted>", *join_argv[5:]]]
+    assert recorded(planned) == [join_argv]
 
     joined = worker.act(f"{KUBEADM}:kubeadm_join", join)
     assert joined["outcome"] == "SUCCEEDED", joined
     assert worker.new_calls() == [join_argv]
-    assert recorded(joined) == [[*join_argv[:4], "<redacted>", *join_argv[5:]]]
+    assert recorded(joined) == [join_argv]
+    assert worker.read("/run/picoord-agent/kubeadm-join.yaml") is None  # removed after the join
     assert f"https://{API_SERVER}" in (worker.read("/etc/kubernetes/kubelet.conf") or "")
     assert facts(joined) == {"kubeadm.api_server": API_SERVER}
 

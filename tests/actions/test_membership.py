@@ -22,7 +22,7 @@ from google.protobuf.message import Message
 from picoord.agent.actions import k3s, kubeadm, swarm
 from picoord.agent.actions.base import REDACTED, ActionContext, ActionFailed
 from picoord.common.checks import membership
-from picoord.common.validation import FieldError, kubeadm_token
+from picoord.common.validation import FieldError
 from picoord.v1 import actions_pb2
 
 WORKER_TOKEN = "SWMTKN-1-" + "3" * 50 + "-" + "a" * 25
@@ -352,19 +352,28 @@ def test_plan_kubeadm_init() -> None:
 
 
 def test_plan_kubeadm_join_and_reset() -> None:
-    join = [
-        "kubeadm",
-        "join",
-        "10.0.0.1:6443",
-        "--token",
-        KUBE_TOKEN,
-        "--discovery-token-ca-cert-hash",
-        CA_PIN,
-    ]
-    assert kubeadm.plan_kubeadm_join(None, "10.0.0.1:6443", KUBE_TOKEN, CA_PIN) == [join]
-    assert kubeadm.plan_kubeadm_join("10.0.0.1:6443", "10.0.0.1:6443", KUBE_TOKEN, CA_PIN) == []
+    join = ["kubeadm", "join", "--config", "/run/picoord-agent/kubeadm-join.yaml"]  # no token on argv
+    assert kubeadm.plan_kubeadm_join(None, "10.0.0.1:6443") == [join]
+    assert kubeadm.plan_kubeadm_join("10.0.0.1:6443", "10.0.0.1:6443") == []
     with pytest.raises(ActionFailed, match=r"10.0.0.9:6443.*kubeadm_reset"):
-        kubeadm.plan_kubeadm_join("10.0.0.9:6443", "10.0.0.1:6443", KUBE_TOKEN, CA_PIN)
+        kubeadm.plan_kubeadm_join("10.0.0.9:6443", "10.0.0.1:6443")
+
+
+def test_join_configuration_says_what_the_seeds_join_line_says() -> None:
+    import yaml
+
+    config = yaml.safe_load(kubeadm.join_configuration("10.0.0.1:6443", KUBE_TOKEN, CA_PIN))
+    assert config == {
+        "apiVersion": "kubeadm.k8s.io/v1beta3",
+        "kind": "JoinConfiguration",
+        "discovery": {
+            "bootstrapToken": {
+                "apiServerEndpoint": "10.0.0.1:6443",
+                "token": KUBE_TOKEN,
+                "caCertHashes": [CA_PIN],
+            }
+        },
+    }
     assert kubeadm.plan_kubeadm_reset(False, False) == []
     assert kubeadm.plan_kubeadm_reset(True, False) == kubeadm.plan_kubeadm_reset(False, True)
     assert kubeadm.plan_kubeadm_reset(False, True) == [["kubeadm", "reset", "--force"]]
@@ -441,13 +450,6 @@ def test_ca_cert_hash_is_kubeadms_pin_as_openssl_computes_it() -> None:
         ["openssl", "pkey", "-pubin", "-outform", "der"], input=public, capture_output=True, check=True
     ).stdout
     assert "sha256:" + hashlib.sha256(der).hexdigest() == CA_PIN
-
-
-def test_new_tokens_are_kubeadm_tokens_and_differ() -> None:
-    made = {kubeadm.new_token() for _ in range(50)}
-    assert len(made) == 50
-    for token in made:
-        assert kubeadm_token("t", token) == token
 
 
 # --- k3s -----------------------------------------------------------------------------
