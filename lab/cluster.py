@@ -615,24 +615,28 @@ class Lab:
             write_settings(self.agent_config_path, self.agent_settings())
         return [str(executable("picoord-agent", self.bin_dir)), "--config", str(self.agent_config_path)]
 
+    def join_argv(self, ca_cert_hash: str, node_name: str, state_dir: Path | str, *extra: str) -> list[str]:
+        """`picoord-agent join` against this lab's coordinator, without the token: pass that in
+        the environment ($PICOORD_JOIN_TOKEN), or as `--token` in `extra` to try a bad one."""
+        return [
+            *self._agent(),
+            "join",
+            self.coordinator_address,
+            "--ca-cert-hash",
+            ca_cert_hash,
+            f"--node-name={node_name}",  # the = form, so even a name like "-pi" reaches the validator
+            "--state-dir",
+            str(state_dir),
+            *extra,
+        ]
+
     def _join_command(
         self, node: str, token: Mapping[str, Any], labels: Mapping[str, str]
     ) -> tuple[list[str], dict[str, str]]:
         """argv and environment of `picoord-agent join`: the token travels in the environment,
         so it never shows in `ps` while the join runs."""
-        argv = [
-            *self._agent(),
-            "join",
-            self.coordinator_address,
-            "--ca-cert-hash",
-            str(token["ca_cert_hash"]),
-            "--node-name",
-            node,
-            "--state-dir",
-            str(self.agent_state_dir(node)),
-        ]
-        for key, value in labels.items():
-            argv += ["--label", f"{key}={value}"]
+        label_args = [word for key, value in labels.items() for word in ("--label", f"{key}={value}")]
+        argv = self.join_argv(str(token["ca_cert_hash"]), node, self.agent_state_dir(node), *label_args)
         return self.in_pi(node, argv), {JOIN_TOKEN_ENV: str(token["token"])}
 
     def _enroll_all(self, labels: Mapping[str, Mapping[str, str]]) -> None:

@@ -309,8 +309,13 @@ MODE = {mode!r}
 prog, args = Path(sys.argv[0]).name, sys.argv[1:]
 
 
-def opt(name):
-    return args[args.index(name) + 1] if name in args else None
+def opt(name):  # `--name value` or `--name=value`, as argparse takes either
+    for index, word in enumerate(args):
+        if word == name and index + 1 < len(args):
+            return args[index + 1]
+        if word.startswith(name + "="):
+            return word.partition("=")[2]
+    return None
 
 
 def alive(pid):

@@ -118,22 +118,10 @@ def test_a_removed_node_can_join_again(lab_factory: Callable[..., Lab]) -> None:
     lab.kill_agent("pi1")
     lab.coordctl("node", "remove", "pi1", check=True)
     token = lab.create_token()
-    agent = [str(lab.bin_dir / "picoord-agent"), "--config", str(lab.agent_config_path)]
-    done = lab.exec_in(
-        "pi1",
-        *agent,
-        "join",
-        lab.coordinator_address,
-        "--token",
-        token["token"],
-        "--ca-cert-hash",
-        token["ca_cert_hash"],
-        "--node-name",
-        "pi1",
-        "--state-dir",
-        str(lab.agent_state_dir("pi1")),
-        "--force",
+    argv = lab.join_argv(
+        token["ca_cert_hash"], "pi1", lab.agent_state_dir("pi1"), "--token", token["token"], "--force"
     )
+    done = lab.exec_in("pi1", *argv)
     assert done.returncode == 0, done.stderr
     lab.start_agent("pi1")
     lab.wait_ready(timeout=20)
