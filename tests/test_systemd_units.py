@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 from picoord.common import defaults
+from tests.systemd_verify import make_unit_root, verify
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UNITS_DIR = REPO_ROOT / "systemd"
 AGENT_UNIT = "picoord-agent.service"
 COORDINATOR_UNIT = "picoord-coordinator.service"
-SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 EXECUTABLES = ("/usr/bin/picoord-agent", "/usr/bin/picoord-coordinator")
 MAX_COORDINATOR_EXPOSURE = 3.0  # systemd-analyze security: 0 (locked down) .. 10 (unsafe)
 
@@ -103,37 +103,11 @@ def load(name: str) -> Unit:
 @pytest.fixture(scope="module")
 def unit_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A root for `systemd-analyze verify --root`: the system units, stand-in picoord binaries."""
-    if not shutil.which("systemd-analyze"):
-        pytest.fail("systemd-analyze is missing: apt-get install systemd", pytrace=False)
     root = tmp_path_factory.mktemp("unit-root")
     try:
-        shutil.copytree(SYSTEM_UNITS, root / SYSTEM_UNITS.relative_to("/"), symlinks=True)
-        for executable in EXECUTABLES:
-            stand_in = root / executable.lstrip("/")
-            stand_in.parent.mkdir(parents=True, exist_ok=True)
-            stand_in.write_text("#!/bin/sh\nexit 0\n")
-            stand_in.chmod(0o755)
-        (root / "etc" / "systemd" / "system").mkdir(parents=True)
-        yield root
+        yield make_unit_root(root, EXECUTABLES)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def verify(root: Path, name: str, text: str) -> tuple[int, list[str]]:
-    """Install `text` as /etc/systemd/system/NAME in `root` and verify it: (exit code, output lines)."""
-    path = root / "etc" / "systemd" / "system" / name
-    path.write_text(text)
-    try:
-        done = subprocess.run(
-            ["systemd-analyze", "verify", f"--root={root}", "--man=no", "--recursive-errors=no", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-    finally:
-        path.unlink()
-    return done.returncode, [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
 
 
 @pytest.mark.parametrize("name", [AGENT_UNIT, COORDINATOR_UNIT])

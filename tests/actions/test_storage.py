@@ -59,6 +59,7 @@ from picoord.common.checks.storage import (
 )
 from picoord.common.validation import FieldError
 from picoord.v1 import actions_pb2, agent_pb2
+from tests.systemd_verify import make_unit_root, verify
 
 GLUSTERFS = actions_pb2.MOUNT_TYPE_GLUSTERFS
 NFS = actions_pb2.MOUNT_TYPE_NFS
@@ -887,29 +888,11 @@ def test_unit_names_match_systemd_escape(path: str) -> None:
 @pytest.fixture(scope="module")
 def unit_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A root for `systemd-analyze verify --root`: this machine's system units."""
-    if not shutil.which("systemd-analyze"):
-        pytest.fail("systemd-analyze is missing: apt-get install systemd", pytrace=False)
     root = tmp_path_factory.mktemp("unit-root")
-    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
-    (root / "etc/systemd/system").mkdir(parents=True)
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def verify(root: Path, name: str, text: str) -> tuple[int, list[str]]:
-    path = root / "etc/systemd/system" / name
-    path.write_text(text)
     try:
-        done = subprocess.run(
-            ["systemd-analyze", "verify", f"--root={root}", "--man=no", "--recursive-errors=no", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        yield make_unit_root(root)
     finally:
-        path.unlink()
-    return done.returncode, [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        shutil.rmtree(root, ignore_errors=True)
 
 
 UNIT_SPECS = [
