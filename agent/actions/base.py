@@ -24,10 +24,12 @@ class ActionFailed(Exception):
     """A command failed; the outcome is FAILED with what ran so far."""
 
 
-def read_file(path: Path) -> str | None:
-    """A state file's text, None when it does not exist; unreadable is a failure, not absence."""
+def read_file(path: Path, errors: str = "strict") -> str | None:
+    """A state file's text, None when it does not exist; unreadable is a failure, not absence.
+
+    `errors="replace"` for files only parsed leniently (kubeconfigs, PEM text)."""
     try:
-        return path.read_text()
+        return path.read_text(errors=errors)
     except FileNotFoundError:
         return None
     except OSError as error:

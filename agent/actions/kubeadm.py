@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
+from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome, read_file
 from picoord.agent.commands import program_available
 from picoord.common.checks.membership import (
     KUBE_API_PORT,
@@ -217,24 +217,6 @@ def _require_kubeadm() -> None:
         raise ActionFailed("kubeadm is not installed on this node (not found on PATH)")
 
 
-def _read_text(path: Path) -> str | None:
-    try:
-        return path.read_text(errors="replace")
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise ActionFailed(f"cannot read {path}: {error}") from None
-
-
-def _read_bytes(path: Path) -> bytes | None:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as error:
-        raise ActionFailed(f"cannot read {path}: {error}") from None
-
-
 def _fact(key: str, value: str, secret: bool = False) -> actions_pb2.Fact:
     return actions_pb2.Fact(key=key, value=value, secret=secret)
 
@@ -248,7 +230,7 @@ def kubeadm_init(request: actions_pb2.KubeadmInit, context: ActionContext) -> Ou
     check_kubeadm_init(request)
     _require_kubeadm()
     advertise = request.advertise_address
-    admin = _read_text(ADMIN_CONF)
+    admin = read_file(ADMIN_CONF, errors="replace")
     server = kubeconfig_server(admin) if admin is not None else None
     if admin is not None and server and server.rpartition(":")[0].strip("[]") != advertise:
         raise ActionFailed(
@@ -263,13 +245,14 @@ def kubeadm_init(request: actions_pb2.KubeadmInit, context: ActionContext) -> Ou
         outcome.facts = [_fact("kubeadm.api_server", planned_server)]
         return outcome
     if admin is None:
-        server = kubeconfig_server(_read_text(ADMIN_CONF) or "") or planned_server
+        server = kubeconfig_server(read_file(ADMIN_CONF, errors="replace") or "") or planned_server
 
     listed = context.read(["kubeadm", "token", "list", "-o", "json"], TOKEN_TIMEOUT)
     if not listed.ok:
         raise ActionFailed(f"kubeadm token list failed ({listed.exit_code}): {listed.stderr.strip()[-500:]}")
     token = usable_token(listed.stdout, datetime.now(UTC))
-    pem = _read_bytes(CA_CERT)
+    pem_text = read_file(CA_CERT, errors="replace")
+    pem = pem_text.encode() if pem_text is not None else None
     if token is not None:
         context.secrets = (*context.secrets, token)
         if pem is None:
@@ -307,7 +290,7 @@ def kubeadm_join(request: actions_pb2.KubeadmJoin, context: ActionContext) -> Ou
     _require_kubeadm()
     api_server = kubeadm_api_server(request)
     context.secrets = (*context.secrets, request.token)
-    kubelet = _read_text(KUBELET_CONF)
+    kubelet = read_file(KUBELET_CONF, errors="replace")
     joined_to = (kubeconfig_server(kubelet) or "?") if kubelet is not None else None
     in_place = f"joined to {joined_to}" if joined_to else "not joined"
     for argv in plan_kubeadm_join(joined_to, api_server):
