@@ -241,33 +241,61 @@ class Coordinator:
     def log(self) -> Path:
         return self.state_dir.parent / "coordinator.log"
 
+    extra: tuple[str, ...] = ()
+    prlimit_nofile: int | None = None  # start it under this open-files limit (soft and hard)
+
     @classmethod
-    def start(cls, root: Path, processes: Processes, extra: Sequence[str] = ()) -> Coordinator:
+    def start(
+        cls,
+        root: Path,
+        processes: Processes,
+        extra: Sequence[str] = (),
+        prlimit_nofile: int | None = None,
+    ) -> Coordinator:
         port, _ = pick_ports(2, consecutive=True)
         (metrics_port,) = pick_ports(1)
-        coordinator = cls(root / "coordinator", port, metrics_port)
+        coordinator = cls(root / "coordinator", port, metrics_port, None, tuple(extra), prlimit_nofile)
+        coordinator._launch(processes)
+        return coordinator
+
+    @classmethod
+    def restart(cls, previous: Coordinator, processes: Processes) -> Coordinator:
+        """The same coordinator again (state dir, ports, flags), e.g. after a SIGKILL."""
+        coordinator = cls(
+            previous.state_dir,
+            previous.port,
+            previous.metrics_port,
+            None,
+            previous.extra,
+            previous.prlimit_nofile,
+        )
+        coordinator._launch(processes)
+        return coordinator
+
+    def _launch(self, processes: Processes) -> None:
         argv = [
             *program("picoord-coordinator"),
             "--state-dir",
-            str(coordinator.state_dir),
+            str(self.state_dir),
             "--admin-socket",
-            str(coordinator.admin_socket),
+            str(self.admin_socket),
             "--listen",
-            coordinator.address,
+            self.address,
             "--metrics-listen",
-            f"{LOOPBACK}:{metrics_port}",
+            f"{LOOPBACK}:{self.metrics_port}",
             "--advertise-address",
             LOOPBACK,
-            *extra,
+            *self.extra,
         ]
+        if self.prlimit_nofile is not None:
+            argv = ["prlimit", f"--nofile={self.prlimit_nofile}:{self.prlimit_nofile}", "--", *argv]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        coordinator.process = processes.start("picoord-coordinator", argv, coordinator.log, env)
+        self.process = processes.start("picoord-coordinator", argv, self.log, env)
         try:
-            wait_for("the coordinator's admin socket", coordinator._answers, 30, processes.check_alive)
-            coordinator._check_sole_listener()
+            wait_for("the coordinator's admin socket", self._answers, 30, processes.check_alive)
+            self._check_sole_listener()
         except BenchError as error:
-            raise BenchError(f"{error}\n--- coordinator log ---\n{coordinator.log_tail()}") from None
-        return coordinator
+            raise BenchError(f"{error}\n--- coordinator log ---\n{self.log_tail()}") from None
 
     def _answers(self) -> bool:
         if not self.admin_socket.exists():

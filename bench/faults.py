@@ -1,0 +1,687 @@
+"""The fault suite: hostile nodes, abuse from the network and broken disks, one row each.
+
+Every row starts its own picoord-coordinator on loopback (127.0.0.1 only) with a temp
+state dir, does to it what a hostile node, an attacker or a fault would do, and records
+what the operator saw, how long until the coordinator was whole again, and whether any
+acknowledged data was lost. It prints one table:
+
+    fault | what the user saw | recovery | data lost
+
+Rows (``--only NAME`` runs some of them):
+
+* ``markup``: a node reports rich markup and terminal escapes in its hardware report;
+* ``huge-samples``: a node sends 4 MB metric samples once a second for 30 s;
+* ``huge-hello``: a node says hello with 4 MB of hardware report;
+* ``long-name``: an unauthenticated Enroll with a 1 MB node name;
+* ``bad-tokens``: 2,000 Enroll calls with wrong tokens;
+* ``raw-tcp``: 5,000 raw TCP connections held open (no TLS) against a coordinator
+  limited to 4,096 open files, while coordctl keeps asking;
+* ``disk-full``: the state disk (a 4 MiB tmpfs) fills up under live sessions, then frees;
+* ``cert-expiry``: a real agent whose certificate lives 60 s (it must renew);
+* ``sigkill``: the coordinator is SIGKILLed under 300 sessions and restarted;
+* ``enroll-storm``: 300 enrollments at once with one valid token.
+
+The firewall row (an agent killed inside a firewall change's confirm window) needs a lab
+Pi with its own netfilter state: it is a lab test, tests/lab/test_firewall_watchdog.py,
+and the table prints that test's outcome when ``--with-lab`` is given.
+
+    .venv/bin/python bench/faults.py [--only markup,disk-full] [--json out.json]
+
+Exit status: 0 when every row ran and behaved; 1 when a row misbehaved; 2 when the suite
+could not run; 130 when interrupted. Run as root (admin socket, tmpfs mounts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+from _common import (
+    BIN,
+    LOOPBACK,
+    BenchError,
+    Coordinator,
+    Processes,
+    bench_workspace,
+    http_get,
+    mib,
+    raise_nofile_limit,
+    table,
+)
+from fanin import SESSION_OPTIONS, pi_hardware, pi_sample
+
+from picoord.agent.enroll import Endpoint, fetch_pinned_ca, new_key_and_csr
+from picoord.common import PROTOCOL_VERSION, VERSION
+from picoord.v1 import agent_pb2, agent_pb2_grpc, node_pb2
+
+MIB = 1024 * 1024
+
+
+@dataclass
+class Row:
+    fault: str
+    saw: str
+    recovery: str
+    data_lost: str
+    ok: bool
+    detail: str = ""
+
+
+# --- a simulated node on loopback ----------------------------------------------------------------
+
+
+@dataclass
+class SimNode:
+    name: str
+    key_pem: bytes
+    certificate_pem: bytes
+    ca_pem: bytes
+
+
+def new_token(coordinator: Coordinator, uses: int = 0) -> tuple[str, str]:
+    reply = coordinator.coordctl("token", "create", "--uses", str(uses)) if uses else None
+    reply = reply or coordinator.coordctl("token", "create")
+    return reply["token"], reply["ca_cert_hash"]
+
+
+async def enroll(coordinator: Coordinator, name: str, token: str, ca_hash: str) -> SimNode:
+    ca_pem = await asyncio.to_thread(fetch_pinned_ca, Endpoint(LOOPBACK, coordinator.port + 1), ca_hash)
+    key_pem, csr_pem = new_key_and_csr(name)
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    async with grpc.aio.secure_channel(coordinator.enroll_address, credentials) as channel:
+        reply = await agent_pb2_grpc.EnrollmentStub(channel).Enroll(
+            agent_pb2.EnrollRequest(token=token, node_name=name, csr_pem=csr_pem), timeout=60
+        )
+    return SimNode(name, key_pem, reply.certificate_pem, ca_pem)
+
+
+def hello(node: SimNode, hardware: node_pb2.Hardware | None = None) -> agent_pb2.AgentMessage:
+    return agent_pb2.AgentMessage(
+        hello=agent_pb2.Hello(
+            node_name=node.name,
+            agent_version=VERSION,
+            hardware=hardware or pi_hardware(node.name, 1),
+            protocol_version=PROTOCOL_VERSION,
+        )
+    )
+
+
+def session_channel(coordinator: Coordinator, node: SimNode) -> grpc.aio.Channel:
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=node.ca_pem, private_key=node.key_pem, certificate_chain=node.certificate_pem
+    )
+    options = [*SESSION_OPTIONS, ("grpc.max_send_message_length", 8 * MIB)]
+    return grpc.aio.secure_channel(coordinator.address, credentials, options=options)
+
+
+async def one_session(
+    coordinator: Coordinator,
+    node: SimNode,
+    first: agent_pb2.AgentMessage,
+    then: agent_pb2.AgentMessage | None = None,
+    seconds: float = 3.0,
+) -> str:
+    """Say `first`, then send `then` once a second for `seconds`; return how it ended."""
+    async with session_channel(coordinator, node) as channel:
+        call = agent_pb2_grpc.AgentSessionStub(channel).Session()
+        try:
+            await call.write(first)
+            reply = await asyncio.wait_for(call.read(), 20)
+            if reply is grpc.aio.EOF:
+                return "closed without a reply"
+            if then is None:
+                return "welcomed"
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                await call.write(then)
+                await asyncio.sleep(1.0)
+            await asyncio.wait_for(call.read(), 5)
+            return "session still open"
+        except TimeoutError:
+            return "session still open"
+        except Exception:  # the call ended: its status says why
+            pass
+        code = await asyncio.wait_for(call.code(), 10)
+        return f"{code.name}: {await call.details()}"[:200]
+
+
+class SessionKeeper:
+    """Hold sessions for many nodes, reconnecting each after loss, and count who is up."""
+
+    def __init__(self, coordinator: Coordinator, nodes: list[SimNode]) -> None:
+        self.coordinator = coordinator
+        self.nodes = nodes
+        self.up: set[str] = set()
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.tasks = [asyncio.create_task(self._keep(node)) for node in self.nodes]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _keep(self, node: SimNode) -> None:
+        while True:
+            try:
+                async with session_channel(self.coordinator, node) as channel:
+                    call = agent_pb2_grpc.AgentSessionStub(channel).Session()
+                    await call.write(hello(node))
+                    reply = await asyncio.wait_for(call.read(), 30)
+                    if reply is grpc.aio.EOF:
+                        raise BenchError("no welcome")
+                    self.up.add(node.name)
+                    sample = pi_sample()
+                    while True:
+                        sample.metrics.timestamp = time.time()
+                        await call.write(sample)
+                        await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.up.discard(node.name)
+                await asyncio.sleep(0.5)
+
+
+async def wait_until(check: Callable[[], bool], timeout: float, step: float = 0.2) -> float | None:
+    """Seconds until `check()` held, or None after `timeout`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if check():
+            return time.monotonic() - started
+        await asyncio.sleep(step)
+    return None
+
+
+def coordctl_text(coordinator: Coordinator, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COORDCTL_ADMIN_SOCKET": str(coordinator.admin_socket)}
+    return subprocess.run(
+        [str(BIN / "coordctl"), *args], env=env, capture_output=True, timeout=timeout, check=False
+    )
+
+
+def coordinator_rss(coordinator: Coordinator) -> int:
+    assert coordinator.process is not None
+    return coordinator.process.memory_info().rss
+
+
+def log_size(coordinator: Coordinator) -> int:
+    return coordinator.log.stat().st_size if coordinator.log.exists() else 0
+
+
+# --- the rows ----------------------------------------------------------------------------------------
+
+
+async def row_markup(root: Path, processes: Processes) -> Row:
+    coordinator = Coordinator.start(root, processes)
+    token, ca_hash = new_token(coordinator)
+    node = await enroll(coordinator, "pi-markup", token, ca_hash)
+    hardware = pi_hardware(node.name, 1)
+    hardware.os_name = "[/x] [bold red]red[/] \x1b[31mESC\x1b[0m"
+    hardware.machine_model = "[link=http://example.invalid]y[/link] \x9b2J \x07"
+    # One session with the hostile hello, kept open while the operator looks.
+    session = asyncio.create_task(one_session(coordinator, node, hello(node, hardware), pi_sample(), 4))
+    await asyncio.sleep(2.0)
+    nodes = await asyncio.to_thread(coordctl_text, coordinator, "nodes")
+    show = await asyncio.to_thread(coordctl_text, coordinator, "node", "show", node.name)
+    await session
+    out = nodes.stdout + show.stdout
+    literal = b"[/x]" in nodes.stdout and b"[bold red]" in nodes.stdout
+    clean = not any(byte in out for byte in (b"\x1b", b"\x07", b"\x9b", "\x9b".encode()))
+    ok = nodes.returncode == 0 and show.returncode == 0 and literal and clean
+    saw = (
+        "nodes and node show list it; markup and escapes printed literally"
+        if ok
+        else f"nodes rc={nodes.returncode} show rc={show.returncode} literal={literal} clean={clean}: "
+        + (nodes.stderr or show.stderr).decode(errors="replace")[:120]
+    )
+    return Row("node reports markup and ESC in os_name", saw, "none needed", "no", ok)
+
+
+def huge_sample() -> agent_pb2.AgentMessage:
+    message = pi_sample()
+    del message.metrics.filesystems[:]
+    for index in range(256):
+        message.metrics.filesystems.add(
+            device="d" * 15_000, mountpoint=f"/m{index}", fstype="ext4", size_bytes=1, free_bytes=1
+        )
+    return message
+
+
+async def row_huge_samples(root: Path, processes: Processes) -> Row:
+    coordinator = Coordinator.start(root, processes)
+    token, ca_hash = new_token(coordinator)
+    node = await enroll(coordinator, "pi-big", token, ca_hash)
+    big = huge_sample()
+    rss_before = coordinator_rss(coordinator)
+    endings: Counter[str] = Counter()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # a hostile agent reconnects and sends again at once
+        endings[await one_session(coordinator, node, hello(node), big, seconds=30)] += 1
+        await asyncio.sleep(1.0)
+    rss_after = coordinator_rss(coordinator)
+    listed = [n["name"] for n in coordinator.coordctl("nodes")]
+    show = coordctl_text(coordinator, "node", "show", node.name, "-o", "json")
+    scrape = len(http_get(f"http://{LOOPBACK}:{coordinator.metrics_port}/metrics"))
+    growth = rss_after - rss_before
+    ok = node.name in listed and show.returncode == 0 and growth < 20 * MIB and scrape < MIB
+    ending = endings.most_common(1)[0][0]
+    return Row(
+        "node sends 4 MB samples every second for 30 s",
+        f"refused ({ending}); node listed; node show {len(show.stdout) // 1024} KiB; "
+        f"scrape {scrape // 1024} KiB",
+        "immediate",
+        "no",
+        ok,
+        f"coordinator RSS {mib(rss_before)} -> {mib(rss_after)} MiB; {sum(endings.values())} sessions",
+    )
+
+
+async def row_huge_hello(root: Path, processes: Processes) -> Row:
+    coordinator = Coordinator.start(root, processes)
+    token, ca_hash = new_token(coordinator)
+    node = await enroll(coordinator, "pi-hello", token, ca_hash)
+
+    def db_bytes() -> int:
+        return sum(p.stat().st_size for p in coordinator.state_dir.glob("state.db*"))
+
+    before = db_bytes()
+    hardware = pi_hardware(node.name, 1)
+    for index in range(200):  # within every count limit: only the bytes are hostile
+        hardware.disks.add(device="d" * 20_000, mountpoint=f"/m{index}", fstype="ext4")
+    ending = await one_session(coordinator, node, hello(node, hardware))
+    await asyncio.sleep(6)  # a flush interval
+    after = db_bytes()
+    ok = ending != "welcomed" and after - before < 256 * 1024
+    return Row(
+        "node sends a 4 MB hello",
+        f"refused ({ending})",
+        "immediate",
+        "no",
+        ok,
+        f"state.db+wal {before // 1024} -> {after // 1024} KiB",
+    )
+
+
+async def enroll_raw(coordinator: Coordinator, ca_pem: bytes, request: agent_pb2.EnrollRequest) -> str:
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    async with grpc.aio.secure_channel(
+        coordinator.enroll_address, credentials, options=[("grpc.max_send_message_length", 8 * MIB)]
+    ) as channel:
+        try:
+            await agent_pb2_grpc.EnrollmentStub(channel).Enroll(request, timeout=30)
+            return "OK"
+        except grpc.aio.AioRpcError as error:
+            return error.code().name
+
+
+async def row_long_name(root: Path, processes: Processes) -> Row:
+    coordinator = Coordinator.start(root, processes)
+    _, ca_hash = new_token(coordinator)
+    ca_pem = fetch_pinned_ca(Endpoint(LOOPBACK, coordinator.port + 1), ca_hash)
+    before = log_size(coordinator)
+    codes = Counter()
+    for _ in range(10):
+        request = agent_pb2.EnrollRequest(token="abcdef.0123456789abcdef", node_name="n" * MIB)
+        codes[await enroll_raw(coordinator, ca_pem, request)] += 1
+    grown = log_size(coordinator) - before
+    ok = "OK" not in codes and grown < 10 * 4096
+    return Row(
+        "10 Enrolls with a 1 MB node name",
+        f"refused ({', '.join(f'{n} {c}' for c, n in codes.items())})",
+        "immediate",
+        "no",
+        ok,
+        f"log grew {grown} bytes for 10 MB of names",
+    )
+
+
+async def row_bad_tokens(root: Path, processes: Processes) -> Row:
+    coordinator = Coordinator.start(root, processes)
+    _, ca_hash = new_token(coordinator)
+    ca_pem = fetch_pinned_ca(Endpoint(LOOPBACK, coordinator.port + 1), ca_hash)
+    before = log_size(coordinator)
+    codes: Counter[str] = Counter()
+    limit = asyncio.Semaphore(50)
+    _, csr = new_key_and_csr("pi-guess")
+
+    async def attempt(index: int) -> None:
+        async with limit:
+            request = agent_pb2.EnrollRequest(token=f"abcdef.{index:016d}", node_name="pi-guess", csr_pem=csr)
+            codes[await enroll_raw(coordinator, ca_pem, request)] += 1
+
+    started = time.monotonic()
+    await asyncio.gather(*(attempt(i) for i in range(2000)))
+    elapsed = time.monotonic() - started
+    grown = log_size(coordinator) - before
+    metrics, _ = coordinator.metrics(["picoord_coordinator_enrollments_throttled_total"])
+    throttled = codes.get("RESOURCE_EXHAUSTED", 0)
+    ok = "OK" not in codes and throttled > 1500 and grown < 200 * 1024
+    return Row(
+        "2,000 Enrolls with wrong tokens",
+        f"{throttled} throttled, {codes.get('UNAUTHENTICATED', 0)} refused; "
+        f"metric {metrics.get('picoord_coordinator_enrollments_throttled_total', 0):.0f}",
+        "immediate",
+        "no",
+        ok,
+        f"{2000 / elapsed:.0f} attempts/s; log grew {grown} bytes",
+    )
+
+
+async def row_raw_tcp(root: Path, processes: Processes) -> Row:
+    raise_nofile_limit(65536)
+    coordinator = Coordinator.start(root, processes, prlimit_nofile=4096)
+    held: list[socket.socket] = []
+    slowest = 0.0
+    failures = 0
+    try:
+        for index in range(5000):
+            port = coordinator.port + (index % 2)
+            with contextlib.suppress(OSError):
+                sock = socket.socket()
+                sock.setblocking(False)
+                with contextlib.suppress(BlockingIOError):
+                    sock.connect((LOOPBACK, port))
+                held.append(sock)
+            if index % 500 == 0:
+                await asyncio.sleep(0)
+        started = time.monotonic()
+        while time.monotonic() - started < 10:
+            asked = time.monotonic()
+            done = await asyncio.to_thread(coordctl_text, coordinator, "nodes", timeout=20)
+            slowest = max(slowest, time.monotonic() - asked)
+            failures += done.returncode != 0
+            await asyncio.sleep(0.5)
+
+        def closed_by_server() -> int:
+            count = 0
+            for sock in held:
+                try:
+                    if sock.recv(1) == b"":
+                        count += 1
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    count += 1
+            return count
+
+        dropped_after = await wait_until(lambda: closed_by_server() >= len(held) * 0.99, 60, step=1.0)
+    finally:
+        for sock in held:
+            sock.close()
+    ok = failures == 0 and slowest < 5 and dropped_after is not None
+    return Row(
+        "5,000 raw TCP connections, coordinator at 4,096 files",
+        f"coordctl nodes answered {'every time' if not failures else f'with {failures} failures'}, "
+        f"slowest {slowest:.2f} s",
+        f"connections dropped {dropped_after + 10:.0f} s after opening"
+        if dropped_after
+        else "not dropped in 70 s",
+        "no",
+        ok,
+        f"{len(held)} connections opened",
+    )
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str) -> object:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+async def row_disk_full(root: Path, processes: Processes) -> Row:
+    state = root / "coordinator"
+    with small_tmpfs(state, "4m"):
+        coordinator = Coordinator.start(root, processes)
+        token, ca_hash = new_token(coordinator)
+        nodes = [await enroll(coordinator, f"pi{i}", token, ca_hash) for i in range(3)]
+        keeper = SessionKeeper(coordinator, nodes)
+        keeper.start()
+        try:
+            await wait_until(lambda: len(keeper.up) == 3, 30)
+            tokens_before = len(coordinator.coordctl("token", "list"))
+            filler = state / "filler"
+            with filler.open("wb") as out, contextlib.suppress(OSError):
+                while True:
+                    out.write(b"\0" * 65536)
+                    out.flush()
+            failed = coordctl_text(coordinator, "token", "create")
+            await asyncio.sleep(15)  # two flush intervals on a full disk
+            alive = coordinator.process is not None and coordinator.process.is_running()
+            ready = [n["name"] for n in coordinator.coordctl("nodes") if n["status"] == "Ready"]
+            filler.unlink()
+            freed = time.monotonic()
+            healed = await wait_until(
+                lambda: coordctl_text(coordinator, "token", "create").returncode == 0, 30, step=0.5
+            )
+            tokens_after = len(coordinator.coordctl("token", "list"))
+            healed_in = time.monotonic() - freed if healed is not None else None
+        finally:
+            await keeper.stop()
+            processes.stop_all()
+    message = failed.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+    ok = failed.returncode != 0 and alive and len(ready) == 3 and healed is not None
+    lost = "no" if tokens_after == tokens_before + 1 else f"tokens {tokens_before} -> {tokens_after}"
+    return Row(
+        "state disk full under 3 live sessions",
+        f"token create: {message[0][:90]}; sessions up {len(ready)}/3; coordinator alive={alive}",
+        f"{healed_in:.1f} s after space returned" if healed_in is not None else "did not heal in 30 s",
+        lost,
+        ok and lost == "no",
+    )
+
+
+async def row_cert_expiry(root: Path, processes: Processes) -> Row:
+    coordinator = Coordinator.start(root, processes, extra=["--node-cert-validity", "60s"])
+    reply = coordinator.coordctl("token", "create")
+    agent_dir = root / "agent"
+    env = {**os.environ, "PICOORD_JOIN_TOKEN": reply["token"]}
+    subprocess.run(
+        [str(BIN / "picoord-agent"), "join", coordinator.address, "--ca-cert-hash", reply["ca_cert_hash"],
+         "--node-name", "pi-rotate", "--state-dir", str(agent_dir)],
+        env=env, check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    first_serial = coordinator.coordctl("node", "show", "pi-rotate")["certificate_serial"]
+    processes.start(
+        "picoord-agent",
+        [str(BIN / "picoord-agent"), "run", "--state-dir", str(agent_dir), "--metrics-interval", "1"],
+        root / "agent.log",
+    )
+    await asyncio.sleep(80)  # past the first certificate's end
+    node = coordinator.coordctl("node", "show", "pi-rotate")
+    ok = node["status"] == "Ready" and node["certificate_serial"] != first_serial
+    return Row(
+        "node certificate reaches its end (60 s validity)",
+        f"node {node['status']} at 80 s; "
+        f"certificate {first_serial[:8]}.. -> {node['certificate_serial'][:8]}..",
+        "renewed before its end",
+        "no",
+        ok,
+    )
+
+
+async def enroll_many(coordinator: Coordinator, count: int, concurrency: int) -> list[SimNode]:
+    token, ca_hash = new_token(coordinator, uses=count)
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(index: int) -> SimNode:
+        async with limit:
+            return await enroll(coordinator, f"pi{index:03d}", token, ca_hash)
+
+    return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def row_sigkill(root: Path, processes: Processes) -> Row:
+    coordinator = Coordinator.start(root, processes)
+    nodes = await enroll_many(coordinator, 300, 20)
+    keeper = SessionKeeper(coordinator, nodes)
+    keeper.start()
+    try:
+        if await wait_until(lambda: len(keeper.up) == 300, 120) is None:
+            raise BenchError(f"only {len(keeper.up)}/300 sessions came up")
+        assert coordinator.process is not None
+        coordinator.process.kill()
+        killed = time.monotonic()
+        await wait_until(lambda: len(keeper.up) < 300, 10, step=0.05)
+        restarted = Coordinator.restart(coordinator, processes)
+        back = await wait_until(lambda: len(keeper.up) == 300, 120)
+        recovery = time.monotonic() - killed if back is not None else None
+        enrolled = len(restarted.coordctl("nodes"))
+    finally:
+        await keeper.stop()
+    with contextlib.closing(sqlite3.connect(coordinator.state_dir / "state.db")) as db:
+        integrity = db.execute("PRAGMA integrity_check").fetchone()[0]
+    ok = recovery is not None and enrolled == 300 and integrity == "ok"
+    return Row(
+        "coordinator SIGKILL under 300 sessions",
+        f"sessions back 300/300; nodes kept {enrolled}/300; integrity {integrity}",
+        f"{recovery:.1f} s after the kill" if recovery else "sessions did not come back in 120 s",
+        "no" if enrolled == 300 else f"{300 - enrolled} nodes",
+        ok,
+    )
+
+
+async def row_enroll_storm(root: Path, processes: Processes) -> Row:
+    coordinator = Coordinator.start(root, processes)
+    slowest = 0.0
+
+    async def probe(stop: asyncio.Event) -> None:
+        nonlocal slowest
+        while not stop.is_set():
+            asked = time.monotonic()
+            await asyncio.to_thread(coordctl_text, coordinator, "nodes")
+            slowest = max(slowest, time.monotonic() - asked)
+            await asyncio.sleep(0.2)
+
+    stop = asyncio.Event()
+    prober = asyncio.create_task(probe(stop))
+    started = time.monotonic()
+    try:
+        nodes = await enroll_many(coordinator, 300, 100)
+    finally:
+        stop.set()
+        await prober
+    elapsed = time.monotonic() - started
+    listed = len(coordinator.coordctl("nodes"))
+    ok = len(nodes) == 300 and listed == 300 and slowest < 2
+    return Row(
+        "enrollment storm: 300 at once",
+        f"all enrolled ({300 / elapsed:.0f}/s); coordctl nodes slowest {slowest:.2f} s",
+        f"{elapsed:.1f} s for all",
+        "no",
+        ok,
+    )
+
+
+def row_firewall_lab() -> Row:
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "tests/lab/test_firewall_watchdog.py"],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    last = (done.stdout.strip().splitlines() or ["no output"])[-1]
+    return Row(
+        "agent SIGKILLed inside a firewall confirm window",
+        "the watchdog restored the previous rules" if done.returncode == 0 else f"test failed: {last}",
+        "within the window + 5 s",
+        "no",
+        done.returncode == 0,
+        last,
+    )
+
+
+ROWS: dict[str, Callable[[Path, Processes], Awaitable[Row]]] = {
+    "markup": row_markup,
+    "huge-samples": row_huge_samples,
+    "huge-hello": row_huge_hello,
+    "long-name": row_long_name,
+    "bad-tokens": row_bad_tokens,
+    "raw-tcp": row_raw_tcp,
+    "disk-full": row_disk_full,
+    "cert-expiry": row_cert_expiry,
+    "sigkill": row_sigkill,
+    "enroll-storm": row_enroll_storm,
+}
+
+
+def run(names: list[str], with_lab: bool) -> list[Row]:
+    rows = []
+    for name in names:
+        print(f"faults: {name} ...", file=sys.stderr, flush=True)
+        with bench_workspace(f"faults-{name}") as (root, processes):
+            try:
+                row = asyncio.run(ROWS[name](root, processes))
+            except (BenchError, OSError, subprocess.SubprocessError, grpc.RpcError) as error:
+                row = Row(name, f"could not run: {error}"[:200], "-", "-", False)
+        rows.append(row)
+        print(f"faults: {name}: {'ok' if row.ok else 'MISBEHAVED'}", file=sys.stderr, flush=True)
+    if with_lab:
+        rows.append(row_firewall_lab())
+    return rows
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def verdict(ok: bool) -> str:
+    return "ok" if ok else "MISBEHAVED"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help=f"comma-separated rows: {', '.join(ROWS)}")
+    parser.add_argument("--with-lab", action="store_true", help="also run the firewall lab test")
+    parser.add_argument("--json", type=Path, help="write the rows here too")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(ROWS)
+    unknown = [name for name in names if name not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows: {', '.join(unknown)}")
+    if os.geteuid() != 0:
+        print("faults: run as root (admin socket, tmpfs mounts)", file=sys.stderr)
+        return 2
+    try:
+        rows = run(names, args.with_lab)
+    except KeyboardInterrupt:
+        return 130
+    print(
+        table(
+            ["fault", "what the user saw", "recovery", "data lost", "verdict"],
+            [
+                [one_line(r.fault), one_line(r.saw), one_line(r.recovery), r.data_lost, verdict(r.ok)]
+                for r in rows
+            ],
+        )
+    )
+    for row in rows:
+        if row.detail:
+            print(f"  {row.fault}: {row.detail}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(row) for row in rows], indent=2))
+    return 0 if all(row.ok for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
