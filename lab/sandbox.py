@@ -45,6 +45,7 @@ namespace files; the kernel then drops the namespace and every mount made inside
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -742,6 +743,7 @@ class PiRack:
         logs_dir: Path | str | None = None,
         service_timeout: float = 60.0,
         stop_timeout: float = DESTROY_TIMEOUT,
+        service_args: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         unknown = [name for name in services if name not in SERVICES]
         if unknown:
@@ -749,6 +751,7 @@ class PiRack:
         self.network = network
         self.root = Path(root).absolute()
         self.services = tuple(services)
+        self.service_args = {name: tuple(args) for name, args in (service_args or {}).items()}
         self.logs_dir = Path(logs_dir) if logs_dir else self.root / "logs"
         self.service_timeout = service_timeout
         self.stop_timeout = stop_timeout
@@ -798,6 +801,8 @@ class PiRack:
     def start_service(self, service: str, nodes: Sequence[str] | None = None) -> None:
         """Start `service` on `nodes` (default all) in parallel; raises the first failure."""
         starter = SERVICES[service]
+        if self.service_args.get(service):  # e.g. dockerd's --insecure-registry for the lab registry
+            starter = functools.partial(starter, extra_args=self.service_args[service])
         chosen = list(nodes) if nodes is not None else self.nodes
         with ThreadPoolExecutor(max_workers=max(1, len(chosen))) as pool:
             futures = {

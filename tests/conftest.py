@@ -137,9 +137,15 @@ def _rack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
     networks: list[LabNetwork] = []
     racks: list[PiRack] = []
 
-    def make(nodes: int, services: Sequence[str] = (), subnet: str | None = None) -> PiRack:
+    def make(
+        nodes: int,
+        services: Sequence[str] = (),
+        subnet: str | None = None,
+        service_args: Callable[[LabNetwork], dict[str, Sequence[str]]] | None = None,
+    ) -> PiRack:
         net = _new_network(networks, nodes, subnet, None)
-        rack = PiRack(net, Path(tmp_path_factory.mktemp(f"rack{net.lab_id}")), services)
+        args = service_args(net) if service_args else None
+        rack = PiRack(net, Path(tmp_path_factory.mktemp(f"rack{net.lab_id}")), services, service_args=args)
         racks.append(rack)
         return rack.up()
 
@@ -159,9 +165,10 @@ def _rack_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
 
 @pytest.fixture
 def sandbox_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., PiRack]]:
-    """`make(nodes, services=(), subnet=None) -> PiRack`: a fresh lab network whose Pis each
-    have a PiSandbox (own /etc/ufw, /etc/fstab, docker and gluster state, /mnt, /srv) and the
-    given services ("dockerd", "glusterd") running; no coordinator, no agents. Services
+    """`make(nodes, services=(), subnet=None, service_args=None) -> PiRack`: a fresh lab network
+    whose Pis each have a PiSandbox (own /etc/ufw, /etc/fstab, docker and gluster state, /mnt, /srv) and the
+    given services ("dockerd", "glusterd") running (`service_args(network)` may add daemon
+    flags, e.g. dockerd's registry flags); no coordinator, no agents. Services
     stopped, sandboxes destroyed and network removed at teardown, also when the test failed.
     `rack.sandbox("pi1")`, `rack.address("pi1")`, `rack.daemon("pi1", "dockerd")`."""
     yield from _rack_factory(tmp_path_factory)

@@ -1,0 +1,185 @@
+"""Stand-in container images for the lab, built without a Docker daemon.
+
+No public registry is reachable here, so the lab makes its own small images from a static
+busybox: `mcp:1` and `mcp:2` serve `/version` and `/health` over HTTP on 8080 (they differ
+in what `/version` says), `mcp:3` serves `/version` but has no `/health` (its HTTP health
+check fails), and a `postgres` stand-in accepts TCP on 5432. The seed's own image names
+(`mcp-modules-rust:latest`, `postgres:15-alpine`) are the same images under those names.
+
+Images are plain data here (layers, config, manifest: the Docker image manifest v2,
+schema 2), built reproducibly (fixed mtimes and owners, so the same inputs give the same
+digests) for any architecture whose busybox-static binary is given. That also sets the
+image's architecture right, which `docker import --platform` on docker 20.10 does not.
+lab/registry.py pushes them to Debian's docker-registry.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
+LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: one static binary
+APPLETS = ("sh", "httpd", "nc", "wget", "sleep", "cat", "echo", "env", "ls", "true", "false", "kill")
+MCP_PORT = 8080
+POSTGRES_PORT = 5432
+
+
+@dataclass(frozen=True)
+class Blob:
+    media_type: str
+    data: bytes
+
+    @property
+    def digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.data).hexdigest()
+
+    def descriptor(self) -> dict[str, object]:
+        return {"mediaType": self.media_type, "size": len(self.data), "digest": self.digest}
+
+
+@dataclass(frozen=True)
+class Image:
+    """One image: its layers and config blob, and the manifest that names them."""
+
+    repository: str
+    tag: str
+    layers: tuple[Blob, ...]
+    config: Blob
+
+    @property
+    def manifest(self) -> bytes:
+        document = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": self.config.descriptor(),
+            "layers": [layer.descriptor() for layer in self.layers],
+        }
+        return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def reference(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+
+@dataclass(frozen=True)
+class StandIn:
+    """What one stand-in image holds and runs."""
+
+    repository: str
+    tag: str
+    files: Mapping[str, bytes]  # path inside the image -> content
+    cmd: Sequence[str]
+    port: int
+    env: Sequence[str] = ()
+
+
+def _tar(entries: Sequence[tuple[str, bytes | str, int]]) -> bytes:
+    """A reproducible tar: (path, content or symlink target, mode) in the given order."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        directories: set[str] = set()
+        for path, content, mode in entries:
+            parts = path.split("/")[:-1]
+            for depth in range(1, len(parts) + 1):
+                directory = "/".join(parts[:depth])
+                if directory not in directories:
+                    directories.add(directory)
+                    info = tarfile.TarInfo(directory)
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    archive.addfile(info)
+            info = tarfile.TarInfo(path)
+            info.mode = mode
+            if isinstance(content, str):
+                info.type, info.linkname = tarfile.SYMTYPE, content
+                archive.addfile(info)
+            else:
+                info.size = len(content)
+                archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+def _layer(tar: bytes) -> tuple[Blob, str]:
+    """The gzipped layer blob and the digest of its uncompressed tar (the config's diff_id)."""
+    compressed = gzip.compress(tar, mtime=0)
+    return Blob(LAYER_TYPE, compressed), "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+def busybox_layer(busybox: bytes) -> tuple[Blob, str]:
+    """bin/busybox and its applets as links: shared by every stand-in image."""
+    entries: list[tuple[str, bytes | str, int]] = [("bin/busybox", busybox, 0o755)]
+    entries += [(f"bin/{applet}", "busybox", 0o777) for applet in APPLETS]
+    entries.append(("tmp/.keep", b"", 0o644))
+    return _layer(_tar(entries))
+
+
+def build_image(stand_in: StandIn, busybox: bytes, architecture: str) -> Image:
+    base, base_id = busybox_layer(busybox)
+    app, app_id = _layer(_tar([(path, content, 0o644) for path, content in sorted(stand_in.files.items())]))
+    config = {
+        "architecture": architecture,
+        "os": "linux",
+        "config": {
+            "Cmd": list(stand_in.cmd),
+            "Env": ["PATH=/bin", *stand_in.env],
+            "ExposedPorts": {f"{stand_in.port}/tcp": {}},
+            "Labels": {"org.picoord.lab.stand-in": stand_in.repository},
+        },
+        "rootfs": {"type": "layers", "diff_ids": [base_id, app_id]},
+        "history": [{"created_by": "picoord lab: busybox-static"}, {"created_by": "picoord lab: files"}],
+    }
+    config_blob = Blob(CONFIG_TYPE, json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    return Image(stand_in.repository, stand_in.tag, (base, app), config_blob)
+
+
+def _mcp(version: int, healthy: bool) -> StandIn:
+    files = {"www/version": f"mcp {version}\n".encode(), "www/index.html": b"mcp stand-in\n"}
+    if healthy:
+        files["www/health"] = b"ok\n"
+    return StandIn(
+        "mcp",
+        str(version),
+        files,
+        ("/bin/httpd", "-f", "-p", str(MCP_PORT), "-h", "/www"),
+        MCP_PORT,
+        (f"MCP_VERSION={version}",),
+    )
+
+
+def stand_ins() -> list[StandIn]:
+    """mcp:1, mcp:2, the broken mcp:3, and the postgres stand-in."""
+    postgres = StandIn(
+        "postgres",
+        "15-alpine",
+        {"www/health": b"ok\n"},
+        # Accepts TCP on 5432 (and answers HTTP there): enough for a tcp health check and
+        # for a client to see that the name resolves and the port is open.
+        ("/bin/httpd", "-f", "-p", str(POSTGRES_PORT), "-h", "/www"),
+        POSTGRES_PORT,
+    )
+    return [_mcp(1, True), _mcp(2, True), _mcp(3, False), postgres]
+
+
+# The seed's image names, pulled as Docker Hub names through the lab registry as a mirror.
+SEED_ALIASES = {
+    ("library/mcp-modules-rust", "latest"): ("mcp", "1"),
+    ("library/postgres", "15-alpine"): ("postgres", "15-alpine"),
+}
+
+
+def lab_images(busybox: bytes, architecture: str) -> list[Image]:
+    """Every image the lab registry holds, the seed's aliases included."""
+    images = [build_image(stand_in, busybox, architecture) for stand_in in stand_ins()]
+    by_reference = {(image.repository, image.tag): image for image in images}
+    for (repository, tag), target in SEED_ALIASES.items():
+        source = by_reference[target]
+        images.append(Image(repository, tag, source.layers, source.config))
+    return images
