@@ -215,3 +215,33 @@ def https_url(field: str, value: str) -> str:
         raise FieldError(field, f"{value!r} must start with https://")
     host_port(field, value[len("https://") :].rstrip("/"))
     return value.rstrip("/")
+
+
+# Docker's reference grammar (distribution/reference), simplified to what a registry serves:
+# [HOST[:PORT]/]path[/path...][:tag][@sha256:digest]
+_IMAGE_REFERENCE = re.compile(
+    r"(?:(?P<host>[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"(?::[0-9]{1,5})?)/)?"
+    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def image_reference(field: str, value: str) -> str:
+    """An image reference as Docker reads it: `registry.lab:5000/mcp:2`, `postgres:15-alpine`."""
+    if not isinstance(value, str) or not value:
+        raise FieldError(field, "must name an image, e.g. registry.lab:5000/mcp:2")
+    if len(value) > 512 or not _IMAGE_REFERENCE.fullmatch(value):
+        raise FieldError(
+            field, f"{value!r} is not an image reference (HOST[:PORT]/NAME[:TAG], lowercase, no spaces)"
+        )
+    return value
+
+
+def env_name(field: str, value: str) -> str:
+    """An environment variable's name: letters, digits and '_', not starting with a digit."""
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise FieldError(field, f"{value!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+    return value

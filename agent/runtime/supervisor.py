@@ -1,0 +1,303 @@
+"""Keep this node's replicas as the coordinator last assigned them, with or without it.
+
+The coordinator sends a whole NodeAssignment; the supervisor stores it (so a restarted
+agent still knows what to run while the coordinator is away), then converges: containers
+of picoord's that the assignment does not name are stopped first (on a 1 GB Pi memory is
+freed before it is used again), missing ones are pulled and started. Crashed containers
+are restarted by dockerd itself, by their restart policy, which also works while the
+agent is down. Health probes run here and every change is reported upward.
+
+`plan_node` is the decision, pure and table-tested; `Supervisor` is the loop around it.
+The docker SDK is imported only once the node has something to run: a Pi without
+workloads keeps the agent's footprint of a node without them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from picoord.agent.runtime.health import HEALTHY, STARTING, UNHEALTHY, Health, observe
+from picoord.agent.runtime.model import ContainerSpec, HealthCheck, Port, ReplicaState, VolumeMount
+from picoord.common.checks.workloads import check_assignment
+from picoord.common.files import write_atomically
+from picoord.v1 import workloads_pb2
+
+log = structlog.get_logger("picoord.agent.runtime")
+
+ASSIGNMENT_FILE = "assignment.pb"
+TICK = 1.0
+REPORT_EVERY = 10.0  # a report at least this often while anything runs, as a liveness signal
+LIVE_STATES = ("running", "restarting", "created")
+
+HEALTH_TO_WIRE = {
+    STARTING: workloads_pb2.REPLICA_HEALTH_STARTING,
+    HEALTHY: workloads_pb2.REPLICA_HEALTH_HEALTHY,
+    UNHEALTHY: workloads_pb2.REPLICA_HEALTH_UNHEALTHY,
+}
+
+
+def spec_from_wire(spec: workloads_pb2.ReplicaSpec) -> ContainerSpec:
+    """A checked ReplicaSpec as the runtime's plain data."""
+    probe = spec.health
+    return ContainerSpec(
+        service=spec.service,
+        revision=spec.revision,
+        replica=spec.replica,
+        image=spec.image,
+        command=tuple(spec.command),
+        args=tuple(spec.args),
+        env=dict(spec.env),
+        ports=tuple(Port(p.target, p.published, p.protocol or "tcp") for p in spec.ports),
+        volumes=tuple(VolumeMount(v.source, v.target, v.read_only) for v in spec.volumes),
+        memory_limit=spec.memory_limit_bytes,
+        memory_reservation=spec.memory_reservation_bytes,
+        cpu_limit_millis=spec.cpu_limit_millis,
+        gpus=spec.gpus,
+        restart=spec.restart or "on-failure",
+        restart_max_attempts=spec.restart_max_attempts,
+        hosts=dict(spec.hosts),
+        health=HealthCheck(
+            kind=probe.kind or "none",
+            port=probe.port,
+            path=probe.path or "/",
+            argv=tuple(probe.argv),
+            interval=probe.interval_seconds or 5.0,
+            timeout=probe.timeout_seconds or 2.0,
+            retries=probe.retries or 3,
+            start_period=probe.start_period_seconds,
+        ),
+        stop_grace=spec.stop_grace_seconds or 10.0,
+    )
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    stop: tuple[ReplicaState, ...]
+    start: tuple[ContainerSpec, ...]
+
+
+def plan_node(desired: Sequence[ContainerSpec], actual: Sequence[ReplicaState]) -> NodePlan:
+    """What to stop and start so the node runs exactly `desired`.
+
+    A replica is identified by (replica slot, revision): a new revision of a slot is a new
+    container, and the old one goes. An exited container of a desired replica is left to
+    dockerd's restart policy (stopping and recreating it would reset its restart count and
+    hide a crash loop); only a replica with no container at all is started."""
+    wanted = {(spec.replica, spec.revision) for spec in desired}
+    present = {(state.replica, state.revision) for state in actual}
+    stop = tuple(state for state in actual if (state.replica, state.revision) not in wanted)
+    start = tuple(spec for spec in desired if (spec.replica, spec.revision) not in present)
+    return NodePlan(stop, start)
+
+
+@dataclass
+class Tracked:
+    """What the supervisor remembers of one desired replica between ticks."""
+
+    health: Health = field(default_factory=Health)
+    first_running: float | None = None  # monotonic, when first seen running
+    next_probe: float = 0.0
+    state: str = "pending"
+    message: str = ""
+    since: float = field(default_factory=time.time)
+
+
+class Supervisor:
+    def __init__(
+        self,
+        state_dir: Path,
+        docker_socket: str,
+        report: Callable[[workloads_pb2.ReplicaReports], None],
+        engine_factory: Callable[[str], object] | None = None,
+    ) -> None:
+        self.path = state_dir / ASSIGNMENT_FILE
+        self.docker_socket = docker_socket
+        self.report = report
+        self._engine_factory = engine_factory
+        self._engine: object | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._assignment = self._load()
+        self._tracked: dict[tuple[str, int], Tracked] = {}
+        self._last_sent: bytes = b""
+        self._last_sent_at = 0.0
+
+    # the assignment
+    def _load(self) -> workloads_pb2.NodeAssignment:
+        assignment = workloads_pb2.NodeAssignment()
+        try:
+            assignment.ParseFromString(self.path.read_bytes())
+            check_assignment(assignment)
+        except FileNotFoundError:
+            pass
+        except Exception as error:  # a damaged file: run nothing rather than something wrong
+            log.error("ignoring the stored assignment", path=str(self.path), error=str(error)[:200])
+            assignment = workloads_pb2.NodeAssignment()
+        return assignment
+
+    def assign(self, assignment: workloads_pb2.NodeAssignment) -> None:
+        """Take a new assignment (already checked by the caller); older generations are ignored."""
+        with self._lock:
+            if assignment.generation and assignment.generation < self._assignment.generation:
+                return
+            self._assignment = assignment
+        try:
+            write_atomically(self.path, assignment.SerializeToString(), 0o600)
+        except OSError as error:  # a full state disk: keep running it from memory
+            log.error("cannot store the assignment; keeping it in memory", error=str(error))
+        self._wake.set()
+
+    def resend(self) -> None:
+        """Report again at the next tick (a new session: the coordinator must hear it all)."""
+        self._last_sent = b""
+        self._wake.set()
+
+    @property
+    def generation(self) -> int:
+        return self._assignment.generation
+
+    def desired(self) -> list[ContainerSpec]:
+        with self._lock:
+            return [spec_from_wire(spec) for spec in self._assignment.replicas]
+
+    # the loop
+    def run(self, stop: threading.Event) -> None:
+        """The supervisor thread: converge, probe, report, until `stop` is set."""
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:
+                log.exception("supervisor tick failed; retrying")
+            self._wake.wait(TICK)
+            self._wake.clear()
+
+    def _engine_or_none(self, desired: list[ContainerSpec]) -> object | None:
+        if self._engine is None and (desired or self.path.exists()):
+            if self._engine_factory is None:
+                from picoord.agent.runtime.engine import Engine  # the docker SDK: only when needed
+
+                self._engine_factory = Engine
+            self._engine = self._engine_factory(self.docker_socket)
+        return self._engine
+
+    def tick(self) -> None:
+        desired = self.desired()
+        engine = self._engine_or_none(desired)
+        if engine is None:
+            return
+        actual = engine.replicas()  # type: ignore[attr-defined]
+        plan = plan_node(desired, actual)
+        for state in plan.stop:
+            log.info("stopping replica", replica=state.replica, revision=state.revision)
+            engine.stop(state.container_id, grace=self._grace(state))  # type: ignore[attr-defined]
+        for spec in plan.start:
+            self._start(engine, spec)
+        if plan.stop or plan.start:
+            actual = engine.replicas()  # type: ignore[attr-defined]
+        self._probe(engine, desired, actual)
+        self._send(desired, actual)
+
+    def _grace(self, state: ReplicaState) -> float:
+        for spec in self.desired():
+            if spec.replica == state.replica:
+                return spec.stop_grace
+        return 10.0
+
+    def _track(self, spec: ContainerSpec) -> Tracked:
+        return self._tracked.setdefault((spec.replica, spec.revision), Tracked())
+
+    def _set(self, tracked: Tracked, state: str, message: str = "") -> None:
+        if (tracked.state, tracked.message) != (state, message):
+            tracked.state, tracked.message, tracked.since = state, message, time.time()
+
+    def _start(self, engine: object, spec: ContainerSpec) -> None:
+        from picoord.agent.runtime.engine import RuntimeFailure
+
+        tracked = self._track(spec)
+        self._set(tracked, "pulling")
+        try:
+            engine.pull(spec.image)  # type: ignore[attr-defined]
+            engine.run(spec)  # type: ignore[attr-defined]
+            log.info("started replica", replica=spec.replica, revision=spec.revision, image=spec.image)
+        except RuntimeFailure as error:
+            self._set(tracked, "failed", str(error)[:1000])
+            log.warning("replica failed to start", replica=spec.replica, error=str(error)[:300])
+
+    def _probe(self, engine: object, desired: list[ContainerSpec], actual: list[ReplicaState]) -> None:
+        by_key = {(state.replica, state.revision): state for state in actual}
+        now = time.monotonic()
+        for spec in desired:
+            tracked = self._track(spec)
+            state = by_key.get((spec.replica, spec.revision))
+            if state is None:
+                continue
+            if state.state != "running":
+                self._set(tracked, state.state, f"exit code {state.exit_code}" if state.exit_code else "")
+                tracked.first_running = None
+                tracked.health = Health()
+                continue
+            self._set(tracked, "running", tracked.health.last_output if spec.health.kind != "none" else "")
+            if tracked.first_running is None:
+                tracked.first_running = now
+            if spec.health.kind == "none" or now < tracked.next_probe:
+                continue
+            succeeded, output = engine.probe(state.container_id, spec)  # type: ignore[attr-defined]
+            before = tracked.health.status
+            tracked.health = observe(
+                tracked.health,
+                succeeded,
+                output[:256],
+                now - tracked.first_running,
+                spec.health.start_period,
+                spec.health.retries,
+            )
+            tracked.next_probe = now + spec.health.interval
+            if tracked.health.status != before:
+                tracked.since = time.time()
+                log.info(
+                    "replica health", replica=spec.replica, health=tracked.health.status, output=output[:120]
+                )
+        live = {(spec.replica, spec.revision) for spec in desired}
+        for key in [key for key in self._tracked if key not in live]:
+            del self._tracked[key]
+
+    def reports(
+        self, desired: list[ContainerSpec], actual: list[ReplicaState]
+    ) -> workloads_pb2.ReplicaReports:
+        by_key = {(state.replica, state.revision): state for state in actual}
+        reports = workloads_pb2.ReplicaReports(generation=self.generation)
+        for spec in desired:
+            tracked = self._track(spec)
+            state = by_key.get((spec.replica, spec.revision))
+            health = (
+                workloads_pb2.REPLICA_HEALTH_NONE
+                if spec.health.kind == "none"
+                else HEALTH_TO_WIRE[tracked.health.status]
+            )
+            reports.replicas.add(
+                service=spec.service,
+                revision=spec.revision,
+                replica=spec.replica,
+                container_id=state.container_id[:64] if state else "",
+                state=tracked.state,
+                health=health,
+                since=tracked.since,
+                restarts=state.restarts if state else 0,
+                exit_code=state.exit_code if state else 0,
+                message=tracked.message[:1000],
+            )
+        return reports
+
+    def _send(self, desired: list[ContainerSpec], actual: list[ReplicaState]) -> None:
+        reports = self.reports(desired, actual)
+        data = reports.SerializeToString(deterministic=True)
+        now = time.monotonic()
+        if data != self._last_sent or (desired and now - self._last_sent_at >= REPORT_EVERY):
+            self._last_sent, self._last_sent_at = data, now
+            self.report(reports)

@@ -1,0 +1,138 @@
+"""Checks of the workload messages, run at both ends: the agent checks every replica it is
+told to run before touching dockerd, and the coordinator checks what agents report before
+it is stored, logged or shown.
+
+A replica's values reach the Docker Engine API as data (never a command line), but an
+image name, a bind source or an environment name is still checked here, so a hostile or
+buggy coordinator message cannot mount /etc into a container or smuggle an option in.
+"""
+
+from __future__ import annotations
+
+from picoord.common.validation import (
+    FieldError,
+    absolute_path,
+    env_name,
+    hostname,
+    image_reference,
+    ip_address,
+    mount_target,
+    port,
+    safe_word,
+    volume_name,
+)
+from picoord.v1 import workloads_pb2
+
+MAX_REPLICAS_PER_NODE = 256
+MAX_ENV = 256
+MAX_ENV_VALUE = 32 * 1024
+MAX_ARGV = 256
+MAX_ARG = 4096
+MAX_PORTS = 64
+MAX_VOLUMES = 64
+MAX_HOSTS = 256
+MAX_REPORT_TEXT = 1024
+RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
+PROBE_KINDS = ("http", "tcp", "exec", "none", "")
+PROTOCOLS = ("tcp", "udp")
+
+
+def _count(field: str, values: object, limit: int) -> None:
+    if len(values) > limit:  # type: ignore[arg-type]
+        raise FieldError(field, f"has more than {limit} entries")
+
+
+def _name(field: str, value: str) -> str:
+    """A service or replica name: what labels and container names are built from."""
+    safe_word(field, value, 128)
+    if not all(ch.isalnum() or ch in "._-" for ch in value):
+        raise FieldError(field, f"{value!r} may only contain letters, digits, '.', '_' and '-'")
+    return value
+
+
+def _seconds(field: str, value: float, maximum: float = 24 * 3600) -> None:
+    if not 0 <= value <= maximum:
+        raise FieldError(field, f"{value!r} is not between 0 and {maximum:g} seconds")
+
+
+def check_replica_spec(spec: workloads_pb2.ReplicaSpec, field: str = "replica") -> None:
+    """Raise FieldError naming the first unacceptable field of one replica."""
+    _name(f"{field}.service", spec.service)
+    _name(f"{field}.replica", spec.replica)
+    if spec.revision < 1:
+        raise FieldError(f"{field}.revision", "must be 1 or more")
+    image_reference(f"{field}.image", spec.image)
+    for name, values in (("command", spec.command), ("args", spec.args)):
+        _count(f"{field}.{name}", values, MAX_ARGV)
+        for index, value in enumerate(values):
+            if len(value) > MAX_ARG or "\x00" in value:
+                raise FieldError(f"{field}.{name}[{index}]", "is too long or contains a NUL byte")
+    _count(f"{field}.env", spec.env, MAX_ENV)
+    for key, value in spec.env.items():
+        env_name(f"{field}.env", key)
+        if len(value) > MAX_ENV_VALUE or "\x00" in value:
+            raise FieldError(f"{field}.env.{key}", "is too long or contains a NUL byte")
+    _count(f"{field}.ports", spec.ports, MAX_PORTS)
+    for index, binding in enumerate(spec.ports):
+        port(f"{field}.ports[{index}].target", binding.target)
+        if binding.published:
+            port(f"{field}.ports[{index}].published", binding.published)
+        if binding.protocol not in PROTOCOLS:
+            raise FieldError(f"{field}.ports[{index}].protocol", f"{binding.protocol!r} is not tcp or udp")
+    _count(f"{field}.volumes", spec.volumes, MAX_VOLUMES)
+    for index, volume in enumerate(spec.volumes):
+        where = f"{field}.volumes[{index}]"
+        if volume.source.startswith("/"):
+            mount_target(f"{where}.source", volume.source)  # no /etc, /proc... into a container
+        else:
+            volume_name(f"{where}.source", volume.source)
+        absolute_path(f"{where}.target", volume.target)
+    if spec.restart not in RESTART_POLICIES:
+        raise FieldError(f"{field}.restart", f"{spec.restart!r} is not one of {', '.join(RESTART_POLICIES)}")
+    _count(f"{field}.hosts", spec.hosts, MAX_HOSTS)
+    for name, address in spec.hosts.items():
+        hostname(f"{field}.hosts", name)
+        ip_address(f"{field}.hosts.{name}", address)
+    check_probe(spec.health, f"{field}.health")
+    _seconds(f"{field}.stop_grace_seconds", spec.stop_grace_seconds, 3600)
+
+
+def check_probe(probe: workloads_pb2.HealthProbe, field: str) -> None:
+    if probe.kind not in PROBE_KINDS:
+        raise FieldError(f"{field}.kind", f"{probe.kind!r} is not http, tcp, exec or none")
+    if probe.kind in ("http", "tcp"):
+        port(f"{field}.port", probe.port)
+    if probe.kind == "http" and (not probe.path.startswith("/") or len(probe.path) > 1024):
+        raise FieldError(f"{field}.path", f"{probe.path!r} is not an absolute URL path")
+    if probe.kind == "exec" and not probe.argv:
+        raise FieldError(f"{field}.argv", "an exec check needs a command")
+    _count(f"{field}.argv", probe.argv, MAX_ARGV)
+    for name in ("interval_seconds", "timeout_seconds", "start_period_seconds"):
+        _seconds(f"{field}.{name}", getattr(probe, name), 3600)
+    if probe.retries > 100:
+        raise FieldError(f"{field}.retries", "at most 100")
+
+
+def check_assignment(assignment: workloads_pb2.NodeAssignment) -> None:
+    """The agent's check of a whole assignment: every replica, and no replica twice."""
+    _count("assignment.replicas", assignment.replicas, MAX_REPLICAS_PER_NODE)
+    seen: set[str] = set()
+    for index, spec in enumerate(assignment.replicas):
+        check_replica_spec(spec, f"assignment.replicas[{index}]")
+        if spec.replica in seen:
+            raise FieldError(f"assignment.replicas[{index}].replica", f"{spec.replica!r} appears twice")
+        seen.add(spec.replica)
+
+
+def check_reports(reports: workloads_pb2.ReplicaReports) -> None:
+    """The coordinator's check of what an agent says it runs: bounded and well-formed."""
+    _count("replicas", reports.replicas, MAX_REPLICAS_PER_NODE)
+    for index, report in enumerate(reports.replicas):
+        where = f"replicas[{index}]"
+        _name(f"{where}.service", report.service)
+        _name(f"{where}.replica", report.replica)
+        for name in ("container_id", "state", "address"):
+            if len(getattr(report, name)) > 128:
+                raise FieldError(f"{where}.{name}", "is longer than 128 characters")
+        if len(report.message) > MAX_REPORT_TEXT:
+            raise FieldError(f"{where}.message", f"is longer than {MAX_REPORT_TEXT} characters")
