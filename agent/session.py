@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_ex
 from picoord.agent.channel import channel_options
 from picoord.agent.hardware import collect_hardware
 from picoord.agent.metrics import MetricsSampler
+from picoord.agent.runtime.supervisor import Supervisor
 from picoord.agent.state import AgentFiles, Enrollment
 from picoord.common import PROTOCOL_VERSION, VERSION, defaults
 from picoord.common.addresses import split_host_port
-from picoord.v1 import agent_pb2, agent_pb2_grpc
+from picoord.common.checks.workloads import check_assignment
+from picoord.common.validation import FieldError
+from picoord.v1 import agent_pb2, agent_pb2_grpc, workloads_pb2
 
 log = structlog.get_logger("picoord.agent")
 
@@ -58,6 +62,11 @@ class AgentRunner:
         self.connected = asyncio.Event()
         self._action_lock = asyncio.Lock()
         self._actions: set[asyncio.Task[None]] = set()
+        # Workloads: the supervisor thread keeps the node's replicas running whether or not a
+        # session is open; its reports go up the current session, if there is one.
+        self.supervisor = Supervisor(files.state_dir, settings.docker_socket, self._report_replicas)
+        self._session_outbox: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
+        self._stop_supervisor = threading.Event()
 
     def _credentials(self) -> grpc.ChannelCredentials:
         # Read at every attempt, so a re-join while running takes effect on reconnect.
@@ -68,6 +77,26 @@ class AgentRunner:
         )
 
     async def run_forever(self) -> None:
+        supervisor = threading.Thread(
+            target=self.supervisor.run, args=(self._stop_supervisor,), name="supervisor", daemon=True
+        )
+        supervisor.start()
+        try:
+            await self._reconnect_forever()
+        finally:
+            self._stop_supervisor.set()
+
+    def _report_replicas(self, reports: workloads_pb2.ReplicaReports) -> None:
+        """Called from the supervisor thread: queue the report on the open session, if any."""
+        current = self._session_outbox
+        if current is None:
+            return  # no session: the supervisor resends everything on the next one
+        loop, outbox = current
+        message = agent_pb2.AgentMessage(replicas=reports)
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            loop.call_soon_threadsafe(_offer, outbox, message)
+
+    async def _reconnect_forever(self) -> None:
         while True:
             retrying = AsyncRetrying(
                 retry=retry_if_exception_type(SessionLost),
@@ -137,6 +166,8 @@ class AgentRunner:
             if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
                 raise SessionLost("the coordinator did not welcome this agent")
             interval = self._interval(first.welcome)
+            self._session_outbox = (asyncio.get_running_loop(), outbox)
+            self.supervisor.resend()
             self.connected.set()
             log.info(
                 "session established", coordinator=self.enrollment.coordinator, metrics_interval=interval
@@ -148,6 +179,7 @@ class AgentRunner:
                 while (message := await call.read()) is not grpc.aio.EOF:
                     await self._handle(message, outbox)
             finally:
+                self._session_outbox = None
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
@@ -187,10 +219,22 @@ class AgentRunner:
             task = asyncio.create_task(self._run_action(message.action, outbox))
             self._actions.add(task)
             task.add_done_callback(self._actions.discard)
+        elif kind == "assignment":
+            self._assign(message.assignment)
         elif kind == "error":
             log.error("coordinator reported an error", code=message.error.code, message=message.error.message)
         else:
             log.warning("ignoring an unexpected message from the coordinator", kind=kind)
+
+    def _assign(self, assignment: workloads_pb2.NodeAssignment) -> None:
+        """A new assignment replaces the old one only if all of it is acceptable."""
+        try:
+            check_assignment(assignment)
+        except FieldError as error:
+            log.error("refusing an assignment from the coordinator", error=str(error)[:300])
+            return
+        log.info("assignment received", generation=assignment.generation, replicas=len(assignment.replicas))
+        self.supervisor.assign(assignment)
 
     async def _run_action(self, request: agent_pb2.ActionRequest, outbox: asyncio.Queue) -> None:
         """One action at a time, in a thread, so samples and heartbeats keep flowing."""
@@ -203,6 +247,11 @@ class AgentRunner:
         async with self._action_lock:
             result = await asyncio.to_thread(execute, request, node)
         await outbox.put(agent_pb2.AgentMessage(action_result=result))
+
+
+def _offer(outbox: asyncio.Queue, message: agent_pb2.AgentMessage) -> None:
+    if not outbox.full():  # the coordinator is not reading: the next report carries it all
+        outbox.put_nowait(message)
 
 
 def _explain(error: grpc.aio.AioRpcError) -> str:
