@@ -54,6 +54,12 @@ def _lab_options(parser: argparse.ArgumentParser) -> None:
         default="",
         help="comma-separated daemons to run in every Pi: dockerd, glusterd (implies --sandboxes)",
     )
+    parser.add_argument(
+        "--registry",
+        action="store_true",
+        help="run a registry on the lab bridge with the stand-in images (mcp:1-3, postgres); "
+        "the Pis' dockerd pull from it (needs --services dockerd)",
+    )
 
 
 def _select_options(parser: argparse.ArgumentParser, allow_all: bool) -> None:
@@ -98,6 +104,7 @@ def _make_lab(args: argparse.Namespace) -> Lab:
         bin_dir=args.bin_dir,
         sandboxes=args.sandboxes or bool(_services(args)),
         services=_services(args),
+        registry=args.registry,
     )
 
 

@@ -29,12 +29,16 @@ from typing import Any
 
 from picoord.common.defaults import JOIN_TOKEN_ENV
 from picoord.lab import netns
+from picoord.lab.images import BUSYBOX, host_architecture, lab_images
 from picoord.lab.netns import LabError, LabNetwork, require_root, tail
+from picoord.lab.registry import Registry, dockerd_registry_args
 from picoord.lab.sandbox import SERVICES, PiRack, PiSandbox, find_sandboxes
 
 STATE_FILE = "lab.json"
 INDEX_DIR = "index"  # LAB_ROOT/index/<id> holds the work dir of every lab not yet torn down
 COORDINATOR = "coordinator"
+REGISTRY = "registry"
+REGISTRY_PORT = 5000
 COORDINATOR_PORT = 7443
 _SUN_PATH_MAX = 107  # a unix socket path longer than this cannot be bound
 
@@ -68,6 +72,7 @@ class LabConfig:
     coordinator_config: dict[str, Any] = field(default_factory=dict)
     sandboxes: bool = False  # each Pi gets a PiSandbox and its agent runs inside it
     services: list[str] = field(default_factory=list)  # started in every sandbox: dockerd, glusterd
+    registry: bool = False  # a docker-registry on the bridge with the stand-in images; Pis pull from it
 
 
 def executable(name: str, bin_dir: Path | None = None) -> Path:
@@ -146,12 +151,15 @@ class Lab:
         stop_timeout: float = 10.0,
         sandboxes: bool = False,
         services: Sequence[str] = (),
+        registry: bool = False,
     ) -> None:
         unknown = [name for name in services if name not in SERVICES]
         if unknown:
             raise LabError(f"unknown lab service(s) {unknown}: known are {sorted(SERVICES)}")
         if services and not sandboxes:
             raise LabError("services run inside the Pis' sandboxes: pass sandboxes=True as well")
+        if registry and "dockerd" not in services:
+            raise LabError("the lab registry is for the Pis' dockerd: add the dockerd service")
         self.lab_id = lab_id or netns.new_lab_id(self._indexed_ids())
         self.work_dir = Path(work_dir) if work_dir else netns.LAB_ROOT / self.lab_id
         self.requested_subnet = subnet
@@ -167,6 +175,7 @@ class Lab:
             coordinator_config=dict(coordinator_config or {}),
             sandboxes=sandboxes,
             services=list(services),
+            registry=registry,
         )
         self.rack: PiRack | None = None
         self.ready_timeout = ready_timeout
@@ -221,8 +230,8 @@ class Lab:
 
     def log_path(self, name: str, kind: str = "") -> Path:
         """Log of the coordinator, of a node's agent (`kind=""`) or of its join (`kind="join"`)."""
-        if name == COORDINATOR:
-            return self.logs_dir / "coordinator.log"
+        if name in (COORDINATOR, REGISTRY):
+            return self.logs_dir / f"{name}.log"
         return self.logs_dir / f"{name}-{kind or 'agent'}.log"
 
     def log_tail(self, name: str, lines: int = 40, kind: str = "") -> str:
@@ -240,6 +249,11 @@ class Lab:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
+
+    @property
+    def registry_address(self) -> str:
+        """HOST:PORT of the lab registry: the bridge address, as a LAN registry would be."""
+        return f"{self._net().gateway}:{REGISTRY_PORT}"
 
     def namespace(self, node: str) -> str:
         return self._net().pi(node).netns
@@ -350,6 +364,8 @@ class Lab:
             self.status = "starting"
             self.save()
             self._create_sandboxes()
+            if self.config.registry:
+                self.start_registry()
             self.start_coordinator()
             self._enroll_all(labels or {})
             for node in self.nodes:
@@ -398,6 +414,9 @@ class Lab:
             self.config.services,
             logs_dir=self.logs_dir,
             service_timeout=self.start_timeout * 2,
+            service_args={"dockerd": dockerd_registry_args(self.registry_address)}
+            if self.config.registry
+            else None,
         )
         self.save()
         self.rack.up()
@@ -518,6 +537,19 @@ class Lab:
             if not self._wait_gone(record, 5.0) and problems is not None:
                 problems.append(f"{name} (pid {record.pid}) survived SIGKILL")
         self._popens.pop(record.pid, None)
+
+    def start_registry(self) -> None:
+        """Debian's docker-registry on the bridge, filled with the stand-in images."""
+        registry = Registry(self.work_dir / "registry", self.registry_address, self.log_path(REGISTRY))
+        self._spawn(REGISTRY, registry.argv(), self.log_path(REGISTRY))
+        deadline = time.monotonic() + self.start_timeout
+        while not registry.answers():
+            if not self.is_running(REGISTRY) or time.monotonic() > deadline:
+                why = self.log_tail(REGISTRY)
+                raise LabError(f"the lab registry did not answer on {registry.address}:\n{why}")
+            time.sleep(0.1)
+        for image in lab_images(BUSYBOX.read_bytes(), host_architecture()):
+            registry.push(image)
 
     def start_coordinator(self) -> None:
         """Start the coordinator on the host (listening on the bridge address) and wait until

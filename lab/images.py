@@ -19,6 +19,7 @@ import gzip
 import hashlib
 import io
 import json
+import platform
 import tarfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -173,6 +174,12 @@ SEED_ALIASES = {
     ("library/mcp-modules-rust", "latest"): ("mcp", "1"),
     ("library/postgres", "15-alpine"): ("postgres", "15-alpine"),
 }
+
+
+def host_architecture() -> str:
+    """This machine's architecture in Docker's words (amd64, arm64): what its busybox is."""
+    machine = platform.machine()
+    return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)
 
 
 def lab_images(busybox: bytes, architecture: str) -> list[Image]:

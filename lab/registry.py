@@ -58,13 +58,18 @@ class Registry:
     def url(self) -> str:
         return f"http://{self.address}"
 
-    def start(self) -> Registry:
+    def argv(self) -> list[str]:
+        """The command that serves this registry, its config file written first."""
         self.root.mkdir(parents=True, exist_ok=True)
         config = self.root.parent / f"{self.root.name}.yml"
         config.write_text(registry_config(self.root, self.address))
+        return ["docker-registry", "serve", str(config)]
+
+    def start(self) -> Registry:
+        """Start it as a child of this process (tests); the lab spawns `argv()` itself."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                ["docker-registry", "serve", str(config)],
+                self.argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
