@@ -20,7 +20,14 @@ from picoord.common import VERSION
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
 from picoord.common.throttling import describe_throttled
 from picoord.coordinator.apply.spec import MAX_SPEC_BYTES, SpecError, parse_spec
-from picoord.coordinator.ctl.client import CALL_TIMEOUT, AdminUnavailable, admin_socket_path, connect
+from picoord.coordinator.ctl import workloads
+from picoord.coordinator.ctl.client import (
+    CALL_TIMEOUT,
+    AdminUnavailable,
+    admin_socket_path,
+    connect,
+    connect_workloads,
+)
 from picoord.coordinator.ctl.output import (
     FORMATS,
     STATUS_NAMES,
@@ -456,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove = node.add_parser("remove", help="revoke the node's certificate and forget it")
     remove.add_argument("name")
     remove.set_defaults(handler=cmd_node_remove)
+    workloads.add_node_commands(node)
 
     apply = with_output(commands.add_parser("apply", help="converge the cluster to a spec file"))
     apply.add_argument("-f", "--file", required=True, help="cluster.yaml (- for standard input)")
@@ -472,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument("--interval", type=parse_duration, default=2.0, help="refresh period (default 2s)")
     top.set_defaults(handler=cmd_top)
+    workloads.add_commands(commands, with_output)
     return parser
 
 
@@ -484,9 +493,10 @@ def main(argv: list[str] | None = None) -> None:
         for field in ("name", "node"):
             if getattr(args, field, None):
                 validate_node_name(getattr(args, field))
-        stub = connect(admin_socket_path(args.admin_socket))
-        raise SystemExit(args.handler(stub, args))
-    except (InvalidName, SpecError) as error:
+        socket_path = admin_socket_path(args.admin_socket)
+        api = connect_workloads if getattr(args, "api", "admin") == "workloads" else connect
+        raise SystemExit(args.handler(api(socket_path), args))
+    except (InvalidName, SpecError, workloads.UsageError) as error:
         print(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (OSError, UnicodeDecodeError) as error:

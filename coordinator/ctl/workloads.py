@@ -1,0 +1,362 @@
+"""coordctl's workload verbs: rollout (status, history, undo, pause, resume), services, ps,
+secret, node drain. Each is a thin translation between argv and the Workloads API.
+
+Progress of a rollout shows as it happens: a live view on a terminal, one plain line per
+change when piped. `coordctl rollout` exits 0 only when the service is healthy at the
+revision it rolled to; a rollback, a pause or a failure exits 1 with what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Group
+from rich.live import Live
+from rich.text import Text
+
+from picoord.coordinator.ctl.client import CALL_TIMEOUT
+from picoord.coordinator.ctl.output import ago, emit, iso_time
+from picoord.coordinator.ctl.output import console as output_console
+from picoord.v1 import services_pb2, services_pb2_grpc, workloads_pb2
+
+ROLLOUT_TIMEOUT = 3600.0
+MAX_SECRET_BYTES = 64 * 1024
+ROLLOUT_VERBS = ("status", "history", "undo", "pause", "resume")
+HEALTH_NAMES = {
+    workloads_pb2.REPLICA_HEALTH_UNSPECIFIED: "-",
+    workloads_pb2.REPLICA_HEALTH_STARTING: "starting",
+    workloads_pb2.REPLICA_HEALTH_HEALTHY: "healthy",
+    workloads_pb2.REPLICA_HEALTH_UNHEALTHY: "unhealthy",
+    workloads_pb2.REPLICA_HEALTH_NONE: "no check",
+}
+
+
+class UsageError(ValueError):
+    """A command line that cannot be right; nothing was sent."""
+
+
+def rollout_view(info: services_pb2.RolloutInfo) -> dict[str, Any]:
+    return {
+        "service": info.service,
+        "revision": info.revision,
+        "previous": info.previous or None,
+        "status": info.status,
+        "rolling_back": info.rolling_back,
+        "desired": info.desired,
+        "updated": info.updated,
+        "healthy": info.healthy,
+        "available": info.available,
+        "message": info.message,
+        "failures": list(info.failures),
+        "started_at": iso_time(info.started_at),
+    }
+
+
+def progress_line(info: services_pb2.RolloutInfo) -> str:
+    direction = (
+        f"rolling back to revision {info.revision}" if info.rolling_back else f"revision {info.revision}"
+    )
+    return (
+        f"{info.service} {direction}: {info.updated}/{info.desired} updated, {info.healthy} healthy, "
+        f"{info.available} available; {info.status}" + (f" ({info.message})" if info.message else "")
+    )
+
+
+def _succeeded(info: services_pb2.RolloutInfo | None) -> bool:
+    return info is not None and info.status == "complete" and not info.rolling_back
+
+
+def follow(events: Iterable[services_pb2.RolloutEvent], output: str) -> int:
+    """Show a rollout's events until the stream ends; 0 only when it ended healthy."""
+    last: services_pb2.RolloutInfo | None = None
+    notes: list[str] = []
+    live_view = output == "table" and sys.stdout.isatty()
+    if live_view:
+        with Live(Text(""), auto_refresh=False, console=output_console()) as live:
+            for event in events:
+                last, notes = _take(event, last, notes)
+                shown = [Text(note) for note in notes[-12:]]
+                if last is not None:
+                    shown.append(Text(progress_line(last), style="bold"))
+                live.update(Group(*shown), refresh=True)
+    else:
+        previous_line = ""
+        for event in events:
+            last, notes = _take(event, last, notes)
+            if output != "table":
+                continue
+            if event.WhichOneof("event") == "note":
+                print(event.note, flush=True)
+            elif last is not None and (line := progress_line(last)) != previous_line:
+                print(line, flush=True)
+                previous_line = line
+    if output != "table":
+        emit({"rollout": rollout_view(last) if last else None, "events": notes}, output, [])
+    elif last is not None:
+        _conclude(last)
+    return 0 if _succeeded(last) else 1
+
+
+def _take(
+    event: services_pb2.RolloutEvent, last: services_pb2.RolloutInfo | None, notes: list[str]
+) -> tuple[services_pb2.RolloutInfo | None, list[str]]:
+    kind = event.WhichOneof("event")
+    if kind == "progress":
+        return event.progress, notes
+    if kind == "note":
+        return last, [*notes, event.note]
+    return last, notes
+
+
+def _conclude(info: services_pb2.RolloutInfo) -> None:
+    if _succeeded(info):
+        print(f"service/{info.service} revision {info.revision}: {info.healthy}/{info.desired} healthy")
+        return
+    for failure in info.failures:
+        print(f"  failed: {failure}", file=sys.stderr)
+    what = "rolled back" if info.rolling_back else info.status
+    print(f"service/{info.service}: {what}: {info.message}", file=sys.stderr)
+
+
+def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    verb, name = _rollout_words(args.words)
+    if verb == "start":
+        request = services_pb2.RolloutRequest(name=name, image=args.image or "", detach=args.detach)
+        return follow(stub.Rollout(request, timeout=ROLLOUT_TIMEOUT), args.output)
+    if args.image:
+        raise UsageError("--image goes with `coordctl rollout NAME`, not with `rollout " + verb + "`")
+    if verb == "status":
+        reference = services_pb2.ServiceRef(name=name, follow=args.watch)
+        return follow(stub.RolloutStatus(reference, timeout=ROLLOUT_TIMEOUT), args.output)
+    if verb == "undo":
+        request = services_pb2.UndoRequest(name=name, to_revision=args.to_revision, detach=args.detach)
+        return follow(stub.RolloutUndo(request, timeout=ROLLOUT_TIMEOUT), args.output)
+    if verb in ("pause", "resume"):
+        call = stub.RolloutPause if verb == "pause" else stub.RolloutResume
+        info = call(services_pb2.ServiceRef(name=name), timeout=CALL_TIMEOUT)
+        if args.output == "table":
+            print(progress_line(info))
+        else:
+            emit(rollout_view(info), args.output, [])
+        return 0
+    history = stub.RolloutHistory(services_pb2.ServiceRef(name=name), timeout=CALL_TIMEOUT)
+    views = [
+        {
+            "revision": revision.revision,
+            "current": revision.current,
+            "created_at": iso_time(revision.created_at),
+            "image": revision.image,
+            "cause": revision.cause,
+            "key": revision.key,
+        }
+        for revision in history.revisions
+    ]
+    emit(
+        views,
+        args.output,
+        [
+            ("REVISION", lambda v: f"{v['revision']}{' *' if v['current'] else ''}"),
+            ("CREATED", lambda v: v["created_at"] or "-"),
+            ("IMAGE", lambda v: v["image"]),
+            ("CAUSE", lambda v: v["cause"] or "-"),
+        ],
+    )
+    return 0
+
+
+def _rollout_words(words: list[str]) -> tuple[str, str]:
+    """`rollout NAME` rolls NAME; `rollout VERB NAME` reads or steers its rollout."""
+    if len(words) == 1:
+        return "start", words[0]
+    if len(words) == 2 and words[0] in (*ROLLOUT_VERBS, "start"):
+        return words[0], words[1]
+    verbs = "|".join(ROLLOUT_VERBS)
+    raise UsageError(
+        f"`coordctl rollout {' '.join(words)}`: use `rollout NAME` or `rollout {{{verbs}}} NAME`"
+    )
+
+
+def cmd_services(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    reply = stub.ListServices(services_pb2.ListServicesRequest(), timeout=CALL_TIMEOUT)
+    views = [
+        {
+            "name": service.name,
+            "mode": service.mode,
+            "desired": service.desired,
+            "running": service.running,
+            "healthy": service.healthy,
+            "revision": service.revision,
+            "image": service.image,
+            "rollout": service.rollout_status,
+            "staged": service.staged,
+            "ports": list(service.ports),
+            "unplaced": service.unplaced,
+        }
+        for service in reply.services
+    ]
+    emit(
+        views,
+        args.output,
+        [
+            ("NAME", lambda v: v["name"]),
+            ("MODE", lambda v: v["mode"]),
+            ("REPLICAS", lambda v: f"{v['healthy']}/{v['desired']}"),
+            ("REVISION", lambda v: f"{v['revision']}{' (staged change)' if v['staged'] else ''}"),
+            ("IMAGE", lambda v: v["image"]),
+            ("PORTS", lambda v: ",".join(v["ports"]) or "-"),
+            ("ROLLOUT", lambda v: v["rollout"] or "-"),
+            ("UNPLACED", lambda v: v["unplaced"] or "-"),
+        ],
+    )
+    return 0
+
+
+def cmd_ps(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    reply = stub.ListReplicas(services_pb2.ServiceRef(name=args.name), timeout=CALL_TIMEOUT)
+    now = time.time()
+    views = [
+        {
+            "replica": replica.replica,
+            "node": replica.node or None,
+            "revision": replica.revision,
+            "image": replica.image,
+            "state": replica.state,
+            "health": HEALTH_NAMES.get(replica.health, "-"),
+            "since": iso_time(replica.since),
+            "restarts": replica.restarts,
+            "desired": replica.desired,
+            "message": replica.message,
+        }
+        for replica in reply.replicas
+    ]
+    since = {replica.replica + str(replica.revision): replica.since for replica in reply.replicas}
+    emit(
+        views,
+        args.output,
+        [
+            ("REPLICA", lambda v: v["replica"]),
+            ("NODE", lambda v: v["node"] or "-"),
+            ("REVISION", lambda v: str(v["revision"])),
+            ("STATE", lambda v: v["state"] + ("" if v["desired"] == "running" else f" ({v['desired']})")),
+            ("HEALTH", lambda v: v["health"]),
+            ("SINCE", lambda v: ago(since[v["replica"] + str(v["revision"])], now)),
+            ("RESTARTS", lambda v: str(v["restarts"])),
+            ("MESSAGE", lambda v: v["message"][:60] or "-"),
+        ],
+    )
+    return 0
+
+
+def read_secret_value(args: argparse.Namespace) -> bytes:
+    """From --from-file (- for standard input) or --from-literal, bounded in size."""
+    if args.from_file is not None:
+        source = sys.stdin.buffer if args.from_file == "-" else Path(args.from_file).open("rb")  # noqa: SIM115
+        with source:
+            value = source.read(MAX_SECRET_BYTES + 1)
+    else:
+        value = args.from_literal.encode()
+        print(
+            "coordctl: note: a value given with --from-literal was visible in `ps` while coordctl ran; "
+            "--from-file - reads it from standard input instead",
+            file=sys.stderr,
+        )
+    if len(value) > MAX_SECRET_BYTES:
+        raise UsageError(f"a secret value is at most {MAX_SECRET_BYTES} bytes")
+    return value
+
+
+def cmd_secret_create(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    value = read_secret_value(args)
+    info = stub.CreateSecret(
+        services_pb2.CreateSecretRequest(name=args.name, key=args.key, value=value), timeout=CALL_TIMEOUT
+    )
+    print(f"secret/{info.name} key {info.key} stored ({info.size} bytes)")
+    return 0
+
+
+def cmd_secret_list(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    reply = stub.ListSecrets(services_pb2.ListSecretsRequest(), timeout=CALL_TIMEOUT)
+    views = [
+        {"name": s.name, "key": s.key, "size": s.size, "updated_at": iso_time(s.updated_at)}
+        for s in reply.secrets
+    ]
+    emit(
+        views,
+        args.output,
+        [
+            ("NAME", lambda v: v["name"]),
+            ("KEY", lambda v: v["key"]),
+            ("SIZE", lambda v: str(v["size"])),
+            ("UPDATED", lambda v: v["updated_at"] or "-"),
+        ],
+    )
+    return 0
+
+
+def cmd_node_drain(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    undo = args.node_command == "undrain"
+    events = stub.DrainNode(services_pb2.DrainRequest(node=args.name, undo=undo), timeout=ROLLOUT_TIMEOUT)
+    code = 0
+    for event in events:
+        kind = event.WhichOneof("event")
+        if kind == "note":
+            print(event.note, flush=True)
+        elif kind == "progress" and event.progress.status == "failed":
+            print(f"coordctl: {event.progress.message}", file=sys.stderr)
+            code = 1
+    return code
+
+
+def add_commands(commands: Any, with_output: Any) -> None:
+    """Register the workload verbs on coordctl's parser (`commands` is its subparsers)."""
+    rollout = with_output(
+        commands.add_parser(
+            "rollout",
+            help="roll a service to its latest spec (rollout NAME), or status|history|undo|pause|resume NAME",
+        )
+    )
+    rollout.add_argument(
+        "words", nargs="+", metavar="WORD", help="NAME, or one of " + ", ".join(ROLLOUT_VERBS) + " and NAME"
+    )
+    rollout.add_argument("--image", help="roll out the applied spec with this image instead")
+    rollout.add_argument("--to-revision", type=int, default=0, help="undo: the revision to go back to")
+    rollout.add_argument("--watch", action="store_true", help="status: follow until the rollout ends")
+    rollout.add_argument("--detach", action="store_true", help="start it and return at once")
+    rollout.set_defaults(handler=cmd_rollout, api="workloads")
+
+    with_output(commands.add_parser("services", help="list services")).set_defaults(
+        handler=cmd_services, api="workloads"
+    )
+    ps = with_output(commands.add_parser("ps", help="a service's replicas: node, revision, state, health"))
+    ps.add_argument("name")
+    ps.set_defaults(handler=cmd_ps, api="workloads")
+
+    secret = commands.add_parser("secret", help="the secret store").add_subparsers(
+        dest="secret_command", required=True
+    )
+    create = secret.add_parser("create", help="store one key of a secret")
+    create.add_argument("name")
+    create.add_argument("key")
+    source = create.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-literal", metavar="VALUE")
+    source.add_argument("--from-file", metavar="FILE", help="a file, or - for standard input")
+    create.set_defaults(handler=cmd_secret_create, api="workloads")
+    with_output(secret.add_parser("list", help="names and keys (never values)")).set_defaults(
+        handler=cmd_secret_list, api="workloads"
+    )
+
+
+def add_node_commands(node: Any) -> None:
+    """`node drain N` and `node undrain N` on coordctl's `node` subparsers."""
+    for verb, text in (
+        ("drain", "move the node's replicas elsewhere (within the update bounds) and place none there"),
+        ("undrain", "let the node take replicas again"),
+    ):
+        sub = node.add_parser(verb, help=text)
+        sub.add_argument("name")
+        sub.set_defaults(handler=cmd_node_drain, api="workloads")
