@@ -12,6 +12,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 import structlog
@@ -94,6 +95,11 @@ class Cluster:
         self._summaries: dict[str, tuple[NodeRecord, admin_pb2.NodeSummary]] = {}
         self._pending_actions: dict[str, tuple[str, asyncio.Future[agent_pb2.ActionResult]]] = {}
 
+    @property
+    def store_dir(self) -> Path:
+        """Where the state disk is, as operators are told when it refuses writes."""
+        return self._store.path.parent
+
     # the store, off the event loop
     async def _read(self, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         return await asyncio.to_thread(work, *args, **kwargs)
@@ -111,7 +117,7 @@ class Cluster:
             raise
         if not self.store_writable:
             self.store_writable = True
-            log.info("state store takes writes again", state_dir=str(self._store.path.parent))
+            log.info("state store takes writes again", state_dir=str(self.store_dir))
         return result
 
     # sessions

@@ -79,7 +79,7 @@ class StateUnavailable(Exception):
         self.state_dir = state_dir
 
 
-FULL, READ_ONLY, IO_ERROR = "full", "read-only", "I/O error"
+FULL, READ_ONLY, IO_ERROR = "full", "read-only", "failing (I/O error)"
 _SQLITE_FAULTS = {  # primary result codes (the low byte of an extended code)
     sqlite3.SQLITE_FULL: FULL,
     sqlite3.SQLITE_READONLY: READ_ONLY,
@@ -139,6 +139,32 @@ class NodeRecord:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+def mount_is_read_only(options: str) -> bool:
+    """From a mount's options in /proc/self/mounts: `ro`, or ext4's `emergency_ro` after
+    errors=remount-ro (which statvfs does not report)."""
+    return bool({"ro", "emergency_ro"} & set(options.split(",")))
+
+
+def mounted_read_only(path: Path) -> bool:
+    """Whether the filesystem holding `path` is read-only now."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return True
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    resolved = path.resolve()
+    best, best_options = "", ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        mountpoint = fields[1].replace("\\040", " ")
+        if resolved.is_relative_to(mountpoint) and len(mountpoint) >= len(best):
+            best, best_options = mountpoint, fields[3]
+    return mount_is_read_only(best_options)
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,11 +191,7 @@ class Store:
 
     def _unavailable(self, error: BaseException) -> StateUnavailable | None:
         """The typed error for a disk fault, or None when `error` is something else."""
-        try:
-            read_only = bool(os.statvfs(self.path.parent).f_flag & os.ST_RDONLY)
-        except OSError:
-            read_only = False
-        fault = disk_fault(error, read_only)
+        fault = disk_fault(error, mounted_read_only(self.path.parent))
         return StateUnavailable(fault, self.path.parent) if fault else None
 
     @contextmanager
