@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import structlog
 
@@ -30,6 +31,18 @@ R = TypeVar("R")
 
 # Expired tokens are kept this long, so `coordctl token list` can still show why a join failed.
 EXPIRED_TOKEN_RETENTION = 7 * 24 * 3600.0
+
+
+def whole(change: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Run a change to its end even when its caller is cancelled (a client that goes away
+    mid-call): the store write in its thread completes anyway, so the in-memory view that
+    follows it must be updated too, never left behind."""
+
+    @functools.wraps(change)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.shield(change(*args, **kwargs))
+
+    return run
 
 
 class NodeUnavailable(Exception):
@@ -121,6 +134,7 @@ class Cluster:
         return result
 
     # sessions
+    @whole
     async def open_session(self, session: LiveSession, hello: agent_pb2.Hello) -> None:
         """Register a new session; an older one for the same node is told to close.
 
@@ -190,6 +204,7 @@ class Cluster:
         self._unflushed[node] = now
         self.counters.messages_received += 1
 
+    @whole
     async def flush(self) -> None:
         """Persist last-seen times and hellos in one transaction, not one write per message,
         and drop long-expired tokens. What a refused write held is kept for the next flush."""
@@ -260,6 +275,7 @@ class Cluster:
             self._records[name] = record
         return record
 
+    @whole
     async def create_token(
         self, ttl: float, usage_limit: int, description: str
     ) -> tuple[BootstrapToken, TokenRecord]:
@@ -283,6 +299,7 @@ class Cluster:
     async def token(self, token_id: str) -> TokenRecord | None:
         return await self._read(self._store.get_token, token_id)
 
+    @whole
     async def enroll(
         self, token_id: str, node: str, labels: dict[str, str], certificate: CertificateRecord, now: float
     ) -> NodeRecord:
@@ -297,12 +314,12 @@ class Cluster:
         assert record is not None
         return record
 
+    @whole
     async def label_node(self, name: str, set_labels: dict[str, str], remove: list[str]) -> NodeRecord | None:
         """Relabel a node; None when it no longer exists."""
 
         def update_and_read() -> NodeRecord | None:
-            self._store.update_labels(name, set_labels, remove)
-            return self._store.get_node(name)
+            return self._store.get_node(name) if self._store.update_labels(name, set_labels, remove) else None
 
         return self._remember(name, await self._write(update_and_read))
 
@@ -310,6 +327,7 @@ class Cluster:
         """The node's certificates that are neither revoked nor expired, newest first."""
         return await self._read(self._store.active_certificates, name, self.clock())
 
+    @whole
     async def record_action(self, record: admin_pb2.ActionRecord) -> None:
         await self._write(
             self._store.record_action,
@@ -323,6 +341,7 @@ class Cluster:
         rows = await self._read(self._store.list_actions, node, limit)
         return [admin_pb2.ActionRecord.FromString(row) for row in rows]
 
+    @whole
     async def remove_node(self, name: str) -> tuple[list[str], bool]:
         serials = await self._write(self._store.remove_node, name, self.clock())
         self._remember(name, None)

@@ -350,13 +350,17 @@ class Store:
                 [(when, name) for name, when in seen.items()],
             )
 
-    def update_labels(self, name: str, set_labels: dict[str, str], remove: list[str]) -> None:
+    def update_labels(self, name: str, set_labels: dict[str, str], remove: list[str]) -> bool:
+        """Relabel a node; False (and nothing changed) when there is no such node."""
         with self.transaction() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone() is None:
+                return False
             db.executemany("DELETE FROM labels WHERE node = ? AND key = ?", [(name, key) for key in remove])
             db.executemany(
                 _UPSERT_LABEL,
                 [(name, key, value) for key, value in set_labels.items()],
             )
+        return True
 
     # action history: one serialized picoord.v1.ActionRecord per action, written at its
     # start and again at its end, so a coordinator crash mid-apply still shows what began.
