@@ -205,6 +205,6 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.log_level, config.log_json)
     try:
         asyncio.run(serve(config))
-    except OSError as error:
+    except (OSError, StateUnavailable) as error:
         log.error("coordinator failed to start", error=str(error))
         raise SystemExit(1) from None

@@ -94,9 +94,12 @@ _SQLITE_MESSAGES = {
 _ERRNO_FAULTS = {errno.ENOSPC: FULL, errno.EDQUOT: FULL, errno.EROFS: READ_ONLY, errno.EIO: IO_ERROR}
 
 
-def disk_fault(error: BaseException, read_only_mount: bool = False) -> str | None:
+def disk_fault(
+    error: BaseException, read_only_mount: bool = False, no_space_left: bool = False
+) -> str | None:
     """Which disk fault an error from SQLite or the OS means, or None when it means another
-    problem (a bug, a constraint). A failing write on a read-only mount reads as read-only."""
+    problem (a bug, a constraint). SQLite reports some faults as plain I/O errors (e.g. no
+    room for its shared-memory file): the mount's state then names the fault."""
     fault: str | None = None
     if isinstance(error, sqlite3.Error):
         code = getattr(error, "sqlite_errorcode", None)
@@ -106,6 +109,8 @@ def disk_fault(error: BaseException, read_only_mount: bool = False) -> str | Non
         fault = _ERRNO_FAULTS.get(error.errno or 0)
     if fault in (IO_ERROR, FULL) and read_only_mount:
         return READ_ONLY
+    if fault == IO_ERROR and no_space_left:
+        return FULL
     return fault
 
 
@@ -137,6 +142,13 @@ class NodeRecord:
     agent_version: str
     hardware: bytes | None  # serialized picoord.v1.Hardware
     labels: dict[str, str] = field(default_factory=dict)
+
+
+def no_space_left(path: Path) -> bool:
+    try:
+        return os.statvfs(path).f_bavail == 0
+    except OSError:
+        return False
 
 
 def mount_is_read_only(options: str) -> bool:
@@ -171,12 +183,13 @@ class Store:
         self.path = path
         # One connection and one lock: one writer at a time, whichever thread calls.
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        with self._faults_as_unavailable():  # a disk that is full at start-up says so
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
         with self.transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
@@ -191,7 +204,7 @@ class Store:
 
     def _unavailable(self, error: BaseException) -> StateUnavailable | None:
         """The typed error for a disk fault, or None when `error` is something else."""
-        fault = disk_fault(error, mounted_read_only(self.path.parent))
+        fault = disk_fault(error, mounted_read_only(self.path.parent), no_space_left(self.path.parent))
         return StateUnavailable(fault, self.path.parent) if fault else None
 
     @contextmanager

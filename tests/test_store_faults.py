@@ -205,6 +205,8 @@ def test_the_store_itself_refuses_each_write_on_a_full_disk(small_disk: Path) ->
             with pytest.raises(StateUnavailable, match=f"^state disk full at {small_disk}$"):
                 write()
         assert dump(small_disk / "state.db") == before
+        with pytest.raises(StateUnavailable, match=r"^state disk full at"):  # a second coordinator
+            Store(small_disk / "other.db")
         filler.unlink()
         for write in writes:
             write()

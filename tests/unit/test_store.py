@@ -185,6 +185,20 @@ def test_disk_faults_are_told_apart_from_other_errors(
 
 
 @pytest.mark.parametrize(
+    ("error", "read_only_mount", "fault"),
+    [
+        (_sqlite_error(sqlite3.OperationalError, "disk I/O error", 4618), False, FULL),  # IOERR_SHMSIZE
+        (_sqlite_error(sqlite3.OperationalError, "disk I/O error", 778), True, READ_ONLY),
+        (_sqlite_error(sqlite3.IntegrityError, "UNIQUE constraint failed", 2067), False, None),
+    ],
+)
+def test_an_io_error_on_a_disk_with_no_space_left_is_a_full_disk(
+    error: BaseException, read_only_mount: bool, fault: str | None
+) -> None:
+    assert disk_fault(error, read_only_mount, no_space_left=True) == fault
+
+
+@pytest.mark.parametrize(
     ("options", "read_only"),
     [
         ("rw,relatime", False),
