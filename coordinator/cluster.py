@@ -160,6 +160,8 @@ class Cluster:
             )
         except StateUnavailable:
             self._unflushed_hellos[session.node] = pending
+        else:
+            self._unflushed_hellos.pop(session.node, None)  # an older refused hello is now stale
 
     def close_session(self, session: LiveSession) -> None:
         if self.sessions.get(session.node) is session:
