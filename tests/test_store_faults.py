@@ -23,6 +23,7 @@ from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import FULL, READ_ONLY, CertificateRecord, StateUnavailable, Store
 from picoord.coordinator.telemetry import MetricsHistory
 from picoord.v1 import admin_pb2, agent_pb2, node_pb2
+from tests.unit.test_store import token
 
 COMMAND_TIMEOUT = 30
 
@@ -183,8 +184,6 @@ def test_the_store_itself_refuses_each_write_on_a_full_disk(small_disk: Path) ->
     transaction rolls back, and the same call succeeds once there is room again."""
     store = Store(small_disk / "state.db")
     try:
-        from tests.unit.test_store import token
-
         store.add_token(token("tok001", expires_at=4_000_000_000.0))
         store.add_token(token("old001", expires_at=1.0))
         store.enroll("tok001", "pi1", {"a": "1"}, certificate("c1", "pi1"), now=10.0)
