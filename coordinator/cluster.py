@@ -8,21 +8,45 @@ class, so each concept has one owner.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
-from picoord.coordinator.apply.runner import NodeUnavailable
-from picoord.coordinator.status import Status, StatusTimeouts, node_status
-from picoord.coordinator.store import NodeRecord, Store
+import structlog
+
+from picoord.common.tokens import BootstrapToken
+from picoord.coordinator.status import STATUS_TO_WIRE, Status, StatusTimeouts, node_status
+from picoord.coordinator.store import CertificateRecord, NodeRecord, StateUnavailable, Store, TokenRecord
 from picoord.coordinator.telemetry import MetricsHistory
 from picoord.v1 import admin_pb2, agent_pb2, node_pb2
 
-STATUS_TO_WIRE = {
-    Status.READY: admin_pb2.NODE_STATUS_READY,
-    Status.NOT_READY: admin_pb2.NODE_STATUS_NOT_READY,
-    Status.DOWN: admin_pb2.NODE_STATUS_DOWN,
-}
+log = structlog.get_logger("picoord.coordinator.cluster")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Expired tokens are kept this long, so `coordctl token list` can still show why a join failed.
+EXPIRED_TOKEN_RETENTION = 7 * 24 * 3600.0
+
+
+def whole(change: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Run a change to its end even when its caller is cancelled (a client that goes away
+    mid-call): the store write in its thread completes anyway, so the in-memory view that
+    follows it must be updated too, never left behind."""
+
+    @functools.wraps(change)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.shield(change(*args, **kwargs))
+
+    return run
+
+
+class NodeUnavailable(Exception):
+    """The node has no open session, or lost it while the action ran."""
 
 
 @dataclass
@@ -48,6 +72,14 @@ class Counters:
     malformed_messages: int = 0
     enrollments: int = 0
     enrollments_refused: int = 0
+    store_write_failures: int = 0
+
+
+@dataclass
+class PendingHello:
+    agent_version: str
+    hardware: bytes
+    seen: float
 
 
 class Cluster:
@@ -58,35 +90,78 @@ class Cluster:
         history: MetricsHistory,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
+        self._store = store
         self.timeouts = timeouts
         self.history = history
         self.clock = clock
         self.counters = Counters()
         self.sessions: dict[str, LiveSession] = {}
-        # Node records are read from the store once and refreshed when a node changes
-        # (enrolled, said hello, relabelled, removed): admin calls and scrapes never query it.
+        # False while the state disk refuses writes; one log line per change, not per failure.
+        self.store_writable = True
+        # Node records are read from the store once and kept in step with every change
+        # made through this class: admin calls and scrapes never query it.
         self._records: dict[str, NodeRecord] = {node.name: node for node in store.list_nodes()}
         self._last_seen: dict[str, float] = {name: node.last_seen for name, node in self._records.items()}
         self._unflushed: dict[str, float] = {}
+        self._unflushed_hellos: dict[str, PendingHello] = {}
         self._hardware: dict[str, node_pb2.Hardware] = {}
         self._summaries: dict[str, tuple[NodeRecord, admin_pb2.NodeSummary]] = {}
         self._pending_actions: dict[str, tuple[str, asyncio.Future[agent_pb2.ActionResult]]] = {}
-        self.apply_lock = asyncio.Lock()
+
+    @property
+    def store_dir(self) -> Path:
+        """Where the state disk is, as operators are told when it refuses writes."""
+        return self._store.path.parent
+
+    # the store, off the event loop
+    async def _read(self, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        return await asyncio.to_thread(work, *args, **kwargs)
+
+    async def _write(self, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run a store change in a thread (the store's lock keeps one writer) and follow
+        whether the state disk takes writes: a metric always, a log line on each change."""
+        try:
+            result = await asyncio.to_thread(work, *args, **kwargs)
+        except StateUnavailable as error:
+            self.counters.store_write_failures += 1
+            if self.store_writable:
+                self.store_writable = False
+                log.error("state store refuses writes: changes are refused until it heals", error=str(error))
+            raise
+        if not self.store_writable:
+            self.store_writable = True
+            log.info("state store takes writes again", state_dir=str(self.store_dir))
+        return result
 
     # sessions
-    def open_session(self, session: LiveSession, hello: agent_pb2.Hello) -> None:
-        """Register a new session; an older one for the same node is told to close."""
+    @whole
+    async def open_session(self, session: LiveSession, hello: agent_pb2.Hello) -> None:
+        """Register a new session; an older one for the same node is told to close.
+
+        The hello is kept in memory at once; its write to the store is retried with the
+        last-seen flush when the state disk refuses it, so a full disk never stops sessions."""
         previous = self.sessions.get(session.node)
         if previous is not None:
             previous.close("replaced by a newer session from the same node")
         self.sessions[session.node] = session
         now = self.clock()
-        self.store.record_hello(session.node, hello.agent_version, hello.hardware.SerializeToString(), now)
         self._hardware[session.node] = hello.hardware
-        self.refresh_node(session.node)
         self._last_seen[session.node] = now
         self.counters.sessions_opened += 1
+        pending = PendingHello(hello.agent_version, hello.hardware.SerializeToString(), now)
+        record = self._records.get(session.node)
+        if record is not None:
+            self._records[session.node] = dataclasses.replace(
+                record, agent_version=pending.agent_version, hardware=pending.hardware, last_seen=now
+            )
+        try:
+            await self._write(
+                self._store.record_hello, session.node, pending.agent_version, pending.hardware, now
+            )
+        except StateUnavailable:
+            self._unflushed_hellos[session.node] = pending
+        else:
+            self._unflushed_hellos.pop(session.node, None)  # an older refused hello is now stale
 
     def close_session(self, session: LiveSession) -> None:
         if self.sessions.get(session.node) is session:
@@ -96,6 +171,10 @@ class Cluster:
                     future.set_exception(
                         NodeUnavailable(f"{node} disconnected while the action ran: its outcome is unknown")
                     )
+
+    async def authenticate(self, serial: str) -> CertificateRecord | None:
+        """The certificate record a session presents, as the store knows it."""
+        return await self._read(self._store.certificate, serial)
 
     # actions
     async def dispatch(
@@ -127,20 +206,24 @@ class Cluster:
         self._unflushed[node] = now
         self.counters.messages_received += 1
 
-    def flush_last_seen(self) -> None:
-        """Persist last-seen times in one transaction, not one write per message."""
-        pending, self._unflushed = self._unflushed, {}
-        self.store.record_last_seen(pending)
-
-    # reading
-    def refresh_node(self, name: str) -> NodeRecord | None:
-        """Re-read one node after the store changed it; None when it no longer exists."""
-        record = self.store.get_node(name)
-        if record is None:
-            self._records.pop(name, None)
-        else:
-            self._records[name] = record
-        return record
+    @whole
+    async def flush(self) -> None:
+        """Persist last-seen times and hellos in one transaction, not one write per message,
+        and drop long-expired tokens. What a refused write held is kept for the next flush."""
+        seen, self._unflushed = self._unflushed, {}
+        hellos, self._unflushed_hellos = self._unflushed_hellos, {}
+        try:
+            await self._write(
+                self._store.record_last_seen,
+                seen,
+                {name: dataclasses.astuple(h) for name, h in hellos.items()},
+            )
+        except BaseException:
+            # newer times and hellos that arrived meanwhile win over the ones given back
+            self._unflushed = seen | self._unflushed
+            self._unflushed_hellos = hellos | self._unflushed_hellos
+            raise
+        await self._write(self._store.delete_expired_tokens, self.clock() - EXPIRED_TOKEN_RETENTION)
 
     def node(self, name: str) -> NodeRecord | None:
         return self._records.get(name)
@@ -185,16 +268,91 @@ class Cluster:
         summary.connected = record.name in self.sessions
         return summary
 
-    # changes made by the operator
-    def remove_node(self, name: str) -> tuple[list[str], bool]:
-        serials = self.store.remove_node(name, self.clock())
-        self._records.pop(name, None)
-        self._summaries.pop(name, None)
+    # changes made by the operator or by enrollment: the store first, then the view
+    def _remember(self, name: str, record: NodeRecord | None) -> NodeRecord | None:
+        if record is None:
+            self._records.pop(name, None)
+            self._summaries.pop(name, None)
+        else:
+            self._records[name] = record
+        return record
+
+    @whole
+    async def create_token(
+        self, ttl: float, usage_limit: int, description: str
+    ) -> tuple[BootstrapToken, TokenRecord]:
+        token = BootstrapToken.generate()
+        now = self.clock()
+        record = TokenRecord(
+            token_id=token.token_id,
+            secret_hash=token.secret_hash,
+            created_at=now,
+            expires_at=now + ttl,
+            usage_limit=usage_limit,
+            uses=0,
+            description=description,
+        )
+        await self._write(self._store.add_token, record)
+        return token, record
+
+    async def list_tokens(self) -> list[TokenRecord]:
+        return await self._read(self._store.list_tokens)
+
+    async def token(self, token_id: str) -> TokenRecord | None:
+        return await self._read(self._store.get_token, token_id)
+
+    @whole
+    async def enroll(
+        self, token_id: str, node: str, labels: dict[str, str], certificate: CertificateRecord, now: float
+    ) -> NodeRecord:
+        """Use the token, create the node and record its certificate, all or nothing
+        (EnrollmentConflict or StateUnavailable change nothing)."""
+
+        def enroll_and_read() -> NodeRecord | None:
+            self._store.enroll(token_id, node, labels, certificate, now)
+            return self._store.get_node(node)
+
+        record = self._remember(node, await self._write(enroll_and_read))
+        assert record is not None
+        return record
+
+    @whole
+    async def label_node(self, name: str, set_labels: dict[str, str], remove: list[str]) -> NodeRecord | None:
+        """Relabel a node; None when it no longer exists."""
+
+        def update_and_read() -> NodeRecord | None:
+            return self._store.get_node(name) if self._store.update_labels(name, set_labels, remove) else None
+
+        return self._remember(name, await self._write(update_and_read))
+
+    async def certificates_of(self, name: str) -> list[CertificateRecord]:
+        """The node's certificates that are neither revoked nor expired, newest first."""
+        return await self._read(self._store.active_certificates, name, self.clock())
+
+    @whole
+    async def record_action(self, record: admin_pb2.ActionRecord) -> None:
+        await self._write(
+            self._store.record_action,
+            record.action_id,
+            record.node,
+            record.started_at,
+            record.SerializeToString(),
+        )
+
+    async def list_actions(self, node: str | None, limit: int) -> list[admin_pb2.ActionRecord]:
+        rows = await self._read(self._store.list_actions, node, limit)
+        return [admin_pb2.ActionRecord.FromString(row) for row in rows]
+
+    @whole
+    async def remove_node(self, name: str) -> tuple[list[str], bool]:
+        serials = await self._write(self._store.remove_node, name, self.clock())
+        self._remember(name, None)
         session = self.sessions.get(name)
         if session is not None:
             session.close("node removed: its certificate is revoked")
         self.history.forget(name)
         self._last_seen.pop(name, None)
         self._unflushed.pop(name, None)
+        self._unflushed_hellos.pop(name, None)
         self._hardware.pop(name, None)
         return serials, session is not None

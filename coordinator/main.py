@@ -27,7 +27,7 @@ from picoord.coordinator.servicers.enrollment import EnrollmentServicer
 from picoord.coordinator.servicers.peers import restrict_to_operators
 from picoord.coordinator.servicers.session import SessionServicer
 from picoord.coordinator.status import StatusTimeouts
-from picoord.coordinator.store import Store
+from picoord.coordinator.store import StateUnavailable, Store
 from picoord.coordinator.telemetry import MetricsHistory
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2_grpc
 
@@ -107,6 +107,17 @@ def _bind_admin_socket(server: grpc.aio.Server, path: Path) -> None:
         os.umask(previous)
 
 
+async def flush_once(cluster: Cluster) -> None:
+    """One flush that never ends the coordinator: a refused write is kept for the next
+    flush (the cluster logs the store's change of state), anything else is logged."""
+    try:
+        await cluster.flush()
+    except StateUnavailable:
+        pass
+    except Exception:
+        log.exception("flushing last-seen times failed; retrying at the next flush")
+
+
 async def serve(config: CoordinatorConfig) -> None:
     state_dir = Path(config.state_dir)
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -175,12 +186,11 @@ async def serve(config: CoordinatorConfig) -> None:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), FLUSH_INTERVAL)
-            cluster.flush_last_seen()
-            store.delete_expired_tokens(cluster.clock() - 7 * 24 * 3600)
+            await flush_once(cluster)
     finally:
         log.info("coordinator stopping")
         await server.stop(grace=2)
-        cluster.flush_last_seen()
+        await flush_once(cluster)
         store.close()
         with contextlib.suppress(FileNotFoundError):
             admin_socket.unlink()
@@ -195,6 +205,6 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.log_level, config.log_json)
     try:
         asyncio.run(serve(config))
-    except OSError as error:
+    except (OSError, StateUnavailable) as error:
         log.error("coordinator failed to start", error=str(error))
         raise SystemExit(1) from None

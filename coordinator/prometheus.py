@@ -144,6 +144,16 @@ class ClusterCollector(Collector):
             "Enrollments refused.",
             value=counters.enrollments_refused,
         )
+        yield GaugeMetricFamily(
+            "picoord_coordinator_store_writable",
+            "1 while the state disk takes writes, 0 while it refuses them (full, read-only).",
+            value=1.0 if self.cluster.store_writable else 0.0,
+        )
+        yield CounterMetricFamily(
+            "picoord_coordinator_store_write_failures",
+            "Writes the state disk refused.",
+            value=counters.store_write_failures,
+        )
 
 
 def serve_metrics(cluster: Cluster, host: str, port: int) -> None:

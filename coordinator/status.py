@@ -1,15 +1,43 @@
-"""Node status from what the coordinator last heard: a pure function, table-tested."""
+"""Node status from what the coordinator last heard: a pure function, table-tested.
+
+Also the one place that names the node status and action outcome enums, for the wire,
+coordctl and Prometheus alike.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
 
+from picoord.v1 import admin_pb2, agent_pb2
+
 
 class Status(Enum):
+    """A node's status; the value is its name everywhere it is shown."""
+
     READY = "Ready"
     NOT_READY = "NotReady"
     DOWN = "Down"
+
+
+STATUS_TO_WIRE = {
+    Status.READY: admin_pb2.NODE_STATUS_READY,
+    Status.NOT_READY: admin_pb2.NODE_STATUS_NOT_READY,
+    Status.DOWN: admin_pb2.NODE_STATUS_DOWN,
+}
+STATUS_NAMES = {wire: status.value for status, wire in STATUS_TO_WIRE.items()} | {
+    admin_pb2.NODE_STATUS_UNSPECIFIED: "Unknown"
+}
+OUTCOME_NAMES = {
+    agent_pb2.ACTION_OUTCOME_UNSPECIFIED: "running",
+    agent_pb2.ACTION_OUTCOME_SUCCEEDED: "changed",
+    agent_pb2.ACTION_OUTCOME_UNCHANGED: "unchanged",
+    agent_pb2.ACTION_OUTCOME_FAILED: "FAILED",
+    agent_pb2.ACTION_OUTCOME_REJECTED: "REJECTED",
+    agent_pb2.ACTION_OUTCOME_PLANNED: "would change",
+    agent_pb2.ACTION_OUTCOME_REVERTED: "REVERTED",
+    agent_pb2.ACTION_OUTCOME_SKIPPED: "SKIPPED",
+}
 
 
 @dataclass(frozen=True)

@@ -7,10 +7,12 @@ facts (last seen, metrics) live in memory and are flushed here in batches.
 
 from __future__ import annotations
 
+import errno
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +68,52 @@ class EnrollmentConflict(Exception):
     """The enrollment lost to the store's current state (token used up, name taken)."""
 
 
+class StateUnavailable(Exception):
+    """The state disk refuses writes (full, read-only, failing): nothing was changed.
+
+    Callers report it and go on; the next write tries again, so it heals by itself."""
+
+    def __init__(self, fault: str, state_dir: Path) -> None:
+        super().__init__(f"state disk {fault} at {state_dir}")
+        self.fault = fault
+        self.state_dir = state_dir
+
+
+FULL, READ_ONLY, IO_ERROR = "full", "read-only", "failing (I/O error)"
+_SQLITE_FAULTS = {  # primary result codes (the low byte of an extended code)
+    sqlite3.SQLITE_FULL: FULL,
+    sqlite3.SQLITE_READONLY: READ_ONLY,
+    sqlite3.SQLITE_IOERR: IO_ERROR,
+    sqlite3.SQLITE_CANTOPEN: IO_ERROR,
+}
+_SQLITE_MESSAGES = {
+    "database or disk is full": FULL,
+    "attempt to write a readonly database": READ_ONLY,
+    "disk i/o error": IO_ERROR,
+}
+_ERRNO_FAULTS = {errno.ENOSPC: FULL, errno.EDQUOT: FULL, errno.EROFS: READ_ONLY, errno.EIO: IO_ERROR}
+
+
+def disk_fault(
+    error: BaseException, read_only_mount: bool = False, no_space_left: bool = False
+) -> str | None:
+    """Which disk fault an error from SQLite or the OS means, or None when it means another
+    problem (a bug, a constraint). SQLite reports some faults as plain I/O errors (e.g. no
+    room for its shared-memory file): the mount's state then names the fault."""
+    fault: str | None = None
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", None)
+        fault = _SQLITE_FAULTS.get(code & 0xFF) if code is not None else None
+        fault = fault or next((f for text, f in _SQLITE_MESSAGES.items() if text in str(error).lower()), None)
+    elif isinstance(error, OSError):
+        fault = _ERRNO_FAULTS.get(error.errno or 0)
+    if fault in (IO_ERROR, FULL) and read_only_mount:
+        return READ_ONLY
+    if fault == IO_ERROR and no_space_left:
+        return FULL
+    return fault
+
+
 @dataclass(frozen=True)
 class TokenRecord:
     token_id: str
@@ -96,17 +144,52 @@ class NodeRecord:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+def no_space_left(path: Path) -> bool:
+    try:
+        return os.statvfs(path).f_bavail == 0
+    except OSError:
+        return False
+
+
+def mount_is_read_only(options: str) -> bool:
+    """From a mount's options in /proc/self/mounts: `ro`, or ext4's `emergency_ro` after
+    errors=remount-ro (which statvfs does not report)."""
+    return bool({"ro", "emergency_ro"} & set(options.split(",")))
+
+
+def mounted_read_only(path: Path) -> bool:
+    """Whether the filesystem holding `path` is read-only now."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return True
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return False
+    resolved = path.resolve()
+    best, best_options = "", ""
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 4:
+            continue
+        mountpoint = fields[1].replace("\\040", " ")
+        if resolved.is_relative_to(mountpoint) and len(mountpoint) >= len(best):
+            best, best_options = mountpoint, fields[3]
+    return mount_is_read_only(best_options)
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        # One connection and one lock: one writer at a time, whichever thread calls.
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.execute("PRAGMA busy_timeout=5000")
+        with self._faults_as_unavailable():  # a disk that is full at start-up says so
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=5000")
         with self.transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
@@ -119,19 +202,37 @@ class Store:
         with self._lock:
             self._db.close()
 
+    def _unavailable(self, error: BaseException) -> StateUnavailable | None:
+        """The typed error for a disk fault, or None when `error` is something else."""
+        fault = disk_fault(error, mounted_read_only(self.path.parent), no_space_left(self.path.parent))
+        return StateUnavailable(fault, self.path.parent) if fault else None
+
+    @contextmanager
+    def _faults_as_unavailable(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as error:
+            unavailable = self._unavailable(error)
+            if unavailable is None:
+                raise
+            raise unavailable from error
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        """All or nothing: any error, a full disk's included (even at COMMIT), rolls back."""
+        with self._lock, self._faults_as_unavailable():
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    with suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._faults_as_unavailable():
             return self._db.execute(sql, params).fetchall()
 
     def integrity_ok(self) -> bool:
@@ -241,22 +342,38 @@ class Store:
                 (agent_version, hardware, now, name),
             )
 
-    def record_last_seen(self, seen: dict[str, float]) -> None:
-        if not seen:
+    def record_last_seen(
+        self, seen: dict[str, float], hellos: dict[str, tuple[str, bytes, float]] | None = None
+    ) -> None:
+        """Last-seen times, and hellos whose own write was refused (agent version, hardware,
+        when), in one transaction."""
+        if not seen and not hellos:
             return
         with self.transaction() as db:
+            db.executemany(
+                "UPDATE nodes SET agent_version = ?, hardware = ?, last_seen = MAX(last_seen, ?) "
+                "WHERE name = ?",
+                [
+                    (version, hardware, when, name)
+                    for name, (version, hardware, when) in (hellos or {}).items()
+                ],
+            )
             db.executemany(
                 "UPDATE nodes SET last_seen = MAX(last_seen, ?) WHERE name = ?",
                 [(when, name) for name, when in seen.items()],
             )
 
-    def update_labels(self, name: str, set_labels: dict[str, str], remove: list[str]) -> None:
+    def update_labels(self, name: str, set_labels: dict[str, str], remove: list[str]) -> bool:
+        """Relabel a node; False (and nothing changed) when there is no such node."""
         with self.transaction() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone() is None:
+                return False
             db.executemany("DELETE FROM labels WHERE node = ? AND key = ?", [(name, key) for key in remove])
             db.executemany(
                 _UPSERT_LABEL,
                 [(name, key, value) for key, value in set_labels.items()],
             )
+        return True
 
     # action history: one serialized picoord.v1.ActionRecord per action, written at its
     # start and again at its end, so a coordinator crash mid-apply still shows what began.

@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from picoord.coordinator.apply.planner import Step
+from picoord.coordinator.cluster import NodeUnavailable
+from picoord.coordinator.store import StateUnavailable
 from picoord.v1 import actions_pb2, admin_pb2, agent_pb2
 
 CONVERGED = frozenset(
@@ -50,11 +52,7 @@ def step_timeout(kind: str, action: actions_pb2.Action) -> float:
 
 Dispatch = Callable[[str, agent_pb2.ActionRequest, float], Awaitable[agent_pb2.ActionResult]]
 Emit = Callable[[admin_pb2.ApplyEvent], Awaitable[None]]
-Record = Callable[[admin_pb2.ActionRecord], None]
-
-
-class NodeUnavailable(Exception):
-    """The node has no open session, or lost it while the action ran."""
+Record = Callable[[admin_pb2.ActionRecord], Awaitable[None]]
 
 
 @dataclass
@@ -108,12 +106,18 @@ class ApplyRun:
             started_at=self.clock(),
         )
 
-    async def _finish(self, step: Step, record: admin_pb2.ActionRecord, outcome: int, message: str) -> None:
+    async def _finish(
+        self, step: Step, record: admin_pb2.ActionRecord, outcome: int, message: str, store: bool = True
+    ) -> None:
         record.outcome = outcome
         record.message = message
         record.finished_at = self.clock()
         self.outcomes[step.id] = outcome
-        self.record(record)
+        if store:
+            try:
+                await self.record(record)
+            except StateUnavailable as error:  # the operator still sees the outcome
+                record.message = f"{message} (not recorded: {error})" if message else f"not recorded: {error}"
         await self.emit(admin_pb2.ApplyEvent(finished=record))
 
     async def _run_step(self, step: Step) -> None:
@@ -139,7 +143,14 @@ class ApplyRun:
         request = agent_pb2.ActionRequest(
             action_id=record.action_id, dry_run=self.dry_run, timeout_seconds=timeout, action=action
         )
-        self.record(record)
+        try:
+            await self.record(record)
+        except StateUnavailable as error:
+            # never send what the history could not show: a crash would hide that it began
+            await self._finish(
+                step, record, agent_pb2.ACTION_OUTCOME_FAILED, f"not sent: {error}", store=False
+            )
+            return
         await self.emit(admin_pb2.ApplyEvent(started=record))
         try:
             result = await self.dispatch(step.node, request, timeout + REPLY_GRACE)

@@ -30,7 +30,6 @@ from picoord.coordinator.ctl.client import (
 )
 from picoord.coordinator.ctl.output import (
     FORMATS,
-    STATUS_NAMES,
     ago,
     emit,
     human_bytes,
@@ -41,6 +40,7 @@ from picoord.coordinator.ctl.output import (
 from picoord.coordinator.ctl.output import (
     console as output_console,
 )
+from picoord.coordinator.status import OUTCOME_NAMES, STATUS_NAMES
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 
 APPLY_TIMEOUT = 3600.0
@@ -298,18 +298,6 @@ def cmd_top(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
                 live.update(table(snapshot(), TOP_COLUMNS), refresh=True)
         except KeyboardInterrupt:
             return 0
-
-
-OUTCOME_NAMES = {
-    agent_pb2.ACTION_OUTCOME_UNSPECIFIED: "running",
-    agent_pb2.ACTION_OUTCOME_SUCCEEDED: "changed",
-    agent_pb2.ACTION_OUTCOME_UNCHANGED: "unchanged",
-    agent_pb2.ACTION_OUTCOME_FAILED: "FAILED",
-    agent_pb2.ACTION_OUTCOME_REJECTED: "REJECTED",
-    agent_pb2.ACTION_OUTCOME_PLANNED: "would change",
-    agent_pb2.ACTION_OUTCOME_REVERTED: "REVERTED",
-    agent_pb2.ACTION_OUTCOME_SKIPPED: "SKIPPED",
-}
 
 
 def action_view(record: admin_pb2.ActionRecord) -> dict[str, Any]:

@@ -13,15 +13,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from picoord.coordinator.status import STATUS_NAMES
 from picoord.v1 import admin_pb2
 
 FORMATS = ("table", "json", "yaml")
-STATUS_NAMES = {
-    admin_pb2.NODE_STATUS_READY: "Ready",
-    admin_pb2.NODE_STATUS_NOT_READY: "NotReady",
-    admin_pb2.NODE_STATUS_DOWN: "Down",
-    admin_pb2.NODE_STATUS_UNSPECIFIED: "Unknown",
-}
 
 
 def iso_time(timestamp: float) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -10,12 +9,13 @@ import structlog
 
 from picoord.common import defaults
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
-from picoord.common.tokens import BootstrapToken
-from picoord.coordinator.apply.planner import NodeView, PlanError, plan
-from picoord.coordinator.apply.runner import ApplyRun
-from picoord.coordinator.apply.spec import SpecError, parse_spec
+from picoord.coordinator.apply.planner import PlanError
+from picoord.coordinator.apply.service import ApplyBusy, ApplyService
+from picoord.coordinator.apply.spec import SpecError
 from picoord.coordinator.ca import ClusterCA
-from picoord.coordinator.cluster import STATUS_TO_WIRE, Cluster
+from picoord.coordinator.cluster import Cluster
+from picoord.coordinator.servicers.faults import unavailable_on_store_fault
+from picoord.coordinator.status import STATUS_TO_WIRE
 from picoord.coordinator.store import NodeRecord, TokenRecord
 from picoord.v1 import admin_pb2, admin_pb2_grpc
 
@@ -44,7 +44,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.ca = ca
         self.join_address = join_address
         self.enroll_port_hint = enroll_port_hint
-        self._applies: set[asyncio.Task[None]] = set()
+        self.applies = ApplyService(cluster)
 
     async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
         try:
@@ -57,6 +57,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         assert record is not None
         return record
 
+    @unavailable_on_store_fault
     async def CreateToken(
         self, request: admin_pb2.CreateTokenRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateTokenResponse:
@@ -65,18 +66,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl must be between 1 second and 365 days")
         if len(request.description) > 256:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "description is longer than 256 characters")
-        token = BootstrapToken.generate()
-        now = self.cluster.clock()
-        record = TokenRecord(
-            token_id=token.token_id,
-            secret_hash=token.secret_hash,
-            created_at=now,
-            expires_at=now + ttl,
-            usage_limit=request.usage_limit,
-            uses=0,
-            description=request.description,
-        )
-        self.cluster.store.add_token(record)
+        token, record = await self.cluster.create_token(ttl, request.usage_limit, request.description)
         log.info("token created", token_id=token.token_id, ttl_seconds=ttl, usage_limit=request.usage_limit)
         command = f"picoord-agent join {self.join_address} --token {token} --ca-cert-hash {self.ca.cert_hash}"
         if self.enroll_port_hint is not None:
@@ -85,10 +75,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             token=str(token), info=token_info(record), ca_cert_hash=self.ca.cert_hash, join_command=command
         )
 
+    @unavailable_on_store_fault
     async def ListTokens(
         self, request: admin_pb2.ListTokensRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListTokensResponse:
-        return admin_pb2.ListTokensResponse(tokens=[token_info(r) for r in self.cluster.store.list_tokens()])
+        return admin_pb2.ListTokensResponse(tokens=[token_info(r) for r in await self.cluster.list_tokens()])
 
     async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
@@ -97,11 +88,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             nodes=[self.cluster.summary(record) for record in self.cluster.nodes()]
         )
 
+    @unavailable_on_store_fault
     async def GetNode(
         self, request: admin_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.NodeDetail:
         record = await self._node(request.name, context)
-        certificates = self.cluster.store.active_certificates(record.name, self.cluster.clock())
+        certificates = await self.cluster.certificates_of(record.name)
         detail = admin_pb2.NodeDetail(
             summary=self.cluster.summary(record),
             hardware=self.cluster.hardware(record),
@@ -114,6 +106,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             detail.certificate_not_after = certificates[0].not_after
         return detail
 
+    @unavailable_on_store_fault
     async def LabelNode(
         self, request: admin_pb2.LabelNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.NodeSummary:
@@ -124,17 +117,19 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 validate_label_key(key)
         except InvalidName as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        self.cluster.store.update_labels(record.name, to_set, list(request.remove))
-        log.info("node labelled", node=record.name, set=to_set, removed=list(request.remove))
-        updated = self.cluster.refresh_node(record.name)
+        updated = await self.cluster.label_node(record.name, to_set, list(request.remove))
+        if updated is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"node {record.name!r} was removed meanwhile")
         assert updated is not None
+        log.info("node labelled", node=record.name, set=to_set, removed=list(request.remove))
         return self.cluster.summary(updated)
 
+    @unavailable_on_store_fault
     async def RemoveNode(
         self, request: admin_pb2.RemoveNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RemoveNodeResponse:
         record = await self._node(request.name, context)
-        serials, session_closed = self.cluster.remove_node(record.name)
+        serials, session_closed = await self.cluster.remove_node(record.name)
         log.info("node removed", node=record.name, revoked=serials, session_closed=session_closed)
         return admin_pb2.RemoveNodeResponse(
             name=record.name, revoked_serials=serials, session_closed=session_closed
@@ -144,72 +139,24 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ApplyRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[admin_pb2.ApplyEvent]:
         try:
-            steps = plan(parse_spec(request.documents), self._inventory())
+            started = await self.applies.start(
+                request.documents, request.dry_run, request.requested_by[:128] or context.peer()
+            )
         except (SpecError, PlanError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        if self.cluster.apply_lock.locked():
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION, "another apply is running; try again when it ends"
-            )
-        events: asyncio.Queue[admin_pb2.ApplyEvent | None] = asyncio.Queue()
-        run = ApplyRun(
-            dispatch=self.cluster.dispatch,
-            emit=events.put,
-            record=lambda record: self.cluster.store.record_action(
-                record.action_id, record.node, record.started_at, record.SerializeToString()
-            ),
-            dry_run=request.dry_run,
-            requested_by=request.requested_by[:128] or context.peer(),
-            clock=self.cluster.clock,
-        )
-        log.info(
-            "apply", apply_id=run.apply_id, steps=len(steps), dry_run=request.dry_run, by=run.requested_by
-        )
-        for step in steps:
-            yield admin_pb2.ApplyEvent(
-                planned=admin_pb2.PlannedStep(
-                    step=step.id, node=step.node, kind=step.kind, requires=step.requires
-                )
-            )
-
-        async def carry_out() -> None:
-            async with self.cluster.apply_lock:
-                try:
-                    summary = await run.run(steps)
-                    await events.put(admin_pb2.ApplyEvent(summary=summary))
-                finally:
-                    await events.put(None)
-
-        # The apply runs to its end even if coordctl goes away: actions already sent must be
-        # followed and recorded.
-        task = asyncio.create_task(carry_out())
-        self._applies.add(task)
-        task.add_done_callback(self._applies.discard)
-        while (event := await events.get()) is not None:
+        except ApplyBusy as error:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+        async for event in started.stream():
             yield event
-        await task
 
-    def _inventory(self) -> list[NodeView]:
-        views = []
-        for record in self.cluster.nodes():
-            session = self.cluster.sessions.get(record.name)
-            views.append(
-                NodeView(
-                    name=record.name,
-                    labels=record.labels,
-                    arch=self.cluster.hardware(record).arch,
-                    address=session.address if session else "",
-                )
-            )
-        return views
-
+    @unavailable_on_store_fault
     async def ListActions(
         self, request: admin_pb2.ListActionsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListActionsResponse:
         if request.node:
             await self._node(request.node, context)
-        records = self.cluster.store.list_actions(request.node or None, min(request.limit or 50, 1000))
-        return admin_pb2.ListActionsResponse(actions=[admin_pb2.ActionRecord.FromString(r) for r in records])
+        records = await self.cluster.list_actions(request.node or None, min(request.limit or 50, 1000))
+        return admin_pb2.ListActionsResponse(actions=records)
 
     async def Top(
         self, request: admin_pb2.TopRequest, context: grpc.aio.ServicerContext

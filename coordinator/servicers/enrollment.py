@@ -13,6 +13,7 @@ from picoord.common.pki import certificate_not_after
 from picoord.common.tokens import BootstrapToken, InvalidToken
 from picoord.coordinator.ca import ClusterCA, CsrRejected, certificate_pem
 from picoord.coordinator.cluster import Cluster
+from picoord.coordinator.servicers.faults import unavailable_on_store_fault
 from picoord.coordinator.servicers.peers import certificate_serial
 from picoord.coordinator.store import CertificateRecord, EnrollmentConflict
 from picoord.coordinator.tokens import TokenRefused, check_token
@@ -36,6 +37,7 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
         await context.abort(code, why)
         raise AssertionError("context.abort always raises")
 
+    @unavailable_on_store_fault
     async def Enroll(
         self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.EnrollResponse:
@@ -54,7 +56,7 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, "the CSR is too large", node)
         now = self.cluster.clock()
         try:
-            check_token(token, self.cluster.store.get_token(token.token_id), now)
+            check_token(token, await self.cluster.token(token.token_id), now)
         except TokenRefused as error:
             await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(error), node)
         try:
@@ -69,10 +71,9 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
             revoked_at=None,
         )
         try:
-            self.cluster.store.enroll(token.token_id, node, labels, record, now)
+            await self.cluster.enroll(token.token_id, node, labels, record, now)
         except EnrollmentConflict as error:
             await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, str(error), node)
-        self.cluster.refresh_node(node)
         self.cluster.counters.enrollments += 1
         log.info("node enrolled", node=node, token_id=token.token_id, serial=record.serial)
         return agent_pb2.EnrollResponse(

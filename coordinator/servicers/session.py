@@ -14,6 +14,7 @@ from picoord.common import VERSION
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.inbound import MalformedMessage, check_followup, check_hello
 from picoord.coordinator.servicers.peers import certified_peer
+from picoord.coordinator.store import StateUnavailable
 from picoord.v1 import agent_pb2, agent_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator.session")
@@ -57,7 +58,11 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 "a client certificate is required: enroll with `picoord-agent join` first",
             )
             raise AssertionError("unreachable")
-        record = self.cluster.store.certificate(peer.serial)
+        try:
+            record = await self.cluster.authenticate(peer.serial)
+        except StateUnavailable as error:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
+            raise AssertionError("unreachable") from error
         if record is None or record.node != peer.common_name:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "certificate not issued to this node")
             raise AssertionError("unreachable")
@@ -83,7 +88,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello received")
             return
         session = LiveSession(node=node, serial=serial, address=peer_address(context.peer()))
-        self.cluster.open_session(session, hello)
+        await self.cluster.open_session(session, hello)
         log.info("session opened", node=node, agent_version=hello.agent_version, peer=context.peer())
         yield agent_pb2.CoordinatorMessage(
             welcome=agent_pb2.Welcome(

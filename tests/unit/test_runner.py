@@ -1,12 +1,15 @@
 """The apply runner's scheduling over a plan, with nodes answering from a table."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
 from picoord.coordinator.apply.planner import NodeView, plan
-from picoord.coordinator.apply.runner import ApplyRun, NodeUnavailable
+from picoord.coordinator.apply.runner import ApplyRun
 from picoord.coordinator.apply.spec import parse_spec
+from picoord.coordinator.cluster import NodeUnavailable
+from picoord.coordinator.store import StateUnavailable
 from picoord.v1 import actions_pb2, admin_pb2, agent_pb2
 
 OK, SAME, FAIL, PLANNED = (
@@ -38,8 +41,14 @@ rules: [{action: allow, port: 22, protocol: tcp}]
 """
 
 
-def run(answers: dict[tuple[str, str], object], dry_run: bool = False, facts: bool = True):
-    """Run SPEC; `answers[(node, kind)]` is an outcome, or an exception to raise."""
+def run(
+    answers: dict[tuple[str, str], object],
+    dry_run: bool = False,
+    facts: bool = True,
+    refuse_records: frozenset[str] = frozenset(),
+):
+    """Run SPEC; `answers[(node, kind)]` is an outcome, or an exception to raise. Records of
+    the actions named in `refuse_records` (e.g. "started:mount@pi2") fail as on a full disk."""
     sent: list[tuple[str, agent_pb2.ActionRequest]] = []
     events: list[admin_pb2.ApplyEvent] = []
     records: list[admin_pb2.ActionRecord] = []
@@ -65,13 +74,13 @@ def run(answers: dict[tuple[str, str], object], dry_run: bool = False, facts: bo
     async def emit(event: admin_pb2.ApplyEvent) -> None:
         events.append(event)
 
-    apply = ApplyRun(
-        dispatch,
-        emit,
-        lambda r: records.append(admin_pb2.ActionRecord().__class__.FromString(r.SerializeToString())),
-        dry_run,
-        "op@desk",
-    )
+    async def record(r: admin_pb2.ActionRecord) -> None:
+        phase = "finished" if r.finished_at else "started"
+        if f"{phase}:{r.step.split(':')[1]}" in refuse_records:
+            raise StateUnavailable("full", Path("/var/lib/picoord"))
+        records.append(admin_pb2.ActionRecord.FromString(r.SerializeToString()))
+
+    apply = ApplyRun(dispatch, emit, record, dry_run, "op@desk")
     summary = asyncio.run(apply.run(plan(parse_spec(SPEC), INVENTORY)))
     return summary, sent, events, records, apply
 
@@ -153,3 +162,27 @@ def test_every_action_is_recorded_at_start_and_end() -> None:
 def test_requests_carry_the_mode_and_a_timeout(dry_run: bool) -> None:
     _, sent, *_ = run({}, dry_run=dry_run)
     assert all(r.dry_run is dry_run and r.timeout_seconds > 0 for _, r in sent)
+
+
+def test_an_action_whose_start_cannot_be_recorded_is_not_sent() -> None:
+    """A full state disk at the start of an action: it is never sent, so the history cannot
+    miss an action that ran; the operator sees why."""
+    summary, sent, events, records, apply = run({}, refuse_records=frozenset({"started:mount@pi2"}))
+    assert ("pi2", "mount") not in [(node, r.action.WhichOneof("kind")) for node, r in sent]
+    assert outcomes(apply)["mount@pi2"] == FAIL and outcomes(apply)["firewall@pi2"] == OK
+    finished = {
+        e.finished.step.split(":")[1]: e.finished for e in events if e.WhichOneof("event") == "finished"
+    }
+    assert finished["mount@pi2"].message == "not sent: state disk full at /var/lib/picoord"
+    assert not [r for r in records if r.step.endswith("mount@pi2")]
+    assert summary.failed == 1
+
+
+def test_an_outcome_that_cannot_be_recorded_still_reaches_the_operator() -> None:
+    _, _, events, records, apply = run({}, refuse_records=frozenset({"finished:mount@pi2"}))
+    assert outcomes(apply)["mount@pi2"] == OK
+    finished = {
+        e.finished.step.split(":")[1]: e.finished for e in events if e.WhichOneof("event") == "finished"
+    }
+    assert finished["mount@pi2"].message == "mount on pi2 (not recorded: state disk full at /var/lib/picoord)"
+    assert [r.finished_at for r in records if r.step.endswith("mount@pi2")] == [0.0]  # only its start

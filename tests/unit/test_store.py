@@ -1,11 +1,22 @@
 """The SQLite store: enrollment is one transaction, removal revokes, nothing is half-written."""
 
+import errno
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from picoord.coordinator.store import CertificateRecord, EnrollmentConflict, Store, TokenRecord
+from picoord.coordinator.store import (
+    FULL,
+    IO_ERROR,
+    READ_ONLY,
+    CertificateRecord,
+    EnrollmentConflict,
+    Store,
+    TokenRecord,
+    disk_fault,
+    mount_is_read_only,
+)
 
 
 @pytest.fixture
@@ -97,3 +108,105 @@ def test_state_survives_reopening(tmp_path: Path) -> None:
         assert second.integrity_ok()
     finally:
         second.close()
+
+
+def test_expired_tokens_are_deleted_and_live_ones_kept(store: Store) -> None:
+    store.add_token(token("old001", expires_at=100.0))
+    store.add_token(token("edge01", expires_at=200.0))
+    store.add_token(token("live01", expires_at=300.0))
+    assert store.delete_expired_tokens(now=200.0) == 2  # expiring exactly now counts as expired
+    assert [t.token_id for t in store.list_tokens()] == ["live01"]
+    assert store.delete_expired_tokens(now=200.0) == 0
+
+
+def test_hellos_held_back_are_written_with_the_last_seen_times(store: Store) -> None:
+    store.add_token(token())
+    store.enroll("abcdef", "pi1", {}, cert("a1", "pi1"), now=10.0)
+    store.enroll("abcdef", "pi2", {}, cert("a2", "pi2"), now=10.0)
+    store.record_last_seen({"pi2": 30.0}, {"pi1": ("0.2.0", b"hw", 20.0)})
+    pi1, pi2 = store.get_node("pi1"), store.get_node("pi2")
+    assert (pi1.agent_version, pi1.hardware, pi1.last_seen) == ("0.2.0", b"hw", 20.0)
+    assert pi2.last_seen == 30.0
+
+
+def test_a_failing_transaction_leaves_nothing_behind(store: Store) -> None:
+    store.add_token(token())
+    with pytest.raises(sqlite3.IntegrityError), store.transaction() as db:
+        db.execute("UPDATE tokens SET uses = 5")
+        db.execute("INSERT INTO tokens(token_id) VALUES ('x')")  # NOT NULL columns missing
+    assert store.get_token("abcdef").uses == 0
+    store.add_token(token("second"))  # and the connection is usable again
+    assert len(store.list_tokens()) == 2
+
+
+def _sqlite_error(kind: type[sqlite3.Error], message: str, code: int | None) -> sqlite3.Error:
+    error = kind(message)
+    if code is not None:
+        error.sqlite_errorcode = code
+    return error
+
+
+@pytest.mark.parametrize(
+    ("error", "read_only_mount", "fault"),
+    [
+        (
+            _sqlite_error(sqlite3.OperationalError, "database or disk is full", sqlite3.SQLITE_FULL),
+            False,
+            FULL,
+        ),
+        (_sqlite_error(sqlite3.OperationalError, "database or disk is full", None), False, FULL),
+        (
+            _sqlite_error(sqlite3.OperationalError, "attempt to write a readonly database", 8),
+            False,
+            READ_ONLY,
+        ),
+        (_sqlite_error(sqlite3.OperationalError, "disk I/O error", 778), False, IO_ERROR),  # IOERR_WRITE
+        (_sqlite_error(sqlite3.OperationalError, "disk I/O error", 778), True, READ_ONLY),
+        (
+            _sqlite_error(sqlite3.DatabaseError, "database or disk is full", sqlite3.SQLITE_FULL),
+            True,
+            READ_ONLY,
+        ),
+        (OSError(errno.ENOSPC, "No space left on device"), False, FULL),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), False, FULL),
+        (OSError(errno.EROFS, "Read-only file system"), False, READ_ONLY),
+        (OSError(errno.EIO, "Input/output error"), False, IO_ERROR),
+        # other problems are bugs or conflicts, not a disk that refuses writes
+        (_sqlite_error(sqlite3.IntegrityError, "UNIQUE constraint failed", 2067), False, None),
+        (_sqlite_error(sqlite3.OperationalError, "no such table: x", 1), True, None),
+        (OSError(errno.EACCES, "Permission denied"), False, None),
+        (ValueError("not a disk error"), False, None),
+    ],
+)
+def test_disk_faults_are_told_apart_from_other_errors(
+    error: BaseException, read_only_mount: bool, fault: str | None
+) -> None:
+    assert disk_fault(error, read_only_mount) == fault
+
+
+@pytest.mark.parametrize(
+    ("error", "read_only_mount", "fault"),
+    [
+        (_sqlite_error(sqlite3.OperationalError, "disk I/O error", 4618), False, FULL),  # IOERR_SHMSIZE
+        (_sqlite_error(sqlite3.OperationalError, "disk I/O error", 778), True, READ_ONLY),
+        (_sqlite_error(sqlite3.IntegrityError, "UNIQUE constraint failed", 2067), False, None),
+    ],
+)
+def test_an_io_error_on_a_disk_with_no_space_left_is_a_full_disk(
+    error: BaseException, read_only_mount: bool, fault: str | None
+) -> None:
+    assert disk_fault(error, read_only_mount, no_space_left=True) == fault
+
+
+@pytest.mark.parametrize(
+    ("options", "read_only"),
+    [
+        ("rw,relatime", False),
+        ("ro,relatime", True),
+        ("rw,relatime,errors=remount-ro", False),  # a policy, not the state
+        ("rw,relatime,errors=remount-ro,emergency_ro", True),
+        ("", False),
+    ],
+)
+def test_read_only_mount_options(options: str, read_only: bool) -> None:
+    assert mount_is_read_only(options) is read_only

@@ -1,0 +1,103 @@
+"""Applies as the admin API offers them: read and plan a spec, then run the plan to its end,
+one apply at a time.
+
+The servicer only translates requests and events; the rules live here: the spec is parsed
+off the event loop, a second apply is refused atomically, and a run goes on even when
+coordctl goes away, because actions already sent must be followed and recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import structlog
+
+from picoord.coordinator.apply.planner import NodeView, Step, plan
+from picoord.coordinator.apply.runner import ApplyRun
+from picoord.coordinator.apply.spec import parse_spec
+from picoord.coordinator.cluster import Cluster
+from picoord.v1 import admin_pb2
+
+log = structlog.get_logger("picoord.coordinator.apply")
+
+
+class ApplyBusy(Exception):
+    """Another apply is running: two at once could send conflicting actions to a node."""
+
+
+@dataclass
+class StartedApply:
+    run: ApplyRun
+    steps: list[Step]
+    events: asyncio.Queue[admin_pb2.ApplyEvent | None]
+    task: asyncio.Task[None]
+
+    async def stream(self) -> AsyncIterator[admin_pb2.ApplyEvent]:
+        """The plan, then each event as it happens, then the summary."""
+        for step in self.steps:
+            yield admin_pb2.ApplyEvent(
+                planned=admin_pb2.PlannedStep(
+                    step=step.id, node=step.node, kind=step.kind, requires=step.requires
+                )
+            )
+        while (event := await self.events.get()) is not None:
+            yield event
+        await self.task
+
+
+class ApplyService:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.running: ApplyRun | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def inventory(self) -> list[NodeView]:
+        """The nodes as the planner sees them: labels, arch, and where each session comes from."""
+        views = []
+        for record in self.cluster.nodes():
+            session = self.cluster.sessions.get(record.name)
+            views.append(
+                NodeView(
+                    name=record.name,
+                    labels=record.labels,
+                    arch=self.cluster.hardware(record).arch,
+                    address=session.address if session else "",
+                )
+            )
+        return views
+
+    async def start(self, documents: str, dry_run: bool, requested_by: str) -> StartedApply:
+        """Plan and start an apply. SpecError or PlanError for a bad spec, ApplyBusy while
+        another runs; either way nothing is recorded or sent."""
+        documents_read = await asyncio.to_thread(parse_spec, documents)
+        steps = plan(documents_read, self.inventory())
+        # No await from this check to the claim below: of two applies, exactly one runs.
+        if self.running is not None:
+            raise ApplyBusy(f"another apply ({self.running.apply_id}) is running; try again when it ends")
+        events: asyncio.Queue[admin_pb2.ApplyEvent | None] = asyncio.Queue()
+        run = ApplyRun(
+            dispatch=self.cluster.dispatch,
+            emit=events.put,
+            record=self.cluster.record_action,
+            dry_run=dry_run,
+            requested_by=requested_by,
+            clock=self.cluster.clock,
+        )
+        self.running = run
+        log.info("apply", apply_id=run.apply_id, steps=len(steps), dry_run=dry_run, by=requested_by)
+        task = asyncio.create_task(self._carry_out(run, steps, events))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return StartedApply(run, steps, events, task)
+
+    async def _carry_out(
+        self, run: ApplyRun, steps: list[Step], events: asyncio.Queue[admin_pb2.ApplyEvent | None]
+    ) -> None:
+        try:
+            summary = await run.run(steps)
+            await events.put(admin_pb2.ApplyEvent(summary=summary))
+        finally:
+            self.running = None
+            await events.put(None)

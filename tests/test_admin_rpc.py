@@ -1,0 +1,129 @@
+"""The admin API end to end, without coordctl in front: a real gRPC server on a unix socket,
+the real servicer, cluster and SQLite store. coordctl validates specs itself, so these are
+the checks a client that skips it meets."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from picoord.coordinator.ca import ClusterCA
+from picoord.coordinator.cluster import Cluster, LiveSession
+from picoord.coordinator.servicers.admin import AdminServicer
+from picoord.coordinator.servicers.peers import restrict_to_operators
+from picoord.coordinator.status import StatusTimeouts
+from picoord.coordinator.store import CertificateRecord, Store
+from picoord.coordinator.telemetry import MetricsHistory
+from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, node_pb2
+
+MOUNT = "kind: Mount\nname: scratch\ntype: tmpfs\ntarget: /mnt/scratch\nnodes: [pi1]\n"
+
+
+@dataclass
+class Coordinator:
+    cluster: Cluster
+    admin: admin_pb2_grpc.AdminStub
+    session: LiveSession
+
+
+@pytest.fixture
+async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
+    """pi1 enrolled and connected (the test plays its agent through the session's outbox)."""
+    store = Store(tmp_path / "state.db")
+    cluster = Cluster(store, StatusTimeouts(), MetricsHistory(4))
+    _, token = await cluster.create_token(3600.0, 0, "")
+    certificate = CertificateRecord("c1", "pi1", 1.0, 4_000_000_000.0, None)
+    await cluster.enroll(token.token_id, "pi1", {}, certificate, cluster.clock())
+    session = LiveSession(node="pi1", serial="c1", address="10.0.0.11")
+    await cluster.open_session(session, agent_pb2.Hello(agent_version="0", hardware=node_pb2.Hardware()))
+    server = grpc.aio.server()
+    servicer = AdminServicer(
+        cluster, ClusterCA.load_or_create(tmp_path, ["localhost"]), "localhost:7443", None
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        restrict_to_operators(servicer, admin_pb2.DESCRIPTOR.services_by_name["Admin"]), server
+    )
+    socket = tmp_path / "admin.sock"
+    server.add_insecure_port(f"unix:{socket}")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"unix:{socket}")
+    try:
+        yield Coordinator(cluster, admin_pb2_grpc.AdminStub(channel), session)
+    finally:
+        await channel.close()
+        await server.stop(grace=None)
+        store.close()
+
+
+async def apply_events(admin: admin_pb2_grpc.AdminStub, documents: str) -> list[admin_pb2.ApplyEvent]:
+    return [event async for event in admin.Apply(admin_pb2.ApplyRequest(documents=documents), timeout=20)]
+
+
+@pytest.mark.parametrize(
+    ("documents", "named"),
+    [
+        (
+            MOUNT.replace("/mnt/scratch", "relative"),
+            "Mount/scratch.target: 'relative' is not an absolute path",
+        ),
+        (MOUNT + "bogus: 1\n", "Mount/scratch.bogus: unknown field"),
+        (MOUNT + "---\nkind: Mount\nname: b\ntype: tmpfs\ntarget: /mnt/b\nnodes: []\n", "Mount/b.nodes"),
+        ("kind: Nonsense\nname: x\n", "kind"),
+        (MOUNT.replace("[pi1]", "[pi9]"), "pi9"),  # valid, but no such node: the planner refuses
+    ],
+)
+async def test_a_bad_document_sent_straight_to_the_rpc_is_refused_naming_it(
+    coordinator: Coordinator, documents: str, named: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await apply_events(coordinator.admin, documents)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in refused.value.details()
+    # nothing recorded, nothing sent
+    assert (await coordinator.admin.ListActions(admin_pb2.ListActionsRequest())).actions == []
+    assert coordinator.session.outbox.empty()
+
+
+async def answer_actions(cluster: Cluster, session: LiveSession, delay: float) -> int:
+    """Play pi1's agent: answer each action after `delay` s; return how many came."""
+    answered = 0
+    while True:
+        try:
+            message = await asyncio.wait_for(session.outbox.get(), 3.0)
+        except TimeoutError:
+            return answered
+        await asyncio.sleep(delay)
+        result = agent_pb2.ActionResult(
+            action_id=message.action.action_id, outcome=agent_pb2.ACTION_OUTCOME_SUCCEEDED, message="ok"
+        )
+        assert cluster.action_result("pi1", result)
+        answered += 1
+
+
+async def test_of_two_applies_sent_at_once_exactly_one_runs(coordinator: Coordinator) -> None:
+    """Both pass validation at the same moment; the claim is atomic, so one is refused and
+    the other runs to its end with its action recorded."""
+    agent = asyncio.create_task(answer_actions(coordinator.cluster, coordinator.session, 0.5))
+    results = await asyncio.gather(
+        apply_events(coordinator.admin, MOUNT),
+        apply_events(coordinator.admin, MOUNT),
+        return_exceptions=True,
+    )
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    ran = [r for r in results if isinstance(r, list)]
+    assert len(refused) == 1 and len(ran) == 1, results
+    assert refused[0].code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "another apply" in refused[0].details()
+    assert ran[0][-1].summary.converged and ran[0][-1].summary.changed == 1
+    assert await agent == 1  # one action reached the node, not two
+    actions = (await coordinator.admin.ListActions(admin_pb2.ListActionsRequest())).actions
+    assert [a.outcome for a in actions] == [agent_pb2.ACTION_OUTCOME_SUCCEEDED]
+    # and once it ended, the next apply runs
+    agent = asyncio.create_task(answer_actions(coordinator.cluster, coordinator.session, 0.0))
+    assert (await apply_events(coordinator.admin, MOUNT))[-1].summary.converged
+    assert await agent == 1

@@ -1,0 +1,60 @@
+"""The cluster keeps the store and its in-memory view in step, also when a caller gives up."""
+
+import asyncio
+from pathlib import Path
+
+from picoord.coordinator.cluster import Cluster, LiveSession
+from picoord.coordinator.status import StatusTimeouts
+from picoord.coordinator.store import CertificateRecord, Store
+from picoord.coordinator.telemetry import MetricsHistory
+from picoord.v1 import agent_pb2
+
+
+async def enrolled(tmp_path: Path) -> tuple[Store, Cluster]:
+    store = Store(tmp_path / "state.db")
+    cluster = Cluster(store, StatusTimeouts(), MetricsHistory(4))
+    _, token = await cluster.create_token(60.0, 0, "")
+    certificate = CertificateRecord("c1", "pi1", 1.0, 4_000_000_000.0, None)
+    await cluster.enroll(token.token_id, "pi1", {"role": "a"}, certificate, cluster.clock())
+    return store, cluster
+
+
+async def test_a_change_whose_caller_is_cancelled_still_reaches_store_and_view(tmp_path: Path) -> None:
+    store, cluster = await enrolled(tmp_path)
+    session = LiveSession(node="pi1", serial="c1")
+    await cluster.open_session(session, agent_pb2.Hello(agent_version="0.1.0"))
+    caller = asyncio.create_task(cluster.remove_node("pi1"))
+    await asyncio.sleep(0)  # the write is under way in its thread
+    caller.cancel()
+    for _ in range(100):
+        if cluster.node("pi1") is None:
+            break
+        await asyncio.sleep(0.01)
+    assert cluster.node("pi1") is None and store.get_node("pi1") is None
+    assert session.closed.is_set()
+    store.close()
+
+
+async def test_changes_show_in_the_view_without_rereading(tmp_path: Path) -> None:
+    store, cluster = await enrolled(tmp_path)
+    assert cluster.node("pi1").labels == {"role": "a"}
+    await cluster.label_node("pi1", {"zone": "b"}, ["role"])
+    assert cluster.node("pi1").labels == {"zone": "b"} == store.get_node("pi1").labels
+    await cluster.open_session(LiveSession(node="pi1", serial="c1"), agent_pb2.Hello(agent_version="0.2.0"))
+    assert cluster.node("pi1").agent_version == "0.2.0" == store.get_node("pi1").agent_version
+    assert await cluster.label_node("gone", {"a": "b"}, []) is None
+    assert [c.serial for c in await cluster.certificates_of("pi1")] == ["c1"]
+    store.close()
+
+
+async def test_last_seen_is_flushed_once_and_expired_tokens_go(tmp_path: Path) -> None:
+    store, cluster = await enrolled(tmp_path)
+    now = [cluster.clock()]
+    heard = now[0]
+    cluster.clock = lambda: now[0]
+    cluster.heard_from("pi1")
+    now[0] += 8 * 24 * 3600  # the token (1 minute) expired over a week ago
+    await cluster.flush()
+    assert store.get_node("pi1").last_seen == heard
+    assert await cluster.list_tokens() == []
+    store.close()
