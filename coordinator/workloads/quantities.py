@@ -25,7 +25,7 @@ _DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15, "e": 1
 # Docker: k/m/g/t/p, optional i, optional b, any case; all binary.
 _DOCKER_MEMORY = re.compile(r"^(\d+(?:\.\d+)?) ?([kmgtp])?i?b?$", re.IGNORECASE)
 _KUBE_MEMORY = re.compile(r"^(\d+(?:\.\d+)?(?:[eE]\d+)?)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
-_DOCKER_POWERS = {"": 1, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+_DOCKER_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 _MEMORY_HINT = "use e.g. 256Mi or 1G"
 MAX_MEMORY = _KIB**5  # 1 PiB: anything larger is a typo on a home lab
 

@@ -21,8 +21,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from picoord.common.names import normalise_arch
 from picoord.common.validation import FieldError, outside_system_directories
-from picoord.coordinator.placement.constraints import Constraint, Spread
+from picoord.coordinator.placement.constraints import ARCH, Constraint, Spread
 from picoord.coordinator.rollout.policy import UpdatePolicy
 
 REPLICATED = "replicated"
@@ -187,6 +188,8 @@ NOT_IN_REVISION = ("mode", "replicas", "update", "rollback", "depends_on", "refe
 
 
 def _canonical(value: object) -> object:
+    if isinstance(value, Constraint) and value.key == ARCH:
+        value = dataclasses.replace(value, value=normalise_arch(value.value))  # aarch64 is arm64
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {
             f.name: _canonical(getattr(value, f.name))
@@ -252,7 +255,8 @@ def image_reference(field_name: str, value: object) -> str:
 
 def check_service(spec: ServiceSpec, paths: Mapping[str, str]) -> ServiceSpec:
     """Checks across fields, once a spec is built. `paths` names fields as the user wrote
-    them (keys: replicas, health.port, resources.memory, resources.cpu, env, ports)."""
+    them (keys: replicas, resources.memory, resources.cpu, env, ports; a health
+    check names its own field)."""
 
     def at(key: str) -> str:
         return paths.get(key, f"{spec.origin}.{key}")
@@ -282,7 +286,7 @@ def check_service(spec: ServiceSpec, paths: Mapping[str, str]) -> ServiceSpec:
         if health.port not in exposed:
             listed = ", ".join(str(port) for port in sorted(exposed)) or "none"
             raise FieldError(
-                at("health.port"),
+                f"{health.field}.port" if health.field else at("health.port"),
                 f"the health check probes port {health.port}, which the service does not expose "
                 f"(its ports: {listed})",
             )

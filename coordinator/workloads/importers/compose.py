@@ -314,7 +314,6 @@ def _service(services: Fields, name: str, volumes: set[str]) -> s.ServiceSpec:
     doc.finish(extensions_warn=True)
     paths = {
         "replicas": deploy.at("replicas"),
-        "health.port": doc.at("healthcheck"),
         "resources.memory": f"{deploy.at('resources')}.reservations.memory",
         "resources.cpu": f"{deploy.at('resources')}.reservations.cpus",
         "env": doc.at("environment"),

@@ -163,7 +163,6 @@ def _paths(doc: Fields) -> dict[str, str]:
     container = f"{doc.path}.spec.template.spec.containers[0]"
     return {
         "replicas": f"{doc.path}.spec.replicas",
-        "health.port": f"{container}.readinessProbe",
         "resources.memory": f"{container}.resources.requests.memory",
         "resources.cpu": f"{container}.resources.requests.cpu",
         "env": f"{container}.env",
@@ -515,7 +514,7 @@ def _probe(path: str, raw: Any, warnings: list[SpecWarning], port_names: dict[st
         timeout=float(probe.integer("timeoutSeconds", 1, minimum=1)),
         retries=probe.integer("failureThreshold", 3, minimum=1, maximum=100),
         start_period=float(probe.integer("initialDelaySeconds", 0)),
-        field=path,
+        field=f"{path}.{kind}",
     )
     probe.finish()
     return check
