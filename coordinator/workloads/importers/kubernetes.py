@@ -119,6 +119,7 @@ _LOAD_BALANCER = (
     "so clients reach the service through one of those nodes"
 )
 _K8S_ROLLING_DEFAULT = "25%"
+_VOLUME_SOURCES = ("hostPath", "emptyDir", "persistentVolumeClaim")
 
 
 def is_kubernetes(document: Any) -> bool:
@@ -398,6 +399,12 @@ def _pod_volumes(pod: Fields) -> dict[str, tuple[str, str, str]]:
         item = mapping(f"{pod.at('volumes')}[{index}]", raw, pod.warnings)
         name = volume_name(item.at("name"), item.text("name"))
         kinds = [key for key in item.data if key != "name"]
+        for key in kinds:
+            if key not in _VOLUME_SOURCES:
+                raise FieldError(
+                    item.at(key),
+                    "is not a volume source picoord supports (hostPath, emptyDir, persistentVolumeClaim)",
+                )
         if len(kinds) != 1:
             raise FieldError(item.path, "give exactly one volume source")
         kind = kinds[0]
