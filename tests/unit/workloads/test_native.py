@@ -133,7 +133,8 @@ def test_everything() -> None:
         ),
         (
             {"ports": [{"target": 8080}], "health": {"tcp": {"port": 9090}}},
-            "Service/web.health.tcp.port: the health check probes port 9090, which the service does not expose (its ports: 8080)",
+            "Service/web.health.tcp.port: the health check probes port 9090, "
+            "which the service does not expose (its ports: 8080)",
         ),
         ({"health": {"http": {"port": 80}}}, "which the service does not expose (its ports: none)"),
         (
