@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import replace
 from typing import Any
 
 from picoord.common.names import normalise_arch
@@ -95,6 +96,7 @@ SERVICE_KEYS: dict[str, tuple[str, str]] = {
     "env_file": (ERROR, "picoord does not read files from the deploying machine; put values in environment"),
     "extends": (ERROR, "extends reads other files; give the service in full"),
     "extra_hosts": (ERROR, "extra /etc/hosts entries are not supported; services reach each other by name"),
+    "gpus": (ERROR, "use deploy.resources.reservations.devices"),
     "group_add": (ERROR, _PRIVILEGE),
     "init": (ERROR, "an init process in the container is not supported"),
     "ipc": (ERROR, _PRIVILEGE),
@@ -183,8 +185,6 @@ def read_compose(raw: dict[str, Any], warnings: list[SpecWarning]) -> list[s.Ser
 
 
 def _with_references(spec: s.ServiceSpec, names: list[str]) -> s.ServiceSpec:
-    from dataclasses import replace
-
     return replace(spec, references=s.referenced_services(spec, names))
 
 
@@ -480,12 +480,11 @@ def _volumes(doc: Fields, declared: set[str], mode: str, replicas: int) -> list[
                 )
             )
         result.append(mount)
-    for index, item in enumerate(
-        doc.items("tmpfs") if doc.has("tmpfs") and isinstance(doc.get("tmpfs"), list) else []
-    ):
-        result.append(s.VolumeMount(s.TMPFS, absolute_path(f"{doc.at('tmpfs')}[{index}]", str(item))))
-    if isinstance(doc.get("tmpfs"), str):
-        result.append(s.VolumeMount(s.TMPFS, absolute_path(doc.at("tmpfs"), doc.get("tmpfs"))))
+    tmpfs = doc.get("tmpfs")
+    tmpfs_paths = [tmpfs] if isinstance(tmpfs, str) else as_list(doc.at("tmpfs"), tmpfs) if tmpfs else []
+    for index, item in enumerate(tmpfs_paths):
+        path = doc.at("tmpfs") if isinstance(tmpfs, str) else f"{doc.at('tmpfs')}[{index}]"
+        result.append(s.VolumeMount(s.TMPFS, absolute_path(path, str(item))))
     return result
 
 

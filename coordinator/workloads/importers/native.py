@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from picoord.common.validation import FieldError, volume_name
+from picoord.common.validation import FieldError, absolute_path, port, volume_name
 from picoord.coordinator.placement.constraints import Spread, parse_constraint, parse_spread
 from picoord.coordinator.rollout.policy import UpdatePolicy, validate_update_policy
 from picoord.coordinator.workloads import spec as s
@@ -95,19 +95,13 @@ def read_service(raw: dict[str, Any], warnings: list[SpecWarning]) -> s.ServiceS
 
 def _port(path: str, raw: Any, warnings: list[SpecWarning]) -> s.PortMapping:
     item = mapping(path, raw, warnings)
-    port = s.PortMapping(
-        target=_port_number(item.at("target"), item.get("target", required=True)),
-        published=_port_number(item.at("published"), item.get("published")) if item.has("published") else 0,
+    mapped = s.PortMapping(
+        target=port(item.at("target"), item.get("target", required=True)),
+        published=port(item.at("published"), item.get("published")) if item.has("published") else 0,
         protocol=item.text("protocol", "tcp", choices=s.PROTOCOLS),
     )
     item.finish()
-    return port
-
-
-def _port_number(path: str, value: Any) -> int:
-    from picoord.common.validation import port
-
-    return port(path, value)
+    return mapped
 
 
 def _env(doc: Fields) -> tuple[s.EnvVar, ...]:
@@ -134,8 +128,6 @@ def _secret(path: str, raw: Any, warnings: list[SpecWarning]) -> s.SecretEnv:
 
 
 def _volume(path: str, raw: Any, warnings: list[SpecWarning]) -> s.VolumeMount:
-    from picoord.common.validation import absolute_path
-
     item = mapping(path, raw, warnings)
     kind = item.text("type", choices=s.VOLUME_TYPES)
     target = absolute_path(item.at("target"), item.text("target"))
@@ -237,7 +229,7 @@ def _health(table: Fields | None) -> s.HealthCheck | None:
     if len(kinds) != 1:
         raise FieldError(table.path, "give exactly one of http, tcp, exec")
     kind = kinds[0]
-    port, path, command = 0, "/", ()
+    probe_port, path, command = 0, "/", ()
     if kind == s.EXEC:
         command = argv(table.at("exec"), table.get("exec"))
         if not command:
@@ -245,7 +237,7 @@ def _health(table: Fields | None) -> s.HealthCheck | None:
     else:
         probe = table.mapping(kind)
         assert probe is not None
-        port = _port_number(probe.at("port"), probe.get("port", required=True))
+        probe_port = port(probe.at("port"), probe.get("port", required=True))
         if kind == s.HTTP:
             path = probe.text("path", "/")
             if not path.startswith("/"):
@@ -253,7 +245,7 @@ def _health(table: Fields | None) -> s.HealthCheck | None:
         probe.finish()
     check = s.HealthCheck(
         kind=kind,
-        port=port,
+        port=probe_port,
         path=path,
         command=command,
         interval=duration_seconds(table.at("interval"), table.get("interval", 30.0)),
