@@ -18,6 +18,28 @@ class InvalidName(ValueError):
     """A node name, label key or label value that does not follow the rules."""
 
 
+# Each architecture under its several spellings (uname -m, Docker/Go, Debian), so that
+# `node.platform.arch == aarch64` and `kubernetes.io/arch: arm64` mean the same nodes.
+_ARCH_ALIASES = {
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "armv8": "arm64",
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "x86-64": "amd64",
+    "armv7l": "arm",
+    "armv7": "arm",
+    "armhf": "arm",
+    "arm": "arm",
+}
+
+
+def normalise_arch(arch: str) -> str:
+    """The one spelling of a CPU architecture: arm64, amd64 or arm (others lowercased as given)."""
+    lowered = arch.strip().lower()
+    return _ARCH_ALIASES.get(lowered, lowered)
+
+
 def validate_node_name(name: str) -> str:
     if not isinstance(name, str) or not _DNS_LABEL.fullmatch(name):
         raise InvalidName(

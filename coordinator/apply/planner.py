@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from picoord.common.checks import check_action
+from picoord.common.names import normalise_arch
 from picoord.common.validation import FieldError
 from picoord.coordinator.apply.spec import (
     ClusterMembership,
@@ -37,7 +38,6 @@ FACT_KUBEADM_API_SERVER = "kubeadm.api_server"
 FACT_K3S_TOKEN = "k3s.token"
 FACT_K3S_SERVER_URL = "k3s.server_url"
 
-_ARCH_ALIASES = {"aarch64": "arm64", "arm64": "arm64", "x86_64": "amd64", "amd64": "amd64", "armv7l": "arm"}
 _NAME_KEYS = ("hostname", "name", "kubernetes.io/hostname", "node.hostname")
 _ARCH_KEYS = ("arch", "kubernetes.io/arch", "node.platform.arch")
 
@@ -73,10 +73,6 @@ class Step:
     @property
     def kind(self) -> str:
         return self.action.WhichOneof("kind") or ""
-
-
-def normalise_arch(arch: str) -> str:
-    return _ARCH_ALIASES.get(arch, arch)
 
 
 def matches(node: NodeView, selector: Sequence[tuple[str, str]]) -> bool:

@@ -335,8 +335,9 @@ READERS: dict[str, Callable[[_Fields, str], Document]] = {
 }
 
 
-def parse_spec(text: str | bytes) -> list[Document]:
-    """Every document of the file, validated, in file order; SpecError on the first problem."""
+def load_documents(text: str | bytes) -> list[Any]:
+    """The file's YAML documents, size- and count-bounded, empty ones dropped (shared with
+    the workload reader, which takes the same files)."""
     if isinstance(text, bytes):
         if len(text) > MAX_SPEC_BYTES:
             raise SpecError(f"the file is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
@@ -351,21 +352,29 @@ def parse_spec(text: str | bytes) -> list[Document]:
         raise SpecError("the file holds no document")
     if len(raw_documents) > MAX_DOCUMENTS:
         raise SpecError(f"more than {MAX_DOCUMENTS} documents")
-    documents: list[Document] = []
+    return raw_documents
+
+
+def parse_document(index: int, raw: Any, seen: set[tuple[str, str]]) -> Document:
+    """Document number `index` of a file; `seen` collects (kind, name) to refuse repeats."""
+    path = f"documents[{index}]"
+    try:
+        fields = _mapping(path, raw)
+        kind = fields.text("kind", choices=tuple(READERS))
+        name = fields.text("name")
+        v.safe_word(fields.at("name"), name, 64)
+        if (kind, name) in seen:
+            raise FieldError(fields.at("name"), f"a second {kind} named {name!r}")
+        seen.add((kind, name))
+        fields.path = f"{kind}/{name}"
+        document = READERS[kind](fields, name)
+        fields.finish()
+        return document
+    except FieldError as error:
+        raise SpecError(str(error)) from None
+
+
+def parse_spec(text: str | bytes) -> list[Document]:
+    """Every document of the file, validated, in file order; SpecError on the first problem."""
     seen: set[tuple[str, str]] = set()
-    for index, raw in enumerate(raw_documents):
-        path = f"documents[{index}]"
-        try:
-            fields = _mapping(path, raw)
-            kind = fields.text("kind", choices=tuple(READERS))
-            name = fields.text("name")
-            v.safe_word(fields.at("name"), name, 64)
-            if (kind, name) in seen:
-                raise FieldError(fields.at("name"), f"a second {kind} named {name!r}")
-            seen.add((kind, name))
-            fields.path = f"{kind}/{name}"
-            documents.append(READERS[kind](fields, name))
-            fields.finish()
-        except FieldError as error:
-            raise SpecError(str(error)) from None
-    return documents
+    return [parse_document(index, raw, seen) for index, raw in enumerate(load_documents(text))]

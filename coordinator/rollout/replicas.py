@@ -1,0 +1,52 @@
+"""A replica as the coordinator knows it: what an agent reported, plus what was asked of it.
+
+One definition shared by the rollout planner and the reconciler. `stopping` is the
+coordinator's own record that it asked for a stop the agent has not confirmed yet, the
+way swarmkit keeps a task's desired state beside its observed state: counting such a
+replica as still present is what keeps a restarted coordinator within the bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PENDING = "pending"  # recorded by the coordinator, not yet created by the agent (or pulling)
+STARTING = "starting"
+RUNNING = "running"
+FAILED = "failed"
+STOPPED = "stopped"
+STATES = (PENDING, STARTING, RUNNING, FAILED, STOPPED)
+ACTIVE_STATES = (PENDING, STARTING, RUNNING)
+
+UNKNOWN = "unknown"  # also what a replica without a health check reports
+HEALTH_STARTING = "starting"
+HEALTHY = "healthy"
+UNHEALTHY = "unhealthy"
+HEALTHS = (UNKNOWN, HEALTH_STARTING, HEALTHY, UNHEALTHY)
+
+
+@dataclass(frozen=True)
+class Replica:
+    id: str
+    service: str
+    node: str
+    revision: int
+    state: str = PENDING
+    health: str = UNKNOWN
+    created_at: float = 0.0
+    since: float = 0.0  # when `state` last changed
+    health_since: float = 0.0  # when `health` last changed
+    restarts: int = 0  # restarts by the agent's restart policy since the replica was created
+    stopping: bool = False  # the coordinator asked for a stop not yet confirmed
+    failure: str = ""  # the agent's words for the last failure: exit code, failed check output
+
+    @property
+    def active(self) -> bool:
+        """Present on its node, or about to be: it holds a place within the bounds."""
+        return self.state in ACTIVE_STATES
+
+    def available(self, has_health_check: bool = True) -> bool:
+        """Serving: running and healthy (running is enough without a health check)."""
+        if self.state != RUNNING or self.stopping:
+            return False
+        return self.health == HEALTHY or (not has_health_check and self.health == UNKNOWN)

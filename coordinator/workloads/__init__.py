@@ -1,0 +1,1 @@
+"""Workloads: the service spec, its readers and importers (pure code, no I/O)."""

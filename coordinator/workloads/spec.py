@@ -1,0 +1,390 @@
+"""The service spec: what one picoord service runs, as frozen plain data.
+
+Every input format (picoord's `kind: Service`, a Compose/stack file, a Kubernetes
+Deployment+Service) is read into this one shape, so the scheduler, the rollout planner, the
+agent's runtime and the CLI know one definition. Sizes are ints (bytes, millicores),
+durations floats (seconds). Command and args follow Kubernetes: `command` replaces the
+image's ENTRYPOINT, `args` its CMD; None keeps the image's own.
+
+`origin` and the `field` of nested parts say where a value came from in the user's file, so
+checks made later (a missing secret) can name the document and field the user wrote; they
+take no part in equality or in the revision key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from picoord.common.names import normalise_arch
+from picoord.common.validation import FieldError, outside_system_directories
+from picoord.coordinator.placement.constraints import ARCH, Constraint, Spread
+from picoord.coordinator.rollout.policy import UpdatePolicy
+
+REPLICATED = "replicated"
+GLOBAL = "global"
+MODES = (REPLICATED, GLOBAL)
+
+RESTART_NONE = "none"
+RESTART_ON_FAILURE = "on-failure"
+RESTART_ALWAYS = "always"
+RESTART_CONDITIONS = (RESTART_NONE, RESTART_ON_FAILURE, RESTART_ALWAYS)
+
+HTTP = "http"
+TCP = "tcp"
+EXEC = "exec"
+HEALTH_KINDS = (HTTP, TCP, EXEC)
+
+VOLUME = "volume"
+BIND = "bind"
+TMPFS = "tmpfs"
+VOLUME_TYPES = (VOLUME, BIND, TMPFS)
+
+PROTOCOLS = ("tcp", "udp")
+MAX_REPLICAS = 1000
+
+# Service names become DNS names other replicas reach them by (service discovery).
+_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,255}$")
+# The distribution reference grammar: [registry[:port]/]path[:tag][@sha256:digest].
+_DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_REGISTRY = rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[0-9a-fA-F:]+\])(?::[0-9]{{1,5}})?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(
+    rf"^(?:(?P<registry>{_REGISTRY})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
+)
+
+
+@dataclass(frozen=True)
+class PortMapping:
+    """A container port; `published` > 0 also binds it on the node that runs the replica."""
+
+    target: int
+    published: int = 0
+    protocol: str = "tcp"
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True)
+class SecretEnv:
+    """An environment variable filled from the secret store's NAME/KEY on the node, at start:
+    the value never appears in the spec, a log or a command line."""
+
+    env: str
+    secret: str
+    key: str
+    field: str = dataclasses.field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class VolumeMount:
+    """A named volume (`source` is its name), a host path (`source` absolute) or a tmpfs."""
+
+    type: str
+    target: str
+    source: str = ""
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class DeviceRequest:
+    """GPUs and the like, as Docker's device requests: count -1 means all of them."""
+
+    driver: str = "nvidia"
+    count: int = 1
+    device_ids: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ("gpu",)
+
+
+@dataclass(frozen=True)
+class Resources:
+    memory_request: int = 0  # bytes the scheduler reserves on the node
+    memory_limit: int = 0  # bytes the container may use; 0: no limit
+    cpu_request: int = 0  # millicores
+    cpu_limit: int = 0
+    devices: tuple[DeviceRequest, ...] = ()
+
+    @property
+    def gpu_count(self) -> int:
+        return sum(max(device.count, 0) for device in self.devices if "gpu" in device.capabilities)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Swarm's restart policy (its defaults): restart always, after 5 s, without limit."""
+
+    condition: str = RESTART_ALWAYS
+    max_attempts: int = 0  # 0: no limit
+    delay: float = 5.0
+    window: float = 0.0  # seconds a restart must run to count as a success; 0: at once
+
+
+@dataclass(frozen=True)
+class Placement:
+    constraints: tuple[Constraint, ...] = ()
+    spread: Spread = field(default_factory=Spread)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """One check per replica that gates rollouts and replaces an unhealthy replica.
+
+    Defaults are Docker's HEALTHCHECK ones (30 s, 30 s, 3 retries, no start period)."""
+
+    kind: str
+    port: int = 0  # http, tcp
+    path: str = "/"  # http
+    command: tuple[str, ...] = ()  # exec: argv, run without a shell
+    interval: float = 30.0
+    timeout: float = 30.0
+    retries: int = 3
+    start_period: float = 0.0
+    field: str = dataclasses.field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    image: str
+    mode: str = REPLICATED
+    replicas: int = 1  # replicated mode; global runs one replica on every matching node
+    command: tuple[str, ...] | None = None
+    args: tuple[str, ...] | None = None
+    ports: tuple[PortMapping, ...] = ()
+    env: tuple[EnvVar, ...] = ()
+    secrets: tuple[SecretEnv, ...] = ()
+    volumes: tuple[VolumeMount, ...] = ()
+    resources: Resources = Resources()
+    restart: RestartPolicy = RestartPolicy()
+    placement: Placement = Placement()
+    health: HealthCheck | None = None
+    update: UpdatePolicy = field(default_factory=UpdatePolicy)
+    rollback: UpdatePolicy | None = None  # how an undo proceeds; None: like `update`
+    depends_on: tuple[str, ...] = ()  # placed first on a first deployment
+    references: tuple[str, ...] = ()  # services of the same file it names (depends_on too)
+    aliases: tuple[str, ...] = ()  # more names it is reachable by (a Kubernetes Service's)
+    labels: tuple[tuple[str, str], ...] = ()
+    user: str = ""
+    working_dir: str = ""
+    stop_grace_period: float = 10.0
+    origin: str = field(default="", compare=False)  # e.g. "Service/mcp", "services.postgres"
+
+
+# What a replica runs: a change here is a new revision, rolled out replica by replica.
+# The rest changes how many run and how updates go, not what each runs (as Kubernetes'
+# pod-template-hash leaves out replicas and strategy).
+NOT_IN_REVISION = ("mode", "replicas", "update", "rollback", "depends_on", "references", "aliases", "origin")
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, Constraint) and value.key == ARCH:
+        value = dataclasses.replace(value, value=normalise_arch(value.value))  # aarch64 is arm64
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {
+            f.name: _canonical(getattr(value, f.name))
+            for f in dataclasses.fields(value)
+            if f.compare  # origin / field: where it was written, not what runs
+        }
+    if isinstance(value, tuple | list):
+        return [_canonical(item) for item in value]
+    return value
+
+
+def revision_key(spec: ServiceSpec) -> str:
+    """A stable hash of what each replica runs (sha256 of the normalised fields, 16 hex)."""
+    data = _canonical(spec)
+    assert isinstance(data, dict)
+    for name in NOT_IN_REVISION:
+        data.pop(name, None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def spec_digest(spec: ServiceSpec) -> str:
+    """A stable hash of the whole spec: tells an unchanged `apply` from a changed one."""
+    text = json.dumps(_canonical(spec), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def service_name(field_name: str, value: object) -> str:
+    if not isinstance(value, str) or not _SERVICE_NAME.fullmatch(value):
+        raise FieldError(
+            field_name,
+            f"{value!r} is not a service name: other services reach it by this name, so use a DNS "
+            "label (lowercase letters, digits and '-', 1-63 characters)",
+        )
+    return value
+
+
+def env_name(field_name: str, value: object) -> str:
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise FieldError(field_name, f"{value!r} is not an environment variable name")
+    return value
+
+
+def image_reference(field_name: str, value: object) -> str:
+    """A validated image reference; without tag or digest it means `:latest`, as Docker reads it."""
+    if not isinstance(value, str) or not value:
+        raise FieldError(field_name, "an image reference is required")
+    if len(value) > 512:
+        raise FieldError(field_name, "an image reference is at most 512 characters")
+    if re.search(r"\s", value):
+        raise FieldError(field_name, f'"{value}" is not an image reference (it contains whitespace)')
+    match = _IMAGE.fullmatch(value)
+    if not match:
+        raise FieldError(
+            field_name,
+            f'"{value}" is not an image reference (use [registry[:port]/]path[:tag] or path@sha256:<digest>, '
+            "the path in lowercase)",
+        )
+    if not match.group("tag") and not match.group("digest"):
+        return value + ":latest"
+    return value
+
+
+def check_service(spec: ServiceSpec, paths: Mapping[str, str]) -> ServiceSpec:
+    """Checks across fields, once a spec is built. `paths` names fields as the user wrote
+    them (keys: replicas, resources.memory, resources.cpu, env, ports; a health
+    check names its own field)."""
+
+    def at(key: str) -> str:
+        return paths.get(key, f"{spec.origin}.{key}")
+
+    if spec.mode not in MODES:
+        raise FieldError(at("mode"), f"{spec.mode!r} is not one of {', '.join(MODES)}")
+    if not 0 <= spec.replicas <= MAX_REPLICAS:
+        raise FieldError(at("replicas"), f"{spec.replicas} is not a replica count (0-{MAX_REPLICAS})")
+    resources = spec.resources
+    if resources.memory_limit and resources.memory_request > resources.memory_limit:
+        raise FieldError(at("resources.memory"), "the memory request is larger than the limit")
+    if resources.cpu_limit and resources.cpu_request > resources.cpu_limit:
+        raise FieldError(at("resources.cpu"), "the CPU request is larger than the limit")
+    names = [item.name for item in spec.env] + [item.env for item in spec.secrets]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise FieldError(at("env"), f"{duplicates[0]} is set twice")
+    published = [(p.published, p.protocol) for p in spec.ports if p.published]
+    if len(published) != len(set(published)):
+        raise FieldError(at("ports"), "a port is published twice")
+    targets = [(p.target, p.protocol) for p in spec.ports]
+    if len(targets) != len(set(targets)):
+        raise FieldError(at("ports"), "a container port is listed twice")
+    health = spec.health
+    if health is not None and health.kind in (HTTP, TCP):
+        exposed = {p.target for p in spec.ports if p.protocol == "tcp"}
+        if health.port not in exposed:
+            listed = ", ".join(str(port) for port in sorted(exposed)) or "none"
+            raise FieldError(
+                f"{health.field}.port" if health.field else at("health.port"),
+                f"the health check probes port {health.port}, which the service does not expose "
+                f"(its ports: {listed})",
+            )
+    return spec
+
+
+def check_secrets(spec: ServiceSpec, known: Iterable[tuple[str, str]]) -> None:
+    """Every secret the spec reads exists in the store (given as (name, key) pairs), or a
+    FieldError naming the first missing one, where the user wrote it."""
+    present = set(known)
+    for ref in spec.secrets:
+        if (ref.secret, ref.key) not in present:
+            raise FieldError(
+                ref.field or f"{spec.origin}.secrets",
+                f"secret {ref.secret}/{ref.key} (for {ref.env}) does not exist; create it with "
+                f"`coordctl secret create {ref.secret} {ref.key} --from-literal ...`",
+            )
+
+
+def check_references(specs: Iterable[ServiceSpec], depends_paths: Mapping[str, str]) -> None:
+    """depends_on names services of the same file, without a cycle."""
+    by_name = {spec.name: spec for spec in specs}
+    for spec in by_name.values():
+        for name in spec.depends_on:
+            if name not in by_name:
+                raise FieldError(
+                    depends_paths.get(spec.name, f"{spec.origin}.depends_on"),
+                    f"{name!r} is not a service of this file",
+                )
+    visiting: set[str] = set()
+    done: set[str] = set()
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if name in done:
+            return
+        if name in visiting:
+            cycle = " -> ".join((*trail, name))
+            raise FieldError(depends_paths.get(name, f"{by_name[name].origin}.depends_on"), f"cycle {cycle}")
+        visiting.add(name)
+        for dependency in by_name[name].depends_on:
+            visit(dependency, (*trail, name))
+        visiting.discard(name)
+        done.add(name)
+
+    for name in by_name:
+        visit(name, ())
+
+
+def placement_order(specs: Iterable[ServiceSpec]) -> list[str]:
+    """Service names with each one's depends_on before it (file order otherwise)."""
+    by_name = {spec.name: spec for spec in specs}
+    order: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order or name not in by_name:
+            return
+        for dependency in by_name[name].depends_on:
+            visit(dependency)
+        order.append(name)
+
+    for name in by_name:
+        visit(name)
+    return order
+
+
+def host_path(field_name: str, value: str) -> str:
+    """A host directory bind-mounted into a container: absolute, and not a system directory."""
+    return outside_system_directories(
+        field_name, value, "bind-mount {path} into a container", "bind-mount from under {tree}"
+    )
+
+
+_HOST_VARIABLE = re.compile(r"(HOST|HOSTNAME|SERVER|ADDR|ADDRESS|ENDPOINT)$", re.IGNORECASE)
+
+
+def referenced_services(spec: ServiceSpec, names: Iterable[str]) -> tuple[str, ...]:
+    """The other services of the file that `spec` names as a host: in depends_on, as the host
+    of a URL or of HOST:PORT in its env, command and args (the seed's `...@postgres:5432/...`),
+    or as the whole value of a variable named like a host (`DB_HOST=postgres`).
+
+    Only hosts count, so a user or database name that equals a service name
+    (`POSTGRES_USER=mcp`, `postgresql://mcp:...`) is not a reference."""
+    wanted = set(names) - {spec.name}
+    found = set(spec.depends_on)
+    words = [(item.name, item.value) for item in spec.env]
+    words += [("", word) for word in (*(spec.command or ()), *(spec.args or ()))]
+    for variable, word in words:
+        for token in re.split(r"[\s,;]+", word):
+            if "://" in token:
+                try:
+                    host = urlsplit(token).hostname or ""
+                except ValueError:
+                    continue
+            elif ":" in token:
+                host, _, port_text = token.partition(":")
+                host = host if port_text[:5].isdigit() else ""
+            else:
+                host = token if variable and _HOST_VARIABLE.search(variable) else ""
+            if host in wanted:
+                found.add(host)
+    return tuple(sorted(found))
