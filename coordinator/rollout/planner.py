@@ -266,7 +266,10 @@ def step(
     rollout: Rollout, replicas: Iterable[Replica], now: float, ready_deadline: float = READY_DEADLINE
 ) -> Step:
     """The next decisions for `rollout` (module docstring)."""
-    mine = sorted((r for r in replicas if r.service == rollout.service), key=lambda r: r.id)
+    # A replaced replica sits on a lost node: the reconciler has written it off.
+    mine = sorted(
+        (r for r in replicas if r.service == rollout.service and not r.replaced), key=lambda r: r.id
+    )
     if rollout.finished:
         return Step(rollout)
     new_failures = _detect_failures(rollout, mine, now, ready_deadline)

@@ -4,6 +4,8 @@ One definition shared by the rollout planner and the reconciler. `stopping` is t
 coordinator's own record that it asked for a stop the agent has not confirmed yet, the
 way swarmkit keeps a task's desired state beside its observed state: counting such a
 replica as still present is what keeps a restarted coordinator within the bounds.
+`replaced` is its record that a replica on a lost node has a replacement elsewhere, so
+the replica is stopped, not counted, when its node comes back.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Replica:
     health_since: float = 0.0  # when `health` last changed
     restarts: int = 0  # restarts by the agent's restart policy since the replica was created
     stopping: bool = False  # the coordinator asked for a stop not yet confirmed
+    replaced: bool = False  # replaced elsewhere while its node was lost: stopped when it returns
     failure: str = ""  # the agent's words for the last failure: exit code, failed check output
 
     @property

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from picoord.common.names import normalise_arch
-from picoord.common.validation import FieldError, outside_system_directories
+from picoord.common.validation import FieldError, absolute_path, outside_system_directories
 from picoord.coordinator.placement.constraints import ARCH, Constraint, Spread
 from picoord.coordinator.rollout.policy import UpdatePolicy
 
@@ -357,6 +357,31 @@ def host_path(field_name: str, value: str) -> str:
     return outside_system_directories(
         field_name, value, "bind-mount {path} into a container", "bind-mount from under {tree}"
     )
+
+
+_HTTP_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/?-]{0,1023}$")
+_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}(:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31})?$")
+
+
+def http_path(field_name: str, value: str) -> str:
+    """The path (and query) an http health check requests: absolute, no spaces or controls."""
+    if not _HTTP_PATH.fullmatch(value):
+        raise FieldError(
+            field_name, f"{value!r} is not an HTTP path (it must start with / and hold no spaces)"
+        )
+    return value
+
+
+def user_spec(field_name: str, value: str) -> str:
+    """`user`, `uid`, `user:group` or `uid:gid`, as Docker takes it ("" keeps the image's)."""
+    if value and not _USER.fullmatch(value):
+        raise FieldError(field_name, f"{value!r} is not USER[:GROUP] (names or numeric ids)")
+    return value
+
+
+def working_dir(field_name: str, value: str) -> str:
+    """The container's working directory: absolute ("" keeps the image's)."""
+    return absolute_path(field_name, value) if value else ""
 
 
 _HOST_VARIABLE = re.compile(r"(HOST|HOSTNAME|SERVER|ADDR|ADDRESS|ENDPOINT)$", re.IGNORECASE)

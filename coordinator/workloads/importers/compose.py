@@ -151,6 +151,7 @@ _COMPOSE_RESTART = {
     "on-failure": s.RESTART_ON_FAILURE,
     "unless-stopped": s.RESTART_ALWAYS,
 }
+HEALTHCHECK_KEYS = ("test", "interval", "timeout", "retries", "start_period", "start_interval", "disable")
 _VARIABLE = re.compile(r"\$(?!\$)")
 _SHORT_PORT = re.compile(
     r"^(?:(?P<published>\d+(?:-\d+)?):)?(?P<target>\d+(?:-\d+)?)(?:/(?P<protocol>\w+))?$"
@@ -305,8 +306,8 @@ def _service(services: Fields, name: str, volumes: set[str]) -> s.ServiceSpec:
         rollback=_update(deploy, "rollback_config"),
         depends_on=_depends_on(doc),
         labels=_labels(doc, deploy),
-        user=doc.text("user", ""),
-        working_dir=doc.text("working_dir", ""),
+        user=s.user_spec(doc.at("user"), doc.text("user", "")),
+        working_dir=s.working_dir(doc.at("working_dir"), doc.text("working_dir", "")),
         stop_grace_period=duration_seconds(doc.at("stop_grace_period"), doc.get("stop_grace_period", 10.0)),
         origin=doc.path,
     )
@@ -599,7 +600,8 @@ def _healthcheck(table: Fields | None) -> s.HealthCheck | None:
     if table is None:
         return None
     if table.boolean("disable", False):
-        table.used.update(table.data)
+        table.used.update(HEALTHCHECK_KEYS)
+        table.finish(extensions_warn=True)
         return None
     test = table.get("test", required=True)
     path = table.at("test")
@@ -610,7 +612,8 @@ def _healthcheck(table: Fields | None) -> s.HealthCheck | None:
         if not words or words[0] not in ("CMD", "CMD-SHELL", "NONE"):
             raise FieldError(path, "must start with CMD, CMD-SHELL or NONE")
         if words[0] == "NONE":
-            table.used.update(table.data)
+            table.used.update(HEALTHCHECK_KEYS)
+            table.finish(extensions_warn=True)
             return None
         if words[0] == "CMD-SHELL":
             if len(words) != 2:

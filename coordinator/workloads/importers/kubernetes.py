@@ -332,7 +332,7 @@ def _pod(
         update=update,
         labels=tuple(sorted(labels.items())),
         user=_security(container),
-        working_dir=container.text("workingDir", ""),
+        working_dir=s.working_dir(container.at("workingDir"), container.text("workingDir", "")),
         stop_grace_period=float(grace),
         origin=origin,
     )
@@ -501,7 +501,7 @@ def _probe(path: str, raw: Any, warnings: list[SpecWarning], port_names: dict[st
         target_port = _named_port(action.at("port"), action.get("port", required=True), port_names)
         action.refuse("host", "probes go to the replica itself")
         if kind == "httpGet":
-            http_path = action.text("path", "/")
+            http_path = s.http_path(action.at("path"), action.text("path", "/"))
             action.text("scheme", "HTTP", choices=("HTTP",))
             action.warn("httpHeaders", "probe headers are not sent")
             check_kind = s.HTTP

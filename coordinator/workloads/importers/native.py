@@ -84,8 +84,8 @@ def read_service(raw: dict[str, Any], warnings: list[SpecWarning]) -> s.ServiceS
             s.service_name(f"{doc.at('aliases')}[{i}]", item) for i, item in enumerate(doc.items("aliases"))
         ),
         labels=_labels(doc),
-        user=doc.text("user", ""),
-        working_dir=doc.text("working_dir", ""),
+        user=s.user_spec(doc.at("user"), doc.text("user", "")),
+        working_dir=s.working_dir(doc.at("working_dir"), doc.text("working_dir", "")),
         stop_grace_period=duration_seconds(doc.at("stop_grace_period"), doc.get("stop_grace_period", 10.0)),
         origin=doc.path,
     )
@@ -239,9 +239,7 @@ def _health(table: Fields | None) -> s.HealthCheck | None:
         assert probe is not None
         probe_port = port(probe.at("port"), probe.get("port", required=True))
         if kind == s.HTTP:
-            path = probe.text("path", "/")
-            if not path.startswith("/"):
-                raise FieldError(probe.at("path"), f"{path!r} must start with /")
+            path = s.http_path(probe.at("path"), probe.text("path", "/"))
         probe.finish()
     check = s.HealthCheck(
         kind=kind,

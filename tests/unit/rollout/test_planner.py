@@ -550,3 +550,11 @@ def test_bounds_hold_for_any_policy(replicas, parallelism, order, surge, unavail
     assert sim.revisions() == [1 if broken else 2] * replicas
     assert sim.max_present <= replicas + max_surge
     assert sim.min_available >= replicas - max_unavailable
+
+
+def test_replaced_replicas_are_invisible_to_the_planner():
+    # the reconciler wrote off old3 (its node is lost): the planner refills its slot
+    replicas = [*olds()[:2], replace(olds()[2], replaced=True)]
+    result = step(rollout(), replicas, NOW)
+    assert result.starts == (StartReplica(2, None, "revision 2"),)
+    assert all(stop.replica != "old3" for stop in result.stops)

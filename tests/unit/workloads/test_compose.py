@@ -554,3 +554,22 @@ def test_image_is_required_and_checked() -> None:
     with pytest.raises(WorkloadError, match=r"services.web.image: is required"):
         read_workloads("services:\n  web: {}\n")
     assert 'services.web.image: "web app:1" is not an image reference' in _error({"image": "web app:1"})
+
+
+@pytest.mark.parametrize(
+    "healthcheck", [{"disable": True, "intervall": "5s"}, {"test": ["NONE"], "intervall": "5s"}]
+)
+def test_a_disabled_healthcheck_still_refuses_unknown_keys(healthcheck: dict) -> None:
+    assert "services.web.healthcheck.intervall: unknown field" in _error({"healthcheck": healthcheck})
+
+
+@pytest.mark.parametrize(
+    ("service", "field"),
+    [
+        ({"user": "root; id"}, "user"),
+        ({"working_dir": "srv"}, "working_dir"),
+        ({"tmpfs": ["run"]}, "tmpfs[0]"),
+    ],
+)
+def test_user_working_dir_and_tmpfs_are_checked(service: dict, field: str) -> None:
+    assert f"services.web.{field}: " in _error(service)

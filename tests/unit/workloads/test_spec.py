@@ -284,3 +284,36 @@ def test_arch_spellings_are_one_revision() -> None:
 
     assert s.revision_key(on("aarch64")) == s.revision_key(on("arm64"))
     assert s.revision_key(on("aarch64")) != s.revision_key(on("amd64"))
+
+
+@pytest.mark.parametrize("path", ["/", "/health", "/healthz?full=1", "/a/b-c_d.e~f%20"])
+def test_http_paths(path: str) -> None:
+    assert s.http_path("health.http.path", path) == path
+
+
+@pytest.mark.parametrize("path", ["health", "/a b", "/a\nb", "", "http://x/", "/" + "a" * 1024])
+def test_bad_http_paths(path: str) -> None:
+    with pytest.raises(FieldError, match="is not an HTTP path"):
+        s.http_path("health.http.path", path)
+
+
+@pytest.mark.parametrize("user", ["", "1000", "1000:1000", "postgres", "www-data:www-data"])
+def test_users(user: str) -> None:
+    assert s.user_spec("user", user) == user
+
+
+@pytest.mark.parametrize("user", ["root; id", "-u", "a b", "1000:", ":1000", "$(id)"])
+def test_bad_users(user: str) -> None:
+    with pytest.raises(FieldError, match=r"is not USER\[:GROUP\]"):
+        s.user_spec("user", user)
+
+
+@pytest.mark.parametrize(("written", "kept"), [("", ""), ("/srv", "/srv"), ("/srv/../app", "/app")])
+def test_working_dir(written: str, kept: str) -> None:
+    assert s.working_dir("working_dir", written) == kept
+
+
+@pytest.mark.parametrize("written", ["srv", "/a b", "/x;y"])
+def test_bad_working_dir(written: str) -> None:
+    with pytest.raises(FieldError):
+        s.working_dir("working_dir", written)
