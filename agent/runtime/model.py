@@ -30,9 +30,10 @@ class Port:
 
 @dataclass(frozen=True)
 class VolumeMount:
-    source: str  # a named volume, or an absolute host path (a bind)
+    source: str  # a named volume, or an absolute host path (a bind); empty for a tmpfs
     target: str
     read_only: bool = False
+    tmpfs: bool = False
 
     @property
     def is_bind(self) -> bool:
@@ -103,10 +104,14 @@ def host_config(spec: ContainerSpec) -> dict[str, Any]:
         "binds": {
             volume.source: {"bind": volume.target, "mode": "ro" if volume.read_only else "rw"}
             for volume in spec.volumes
+            if not volume.tmpfs
         },
         "restart_policy": restart,
         "extra_hosts": dict(spec.hosts),
     }
+    tmpfs = {volume.target: "ro" if volume.read_only else "" for volume in spec.volumes if volume.tmpfs}
+    if tmpfs:
+        config["tmpfs"] = tmpfs
     if spec.memory_limit:
         config["mem_limit"] = spec.memory_limit
     if spec.memory_reservation:

@@ -54,7 +54,7 @@ def spec_from_wire(spec: workloads_pb2.ReplicaSpec) -> ContainerSpec:
         args=tuple(spec.args),
         env=dict(spec.env),
         ports=tuple(Port(p.target, p.published, p.protocol or "tcp") for p in spec.ports),
-        volumes=tuple(VolumeMount(v.source, v.target, v.read_only) for v in spec.volumes),
+        volumes=tuple(VolumeMount(v.source, v.target, v.read_only, v.tmpfs) for v in spec.volumes),
         memory_limit=spec.memory_limit_bytes,
         memory_reservation=spec.memory_reservation_bytes,
         cpu_limit_millis=spec.cpu_limit_millis,

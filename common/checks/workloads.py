@@ -82,7 +82,10 @@ def check_replica_spec(spec: workloads_pb2.ReplicaSpec, field: str = "replica") 
     _count(f"{field}.volumes", spec.volumes, MAX_VOLUMES)
     for index, volume in enumerate(spec.volumes):
         where = f"{field}.volumes[{index}]"
-        if volume.source.startswith("/"):
+        if volume.tmpfs:
+            if volume.source:
+                raise FieldError(f"{where}.source", "a tmpfs has no source")
+        elif volume.source.startswith("/"):
             mount_target(f"{where}.source", volume.source)  # no /etc, /proc... into a container
         else:
             volume_name(f"{where}.source", volume.source)

@@ -16,8 +16,10 @@ import structlog
 
 from picoord.coordinator.apply.planner import NodeView, Step, plan
 from picoord.coordinator.apply.runner import ApplyRun
-from picoord.coordinator.apply.spec import parse_spec
 from picoord.coordinator.cluster import Cluster
+from picoord.coordinator.controller.records import WorkloadRecords
+from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
+from picoord.coordinator.workloads.spec import ServiceSpec
 from picoord.v1 import admin_pb2
 
 log = structlog.get_logger("picoord.coordinator.apply")
@@ -33,9 +35,12 @@ class StartedApply:
     steps: list[Step]
     events: asyncio.Queue[admin_pb2.ApplyEvent | None]
     task: asyncio.Task[None]
+    preface: list[admin_pb2.ApplyEvent]  # warnings and staged services, before the plan
 
     async def stream(self) -> AsyncIterator[admin_pb2.ApplyEvent]:
-        """The plan, then each event as it happens, then the summary."""
+        """Warnings and services, the plan, then each event as it happens, then the summary."""
+        for event in self.preface:
+            yield event
         for step in self.steps:
             yield admin_pb2.ApplyEvent(
                 planned=admin_pb2.PlannedStep(
@@ -48,8 +53,9 @@ class StartedApply:
 
 
 class ApplyService:
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, workloads: WorkloadRecords | None = None) -> None:
         self.cluster = cluster
+        self.workloads = workloads
         self.running: ApplyRun | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -68,11 +74,16 @@ class ApplyService:
             )
         return views
 
-    async def start(self, documents: str, dry_run: bool, requested_by: str) -> StartedApply:
-        """Plan and start an apply. SpecError or PlanError for a bad spec, ApplyBusy while
-        another runs; either way nothing is recorded or sent."""
-        documents_read = await asyncio.to_thread(parse_spec, documents)
-        steps = plan(documents_read, self.inventory())
+    async def start(self, documents: str, dry_run: bool, requested_by: str, source: str = "") -> StartedApply:
+        """Plan and start an apply. WorkloadError or PlanError for a bad spec, ApplyBusy
+        while another runs; either way nothing is recorded or sent.
+
+        Services in the file are recorded as their desired spec, all at once, before the
+        node actions run; `coordctl rollout NAME` rolls them out."""
+        workloads = await asyncio.to_thread(read_workloads, documents, source)
+        steps = plan(list(workloads.cluster), self.inventory())
+        if workloads.services and self.workloads is None:
+            raise WorkloadError("services need the coordinator's workload store, which is not set up")
         # No await from this check to the claim below: of two applies, exactly one runs.
         if self.running is not None:
             raise ApplyBusy(f"another apply ({self.running.apply_id}) is running; try again when it ends")
@@ -86,11 +97,39 @@ class ApplyService:
             clock=self.cluster.clock,
         )
         self.running = run
+        try:
+            preface = [admin_pb2.ApplyEvent(warning=line) for line in workloads.warning_lines()]
+            preface += await self._stage(list(workloads.services), dry_run, source)
+        except BaseException:
+            self.running = None
+            raise
         log.info("apply", apply_id=run.apply_id, steps=len(steps), dry_run=dry_run, by=requested_by)
         task = asyncio.create_task(self._carry_out(run, steps, events))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return StartedApply(run, steps, events, task)
+        return StartedApply(run, steps, events, task, preface)
+
+    async def _stage(
+        self, specs: list[ServiceSpec], dry_run: bool, source: str
+    ) -> list[admin_pb2.ApplyEvent]:
+        if not specs:
+            return []
+        assert self.workloads is not None
+        if dry_run:
+            existing = {
+                record.name: record.spec for record in await asyncio.to_thread(self.workloads.services)
+            }
+            changed = [existing.get(spec.name) != spec for spec in specs]
+        else:
+            changed = await asyncio.to_thread(self.workloads.apply, specs, self.cluster.clock(), source)
+        return [
+            admin_pb2.ApplyEvent(
+                service=admin_pb2.ServiceStaged(
+                    name=spec.name, changed=change, image=spec.image, mode=spec.mode, replicas=spec.replicas
+                )
+            )
+            for spec, change in zip(specs, changed, strict=True)
+        ]
 
     async def _carry_out(
         self, run: ApplyRun, steps: list[Step], events: asyncio.Queue[admin_pb2.ApplyEvent | None]

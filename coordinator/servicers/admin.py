@@ -11,12 +11,13 @@ from picoord.common import defaults
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.coordinator.apply.planner import PlanError
 from picoord.coordinator.apply.service import ApplyBusy, ApplyService
-from picoord.coordinator.apply.spec import SpecError
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
+from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
 from picoord.coordinator.status import STATUS_TO_WIRE
 from picoord.coordinator.store import NodeRecord, TokenRecord
+from picoord.coordinator.workloads.reader import WorkloadError
 from picoord.v1 import admin_pb2, admin_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator.admin")
@@ -38,13 +39,18 @@ def token_info(record: TokenRecord) -> admin_pb2.TokenInfo:
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(
-        self, cluster: Cluster, ca: ClusterCA, join_address: str, enroll_port_hint: int | None
+        self,
+        cluster: Cluster,
+        ca: ClusterCA,
+        join_address: str,
+        enroll_port_hint: int | None,
+        workloads: WorkloadRecords | None = None,
     ) -> None:
         self.cluster = cluster
         self.ca = ca
         self.join_address = join_address
         self.enroll_port_hint = enroll_port_hint
-        self.applies = ApplyService(cluster)
+        self.applies = ApplyService(cluster, workloads)
 
     async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
         try:
@@ -140,9 +146,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> AsyncIterator[admin_pb2.ApplyEvent]:
         try:
             started = await self.applies.start(
-                request.documents, request.dry_run, request.requested_by[:128] or context.peer()
+                request.documents,
+                request.dry_run,
+                request.requested_by[:128] or context.peer(),
+                request.source[:256],
             )
-        except (SpecError, PlanError) as error:
+        except (WorkloadError, PlanError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except ApplyBusy as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))

@@ -74,7 +74,7 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
             else:
                 found = raw.get("kind") if isinstance(raw, dict) else type(raw).__name__
                 raise FieldError(
-                    f"documents[{index}]",
+                    f"documents[{index}].kind",
                     f"{found!r} is not something picoord reads: a picoord Service, a Compose/stack file "
                     f"(services:), a Kubernetes Deployment, DaemonSet or Service, or one of "
                     f"{', '.join(cluster_spec.READERS)}",

@@ -1,0 +1,1 @@
+"""The workload controller: the shell that runs placement, rollouts and reconciliation."""

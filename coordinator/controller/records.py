@@ -1,0 +1,265 @@
+"""Durable workload state in the coordinator's SQLite store: applied specs, revisions,
+rollouts, the replicas the coordinator placed, secrets and drained nodes.
+
+A thin shell like the node store: plain dataclasses in and out, every change one
+transaction. The replicas table is the coordinator's half of each replica (which node,
+which revision, whether a stop was asked); the agents' reports are the other half and
+live in memory. Keeping placements durable is what lets a restarted coordinator resume a
+rollout mid-way without ever exceeding its bounds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from picoord.common.plaindata import from_plain, to_plain
+from picoord.coordinator.rollout.history import Revision
+from picoord.coordinator.rollout.planner import Rollout
+from picoord.coordinator.store import Store
+from picoord.coordinator.workloads.spec import ServiceSpec, revision_key
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS services (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,            -- the last applied ServiceSpec, as JSON
+    applied_at REAL NOT NULL,
+    source TEXT NOT NULL DEFAULT '',
+    rollout TEXT,                  -- the current Rollout, as JSON; NULL before the first one
+    next_replica INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE IF NOT EXISTS revisions (
+    service TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    spec TEXT NOT NULL,            -- the ServiceSpec this revision runs, as JSON
+    key TEXT NOT NULL,             -- revision_key(spec): what a replica runs
+    created_at REAL NOT NULL,
+    cause TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (service, revision)
+);
+CREATE TABLE IF NOT EXISTS replicas (
+    id TEXT PRIMARY KEY,
+    service TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    stopping INTEGER NOT NULL DEFAULT 0,
+    stop_reason TEXT NOT NULL DEFAULT '',
+    replaced INTEGER NOT NULL DEFAULT 0   -- written off while its node was lost
+);
+CREATE INDEX IF NOT EXISTS replicas_by_service ON replicas(service);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value BLOB NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (name, key)
+);
+CREATE TABLE IF NOT EXISTS drained (node TEXT PRIMARY KEY, since REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class StoredSpec:
+    """A revision's spec as the history compares it: by what a replica runs (its key)."""
+
+    key: str
+    spec: ServiceSpec
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StoredSpec) and other.key == self.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+def stored(spec: ServiceSpec) -> StoredSpec:
+    return StoredSpec(revision_key(spec), spec)
+
+
+@dataclass(frozen=True)
+class ReplicaRecord:
+    id: str
+    service: str
+    revision: int
+    node: str
+    created_at: float
+    stopping: bool = False
+    stop_reason: str = ""
+    replaced: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    name: str
+    spec: ServiceSpec
+    applied_at: float
+    source: str
+    rollout: Rollout | None
+    next_replica: int
+
+
+def _spec_json(spec: ServiceSpec) -> str:
+    return json.dumps(to_plain(spec), sort_keys=True)
+
+
+def _spec(text: str) -> ServiceSpec:
+    return from_plain(ServiceSpec, json.loads(text))
+
+
+class WorkloadRecords:
+    """The workload tables of the coordinator's store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        with store.transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+
+    # services
+    def apply(self, specs: list[ServiceSpec], now: float, source: str) -> list[bool]:
+        """Record the applied specs of services, all or none; for each, whether it changed."""
+        changed = []
+        with self.store.transaction() as db:
+            for spec in specs:
+                text = _spec_json(spec)
+                row = db.execute("SELECT spec FROM services WHERE name = ?", (spec.name,)).fetchone()
+                changed.append(row is None or row[0] != text)
+                db.execute(
+                    "INSERT INTO services(name, spec, applied_at, source) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, "
+                    "applied_at = excluded.applied_at, source = excluded.source",
+                    (spec.name, text, now, source),
+                )
+        return changed
+
+    def services(self) -> list[ServiceRecord]:
+        rows = self.store._query("SELECT * FROM services ORDER BY name")
+        return [
+            ServiceRecord(
+                name=row["name"],
+                spec=_spec(row["spec"]),
+                applied_at=row["applied_at"],
+                source=row["source"],
+                rollout=from_plain(Rollout, json.loads(row["rollout"])) if row["rollout"] else None,
+                next_replica=row["next_replica"],
+            )
+            for row in rows
+        ]
+
+    def service(self, name: str) -> ServiceRecord | None:
+        return next((record for record in self.services() if record.name == name), None)
+
+    def save_rollout(self, service: str, rollout: Rollout) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE services SET rollout = ? WHERE name = ?",
+                (json.dumps(to_plain(rollout), sort_keys=True), service),
+            )
+
+    # revisions
+    def history(self, service: str) -> list[Revision]:
+        rows = self.store._query("SELECT * FROM revisions WHERE service = ? ORDER BY revision", (service,))
+        return [
+            Revision(
+                row["revision"], StoredSpec(row["key"], _spec(row["spec"])), row["created_at"], row["cause"]
+            )
+            for row in rows
+        ]
+
+    def replace_history(self, service: str, history: list[Revision]) -> None:
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM revisions WHERE service = ?", (service,))
+            db.executemany(
+                "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
+                [
+                    (service, r.number, _spec_json(r.spec.spec), r.spec.key, r.created_at, r.cause)
+                    for r in history
+                ],
+            )
+
+    def revision_spec(self, service: str, revision: int) -> ServiceSpec | None:
+        rows = self.store._query(
+            "SELECT spec FROM revisions WHERE service = ? AND revision = ?", (service, revision)
+        )
+        return _spec(rows[0][0]) if rows else None
+
+    # replicas
+    def replicas(self, service: str | None = None) -> list[ReplicaRecord]:
+        if service is None:
+            rows = self.store._query("SELECT * FROM replicas ORDER BY id")
+        else:
+            rows = self.store._query("SELECT * FROM replicas WHERE service = ? ORDER BY id", (service,))
+        return [
+            ReplicaRecord(
+                row["id"], row["service"], row["revision"], row["node"], row["created_at"],
+                bool(row["stopping"]), row["stop_reason"], bool(row["replaced"]),
+            )
+            for row in rows
+        ]  # fmt: skip
+
+    def add_replicas(self, service: str, revision: int, nodes: list[str], now: float) -> list[ReplicaRecord]:
+        """New replica records (ids `service.N`, never reused) on the given nodes, at once."""
+        with self.store.transaction() as db:
+            row = db.execute("SELECT next_replica FROM services WHERE name = ?", (service,)).fetchone()
+            first = row[0] if row else 1
+            made = [
+                ReplicaRecord(f"{service}.{first + index}", service, revision, node, now)
+                for index, node in enumerate(nodes)
+            ]
+            db.executemany(
+                "INSERT INTO replicas(id, service, revision, node, created_at) VALUES (?, ?, ?, ?, ?)",
+                [(r.id, r.service, r.revision, r.node, r.created_at) for r in made],
+            )
+            db.execute("UPDATE services SET next_replica = ? WHERE name = ?", (first + len(nodes), service))
+        return made
+
+    def mark_stopping(self, replica_ids: list[tuple[str, str]]) -> None:
+        """(id, reason) pairs: the coordinator asked these replicas to stop."""
+        with self.store.transaction() as db:
+            db.executemany(
+                "UPDATE replicas SET stopping = 1, stop_reason = ? WHERE id = ?",
+                [(reason, replica) for replica, reason in replica_ids],
+            )
+
+    def set_replaced(self, replica_ids: list[str], replaced: bool) -> None:
+        """Write replicas off (their node is lost and they are replaced elsewhere), or take
+        them back (the node returned before a replacement ran)."""
+        with self.store.transaction() as db:
+            db.executemany(
+                "UPDATE replicas SET replaced = ? WHERE id = ?", [(int(replaced), rid) for rid in replica_ids]
+            )
+
+    def forget_replicas(self, replica_ids: list[str]) -> None:
+        with self.store.transaction() as db:
+            db.executemany("DELETE FROM replicas WHERE id = ?", [(replica,) for replica in replica_ids])
+
+    # secrets
+    def put_secret(self, name: str, key: str, value: bytes, now: float) -> None:
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO secrets VALUES (?, ?, ?, ?) ON CONFLICT(name, key) DO UPDATE SET "
+                "value = excluded.value, updated_at = excluded.updated_at",
+                (name, key, value, now),
+            )
+
+    def secret_names(self) -> list[tuple[str, str, int, float]]:
+        rows = self.store._query(
+            "SELECT name, key, length(value), updated_at FROM secrets ORDER BY name, key"
+        )
+        return [(row[0], row[1], row[2], row[3]) for row in rows]
+
+    def secret_values(self) -> dict[tuple[str, str], str]:
+        rows = self.store._query("SELECT name, key, value FROM secrets")
+        return {(row[0], row[1]): bytes(row[2]).decode("utf-8", errors="replace") for row in rows}
+
+    # drained nodes
+    def drained(self) -> set[str]:
+        return {row[0] for row in self.store._query("SELECT node FROM drained")}
+
+    def set_drained(self, node: str, drained: bool, now: float) -> None:
+        with self.store.transaction() as db:
+            if drained:
+                db.execute("INSERT OR IGNORE INTO drained VALUES (?, ?)", (node, now))
+            else:
+                db.execute("DELETE FROM drained WHERE node = ?", (node,))

@@ -1,0 +1,196 @@
+"""The operator's workload API: translates requests to the controller and its answers back.
+
+Everything a request names is validated here, at the edge, before the controller sees it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from picoord.common.names import InvalidName, validate_node_name
+from picoord.common.validation import FieldError, image_reference
+from picoord.coordinator.controller.controller import WorkloadController, WorkloadRefused
+from picoord.coordinator.servicers.faults import unavailable_on_store_fault
+from picoord.coordinator.workloads.spec import service_name
+from picoord.v1 import services_pb2, services_pb2_grpc
+
+log = structlog.get_logger("picoord.coordinator.workloads")
+
+MAX_SECRET_BYTES = 64 * 1024
+DRAIN_POLL = 1.0
+
+
+class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
+    def __init__(self, controller: WorkloadController) -> None:
+        self.controller = controller
+
+    async def _name(self, name: str, context: grpc.aio.ServicerContext) -> str:
+        try:
+            return service_name("name", name)
+        except FieldError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise AssertionError("unreachable") from None
+
+    async def _refused(self, context: grpc.aio.ServicerContext, error: WorkloadRefused) -> None:
+        await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+
+    async def _follow(
+        self, name: str, context: grpc.aio.ServicerContext, until_finished: bool = True
+    ) -> AsyncIterator[services_pb2.RolloutEvent]:
+        try:
+            async for event in self.controller.follow(name, until_finished):
+                yield event
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+
+    @unavailable_on_store_fault
+    async def Rollout(
+        self, request: services_pb2.RolloutRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[services_pb2.RolloutEvent]:
+        name = await self._name(request.name, context)
+        if request.image:
+            try:
+                image_reference("image", request.image)
+            except FieldError as error:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        cause = f"rollout --image {request.image}" if request.image else "rollout"
+        try:
+            await self.controller.start_rollout(name, request.image, cause)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+        log.info("rollout started", service=name, image=request.image or None)
+        async for event in self._follow(name, context, until_finished=not request.detach):
+            yield event
+
+    async def RolloutStatus(
+        self, request: services_pb2.ServiceRef, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[services_pb2.RolloutEvent]:
+        name = await self._name(request.name, context)
+        async for event in self._follow(name, context, until_finished=request.follow):
+            yield event
+
+    @unavailable_on_store_fault
+    async def RolloutUndo(
+        self, request: services_pb2.UndoRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[services_pb2.RolloutEvent]:
+        name = await self._name(request.name, context)
+        try:
+            await self.controller.undo(name, request.to_revision or None)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+        async for event in self._follow(name, context, until_finished=not request.detach):
+            yield event
+
+    @unavailable_on_store_fault
+    async def RolloutHistory(
+        self, request: services_pb2.ServiceRef, context: grpc.aio.ServicerContext
+    ) -> services_pb2.RolloutHistoryResponse:
+        name = await self._name(request.name, context)
+        try:
+            return services_pb2.RolloutHistoryResponse(revisions=await self.controller.history_view(name))
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+            raise AssertionError("unreachable") from None
+
+    async def _pause(self, request: services_pb2.ServiceRef, context: grpc.aio.ServicerContext, resume: bool):
+        name = await self._name(request.name, context)
+        try:
+            return await self.controller.pause(name, resume)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+            raise AssertionError("unreachable") from None
+
+    @unavailable_on_store_fault
+    async def RolloutPause(
+        self, request: services_pb2.ServiceRef, context: grpc.aio.ServicerContext
+    ) -> services_pb2.RolloutInfo:
+        return await self._pause(request, context, resume=False)
+
+    @unavailable_on_store_fault
+    async def RolloutResume(
+        self, request: services_pb2.ServiceRef, context: grpc.aio.ServicerContext
+    ) -> services_pb2.RolloutInfo:
+        return await self._pause(request, context, resume=True)
+
+    @unavailable_on_store_fault
+    async def ListServices(
+        self, request: services_pb2.ListServicesRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.ListServicesResponse:
+        return services_pb2.ListServicesResponse(services=await self.controller.services_view())
+
+    @unavailable_on_store_fault
+    async def ListReplicas(
+        self, request: services_pb2.ServiceRef, context: grpc.aio.ServicerContext
+    ) -> services_pb2.ListReplicasResponse:
+        name = await self._name(request.name, context)
+        try:
+            return services_pb2.ListReplicasResponse(replicas=await self.controller.replicas_view(name))
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+            raise AssertionError("unreachable") from None
+
+    @unavailable_on_store_fault
+    async def CreateSecret(
+        self, request: services_pb2.CreateSecretRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.SecretInfo:
+        try:
+            service_name("name", request.name)
+            service_name("key", request.key)
+        except FieldError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        if len(request.value) > MAX_SECRET_BYTES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"a secret value is at most {MAX_SECRET_BYTES} bytes"
+            )
+        try:
+            request.value.decode("utf-8")
+        except UnicodeDecodeError:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "a secret value must be UTF-8 text (it becomes an env value)",
+            )
+        now = time.time()
+        await self.controller.put_secret(request.name, request.key, request.value, now)
+        log.info(
+            "secret stored", name=request.name, key=request.key, size=len(request.value)
+        )  # never the value
+        return services_pb2.SecretInfo(
+            name=request.name, key=request.key, updated_at=now, size=len(request.value)
+        )
+
+    @unavailable_on_store_fault
+    async def ListSecrets(
+        self, request: services_pb2.ListSecretsRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.ListSecretsResponse:
+        rows = await self.controller.secret_names()
+        return services_pb2.ListSecretsResponse(
+            secrets=[
+                services_pb2.SecretInfo(name=n, key=k, size=size, updated_at=at) for n, k, size, at in rows
+            ]
+        )
+
+    @unavailable_on_store_fault
+    async def DrainNode(
+        self, request: services_pb2.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[services_pb2.RolloutEvent]:
+        try:
+            node = validate_node_name(request.node)
+        except InvalidName as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            raise AssertionError("unreachable") from None
+        try:
+            await self.controller.drain(node, request.undo)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+        if request.undo:
+            yield services_pb2.RolloutEvent(note=f"node/{node} takes replicas again")
+            return
+        yield services_pb2.RolloutEvent(
+            note=f"node/{node} drained: no new replicas go there; moving its replicas"
+        )
+        async for event in self.controller.drain_progress(node):
+            yield event
