@@ -17,10 +17,11 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
@@ -39,8 +40,10 @@ RENDER_INTERVAL = 1.0  # seconds between renders while scrapes come
 IDLE_AFTER = 300.0  # no scrape for this long: stop rendering until the next one
 SNAPSHOT_TIMEOUT = 10.0  # a render waits this long for the event loop to hand over a snapshot
 SCRAPE_WAIT = 10.0  # a scrape that finds no fresh exposition waits this long for one
+SNAPSHOT_SLICE = 100  # nodes per snapshot callback on the loop (about 1 ms)
 
 log = structlog.get_logger("picoord.coordinator.metrics")
+T = TypeVar("T")
 
 
 class ClusterCollector(Collector):
@@ -190,11 +193,11 @@ class NodeState:
     sample: node_pb2.MetricsSample | None
 
 
-def snapshot(cluster: Cluster) -> list[NodeState]:
-    return [
-        NodeState(record.name, cluster.status(record.name), cluster.history.latest(record.name))
-        for record in cluster.nodes()
-    ]
+def snapshot(cluster: Cluster, names: list[str] | None = None) -> list[NodeState]:
+    """The listed nodes' states (every node's by default)."""
+    if names is None:
+        names = [record.name for record in cluster.nodes()]
+    return [NodeState(name, cluster.status(name), cluster.history.latest(name)) for name in names]
 
 
 def escape_label_value(value: str) -> str:
@@ -279,11 +282,30 @@ STATUS = _gauge("picoord_node_status", "The node's status, one series per possib
 NODE_FAMILIES = (CPU, *LOAD, *MEMORY, *FILESYSTEM, *NETWORK, THERMAL, BOOT, THROTTLED, UP, STATUS)
 
 
+NodeLines = dict[Family, list[str]]
+
+
 def render_nodes(nodes: list[NodeState]) -> str:
-    """The node section of the exposition: pure, and about 15 times faster than building
-    prometheus_client families for it. Labels are written in sorted order, as
-    prometheus_client does."""
-    lines: dict[Family, list[str]] = {family: [] for family in NODE_FAMILIES}
+    """The node section of the exposition: pure, and about 6 times faster than building
+    prometheus_client families for it."""
+    lines = empty_lines()
+    add_node_lines(nodes, lines)
+    return join_lines(lines)
+
+
+def empty_lines() -> NodeLines:
+    return {family: [] for family in NODE_FAMILIES}
+
+
+def join_lines(lines: NodeLines) -> str:
+    return "".join(
+        family.header() + "".join(line + "\n" for line in series) for family, series in lines.items()
+    )
+
+
+def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
+    """Append the nodes' series to their families' lines. Labels are written in sorted
+    order, as prometheus_client does."""
     cpu, up, status = lines[CPU], lines[UP], lines[STATUS]
     memory = [(lines[family], field) for family, (field, _) in zip(MEMORY, MEMORY_FIELDS, strict=True)]
     filesystem = [(lines[family], field) for family, field in zip(FILESYSTEM, FILESYSTEM_FIELDS, strict=True)]
@@ -325,9 +347,6 @@ def render_nodes(nodes: list[NodeState]) -> str:
         boot.append(f"{BOOT.name}{{{instance}}} {_value(sample.boot_time)}")
         if sample.throttled_available:
             throttled.append(f"{THROTTLED.name}{{{instance}}} {_value(sample.throttled)}")
-    return "".join(
-        family.header() + "".join(line + "\n" for line in series) for family, series in lines.items()
-    )
 
 
 # --- the cached exposition --------------------------------------------------------------------
@@ -391,25 +410,33 @@ class MetricsExposition:
         self._thread: threading.Thread | None = None
 
     # rendering
-    def _snapshot(self) -> list[NodeState]:
+    def _on_loop(self, read: Callable[[], T]) -> T:
+        """`read()` run on the coordinator's loop (here, without one)."""
         if self.loop is None:
-            return snapshot(self.cluster)
-        taken: futures.Future[list[NodeState]] = futures.Future()
+            return read()
+        done: futures.Future[T] = futures.Future()
 
-        def take() -> None:
+        def run() -> None:
             try:
-                taken.set_result(snapshot(self.cluster))
+                done.set_result(read())
             except Exception as error:
-                taken.set_exception(error)
+                done.set_exception(error)
 
-        self.loop.call_soon_threadsafe(take)
-        return taken.result(SNAPSHOT_TIMEOUT)
+        self.loop.call_soon_threadsafe(run)
+        return done.result(SNAPSHOT_TIMEOUT)
 
     def render(self) -> Rendered:
         """Render the node section now and publish it whole: a scrape sees the old bytes or
-        the new, never a mix."""
+        the new, never a mix. The snapshot is taken in slices of SNAPSHOT_SLICE nodes, each
+        a short callback on the loop, and each slice is formatted before the next is taken:
+        the loop never waits long for this thread, in one piece or for the GIL."""
         started = time.monotonic()
-        body = render_nodes(self._snapshot()).encode()
+        names = self._on_loop(lambda: [record.name for record in self.cluster.nodes()])
+        lines = empty_lines()
+        for first in range(0, len(names), SNAPSHOT_SLICE):
+            part = names[first : first + SNAPSHOT_SLICE]
+            add_node_lines(self._on_loop(lambda part=part: snapshot(self.cluster, part)), lines)
+        body = join_lines(lines).encode()
         finished = time.monotonic()
         rendered = Rendered(body, finished, finished - started)
         with self._changed:
