@@ -244,7 +244,7 @@ async def windows(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
             scraped = await scrape_window(f"http://{LOOPBACK}:{new_port}/metrics", args.seconds, args.pause)
         finally:
             watcher.cancel()
-            endpoint.close()
+            await asyncio.to_thread(endpoint.close)
         result["cached"] = {
             "render": {"renders": len(rendered), "p50": percentile(rendered, 50), "max": max(rendered)},
             "scrape": scrape_figures(scraped),

@@ -37,6 +37,7 @@ CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "stea
 MESSAGE_RATE_WINDOW = 10.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RENDER_INTERVAL = 1.0  # seconds between renders while scrapes come
+RENDER_DUTY = 0.2  # at most this share of the time goes to rendering (see render_pause)
 IDLE_AFTER = 300.0  # no scrape for this long: stop rendering until the next one
 SNAPSHOT_TIMEOUT = 10.0  # a render waits this long for the event loop to hand over a snapshot
 SCRAPE_WAIT = 10.0  # a scrape that finds no fresh exposition waits this long for one
@@ -352,6 +353,17 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
 # --- the cached exposition --------------------------------------------------------------------
 
 
+def render_pause(interval: float, render_seconds: float) -> float:
+    """Seconds until the next render: `interval`, stretched so rendering takes at most a
+    RENDER_DUTY share of the time (of the GIL, that is) when the cluster is large or the
+    machine busy."""
+    return max(interval, render_seconds * (1 - RENDER_DUTY) / RENDER_DUTY)
+
+
+class RenderStopped(Exception):
+    """The exposition was stopped while a render waited for the event loop."""
+
+
 @dataclass(frozen=True)
 class Rendered:
     """One render of the node section."""
@@ -423,7 +435,15 @@ class MetricsExposition:
                 done.set_exception(error)
 
         self.loop.call_soon_threadsafe(run)
-        return done.result(SNAPSHOT_TIMEOUT)
+        deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+        while True:  # in short waits, so stop() never waits for a loop that is stopping itself
+            try:
+                return done.result(0.1)
+            except futures.TimeoutError:
+                if self._stop.is_set():
+                    raise RenderStopped from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the event loop gave no snapshot in {SNAPSHOT_TIMEOUT:g} s") from None
 
     def render(self) -> Rendered:
         """Render the node section now and publish it whole: a scrape sees the old bytes or
@@ -445,18 +465,23 @@ class MetricsExposition:
         return rendered
 
     def _run(self) -> None:
+        pause = self.interval
         while not self._stop.is_set():
-            self._wanted.wait(self.interval)
+            self._wanted.wait(pause)
             self._wanted.clear()
             if self._stop.is_set():
                 return
             if time.monotonic() - self._last_scrape > self.idle_after:
                 continue  # nobody is scraping: save the CPU
             try:
-                self.render()
+                rendered = self.render()
+            except RenderStopped:
+                return
             except Exception as error:  # the previous exposition stays served
                 log.warning("metrics render failed", error=f"{type(error).__name__}: {error}")
-                self._stop.wait(self.interval)
+                pause = self.interval
+            else:
+                pause = render_pause(self.interval, rendered.seconds)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="metrics-render", daemon=True)

@@ -26,6 +26,7 @@ from picoord.coordinator.prometheus import (
     MetricsExposition,
     escape_label_value,
     render_nodes,
+    render_pause,
     serve_metrics,
     snapshot,
 )
@@ -258,6 +259,43 @@ def test_a_scrape_during_a_render_gets_the_previous_complete_exposition(tmp_path
     finally:
         release.set()
         exposition.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(5)
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    ("interval", "render_seconds", "pause"),
+    [
+        (1.0, 0.01, 1.0),  # a small cluster renders every interval
+        (1.0, 0.25, 1.0),  # exactly the duty share
+        (1.0, 0.5, 2.0),  # a slow render stretches the pause: rendering stays at 20 % of the time
+        (2.0, 1.0, 4.0),
+        (0.2, 0.0, 0.2),
+    ],
+)
+def test_render_pause(interval: float, render_seconds: float, pause: float) -> None:
+    assert render_pause(interval, render_seconds) == pytest.approx(pause)
+
+
+def test_stop_does_not_wait_for_a_busy_loop(tmp_path: Path) -> None:
+    """The coordinator stops its loop and the exposition together: a render waiting for a
+    snapshot must not hold the shutdown for the snapshot timeout."""
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    release = threading.Event()
+    exposition = MetricsExposition(make_cluster(tmp_path), interval=0.05, loop=loop)
+    try:
+        exposition.start()
+        assert exposition.scrape() is not None
+        loop.call_soon_threadsafe(release.wait, 10)
+        time.sleep(0.2)  # the next render is now waiting for the loop
+        started = time.monotonic()
+        exposition.stop()
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
         loop.call_soon_threadsafe(loop.stop)
         loop_thread.join(5)
         loop.close()
