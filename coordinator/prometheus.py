@@ -419,6 +419,7 @@ class MetricsExposition:
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._last_scrape = -float("inf")
+        self._pause = interval
         self._thread: threading.Thread | None = None
 
     # rendering
@@ -465,9 +466,8 @@ class MetricsExposition:
         return rendered
 
     def _run(self) -> None:
-        pause = self.interval
         while not self._stop.is_set():
-            self._wanted.wait(pause)
+            self._wanted.wait(self._pause)
             self._wanted.clear()
             if self._stop.is_set():
                 return
@@ -479,9 +479,9 @@ class MetricsExposition:
                 return
             except Exception as error:  # the previous exposition stays served
                 log.warning("metrics render failed", error=f"{type(error).__name__}: {error}")
-                pause = self.interval
+                self._pause = self.interval
             else:
-                pause = render_pause(self.interval, rendered.seconds)
+                self._pause = render_pause(self.interval, rendered.seconds)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="metrics-render", daemon=True)
@@ -521,8 +521,9 @@ class MetricsExposition:
             return self._latest
 
     def _stale_after(self) -> float:
-        """Older than this, the renderer has paused: a render takes well under a second."""
-        return 2 * self.interval + 2.0
+        """Older than this, the renderer has paused for want of scrapes: it renders every
+        `_pause` seconds (at least `interval`), and a render takes well under a second."""
+        return 2 * self._pause + 2.0
 
     def gzipped(self, rendered: Rendered) -> bytes:
         """The node section compressed once per render, by the first scrape asking for gzip
