@@ -471,6 +471,8 @@ class MetricsExposition:
             self._wanted.clear()
             if self._stop.is_set():
                 return
+            if self.loop is not None and self.loop.is_closed():
+                return  # the coordinator is shutting down
             if time.monotonic() - self._last_scrape > self.idle_after:
                 continue  # nobody is scraping: save the CPU
             try:
