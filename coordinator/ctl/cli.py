@@ -31,6 +31,7 @@ from picoord.coordinator.ctl.client import (
 from picoord.coordinator.ctl.output import (
     FORMATS,
     ago,
+    echo,
     emit,
     human_bytes,
     iso_time,
@@ -78,7 +79,7 @@ def cmd_token_create(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -
         timeout=CALL_TIMEOUT,
     )
     if args.output == "table":
-        print(reply.join_command)
+        echo(reply.join_command)
         return 0
     view = {
         "token": reply.token,
@@ -219,7 +220,7 @@ def cmd_node_label(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> 
     summary = stub.LabelNode(
         admin_pb2.LabelNodeRequest(name=args.name, set=to_set, remove=to_remove), timeout=CALL_TIMEOUT
     )
-    print(f"node/{summary.name} labelled: {_labels_text(dict(sorted(summary.labels.items())))}")
+    echo(f"node/{summary.name} labelled: {_labels_text(dict(sorted(summary.labels.items())))}")
     return 0
 
 
@@ -227,7 +228,7 @@ def cmd_node_remove(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) ->
     reply = stub.RemoveNode(admin_pb2.RemoveNodeRequest(name=args.name), timeout=CALL_TIMEOUT)
     revoked = ", ".join(reply.revoked_serials) or "none"
     closed = "; its session was closed" if reply.session_closed else ""
-    print(f"node/{reply.name} removed; revoked certificates: {revoked}{closed}")
+    echo(f"node/{reply.name} removed; revoked certificates: {revoked}{closed}")
     return 0
 
 
@@ -291,7 +292,9 @@ def cmd_top(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     if once:
         emit(snapshot(), args.output, TOP_COLUMNS)
         return 0
-    with Live(table(snapshot(), TOP_COLUMNS), auto_refresh=False, screen=False) as live:
+    with Live(
+        table(snapshot(), TOP_COLUMNS), console=output_console(), auto_refresh=False, screen=False
+    ) as live:
         try:
             while True:
                 time.sleep(args.interval)
@@ -337,17 +340,18 @@ def read_spec_file(path: str) -> str:
 
 
 def _print_record(record: admin_pb2.ActionRecord, dry_run: bool) -> None:
-    print(f"{record.node:<12} {record.step:<48} {OUTCOME_NAMES[record.outcome]}", flush=True)
+    echo(f"{record.node:<12} {record.step:<48} {OUTCOME_NAMES[record.outcome]}", flush=True)
     if record.message and record.outcome != agent_pb2.ACTION_OUTCOME_UNCHANGED:
-        print(f"{'':<12}   {record.message}")
+        for line in record.message.splitlines():
+            echo(f"{'':<12}   {line}")
     if record.in_place:
-        print(f"{'':<12}   in place: {record.in_place}")
+        echo(f"{'':<12}   in place: {record.in_place}")
     for command in record.commands:
         status = "" if not command.ran else f"  (exit {command.exit_code})"
-        print(f"{'':<12}   {'would run' if dry_run else 'ran'}: {shlex.join(command.argv)}{status}")
+        echo(f"{'':<12}   {'would run' if dry_run else 'ran'}: {shlex.join(command.argv)}{status}")
         if command.ran and command.exit_code != 0 and command.output_tail.strip():
             for line in command.output_tail.strip().splitlines()[-5:]:
-                print(f"{'':<12}     | {line}")
+                echo(f"{'':<12}     | {line}")
 
 
 def cmd_apply(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
@@ -365,16 +369,16 @@ def cmd_apply(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
             if args.output == "table":
                 _print_record(event.finished, args.dry_run)
         elif kind == "started" and args.output == "table" and sys.stdout.isatty():  # live progress
-            print(f"{event.started.node:<12} {event.started.step:<48} ...", flush=True)
+            echo(f"{event.started.node:<12} {event.started.step:<48} ...", flush=True)
         elif kind == "summary":
             summary = event.summary
     if args.output != "table":
         emit({"converged": summary.converged, "actions": [action_view(r) for r in records]}, args.output, [])
     elif summary.changed == 0 and summary.failed == 0:
-        print("nothing to change: every node is already as the file says")
+        echo("nothing to change: every node is already as the file says")
     else:
         verb = "would change" if args.dry_run else "changed"
-        print(f"{summary.changed} {verb}, {summary.unchanged} unchanged, {summary.failed} failed")
+        echo(f"{summary.changed} {verb}, {summary.unchanged} unchanged, {summary.failed} failed")
     return 0 if summary.converged else 1
 
 
@@ -485,14 +489,14 @@ def main(argv: list[str] | None = None) -> None:
         api = connect_workloads if getattr(args, "api", "admin") == "workloads" else connect
         raise SystemExit(args.handler(api(socket_path), args))
     except (InvalidName, SpecError, workloads.UsageError) as error:
-        print(f"coordctl: {error}", file=sys.stderr)
+        echo(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (OSError, UnicodeDecodeError) as error:
-        print(f"coordctl: {error}", file=sys.stderr)
+        echo(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except AdminUnavailable as error:
-        print(f"coordctl: {error}", file=sys.stderr)
+        echo(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except grpc.RpcError as error:
-        print(f"coordctl: {error.code().name.lower()}: {error.details()}", file=sys.stderr)
+        echo(f"coordctl: {error.code().name.lower()}: {error.details()}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,22 +1,56 @@
 """Rendering of coordctl listings: one view (a list of plain dicts) per listing, printed as
-a table for people or as JSON/YAML for scripts."""
+a table for people or as JSON/YAML for scripts.
+
+Everything shown comes from nodes, which the operator's terminal must not trust: table
+cells are `rich.text.Text` (never markup) with control characters escaped, and plain lines
+go through `escape_control`. JSON and YAML escape control characters themselves."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from picoord.coordinator.status import STATUS_NAMES
 from picoord.v1 import admin_pb2
 
 FORMATS = ("table", "json", "yaml")
+
+
+# C0 controls (newline and tab included: a cell is one line), DEL, C1 controls (\x9b is a
+# CSI on its own), and the Unicode marks that reorder or hide text (bidi embeddings,
+# overrides and isolates, line separators, zero-width characters, the BOM), as in CVE-2021-42574.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def escape_control(text: str) -> str:
+    """`text` with every character a terminal would act on shown as a visible escape
+    (ESC as the four characters `\\x1b`); everything else, markup brackets included, as is."""
+    return _UNSAFE.sub(_escaped, text)
+
+
+def echo(text: str, *, file: TextIO | None = None, flush: bool = False) -> None:
+    """Print text that may hold a node's or the coordinator's words: escaped, except that
+    its line breaks stay line breaks (a multi-line error message reads as lines)."""
+    print("\n".join(escape_control(line) for line in text.split("\n")), file=file or sys.stdout, flush=flush)
+
+
+def literal(text: object) -> Text:
+    """A table cell: the escaped text, printed as it is (rich never reads markup in a Text)."""
+    return Text(escape_control(str(text)))
 
 
 def iso_time(timestamp: float) -> str | None:
@@ -75,17 +109,20 @@ def emit(rows: Sequence[dict[str, Any]] | dict[str, Any], fmt: str, columns: Seq
 
 
 def console() -> Console:
-    """A console that never truncates columns when the output goes to a file or a pipe."""
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 400)
+    """A console that never truncates columns when the output goes to a file or a pipe, and
+    never reads markup or emoji codes in a string it is given."""
+    return Console(highlight=False, markup=False, emoji=False, width=None if sys.stdout.isatty() else 400)
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], title: str | None = None) -> Table:
+    """Every cell goes through `literal`, so no listing can let a node's text reach the
+    terminal as markup or control sequences."""
     grid = Table(box=None, pad_edge=False, header_style="bold", title=title, title_justify="left")
-    cells = [[render(row) for _, render in columns] for row in rows]
+    cells = [[literal(render(row)) for _, render in columns] for row in rows]
     for index, (heading, _) in enumerate(columns):
         # The first column names the row (a node): it never shrinks on a narrow terminal.
-        widest = max([len(heading), *(len(line[index]) for line in cells)]) if index == 0 else None
-        grid.add_column(heading, no_wrap=True, min_width=widest)
+        widest = max([len(heading), *(line[index].cell_len for line in cells)]) if index == 0 else None
+        grid.add_column(Text(heading), no_wrap=True, min_width=widest)
     for line in cells:
         grid.add_row(*line)
     return grid

@@ -17,10 +17,9 @@ from typing import Any
 
 from rich.console import Group
 from rich.live import Live
-from rich.text import Text
 
 from picoord.coordinator.ctl.client import CALL_TIMEOUT
-from picoord.coordinator.ctl.output import ago, emit, iso_time
+from picoord.coordinator.ctl.output import ago, echo, emit, iso_time, literal
 from picoord.coordinator.ctl.output import console as output_console
 from picoord.v1 import services_pb2, services_pb2_grpc, workloads_pb2
 
@@ -77,12 +76,12 @@ def follow(events: Iterable[services_pb2.RolloutEvent], output: str) -> int:
     notes: list[str] = []
     live_view = output == "table" and sys.stdout.isatty()
     if live_view:
-        with Live(Text(""), auto_refresh=False, console=output_console()) as live:
+        with Live(literal(""), auto_refresh=False, console=output_console()) as live:
             for event in events:
                 last, notes = _take(event, last, notes)
-                shown = [Text(note) for note in notes[-12:]]
+                shown = [literal(note) for note in notes[-12:]]
                 if last is not None:
-                    shown.append(Text(progress_line(last), style="bold"))
+                    shown.append(literal(progress_line(last)))
                 live.update(Group(*shown), refresh=True)
     else:
         previous_line = ""
@@ -91,9 +90,9 @@ def follow(events: Iterable[services_pb2.RolloutEvent], output: str) -> int:
             if output != "table":
                 continue
             if event.WhichOneof("event") == "note":
-                print(event.note, flush=True)
+                echo(event.note, flush=True)
             elif last is not None and (line := progress_line(last)) != previous_line:
-                print(line, flush=True)
+                echo(line, flush=True)
                 previous_line = line
     if output != "table":
         emit({"rollout": rollout_view(last) if last else None, "events": notes}, output, [])
@@ -115,12 +114,12 @@ def _take(
 
 def _conclude(info: services_pb2.RolloutInfo) -> None:
     if _succeeded(info):
-        print(f"service/{info.service} revision {info.revision}: {info.healthy}/{info.desired} healthy")
+        echo(f"service/{info.service} revision {info.revision}: {info.healthy}/{info.desired} healthy")
         return
     for failure in info.failures:
-        print(f"  failed: {failure}", file=sys.stderr)
+        echo(f"  failed: {failure}", file=sys.stderr)
     what = "rolled back" if info.rolling_back else info.status
-    print(f"service/{info.service}: {what}: {info.message}", file=sys.stderr)
+    echo(f"service/{info.service}: {what}: {info.message}", file=sys.stderr)
 
 
 def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
@@ -140,7 +139,7 @@ def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace)
         call = stub.RolloutPause if verb == "pause" else stub.RolloutResume
         info = call(services_pb2.ServiceRef(name=name), timeout=CALL_TIMEOUT)
         if args.output == "table":
-            print(progress_line(info))
+            echo(progress_line(info))
         else:
             emit(rollout_view(info), args.output, [])
         return 0
@@ -260,7 +259,7 @@ def read_secret_value(args: argparse.Namespace) -> bytes:
             value = source.read(MAX_SECRET_BYTES + 1)
     else:
         value = args.from_literal.encode()
-        print(
+        echo(
             "coordctl: note: a value given with --from-literal was visible in `ps` while coordctl ran; "
             "--from-file - reads it from standard input instead",
             file=sys.stderr,
@@ -275,7 +274,7 @@ def cmd_secret_create(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Name
     info = stub.CreateSecret(
         services_pb2.CreateSecretRequest(name=args.name, key=args.key, value=value), timeout=CALL_TIMEOUT
     )
-    print(f"secret/{info.name} key {info.key} stored ({info.size} bytes)")
+    echo(f"secret/{info.name} key {info.key} stored ({info.size} bytes)")
     return 0
 
 
@@ -305,9 +304,9 @@ def cmd_node_drain(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespa
     for event in events:
         kind = event.WhichOneof("event")
         if kind == "note":
-            print(event.note, flush=True)
+            echo(event.note, flush=True)
         elif kind == "progress" and event.progress.status == "failed":
-            print(f"coordctl: {event.progress.message}", file=sys.stderr)
+            echo(f"coordctl: {event.progress.message}", file=sys.stderr)
             code = 1
     return code
 

@@ -1,0 +1,301 @@
+"""/metrics from a cached exposition: the hand-written node section says exactly what the
+prometheus_client collector said (escaping included), scrapes are served from the cache
+over real HTTP, and a scrape during a render gets the previous complete exposition."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from picoord.coordinator.cluster import Cluster, LiveSession
+from picoord.coordinator.prometheus import (
+    CONTENT_TYPE,
+    NODE_FAMILIES,
+    ClusterCollector,
+    MetricsEndpoint,
+    MetricsExposition,
+    escape_label_value,
+    render_nodes,
+    render_pause,
+    serve_metrics,
+    snapshot,
+)
+from picoord.coordinator.status import StatusTimeouts
+from picoord.coordinator.store import CertificateRecord, Store, TokenRecord
+from picoord.coordinator.telemetry import MetricsHistory
+from picoord.v1 import agent_pb2, node_pb2
+
+HOSTILE_LABELS = ['quo"te', "back\\slash", "new\nline", 'all\\"\n\\n', "ünï 日本", "", '{x="1"} 2']
+
+
+@pytest.mark.parametrize(
+    ("value", "escaped"),
+    [
+        ("/dev/sda1", "/dev/sda1"),
+        ('a"b', 'a\\"b'),
+        ("a\\b", "a\\\\b"),
+        ("a\nb", "a\\nb"),
+        ('\\"\n', '\\\\\\"\\n'),
+        ("\\n", "\\\\n"),  # a backslash then n stays two characters, not a newline
+        ("tab\there", "tab\there"),  # only three characters are special in 0.0.4
+        ("", ""),
+    ],
+)
+def test_escape_label_value(value: str, escaped: str) -> None:
+    assert escape_label_value(value) == escaped
+
+
+def sample(index: int, hostile: str = "") -> node_pb2.MetricsSample:
+    return node_pb2.MetricsSample(
+        timestamp=1000.0 + index,
+        cpus=[node_pb2.CpuTimes(cpu=cpu, user=12.5 * cpu, idle=86000.1, steal=0.25) for cpu in range(2)],
+        load1=0.21,
+        load5=1e-7,
+        load15=3.0,
+        memory_total_bytes=971_000_000,
+        memory_available_bytes=2**63,
+        memory_free_bytes=123456789,
+        filesystems=[
+            node_pb2.FilesystemUsage(
+                device=f"/dev/{hostile}sda",
+                mountpoint=f"/mnt/{hostile}",
+                fstype=hostile or "ext4",
+                size_bytes=31_000_000_000,
+                free_bytes=1,
+            )
+        ],
+        network=[node_pb2.NetworkCounters(device=f"eth{hostile}", receive_bytes=10**12, transmit_errors=3)],
+        temperatures=[node_pb2.Temperature(zone=f"zone{hostile}", type=f"cpu-{hostile}", celsius=-4.5)],
+        throttled_available=index % 2 == 0,
+        throttled=0x50005,
+        boot_time=1.7e9 + 0.5,
+    )
+
+
+def make_cluster(tmp_path: Path, count: int = len(HOSTILE_LABELS) + 2) -> Cluster:
+    """`count` enrolled nodes: most connected with a sample, some with a hostile one, one
+    connected without a sample, one never seen."""
+    store = Store(tmp_path / "state.db")
+    store.add_token(TokenRecord("abcdef", "x", 0.0, 1e12, 0, 0, ""))
+    for index in range(count):
+        name = f"pi{index}"
+        store.enroll("abcdef", name, {}, CertificateRecord(f"s{index}", name, 1.0, 1e12, None), time.time())
+    cluster = Cluster(store, StatusTimeouts(), MetricsHistory())
+    for index in range(count - 1):
+        name = f"pi{index}"
+        cluster.open_session(LiveSession(name, f"s{index}"), agent_pb2.Hello(agent_version="0.1.0"))
+        if index < len(HOSTILE_LABELS):
+            cluster.history.add(name, sample(index, HOSTILE_LABELS[index]))
+    cluster.counters.messages_received = 41
+    cluster.counters.enrollments = count
+    return cluster
+
+
+def reference(cluster: Cluster, include_nodes: bool = True) -> bytes:
+    """What prometheus_client rendered for the same cluster before the cache existed."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ClusterCollector(cluster, include_nodes=include_nodes))
+    return generate_latest(registry)
+
+
+def families(text: str) -> list[tuple[str, str, str, list[tuple[str, dict[str, str], float]]]]:
+    parsed = text_string_to_metric_families(text)
+    return [
+        (
+            family.name,
+            family.type,
+            family.documentation,
+            [(s.name, s.labels, s.value) for s in family.samples],
+        )
+        for family in parsed
+    ]
+
+
+def test_node_section_is_what_the_prometheus_client_collector_wrote(tmp_path: Path) -> None:
+    cluster = make_cluster(tmp_path)
+    ours = render_nodes(snapshot(cluster))
+    theirs = reference(cluster).decode().split("# HELP picoord_coordinator_")[0]
+    assert ours == theirs  # byte for byte, escaping of hostile label values included
+    parsed = families(ours)
+    assert parsed == families(theirs)
+    devices = {s[1]["device"] for f in parsed if f[0] == "node_filesystem_size_bytes" for s in f[3]}
+    assert {f"/dev/{text}sda" for text in HOSTILE_LABELS} == devices  # read back as sent
+    zones = {(s[1]["zone"], s[1]["type"]) for f in parsed if f[0] == "node_thermal_zone_temp" for s in f[3]}
+    assert {(f"zone{text}", f"cpu-{text}") for text in HOSTILE_LABELS} == zones
+
+
+def test_the_node_families_keep_their_names_help_and_types() -> None:
+    assert [(family.name, family.kind) for family in NODE_FAMILIES] == [
+        ("node_cpu_seconds_total", "counter"),
+        ("node_load1", "gauge"),
+        ("node_load5", "gauge"),
+        ("node_load15", "gauge"),
+        ("node_memory_MemTotal_bytes", "gauge"),
+        ("node_memory_MemAvailable_bytes", "gauge"),
+        ("node_memory_MemFree_bytes", "gauge"),
+        ("node_memory_SwapTotal_bytes", "gauge"),
+        ("node_memory_SwapFree_bytes", "gauge"),
+        ("node_filesystem_size_bytes", "gauge"),
+        ("node_filesystem_free_bytes", "gauge"),
+        ("node_filesystem_avail_bytes", "gauge"),
+        ("node_network_receive_bytes_total", "counter"),
+        ("node_network_transmit_bytes_total", "counter"),
+        ("node_network_receive_packets_total", "counter"),
+        ("node_network_transmit_packets_total", "counter"),
+        ("node_network_receive_errs_total", "counter"),
+        ("node_network_transmit_errs_total", "counter"),
+        ("node_thermal_zone_temp", "gauge"),
+        ("node_boot_time_seconds", "gauge"),
+        ("picoord_node_throttled", "gauge"),
+        ("picoord_node_up", "gauge"),
+        ("picoord_node_status", "gauge"),
+    ]
+
+
+def test_an_empty_cluster_still_describes_every_family(tmp_path: Path) -> None:
+    cluster = make_cluster(tmp_path, count=0)
+    assert (
+        render_nodes(snapshot(cluster)) == reference(cluster).decode().split("# HELP picoord_coordinator_")[0]
+    )
+
+
+@pytest.fixture
+def endpoint(tmp_path: Path) -> Iterator[MetricsEndpoint]:
+    served = serve_metrics(make_cluster(tmp_path), "127.0.0.1", 0, interval=0.2)
+    yield served
+    served.close()
+
+
+def get(url: str, **headers: str) -> tuple[int, dict[str, str], bytes]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, dict(reply.headers), reply.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+def test_a_scrape_over_http_equals_the_old_exposition(endpoint: MetricsEndpoint) -> None:
+    cluster = endpoint.exposition.cluster
+    expected = reference(cluster)  # the first call of its message rate: 0, like ours
+    status, headers, body = get(f"http://127.0.0.1:{endpoint.port}/metrics")
+    assert status == 200
+    assert headers["Content-Type"] == CONTENT_TYPE
+    assert int(headers["Age"]) >= 0
+    assert body == expected
+    assert "picoord_coordinator_messages_received_total 41.0" in body.decode()
+
+
+def test_gzip_when_asked(endpoint: MetricsEndpoint) -> None:
+    plain = get(f"http://127.0.0.1:{endpoint.port}/metrics")[2]
+    status, headers, body = get(f"http://127.0.0.1:{endpoint.port}/metrics", **{"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["Content-Encoding"] == "gzip"
+    unpacked = gzip.decompress(body).decode()
+    assert families(unpacked) == families(plain.decode())
+
+
+def test_other_paths_are_not_found(endpoint: MetricsEndpoint) -> None:
+    assert get(f"http://127.0.0.1:{endpoint.port}/favicon.ico")[0] == 404
+
+
+def test_coordinator_counters_are_never_a_render_behind(endpoint: MetricsEndpoint) -> None:
+    url = f"http://127.0.0.1:{endpoint.port}/metrics"
+    get(url)
+    endpoint.exposition.cluster.counters.enrollments_refused = 7
+    assert "picoord_coordinator_enrollments_refused_total 7.0" in get(url)[2].decode()
+
+
+def test_nothing_is_rendered_until_someone_scrapes(tmp_path: Path) -> None:
+    exposition = MetricsExposition(make_cluster(tmp_path), interval=0.05)
+    exposition.start()
+    try:
+        time.sleep(0.3)
+        assert exposition.latest() is None
+        first = exposition.scrape()
+        assert first is not None
+        time.sleep(0.3)  # being scraped, it keeps the cache fresh by itself
+        latest = exposition.latest()
+        assert latest is not None and latest.rendered_at > first.nodes.rendered_at
+    finally:
+        exposition.stop()
+
+
+def test_a_scrape_during_a_render_gets_the_previous_complete_exposition(tmp_path: Path) -> None:
+    """The snapshot is taken on the coordinator's event loop. While that loop is busy, the
+    render waits for it, and scrapes keep getting the last complete exposition."""
+    cluster = make_cluster(tmp_path)
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    exposition = MetricsExposition(cluster, interval=0.05, loop=loop)
+    busy, release = threading.Event(), threading.Event()
+    try:
+        exposition.start()
+        before = exposition.scrape()
+        assert before is not None
+        loop.call_soon_threadsafe(lambda: (busy.set(), release.wait(10)))
+        assert busy.wait(5)
+        cluster.history.add("pi0", sample(0, "changed"))
+        time.sleep(0.3)  # several render periods: the render thread is stuck waiting for the loop
+        during = exposition.scrape()
+        assert during is not None and during.nodes is exposition.latest()
+        assert b"changed" not in during.body
+        assert families(during.body.decode()) == families(before.body.decode())
+        release.set()
+        deadline = time.monotonic() + 5
+        while b"changed" not in exposition.latest().body and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.02)
+        assert b'device="/dev/changedsda"' in exposition.latest().body  # type: ignore[union-attr]
+    finally:
+        release.set()
+        exposition.stop()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(5)
+        loop.close()
+
+
+@pytest.mark.parametrize(
+    ("interval", "render_seconds", "pause"),
+    [
+        (1.0, 0.01, 1.0),  # a small cluster renders every interval
+        (1.0, 0.25, 1.0),  # exactly the duty share
+        (1.0, 0.5, 2.0),  # a slow render stretches the pause: rendering stays at 20 % of the time
+        (2.0, 1.0, 4.0),
+        (0.2, 0.0, 0.2),
+    ],
+)
+def test_render_pause(interval: float, render_seconds: float, pause: float) -> None:
+    assert render_pause(interval, render_seconds) == pytest.approx(pause)
+
+
+def test_stop_does_not_wait_for_a_busy_loop(tmp_path: Path) -> None:
+    """The coordinator stops its loop and the exposition together: a render waiting for a
+    snapshot must not hold the shutdown for the snapshot timeout."""
+    loop = asyncio.new_event_loop()
+    loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
+    loop_thread.start()
+    release = threading.Event()
+    exposition = MetricsExposition(make_cluster(tmp_path), interval=0.05, loop=loop)
+    try:
+        exposition.start()
+        assert exposition.scrape() is not None
+        loop.call_soon_threadsafe(release.wait, 10)
+        time.sleep(0.2)  # the next render is now waiting for the loop
+        started = time.monotonic()
+        exposition.stop()
+        assert time.monotonic() - started < 1.0
+    finally:
+        release.set()
+        loop.call_soon_threadsafe(loop.stop)
+        loop_thread.join(5)
+        loop.close()
