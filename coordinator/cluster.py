@@ -48,6 +48,7 @@ class Counters:
     malformed_messages: int = 0
     enrollments: int = 0
     enrollments_refused: int = 0
+    enrollments_throttled: int = 0  # refused unchecked: their source failed too often
 
 
 class Cluster:

@@ -144,6 +144,11 @@ class ClusterCollector(Collector):
             "Enrollments refused.",
             value=counters.enrollments_refused,
         )
+        yield CounterMetricFamily(
+            "picoord_coordinator_enrollments_throttled",
+            "Enrollments refused unchecked because their source address failed too often.",
+            value=counters.enrollments_throttled,
+        )
 
 
 def serve_metrics(cluster: Cluster, host: str, port: int) -> None:
