@@ -16,6 +16,7 @@ from picoord.coordinator.apply.runner import ApplyRun
 from picoord.coordinator.apply.spec import SpecError, parse_spec
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import STATUS_TO_WIRE, Cluster
+from picoord.coordinator.servicers.peers import operator_identity
 from picoord.coordinator.store import NodeRecord, TokenRecord
 from picoord.v1 import admin_pb2, admin_pb2_grpc
 
@@ -159,7 +160,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 record.action_id, record.node, record.started_at, record.SerializeToString()
             ),
             dry_run=request.dry_run,
-            requested_by=request.requested_by[:128] or context.peer(),
+            requested_by=operator_identity(context),  # the kernel's word, not the client's
             clock=self.cluster.clock,
         )
         log.info(
