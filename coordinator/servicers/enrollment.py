@@ -69,7 +69,7 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
     ) -> None:
         self.cluster = cluster
         self.ca = ca
-        self.throttle = throttle or FailureThrottle()
+        self.throttle = throttle if throttle is not None else FailureThrottle()  # empty is falsy
         self.monotonic = monotonic
         self._log_throttle = LogThrottle(every=LOG_REFUSALS_EVERY_SECONDS)
 
