@@ -24,6 +24,7 @@ from pathlib import Path
 
 import structlog
 
+from picoord.common.addresses import grpc_unix_address
 from picoord.coordinator.servicers.peers import LocalOperators, local_operator
 
 log = structlog.get_logger("picoord.coordinator.admin")
@@ -41,14 +42,14 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int]:
 
 def private_directory(admin_socket: Path) -> Path:
     """A fresh root-only directory for the private sockets: next to the admin socket when
-    the paths fit a unix socket address, else a new temporary directory."""
+    the paths fit a unix socket address, else a new directory in /tmp."""
     beside = Path(f"{admin_socket}.relay")
     if len(str(beside / "c4294967295").encode()) <= SUN_PATH_MAX:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(beside)  # left behind by a killed coordinator
         beside.mkdir(mode=0o700)
         return beside
-    return Path(tempfile.mkdtemp(prefix="picoord-admin-"))
+    return Path(tempfile.mkdtemp(prefix="picoord-admin-", dir="/tmp"))
 
 
 class AdminRelay:
@@ -64,7 +65,7 @@ class AdminRelay:
     @property
     def internal_address(self) -> str:
         """Where the admin gRPC server listens: only the relay connects there."""
-        return f"unix:{self.internal_socket}"
+        return grpc_unix_address(self.internal_socket)
 
     async def start(self) -> None:
         self.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

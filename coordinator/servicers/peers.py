@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import pwd
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,9 @@ class LocalOperators:
         self._by_peer.pop(peer, None)
 
     def lookup(self, peer: str) -> LocalOperator | None:
-        return self._by_peer.get(peer)
+        # Newer gRPC percent-encodes the path in peer names (a space is %20), older gRPC
+        # does not: both spellings name the same socket in the relay's root-only directory.
+        return self._by_peer.get(peer) or self._by_peer.get(urllib.parse.unquote(peer))
 
 
 # One per process, like the admin socket it describes: the relay fills it, the admin

@@ -12,6 +12,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from picoord.common.addresses import grpc_unix_address
 from picoord.coordinator.admin_relay import AdminRelay, private_directory
 from picoord.coordinator.main import FD_RESERVE, MIN_CONNECTIONS_PER_PORT, connections_per_port
 from picoord.coordinator.servicers.enrollment import MAX_CSR_BYTES, oversized_field
@@ -119,9 +120,12 @@ async def _call(target: str) -> str:
     return reply.decode()
 
 
-def test_the_relay_names_the_caller_from_its_socket_credentials(tmp_path: Path) -> None:
+@pytest.mark.parametrize("directory", ["plain", "with space%25"])
+def test_the_relay_names_the_caller_from_its_socket_credentials(tmp_path: Path, directory: str) -> None:
     """Through the admin socket a call is an operator's and carries this process's uid and
     pid; straight to the private socket it is no operator's, whatever it claims."""
+    tmp_path = tmp_path / directory
+    tmp_path.mkdir()
 
     async def scenario() -> tuple[list[str], str, int, int]:
         relay = AdminRelay(tmp_path / "admin.sock", LOCAL_OPERATORS)
@@ -132,7 +136,7 @@ def test_the_relay_names_the_caller_from_its_socket_credentials(tmp_path: Path) 
         await relay.start()
         try:
             mode = (tmp_path / "admin.sock").stat().st_mode & 0o777
-            relayed = [await _call(f"unix:{tmp_path / 'admin.sock'}") for _ in range(3)]
+            relayed = [await _call(grpc_unix_address(tmp_path / "admin.sock")) for _ in range(3)]
             direct = await _call(relay.internal_address)
             await asyncio.sleep(0.2)  # the relays see their clients go
             left = len(LOCAL_OPERATORS)
