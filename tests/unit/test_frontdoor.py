@@ -169,3 +169,28 @@ def test_socket_credentials_are_the_connecting_process(tmp_path: Path) -> None:
     finally:
         for sock in (accepted, client, listener):
             sock.close()
+
+
+RAISE_AND_PRINT = "from picoord.coordinator.main import raise_open_files_limit as r; print(r())"
+
+
+@pytest.mark.parametrize(("soft", "hard"), [(1024, 4096), (4096, 4096), (256, 2048)])
+def test_the_open_files_limit_is_raised_to_the_hard_limit(soft: int, hard: int) -> None:
+    """In a child process, so this one keeps its limits."""
+    import resource
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from picoord.coordinator.main import raise_open_files_limit as r; print(r())",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, str(hard)), done.stderr
