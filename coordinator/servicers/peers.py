@@ -151,9 +151,9 @@ OPERATORS_ONLY = "the admin API is only for operators: use coordctl on the coord
 def restrict_to_operators(servicer: T, service: ServiceDescriptor) -> T:
     """Guard every RPC of `service` on `servicer`, so none can be forgotten.
 
-    The admin service shares the gRPC server with the agent ports (the design's one
-    server), so without this an enrolled node, or anyone on the enrollment port, could
-    create tokens or remove nodes."""
+    The admin service is also served on the agent ports (for admins-group certificates),
+    and its private socket could be reached without the relay, so without this an
+    enrolled node, or anyone on the enrollment port, could create tokens or remove nodes."""
     for method in service.methods:
         handler = getattr(servicer, method.name)
         setattr(servicer, method.name, _guarded(handler))
