@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import urllib.parse
+
 
 class InvalidAddress(ValueError):
     pass
@@ -17,3 +19,9 @@ def split_host_port(text: str, what: str = "address") -> tuple[str, int]:
 
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def grpc_unix_address(path: object) -> str:
+    """gRPC percent-decodes unix: addresses (1.51 and 1.85 alike), so a socket path with a
+    space or a % in it must be encoded."""
+    return f"unix:{urllib.parse.quote(str(path))}"

@@ -73,6 +73,7 @@ class Counters:
     enrollments: int = 0
     enrollments_refused: int = 0
     store_write_failures: int = 0
+    enrollments_throttled: int = 0  # refused unchecked: their source failed too often
 
 
 @dataclass

@@ -29,6 +29,19 @@ class CoordinatorConfig:
     metrics_history: int = 120
     log_level: str = "info"
     log_json: bool | None = None
+    # The front door: a connection must finish its TLS handshake within handshake_timeout
+    # seconds; each agent port holds at most max_connections (0: as many as the open-files
+    # limit allows after a reserve that keeps the admin socket answering).
+    handshake_timeout: float = 5.0
+    max_connections: int = 0
+    # A source address with enroll_max_failures refused enrollments within
+    # enroll_failure_window seconds is refused unchecked for enroll_ban seconds.
+    enroll_max_failures: int = 10
+    enroll_failure_window: float = 60.0
+    enroll_ban: float = 60.0
+    # A node whose session is gone longer than this has its replicas replaced elsewhere
+    # (Nomad's disconnect.lost_after); shorter outages replace nothing.
+    disconnect_grace: float = 5.0
 
     @classmethod
     def load(cls, path: Path | None, required: bool) -> CoordinatorConfig:
@@ -65,8 +78,18 @@ class CoordinatorConfig:
             self.heartbeat_interval = min(5.0, self.heartbeat_timeout / 4)
         if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
             raise ConfigError("heartbeat_interval must be positive and shorter than heartbeat_timeout")
+        if not 0 < self.disconnect_grace <= 3600:
+            raise ConfigError("disconnect_grace must be between 0 and 3600 seconds")
         if self.metrics_history < 2:
             raise ConfigError("metrics_history must be at least 2")
+        if not 0 < self.handshake_timeout <= 120:
+            raise ConfigError("handshake_timeout must be more than 0 and at most 120 seconds")
+        if self.max_connections < 0:
+            raise ConfigError("max_connections must be 0 (from the open-files limit) or more")
+        if self.enroll_max_failures < 1:
+            raise ConfigError("enroll_max_failures must be at least 1")
+        if not (self.enroll_failure_window > 0 and self.enroll_ban > 0):
+            raise ConfigError("enroll_failure_window and enroll_ban must be positive")
 
     def enroll_address(self) -> str:
         if self.enroll_listen:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 
+from picoord.common.checks.workloads import check_reports
 from picoord.common.names import InvalidName, validate_node_name
+from picoord.common.validation import FieldError
 from picoord.v1 import agent_pb2, node_pb2
 
 MAX_TEXT = 256
@@ -108,6 +110,11 @@ def check_followup(message: agent_pb2.AgentMessage) -> str:
         _text("event.kind", message.event.kind)
         if len(message.event.message) > 4096:
             raise MalformedMessage("malformed_message", "event.message is longer than 4096 characters")
+    elif kind == "replicas":
+        try:
+            check_reports(message.replicas)
+        except FieldError as error:
+            raise MalformedMessage("malformed_message", f"replicas: {error}") from None
     return kind
 
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import os
+import resource
 import signal
 import socket
 import sys
@@ -18,18 +18,23 @@ import structlog
 from picoord.common import VERSION, defaults
 from picoord.common.addresses import join_host_port, split_host_port
 from picoord.common.logs import configure_logging
+from picoord.coordinator.admin_relay import AdminRelay
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.config import ConfigError, CoordinatorConfig
+from picoord.coordinator.controller.controller import WorkloadController
+from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.prometheus import serve_metrics
 from picoord.coordinator.servicers.admin import AdminServicer
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
-from picoord.coordinator.servicers.peers import restrict_to_operators
+from picoord.coordinator.servicers.peers import LOCAL_OPERATORS, restrict_to_operators
 from picoord.coordinator.servicers.session import SessionServicer
+from picoord.coordinator.servicers.workloads import WorkloadsServicer
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import StateUnavailable, Store
 from picoord.coordinator.telemetry import MetricsHistory
-from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2_grpc
+from picoord.coordinator.throttle import FailureThrottle, ThrottlePolicy
+from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2_grpc, services_pb2, services_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator")
 
@@ -43,6 +48,11 @@ GRPC_OPTIONS = [
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+# Descriptors the agent ports may never take: the admin socket and its relay, the store,
+# /metrics and gRPC's own. With them kept free, `coordctl` answers whatever floods the ports.
+FD_RESERVE = 512
+AGENT_PORTS = 2  # sessions and enrollment, each with its own connection quota
+MIN_CONNECTIONS_PER_PORT = 16
 
 
 def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Namespace]:
@@ -58,6 +68,9 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
     parser.add_argument("--advertise-address", help="host agents dial, as printed in join commands")
     parser.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before NotReady (20)")
     parser.add_argument("--down-timeout", type=float, help="seconds of silence before Down (60)")
+    parser.add_argument(
+        "--disconnect-grace", type=float, help="seconds a node may be away before its replicas move (5)"
+    )
     parser.add_argument(
         "--heartbeat-interval", type=float, help="seconds between heartbeats (timeout/4, <= 5)"
     )
@@ -80,6 +93,7 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
         "heartbeat_timeout",
         "heartbeat_interval",
         "down_timeout",
+        "disconnect_grace",
         "metrics_interval",
         "log_level",
     ):
@@ -96,15 +110,56 @@ def advertised_host(listen_host: str) -> str:
     return socket.gethostname() if listen_host in ("0.0.0.0", "::", "") else listen_host
 
 
-def _bind_admin_socket(server: grpc.aio.Server, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    previous = os.umask(0o177)  # the socket is born 0600: only root may administer
-    try:
-        server.add_insecure_port(f"unix:{path}")
-    finally:
-        os.umask(previous)
+def raise_open_files_limit() -> int:
+    """Lift the soft open-files limit to the hard one (1,024 by default outside systemd)
+    and return the soft limit in force: every connection, handshaking or not, holds one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            log.warning("cannot raise the open-files limit", soft=soft, hard=hard, error=str(error))
+    return soft
+
+
+def connections_per_port(open_files: int, configured: int = 0) -> int:
+    """How many connections each agent port accepts: as configured, else what the
+    open-files limit leaves after FD_RESERVE, shared by the ports."""
+    if configured:
+        return configured
+    return max(MIN_CONNECTIONS_PER_PORT, (open_files - FD_RESERVE) // AGENT_PORTS)
+
+
+def agent_server_options(config: CoordinatorConfig, open_files: int) -> list[tuple[str, int]]:
+    """GRPC_OPTIONS plus the front door's limits. A connection that has not finished its
+    TLS handshake within handshake_timeout is dropped (gRPC's default waits 120 s).
+    grpc.max_allowed_incoming_connections is honoured from gRPC 1.6x (checked with 1.85);
+    older cores (Debian 12's 1.51) ignore it and rely on the raised limit and the timeout."""
+    return [
+        *GRPC_OPTIONS,
+        ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
+        ("grpc.max_allowed_incoming_connections", connections_per_port(open_files, config.max_connections)),
+    ]
+
+
+async def start_admin_server(
+    admin: AdminServicer, admin_socket: Path, workloads: WorkloadsServicer | None = None
+) -> tuple[grpc.aio.Server, AdminRelay]:
+    """The admin API (and the workload API) on a gRPC server of its own, reached only
+    through the relay on the admin socket, which names each caller from its socket
+    credentials."""
+    relay = AdminRelay(admin_socket, LOCAL_OPERATORS)
+    server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=None)
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    if workloads is not None:
+        services_pb2_grpc.add_WorkloadsServicer_to_server(workloads, server)
+    if not server.add_insecure_port(relay.internal_address):
+        raise OSError(f"cannot listen on {relay.internal_address}")
+    await server.start()
+    await relay.start()
+    return server, relay
 
 
 async def flush_once(cluster: Cluster) -> None:
@@ -130,26 +185,35 @@ async def serve(config: CoordinatorConfig) -> None:
         StatusTimeouts(config.heartbeat_timeout, config.down_timeout),
         MetricsHistory(config.metrics_history),
     )
+    records = WorkloadRecords(store)
+    controller = WorkloadController(cluster, records, grace=config.disconnect_grace)
     enroll_address = config.enroll_address()
     _, enroll_port = split_host_port(enroll_address, "enroll_listen")
 
-    server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=None)
-    agent_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(cluster, ca), server)
+    open_files = raise_open_files_limit()
+    server = grpc.aio.server(options=agent_server_options(config, open_files), maximum_concurrent_rpcs=None)
+    throttle = FailureThrottle(
+        ThrottlePolicy(config.enroll_max_failures, config.enroll_failure_window, config.enroll_ban)
+    )
+    agent_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(cluster, ca, throttle), server)
     agent_pb2_grpc.add_AgentSessionServicer_to_server(
-        SessionServicer(cluster, config.metrics_interval, config.heartbeat_interval), server
+        SessionServicer(cluster, config.metrics_interval, config.heartbeat_interval, controller), server
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(
-        restrict_to_operators(
-            AdminServicer(
-                cluster,
-                ca,
-                join_address=join_host_port(advertise_host, listen_port),
-                enroll_port_hint=None if enroll_port == listen_port + 1 else enroll_port,
-            ),
-            admin_pb2.DESCRIPTOR.services_by_name["Admin"],
+    admin = restrict_to_operators(
+        AdminServicer(
+            cluster,
+            ca,
+            join_address=join_host_port(advertise_host, listen_port),
+            enroll_port_hint=None if enroll_port == listen_port + 1 else enroll_port,
+            workloads=records,
         ),
-        server,
+        admin_pb2.DESCRIPTOR.services_by_name["Admin"],
     )
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)  # for admin certificates
+    workloads = restrict_to_operators(
+        WorkloadsServicer(controller), services_pb2.DESCRIPTOR.services_by_name["Workloads"]
+    )
+    services_pb2_grpc.add_WorkloadsServicer_to_server(workloads, server)
     key_and_chain = [(ca.server_key_pem, ca.server_chain_pem)]
     mutual = grpc.ssl_server_credentials(
         key_and_chain, root_certificates=ca.certificate_pem, require_client_auth=True
@@ -160,13 +224,14 @@ async def serve(config: CoordinatorConfig) -> None:
     if not bound_listen or not bound_enroll:
         raise OSError(f"cannot listen on {config.listen} and {enroll_address}")
     admin_socket = Path(config.admin_socket)
-    _bind_admin_socket(server, admin_socket)
     await server.start()
+    admin_server, relay = await start_admin_server(admin, admin_socket, workloads)
     # Everything loaded so far lives as long as the process: keep it out of the garbage
     # collector's full scans, which otherwise pause the event loop for every session.
     gc.freeze()
+    stop = asyncio.Event()
+    reconciling = asyncio.create_task(controller.run(stop))
     try:
-        os.chmod(admin_socket, 0o600)
         metrics_host, metrics_port = split_host_port(config.metrics_listen, "metrics_listen")
         serve_metrics(cluster, metrics_host, metrics_port)
         log.info(
@@ -178,8 +243,8 @@ async def serve(config: CoordinatorConfig) -> None:
             metrics=config.metrics_listen,
             state_dir=str(state_dir),
             ca_cert_hash=ca.cert_hash,
+            open_files=open_files,
         )
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
@@ -189,11 +254,14 @@ async def serve(config: CoordinatorConfig) -> None:
             await flush_once(cluster)
     finally:
         log.info("coordinator stopping")
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reconciling, 5)
+        await relay.close()
+        await admin_server.stop(grace=1)
         await server.stop(grace=2)
         await flush_once(cluster)
         store.close()
-        with contextlib.suppress(FileNotFoundError):
-            admin_socket.unlink()
 
 
 def main(argv: list[str] | None = None) -> None:

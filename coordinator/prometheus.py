@@ -188,6 +188,11 @@ class ClusterCollector(Collector):
             "Writes the state disk refused.",
             value=counters.store_write_failures,
         )
+        yield CounterMetricFamily(
+            "picoord_coordinator_enrollments_throttled",
+            "Enrollments refused unchecked because their source address failed too often.",
+            value=counters.enrollments_throttled,
+        )
 
 
 # --- the node section, written by hand -------------------------------------------------------

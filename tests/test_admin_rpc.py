@@ -12,8 +12,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from picoord.common.addresses import grpc_unix_address
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster, LiveSession
+from picoord.coordinator.main import start_admin_server
 from picoord.coordinator.servicers.admin import AdminServicer
 from picoord.coordinator.servicers.peers import restrict_to_operators
 from picoord.coordinator.status import StatusTimeouts
@@ -41,21 +43,20 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
     await cluster.enroll(token.token_id, "pi1", {}, certificate, cluster.clock())
     session = LiveSession(node="pi1", serial="c1", address="10.0.0.11")
     await cluster.open_session(session, agent_pb2.Hello(agent_version="0", hardware=node_pb2.Hardware()))
-    server = grpc.aio.server()
     servicer = AdminServicer(
         cluster, ClusterCA.load_or_create(tmp_path, ["localhost"]), "localhost:7443", None
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(
-        restrict_to_operators(servicer, admin_pb2.DESCRIPTOR.services_by_name["Admin"]), server
-    )
     socket = tmp_path / "admin.sock"
-    server.add_insecure_port(f"unix:{socket}")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"unix:{socket}")
+    # As the coordinator serves it: through the relay that names callers by credentials.
+    server, relay = await start_admin_server(
+        restrict_to_operators(servicer, admin_pb2.DESCRIPTOR.services_by_name["Admin"]), socket
+    )
+    channel = grpc.aio.insecure_channel(grpc_unix_address(socket))
     try:
         yield Coordinator(cluster, admin_pb2_grpc.AdminStub(channel), session)
     finally:
         await channel.close()
+        await relay.close()
         await server.stop(grace=None)
         store.close()
 

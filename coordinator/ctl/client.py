@@ -8,6 +8,7 @@ from pathlib import Path
 import grpc
 
 from picoord.common import defaults
+from picoord.common.addresses import grpc_unix_address
 from picoord.v1 import admin_pb2_grpc, services_pb2_grpc
 
 CALL_TIMEOUT = 10.0
@@ -29,7 +30,7 @@ def _channel(socket_path: Path) -> grpc.Channel:
         )
     if not os.access(socket_path, os.R_OK | os.W_OK):
         raise AdminUnavailable(f"permission denied on {socket_path}: coordctl must run as root")
-    return grpc.insecure_channel(f"unix:{socket_path}")
+    return grpc.insecure_channel(grpc_unix_address(socket_path))
 
 
 def connect(socket_path: Path) -> admin_pb2_grpc.AdminStub:

@@ -15,6 +15,7 @@ from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
+from picoord.coordinator.servicers.peers import operator_identity
 from picoord.coordinator.status import STATUS_TO_WIRE
 from picoord.coordinator.store import NodeRecord, TokenRecord
 from picoord.coordinator.workloads.reader import WorkloadError
@@ -148,7 +149,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             started = await self.applies.start(
                 request.documents,
                 request.dry_run,
-                request.requested_by[:128] or context.peer(),
+                operator_identity(context),  # the kernel's word, not the client's
                 request.source[:256],
             )
         except (WorkloadError, PlanError) as error:

@@ -12,6 +12,7 @@ from google.protobuf.message import DecodeError
 
 from picoord.common import VERSION
 from picoord.coordinator.cluster import Cluster, LiveSession
+from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.inbound import MalformedMessage, check_followup, check_hello
 from picoord.coordinator.servicers.peers import certified_peer
 from picoord.coordinator.store import StateUnavailable
@@ -45,7 +46,14 @@ def peer_address(peer: str) -> str:
 
 
 class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
-    def __init__(self, cluster: Cluster, metrics_interval: float, heartbeat_interval: float) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        metrics_interval: float,
+        heartbeat_interval: float,
+        workloads: WorkloadController | None = None,
+    ) -> None:
+        self.workloads = workloads
         self.cluster = cluster
         self.metrics_interval = metrics_interval
         self.heartbeat_interval = heartbeat_interval
@@ -89,6 +97,8 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             return
         session = LiveSession(node=node, serial=serial, address=peer_address(context.peer()))
         await self.cluster.open_session(session, hello)
+        if self.workloads is not None:
+            self.workloads.on_session_open(node)
         log.info("session opened", node=node, agent_version=hello.agent_version, peer=context.peer())
         yield agent_pb2.CoordinatorMessage(
             welcome=agent_pb2.Welcome(
@@ -122,6 +132,8 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             reader.cancel()
             closed.cancel()
             self.cluster.close_session(session)
+            if self.workloads is not None and node not in self.cluster.sessions:
+                self.workloads.on_session_closed(node)
             log.info("session ended", node=node)
 
     async def _read(self, node: str, messages: AsyncIterator[agent_pb2.AgentMessage]) -> None:
@@ -136,6 +148,8 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 )
             elif kind == "event":
                 log.info("agent event", node=node, kind=message.event.kind, message=message.event.message)
+            elif kind == "replicas" and self.workloads is not None:
+                self.workloads.on_reports(node, message.replicas)
 
     async def _reject(self, context: grpc.aio.ServicerContext, node: str, error: MalformedMessage) -> None:
         self.cluster.counters.malformed_messages += 1

@@ -93,7 +93,8 @@ def make_cluster(tmp_path: Path, count: int = len(HOSTILE_LABELS) + 2) -> Cluste
     cluster = Cluster(store, StatusTimeouts(), MetricsHistory())
     for index in range(count - 1):
         name = f"pi{index}"
-        cluster.open_session(LiveSession(name, f"s{index}"), agent_pb2.Hello(agent_version="0.1.0"))
+        hello = agent_pb2.Hello(agent_version="0.1.0")
+        asyncio.run(cluster.open_session(LiveSession(name, f"s{index}"), hello))
         if index < len(HOSTILE_LABELS):
             cluster.history.add(name, sample(index, HOSTILE_LABELS[index]))
     cluster.counters.messages_received = 41
