@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from picoord.agent.commands import CommandResult, run_command
+from picoord.common import defaults
 from picoord.v1 import actions_pb2, agent_pb2
 
 Runner = Callable[[Sequence[str], float], CommandResult]
@@ -45,6 +46,8 @@ class ActionContext:
     coordinator_host: str = ""  # where this agent's session goes (the firewall keeps it open)
     coordinator_port: int = 0
     docker_socket: str = "/var/run/docker.sock"
+    state_dir: Path = defaults.AGENT_STATE_DIR  # the agent's own files (a pending firewall revert)
+    allow_mount_paths: tuple[str, ...] = ()  # system paths this node's config lets mounts use
     run: Runner = run_command
     secrets: tuple[str, ...] = ()  # values to redact from recorded argv and output
     commands: list[actions_pb2.CommandRecord] = field(default_factory=list)
