@@ -71,18 +71,25 @@ class ActionContext:
         return self.run(argv, self.remaining(timeout))
 
     def change(
-        self, argv: Sequence[str], timeout: float = 60.0, check: bool = True, secret_output: bool = False
+        self,
+        argv: Sequence[str],
+        timeout: float = 60.0,
+        check: bool = True,
+        secret_output: bool = False,
+        run_argv: Sequence[str] | None = None,
     ) -> CommandResult | None:
         """Run a command that changes state, and record it. In a dry run, record it only.
 
         `secret_output`: the command prints a secret not known beforehand (a token it
-        generates), so its output is withheld from the record."""
+        generates), so its output is withheld from the record. `run_argv`: what actually
+        runs when it differs from the recorded `argv` only in how it names the same
+        directories (the mount executor's pinned /proc/PID/fd/N paths)."""
         record = actions_pb2.CommandRecord(argv=[self.redact(word) for word in argv], ran=not self.dry_run)
         self.commands.append(record)
         if self.dry_run:
             return None
         started = time.monotonic()
-        result = self.run(argv, self.remaining(timeout))
+        result = self.run(run_argv or argv, self.remaining(timeout))
         record.exit_code = result.exit_code
         record.seconds = round(time.monotonic() - started, 3)
         output = WITHHELD if secret_output else (result.stdout + result.stderr)[-4096:]
