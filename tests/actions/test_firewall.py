@@ -1085,3 +1085,37 @@ def test_the_runner_reports_an_executor_crash_with_its_traceback() -> None:
     )
     assert result["outcome"] == "FAILED" and "executor error" in result["message"]
     assert "Traceback" in result["error"]
+
+
+@pytest.mark.parametrize(
+    ("text", "family", "accepts"),
+    [
+        (Path("/etc/ufw/before.rules").read_text(), 4, True),  # as Debian's ufw ships it
+        (Path("/etc/ufw/before6.rules").read_text(), 6, True),
+        (Path("/etc/ufw/before.rules").read_text(), 6, False),  # the IPv4 chain is not the IPv6 one
+        ("-A ufw-before-input -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n", 4, True),
+        ("# -A ufw-before-input -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n", 4, False),
+        ("-A ufw-before-output -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n", 4, False),
+        ("", 4, False),
+    ],
+)
+def test_ufw_keeps_the_coordinators_replies_only_while_before_rules_accept_established(
+    text: str, family: int, accepts: bool
+) -> None:
+    assert ufw.accepts_established(text, family) is accepts
+
+
+def test_ufw_takes_no_user_rule_for_the_coordinators_replies() -> None:
+    assert [rule.direction for rule in ufw.user_rules(KEEP)] == ["out"]
+    assert all(rule.established for rule in KEEP if rule.direction == "in")
+
+
+def test_a_ufw_without_the_established_rule_is_refused_before_any_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = FakeSystem(tmp_path, monkeypatch, live=False)
+    (tmp_path / "before4").write_text("*filter\nCOMMIT\n")
+    ctx = context(coordinator_host="10.213.0.1", coordinator_port=7443, run=world.run)
+    with pytest.raises(ActionFailed, match="does not accept established connections"):
+        firewall(seed_policy(), ctx)
+    assert ctx.commands == [] and Path(ufw.USER_RULES).read_text() == PRISTINE_V4
