@@ -165,11 +165,12 @@ def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
     from picoord.agent.session import AgentRunner  # keeps `join` light
 
     files, run = run_settings(args, settings)
-    runner = AgentRunner(files, run)
-    # Before anything else: a firewall change left unconfirmed by a previous run goes back.
+    # Before anything else (enrolled or not): a firewall change a previous run left
+    # unconfirmed is armed again for the rest of its window, or goes back now.
     done = rearm_on_start(files.state_dir)
     if done:
         log.warning("firewall revert", detail=done)
+    runner = AgentRunner(files, run)
     log.info(
         "agent starting",
         version=VERSION,

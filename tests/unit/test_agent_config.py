@@ -109,3 +109,45 @@ def test_log_level_from_the_file_is_applied(tmp_path: Path, capsys: pytest.Captu
         structlog.get_logger("picoord.agent").info("probe line")
         assert ("probe line" in capsys.readouterr().err) is shown
     structlog.reset_defaults()
+
+
+def test_the_agent_rearms_a_pending_firewall_revert_first_thing(tmp_path: Path) -> None:
+    """`picoord-agent run` with a pending revert in its state dir (a previous run died in a
+    confirm window) starts a watchdog for it, even before finding it is not enrolled."""
+    import os
+    import signal
+    import time
+
+    import structlog
+
+    from picoord.agent import cli
+    from picoord.agent.actions.firewall import watchdog
+
+    state = tmp_path / "state"
+    state.mkdir()
+    pending = watchdog.PendingRevert("abcdef012345", "nftables", time.time() + 300, {"table": None}, "test")
+    watchdog.pending_path(state).write_bytes(pending.to_json())
+    config = write(tmp_path, f'state_dir = "{state}"\n')
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--config", str(config), "run"])
+    assert exited.value.code == 1  # not enrolled, but the revert was armed before that
+    path = str(watchdog.pending_path(state)).encode()
+    pids = [
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and path in _cmdline(entry)
+    ]
+    try:
+        assert len(pids) == 1, pids
+        assert watchdog.claim(state, pending.id)  # confirmed: the watchdog finds nothing to do
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+        structlog.reset_defaults()
+
+
+def _cmdline(entry: Path) -> bytes:
+    try:
+        return (entry / "cmdline").read_bytes()
+    except OSError:
+        return b""
