@@ -51,6 +51,7 @@ PENDING_NAME = "firewall-revert.json"
 LOCK_NAME = "firewall-revert.lock"
 RECORD_NAME = "firewall-revert.last.json"
 LOG_NAME = "firewall-revert.log"
+LOG_LIMIT = 256 * 1024
 UNIT_PREFIX = "picoord-fw-revert-"
 BACKEND_MODULES = {
     "ufw": "picoord.agent.actions.firewall.ufw",
@@ -286,10 +287,8 @@ def launch(context: ActionContext, path: Path, pending: PendingRevert, method: s
         argv = watchdog_argv(sys.executable, path, pending.id, detach=True)
     done = context.read(argv, LAUNCH_TIMEOUT)
     if not done.ok:
-        raise ActionFailed(
-            f"{argv[0]} {argv[1] if method == 'watchdog' else ''} failed: "
-            f"{(done.stderr or done.stdout).strip()[-300:]}"
-        )
+        what = "systemd timer (systemd-run)" if method == "systemd" else f"detached watchdog ({MODULE})"
+        raise ActionFailed(f"starting the {what} failed: {(done.stderr or done.stdout).strip()[-300:]}")
     pid = 0
     if method == "watchdog":
         try:
@@ -395,7 +394,11 @@ def _log(message: str) -> None:
 def detach(path: Path, revert_id: str) -> int:
     """Start the watchdog in its own session, output to a log beside the pending file,
     print its pid and return: the caller's process (and group) may die, it lives on."""
-    log = open(path.parent / LOG_NAME, "ab")  # noqa: SIM115 - handed to the child
+    log_path = path.parent / LOG_NAME
+    with contextlib.suppress(OSError):
+        if log_path.stat().st_size > LOG_LIMIT:  # a few lines per change: keep one old log
+            os.replace(log_path, log_path.with_name(LOG_NAME + ".1"))
+    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
     with log:
         child = subprocess.Popen(
             watchdog_argv(sys.executable, path, revert_id, detach=False),
