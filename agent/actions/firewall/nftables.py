@@ -11,7 +11,9 @@ rendered into the same form, so a policy already in place runs nothing. The snap
 the guard is the table's text listing (`nft list table inet picoord`), or its absence,
 and is restored the same atomic way.
 
-The chain, in order: the coordinator's replies (always first), established/related
+The chain, in order: the coordinator's replies (always first, and only on a connection
+conntrack tracks: `ip saddr C tcp sport P ct state established,related`, so a new
+connection merely sent from the coordinator's port meets the policy), established/related
 traffic, invalid packets dropped, loopback, ICMP and ICMPv6 (IPv6 needs neighbour
 discovery; ufw allows these too), then the policy's rules; its policy is the default.
 """

@@ -23,6 +23,10 @@ part of the files as ufw wrote them (logging, rate limiting), and:
   calls; for the milliseconds in between ufw's stop leaves INPUT at ACCEPT, so it fails
   open, never closed, and cannot cut the coordinator.
 
+The coordinator's replies need no user rule: ufw's before.rules accept established and
+related traffic ahead of every user rule (checked before a change, `accepts_established`);
+only the agent's connections out to the coordinator get one.
+
 Files are written next to their target and renamed into place (`mv`, atomic), except
 /etc/default/ufw, which is copied over (`cp`, as ufw itself does) so that it may be a
 bind-mounted single file. Any failure half-way is undone by the guard, which puts the
