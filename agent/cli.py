@@ -9,7 +9,9 @@ import signal
 import socket
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -22,10 +24,56 @@ from picoord.common.names import InvalidName, parse_label_assignment, validate_n
 from picoord.common.pki import InvalidCaHash, parse_ca_hash
 from picoord.common.tokens import BootstrapToken, InvalidToken
 
+if TYPE_CHECKING:
+    from picoord.agent.session import RunSettings
+
 log = structlog.get_logger("picoord.agent")
 
 
-AGENT_SETTINGS = {"state_dir": str, "metrics_interval": float, "log_level": str, "docker_socket": str}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MAX_METRICS_INTERVAL = 3600.0
+
+
+def _absolute_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+        raise ValueError("must be an absolute path")
+    return os.path.normpath(value)
+
+
+def _metrics_interval(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number of seconds")
+    if not defaults.MIN_METRICS_INTERVAL_SECONDS <= value <= MAX_METRICS_INTERVAL:
+        raise ValueError(
+            f"must be between {defaults.MIN_METRICS_INTERVAL_SECONDS:g} and {MAX_METRICS_INTERVAL:g}"
+        )
+    return float(value)
+
+
+def _log_level(value: object) -> str:
+    if value not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return str(value)
+
+
+def _allowed_paths(value: object) -> tuple[str, ...]:
+    """Paths this node lets mounts use although they are system paths (see
+    common/validation.py); "/" would allow everything and is refused."""
+    if not isinstance(value, list):
+        raise ValueError('must be a list of absolute paths, e.g. ["/srv/x"]')
+    paths = tuple(dict.fromkeys(_absolute_path(item) for item in value))
+    if "/" in paths:
+        raise ValueError('"/" would allow mounting anywhere; name the paths themselves')
+    return paths
+
+
+AGENT_SETTINGS: dict[str, Callable[[object], object]] = {
+    "state_dir": _absolute_path,
+    "metrics_interval": _metrics_interval,
+    "log_level": _log_level,
+    "docker_socket": _absolute_path,
+    "allow_mount_paths": _allowed_paths,
+}
 
 
 class UsageError(Exception):
@@ -33,14 +81,15 @@ class UsageError(Exception):
 
 
 def load_config(path: Path, required: bool) -> dict[str, object]:
-    """Settings from /etc/picoord/agent.toml; unknown keys are an error, not a silent typo."""
+    """Settings from /etc/picoord/agent.toml; unknown keys and bad values are an error
+    naming the key, not a silent typo."""
     if not path.exists():
         if required:
             raise UsageError(f"config file {path} does not exist")
         return {}
     try:
         values = tomllib.loads(path.read_text())
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise UsageError(f"cannot read {path}: {error}") from None
     settings: dict[str, object] = {}
     for key, value in values.items():
@@ -49,8 +98,8 @@ def load_config(path: Path, required: bool) -> dict[str, object]:
             raise UsageError(f"{path}: unknown setting {key!r} (known: {', '.join(AGENT_SETTINGS)})")
         try:
             settings[name] = AGENT_SETTINGS[name](value)
-        except (TypeError, ValueError):
-            raise UsageError(f"{path}: {key} has an invalid value {value!r}") from None
+        except (TypeError, ValueError) as error:
+            raise UsageError(f"{path}: {key} = {str(value)[:80]!r} is invalid: {error}") from None
     return settings
 
 
@@ -91,18 +140,37 @@ def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
-    from picoord.agent.session import AgentRunner, RunSettings  # keeps `join` light
+def run_settings(args: argparse.Namespace, settings: dict[str, object]) -> tuple[AgentFiles, RunSettings]:
+    """Command line over agent.toml over the defaults."""
+    from picoord.agent.session import RunSettings
 
     interval = (
         args.metrics_interval if args.metrics_interval is not None else settings.get("metrics_interval")
     )
-    if interval is not None and not defaults.MIN_METRICS_INTERVAL_SECONDS <= float(interval) <= 3600:
+    if (
+        interval is not None
+        and not defaults.MIN_METRICS_INTERVAL_SECONDS <= float(interval) <= MAX_METRICS_INTERVAL
+    ):
         raise UsageError("--metrics-interval must be between 1 and 3600 seconds")
     files = AgentFiles(Path(args.state_dir or settings.get("state_dir") or defaults.AGENT_STATE_DIR))
-    runner = AgentRunner(
-        files, RunSettings(metrics_interval=float(interval) if interval is not None else None)
-    )
+    run = RunSettings(metrics_interval=float(interval) if interval is not None else None)
+    if "docker_socket" in settings:
+        run.docker_socket = str(settings["docker_socket"])
+    run.allow_mount_paths = tuple(settings.get("allow_mount_paths", ()))  # type: ignore[arg-type]
+    return files, run
+
+
+def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
+    from picoord.agent.actions.firewall.watchdog import rearm_on_start
+    from picoord.agent.session import AgentRunner  # keeps `join` light
+
+    files, run = run_settings(args, settings)
+    # Before anything else (enrolled or not): a firewall change a previous run left
+    # unconfirmed is armed again for the rest of its window, or goes back now.
+    done = rearm_on_start(files.state_dir)
+    if done:
+        log.warning("firewall revert", detail=done)
+    runner = AgentRunner(files, run)
     log.info(
         "agent starting",
         version=VERSION,
@@ -127,7 +195,7 @@ def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="picoord-agent", description="The picoord node agent.")
     parser.add_argument("--config", type=Path, help=f"settings file (default {defaults.AGENT_CONFIG})")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", choices=LOG_LEVELS)
     parser.add_argument("--version", action="version", version=f"picoord-agent {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

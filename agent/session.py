@@ -51,6 +51,7 @@ class RunSettings:
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
     docker_socket: str = "/var/run/docker.sock"
+    allow_mount_paths: tuple[str, ...] = ()  # agent.toml: system paths mounts may use here
 
 
 class AgentRunner:
@@ -147,7 +148,8 @@ class AgentRunner:
             hello=agent_pb2.Hello(
                 node_name=self.enrollment.node_name,
                 agent_version=VERSION,
-                hardware=collect_hardware(),
+                # /proc, /sys and a docker call: off the loop, or sessions and actions stall
+                hardware=await asyncio.to_thread(collect_hardware, docker_socket=self.settings.docker_socket),
                 protocol_version=PROTOCOL_VERSION,
             )
         )
@@ -202,7 +204,7 @@ class AgentRunner:
         while True:
             now = time.monotonic()
             if now >= next_sample:
-                message = agent_pb2.AgentMessage(metrics=self.sampler.sample())
+                message = agent_pb2.AgentMessage(metrics=await asyncio.to_thread(self.sampler.sample))
                 next_sample += interval
             else:
                 message = agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(timestamp=time.time()))
@@ -242,7 +244,11 @@ class AgentRunner:
 
         host, port = split_host_port(self.enrollment.coordinator, "coordinator")
         node = NodeSettings(
-            coordinator_host=host, coordinator_port=port, docker_socket=self.settings.docker_socket
+            coordinator_host=host,
+            coordinator_port=port,
+            docker_socket=self.settings.docker_socket,
+            state_dir=self.files.state_dir,
+            allow_mount_paths=self.settings.allow_mount_paths,
         )
         async with self._action_lock:
             result = await asyncio.to_thread(execute, request, node)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import posixpath
 import re
+from collections.abc import Sequence
 
 from picoord.common.addresses import InvalidAddress, split_host_port
 
@@ -39,21 +40,60 @@ _K3S_TOKEN = re.compile(
 )
 _MOUNT_OPTION = re.compile(r"[A-Za-z0-9_.:/=,+@-]{1,256}")
 
-# Mount targets that would hide or break the system.
-FORBIDDEN_MOUNT_TARGETS = (
-    "/",
-    "/proc",
-    "/sys",
-    "/dev",
-    "/run",
-    "/boot",
+# Mount paths (targets and bind sources; gluster bricks too). Two layers:
+# - everywhere (the coordinator's checks and the agent's): never / itself, never in or under
+#   /proc, /sys or /dev, and never over a system tree below or any directory holding one
+#   (/etc, /var, /var/lib): nothing in a node's config can allow those;
+# - on the node, where the agent knows its config: nothing under a system tree (nor under
+#   the agent's own state dir) unless agent.toml's allow_mount_paths names that path or a
+#   directory above it.
+MOUNT_NEVER_UNDER = ("/proc", "/sys", "/dev")
+SYSTEM_TREES = (
     "/etc",
+    "/boot",
     "/usr",
     "/bin",
     "/sbin",
     "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/run",
+    "/var/lib/picoord",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/var/lib/glusterd",
+    "/var/lib/kubelet",
+    "/var/lib/etcd",
+    "/var/lib/rancher",
+    "/var/lib/dpkg",
+    "/var/lib/apt",
 )
-FORBIDDEN_MOUNT_TREES = ("/proc", "/sys", "/dev")
+
+
+def within(path: str, tree: str) -> bool:
+    """`path` is `tree` or below it (by whole components: /etcetera is not under /etc)."""
+    return path == tree or path.startswith(tree.rstrip("/") + "/")
+
+
+def mount_path_refusal(
+    path: str, *, node: bool, allowed: Sequence[str] = (), extra_trees: Sequence[str] = ()
+) -> tuple[str, str] | None:
+    """Why a normalised absolute path must not be mounted over or bound from: ("over",
+    path) or ("under", tree); None when it may. `node`: apply the node's layer too, with
+    its `allowed` paths and `extra_trees` (the agent's state dir)."""
+    trees = (*SYSTEM_TREES, *extra_trees)
+    if path == "/" or any(within(tree, path) for tree in (*MOUNT_NEVER_UNDER, *trees)):
+        return ("over", path)
+    for tree in MOUNT_NEVER_UNDER:
+        if within(path, tree):
+            return ("under", tree)
+    if not node or any(within(path, allow) for allow in allowed):
+        return None
+    for tree in trees:
+        if within(path, tree):
+            return ("under", tree)
+    return None
 
 
 def safe_word(field: str, value: str, max_length: int = 256) -> str:
@@ -142,23 +182,70 @@ def absolute_path(field: str, value: str) -> str:
     return normalised
 
 
-def outside_system_directories(field: str, value: str, over: str, under: str) -> str:
-    """An absolute path that is not a system directory nor below /proc, /sys or /dev.
+def outside_system_directories(
+    field: str,
+    value: str,
+    over: str,
+    under: str,
+    *,
+    node: bool = True,
+    allowed: Sequence[str] = (),
+    extra_trees: Sequence[str] = (),
+) -> str:
+    """An absolute path that `mount_path_refusal` lets through (see the rules above it).
 
     `over` and `under` word the refusal, e.g. "mount over {path}", "mount under {tree}"."""
     path = absolute_path(field, value)
-    if path in FORBIDDEN_MOUNT_TARGETS:
+    refusal = mount_path_refusal(path, node=node, allowed=allowed, extra_trees=extra_trees)
+    if refusal is None:
+        return path
+    kind, where = refusal
+    if kind == "over":
         raise FieldError(field, "refusing to " + over.format(path=path))
-    for tree in FORBIDDEN_MOUNT_TREES:
-        if path.startswith(tree + "/"):
-            raise FieldError(
-                field, "refusing to " + under.format(tree=tree) + f" ({value!r} resolves to {path})"
-            )
-    return path
+    why = "" if where in MOUNT_NEVER_UNDER else "; a node may allow it with allow_mount_paths in agent.toml"
+    shown = f" ({value!r} resolves to {path})" if value != path else f" ({path})"
+    raise FieldError(field, "refusing to " + under.format(tree=where) + shown + why)
 
 
-def mount_target(field: str, value: str) -> str:
-    return outside_system_directories(field, value, "mount over {path}", "mount under {tree}")
+def mount_target(
+    field: str,
+    value: str,
+    *,
+    node: bool = False,
+    allowed: Sequence[str] = (),
+    extra_trees: Sequence[str] = (),
+) -> str:
+    """A mount target; `node=True` on the agent (see `mount_path_refusal`)."""
+    return outside_system_directories(
+        field,
+        value,
+        "mount over {path}",
+        "mount under {tree}",
+        node=node,
+        allowed=allowed,
+        extra_trees=extra_trees,
+    )
+
+
+def bind_source(
+    field: str,
+    value: str,
+    *,
+    node: bool = False,
+    allowed: Sequence[str] = (),
+    extra_trees: Sequence[str] = (),
+) -> str:
+    """A bind mount's source directory: the same rules as a target (binding /etc or the
+    agent's state elsewhere exposes it there)."""
+    return outside_system_directories(
+        field,
+        value,
+        "bind-mount {path}",
+        "bind-mount from under {tree}",
+        node=node,
+        allowed=allowed,
+        extra_trees=extra_trees,
+    )
 
 
 def remote_path(field: str, value: str) -> tuple[str, str]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from picoord.agent.commands import CommandResult, run_command
+from picoord.common import defaults
 from picoord.v1 import actions_pb2, agent_pb2
 
 Runner = Callable[[Sequence[str], float], CommandResult]
@@ -45,6 +46,8 @@ class ActionContext:
     coordinator_host: str = ""  # where this agent's session goes (the firewall keeps it open)
     coordinator_port: int = 0
     docker_socket: str = "/var/run/docker.sock"
+    state_dir: Path = defaults.AGENT_STATE_DIR  # the agent's own files (a pending firewall revert)
+    allow_mount_paths: tuple[str, ...] = ()  # system paths this node's config lets mounts use
     run: Runner = run_command
     secrets: tuple[str, ...] = ()  # values to redact from recorded argv and output
     commands: list[actions_pb2.CommandRecord] = field(default_factory=list)
@@ -68,18 +71,25 @@ class ActionContext:
         return self.run(argv, self.remaining(timeout))
 
     def change(
-        self, argv: Sequence[str], timeout: float = 60.0, check: bool = True, secret_output: bool = False
+        self,
+        argv: Sequence[str],
+        timeout: float = 60.0,
+        check: bool = True,
+        secret_output: bool = False,
+        run_argv: Sequence[str] | None = None,
     ) -> CommandResult | None:
         """Run a command that changes state, and record it. In a dry run, record it only.
 
         `secret_output`: the command prints a secret not known beforehand (a token it
-        generates), so its output is withheld from the record."""
+        generates), so its output is withheld from the record. `run_argv`: what actually
+        runs when it differs from the recorded `argv` only in how it names the same
+        directories (the mount executor's pinned /proc/PID/fd/N paths)."""
         record = actions_pb2.CommandRecord(argv=[self.redact(word) for word in argv], ran=not self.dry_run)
         self.commands.append(record)
         if self.dry_run:
             return None
         started = time.monotonic()
-        result = self.run(argv, self.remaining(timeout))
+        result = self.run(run_argv or argv, self.remaining(timeout))
         record.exit_code = result.exit_code
         record.seconds = round(time.monotonic() - started, 3)
         output = WITHHELD if secret_output else (result.stdout + result.stderr)[-4096:]

@@ -6,8 +6,15 @@ persistence from /etc/fstab and /etc/systemd/system; the decisions are pure func
 (`plan_mount`, `plan_fstab`, `plan_unit`, `mount_unit_name`, ...) tested with tables.
 
 Rules the executors keep, and why:
+- Paths: targets and bind sources follow common/validation.py `mount_path_refusal`
+  (never /, /proc, /sys, /dev, nor over a system tree; nothing under /etc, /usr, /run,
+  /var/lib/picoord, the agent's own state dir, ... unless agent.toml's allow_mount_paths
+  names it), checked after resolving symlinks, and for every symlink on the way (a target
+  /mnt/x -> /etc is /etc). No check-then-use race: a bind or tmpfs mount is made on an
+  O_PATH descriptor opened on the checked path one component at a time without following
+  symlinks (`pin_directory`), named /proc/PID/fd/N with mount --no-canonicalize.
 - A mount is found by its target (the topmost mount on that path, after resolving
-  symlinks: a target that is a symlink into /proc is refused like /proc itself).
+  symlinks).
   Mounted with the same source and type: UNCHANGED. Mounted with anything else: FAILED,
   naming what is there; picoord never unmounts a mount it was not asked to unmount.
 - Options: only the kernel's per-mount flags (ro/rw, nosuid, nodev, noexec, atime flags)
@@ -41,13 +48,13 @@ import posixpath
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome, read_file
 from picoord.common.checks.storage import VFS_FLAGS, MountSpec, mount_spec, unmount_target
-from picoord.common.validation import FieldError, mount_target
+from picoord.common.validation import FieldError, bind_source, mount_target
 from picoord.v1 import actions_pb2
 
 MOUNTINFO = Path("/proc/self/mountinfo")
@@ -457,15 +464,101 @@ def read_mounts() -> list[MountEntry]:
         raise ActionFailed(f"cannot read {MOUNTINFO}: {error}") from None
 
 
-def resolve_target(target: str) -> str:
-    """The target with symlinks resolved, checked again: /mnt/x -> /proc is /proc."""
-    resolved = os.path.realpath(target)
-    if resolved != target:
+def resolve_checked(field: str, path: str, context: ActionContext) -> str:
+    """`path` with symlinks resolved, refused (FieldError naming the field) when it, or where
+    any symlink on the way leads, is a path this node does not mount or bind from
+    (common/validation.py mount_path_refusal, with this node's allow_mount_paths and the
+    agent's own state dir): /mnt/x -> /etc is /etc."""
+    check = mount_target if field == "target" else bind_source
+    allowed, own = context.allow_mount_paths, (str(context.state_dir),)
+    prefix = ""
+    for part in [part for part in path.split("/") if part]:
+        prefix = f"{prefix}/{part}"
+        if not os.path.islink(prefix):
+            continue
+        leads_to = os.path.realpath(prefix)
         try:
-            mount_target("target", resolved)
+            check(field, leads_to, node=True, allowed=allowed, extra_trees=own)
         except FieldError as error:
-            raise FieldError("target", f"{target!r} resolves to {resolved}: {error.reason}") from None
+            how = "resolves to" if prefix == path else f"goes through the symlink {prefix} to"
+            raise FieldError(field, f"{path!r} {how} {leads_to}: {error.reason}") from None
+    resolved = os.path.realpath(path)
+    try:
+        check(field, resolved, node=True, allowed=allowed, extra_trees=own)
+    except FieldError as error:
+        if resolved == path:
+            raise
+        raise FieldError(field, f"{path!r} resolves to {resolved}: {error.reason}") from None
     return resolved
+
+
+def resolve_target(target: str, context: ActionContext) -> str:
+    return resolve_checked("target", target, context)
+
+
+_PIN_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def pin_directory(path: str) -> int:
+    """An O_PATH descriptor of the directory `path` (resolved and checked before), opened
+    one component at a time following no symlink: a symlink planted since the check makes
+    it fail instead of leading elsewhere. Its real path is checked once more."""
+    fd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in [part for part in path.split("/") if part]:
+            parent, fd = fd, -1
+            try:
+                fd = os.open(part, _PIN_FLAGS, dir_fd=parent)
+            finally:
+                os.close(parent)
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as error:
+        if fd >= 0:
+            os.close(fd)
+        raise ActionFailed(
+            f"{path} changed after it was checked ({error.strerror}: a symlink or something else "
+            "appeared on the way); nothing was mounted"
+        ) from None
+    if real != path:
+        os.close(fd)
+        raise ActionFailed(f"{path} now resolves to {real}, not what was checked; nothing was mounted")
+    return fd
+
+
+@contextlib.contextmanager
+def pinned_argv(argv: Sequence[str], paths: Sequence[str]) -> Iterator[list[str]]:
+    """`argv` with each of `paths` replaced by /proc/PID/fd/N of a pinned descriptor and
+    `--no-canonicalize` (mount(8) would otherwise turn it back into a path string): the
+    kernel follows the descriptor to the very directory that was checked."""
+    fds: list[int] = []
+    try:
+        names = {}
+        for path in paths:
+            fds.append(pin_directory(path))
+            names[path] = f"/proc/{os.getpid()}/fd/{fds[-1]}"
+        yield [argv[0], "--no-canonicalize", *(names.get(word, word) for word in argv[1:])]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def run_mount_commands(commands: Sequence[Sequence[str]], spec: MountSpec, context: ActionContext) -> None:
+    """Run the plan. A bind or tmpfs mount goes to its target (and a bind to its source)
+    through pinned descriptors. glusterfs and nfs go through mount helpers that keep the
+    target's name (in their process and for their own unmount), so for them the resolved
+    target is only checked once more right before. A remount names a mount already
+    checked to be ours in the mount table."""
+    for argv in commands:
+        if argv[0] != "mount" or context.dry_run or "remount" in ",".join(argv):
+            context.change(argv, MOUNT_TIMEOUT if argv[0] == "mount" else COMMAND_TIMEOUT)
+            continue
+        if spec.kind in NETWORK_KINDS:
+            os.close(pin_directory(spec.target))
+            context.change(argv, MOUNT_TIMEOUT)
+            continue
+        paths = [spec.target] + ([spec.source] if spec.kind == "bind" else [])
+        with pinned_argv(argv, paths) as run_argv:
+            context.change(argv, MOUNT_TIMEOUT, run_argv=run_argv)
 
 
 @dataclass
@@ -541,13 +634,13 @@ def apply_persistence(plan: PersistPlan, target: str, context: ActionContext) ->
 def mount(request: actions_pb2.Mount, context: ActionContext) -> Outcome:
     """Have the file system mounted on the target, persisted as asked."""
     spec = mount_spec(request)
-    target = resolve_target(spec.target)
+    target = resolve_target(spec.target, context)
     if target != spec.target:
         spec = MountSpec(spec.kind, spec.source, target, spec.options, spec.persist)
     entries = read_mounts()
     origin = None
     if spec.kind == "bind":
-        source = os.path.realpath(spec.source)
+        source = resolve_checked("source", spec.source, context)
         if not os.path.isdir(source):
             raise ActionFailed(f"bind source {spec.source} is not an existing directory")
         spec = MountSpec(spec.kind, source, spec.target, spec.options, spec.persist)
@@ -557,8 +650,7 @@ def mount(request: actions_pb2.Mount, context: ActionContext) -> Outcome:
         persist = plan_persistence(target, spec, spec.persist, context)
     except MountConflict as error:
         raise ActionFailed(str(error)) from None
-    for argv in plan.commands:
-        context.change(argv, MOUNT_TIMEOUT if argv[0] == "mount" else COMMAND_TIMEOUT)
+    run_mount_commands(plan.commands, spec, context)
     apply_persistence(persist, target, context)
     what = f"{spec.kind} {spec.source} on {target}"
     if not context.commands:
@@ -584,7 +676,7 @@ def mount(request: actions_pb2.Mount, context: ActionContext) -> Outcome:
 
 def unmount(request: actions_pb2.Unmount, context: ActionContext) -> Outcome:
     """Unmount whatever is mounted on the target; with `forget`, drop picoord's fstab line and unit."""
-    target = resolve_target(unmount_target(request))
+    target = resolve_target(unmount_target(request), context)
     present = mounts_at(read_mounts(), target)
     persist = plan_persistence(target, None, "none", context) if request.forget else PersistPlan()
     for _entry in reversed(present):  # stacked mounts: one umount each, the top first

@@ -11,10 +11,12 @@ import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import structlog
 
 from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
+from picoord.common import defaults
 from picoord.common.validation import FieldError
 from picoord.v1 import agent_pb2
 
@@ -46,6 +48,8 @@ class NodeSettings:
     coordinator_host: str
     coordinator_port: int
     docker_socket: str = "/var/run/docker.sock"
+    state_dir: Path = defaults.AGENT_STATE_DIR
+    allow_mount_paths: tuple[str, ...] = ()
 
 
 def executor_for(kind: str) -> Callable[[object, ActionContext], Outcome]:
@@ -71,6 +75,8 @@ def execute(request: agent_pb2.ActionRequest, node: NodeSettings) -> agent_pb2.A
         coordinator_host=node.coordinator_host,
         coordinator_port=node.coordinator_port,
         docker_socket=node.docker_socket,
+        state_dir=node.state_dir,
+        allow_mount_paths=node.allow_mount_paths,
     )
     bound = log.bind(action_id=request.action_id, kind=kind, dry_run=request.dry_run)
     bound.info("action started")

@@ -288,8 +288,10 @@ def swarm_init(request: actions_pb2.SwarmInit, context: ActionContext) -> Outcom
     """Make this node the manager of a new swarm, unless it already is; hand out join tokens.
 
     Facts (changed or not): swarm.manager_address (HOST:PORT workers join), and, once the
-    swarm exists, swarm.worker_token and swarm.manager_token (secret), swarm.node_id and
-    swarm.cluster_id. A dry run on a node not yet in a swarm has only the address.
+    swarm exists, swarm.node_id, swarm.cluster_id and, only when the request asks for it
+    (a worker is to join), swarm.worker_token (secret). The manager token never leaves the
+    manager: whoever holds it can add managers, i.e. take the swarm over. A dry run on a
+    node not yet in a swarm has only the address.
     """
     check_swarm_init(request)
     advertise = ip_or_ip_port("advertise_address", request.advertise_address)
@@ -312,18 +314,18 @@ def swarm_init(request: actions_pb2.SwarmInit, context: ActionContext) -> Outcom
         except Exception as error:
             raise ActionFailed(f"cannot read the swarm's join tokens: {_error_text(error)}") from None
     worker, manager = str(tokens.get("Worker", "")), str(tokens.get("Manager", ""))
-    if not worker or not manager:
-        raise ActionFailed("the Engine returned no join tokens for this swarm")
-    context.secrets = (*context.secrets, worker, manager)
+    if not worker:
+        raise ActionFailed("the Engine returned no worker join token for this swarm")
+    context.secrets = (*context.secrets, worker, manager)  # redacted wherever they might show up
     message = f"swarm created, manager at {after.own_manager_address()}" if calls else ""
     outcome = Outcome.done(context, message or "already the manager of this swarm", state.describe())
     outcome.facts = [
         _fact("swarm.manager_address", after.own_manager_address()),
-        _fact("swarm.worker_token", worker, secret=True),
-        _fact("swarm.manager_token", manager, secret=True),
         _fact("swarm.node_id", after.node_id),
         _fact("swarm.cluster_id", after.cluster_id),
     ]
+    if request.report_worker_token:
+        outcome.facts.append(_fact("swarm.worker_token", worker, secret=True))
     return outcome
 
 

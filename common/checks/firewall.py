@@ -57,7 +57,9 @@ class Rule:
     """One firewall rule as plain data. `source`/`destination` are normalised CIDRs or ""
     (anywhere); ports are 0 for any, port_to == port_from for a single port. Rules from a
     policy are incoming and have no source_port; the executor adds the rules that keep
-    the coordinator reachable (source_port for its replies, and an outgoing rule for ufw)."""
+    the coordinator reachable: its replies on the agent's established connection
+    (`established`: conntrack state established/related, never a bare source port, which
+    anyone could send from), and the agent's new connections to it (an outgoing rule)."""
 
     verdict: str  # "allow" | "deny"
     source: str = ""
@@ -68,6 +70,7 @@ class Rule:
     source_port: int = 0
     direction: str = "in"  # "in" | "out"
     destination: str = ""
+    established: bool = False  # only packets of a connection conntrack already tracks
 
     @property
     def family(self) -> int | None:
@@ -92,6 +95,7 @@ class Rule:
             self.source_port,
             self.direction,
             self.destination,
+            self.established,
         )
 
 

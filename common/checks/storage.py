@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from picoord.common.validation import (
     FieldError,
-    absolute_path,
+    bind_source,
     hostname,
     mount_option,
     mount_target,
@@ -223,7 +223,7 @@ def mount_source(kind: str, value: str) -> str:
     if kind == "bind":
         if not value:
             raise FieldError(field, "a bind mount needs the absolute path of a directory")
-        return absolute_path(field, value)
+        return bind_source(field, value)
     if value not in ("", "tmpfs"):
         safe_word(field, value)
         raise FieldError(field, f"a tmpfs mount takes no source (or 'tmpfs'), got {value!r}")

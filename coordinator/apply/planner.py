@@ -142,7 +142,11 @@ class _Planner:
                 name,
                 "init",
                 manager,
-                actions_pb2.Action(swarm_init=actions_pb2.SwarmInit(advertise_address=advertise)),
+                actions_pb2.Action(
+                    swarm_init=actions_pb2.SwarmInit(
+                        advertise_address=advertise, report_worker_token=bool(workers)
+                    )
+                ),
             )
             for worker in workers:
                 join = actions_pb2.SwarmJoin(advertise_address=self.address(f"{name}.workers", worker))

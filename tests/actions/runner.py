@@ -30,7 +30,7 @@ from picoord.agent.actions.base import ActionContext, ActionFailed
 from picoord.common.validation import FieldError
 from picoord.v1 import agent_pb2
 
-kind, message_type, payload, dry_run, timeout, host, port, docker_socket = sys.argv[1:9]
+kind, message_type, payload, dry_run, timeout, host, port, docker_socket, state_dir, allowed = sys.argv[1:11]
 module_name, _, class_name = message_type.partition(":")
 request = getattr(importlib.import_module(module_name), class_name)()
 request.ParseFromString(base64.b64decode(payload))
@@ -48,6 +48,10 @@ context = ActionContext(dry_run=dry_run == "1", deadline=time.monotonic() + floa
                         coordinator_host=host, coordinator_port=int(port))
 if docker_socket:
     context.docker_socket = docker_socket
+if state_dir:
+    from pathlib import Path
+    context.state_dir = Path(state_dir)
+context.allow_mount_paths = tuple(json.loads(allowed))
 started = time.monotonic()
 facts, in_place, error = [], "", ""
 try:
@@ -88,6 +92,8 @@ def run_executor(
     timeout: float = 60.0,
     coordinator: tuple[str, int] | None = None,
     docker_socket: str | None = None,
+    state_dir: str | None = None,
+    allow_mount_paths: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Run executor `kind` ("module.path:function") on the Pi with `request_message`.
 
@@ -109,6 +115,8 @@ def run_executor(
         host,
         str(port),
         docker_socket or "",
+        state_dir or "",
+        json.dumps(list(allow_mount_paths)),
     ]
     done = sandbox.run(argv, timeout=timeout + SNIPPET_MARGIN)
     for line in reversed(done.stdout.splitlines()):

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
-from picoord.agent.actions.firewall import firewall, guard, nftables, ufw
+from picoord.agent.actions.firewall import firewall, guard, nftables, ufw, watchdog
 from picoord.agent.commands import CommandResult
 from picoord.common.checks.firewall import Rule, check_firewall, policy_spec
 from picoord.common.validation import FieldError
@@ -161,8 +161,9 @@ def test_comments_may_read_like_the_seed() -> None:
 
 # ---------------------------------------------------------------- ufw rendering
 
+# The coordinator's replies need no user rule: ufw's before.rules accept established
+# traffic (a bare "source port 7443" rule would let anyone in who sends from that port).
 SEED_TUPLES_V4 = [
-    ("allow tcp any 0.0.0.0/0 7443 10.213.0.1 in", "picoord coordinator"),
     ("allow tcp 7443 10.213.0.1 any 0.0.0.0/0 out", "picoord coordinator"),
     ("allow any any 0.0.0.0/0 any 192.168.10.0/24 in", "Services VLAN"),
     ("allow any any 0.0.0.0/0 any 192.168.20.0/24 in", "Compute VLAN"),
@@ -256,7 +257,7 @@ def test_rules_land_in_the_file_of_their_ip_version() -> None:
 
 
 def test_the_seed_policy_renders_ufw_tuples_with_the_coordinator_first() -> None:
-    rules = [*KEEP, *policy_spec(seed_policy()).rules]
+    rules = [*ufw.user_rules(KEEP), *policy_spec(seed_policy()).rules]
     assert ufw.wanted_tuples(rules, 4) == SEED_TUPLES_V4
     assert [t for t, _ in ufw.wanted_tuples(rules, 6)] == [
         "allow tcp 6443 ::/0 any ::/0 in",
@@ -499,6 +500,13 @@ NFT_LISTING = {
                             "right": 7443,
                         }
                     },
+                    {
+                        "match": {
+                            "op": "in",
+                            "left": {"ct": {"key": "state"}},
+                            "right": ["established", "related"],
+                        }
+                    },
                     {"accept": None},
                 ],
             }
@@ -712,7 +720,8 @@ def test_the_nft_table_text_is_what_nft_lists() -> None:
         f'\tcomment "{nftables.TABLE_COMMENT}"\n'
         "\tchain input {\n"
         "\t\ttype filter hook input priority filter; policy drop;\n"
-        '\t\tip saddr 10.213.0.1 tcp sport 7443 accept comment "picoord coordinator"\n'
+        "\t\tip saddr 10.213.0.1 tcp sport 7443 ct state established,related accept"
+        ' comment "picoord coordinator"\n'
         "\t\tct state established,related accept\n"
         "\t\tct state invalid drop\n"
         '\t\tiif "lo" accept\n'
@@ -763,11 +772,11 @@ def test_the_agent_session_and_the_policy_name_the_coordinator() -> None:
     assert endpoints[1].addresses == ("10.0.0.9", "fd00::9")
     keep = guard.keep_open_rules(endpoints)
     assert keep == (
-        Rule("allow", "10.0.0.9/32", 0, 0, "tcp", "picoord coordinator", source_port=7443),
+        Rule("allow", "10.0.0.9/32", 0, 0, "tcp", "picoord coordinator", source_port=7443, established=True),
         Rule(
             "allow", "", 7443, 7443, "tcp", "picoord coordinator", direction="out", destination="10.0.0.9/32"
         ),
-        Rule("allow", "fd00::9/128", 0, 0, "tcp", "picoord coordinator", source_port=7443),
+        Rule("allow", "fd00::9/128", 0, 0, "tcp", "picoord coordinator", source_port=7443, established=True),
         Rule(
             "allow", "", 7443, 7443, "tcp", "picoord coordinator", direction="out", destination="fd00::9/128"
         ),
@@ -804,61 +813,92 @@ class Script:
         if self.restore_fails:
             raise ActionFailed("ufw exited 1")
 
+    def arm(self, ctx: ActionContext, pending: watchdog.PendingRevert) -> watchdog.Armed:
+        """Writes the pending file as the real arm does, and starts nothing: the watchdog
+        process itself is proven in the lab (tests/lab/test_firewall_lab.py)."""
+        path = watchdog.pending_path(ctx.state_dir)
+        path.write_bytes(pending.to_json())
+        self.calls.append(f"arm {pending.backend} {pending.deadline - time.time():.0f}")
+        self.pending = pending
+        return watchdog.Armed("watchdog", path, pending.id)
 
-def guarded(script: Script, ctx: ActionContext | None = None) -> Outcome:
+    def disarm(self, ctx: ActionContext, armed: watchdog.Armed) -> None:
+        self.calls.append(f"disarm pending={watchdog.pending_path(ctx.state_dir).exists()}")
+
+
+def guarded(script: Script, state_dir: Path, ctx: ActionContext | None = None) -> Outcome:
+    ctx = ctx or context()
+    ctx.state_dir = state_dir
     return guard.confirm_or_revert(
-        ctx or context(),
+        ctx,
         apply=script.apply,
         restore=script.restore,
         endpoints=[COORDINATOR],
         window=8,
         what="test policy",
+        backend="nftables",
+        snapshot={"table": None},
         probe=script.probe,
+        arm=script.arm,
+        disarm=script.disarm,
     )
 
 
-def test_a_confirmed_change_stands() -> None:
+def test_a_confirmed_change_stands(tmp_path: Path) -> None:
     script = Script([True, True])
-    outcome = guarded(script)
+    outcome = guarded(script, tmp_path)
     assert outcome.outcome == agent_pb2.ACTION_OUTCOME_SUCCEEDED and "reachable" in outcome.message
-    assert script.calls == ["probe 5", "apply", "probe 8"]
+    assert script.calls == ["probe 5", "arm nftables 21", "apply", "probe 8", "disarm pending=False"]
 
 
-def test_an_unconfirmed_change_is_reverted_by_the_agent_itself() -> None:
+def test_an_unconfirmed_change_is_reverted_by_the_agent_itself(tmp_path: Path) -> None:
     script = Script([True, False])
-    outcome = guarded(script, context(deadline=time.monotonic() + 24))
+    outcome = guarded(script, tmp_path, context(deadline=time.monotonic() + 24))
     assert outcome.outcome == agent_pb2.ACTION_OUTCOME_REVERTED
     assert "restored the previous rules by itself" in outcome.message and "10.213.0.1:7443" in outcome.message
-    assert script.calls == ["probe 5", "apply", "probe 8", "restore budget>True"]
+    assert script.calls == [
+        "probe 5",
+        "arm nftables 21",
+        "apply",
+        "probe 8",
+        "disarm pending=False",
+        "restore budget>True",
+    ]
 
 
-def test_a_failed_revert_is_a_loud_failure() -> None:
+def test_a_failed_revert_is_a_loud_failure(tmp_path: Path) -> None:
     script = Script([True, False], restore_fails=True)
     with pytest.raises(ActionFailed, match=r"FIREWALL RESTORE FAILED.*console"):
-        guarded(script)
+        guarded(script, tmp_path)
 
 
-def test_a_change_that_fails_half_way_is_undone() -> None:
+def test_a_change_that_fails_half_way_is_undone(tmp_path: Path) -> None:
     script = Script([True], apply_fails=True)
     with pytest.raises(ActionFailed, match="previous rules were restored"):
-        guarded(script)
-    assert script.calls == ["probe 5", "apply", "restore budget>True"]
+        guarded(script, tmp_path)
+    assert script.calls == [
+        "probe 5",
+        "arm nftables 21",
+        "apply",
+        "disarm pending=False",
+        "restore budget>True",
+    ]
     loud = Script([True], apply_fails=True, restore_fails=True)
     with pytest.raises(ActionFailed, match="FIREWALL RESTORE FAILED"):
-        guarded(loud)
+        guarded(loud, tmp_path)
 
 
-def test_no_baseline_means_no_change() -> None:
+def test_no_baseline_means_no_change(tmp_path: Path) -> None:
     script = Script([False])
     with pytest.raises(ActionFailed, match="nothing was changed"):
-        guarded(script)
+        guarded(script, tmp_path)
     assert script.calls == ["probe 5"]
 
 
-def test_too_little_time_for_the_confirm_window_means_no_change() -> None:
+def test_too_little_time_for_the_confirm_window_means_no_change(tmp_path: Path) -> None:
     script = Script([True, True])
     with pytest.raises(ActionFailed, match="nothing was changed"):
-        guarded(script, context(deadline=time.monotonic() + 20))
+        guarded(script, tmp_path, context(deadline=time.monotonic() + 20))
     assert script.calls == []
 
 
@@ -900,6 +940,11 @@ class FakeSystem:
             ufw, "FILES", (paths["USER_RULES"], paths["USER6_RULES"], paths["DEFAULTS"], paths["CONF"])
         )
         monkeypatch.setattr(ufw, "COPIED", (paths["DEFAULTS"],))
+        before = {}
+        for family, chain in ((4, "ufw-before-input"), (6, "ufw6-before-input")):
+            before[family] = tmp_path / f"before{family}"
+            before[family].write_text(f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n")
+        monkeypatch.setattr(ufw, "BEFORE_RULES", {family: str(path) for family, path in before.items()})
         monkeypatch.setattr(ufw, "STAGE_DIR", str(tmp_path))
 
     def run(self, argv: Sequence[str], timeout: float) -> CommandResult:
@@ -933,7 +978,14 @@ def test_a_dry_run_plans_exact_argv_and_shows_the_files_but_changes_nothing(
     assert ufw.parse_tuples(facts[f"file {ufw.USER_RULES}"]) == SEED_TUPLES_V4
     assert 'DEFAULT_INPUT_POLICY="DROP"' in facts[f"file {ufw.DEFAULTS}"]
     assert Path(ufw.USER_RULES).read_text() == PRISTINE_V4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf", "defaults", "user6_rules", "user_rules"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "before4",
+        "before6",
+        "conf",
+        "defaults",
+        "user6_rules",
+        "user_rules",
+    ]
     assert world.ran == [["iptables", "-n", "-L", "ufw-user-input"]]
 
 
@@ -941,7 +993,7 @@ def test_a_policy_already_in_the_files_is_unchanged_and_runs_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     world = FakeSystem(tmp_path, monkeypatch, live=True)
-    rules = [*KEEP, *policy_spec(seed_policy()).rules]
+    rules = [*ufw.user_rules(KEEP), *policy_spec(seed_policy()).rules]
     target = ufw.desired_state(ufw.read_state(context(run=world.run)), "deny", rules)
     for path, text in target.files.items():
         Path(path).write_text(text or "")
@@ -957,7 +1009,7 @@ def test_a_policy_already_in_the_files_is_unchanged_and_runs_nothing(
         outcome = firewall(seed_policy(), ctx)
         assert outcome.outcome == agent_pb2.ACTION_OUTCOME_UNCHANGED, outcome.message
         assert ctx.commands == [] and "already in place" in outcome.message
-        assert outcome.in_place == "ufw active, default incoming DROP, 9 IPv4 and 5 IPv6 rules"
+        assert outcome.in_place == "ufw active, default incoming DROP, 8 IPv4 and 5 IPv6 rules"
 
 
 def test_a_bad_policy_is_rejected_before_anything_is_read(
@@ -1033,3 +1085,37 @@ def test_the_runner_reports_an_executor_crash_with_its_traceback() -> None:
     )
     assert result["outcome"] == "FAILED" and "executor error" in result["message"]
     assert "Traceback" in result["error"]
+
+
+@pytest.mark.parametrize(
+    ("text", "family", "accepts"),
+    [
+        (Path("/etc/ufw/before.rules").read_text(), 4, True),  # as Debian's ufw ships it
+        (Path("/etc/ufw/before6.rules").read_text(), 6, True),
+        (Path("/etc/ufw/before.rules").read_text(), 6, False),  # the IPv4 chain is not the IPv6 one
+        ("-A ufw-before-input -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n", 4, True),
+        ("# -A ufw-before-input -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n", 4, False),
+        ("-A ufw-before-output -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n", 4, False),
+        ("", 4, False),
+    ],
+)
+def test_ufw_keeps_the_coordinators_replies_only_while_before_rules_accept_established(
+    text: str, family: int, accepts: bool
+) -> None:
+    assert ufw.accepts_established(text, family) is accepts
+
+
+def test_ufw_takes_no_user_rule_for_the_coordinators_replies() -> None:
+    assert [rule.direction for rule in ufw.user_rules(KEEP)] == ["out"]
+    assert all(rule.established for rule in KEEP if rule.direction == "in")
+
+
+def test_a_ufw_without_the_established_rule_is_refused_before_any_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    world = FakeSystem(tmp_path, monkeypatch, live=False)
+    (tmp_path / "before4").write_text("*filter\nCOMMIT\n")
+    ctx = context(coordinator_host="10.213.0.1", coordinator_port=7443, run=world.run)
+    with pytest.raises(ActionFailed, match="does not accept established connections"):
+        firewall(seed_policy(), ctx)
+    assert ctx.commands == [] and Path(ufw.USER_RULES).read_text() == PRISTINE_V4

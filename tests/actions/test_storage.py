@@ -984,6 +984,8 @@ class MountWorld:
         self.next_id = 200
 
     def __call__(self, argv: Sequence[str], timeout: float) -> CommandResult:
+        if list(argv[:2]) == ["mount", "--no-canonicalize"]:  # pinned: /proc/PID/fd/N is this process's
+            argv = ["mount", *(os.readlink(w) if w.startswith("/proc/") else w for w in argv[2:])]
         argv = list(argv)
         self.calls.append(argv)
         if argv[:2] == ["mount", "-t"]:
@@ -993,7 +995,7 @@ class MountWorld:
                 f"{self.next_id} 50 0:{self.next_id} / {target} rw,relatime - {fstype} {source} rw,{options}"
             )
         elif argv[:2] == ["mkdir", "-p"]:
-            pass
+            os.makedirs(argv[2], exist_ok=True)
         elif argv[0] == "umount":
             lines = self.mountinfo.read_text().splitlines()
             last = max(i for i, line in enumerate(lines) if line.split(" ")[4] == argv[1])
@@ -1196,3 +1198,47 @@ def test_file_writes_keep_owner_and_mode_and_leave_no_temp_files(tmp_path: Path)
     mount_actions.write_file(tmp_path / "fresh", "x\n")
     assert (tmp_path / "fresh").stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh", "fstab"]
+
+
+def test_a_symlink_planted_after_the_check_is_not_followed(tmp_path: Path) -> None:
+    """pin_directory opens the checked path component by component without following
+    symlinks: swapping a directory for a symlink to /etc between check and mount fails."""
+    target = tmp_path / "swap" / "x"
+    target.mkdir(parents=True)
+    fd = mount_actions.pin_directory(str(target))
+    try:
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(target)
+    finally:
+        os.close(fd)
+    shutil.rmtree(tmp_path / "swap")
+    (tmp_path / "swap").symlink_to("/etc")
+    with pytest.raises(ActionFailed, match="changed after it was checked"):
+        mount_actions.pin_directory(str(target))
+
+
+def test_a_symlink_on_the_way_into_a_system_tree_is_refused(world: MountWorld, tmp_path: Path) -> None:
+    (tmp_path / "way").symlink_to("/etc")
+    ctx = world.context()
+    with pytest.raises(FieldError) as caught:
+        mount_actions.mount(mount_request(TMPFS, "", str(tmp_path / "way" / "ufw")), ctx)
+    assert caught.value.field == "target"
+    assert f"goes through the symlink {tmp_path / 'way'} to /etc" in caught.value.reason
+    assert not ctx.commands and not world.calls
+
+
+def test_a_mount_runs_on_the_pinned_directory_and_records_its_path(world: MountWorld, tmp_path: Path) -> None:
+    source, target = tmp_path / "src", tmp_path / "dst"
+    source.mkdir()
+    target.mkdir()
+    ran: list[list[str]] = []
+
+    def runner(argv: Sequence[str], timeout: float) -> CommandResult:
+        ran.append(list(argv))
+        return world(argv, timeout) if argv[:2] != ["mount", "--no-canonicalize"] else ok()
+
+    ctx = context(runner)
+    mount_actions.mount(mount_request(BIND, str(source), str(target)), ctx)
+    assert [list(c.argv) for c in ctx.commands] == [["mount", "--bind", str(source), str(target)]]
+    pid = os.getpid()
+    assert ran[0][:3] == ["mount", "--no-canonicalize", "--bind"]
+    assert all(word.startswith(f"/proc/{pid}/fd/") for word in ran[0][3:]), ran

@@ -18,9 +18,12 @@ What is proven here, for ufw and for nftables:
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from picoord.agent.actions.firewall import guard, nftables, ufw
+from picoord.agent.actions.firewall import guard, nftables, ufw, watchdog
 from picoord.common.checks.firewall import Rule, policy_spec
 from picoord.lab.netns import LabNetwork
 from picoord.lab.sandbox import PiSandbox
@@ -97,6 +100,11 @@ class Pis:
 
     def address(self, node: str) -> str:
         return self.net.pi(node).address
+
+    @property
+    def state_dir(self) -> Path:
+        """pi1's agent state dir (where a pending firewall revert lives)."""
+        return self.logs.parent / "pi1-agent-state"
 
 
 @pytest.fixture
@@ -235,7 +243,13 @@ def apply(
     pis: Pis, request: pb.FirewallPolicy, coordinator: tuple[str, int], dry_run: bool = False
 ) -> dict[str, Any]:
     return run_executor(
-        pis["pi1"], KIND, request, dry_run=dry_run, timeout=ACTION_TIMEOUT, coordinator=coordinator
+        pis["pi1"],
+        KIND,
+        request,
+        dry_run=dry_run,
+        timeout=ACTION_TIMEOUT,
+        coordinator=coordinator,
+        state_dir=str(pis.state_dir),
     )
 
 
@@ -434,7 +448,7 @@ def test_bad_input_is_rejected_naming_the_field_and_changes_nothing(
 # The rule shapes the executor writes, as ufw commands an operator would type.
 GOLDEN = [
     (
-        guard.keep_open_rules([guard.Endpoint("10.213.0.1", 7443, ("10.213.0.1",))])[0],
+        Rule("allow", "10.213.0.1/32", 0, 0, "tcp", "picoord coordinator", source_port=7443),
         ["allow", "proto", "tcp", "from", "10.213.0.1", "port", "7443", "comment", "picoord coordinator"],
     ),
     (
@@ -495,3 +509,188 @@ def test_ufw_itself_writes_the_rules_exactly_as_the_executor_renders_them(pis: P
         written = sb.run(["cat", path], check=True).stdout
         assert _section(written) == ufw.render_rules_section(rules, family), path
         assert ufw.parse_tuples(written) == ufw.wanted_tuples(rules, family)
+
+
+# ---------------------------------------------------------------- the revert outlives the agent
+
+# The agent's side of one firewall action, as a process the test can SIGKILL.
+_AGENT = r"""
+import base64, sys, time
+from pathlib import Path
+from picoord.agent.actions.base import ActionContext
+from picoord.agent.actions.firewall import firewall
+from picoord.v1 import actions_pb2
+request = actions_pb2.FirewallPolicy.FromString(base64.b64decode(sys.argv[1]))
+context = ActionContext(dry_run=False, deadline=time.monotonic() + 60, coordinator_host=sys.argv[2],
+                        coordinator_port=int(sys.argv[3]), state_dir=Path(sys.argv[4]))
+print("OUTCOME", firewall(request, context), flush=True)
+"""
+
+
+def watchdog_pids(state_dir: Path) -> list[int]:
+    """Every watchdog process (anywhere on this machine) working on this state dir."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            words = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if watchdog.MODULE.encode() in words and any(str(state_dir).encode() in w for w in words):
+            pids.append(int(entry.name))
+    return pids
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, pause: float = 0.1) -> float:
+    """Poll until `condition` holds; how long it took. AssertionError after `seconds`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < seconds, f"still not true after {seconds} s"
+        time.sleep(pause)
+    return time.monotonic() - started
+
+
+def old_policy(pis: Pis, backend: str) -> pb.FirewallPolicy:
+    return policy(backend, allow_service(pis.address("pi3")))
+
+
+def cutting_policy(pis: Pis, backend: str, window: float) -> pb.FirewallPolicy:
+    """Lets only pi2 in; applied against a coordinator that goes away after the check
+    before the change, so nothing can ever confirm it."""
+    return policy(backend, allow_service(pis.address("pi2")), confirm_within_seconds=window)
+
+
+def start_agent_and_kill_it_in_the_window(
+    pis: Pis, request: pb.FirewallPolicy, where: tuple[str, int]
+) -> watchdog.PendingRevert:
+    """Run the action in pi1 as the agent would, SIGKILL it as soon as the new rules are
+    live (so inside the confirm window), and return the pending revert it left."""
+    payload = base64.b64encode(request.SerializeToString()).decode()
+    argv = [sys.executable, "-c", _AGENT, payload, where[0], str(where[1]), str(pis.state_dir)]
+    agent = pis["pi1"].popen(argv, pis.logs / "agent.log")
+    pis.processes.append(agent)
+    needle = pis.address("pi2")
+    wait_for(lambda: needle in pis["pi1"].run(["nft", "list", "ruleset"]).stdout, 30, 0.05)
+    pending = watchdog.read_pending(watchdog.pending_path(pis.state_dir))
+    assert agent.poll() is None, (pis.logs / "agent.log").read_text()
+    agent.kill()
+    agent.wait(timeout=10)
+    assert pending is not None, "no pending revert on disk while the change was unconfirmed"
+    return pending
+
+
+@pytest.mark.parametrize("backend", ["ufw", "nftables"])
+def test_an_agent_killed_in_the_window_has_its_change_reverted_by_the_watchdog(
+    pis: Pis, coordinator: Listener, backend: str
+) -> None:
+    start_service(pis, "pi1")
+    assert apply(pis, old_policy(pis, backend), (coordinator.address, coordinator.port))["outcome"] == (
+        "SUCCEEDED"
+    )
+    before = live_state(pis["pi1"])
+    cut = Listener(pis.net.gateway, once=True)
+    try:
+        pending = start_agent_and_kill_it_in_the_window(
+            pis, cutting_policy(pis, backend, 3), (cut.address, cut.port)
+        )
+    finally:
+        cut.close()
+    assert pending.backend == backend
+    assert live_state(pis["pi1"]) != before, "the new rules were not live when the agent died"
+    assert len(watchdog_pids(pis.state_dir)) == 1, "the watchdog did not outlive the agent"
+    # The watchdog restores at the deadline (the agent's own window + its margins), not later.
+    wait_for(lambda: live_state(pis["pi1"]) == before, 3 + guard.APPLY_MARGIN + watchdog.GRACE + 10, 0.25)
+    restored_at = time.time()
+    assert restored_at >= pending.deadline - 0.5, "restored before its deadline"
+    assert restored_at <= pending.deadline + 5, f"restored {restored_at - pending.deadline:.1f} s late"
+    record = watchdog.last_record(pis.state_dir, pending.id)
+    assert record is not None and record["ok"], record
+    assert record["commands"] and all(c["exit_code"] == 0 for c in record["commands"]), record
+    assert not watchdog.pending_path(pis.state_dir).exists()
+    wait_for(lambda: not watchdog_pids(pis.state_dir), 5)
+    assert connect(pis, "pi3", "pi1") == "connected"  # the old policy's pi3 rule is back
+    print(f"{backend}: restored {restored_at - pending.deadline:+.2f} s from the deadline")
+
+
+@pytest.mark.parametrize("backend", ["ufw", "nftables"])
+def test_a_confirmed_change_stands_with_no_watchdog_left_and_no_source_port_hole(
+    pis: Pis, coordinator: Listener, backend: str
+) -> None:
+    start_service(pis, "pi1")
+    where = (coordinator.address, coordinator.port)
+    started = time.time()
+    result = apply(pis, policy(backend, allow_service(pis.address("pi2")), confirm_within_seconds=2), where)
+    assert result["outcome"] == "SUCCEEDED", result
+    assert not watchdog.pending_path(pis.state_dir).exists()
+    assert watchdog_pids(pis.state_dir) == [], "a watchdog outlived the confirmed change"
+    after = live_state(pis["pi1"])
+    # Past the moment the watchdog would have fired: nothing changed back.
+    time.sleep(max(0.0, started + 2 + guard.APPLY_MARGIN + watchdog.GRACE + 1 - time.time()))
+    assert live_state(pis["pi1"]) == after
+    assert connect(pis, "pi2", "pi1") == "connected"
+    # A NEW connection from the coordinator's address and port is no reply on the agent's
+    # session: the policy (default deny) drops it, keep-open rule or not.
+    coordinator.close()
+    with socket.socket() as spoof:
+        spoof.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        spoof.bind((coordinator.address, coordinator.port))
+        spoof.settimeout(2)
+        with pytest.raises(TimeoutError):
+            spoof.connect((pis.address("pi1"), SERVICE_PORT))
+    # ...while the same from another source port is dropped too, and pi2 still gets in.
+    assert connect(pis, "pi2", "pi1") == "connected"
+
+
+@pytest.mark.parametrize("when", ["inside the window", "after the deadline"])
+def test_an_agent_restarted_with_a_pending_revert_on_disk_rearms_or_restores_it(
+    pis: Pis, coordinator: Listener, when: str
+) -> None:
+    """The agent and its watchdog both died (a reboot, an OOM kill of the whole unit):
+    the agent's start finds the pending file and never leaves the change unconfirmed."""
+    backend = "nftables"
+    assert apply(pis, old_policy(pis, backend), (coordinator.address, coordinator.port))["outcome"] == (
+        "SUCCEEDED"
+    )
+    before = live_state(pis["pi1"])
+    cut = Listener(pis.net.gateway, once=True)
+    try:
+        pending = start_agent_and_kill_it_in_the_window(
+            pis, cutting_policy(pis, backend, 3), (cut.address, cut.port)
+        )
+    finally:
+        cut.close()
+    for pid in watchdog_pids(pis.state_dir):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not watchdog_pids(pis.state_dir), 5)
+    if when == "after the deadline":
+        time.sleep(max(0.0, pending.deadline + 0.5 - time.time()))
+    assert live_state(pis["pi1"]) != before, "nothing restored the rules while no watchdog ran"
+    started = (
+        pis["pi1"]
+        .run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from pathlib import Path; from picoord.agent.actions.firewall import watchdog; "
+                "print(watchdog.rearm_on_start(Path(sys.argv[1])))",
+                str(pis.state_dir),
+            ],
+            check=True,
+        )
+        .stdout
+    )
+    if when == "after the deadline":
+        assert f"restored the firewall rules from before unconfirmed change {pending.id}" in started
+        assert live_state(pis["pi1"]) == before
+    else:
+        assert f"re-armed the revert of unconfirmed change {pending.id}" in started, started
+        assert len(watchdog_pids(pis.state_dir)) == 1
+        assert live_state(pis["pi1"]) != before
+        left = watchdog.seconds_left(pending, time.time())
+        wait_for(lambda: live_state(pis["pi1"]) == before, left + 5, 0.25)
+        assert time.time() >= pending.deadline - 0.5
+    assert not watchdog.pending_path(pis.state_dir).exists()
+    record = watchdog.last_record(pis.state_dir, pending.id)
+    assert record is not None and record["ok"], record
+    wait_for(lambda: not watchdog_pids(pis.state_dir), 5)

@@ -102,7 +102,7 @@ def test_swarm_init_join_leave_rejoin(rack: PiRack) -> None:
     results: list[dict[str, Any]] = []
 
     # The manager: a dry run plans the API call and changes nothing; then the real init.
-    init = actions_pb2.SwarmInit(advertise_address=ip1)
+    init = actions_pb2.SwarmInit(advertise_address=ip1, report_worker_token=True)
     init_argv = ["docker-api", "swarm.init", "--advertise-addr", ip1, "--listen-addr", manager]
     planned = act(pi1, "swarm_init", init, dry_run=True)
     assert planned["outcome"] == "PLANNED", planned
@@ -116,9 +116,18 @@ def test_swarm_init_join_leave_rejoin(rack: PiRack) -> None:
     assert made["commands"][0]["ran"] is True and made["commands"][0]["exit_code"] == 0
     given = facts(made)
     assert given["swarm.manager_address"] == manager
-    assert TOKEN.fullmatch(given["swarm.worker_token"]) and TOKEN.fullmatch(given["swarm.manager_token"])
-    assert {f["key"] for f in made["facts"] if f["secret"]} == {"swarm.worker_token", "swarm.manager_token"}
+    assert TOKEN.fullmatch(given["swarm.worker_token"])
+    # The manager token never leaves the manager: only the worker token is a fact.
+    assert {f["key"] for f in made["facts"] if f["secret"]} == {"swarm.worker_token"}
+    manager_token = docker(pi1, "swarm", "join-token", "-q", "manager").strip()
+    assert TOKEN.fullmatch(manager_token) and manager_token not in json.dumps(made)
     assert given["swarm.node_id"] == swarm_info(pi1)["NodeID"]
+    # No worker to join: no token travels at all.
+    tokenless = act(pi1, "swarm_init", actions_pb2.SwarmInit(advertise_address=ip1))
+    assert tokenless["outcome"] == "UNCHANGED" and not any(f["secret"] for f in tokenless["facts"])
+    assert given["swarm.worker_token"] not in json.dumps(tokenless) and manager_token not in json.dumps(
+        tokenless
+    )
 
     again = act(pi1, "swarm_init", init)
     assert again["outcome"] == "UNCHANGED", again
@@ -182,7 +191,8 @@ def test_swarm_init_join_leave_rejoin(rack: PiRack) -> None:
     assert {node["Hostname"] for node in listed if node["Status"] == "Ready"} == {"pi1", "pi2", "pi3"}
     results += [left, rejoined]
 
-    assert_no_token(results, worker_token, given["swarm.manager_token"])
+    assert_no_token(results, worker_token, manager_token)
+    assert all(manager_token not in json.dumps(result) for result in results)
 
 
 BAD_INPUT = [

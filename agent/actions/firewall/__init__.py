@@ -2,10 +2,12 @@
 
 The policy is the whole incoming firewall: its default plus exactly its rules (rules not
 in it are removed), always preceded by rules that keep this agent's connection to the
-coordinator open. After the change the agent must open a new connection to the
-coordinator within the policy's window, or it restores the previous rules by itself
-(guard.py). The backends (ufw.py, nftables.py) read the firewall's own state, plan with
-pure functions and load the result in one step; their docstrings say how atomic that is.
+coordinator open (its replies on the established connection, new connections out to it).
+After the change the agent must open a new connection to the coordinator within the
+policy's window, or it restores the previous rules by itself (guard.py); a revert armed
+outside the agent before the change does so should the agent die (watchdog.py). The
+backends (ufw.py, nftables.py) read the firewall's own state, plan with pure functions
+and load the result in one step; their docstrings say how atomic that is.
 """
 
 from __future__ import annotations

@@ -6,13 +6,20 @@ after which nobody could fix it remotely. So every backend applies a policy thro
 
 1. baseline: the agent must be able to open a new TCP connection to the coordinator
    *before* the change, or it refuses (a failing check afterwards would prove nothing);
-2. apply the change (one backend-specific step list), with rules that keep the
-   coordinator's address and port open inserted first, whatever the policy says;
-3. confirm: within the policy's window, open a NEW TCP connection to the coordinator
+2. arm the revert outside this process (watchdog.py: a pending-revert file in the
+   agent's state dir plus a systemd timer or a detached watchdog that restores the
+   snapshot at a deadline unless the file is gone), so that an agent killed inside the
+   window cannot leave a policy that cut it off;
+3. apply the change (one backend-specific step list), with rules that keep the
+   agent's connection to the coordinator open inserted first, whatever the policy says;
+4. confirm: within the policy's window, open a NEW TCP connection to the coordinator
    (short connect timeouts, retried), which exercises the new rules the way a
    reconnecting session would;
-4. if that fails, or applying failed half-way, restore the snapshot taken before the
-   change and say so: REVERTED, or FAILED (loudly) when even the restore failed.
+5. confirmed: claim the pending revert (remove the file) and stop the watchdog; not
+   confirmed, or applying failed half-way: claim it and restore the snapshot here and
+   say so: REVERTED, or FAILED (loudly) when even the restore failed. A claim that finds
+   the file gone means the watchdog was first (it fires a few seconds after the agent's
+   own last chance) and restored.
 
 The restore runs with its own time budget: it must not be skipped because the action's
 deadline passed while waiting for the coordinator.
@@ -24,10 +31,12 @@ import dataclasses
 import ipaddress
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
+from picoord.agent.actions.firewall import watchdog
 from picoord.common.checks.firewall import PolicySpec, Rule
 from picoord.common.validation import FieldError, hostname, port
 from picoord.v1 import agent_pb2
@@ -35,7 +44,6 @@ from picoord.v1 import agent_pb2
 CONNECT_TIMEOUT = 1.0  # per attempt: a dropped SYN must not eat the whole window
 RETRY_PAUSE = 0.2
 BASELINE_SECONDS = 5.0  # how long the pre-change check may try
-RESTORE_SECONDS = 60.0  # the restore's own budget, independent of the action's deadline
 APPLY_MARGIN = 10.0  # time an apply needs besides the confirm window
 KEEP_OPEN_COMMENT = "picoord coordinator"
 
@@ -52,6 +60,8 @@ class Endpoint:
 
 Resolver = Callable[[str, int], tuple[str, ...]]
 Probe = Callable[[Sequence[Endpoint], float], tuple[bool, str]]
+Arm = Callable[[ActionContext, "watchdog.PendingRevert"], "watchdog.Armed"]
+Disarm = Callable[[ActionContext, "watchdog.Armed"], None]
 
 
 def resolve(host: str, number: int) -> tuple[str, ...]:
@@ -94,14 +104,23 @@ def coordinator_endpoints(
 
 def keep_open_rules(endpoints: Sequence[Endpoint]) -> tuple[Rule, ...]:
     """Rules that keep the agent's session to the coordinator working, placed before the
-    policy's rules: the coordinator's replies (from its address and port) in, and the
-    agent's connections to it out (ufw can filter outgoing traffic; nftables here does not)."""
+    policy's rules: the coordinator's replies in, but only on a connection conntrack
+    tracks as established (a packet merely claiming the coordinator's source port is a
+    new connection and meets the policy), and the agent's connections to it out (ufw can
+    filter outgoing traffic; nftables here does not)."""
     rules: list[Rule] = []
     for endpoint in endpoints:
         for address in endpoint.addresses:
             rules.append(
                 Rule(
-                    "allow", address_cidr(address), 0, 0, "tcp", KEEP_OPEN_COMMENT, source_port=endpoint.port
+                    "allow",
+                    address_cidr(address),
+                    0,
+                    0,
+                    "tcp",
+                    KEEP_OPEN_COMMENT,
+                    source_port=endpoint.port,
+                    established=True,
                 )
             )
             rules.append(
@@ -148,7 +167,9 @@ def wait_reachable(endpoints: Sequence[Endpoint], window: float) -> tuple[bool, 
 
 def restore_context(context: ActionContext) -> ActionContext:
     """The same context (commands recorded in the same list) with a fresh time budget."""
-    return dataclasses.replace(context, deadline=max(context.deadline, time.monotonic() + RESTORE_SECONDS))
+    return dataclasses.replace(
+        context, deadline=max(context.deadline, time.monotonic() + watchdog.RESTORE_SECONDS)
+    )
 
 
 def confirm_or_revert(
@@ -159,14 +180,19 @@ def confirm_or_revert(
     endpoints: Sequence[Endpoint],
     window: float,
     what: str,
+    backend: str,
+    snapshot: Mapping[str, Any],
     probe: Probe = wait_reachable,
+    arm: Arm = watchdog.arm,
+    disarm: Disarm = watchdog.disarm,
 ) -> Outcome:
     """Apply a firewall change and keep it only if the coordinator stays reachable.
 
     `apply` and `restore` run their commands through the context they get (so everything
-    is recorded); `restore` must put back the snapshot taken before `apply`. Returns
-    SUCCEEDED or REVERTED; raises ActionFailed when nothing was changed (no baseline),
-    when applying failed (after restoring), or when restoring failed (the loud case)."""
+    is recorded); `restore` must put back `snapshot`, taken before `apply`, which is also
+    what the watchdog armed before applying restores should this process die. Returns
+    SUCCEEDED or REVERTED; raises ActionFailed when nothing was changed (no baseline, no
+    watchdog), when applying failed (after restoring), or when restoring failed (loudly)."""
     baseline = min(window, BASELINE_SECONDS)
     needed = baseline + window + APPLY_MARGIN
     left = context.deadline - time.monotonic()
@@ -183,22 +209,66 @@ def confirm_or_revert(
             f"cannot open a TCP connection to the coordinator ({detail}) even before changing the "
             "firewall, so the change could not be confirmed; nothing was changed"
         )
+    # The agent decides by `decide_by`; the watchdog fires GRACE later, whatever happens here.
+    decide_by = time.monotonic() + APPLY_MARGIN + window
+    pending = watchdog.new_pending(
+        backend, snapshot, APPLY_MARGIN + window + watchdog.GRACE, what, time.time()
+    )
+    try:
+        armed = arm(context, pending)
+    except ActionFailed as error:
+        raise ActionFailed(
+            f"cannot arm the firewall revert watchdog ({error}); nothing was changed"
+        ) from None
     try:
         apply(context)
     except Exception as error:  # whatever broke half-way, the previous rules go back
-        _restore_or_raise(context, restore, f"applying the {what} failed: {error}")
+        _take_over_and_restore(context, restore, armed, disarm, f"applying the {what} failed: {error}")
         raise ActionFailed(f"applying the {what} failed: {error}; the previous rules were restored") from None
-    reachable, detail = probe(endpoints, window)
+    reachable, detail = probe(endpoints, max(0.0, min(window, decide_by - time.monotonic())))
     if reachable:
-        return Outcome(
-            agent_pb2.ACTION_OUTCOME_SUCCEEDED, f"applied the {what}; the coordinator is reachable ({detail})"
-        )
+        if watchdog.claim(context.state_dir, armed.id):
+            disarm(context, armed)
+            return Outcome(
+                agent_pb2.ACTION_OUTCOME_SUCCEEDED,
+                f"applied the {what}; the coordinator is reachable ({detail})",
+            )
+        return _watchdog_was_first(context, armed, f"the coordinator became reachable only late ({detail})")
     why = (
         f"after applying the {what}, the agent could not open a new TCP connection to the coordinator "
         f"({names}) within {window:g} s (last error: {detail})"
     )
-    _restore_or_raise(context, restore, why)
+    if not _take_over_and_restore(context, restore, armed, disarm, why):
+        return _watchdog_was_first(context, armed, why)
     return Outcome(agent_pb2.ACTION_OUTCOME_REVERTED, f"{why}; it restored the previous rules by itself")
+
+
+def _take_over_and_restore(
+    context: ActionContext,
+    restore: Callable[[ActionContext], None],
+    armed: watchdog.Armed,
+    disarm: Disarm,
+    why: str,
+) -> bool:
+    """Claim the pending revert and restore in this process (recorded with the action);
+    False when the watchdog had already claimed it (and restored)."""
+    if not watchdog.claim(context.state_dir, armed.id):
+        return False
+    disarm(context, armed)
+    _restore_or_raise(context, restore, why)
+    return True
+
+
+def _watchdog_was_first(context: ActionContext, armed: watchdog.Armed, why: str) -> Outcome:
+    record = watchdog.last_record(context.state_dir, armed.id) or {}
+    if record.get("ok"):
+        return Outcome(
+            agent_pb2.ACTION_OUTCOME_REVERTED, f"{why}; the revert watchdog restored the previous rules"
+        )
+    raise ActionFailed(
+        f"FIREWALL RESTORE FAILED: {why}; the revert watchdog tried to restore the previous rules and "
+        f"failed: {record.get('error', 'no record of it')}. Fix the firewall from the node's console"
+    )
 
 
 def _restore_or_raise(context: ActionContext, restore: Callable[[ActionContext], None], why: str) -> None:

@@ -11,7 +11,9 @@ rendered into the same form, so a policy already in place runs nothing. The snap
 the guard is the table's text listing (`nft list table inet picoord`), or its absence,
 and is restored the same atomic way.
 
-The chain, in order: the coordinator's replies (always first), established/related
+The chain, in order: the coordinator's replies (always first, and only on a connection
+conntrack tracks: `ip saddr C tcp sport P ct state established,related`, so a new
+connection merely sent from the coordinator's port meets the policy), established/related
 traffic, invalid packets dropped, loopback, ICMP and ICMPv6 (IPv6 needs neighbour
 discovery; ufw allows these too), then the policy's rules; its policy is the default.
 """
@@ -25,7 +27,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,10 @@ READ_TIMEOUT = 15.0
 LOAD_TIMEOUT = 30.0
 TABLE_COMMENT = "managed by picoord: edits here are replaced by the next policy"
 VERDICT = {"allow": "accept", "deny": "drop"}
+
+_ESTABLISHED: dict[str, Any] = {
+    "match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["established", "related"]}
+}
 
 # The rules every picoord table has after the coordinator's: (text, expressions).
 _BASE_RULES: tuple[tuple[str, list[dict[str, Any]]], ...] = (
@@ -136,6 +142,9 @@ def rule_text_and_exprs(rule: Rule) -> tuple[str, list[dict[str, Any]]]:
     elif rule.protocol != "any":
         words.append(f"meta l4proto {rule.protocol}")
         exprs.append(_match({"meta": {"key": "l4proto"}}, rule.protocol))
+    if rule.established:
+        words.append("ct state established,related")
+        exprs.append(_ESTABLISHED)
     words.append(VERDICT[rule.verdict])
     exprs.append({VERDICT[rule.verdict]: None})
     if rule.comment:
@@ -278,6 +287,14 @@ def load(context: ActionContext, content: str) -> None:
             os.unlink(path)
 
 
+def restore_snapshot(context: ActionContext, snapshot: Mapping[str, Any]) -> None:
+    """Put back what `read_snapshot` saw: {"table": text, or None for no table}."""
+    table = snapshot.get("table")
+    if table is not None and not isinstance(table, str):
+        raise ActionFailed("the nftables snapshot is not a table listing")
+    load(context, load_file(table))
+
+
 def apply(
     spec: PolicySpec, keep_open: Sequence[Rule], endpoints: Sequence[guard.Endpoint], context: ActionContext
 ) -> Outcome:
@@ -294,14 +311,16 @@ def apply(
         outcome = Outcome.done(context, f"would apply the {what}, keeping the coordinator open", in_place)
         outcome.facts.append(actions_pb2.Fact(key=f"file {stage_path(content)}", value=content))
         return outcome
-    snapshot = read_snapshot(context)
+    snapshot = {"table": read_snapshot(context)}
     outcome = guard.confirm_or_revert(
         context,
         apply=lambda ctx: load(ctx, content),
-        restore=lambda ctx: load(ctx, load_file(snapshot)),
+        restore=lambda ctx: restore_snapshot(ctx, snapshot),
         endpoints=endpoints,
         window=spec.confirm_within,
         what=what,
+        backend="nftables",
+        snapshot=snapshot,
     )
     outcome.in_place = in_place
     return outcome

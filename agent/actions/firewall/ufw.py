@@ -23,6 +23,10 @@ part of the files as ufw wrote them (logging, rate limiting), and:
   calls; for the milliseconds in between ufw's stop leaves INPUT at ACCEPT, so it fails
   open, never closed, and cannot cut the coordinator.
 
+The coordinator's replies need no user rule: ufw's before.rules accept established and
+related traffic ahead of every user rule (checked before a change, `accepts_established`);
+only the agent's connections out to the coordinator get one.
+
 Files are written next to their target and renamed into place (`mv`, atomic), except
 /etc/default/ufw, which is copied over (`cp`, as ufw itself does) so that it may be a
 bind-mounted single file. Any failure half-way is undone by the guard, which puts the
@@ -38,8 +42,9 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
+from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome, read_file
 from picoord.agent.actions.firewall import guard
 from picoord.common.checks.firewall import PolicySpec, Rule
 from picoord.common.files import write_atomically
@@ -59,6 +64,7 @@ CHANGE_TIMEOUT = 60.0
 _TUPLE = re.compile(r"^### tuple ###\s*(.*?)\s*$")
 _ASSIGNMENT = re.compile(r"^\s*([A-Z_][A-Z0-9_]*)=(.*)$")
 POLICY_WORD = {"allow": "ACCEPT", "deny": "DROP"}
+BEFORE_RULES = {4: "/etc/ufw/before.rules", 6: "/etc/ufw/before6.rules"}
 
 
 @dataclass(frozen=True)
@@ -258,6 +264,20 @@ def desired_state(current: UfwState, default_incoming: str, rules: Sequence[Rule
     return UfwState(files, live=True)
 
 
+def user_rules(keep_open: Sequence[Rule]) -> list[Rule]:
+    """The keep-open rules ufw takes as user rules. Its user rules cannot say "established
+    only"; ufw's before.rules accept established and related traffic ahead of them (checked
+    by `accepts_established`), so the coordinator's replies need no rule of their own."""
+    return [rule for rule in keep_open if not rule.established]
+
+
+def accepts_established(before_rules: str, family: int) -> bool:
+    """Whether ufw's before(6).rules accept established/related input, as shipped."""
+    chain = "ufw-before-input" if family == 4 else "ufw6-before-input"
+    wanted = f"-A {chain} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT"
+    return any(line.strip() == wanted for line in before_rules.splitlines())
+
+
 def stage_path(path: str) -> str:
     return os.path.join(STAGE_DIR, f".picoord-{path.strip('/').replace('/', '-')}.new")
 
@@ -338,12 +358,29 @@ def run_steps(context: ActionContext, steps: Sequence[Step]) -> None:
             os.unlink(step.stage)  # cp leaves it behind
 
 
+def restore_snapshot(context: ActionContext, snapshot: Mapping[str, Any]) -> None:
+    """Put back what `read_state` saw: {"files": {path: text or None}, "live": bool}, through
+    the same planner as a policy (only ufw's four files are ever written)."""
+    files, live = snapshot.get("files"), snapshot.get("live")
+    if not isinstance(files, dict) or set(files) != set(FILES) or not isinstance(live, bool):
+        raise ActionFailed("the ufw snapshot does not name exactly ufw's four files and their state")
+    if not all(text is None or isinstance(text, str) for text in files.values()):
+        raise ActionFailed("the ufw snapshot holds something other than file texts")
+    run_steps(context, plan_transition(read_state(context), UfwState(files, live)))
+
+
 def apply(
     spec: PolicySpec, keep_open: Sequence[Rule], endpoints: Sequence[guard.Endpoint], context: ActionContext
 ) -> Outcome:
     """Make ufw hold exactly `keep_open` + the policy's rules and its default, guarded."""
-    rules = [*keep_open, *spec.rules]
+    rules = [*user_rules(keep_open), *spec.rules]
     current = read_state(context)
+    for family, path in BEFORE_RULES.items():
+        if (family == 4 or current.ipv6) and not accepts_established(read_file(Path(path)) or "", family):
+            raise ActionFailed(
+                f"{path} does not accept established connections (as ufw ships it), so the "
+                "coordinator's replies would meet the policy; restore the file, nothing was changed"
+            )
     target = desired_state(current, spec.default_incoming, rules)
     steps = plan_transition(current, target)
     in_place = describe(current)
@@ -360,16 +397,16 @@ def apply(
         )
         return outcome
 
-    def restore(restore_context: ActionContext) -> None:
-        run_steps(restore_context, plan_transition(read_state(restore_context), current))
-
+    snapshot = {"files": dict(current.files), "live": current.live}
     outcome = guard.confirm_or_revert(
         context,
         apply=lambda ctx: run_steps(ctx, steps),
-        restore=restore,
+        restore=lambda ctx: restore_snapshot(ctx, snapshot),
         endpoints=endpoints,
         window=spec.confirm_within,
         what=what,
+        backend="ufw",
+        snapshot=snapshot,
     )
     outcome.in_place = in_place
     return outcome
