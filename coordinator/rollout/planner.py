@@ -354,6 +354,17 @@ def _advance(
                 stop(replica, f"replaced by revision {target}")
                 busy += 1
 
+    # More new replicas than desired (the count went down mid-rollout): the extra ones go.
+    if not old_live and counts.new_live > desired:
+        extra = sorted(
+            (r for r in new_live if r.id not in {stop.replica for stop in stops}),
+            key=lambda r: (r.available(health_checked), -r.created_at, r.id),
+        )
+        for replica in extra[: counts.new_live - desired]:
+            if may_stop(replica):
+                stop(replica, f"more than {desired} replicas")
+                counts.new_live -= 1
+
     # Refill vacated slots at once (also the first placement of a new service).
     refill_nodes = [] if global_nodes is None else [n for n in global_nodes if n not in occupied]
     while counts.present < max_present and counts.new_live < desired and counts.live < desired:

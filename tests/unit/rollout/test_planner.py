@@ -204,11 +204,17 @@ def test_not_complete_while_an_old_replica_is_still_stopping():
     assert result.rollout.status == PROGRESSING
 
 
-def test_surplus_new_replicas_are_stopped():
+def test_surplus_new_replicas_are_stopped_unavailable_then_newest_first():
     replicas = [new(f"n{i}", health_since=0) for i in range(4)]
-    result = step(rollout(), replicas, NOW)
-    assert result.stops == ()  # new surplus is not the rollout's: the reconciler scales
+    result = step(rollout(), replicas, NOW)  # scaled from 4 to 3 mid-rollout
+    assert result.stops == (StopReplica("n0", "pi9", "more than 3 replicas"),)
     assert result.rollout.status == PROGRESSING
+    replicas[3] = replace(replicas[3], created_at=NOW - 5)
+    replicas[1] = replace(replicas[1], health=HEALTH_STARTING)
+    result = step(rollout(2, UpdatePolicy(parallelism=0)), replicas, NOW)
+    assert [stop.replica for stop in result.stops] == ["n1", "n3"]
+    done = step(rollout(), replicas[:3], NOW)
+    assert done.rollout.status == PROGRESSING  # n1 is not healthy yet
 
 
 # --- failures -----------------------------------------------------------------------------
