@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from picoord.common.names import normalise_arch
 from picoord.common.validation import FieldError, absolute_path, outside_system_directories
 from picoord.coordinator.placement.constraints import ARCH, Constraint, Spread
+from picoord.coordinator.placement.scheduler import Request
 from picoord.coordinator.rollout.policy import UpdatePolicy
 
 REPLICATED = "replicated"
@@ -117,7 +118,11 @@ class Resources:
 
     @property
     def gpu_count(self) -> int:
-        return sum(max(device.count, 0) for device in self.devices if "gpu" in device.capabilities)
+        """GPUs requested; -1 (the scheduler's ALL_GPUS) when a request takes every GPU."""
+        gpus = [device for device in self.devices if "gpu" in device.capabilities]
+        if any(device.count == -1 for device in gpus):
+            return -1
+        return sum(device.count for device in gpus)
 
 
 @dataclass(frozen=True)
@@ -413,3 +418,17 @@ def referenced_services(spec: ServiceSpec, names: Iterable[str]) -> tuple[str, .
             if host in wanted:
                 found.add(host)
     return tuple(sorted(found))
+
+
+def placement_request(spec: ServiceSpec, replicas: int | None = None) -> Request:
+    """What the scheduler needs to place `replicas` new replicas of the spec (default: all)."""
+    return Request(
+        service=spec.name,
+        replicas=spec.replicas if replicas is None else replicas,
+        global_mode=spec.mode == GLOBAL,
+        memory_bytes=spec.resources.memory_request,
+        cpu_millis=spec.resources.cpu_request,
+        gpus=spec.resources.gpu_count,
+        constraints=spec.placement.constraints,
+        spread=spec.placement.spread,
+    )
