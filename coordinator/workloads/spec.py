@@ -75,6 +75,7 @@ class PortMapping:
 class EnvVar:
     name: str
     value: str
+    field: str = dataclasses.field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -387,6 +388,31 @@ def user_spec(field_name: str, value: str) -> str:
 def working_dir(field_name: str, value: str) -> str:
     """The container's working directory: absolute ("" keeps the image's)."""
     return absolute_path(field_name, value) if value else ""
+
+
+_SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|CREDENTIALS?)", re.IGNORECASE)
+
+
+def plaintext_secrets(spec: ServiceSpec) -> list[tuple[str, str]]:
+    """(field, why) for env values that look like secrets written in the file: a variable
+    named like one, or a URL with a password. They would sit in the store and in `docker
+    inspect`; the secret store keeps them out of both."""
+    found = []
+    for item in spec.env:
+        where = item.field or f"{spec.origin}.env.{item.name}"
+        try:
+            password = urlsplit(item.value).password if "://" in item.value else None
+        except ValueError:
+            password = None
+        if item.value and (_SECRET_NAME.search(item.name) or password):
+            found.append(
+                (
+                    where,
+                    f"{item.name} looks like a secret written in plain text; keep it in the secret "
+                    "store (`coordctl secret create`) and refer to it (picoord secrets, or secretKeyRef)",
+                )
+            )
+    return found
 
 
 _HOST_VARIABLE = re.compile(r"(HOST|HOSTNAME|SERVER|ADDR|ADDRESS|ENDPOINT)$", re.IGNORECASE)

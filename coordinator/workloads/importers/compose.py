@@ -361,7 +361,7 @@ def _environment(doc: Fields) -> tuple[s.EnvVar, ...]:
                 where,
                 f"{key} has no value: Compose takes it from the deployer's shell; picoord does not",
             )
-        env.append(s.EnvVar(key, scalar_text(where, value)))
+        env.append(s.EnvVar(key, scalar_text(where, value), field=where))
     return tuple(env)
 
 

@@ -366,7 +366,7 @@ def _env(container: Fields) -> tuple[tuple[s.EnvVar, ...], tuple[s.SecretEnv, ..
             value = item.get("value", "")
             if not isinstance(value, str):
                 raise FieldError(item.at("value"), f"{value!r} is not a string (quote it)")
-            env.append(s.EnvVar(name, value))
+            env.append(s.EnvVar(name, value, field=item.path))
         else:
             item.refuse("value", "give value or valueFrom, not both")
             ref = source.mapping("secretKeyRef")

@@ -111,7 +111,9 @@ def _env(doc: Fields) -> tuple[s.EnvVar, ...]:
     result = []
     for key in table.data:
         s.env_name(table.at(key), key)
-        result.append(s.EnvVar(key, scalar_text(table.at(key), table.get(key, required=True))))
+        result.append(
+            s.EnvVar(key, scalar_text(table.at(key), table.get(key, required=True)), field=table.at(key))
+        )
     return tuple(result)
 
 

@@ -94,6 +94,17 @@ def test_the_seed_files_warn_about_what_picoord_does_differently() -> None:
     )
     assert any("services.mcp-server.networks" in line for line in stack)
     assert any("services.mcp-server.ports" in line and "routing mesh" in line for line in stack)
+    assert any(
+        line.startswith(
+            "seed-docker-stack.yml: services.mcp-server.environment[1]: DATABASE_URL looks like a secret"
+        )
+        for line in stack
+    )
+    assert any(
+        "services.postgres.environment.POSTGRES_PASSWORD: POSTGRES_PASSWORD looks like a secret" in line
+        for line in stack
+    )
+    assert not any("password@" in line or ": password" in line for line in stack)
     k8s = _read("seed-mcp-deployment.yaml").warning_lines()
     assert k8s == [
         "seed-mcp-deployment.yaml: Service/mcp-service.spec.type: no load balancer in picoord: the port is "

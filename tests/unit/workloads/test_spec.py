@@ -341,3 +341,28 @@ def test_placement_request_carries_what_the_scheduler_needs() -> None:
     )
     assert s.placement_request(spec, replicas=1).replicas == 1
     assert s.placement_request(dataclasses.replace(spec, mode=s.GLOBAL, replicas=0)).global_mode
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "warned"),
+    [
+        ("POSTGRES_PASSWORD", "password", True),
+        ("API_KEY", "abc", True),
+        ("GITHUB_TOKEN", "abc", True),
+        ("client_secret", "abc", True),
+        ("DATABASE_URL", "postgresql://mcp:password@postgres:5432/mcp_db", True),
+        ("DATABASE_URL", "postgresql://mcp@postgres:5432/mcp_db", False),  # no password
+        ("POSTGRES_PASSWORD", "", False),  # empty: nothing to leak
+        ("POSTGRES_USER", "mcp", False),
+        ("MCP_HTTP_HOST", "0.0.0.0", False),
+        ("BROKEN", "http://[x", False),
+    ],
+)
+def test_plaintext_secrets(name: str, value: str, warned: bool) -> None:
+    spec = dataclasses.replace(BASE, env=(s.EnvVar(name, value, field=f"services.web.environment.{name}"),))
+    found = s.plaintext_secrets(spec)
+    assert bool(found) == warned
+    if warned:
+        ((where, why),) = found
+        assert where == f"services.web.environment.{name}"
+        assert name in why and (not value or value not in why)  # the value is never repeated
