@@ -569,10 +569,7 @@ def _restart(table: Fields | None, doc: Fields) -> s.RestartPolicy:
 def _placement(table: Fields | None) -> tuple[tuple[Any, ...], Spread]:
     if table is None:
         return (), Spread()
-    constraints = tuple(
-        parse_constraint(f"{table.at('constraints')}[{i}]", item)
-        for i, item in enumerate(table.items("constraints"))
-    )
+    constraints = table.each("constraints", parse_constraint)
     over_label = ""
     for index, raw in enumerate(table.items("preferences")):
         item = mapping(f"{table.at('preferences')}[{index}]", raw, table.warnings)
