@@ -44,6 +44,14 @@ COMPLETE = "complete"
 FAILED_ROLLOUT = "failed"  # failed with nothing to roll back to
 STATUSES = (PROGRESSING, PAUSED, COMPLETE, FAILED_ROLLOUT)
 
+# What a step is doing, beside the stored status.
+UPDATING = "updating"
+WAITING_FOR_HEALTH = "waiting for health"
+MONITORING = "monitoring"
+DELAYING = "delaying"
+WAITING_FOR_ROOM = "waiting for room"
+PHASES = (UPDATING, WAITING_FOR_HEALTH, MONITORING, DELAYING, WAITING_FOR_ROOM, *STATUSES)
+
 READY_DEADLINE = 300.0  # seconds from recorded to healthy: an image pull on a Pi can take minutes
 
 
@@ -123,6 +131,7 @@ class Step:
     waiting: str = ""  # why nothing more moves now
     wake_at: float | None = None  # call again by then even if nothing is reported
     events: tuple[str, ...] = ()  # lines for the operator: failures, rollback, completion
+    phase: str = ""  # what the rollout is doing: one of PHASES, for a live view
 
 
 def begin(
@@ -271,14 +280,15 @@ def step(
         (r for r in replicas if r.service == rollout.service and not r.replaced), key=lambda r: r.id
     )
     if rollout.finished:
-        return Step(rollout)
+        return Step(rollout, phase=rollout.status)
     new_failures = _detect_failures(rollout, mine, now, ready_deadline)
     rollout, events = _apply_failure_action(rollout, new_failures, now)
     stops = _cleanup(rollout, mine)
     if rollout.status == FAILED_ROLLOUT:
-        return Step(rollout, tuple(stops), events=tuple(events))
+        return Step(rollout, tuple(stops), events=tuple(events), phase=FAILED_ROLLOUT)
     if rollout.status == PAUSED:
-        return Step(rollout, tuple(stops), waiting=rollout.message or "paused", events=tuple(events))
+        waiting = rollout.message or "paused"
+        return Step(rollout, tuple(stops), waiting=waiting, events=tuple(events), phase=PAUSED)
     return _advance(rollout, mine, now, stops, events, ready_deadline)
 
 
@@ -400,11 +410,13 @@ def _advance(
         and all(settled(r) for r in new_live)
     ):
         return _complete(rollout, events)
-    waiting = ""
+    phase, waiting = UPDATING, ""
     if not starts and not stops:
-        waiting = _waiting(rollout, new_live, in_flight, delaying, counts, max_present, min_available, now)
+        phase, waiting = _waiting(
+            rollout, new_live, in_flight, delaying, counts, max_present, min_available, now
+        )
     wake_at = _wake_at(rollout, new_live, now, ready_deadline)
-    return Step(rollout, tuple(stops), tuple(starts), waiting, wake_at, tuple(events))
+    return Step(rollout, tuple(stops), tuple(starts), waiting, wake_at, tuple(events), phase)
 
 
 def _surplus(
@@ -449,7 +461,7 @@ def _complete(rollout: Rollout, events: list[str]) -> Step:
     else:
         message = f"rollout of {rollout.service} to revision {rollout.revision} complete"
     done = replace(rollout, status=COMPLETE, message=message)
-    return Step(done, events=(*events, message))
+    return Step(done, events=(*events, message), phase=COMPLETE)
 
 
 def _waiting(
@@ -461,17 +473,27 @@ def _waiting(
     max_present: int,
     min_available: int,
     now: float,
-) -> str:
+) -> tuple[str, str]:
+    """(phase, words) when a step moves nothing."""
     if in_flight:
-        return f"waiting for {len(in_flight)} replica(s) of revision {rollout.target} to become healthy"
+        target = rollout.target
+        return (
+            WAITING_FOR_HEALTH,
+            f"waiting for {len(in_flight)} replica(s) of revision {target} to become healthy",
+        )
     if delaying:
-        return f"waiting {rollout.policy.delay:g} s between batches"
+        return DELAYING, f"waiting {rollout.policy.delay:g} s between batches"
     monitored = [r for r in new_live if now < _healthy_at(r, rollout) + rollout.policy.monitor]
     if monitored:
-        return f"monitoring {len(monitored)} replica(s) for {rollout.policy.monitor:g} s"
+        return MONITORING, f"monitoring {len(monitored)} replica(s) for {rollout.policy.monitor:g} s"
     if counts.present >= max_present:
-        return f"waiting for stopped replicas to go ({counts.present} present, at most {max_present})"
-    return f"waiting for room ({counts.available} available, at least {min_available} must stay)"
+        return WAITING_FOR_ROOM, (
+            f"waiting for stopped replicas to go ({counts.present} present, at most {max_present})"
+        )
+    return (
+        WAITING_FOR_ROOM,
+        f"waiting for room ({counts.available} available, at least {min_available} must stay)",
+    )
 
 
 def _wake_at(rollout: Rollout, new_live: list[Replica], now: float, ready_deadline: float) -> float | None:
