@@ -11,18 +11,22 @@ The model is swarmkit's: `parallelism` workers. A worker is busy while its new r
 not yet healthy, then for `delay` after it became healthy, and while an old replica it
 stopped has not gone yet. A free worker, with `stop-first`, stops an old replica if the
 availability bound allows, otherwise starts a new one into surge room; with
-`start-first` the other way round. A slot vacated by a stop is refilled at once. Two
-bounds hold at every step, counting from what is observed plus what was asked:
+`start-first` the other way round. A slot vacated by a stop is refilled as soon as the
+stop is confirmed (so a first deploy starts every replica at once). Two bounds hold at
+every step, counting from what is observed plus what was asked:
     present (pending, starting, running, including stopping) <= replicas + max_surge
     available (running, healthy, not stopping)               >= replicas - max_unavailable
 (the only way below the second is a replica failing by itself). With start-first, an old
 replica made surplus by a new one is stopped only once every new replica is healthy.
+Replicas marked `replaced` (their node is lost, see the reconciler) are not counted: the
+planner refills their slots.
 
 A replica of the target revision started by this rollout fails when it exits, reports
 unhealthy, is restarted by its restart policy, or is not healthy `ready_deadline`
 seconds after it was recorded. This is stricter than Swarm, which only watches during
 the monitor window: the rollout is not complete until every new replica has been
-healthy for `monitor` seconds, and a failure before that counts. When failures exceed
+healthy for `monitor` seconds, and any failure until then counts (a replica of the
+target revision that predates the rollout is only cleaned up). When failures exceed
 `max_failure_ratio` of the replicas (ratio 0: the first failure), the failure action
 applies: `rollback` makes the previous revision the target and rolls back within the
 same bounds, naming each failure (which replica, which node, what failed); `pause`
