@@ -160,7 +160,7 @@ def hot_reason(node: Node, config: SchedulerConfig = SchedulerConfig()) -> str:
 
 
 class _Usage:
-    """Requests held per node, plus replicas of the service per node and per label value."""
+    """Requests held per node, and replicas of the service per node."""
 
     def __init__(self, nodes: Sequence[Node], placed: Iterable[Placed], request: Request) -> None:
         self.memory: Counter[str] = Counter()
@@ -181,13 +181,6 @@ class _Usage:
             self.gpus_all.add(node)
         else:
             self.gpus[node] += gpus
-
-    def in_group(self, label: str, value: str | None) -> int:
-        return sum(
-            count
-            for name, count in self.of_service.items()
-            if name in self.by_name and self.by_name[name].facts.labels.get(label) == value
-        )
 
 
 @dataclass(frozen=True)
@@ -297,16 +290,10 @@ def load_score(
     return 0.4 * cpu + 0.3 * memory + 0.2 * temperature + 0.1 * history
 
 
-def _rank(node: Node, request: Request, usage: _Usage, config: SchedulerConfig) -> tuple:
-    label = request.spread.over_label
-    group = usage.in_group(label, node.facts.labels.get(label)) if label else 0
-    return (
-        is_hot(node, config),
-        group,
-        usage.of_service[node.name],
-        round(load_score(node, usage.memory[node.name], request.memory_bytes, config), 9),
-        node.name,
-    )
+def _local_rank(node: Node, request: Request, usage: _Usage, config: SchedulerConfig) -> tuple:
+    """The parts of a node's rank that only its own replicas change."""
+    score = round(load_score(node, usage.memory[node.name], request.memory_bytes, config), 9)
+    return (is_hot(node, config), usage.of_service[node.name], score, node.name)
 
 
 def place(
@@ -321,26 +308,38 @@ def place(
     if request.global_mode:
         return _place_global(ordered, request, usage, config)
     spread_error = _spread_shortfall(ordered, request, usage)
+    label = request.spread.over_label
+    groups: Counter[str | None] = Counter()
+    if label:
+        for name, count in usage.of_service.items():
+            if name in usage.by_name:
+                groups[usage.by_name[name].facts.labels.get(label)] += count
+    # Only the chosen node's own checks and rank change from one replica to the next.
+    rejections = {node.name: _reject(node, request, usage, config) for node in ordered}
+    local = {node.name: _local_rank(node, request, usage, config) for node in ordered}
+
+    def rank(node: Node) -> tuple:
+        hot, *rest = local[node.name]
+        group = groups[node.facts.labels.get(label)] if label else 0
+        return (hot, group, *rest)
+
     assignments: list[str] = []
     warnings: list[str] = []
-    rejected: dict[str, _Rejection] = {}
     for _ in range(request.replicas):
-        rejected = {}
-        feasible = []
-        for node in ordered:
-            rejection = _reject(node, request, usage, config)
-            if rejection is None:
-                feasible.append(node)
-            else:
-                rejected[node.name] = rejection
+        feasible = [node for node in ordered if rejections[node.name] is None]
         if not feasible:
             break
-        best = min(feasible, key=lambda node: _rank(node, request, usage, config))
+        best = min(feasible, key=rank)
         if is_hot(best, config):
             warnings.append(f"{best.name} is hot ({hot_reason(best, config)}) but no cool node fits")
         assignments.append(best.name)
         usage.add(best.name, request.memory_bytes, request.cpu_millis, request.gpus)
         usage.of_service[best.name] += 1
+        if label:
+            groups[best.facts.labels.get(label)] += 1
+        rejections[best.name] = _reject(best, request, usage, config)
+        local[best.name] = _local_rank(best, request, usage, config)
+    rejected = {name: rejection for name, rejection in rejections.items() if rejection is not None}
     unplaced = request.replicas - len(assignments)
     reason = ""
     if unplaced:

@@ -11,18 +11,22 @@ The model is swarmkit's: `parallelism` workers. A worker is busy while its new r
 not yet healthy, then for `delay` after it became healthy, and while an old replica it
 stopped has not gone yet. A free worker, with `stop-first`, stops an old replica if the
 availability bound allows, otherwise starts a new one into surge room; with
-`start-first` the other way round. A slot vacated by a stop is refilled at once. Two
-bounds hold at every step, counting from what is observed plus what was asked:
+`start-first` the other way round. A slot vacated by a stop is refilled as soon as the
+stop is confirmed (so a first deploy starts every replica at once). Two bounds hold at
+every step, counting from what is observed plus what was asked:
     present (pending, starting, running, including stopping) <= replicas + max_surge
     available (running, healthy, not stopping)               >= replicas - max_unavailable
 (the only way below the second is a replica failing by itself). With start-first, an old
 replica made surplus by a new one is stopped only once every new replica is healthy.
+Replicas marked `replaced` (their node is lost, see the reconciler) are not counted: the
+planner refills their slots.
 
 A replica of the target revision started by this rollout fails when it exits, reports
 unhealthy, is restarted by its restart policy, or is not healthy `ready_deadline`
 seconds after it was recorded. This is stricter than Swarm, which only watches during
 the monitor window: the rollout is not complete until every new replica has been
-healthy for `monitor` seconds, and a failure before that counts. When failures exceed
+healthy for `monitor` seconds, and any failure until then counts (a replica of the
+target revision that predates the rollout is only cleaned up). When failures exceed
 `max_failure_ratio` of the replicas (ratio 0: the first failure), the failure action
 applies: `rollback` makes the previous revision the target and rolls back within the
 same bounds, naming each failure (which replica, which node, what failed); `pause`
@@ -43,6 +47,14 @@ PAUSED = "paused"
 COMPLETE = "complete"
 FAILED_ROLLOUT = "failed"  # failed with nothing to roll back to
 STATUSES = (PROGRESSING, PAUSED, COMPLETE, FAILED_ROLLOUT)
+
+# What a step is doing, beside the stored status.
+UPDATING = "updating"
+WAITING_FOR_HEALTH = "waiting for health"
+MONITORING = "monitoring"
+DELAYING = "delaying"
+WAITING_FOR_ROOM = "waiting for room"
+PHASES = (UPDATING, WAITING_FOR_HEALTH, MONITORING, DELAYING, WAITING_FOR_ROOM, *STATUSES)
 
 READY_DEADLINE = 300.0  # seconds from recorded to healthy: an image pull on a Pi can take minutes
 
@@ -123,6 +135,7 @@ class Step:
     waiting: str = ""  # why nothing more moves now
     wake_at: float | None = None  # call again by then even if nothing is reported
     events: tuple[str, ...] = ()  # lines for the operator: failures, rollback, completion
+    phase: str = ""  # what the rollout is doing: one of PHASES, for a live view
 
 
 def begin(
@@ -271,14 +284,15 @@ def step(
         (r for r in replicas if r.service == rollout.service and not r.replaced), key=lambda r: r.id
     )
     if rollout.finished:
-        return Step(rollout)
+        return Step(rollout, phase=rollout.status)
     new_failures = _detect_failures(rollout, mine, now, ready_deadline)
     rollout, events = _apply_failure_action(rollout, new_failures, now)
     stops = _cleanup(rollout, mine)
     if rollout.status == FAILED_ROLLOUT:
-        return Step(rollout, tuple(stops), events=tuple(events))
+        return Step(rollout, tuple(stops), events=tuple(events), phase=FAILED_ROLLOUT)
     if rollout.status == PAUSED:
-        return Step(rollout, tuple(stops), waiting=rollout.message or "paused", events=tuple(events))
+        waiting = rollout.message or "paused"
+        return Step(rollout, tuple(stops), waiting=waiting, events=tuple(events), phase=PAUSED)
     return _advance(rollout, mine, now, stops, events, ready_deadline)
 
 
@@ -354,6 +368,17 @@ def _advance(
                 stop(replica, f"replaced by revision {target}")
                 busy += 1
 
+    # More new replicas than desired (the count went down mid-rollout): the extra ones go.
+    if not old_live and counts.new_live > desired:
+        extra = sorted(
+            (r for r in new_live if r.id not in {stop.replica for stop in stops}),
+            key=lambda r: (r.available(health_checked), -r.created_at, r.id),
+        )
+        for replica in extra[: counts.new_live - desired]:
+            if may_stop(replica):
+                stop(replica, f"more than {desired} replicas")
+                counts.new_live -= 1
+
     # Refill vacated slots at once (also the first placement of a new service).
     refill_nodes = [] if global_nodes is None else [n for n in global_nodes if n not in occupied]
     while counts.present < max_present and counts.new_live < desired and counts.live < desired:
@@ -389,11 +414,13 @@ def _advance(
         and all(settled(r) for r in new_live)
     ):
         return _complete(rollout, events)
-    waiting = ""
+    phase, waiting = UPDATING, ""
     if not starts and not stops:
-        waiting = _waiting(rollout, new_live, in_flight, delaying, counts, max_present, min_available, now)
+        phase, waiting = _waiting(
+            rollout, new_live, in_flight, delaying, counts, max_present, min_available, now
+        )
     wake_at = _wake_at(rollout, new_live, now, ready_deadline)
-    return Step(rollout, tuple(stops), tuple(starts), waiting, wake_at, tuple(events))
+    return Step(rollout, tuple(stops), tuple(starts), waiting, wake_at, tuple(events), phase)
 
 
 def _surplus(
@@ -438,7 +465,7 @@ def _complete(rollout: Rollout, events: list[str]) -> Step:
     else:
         message = f"rollout of {rollout.service} to revision {rollout.revision} complete"
     done = replace(rollout, status=COMPLETE, message=message)
-    return Step(done, events=(*events, message))
+    return Step(done, events=(*events, message), phase=COMPLETE)
 
 
 def _waiting(
@@ -450,17 +477,27 @@ def _waiting(
     max_present: int,
     min_available: int,
     now: float,
-) -> str:
+) -> tuple[str, str]:
+    """(phase, words) when a step moves nothing."""
     if in_flight:
-        return f"waiting for {len(in_flight)} replica(s) of revision {rollout.target} to become healthy"
+        target = rollout.target
+        return (
+            WAITING_FOR_HEALTH,
+            f"waiting for {len(in_flight)} replica(s) of revision {target} to become healthy",
+        )
     if delaying:
-        return f"waiting {rollout.policy.delay:g} s between batches"
+        return DELAYING, f"waiting {rollout.policy.delay:g} s between batches"
     monitored = [r for r in new_live if now < _healthy_at(r, rollout) + rollout.policy.monitor]
     if monitored:
-        return f"monitoring {len(monitored)} replica(s) for {rollout.policy.monitor:g} s"
+        return MONITORING, f"monitoring {len(monitored)} replica(s) for {rollout.policy.monitor:g} s"
     if counts.present >= max_present:
-        return f"waiting for stopped replicas to go ({counts.present} present, at most {max_present})"
-    return f"waiting for room ({counts.available} available, at least {min_available} must stay)"
+        return WAITING_FOR_ROOM, (
+            f"waiting for stopped replicas to go ({counts.present} present, at most {max_present})"
+        )
+    return (
+        WAITING_FOR_ROOM,
+        f"waiting for room ({counts.available} available, at least {min_available} must stay)",
+    )
 
 
 def _wake_at(rollout: Rollout, new_live: list[Replica], now: float, ready_deadline: float) -> float | None:

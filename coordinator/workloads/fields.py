@@ -8,13 +8,14 @@ typo or a newer field is never dropped in silence.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from picoord.common.validation import FieldError
 
 MAX_ITEMS = 512
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class Fields:
     def items(self, key: str) -> list[Any]:
         value = self.get(key, [])
         return as_list(self.at(key), value)
+
+    def each(self, key: str, read: Callable[[str, Any], T]) -> tuple[T, ...]:
+        """`read(path, item)` for every item of the list under `key` (none if absent)."""
+        return tuple(read(f"{self.at(key)}[{index}]", item) for index, item in enumerate(self.items(key)))
 
     def warn(self, key: str, message: str) -> None:
         """The key, if present, is ignored with a warning naming it."""

@@ -82,6 +82,8 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
         if kubernetes_documents:
             services.extend(kubernetes.read_kubernetes(kubernetes_documents, warnings))
         services = _linked(services)
+        for spec in services:
+            warnings.extend(SpecWarning(where, why) for where, why in s.plaintext_secrets(spec))
     except (FieldError, cluster_spec.SpecError) as error:
         raise WorkloadError(f"{prefix}{error}") from None
     return Workloads(tuple(services), tuple(warnings), tuple(cluster), source)

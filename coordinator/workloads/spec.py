@@ -24,6 +24,7 @@ from urllib.parse import urlsplit
 from picoord.common.names import normalise_arch
 from picoord.common.validation import FieldError, absolute_path, outside_system_directories
 from picoord.coordinator.placement.constraints import ARCH, Constraint, Spread
+from picoord.coordinator.placement.scheduler import Request
 from picoord.coordinator.rollout.policy import UpdatePolicy
 
 REPLICATED = "replicated"
@@ -74,6 +75,7 @@ class PortMapping:
 class EnvVar:
     name: str
     value: str
+    field: str = dataclasses.field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,11 @@ class Resources:
 
     @property
     def gpu_count(self) -> int:
-        return sum(max(device.count, 0) for device in self.devices if "gpu" in device.capabilities)
+        """GPUs requested; -1 (the scheduler's ALL_GPUS) when a request takes every GPU."""
+        gpus = [device for device in self.devices if "gpu" in device.capabilities]
+        if any(device.count == -1 for device in gpus):
+            return -1
+        return sum(device.count for device in gpus)
 
 
 @dataclass(frozen=True)
@@ -384,6 +390,31 @@ def working_dir(field_name: str, value: str) -> str:
     return absolute_path(field_name, value) if value else ""
 
 
+_SECRET_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|PRIVATE_?KEY|CREDENTIALS?)", re.IGNORECASE)
+
+
+def plaintext_secrets(spec: ServiceSpec) -> list[tuple[str, str]]:
+    """(field, why) for env values that look like secrets written in the file: a variable
+    named like one, or a URL with a password. They would sit in the store and in `docker
+    inspect`; the secret store keeps them out of both."""
+    found = []
+    for item in spec.env:
+        where = item.field or f"{spec.origin}.env.{item.name}"
+        try:
+            password = urlsplit(item.value).password if "://" in item.value else None
+        except ValueError:
+            password = None
+        if item.value and (_SECRET_NAME.search(item.name) or password):
+            found.append(
+                (
+                    where,
+                    f"{item.name} looks like a secret written in plain text; keep it in the secret "
+                    "store (`coordctl secret create`) and refer to it (picoord secrets, or secretKeyRef)",
+                )
+            )
+    return found
+
+
 _HOST_VARIABLE = re.compile(r"(HOST|HOSTNAME|SERVER|ADDR|ADDRESS|ENDPOINT)$", re.IGNORECASE)
 
 
@@ -413,3 +444,17 @@ def referenced_services(spec: ServiceSpec, names: Iterable[str]) -> tuple[str, .
             if host in wanted:
                 found.add(host)
     return tuple(sorted(found))
+
+
+def placement_request(spec: ServiceSpec, replicas: int | None = None) -> Request:
+    """What the scheduler needs to place `replicas` new replicas of the spec (default: all)."""
+    return Request(
+        service=spec.name,
+        replicas=spec.replicas if replicas is None else replicas,
+        global_mode=spec.mode == GLOBAL,
+        memory_bytes=spec.resources.memory_request,
+        cpu_millis=spec.resources.cpu_request,
+        gpus=spec.resources.gpu_count,
+        constraints=spec.placement.constraints,
+        spread=spec.placement.spread,
+    )

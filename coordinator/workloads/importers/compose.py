@@ -361,7 +361,7 @@ def _environment(doc: Fields) -> tuple[s.EnvVar, ...]:
                 where,
                 f"{key} has no value: Compose takes it from the deployer's shell; picoord does not",
             )
-        env.append(s.EnvVar(key, scalar_text(where, value)))
+        env.append(s.EnvVar(key, scalar_text(where, value), field=where))
     return tuple(env)
 
 
@@ -569,10 +569,7 @@ def _restart(table: Fields | None, doc: Fields) -> s.RestartPolicy:
 def _placement(table: Fields | None) -> tuple[tuple[Any, ...], Spread]:
     if table is None:
         return (), Spread()
-    constraints = tuple(
-        parse_constraint(f"{table.at('constraints')}[{i}]", item)
-        for i, item in enumerate(table.items("constraints"))
-    )
+    constraints = table.each("constraints", parse_constraint)
     over_label = ""
     for index, raw in enumerate(table.items("preferences")):
         item = mapping(f"{table.at('preferences')}[{index}]", raw, table.warnings)

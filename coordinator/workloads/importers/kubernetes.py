@@ -366,7 +366,7 @@ def _env(container: Fields) -> tuple[tuple[s.EnvVar, ...], tuple[s.SecretEnv, ..
             value = item.get("value", "")
             if not isinstance(value, str):
                 raise FieldError(item.at("value"), f"{value!r} is not a string (quote it)")
-            env.append(s.EnvVar(name, value))
+            env.append(s.EnvVar(name, value, field=item.path))
         else:
             item.refuse("value", "give value or valueFrom, not both")
             ref = source.mapping("secretKeyRef")
@@ -477,6 +477,10 @@ def _resources(table: Fields | None) -> s.Resources:
         section.finish()
     table.refuse("claims", "dynamic resource claims are not supported")
     table.finish()
+    # Kubernetes: a limit without a request is also the request.
+    for kind in ("memory", "cpu"):
+        if f"{kind}_limit" in values and f"{kind}_request" not in values:
+            values[f"{kind}_request"] = values[f"{kind}_limit"]
     devices = (s.DeviceRequest(count=gpus),) if gpus else ()
     return s.Resources(devices=devices, **values)
 

@@ -58,31 +58,18 @@ def read_service(raw: dict[str, Any], warnings: list[SpecWarning]) -> s.ServiceS
         replicas=replicas if mode == s.REPLICATED else 0,
         command=argv(doc.at("command"), doc.get("command")) if doc.has("command") else None,
         args=argv(doc.at("args"), doc.get("args")) if doc.has("args") else None,
-        ports=tuple(
-            _port(f"{doc.at('ports')}[{i}]", item, warnings) for i, item in enumerate(doc.items("ports"))
-        ),
+        ports=doc.each("ports", lambda path, item: _port(path, item, warnings)),
         env=_env(doc),
-        secrets=tuple(
-            _secret(f"{doc.at('secrets')}[{i}]", item, warnings)
-            for i, item in enumerate(doc.items("secrets"))
-        ),
-        volumes=tuple(
-            _volume(f"{doc.at('volumes')}[{i}]", item, warnings)
-            for i, item in enumerate(doc.items("volumes"))
-        ),
+        secrets=doc.each("secrets", lambda path, item: _secret(path, item, warnings)),
+        volumes=doc.each("volumes", lambda path, item: _volume(path, item, warnings)),
         resources=_resources(doc.mapping("resources")),
         restart=_restart(doc.mapping("restart")),
         placement=_placement(doc.mapping("placement")),
         health=_health(doc.mapping("health")),
         update=_update(doc, "update") or UpdatePolicy(),
         rollback=_update(doc, "rollback"),
-        depends_on=tuple(
-            s.service_name(f"{doc.at('depends_on')}[{i}]", item)
-            for i, item in enumerate(doc.items("depends_on"))
-        ),
-        aliases=tuple(
-            s.service_name(f"{doc.at('aliases')}[{i}]", item) for i, item in enumerate(doc.items("aliases"))
-        ),
+        depends_on=doc.each("depends_on", s.service_name),
+        aliases=doc.each("aliases", s.service_name),
         labels=_labels(doc),
         user=s.user_spec(doc.at("user"), doc.text("user", "")),
         working_dir=s.working_dir(doc.at("working_dir"), doc.text("working_dir", "")),
@@ -111,7 +98,9 @@ def _env(doc: Fields) -> tuple[s.EnvVar, ...]:
     result = []
     for key in table.data:
         s.env_name(table.at(key), key)
-        result.append(s.EnvVar(key, scalar_text(table.at(key), table.get(key, required=True))))
+        result.append(
+            s.EnvVar(key, scalar_text(table.at(key), table.get(key, required=True)), field=table.at(key))
+        )
     return tuple(result)
 
 
@@ -204,10 +193,7 @@ def _restart(table: Fields | None) -> s.RestartPolicy:
 def _placement(table: Fields | None) -> s.Placement:
     if table is None:
         return s.Placement()
-    constraints = tuple(
-        parse_constraint(f"{table.at('constraints')}[{i}]", item)
-        for i, item in enumerate(table.items("constraints"))
-    )
+    constraints = table.each("constraints", parse_constraint)
     spread_label = table.get("spread", "")
     placement = s.Placement(
         constraints=constraints,

@@ -373,6 +373,15 @@ def test_adopt_merges_a_report_by_replica_id():
     assert by_id["r4"].state == PENDING
     assert result.adopted == ("r7",)
     assert result.vanished == ("r3",)
+    assert result.resend_starts == ("r4",)  # the start was lost with the old session
+    assert result.resend_stops == ("r1",)  # asked to stop, still running
+
+
+def test_adopt_a_stopping_replica_that_is_gone_is_stopped_without_a_resend():
+    known = [rep("r1", "pi3", stopping=True), rep("r2", "pi3", state=PENDING, stopping=True)]
+    result = adopt(known, [], "pi3")
+    assert [r.state for r in result.replicas] == [STOPPED, STOPPED]
+    assert (result.resend_starts, result.resend_stops) == ((), ())
 
 
 def test_adoption_then_reconcile_never_duplicates():

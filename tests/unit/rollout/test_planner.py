@@ -9,11 +9,17 @@ from hypothesis import strategies as st
 
 from picoord.coordinator.rollout.planner import (
     COMPLETE,
+    DELAYING,
     FAILED_ROLLOUT,
+    MONITORING,
     PAUSED,
     PROGRESSING,
+    UPDATING,
+    WAITING_FOR_HEALTH,
+    WAITING_FOR_ROOM,
     Failure,
     StartReplica,
+    Step,
     StopReplica,
     begin,
     pause,
@@ -107,9 +113,11 @@ def test_stop_first_waits_for_the_stop_then_refills():
     waiting = step(rollout(), stopping, NOW)
     assert (waiting.stops, waiting.starts) == ((), ())
     assert waiting.waiting == "waiting for stopped replicas to go (3 present, at most 3)"
+    assert waiting.phase == WAITING_FOR_ROOM
     refill = step(rollout(), olds()[1:], NOW)  # old1 is gone
     assert refill.starts == (StartReplica(2, None, "revision 2"),)
     assert refill.stops == ()
+    assert refill.phase == UPDATING
 
 
 @pytest.mark.parametrize(
@@ -129,6 +137,7 @@ def test_stop_first_waits_for_the_stop_then_refills():
 def test_a_worker_waits_for_its_new_replica(replica, waiting):
     result = step(rollout(), [*olds()[1:], replica], NOW)
     assert (result.stops, result.starts, result.waiting) == ((), (), waiting)
+    assert result.phase == WAITING_FOR_HEALTH
 
 
 def test_delay_between_batches_and_wake_at():
@@ -137,6 +146,7 @@ def test_delay_between_batches_and_wake_at():
     result = step(rollout(policy=policy), replicas, NOW)
     assert (result.stops, result.starts) == ((), ())
     assert result.waiting == "waiting 10 s between batches"
+    assert result.phase == DELAYING
     assert result.wake_at == NOW + 1  # the monitor window ends first (healthy at NOW-4, monitor 5)
     later = step(rollout(policy=policy), replicas, NOW + 6)
     assert [stop.replica for stop in later.stops] == ["old2"]
@@ -191,10 +201,12 @@ def test_complete_when_every_new_replica_passed_its_monitor_window():
     assert result.rollout.status == COMPLETE
     assert result.rollout.state == "complete"
     assert result.events == ("rollout of mcp to revision 2 complete",)
-    assert step(result.rollout, done, NOW + 100) == type(result)(result.rollout)  # finished: no-op
+    assert step(result.rollout, done, NOW + 100) == Step(result.rollout, phase=COMPLETE)  # finished: no-op
+    assert result.phase == COMPLETE
     monitored = step(rollout(), [*done[:2], new("n9", health_since=NOW - 4)], NOW)
     assert monitored.rollout.status == PROGRESSING
     assert monitored.waiting == "monitoring 1 replica(s) for 5 s"
+    assert monitored.phase == MONITORING
     assert monitored.wake_at == NOW + 1
 
 
@@ -204,11 +216,17 @@ def test_not_complete_while_an_old_replica_is_still_stopping():
     assert result.rollout.status == PROGRESSING
 
 
-def test_surplus_new_replicas_are_stopped():
+def test_surplus_new_replicas_are_stopped_unavailable_then_newest_first():
     replicas = [new(f"n{i}", health_since=0) for i in range(4)]
-    result = step(rollout(), replicas, NOW)
-    assert result.stops == ()  # new surplus is not the rollout's: the reconciler scales
+    result = step(rollout(), replicas, NOW)  # scaled from 4 to 3 mid-rollout
+    assert result.stops == (StopReplica("n0", "pi9", "more than 3 replicas"),)
     assert result.rollout.status == PROGRESSING
+    replicas[3] = replace(replicas[3], created_at=NOW - 5)
+    replicas[1] = replace(replicas[1], health=HEALTH_STARTING)
+    result = step(rollout(2, UpdatePolicy(parallelism=0)), replicas, NOW)
+    assert [stop.replica for stop in result.stops] == ["n1", "n3"]
+    done = step(rollout(), replicas[:3], NOW)
+    assert done.rollout.status == PROGRESSING  # n1 is not healthy yet
 
 
 # --- failures -----------------------------------------------------------------------------
@@ -252,6 +270,8 @@ def test_a_failure_rolls_back_naming_replica_node_and_check(replica, what):
 def test_failure_with_no_earlier_revision_fails_the_rollout(replica, what):
     result = step(rollout(previous=None), [replica], NOW)
     assert result.rollout.status == FAILED_ROLLOUT
+    assert result.phase == FAILED_ROLLOUT
+    assert result.starts == ()
     assert result.rollout.message.startswith("rollout of mcp to revision 2 failed and there is no earlier")
     assert what in result.rollout.message
 
@@ -292,6 +312,7 @@ def test_pause_action_stops_moving_until_resumed():
     again = step(result.rollout, olds()[1:], NOW + 50)
     assert (again.stops, again.starts, again.rollout.status) == ((), (), PAUSED)
     assert again.waiting == result.rollout.message
+    assert again.phase == PAUSED
     resumed = resume(again.rollout)
     assert (resumed.status, resumed.tolerated_failures, resumed.message) == (PROGRESSING, 1, "")
     going = step(resumed, olds()[1:], NOW + 60)

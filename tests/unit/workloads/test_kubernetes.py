@@ -19,6 +19,7 @@ from picoord.coordinator.workloads.importers.kubernetes import (
     WORKLOAD_SPEC_KEYS,
 )
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
+from tests.unit.workloads.documents import EXAMPLES
 
 MI = 1024**2
 DEPLOYMENT: dict[str, Any] = {
@@ -535,3 +536,22 @@ def test_unknown_keys_are_errors() -> None:
     assert f"{CONTAINER_PATH}.imagee: unknown field" in _error(_with(CONTAINER, {"imagee": "x"}))
     with pytest.raises(WorkloadError, match=re.escape("Service/web-svc.spec.selectr: unknown field")):
         read_workloads(yaml.safe_dump_all([DEPLOYMENT, _with(("spec",), {"selectr": {}}, SERVICE)]))
+
+
+def test_a_limit_without_a_request_is_the_request_as_in_kubernetes() -> None:
+    spec, _ = _read(_with(CONTAINER, {"resources": {"limits": {"memory": "128Mi", "cpu": "1"}}}))
+    assert spec.resources == s.Resources(
+        memory_request=128 * MI, memory_limit=128 * MI, cpu_request=1000, cpu_limit=1000
+    )
+
+
+def test_the_seed_deployment_asks_the_scheduler_for_256mi_on_arm64() -> None:
+    (mcp,) = read_workloads((EXAMPLES / "seed-mcp-deployment.yaml").read_text()).services
+    request = s.placement_request(mcp)
+    assert (request.service, request.replicas, request.memory_bytes, request.cpu_millis) == (
+        "mcp-server",
+        3,
+        256 * MI,
+        250,
+    )
+    assert request.constraints == (Constraint(ARCH, "==", "arm64"),)

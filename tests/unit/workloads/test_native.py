@@ -1,7 +1,6 @@
 """picoord's own `kind: Service`: strict, every field read, errors naming Service/NAME.field."""
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
@@ -10,8 +9,8 @@ from picoord.coordinator.placement.constraints import ARCH, Constraint, Spread
 from picoord.coordinator.rollout.policy import UpdatePolicy
 from picoord.coordinator.workloads import spec as s
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
+from tests.unit.workloads.documents import EXAMPLES
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 MI = 1024**2
 
 

@@ -15,8 +15,8 @@ from picoord.coordinator.apply.spec import ClusterMembership, Mount, parse_spec
 from picoord.coordinator.placement.constraints import ARCH, HOSTNAME
 from picoord.coordinator.workloads import spec as s
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
+from tests.unit.workloads.documents import EXAMPLES, RICH_COMPOSE, RICH_KUBERNETES
 
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 SEED = Path("/work/shared/seed/000_bfb93579e45f142f.txt")
 MI = 1024**2
 
@@ -94,6 +94,17 @@ def test_the_seed_files_warn_about_what_picoord_does_differently() -> None:
     )
     assert any("services.mcp-server.networks" in line for line in stack)
     assert any("services.mcp-server.ports" in line and "routing mesh" in line for line in stack)
+    assert any(
+        line.startswith(
+            "seed-docker-stack.yml: services.mcp-server.environment[1]: DATABASE_URL looks like a secret"
+        )
+        for line in stack
+    )
+    assert any(
+        "services.postgres.environment.POSTGRES_PASSWORD: POSTGRES_PASSWORD looks like a secret" in line
+        for line in stack
+    )
+    assert not any("password@" in line or ": password" in line for line in stack)
     k8s = _read("seed-mcp-deployment.yaml").warning_lines()
     assert k8s == [
         "seed-mcp-deployment.yaml: Service/mcp-service.spec.type: no load balancer in picoord: the port is "
@@ -180,104 +191,6 @@ def test_a_kubernetes_service_before_its_deployment() -> None:
 # ---- never a silent drop -------------------------------------------------------------
 
 UNKNOWN = "zz-unknown-key"
-
-RICH_COMPOSE = """
-version: "3.8"
-services:
-  web:
-    image: registry.lab:5000/web:1
-    entrypoint: ["/bin/web"]
-    command: --port 8080
-    ports:
-      - target: 8080
-        published: 80
-        protocol: tcp
-        mode: host
-    environment: {DB: "postgres:5432"}
-    volumes:
-      - type: bind
-        source: /mnt/gluster/web
-        target: /data
-        read_only: true
-        bind: {propagation: rprivate}
-    healthcheck: {test: ["CMD", "/bin/check"], interval: 10s, timeout: 2s, retries: 3, start_period: 5s}
-    depends_on:
-      db: {condition: service_started}
-    deploy:
-      mode: replicated
-      replicas: 2
-      placement:
-        constraints: [node.labels.disk == ssd]
-        preferences: [{spread: node.labels.zone}]
-        max_replicas_per_node: 1
-      resources:
-        limits: {cpus: "0.5", memory: 128M}
-        reservations:
-          memory: 64M
-          devices: [{driver: nvidia, count: 1, capabilities: [gpu]}]
-      restart_policy: {condition: on-failure, delay: 5s, max_attempts: 3, window: 30s}
-      update_config:
-        parallelism: 2
-        delay: 10s
-        failure_action: rollback
-        monitor: 10s
-        max_failure_ratio: 0.1
-        order: start-first
-      rollback_config: {parallelism: 1, order: stop-first}
-  db:
-    image: postgres:15-alpine
-    volumes: [pgdata:/var/lib/postgresql/data]
-volumes:
-  pgdata: {driver: local}
-networks:
-  net: {driver: overlay, attachable: true}
-"""
-
-RICH_KUBERNETES = """
-apiVersion: apps/v1
-kind: Deployment
-metadata: {name: web, labels: {app: web}}
-spec:
-  replicas: 2
-  minReadySeconds: 5
-  strategy: {type: RollingUpdate, rollingUpdate: {maxSurge: 1, maxUnavailable: 0}}
-  selector: {matchLabels: {app: web}}
-  template:
-    metadata: {labels: {app: web}}
-    spec:
-      terminationGracePeriodSeconds: 20
-      nodeSelector: {kubernetes.io/arch: arm64}
-      volumes:
-        - {name: data, hostPath: {path: /mnt/gluster/web}}
-      containers:
-        - name: web
-          image: registry.lab:5000/web:1
-          command: [/bin/web]
-          args: [--port, "8080"]
-          ports: [{containerPort: 8080, name: http}]
-          env:
-            - {name: A, value: "1"}
-            - name: B
-              valueFrom: {secretKeyRef: {name: web-secrets, key: b}}
-          resources:
-            requests: {memory: 64Mi, cpu: 100m}
-            limits: {memory: 128Mi, cpu: 500m}
-          readinessProbe:
-            httpGet: {path: /health, port: http}
-            periodSeconds: 5
-          livenessProbe:
-            tcpSocket: {port: 8080}
-          volumeMounts: [{name: data, mountPath: /data, readOnly: true}]
-          securityContext: {runAsUser: 1000}
----
-apiVersion: v1
-kind: Service
-metadata: {name: web-svc}
-spec:
-  type: NodePort
-  selector: {app: web}
-  ports: [{port: 8080, targetPort: http, nodePort: 30080}]
-"""
 
 PICOORD = (EXAMPLES / "mcp.yaml").read_text()
 

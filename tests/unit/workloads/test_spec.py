@@ -7,6 +7,7 @@ import pytest
 
 from picoord.common.validation import FieldError
 from picoord.coordinator.placement.constraints import parse_constraint
+from picoord.coordinator.placement.scheduler import ALL_GPUS, Request
 from picoord.coordinator.workloads import spec as s
 
 
@@ -317,3 +318,51 @@ def test_working_dir(written: str, kept: str) -> None:
 def test_bad_working_dir(written: str) -> None:
     with pytest.raises(FieldError):
         s.working_dir("working_dir", written)
+
+
+def test_every_gpu_is_minus_one_as_the_scheduler_means_it() -> None:
+    assert s.Resources(devices=(s.DeviceRequest(count=-1),)).gpu_count == ALL_GPUS
+
+
+def test_placement_request_carries_what_the_scheduler_needs() -> None:
+    spec = dataclasses.replace(
+        BASE,
+        placement=s.Placement(constraints=(parse_constraint("c", "node.arch == arm64"),), spread=s.Spread(1)),
+        resources=s.Resources(memory_request=256, cpu_request=250, devices=(s.DeviceRequest(count=1),)),
+    )
+    assert s.placement_request(spec) == Request(
+        service="mcp",
+        replicas=3,
+        memory_bytes=256,
+        cpu_millis=250,
+        gpus=1,
+        constraints=spec.placement.constraints,
+        spread=s.Spread(1),
+    )
+    assert s.placement_request(spec, replicas=1).replicas == 1
+    assert s.placement_request(dataclasses.replace(spec, mode=s.GLOBAL, replicas=0)).global_mode
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "warned"),
+    [
+        ("POSTGRES_PASSWORD", "password", True),
+        ("API_KEY", "abc", True),
+        ("GITHUB_TOKEN", "abc", True),
+        ("client_secret", "abc", True),
+        ("DATABASE_URL", "postgresql://mcp:password@postgres:5432/mcp_db", True),
+        ("DATABASE_URL", "postgresql://mcp@postgres:5432/mcp_db", False),  # no password
+        ("POSTGRES_PASSWORD", "", False),  # empty: nothing to leak
+        ("POSTGRES_USER", "mcp", False),
+        ("MCP_HTTP_HOST", "0.0.0.0", False),
+        ("BROKEN", "http://[x", False),
+    ],
+)
+def test_plaintext_secrets(name: str, value: str, warned: bool) -> None:
+    spec = dataclasses.replace(BASE, env=(s.EnvVar(name, value, field=f"services.web.environment.{name}"),))
+    found = s.plaintext_secrets(spec)
+    assert bool(found) == warned
+    if warned:
+        ((where, why),) = found
+        assert where == f"services.web.environment.{name}"
+        assert name in why and (not value or value not in why)  # the value is never repeated
