@@ -2,7 +2,8 @@
 
 The functional core works on frozen dataclasses (a service spec, a rollout); the store
 keeps them as JSON text. One codec for all of them means a stored rollout or revision
-reads back as exactly what was written, and a new field only needs a default.
+reads back as exactly what was written, strictly (an int is not a bool, a field nobody
+declared is an error naming where it was), and a new field only needs a default.
 """
 
 from __future__ import annotations
@@ -12,23 +13,28 @@ import types
 import typing
 from collections.abc import Mapping
 from functools import cache
-from typing import Any, TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
 class DecodeError(ValueError):
-    """Stored data that does not fit the type it is read as."""
+    """Stored data that does not fit the type it is read as; the message names where."""
 
 
-def to_plain(value: Any) -> Any:
-    """Dataclasses to dicts, tuples to lists, mappings to dicts; scalars as they are."""
+def to_plain(value: Any, compared_only: bool = False) -> Any:
+    """Dataclasses to dicts, tuples to lists, mappings to dicts; scalars as they are.
+
+    With `compared_only`, fields declared with compare=False (where a value was written,
+    say) are left out: what remains is what equality, and so a content hash, sees."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {
+            f.name: to_plain(getattr(value, f.name), compared_only)
+            for f in dataclasses.fields(value)
+            if f.compare or not compared_only
+        }
     if isinstance(value, tuple | list):
-        return [to_plain(item) for item in value]
+        return [to_plain(item, compared_only) for item in value]
     if isinstance(value, Mapping):
-        return {str(key): to_plain(item) for key, item in value.items()}
+        return {str(key): to_plain(item, compared_only) for key, item in value.items()}
     return value
 
 
@@ -37,50 +43,57 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def from_plain(kind: Any, data: Any) -> Any:
+def from_plain(kind: Any, value: Any, path: str = "value") -> Any:
     """Rebuild a value of type `kind` from what to_plain made of it."""
     origin = typing.get_origin(kind)
     if kind is Any:
-        return data
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if data is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return from_plain(option, data)
-            except (DecodeError, TypeError, ValueError) as error:
-                errors.append(str(error))
-        raise DecodeError(f"{data!r} fits none of {kind}: {'; '.join(errors)}")
+        return value
     if dataclasses.is_dataclass(kind):
-        if not isinstance(data, Mapping):
-            raise DecodeError(f"{kind.__name__} needs an object, not {type(data).__name__}")
+        if not isinstance(value, Mapping):
+            raise DecodeError(f"{path}: expected an object")
         hints = _hints(kind)
-        names = {f.name for f in dataclasses.fields(kind)}
-        unknown = set(data) - names
+        known = {f.name for f in dataclasses.fields(kind) if f.init}
+        unknown = set(value) - known
         if unknown:
-            raise DecodeError(f"{kind.__name__} has no field(s) {sorted(unknown)}")
-        return kind(**{name: from_plain(hints[name], value) for name, value in data.items()})
+            raise DecodeError(f"{path}: unknown field {sorted(unknown)[0]!r}")
+        return kind(**{name: from_plain(hints[name], item, f"{path}.{name}") for name, item in value.items()})
     if origin is tuple:
         arguments = typing.get_args(kind)
-        if not isinstance(data, list | tuple):
-            raise DecodeError(f"{kind} needs a list, not {type(data).__name__}")
+        if not isinstance(value, list | tuple):
+            raise DecodeError(f"{path}: expected a list")
         if len(arguments) == 2 and arguments[1] is Ellipsis:
-            return tuple(from_plain(arguments[0], item) for item in data)
-        return tuple(from_plain(argument, item) for argument, item in zip(arguments, data, strict=True))
+            return tuple(from_plain(arguments[0], item, f"{path}[{i}]") for i, item in enumerate(value))
+        if len(arguments) != len(value):
+            raise DecodeError(f"{path}: expected {len(arguments)} items")
+        return tuple(
+            from_plain(a, item, f"{path}[{i}]")
+            for i, (a, item) in enumerate(zip(arguments, value, strict=True))
+        )
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(kind):
+            try:
+                return from_plain(option, value, path)
+            except DecodeError:
+                continue
+        raise DecodeError(f"{path}: {value!r} fits none of {kind}")
     if origin in (dict, Mapping, typing.Mapping) or kind is dict:
         key_type, value_type = typing.get_args(kind) or (str, Any)
-        if not isinstance(data, Mapping):
-            raise DecodeError(f"{kind} needs an object, not {type(data).__name__}")
-        return {from_plain(key_type, key): from_plain(value_type, value) for key, value in data.items()}
-    if origin is list:
-        (item_type,) = typing.get_args(kind) or (Any,)
-        return [from_plain(item_type, item) for item in data]
-    if kind is float and isinstance(data, int) and not isinstance(data, bool):
-        return float(data)
-    if isinstance(kind, type) and not isinstance(data, kind):
-        raise DecodeError(f"{data!r} is not a {kind.__name__}")
-    return data
+        if not isinstance(value, Mapping):
+            raise DecodeError(f"{path}: expected an object")
+        return {
+            from_plain(key_type, key, path): from_plain(value_type, item, f"{path}.{key}")
+            for key, item in value.items()
+        }
+    if kind is type(None):
+        if value is not None:
+            raise DecodeError(f"{path}: expected null")
+        return None
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DecodeError(f"{path}: expected a number")
+        return float(value)
+    if kind in (int, str, bool):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise DecodeError(f"{path}: expected {kind.__name__}")
+        return value
+    raise DecodeError(f"{path}: cannot decode {kind}")

@@ -34,10 +34,10 @@ from picoord.coordinator.controller.observed import (
     observe,
     replica_view,
     reports_by_replica,
-    scheduler_node,
 )
 from picoord.coordinator.controller.records import ReplicaRecord, ServiceRecord, WorkloadRecords, stored
 from picoord.coordinator.placement.constraints import first_unmet
+from picoord.coordinator.placement.inputs import node_from
 from picoord.coordinator.placement.scheduler import Node, Placed, Request, check_spread, place
 from picoord.coordinator.reconcile.reconciler import DesiredService, NodeStatus, reconcile, visible_replicas
 from picoord.coordinator.rollout import history as revisions
@@ -137,13 +137,14 @@ class WorkloadController:
         now = self.clock()
         nodes = {}
         for record in self.cluster.nodes():
-            nodes[record.name] = scheduler_node(
+            nodes[record.name] = node_from(
                 record.name,
                 self.cluster.hardware(record),
-                record.labels,
                 self.cluster.history.latest(record.name),
-                self.cluster.status(record.name) is Status.READY,
-                record.name in drained,
+                record.labels,
+                ready=self.cluster.status(record.name) is Status.READY,
+                draining=record.name in drained,
+                role=record.labels.get("role", "worker"),
             )
         by_key = reports_by_replica(self._reports)
         replicas = {}

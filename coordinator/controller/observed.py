@@ -7,10 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from picoord.common.names import normalise_arch
 from picoord.coordinator.controller.records import ReplicaRecord
-from picoord.coordinator.placement.constraints import NodeFacts
-from picoord.coordinator.placement.scheduler import Load, Node
 from picoord.coordinator.rollout.replicas import (
     FAILED,
     HEALTH_STARTING,
@@ -22,8 +19,7 @@ from picoord.coordinator.rollout.replicas import (
     UNKNOWN,
     Replica,
 )
-from picoord.coordinator.telemetry import soc_temperature
-from picoord.v1 import node_pb2, workloads_pb2
+from picoord.v1 import workloads_pb2
 
 # The agent's words (Docker's container states, plus its own pending/pulling/failed).
 AGENT_STATES = {
@@ -120,36 +116,3 @@ def reports_by_replica(
         for report in message.replicas:
             found[(node, report.replica, report.revision)] = report
     return found
-
-
-def scheduler_node(
-    name: str,
-    hardware: node_pb2.Hardware,
-    labels: Mapping[str, str],
-    sample: node_pb2.MetricsSample | None,
-    ready: bool,
-    draining: bool,
-) -> Node:
-    load = Load()
-    if sample is not None:
-        load = Load(
-            cpu_percent=sample.cpu_percent,
-            memory_available_bytes=sample.memory_available_bytes or None,
-            soc_celsius=soc_temperature(sample),
-            throttled=sample.throttled if sample.throttled_available else 0,
-        )
-    return Node(
-        facts=NodeFacts(
-            name=name,
-            arch=normalise_arch(hardware.arch),
-            hostname=hardware.hostname or name,
-            role=labels.get("role", "worker"),
-            labels=dict(labels),
-        ),
-        memory_bytes=hardware.memory_total_bytes,
-        cpu_cores=hardware.cpu_cores,
-        gpus=len(hardware.gpus),
-        ready=ready,
-        draining=draining,
-        load=load,
-    )

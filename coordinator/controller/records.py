@@ -17,6 +17,7 @@ from picoord.common.plaindata import from_plain, to_plain
 from picoord.coordinator.rollout.history import Revision
 from picoord.coordinator.rollout.planner import Rollout
 from picoord.coordinator.store import Store
+from picoord.coordinator.workloads.codec import spec_from_json, spec_to_json
 from picoord.coordinator.workloads.spec import ServiceSpec, revision_key
 
 _SCHEMA = """
@@ -99,12 +100,8 @@ class ServiceRecord:
     next_replica: int
 
 
-def _spec_json(spec: ServiceSpec) -> str:
-    return json.dumps(to_plain(spec), sort_keys=True)
-
-
-def _spec(text: str) -> ServiceSpec:
-    return from_plain(ServiceSpec, json.loads(text))
+_spec_json = spec_to_json
+_spec = spec_from_json
 
 
 class WorkloadRecords:
