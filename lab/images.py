@@ -169,7 +169,8 @@ def stand_ins() -> list[StandIn]:
     return [_mcp(1, True), _mcp(2, True), _mcp(3, False), postgres]
 
 
-# The seed's image names, pulled as Docker Hub names through the lab registry as a mirror.
+# Docker Hub names, pulled through the lab registry as a mirror: the seed's own image names,
+# and the stand-ins' short names (`mcp:2`), so a spec reads the same in every lab.
 SEED_ALIASES = {
     ("library/mcp-modules-rust", "latest"): ("mcp", "1"),
     ("library/postgres", "15-alpine"): ("postgres", "15-alpine"),
@@ -186,7 +187,10 @@ def lab_images(busybox: bytes, architecture: str) -> list[Image]:
     """Every image the lab registry holds, the seed's aliases included."""
     images = [build_image(stand_in, busybox, architecture) for stand_in in stand_ins()]
     by_reference = {(image.repository, image.tag): image for image in images}
-    for (repository, tag), target in SEED_ALIASES.items():
+    aliases = dict(SEED_ALIASES)
+    for image in list(images):
+        aliases[(f"library/{image.repository}", image.tag)] = (image.repository, image.tag)
+    for (repository, tag), target in aliases.items():
         source = by_reference[target]
         images.append(Image(repository, tag, source.layers, source.config))
     return images

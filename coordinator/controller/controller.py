@@ -257,7 +257,7 @@ class WorkloadController:
             return
         placed = await self._placed(facts)
         by_revision: dict[int, list[str | None]] = defaultdict(list)
-        for revision, node in starts:
+        for revision, node, _reason in starts:
             by_revision[revision].append(node)
         for revision, nodes in by_revision.items():
             spec = await asyncio.to_thread(self.records.revision_spec, service.name, revision)
@@ -375,7 +375,7 @@ class WorkloadController:
 
     # --- what operators see -------------------------------------------------------------------------
     def _note(self, service: str, text: str) -> None:
-        log.info("workload", service=service, event=text)
+        log.info("workload", service=service, change=text)
         for queue in self._listeners.get(service, ()):
             queue.put_nowait(services_pb2.RolloutEvent(note=text))
 

@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS services (
     spec TEXT NOT NULL,            -- the last applied ServiceSpec, as JSON
     applied_at REAL NOT NULL,
     source TEXT NOT NULL DEFAULT '',
-    rollout TEXT,                  -- the current Rollout, as JSON; NULL before the first one
+    rollout TEXT,                  -- the current Rollout, as JSON, NULL before the first one
     next_replica INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS revisions (

@@ -19,7 +19,7 @@ from rich.live import Live
 from picoord.common import VERSION
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
 from picoord.common.throttling import describe_throttled
-from picoord.coordinator.apply.spec import MAX_SPEC_BYTES, SpecError, parse_spec
+from picoord.coordinator.apply.spec import MAX_SPEC_BYTES, SpecError
 from picoord.coordinator.ctl import workloads
 from picoord.coordinator.ctl.client import (
     CALL_TIMEOUT,
@@ -42,6 +42,7 @@ from picoord.coordinator.ctl.output import (
     console as output_console,
 )
 from picoord.coordinator.status import OUTCOME_NAMES, STATUS_NAMES
+from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 
 APPLY_TIMEOUT = 3600.0
@@ -356,15 +357,25 @@ def _print_record(record: admin_pb2.ActionRecord, dry_run: bool) -> None:
 
 def cmd_apply(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     text = read_spec_file(args.file)
-    parse_spec(text)  # the same checks the coordinator makes: fail early, before sending
+    read_workloads(text, args.file)  # the same checks the coordinator makes: fail early, before sending
     request = admin_pb2.ApplyRequest(
         documents=text, dry_run=args.dry_run, requested_by=operator_name(), source=args.file
     )
     records: list[admin_pb2.ActionRecord] = []
+    services: list[admin_pb2.ServiceStaged] = []
+    warnings: list[str] = []
     summary = admin_pb2.ApplySummary()
     for event in stub.Apply(request, timeout=APPLY_TIMEOUT):
         kind = event.WhichOneof("event")
-        if kind == "finished":
+        if kind == "warning":
+            warnings.append(event.warning)
+            if args.output == "table":
+                echo(f"warning: {event.warning}", file=sys.stderr)
+        elif kind == "service":
+            services.append(event.service)
+            if args.output == "table":
+                echo(_staged_line(event.service, args.dry_run))
+        elif kind == "finished":
             records.append(event.finished)
             if args.output == "table":
                 _print_record(event.finished, args.dry_run)
@@ -373,13 +384,31 @@ def cmd_apply(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
         elif kind == "summary":
             summary = event.summary
     if args.output != "table":
-        emit({"converged": summary.converged, "actions": [action_view(r) for r in records]}, args.output, [])
+        view = {
+            "converged": summary.converged,
+            "services": [MessageToDict(s, preserving_proto_field_name=True) for s in services],
+            "warnings": warnings,
+            "actions": [action_view(r) for r in records],
+        }
+        emit(view, args.output, [])
+    elif not records and services:
+        pass  # only services: their lines said it all
     elif summary.changed == 0 and summary.failed == 0:
         echo("nothing to change: every node is already as the file says")
     else:
         verb = "would change" if args.dry_run else "changed"
         echo(f"{summary.changed} {verb}, {summary.unchanged} unchanged, {summary.failed} failed")
     return 0 if summary.converged else 1
+
+
+def _staged_line(service: admin_pb2.ServiceStaged, dry_run: bool) -> str:
+    what = (
+        f"{service.replicas} x {service.image}" if service.mode == "replicated" else f"global {service.image}"
+    )
+    if not service.changed:
+        return f"service/{service.name} unchanged ({what})"
+    verb = "would be recorded" if dry_run else "recorded"
+    return f"service/{service.name} {verb} ({what}): roll it out with `coordctl rollout {service.name}`"
 
 
 def cmd_actions(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
@@ -488,7 +517,7 @@ def main(argv: list[str] | None = None) -> None:
         socket_path = admin_socket_path(args.admin_socket)
         api = connect_workloads if getattr(args, "api", "admin") == "workloads" else connect
         raise SystemExit(args.handler(api(socket_path), args))
-    except (InvalidName, SpecError, workloads.UsageError) as error:
+    except (InvalidName, SpecError, WorkloadError, workloads.UsageError) as error:
         echo(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except (OSError, UnicodeDecodeError) as error:
