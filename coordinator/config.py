@@ -8,10 +8,15 @@ from pathlib import Path
 
 from picoord.common import defaults
 from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
+from picoord.common.durations import InvalidDuration, parse_duration
 
 
 class ConfigError(ValueError):
     pass
+
+
+CERT_VALIDITY_MIN = 30.0
+CERT_VALIDITY_MAX = 3650 * 86400.0
 
 
 @dataclass
@@ -29,6 +34,10 @@ class CoordinatorConfig:
     metrics_history: int = 120
     log_level: str = "info"
     log_json: bool | None = None
+    # Certificate lifetimes in seconds (a duration such as "90d" in the file): both rotate
+    # at about two thirds of their life, so tests can use a minute or less.
+    node_cert_validity: float = 365 * 86400.0
+    server_cert_validity: float = 365 * 86400.0
 
     @classmethod
     def load(cls, path: Path | None, required: bool) -> CoordinatorConfig:
@@ -67,6 +76,18 @@ class CoordinatorConfig:
             raise ConfigError("heartbeat_interval must be positive and shorter than heartbeat_timeout")
         if self.metrics_history < 2:
             raise ConfigError("metrics_history must be at least 2")
+        self._validate_cert_lifetimes()
+
+    def _validate_cert_lifetimes(self) -> None:
+        for name in ("node_cert_validity", "server_cert_validity"):
+            value = getattr(self, name)
+            try:
+                seconds = parse_duration(value) if isinstance(value, str) else float(value)
+            except (InvalidDuration, TypeError, ValueError):
+                raise ConfigError(f"{name} must be a duration such as 90s, 2m, 24h or 365d") from None
+            if not CERT_VALIDITY_MIN <= seconds <= CERT_VALIDITY_MAX:
+                raise ConfigError(f"{name} must be between 30s and 3650d (the CA's own life)")
+            setattr(self, name, seconds)
 
     def enroll_address(self) -> str:
         if self.enroll_listen:

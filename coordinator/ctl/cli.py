@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
-import re
 import shlex
 import socket
 import sys
@@ -17,6 +16,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.live import Live
 
 from picoord.common import VERSION
+from picoord.common.durations import parse_duration
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
 from picoord.common.throttling import describe_throttled
 from picoord.coordinator.apply.spec import MAX_SPEC_BYTES, SpecError, parse_spec
@@ -37,15 +37,6 @@ from picoord.coordinator.ctl.output import (
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 
 APPLY_TIMEOUT = 3600.0
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    match = _DURATION.fullmatch(text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 90s, 30m, 24h or 7d")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def token_view(info: admin_pb2.TokenInfo) -> dict[str, Any]:

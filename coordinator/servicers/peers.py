@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 from google.protobuf.descriptor import ServiceDescriptor
 
-from picoord.coordinator.ca import ADMIN_ORGANIZATION
+from picoord.coordinator.ca import ADMIN_ORGANIZATION, certificate_serial
 
 T = TypeVar("T")
 
@@ -23,10 +23,6 @@ class CertifiedPeer:
     common_name: str
     serial: str
     organizations: tuple[str, ...]
-
-
-def certificate_serial(certificate: x509.Certificate) -> str:
-    return format(certificate.serial_number, "x")
 
 
 def certified_peer(context: grpc.aio.ServicerContext) -> CertifiedPeer | None:
