@@ -20,6 +20,7 @@ from picoord.common.durations import parse_duration
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
 from picoord.common.throttling import describe_throttled
 from picoord.coordinator.apply.spec import MAX_SPEC_BYTES, SpecError, parse_spec
+from picoord.coordinator.ctl.certs import add_certs_parser, certificate_line, status_with_certificate
 from picoord.coordinator.ctl.client import CALL_TIMEOUT, AdminUnavailable, admin_socket_path, connect
 from picoord.coordinator.ctl.output import (
     FORMATS,
@@ -100,7 +101,7 @@ def cmd_nodes(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
         args.output,
         [
             ("NAME", lambda v: v["name"]),
-            ("STATUS", lambda v: v["status"]),
+            ("STATUS", status_with_certificate),
             ("ARCH", lambda v: v["arch"] or "-"),
             ("CPUS", lambda v: str(v["cpu_cores"] or "-")),
             ("MEMORY", lambda v: human_bytes(v["memory_total_bytes"]) if v["memory_total_bytes"] else "-"),
@@ -145,7 +146,7 @@ def cmd_node_show(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> i
         ("GPUs", ", ".join(f"{g.name} {human_bytes(g.memory_bytes)}" for g in hw.gpus) or "none"),
         ("Agent", detail.summary.agent_version or "-"),
         ("Labels", _labels_text(dict(sorted(detail.summary.labels.items())))),
-        ("Certificate", f"{detail.certificate_serial or '-'} until {view['certificate_not_after']}"),
+        ("Certificate", certificate_line(detail, view)),
         ("Last seen", ago(detail.summary.last_seen, time.time())),
     ]
     console.print(
@@ -463,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument("--interval", type=parse_duration, default=2.0, help="refresh period (default 2s)")
     top.set_defaults(handler=cmd_top)
+    add_certs_parser(commands, with_output)
     return parser
 
 

@@ -22,6 +22,12 @@ STATUS_NAMES = {
     admin_pb2.NODE_STATUS_DOWN: "Down",
     admin_pb2.NODE_STATUS_UNSPECIFIED: "Unknown",
 }
+CERTIFICATE_STATE_NAMES = {
+    admin_pb2.CERTIFICATE_STATE_UNSPECIFIED: "none",
+    admin_pb2.CERTIFICATE_STATE_VALID: "valid",
+    admin_pb2.CERTIFICATE_STATE_EXPIRED: "expired",
+    admin_pb2.CERTIFICATE_STATE_REVOKED: "revoked",
+}
 
 
 def iso_time(timestamp: float) -> str | None:
@@ -63,6 +69,8 @@ def node_view(node: admin_pb2.NodeSummary) -> dict[str, Any]:
         "connected": node.connected,
         "enrolled_at": iso_time(node.enrolled_at),
         "labels": dict(sorted(node.labels.items())),
+        "certificate_state": CERTIFICATE_STATE_NAMES[node.certificate_state],
+        "certificate_not_after": iso_time(node.certificate_not_after),
     }
 
 
