@@ -280,7 +280,12 @@ class AgentRunner:
             if delay > 0:
                 await asyncio.sleep(delay)
                 continue
-            if not await self._renew_once(outbox, current):
+            try:
+                renewed = await self._renew_once(outbox, current)
+            except (OSError, ValueError, RuntimeError):  # a bug or an odd file: retry, never die silently
+                log.exception("certificate renewal failed unexpectedly")
+                renewed = False
+            if not renewed:
                 await asyncio.sleep(renewal_retry_delay(current.not_after - time.time()))
 
     async def _renew_once(
