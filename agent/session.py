@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import random
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from picoord.agent.metrics import MetricsSampler
 from picoord.agent.state import AgentFiles, BadCredentials, Enrollment, NodeCredentials
 from picoord.common import PROTOCOL_VERSION, VERSION, defaults
 from picoord.common.addresses import split_host_port
+from picoord.common.durations import iso_utc
 from picoord.common.pki import jittered_fraction, rotation_deadline
 from picoord.v1 import agent_pb2, agent_pb2_grpc
 
@@ -59,10 +59,6 @@ def renewal_retry_delay(remaining: float) -> float:
     """After a failed renewal: often enough to renew before the end, rarely enough not to
     flood a coordinator or a log (a tenth of what is left, between 5 s and an hour)."""
     return min(3600.0, max(5.0, remaining / 10))
-
-
-def iso_utc(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass

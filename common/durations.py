@@ -1,9 +1,10 @@
 """Durations as people type them (90s, 2m, 24h, 365d): one parser for coordctl's and the
-coordinator's flags and for the coordinator's settings file."""
+coordinator's flags and for the coordinator's settings file; and instants as logs show them."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import re
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
@@ -29,3 +30,8 @@ def format_duration(seconds: float) -> str:
         if value >= size:
             return f"{value // size}{unit}"
     return f"{max(value, 0)}s"
+
+
+def iso_utc(timestamp: float) -> str:
+    """2026-11-27T10:00:00Z: how certificate ends appear in logs and in coordctl's output."""
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")

@@ -18,7 +18,7 @@ import structlog
 
 from picoord.common import VERSION, defaults
 from picoord.common.addresses import join_host_port, split_host_port
-from picoord.common.durations import parse_duration
+from picoord.common.durations import iso_utc, parse_duration
 from picoord.common.logs import configure_logging
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
@@ -253,7 +253,7 @@ async def rotate_server_certificate(ca: ClusterCA) -> None:
                 log.info(
                     "server certificate renewed",
                     serial=ca.server.serial,
-                    not_after=dt.datetime.fromtimestamp(ca.server.not_after, dt.UTC).isoformat(),
+                    not_after=iso_utc(ca.server.not_after),
                 )
         except OSError as error:  # a full or read-only state disk: keep serving the old one
             log.error("cannot renew the server certificate; retrying", error=str(error))

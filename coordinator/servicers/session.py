@@ -12,6 +12,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from picoord.common import VERSION
+from picoord.common.durations import iso_utc
 from picoord.common.pki import certificate_not_after
 from picoord.coordinator.ca import ClusterCA, CsrRejected, certificate_pem, certificate_serial
 from picoord.coordinator.cluster import Cluster, LiveSession
@@ -175,7 +176,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             return self._renewal_refused(node, "the coordinator cannot record certificates right now")
         if record is None:
             return self._renewal_refused(node, "the node is no longer enrolled")
-        log.info("certificate renewed", node=node, serial=record.serial, not_after=record.not_after)
+        log.info("certificate renewed", node=node, serial=record.serial, not_after=iso_utc(record.not_after))
         return agent_pb2.CertificateRenewal(certificate_pem=pem, ca_certificate_pem=self.ca.certificate_pem)
 
     def _issue_renewal(self, node: str, csr_pem: bytes, now: float) -> tuple[bytes, CertificateRecord | None]:

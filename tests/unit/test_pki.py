@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from picoord.common.durations import InvalidDuration, format_duration, parse_duration
+from picoord.common.durations import InvalidDuration, format_duration, iso_utc, parse_duration
 from picoord.common.pki import (
     RENEWAL_JITTER,
     InvalidCertificate,
@@ -106,3 +106,9 @@ def test_parse_duration_refuses(text: str) -> None:
 )
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+def test_iso_utc_matches_coordctl() -> None:
+    from picoord.coordinator.ctl.output import iso_time
+
+    assert iso_utc(1795860000.4) == "2026-11-28T10:00:00Z" == iso_time(1795860000.4)
