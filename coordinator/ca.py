@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -32,6 +33,8 @@ from picoord.common.pki import (
     certificate_not_before,
     rotation_deadline,
 )
+
+log = structlog.get_logger("picoord.coordinator.ca")
 
 ADMIN_ORGANIZATION = "picoord:admins"
 CA_VALIDITY = dt.timedelta(days=3650)
@@ -170,7 +173,14 @@ class ClusterCA:
         wanted += server_names or []
         ca = cls(key, certificate, state_dir, list(dict.fromkeys(wanted)), node_validity, server_validity)
         ca.server = ca._load_server()
-        ca.renew_server_if_due()
+        try:
+            ca.renew_server_if_due()
+        except OSError as error:
+            # A full or read-only state disk: serve the current certificate while it lasts
+            # (the rotation loop retries); without a usable one there is nothing to serve.
+            if ca.server is None or ca.server.not_after <= _now().timestamp():
+                raise
+            log.error("cannot renew the server certificate; serving the current one", error=str(error))
         return ca
 
     def _load_server(self) -> ServerIdentity | None:

@@ -1,6 +1,7 @@
-"""A full or read-only agent state dir during a certificate renewal: the old key and
-certificate stay, whole, and nothing half-written is left beside them. Real filesystems
-(a small tmpfs, then remounted read-only), so these need root."""
+"""A full or read-only state dir during a certificate renewal: the old key and certificate
+stay, whole, and nothing half-written is left beside them; the agent and the coordinator go
+on with them. Real filesystems (a small tmpfs, then remounted read-only; an immutable
+directory), so these need root."""
 
 from __future__ import annotations
 
@@ -68,3 +69,21 @@ def test_a_renewal_that_cannot_be_written_keeps_the_old_pair(
     assert raised.value.errno == (errno.ENOSPC if fault == "full" else errno.EROFS)
     assert files.credentials() == before
     assert sorted(p.name for p in small_state_dir.iterdir()) == sorted(listing)  # no .new, no .tmp
+
+
+def test_a_coordinator_whose_state_dir_cannot_be_written_serves_its_current_certificate(
+    root: None, tmp_path: Path
+) -> None:
+    first = ClusterCA.load_or_create(tmp_path).server
+    assert first is not None
+    subprocess.run(["chattr", "+i", str(tmp_path)], check=True, timeout=10)
+    try:
+        # a new advertised name makes the server certificate due for renewal at this start
+        again = ClusterCA.load_or_create(tmp_path, ["pi-desktop.example"])
+        assert again.server == first
+        with pytest.raises(OSError):
+            again.renew_server_if_due()
+        assert again.server == first and again.server_generation == 0
+    finally:
+        subprocess.run(["chattr", "-i", str(tmp_path)], check=True, timeout=10)
+    assert ClusterCA.load_or_create(tmp_path, ["pi-desktop.example"]).server != first  # heals
