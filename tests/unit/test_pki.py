@@ -9,6 +9,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from picoord.common.durations import InvalidDuration, format_duration, iso_utc, parse_duration
 from picoord.common.pki import (
@@ -112,3 +114,37 @@ def test_iso_utc_matches_coordctl() -> None:
     from picoord.coordinator.ctl.output import iso_time
 
     assert iso_utc(1795860000.4) == "2026-11-28T10:00:00Z" == iso_time(1795860000.4)
+
+
+CERTIFICATE_PEM = certificate(
+    dt.datetime(2026, 11, 27, 10, 0, tzinfo=UTC), dt.datetime(2027, 11, 27, 10, 0, tzinfo=UTC)
+)
+
+
+def _pem(der: bytes) -> bytes:
+    import ssl
+
+    return ssl.DER_cert_to_PEM_cert(der).encode()
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.data())
+def test_certificate_validity_never_fails_otherwise_on_damaged_certificates(data: st.DataObject) -> None:
+    """Mutated, truncated or random DER: a clear InvalidCertificate or the right answer, never
+    another exception (the agent reads this file before every dial)."""
+    import ssl
+
+    der = bytearray(ssl.PEM_cert_to_DER_cert(CERTIFICATE_PEM.decode()))
+    choice = data.draw(st.sampled_from(["flip", "truncate", "random"]))
+    if choice == "flip":
+        for _ in range(data.draw(st.integers(1, 4))):
+            der[data.draw(st.integers(0, len(der) - 1))] = data.draw(st.integers(0, 255))
+    elif choice == "truncate":
+        der = der[: data.draw(st.integers(0, len(der) - 1))]
+    else:
+        der = bytearray(data.draw(st.binary(max_size=600)))
+    try:
+        not_before, not_after = certificate_validity(_pem(bytes(der)))
+    except InvalidCertificate:
+        return
+    assert isinstance(not_before, float) and isinstance(not_after, float)
