@@ -20,6 +20,7 @@ from pathlib import Path
 
 import structlog
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -255,9 +256,14 @@ class ClusterCA:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as error:
             raise CsrRejected(f"the CSR is not a PEM certificate request: {error}") from None
-        if not csr.is_signature_valid:
+        try:
+            # A damaged key or an unknown algorithm makes these raise rather than answer.
+            signature_valid = csr.is_signature_valid
+            public_key = csr.public_key()
+        except (ValueError, UnsupportedAlgorithm) as error:
+            raise CsrRejected(f"the CSR's key is unusable: {error}") from None
+        if not signature_valid:
             raise CsrRejected("the CSR's signature does not verify")
-        public_key = csr.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.key_size < 256:
             raise CsrRejected("the CSR must carry an ECDSA key of at least 256 bits")
         builder = (

@@ -45,6 +45,20 @@ def csr(key: object, common_name: str = "pi1", sans: list[str] | None = None) ->
     return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
 
 
+def with_damaged_key(part: str) -> bytes:
+    """A CSR whose public key cannot be loaded (found by fuzzing: these raised past CsrRejected)."""
+    key = p256()
+    der = x509.load_pem_x509_csr(csr(key)).public_bytes(serialization.Encoding.DER)
+    if part == "algorithm":  # id-ecPublicKey 1.2.840.10045.2.1 -> an unknown .2.2
+        der = der.replace(bytes.fromhex("06072a8648ce3d0201"), bytes.fromhex("06072a8648ce3d0202"))
+    else:  # the EC point's uncompressed-form marker
+        point = key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        der = der.replace(point, b"\x05" + point[1:])
+    return x509.load_der_x509_csr(der).public_bytes(serialization.Encoding.PEM)
+
+
 BAD_DER = b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
 
 
@@ -73,8 +87,19 @@ def with_bad_signature() -> bytes:
         (with_bad_signature, "signature does not verify"),
         (lambda: csr(rsa.generate_private_key(65537, 2048)), "ECDSA key of at least 256 bits"),
         (lambda: csr(ec.generate_private_key(ec.SECP224R1())), "ECDSA key of at least 256 bits"),
+        (lambda: with_damaged_key("algorithm"), "key is unusable: Unknown key type"),
+        (lambda: with_damaged_key("point"), "key is unusable: Invalid key"),
     ],
-    ids=["empty", "bad-base64-der", "garbage", "bad-signature", "rsa-key", "p224-key"],
+    ids=[
+        "empty",
+        "bad-base64-der",
+        "garbage",
+        "bad-signature",
+        "rsa-key",
+        "p224-key",
+        "unknown-key-type",
+        "bad-point",
+    ],
 )
 def test_csrs_the_ca_refuses(ca: ClusterCA, make_csr: Callable[[], bytes], refusal: str) -> None:
     with pytest.raises(CsrRejected, match=refusal):

@@ -3,6 +3,7 @@ the session's node only, recorded beside the old one; refusals answer and change
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from picoord.agent.enroll import new_key_and_csr
 from picoord.coordinator.ca import ClusterCA
@@ -75,3 +78,30 @@ async def test_renewals_are_spaced(cluster: Cluster, ca: ClusterCA) -> None:
     again = await session._renew("pi1", new_key_and_csr("pi1")[1])
     assert "at least 60s apart" in again.error
     assert len(cluster.store.active_certificates("pi1", now=2.0)) == 2
+
+
+VALID_CSR = new_key_and_csr("pi1")[1]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_damaged_csrs_are_refused_and_change_nothing(
+    cluster: Cluster, ca: ClusterCA, data: st.DataObject
+) -> None:
+    csr = bytearray(VALID_CSR)
+    if data.draw(st.booleans()):
+        for _ in range(data.draw(st.integers(1, 4))):
+            csr[data.draw(st.integers(0, len(csr) - 1))] = data.draw(st.integers(0, 255))
+    else:
+        csr = bytearray(data.draw(st.binary(max_size=2048)))
+    before = cluster.store.newest_certificates()
+    count = len(cluster.store.active_certificates("pi1", now=2.0))
+    session = servicer(cluster, ca)
+    reply = asyncio.run(session._renew("pi1", bytes(csr)))
+    if reply.error:
+        assert reply.certificate_pem == b""
+        assert cluster.store.newest_certificates() == before
+        assert len(cluster.store.active_certificates("pi1", now=2.0)) == count
+    else:  # a flip the PEM decoder ignores (e.g. in the armour): still for pi1 only
+        issued = x509.load_pem_x509_certificate(reply.certificate_pem)
+        assert issued.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "pi1"
