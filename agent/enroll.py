@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 
 from picoord.agent.channel import channel_options
 from picoord.agent.errors import JoinError
-from picoord.agent.state import AgentFiles, Enrollment
+from picoord.agent.state import AgentFiles, BadCredentials, Enrollment
 from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
 from picoord.common.defaults import COORDINATOR_SERVER_NAME
 from picoord.common.pki import ca_cert_hash
@@ -147,5 +147,8 @@ def join(
     if reply.ca_certificate_pem.strip() != ca_pem.strip() or reply.node_name != node_name:
         raise JoinError("the coordinator's reply does not match the pinned CA or the requested name")
     enrollment = Enrollment(node_name=node_name, coordinator=str(coordinator), enrolled_at=time.time())
-    files.save(enrollment, key_pem, reply.certificate_pem, ca_pem)
+    try:
+        files.save(enrollment, key_pem, reply.certificate_pem, ca_pem)
+    except BadCredentials as error:
+        raise JoinError(f"the coordinator's certificate is unusable: {error}") from None
     return enrollment

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -23,10 +24,12 @@ from picoord.agent.channel import channel_options
 from picoord.agent.hardware import collect_hardware
 from picoord.agent.metrics import MetricsSampler
 from picoord.agent.runtime.supervisor import Supervisor
-from picoord.agent.state import AgentFiles, Enrollment
+from picoord.agent.state import AgentFiles, BadCredentials, Enrollment, NodeCredentials
 from picoord.common import PROTOCOL_VERSION, VERSION, defaults
 from picoord.common.addresses import split_host_port
 from picoord.common.checks.workloads import check_assignment
+from picoord.common.durations import iso_utc
+from picoord.common.pki import jittered_fraction, rotation_deadline
 from picoord.common.validation import FieldError
 from picoord.v1 import agent_pb2, agent_pb2_grpc, workloads_pb2
 
@@ -43,6 +46,23 @@ class SessionLost(Exception):
 
 class HealthySessionEnded(Exception):
     """A long, healthy session ended: reconnect starting from the shortest backoff."""
+
+
+class CertificateUnusable(SessionLost):
+    """This node's certificate has ended or cannot be read: dialing would only fail."""
+
+
+RENEWAL_REPLY_TIMEOUT = 30.0
+REJOIN_FIX = (
+    "Fix: on the coordinator run `coordctl token create`, then run the `picoord-agent join ...` "
+    "command it prints here, with --force"
+)
+
+
+def renewal_retry_delay(remaining: float) -> float:
+    """After a failed renewal: often enough to renew before the end, rarely enough not to
+    flood a coordinator or a log (a tenth of what is left, between 5 s and an hour)."""
+    return min(3600.0, max(5.0, remaining / 10))
 
 
 @dataclass
@@ -62,6 +82,7 @@ class AgentRunner:
         self.sampler = MetricsSampler()
         self.connected = asyncio.Event()
         self._action_lock = asyncio.Lock()
+        self._renewal_reply: asyncio.Future[agent_pb2.CertificateRenewal] | None = None
         self._actions: set[asyncio.Task[None]] = set()
         # Workloads: the supervisor thread keeps the node's replicas running whether or not a
         # session is open; its reports go up the current session, if there is one.
@@ -70,11 +91,12 @@ class AgentRunner:
         self._stop_supervisor = threading.Event()
 
     def _credentials(self) -> grpc.ChannelCredentials:
-        # Read at every attempt, so a re-join while running takes effect on reconnect.
+        # Read at every attempt, so a renewal or a re-join while running takes effect on reconnect.
+        current = self._usable_credentials()
         return grpc.ssl_channel_credentials(
             root_certificates=self.files.ca.read_bytes(),
-            private_key=self.files.key.read_bytes(),
-            certificate_chain=self.files.certificate.read_bytes(),
+            private_key=current.key_pem,
+            certificate_chain=current.certificate_pem,
         )
 
     async def run_forever(self) -> None:
@@ -130,8 +152,12 @@ class AgentRunner:
         try:
             await self._stream()
             reason = "the coordinator closed the session"
+        except CertificateUnusable as error:
+            log.error(str(error))
+            reason = str(error)
         except grpc.aio.AioRpcError as error:
             reason = _explain(error)
+            self._report_revocation(error)
         except (OSError, ValueError, RuntimeError) as error:
             # Unreadable key files, a bad message, a bug: log it with its traceback and try
             # again rather than leave the node unmanaged until someone restarts the agent.
@@ -177,11 +203,13 @@ class AgentRunner:
             sender = asyncio.create_task(
                 self._send_samples(outbox, interval, first.welcome.heartbeat_interval_seconds)
             )
+            renewer = asyncio.create_task(self._renew_when_due(outbox))
             try:
                 while (message := await call.read()) is not grpc.aio.EOF:
                     await self._handle(message, outbox)
             finally:
                 self._session_outbox = None
+                renewer.cancel()
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
@@ -223,6 +251,8 @@ class AgentRunner:
             task.add_done_callback(self._actions.discard)
         elif kind == "assignment":
             self._assign(message.assignment)
+        elif kind == "certificate":
+            self._renewal_answered(message.certificate)
         elif kind == "error":
             log.error("coordinator reported an error", code=message.error.code, message=message.error.message)
         else:
@@ -253,6 +283,98 @@ class AgentRunner:
         async with self._action_lock:
             result = await asyncio.to_thread(execute, request, node)
         await outbox.put(agent_pb2.AgentMessage(action_result=result))
+
+    # ------------------------------------------------------------ certificate rotation
+
+    def _usable_credentials(self) -> NodeCredentials:
+        """The current key and certificate, refused with the reason and the fix when they
+        cannot work: an ended certificate would only fail the TLS handshake ("Socket closed")."""
+        try:
+            current = self.files.credentials()
+        except (BadCredentials, OSError) as error:
+            raise CertificateUnusable(
+                f"this node's credentials are unusable: {error}. {REJOIN_FIX}"
+            ) from None
+        if time.time() >= current.not_after:
+            raise CertificateUnusable(
+                f"this node's certificate expired at {iso_utc(current.not_after)}; it can no longer "
+                f"connect to {self.enrollment.coordinator}. {REJOIN_FIX}"
+            )
+        return current
+
+    def _report_revocation(self, error: grpc.aio.AioRpcError) -> None:
+        if error.code() == grpc.StatusCode.PERMISSION_DENIED and "revoked" in (error.details() or ""):
+            log.error(
+                f"this node's certificate was revoked by the coordinator (the node was removed); it can "
+                f"no longer connect to {self.enrollment.coordinator}. {REJOIN_FIX}",
+                coordinator_said=error.details(),
+            )
+
+    async def _renew_when_due(self, outbox: asyncio.Queue[agent_pb2.AgentMessage]) -> None:
+        """Renew the certificate with a new key at about two thirds of its life, over this
+        session; the new pair is used from the next connection. Failures keep the old pair
+        and are retried later."""
+        fraction = jittered_fraction(random.random())
+        while True:
+            try:
+                current = self.files.credentials()
+            except (BadCredentials, OSError) as error:  # the next dial reports it with the fix
+                log.error("cannot read this node's certificate to renew it", error=str(error))
+                await asyncio.sleep(60.0)
+                continue
+            delay = rotation_deadline(current.not_before, current.not_after, fraction) - time.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            try:
+                renewed = await self._renew_once(outbox, current)
+            except (OSError, ValueError, RuntimeError):  # a bug or an odd file: retry, never die silently
+                log.exception("certificate renewal failed unexpectedly")
+                renewed = False
+            if not renewed:
+                await asyncio.sleep(renewal_retry_delay(current.not_after - time.time()))
+
+    async def _renew_once(
+        self, outbox: asyncio.Queue[agent_pb2.AgentMessage], current: NodeCredentials
+    ) -> bool:
+        from picoord.agent.enroll import new_key_and_csr  # cryptography: loaded when renewing only
+
+        key_pem, csr_pem = await asyncio.to_thread(new_key_and_csr, self.enrollment.node_name)
+        self._renewal_reply = asyncio.get_running_loop().create_future()
+        log.info("renewing this node's certificate", current_not_after=iso_utc(current.not_after))
+        try:
+            await outbox.put(agent_pb2.AgentMessage(renew=agent_pb2.RenewCertificate(csr_pem=csr_pem)))
+            reply = await asyncio.wait_for(self._renewal_reply, RENEWAL_REPLY_TIMEOUT)
+        except TimeoutError:
+            log.warning("the coordinator did not answer the certificate renewal; retrying later")
+            return False
+        finally:
+            self._renewal_reply = None
+        if reply.error:
+            log.error("the coordinator refused to renew this node's certificate", reason=reply.error)
+            return False
+        if reply.ca_certificate_pem.strip() != self.files.ca.read_bytes().strip():
+            log.error("the renewed certificate comes with another CA; keeping the current one")
+            return False
+        try:
+            renewed = await asyncio.to_thread(self.files.save_credentials, key_pem, reply.certificate_pem)
+        except (OSError, BadCredentials) as error:
+            log.error(
+                "cannot store the renewed certificate: keeping the current key and certificate, "
+                "retrying later",
+                state_dir=str(self.files.state_dir),
+                error=str(error),
+                current_not_after=iso_utc(current.not_after),
+            )
+            return False
+        log.info("certificate renewed; used from the next connection", not_after=iso_utc(renewed.not_after))
+        return True
+
+    def _renewal_answered(self, reply: agent_pb2.CertificateRenewal) -> None:
+        if self._renewal_reply is None or self._renewal_reply.done():
+            log.warning("ignoring a certificate renewal nobody asked for")
+            return
+        self._renewal_reply.set_result(reply)
 
 
 def _offer(outbox: asyncio.Queue, message: agent_pb2.AgentMessage) -> None:

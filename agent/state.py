@@ -1,22 +1,38 @@
 """What `picoord-agent join` leaves in the agent's state dir for `picoord-agent run`.
 
-node.key is written 0600 before any byte of it; the enrollment is recorded last, so a
+The node's key and certificate live together in one file, node.pem (0600 from its first
+byte), as kubelet keeps kubelet-client-current.pem: a renewal replaces both with one
+rename, so a full or read-only disk, or a crash, leaves the old pair or the new one, never
+a key of one with the certificate of the other. The enrollment is recorded last, so a
 join that fails half-way leaves no enrollment that `run` would try to use.
+
+Enrollments made before node.pem existed have node.key and node.crt; they are still read
+(only when they belong together) until the first renewal writes node.pem.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from picoord.common.files import write_atomically
+from picoord.common.pki import InvalidCertificate, certificate_validity
 
 ENROLLMENT_FILE = "enrollment.json"
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
 
 class NotEnrolled(RuntimeError):
     pass
+
+
+class BadCredentials(ValueError):
+    """The stored key and certificate are unusable (missing, damaged or not a pair)."""
 
 
 @dataclass(frozen=True)
@@ -27,15 +43,59 @@ class Enrollment:
 
 
 @dataclass(frozen=True)
+class NodeCredentials:
+    """A key and the certificate issued for it, read from one consistent source."""
+
+    key_pem: bytes
+    certificate_pem: bytes
+    not_before: float
+    not_after: float
+
+
+def split_pem(data: bytes) -> tuple[bytes, bytes]:
+    """(private key, certificate) PEM blocks of a combined file; empty when absent."""
+    key, certificate = b"", b""
+    for match in _PEM_BLOCK.finditer(data):
+        kind = match.group(1)
+        if kind.endswith(b"PRIVATE KEY") and not key:
+            key = match.group(0)
+        elif kind == b"CERTIFICATE" and not certificate:
+            certificate = match.group(0)
+    return key, certificate
+
+
+def _pair_matches(certificate_file: str, key_file: str | None = None) -> bool:
+    """OpenSSL's own check that the key belongs to the certificate (no cryptography import)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(certificate_file, key_file)
+    except (ssl.SSLError, OSError):
+        return False
+    return True
+
+
+def _credentials(key_pem: bytes, certificate_pem: bytes) -> NodeCredentials:
+    try:
+        not_before, not_after = certificate_validity(certificate_pem)
+    except InvalidCertificate as error:
+        raise BadCredentials(f"unreadable certificate: {error}") from None
+    return NodeCredentials(key_pem, certificate_pem, not_before, not_after)
+
+
+@dataclass(frozen=True)
 class AgentFiles:
     state_dir: Path
 
     @property
-    def key(self) -> Path:
+    def credentials_path(self) -> Path:
+        return self.state_dir / "node.pem"
+
+    @property
+    def key(self) -> Path:  # before node.pem: read, never written
         return self.state_dir / "node.key"
 
     @property
-    def certificate(self) -> Path:
+    def certificate(self) -> Path:  # before node.pem: read, never written
         return self.state_dir / "node.crt"
 
     @property
@@ -50,9 +110,11 @@ class AgentFiles:
         try:
             data = json.loads(self.enrollment_path.read_text())
             enrollment = Enrollment(**data)
-            for path in (self.key, self.certificate, self.ca):
+            for path in (self.ca,):
                 if not path.exists():
                     raise FileNotFoundError(path)
+            if not self.credentials_path.exists() and not (self.key.exists() and self.certificate.exists()):
+                raise FileNotFoundError(self.credentials_path)
         except FileNotFoundError:
             raise NotEnrolled(
                 f"this node is not enrolled (nothing usable in {self.state_dir}): "
@@ -62,9 +124,64 @@ class AgentFiles:
             raise NotEnrolled(f"{self.enrollment_path} is damaged ({error}): join again") from None
         return enrollment
 
+    def credentials(self) -> NodeCredentials:
+        """The current key and certificate; never a key that does not match its certificate."""
+        try:
+            fd = os.open(self.credentials_path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return self._legacy_credentials()
+        with os.fdopen(fd, "rb") as handle:
+            data = handle.read()
+            # The same open file is checked as was read: a rename in between cannot mix two pairs.
+            matches = _pair_matches(f"/proc/self/fd/{handle.fileno()}")
+        key_pem, certificate_pem = split_pem(data)
+        if not (key_pem and certificate_pem and matches):
+            raise BadCredentials(
+                f"{self.credentials_path} does not hold a key and the certificate issued for it: join again"
+            )
+        return _credentials(key_pem, certificate_pem)
+
+    def _legacy_credentials(self) -> NodeCredentials:
+        try:
+            key_pem, certificate_pem = self.key.read_bytes(), self.certificate.read_bytes()
+        except FileNotFoundError as error:
+            raise BadCredentials(f"no key and certificate in {self.state_dir}: {error}") from None
+        if not _pair_matches(str(self.certificate), str(self.key)):
+            raise BadCredentials(f"{self.key} does not belong to {self.certificate}: join again")
+        return _credentials(key_pem, certificate_pem)
+
+    def save_credentials(self, key_pem: bytes, certificate_pem: bytes) -> NodeCredentials:
+        """Replace the key and certificate as one: checked in a staging file, then renamed.
+
+        On any error (a full or read-only disk, a certificate that is not for this key) the
+        current pair stays in place and the error is raised."""
+        staging = self.credentials_path.with_name("node.pem.new")
+        try:
+            write_atomically(staging, certificate_pem.strip() + b"\n" + key_pem.strip() + b"\n", 0o600)
+            if not _pair_matches(str(staging)):
+                raise BadCredentials("the new certificate was not issued for the new key")
+            credentials = _credentials(*split_pem(staging.read_bytes()))
+            os.replace(staging, self.credentials_path)
+            _sync_directory(self.state_dir)
+        finally:
+            with contextlib.suppress(OSError):
+                staging.unlink()
+        for legacy in (self.key, self.certificate):  # superseded; a failure here changes nothing
+            with contextlib.suppress(OSError):
+                legacy.unlink()
+        return credentials
+
     def save(self, enrollment: Enrollment, key_pem: bytes, certificate_pem: bytes, ca_pem: bytes) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_atomically(self.key, key_pem, 0o600)
-        write_atomically(self.certificate, certificate_pem, 0o644)
+        self.save_credentials(key_pem, certificate_pem)
         write_atomically(self.ca, ca_pem, 0o644)
         write_atomically(self.enrollment_path, json.dumps(asdict(enrollment), indent=2).encode(), 0o644)
+
+
+def _sync_directory(path: Path) -> None:
+    """Make a rename in `path` durable (a power cut right after must not undo it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

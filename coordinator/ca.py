@@ -3,6 +3,9 @@ each enrolled node's client certificate.
 
 Keys are ECDSA P-256: cheap to generate and verify on a Raspberry Pi. Private keys are
 written 0600 from their first byte (common.files.write_atomically).
+
+Node and server certificates rotate, as kubelet's do: at about two thirds of their life
+(common.pki.rotation_deadline) a new key gets a new certificate; lifetimes are settings.
 """
 
 from __future__ import annotations
@@ -10,10 +13,14 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import socket
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
+import structlog
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -21,12 +28,20 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from picoord.common.defaults import COORDINATOR_SERVER_NAME
 from picoord.common.files import write_atomically
 from picoord.common.names import validate_node_name
-from picoord.common.pki import ca_cert_hash, certificate_not_after
+from picoord.common.pki import (
+    ca_cert_hash,
+    certificate_not_after,
+    certificate_not_before,
+    rotation_deadline,
+)
+
+log = structlog.get_logger("picoord.coordinator.ca")
 
 ADMIN_ORGANIZATION = "picoord:admins"
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=365)
 NODE_VALIDITY = dt.timedelta(days=365)
+MAX_BACKDATE = dt.timedelta(minutes=5)  # tolerance for Pis whose clock runs a little behind
 
 
 class CsrRejected(ValueError):
@@ -47,6 +62,11 @@ def certificate_pem(certificate: x509.Certificate) -> bytes:
     return certificate.public_bytes(serialization.Encoding.PEM)
 
 
+def certificate_serial(certificate: x509.Certificate) -> str:
+    """How serials are written in the store, in logs and by coordctl: lower-case hex."""
+    return format(certificate.serial_number, "x")
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -61,14 +81,54 @@ def _san_entries(names: list[str]) -> list[x509.GeneralName]:
     return entries
 
 
+def backdate(validity: dt.timedelta) -> dt.timedelta:
+    """How far before now a certificate starts: clock-skew tolerance, but a small part of a
+    short life, so its rotation point (a fraction of notBefore..notAfter) stays ahead."""
+    return min(MAX_BACKDATE, validity / 10)
+
+
+class CertificateState(Enum):
+    VALID = "valid"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+def certificate_state(not_after: float, revoked_at: float | None, now: float) -> CertificateState:
+    """Revoked wins over expired: it is the operator's decision and says what to do."""
+    if revoked_at is not None:
+        return CertificateState.REVOKED
+    return CertificateState.VALID if now < not_after else CertificateState.EXPIRED
+
+
+def server_renewal_due(covers_names: bool, not_before: float, not_after: float, now: float) -> bool:
+    """The server certificate is re-issued when it lacks a wanted name or has lived two thirds."""
+    return not covers_names or now >= rotation_deadline(not_before, not_after)
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """The coordinator's TLS key and certificate, replaced as a whole when it rotates."""
+
+    key_pem: bytes
+    certificate_pem: bytes
+    not_before: float
+    not_after: float
+    serial: str
+
+
 @dataclass
 class ClusterCA:
     """The CA key and certificate plus the coordinator's server identity, kept in the state dir."""
 
     key: ec.EllipticCurvePrivateKey
     certificate: x509.Certificate
-    server_key_pem: bytes
-    server_certificate_pem: bytes
+    state_dir: Path
+    server_names: list[str]
+    node_validity: dt.timedelta = NODE_VALIDITY
+    server_validity: dt.timedelta = SERVER_VALIDITY
+    server: ServerIdentity | None = None
+    server_generation: int = 0  # bumped at every rotation: TLS credentials reload on a change
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def certificate_pem(self) -> bytes:
@@ -79,12 +139,28 @@ class ClusterCA:
         return ca_cert_hash(self.certificate)
 
     @property
+    def server_key_pem(self) -> bytes:
+        assert self.server is not None
+        return self.server.key_pem
+
+    @property
+    def server_certificate_pem(self) -> bytes:
+        assert self.server is not None
+        return self.server.certificate_pem
+
+    @property
     def server_chain_pem(self) -> bytes:
         """Server certificate followed by the CA, so a joining agent can pin the CA by hash."""
         return self.server_certificate_pem + self.certificate_pem
 
     @classmethod
-    def load_or_create(cls, state_dir: Path, server_names: list[str] | None = None) -> ClusterCA:
+    def load_or_create(
+        cls,
+        state_dir: Path,
+        server_names: list[str] | None = None,
+        node_validity: dt.timedelta = NODE_VALIDITY,
+        server_validity: dt.timedelta = SERVER_VALIDITY,
+    ) -> ClusterCA:
         ca_key_path, ca_cert_path = state_dir / "ca.key", state_dir / "ca.crt"
         if ca_key_path.exists() and ca_cert_path.exists():
             key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
@@ -94,42 +170,78 @@ class ClusterCA:
             write_atomically(ca_key_path, private_key_pem(key), 0o600)
             write_atomically(ca_cert_path, certificate_pem(certificate), 0o644)
         assert isinstance(key, ec.EllipticCurvePrivateKey)
-        ca = cls(key, certificate, b"", b"")
-        ca._load_or_create_server(state_dir, server_names or [])
+        wanted = [COORDINATOR_SERVER_NAME, socket.gethostname(), "localhost", "127.0.0.1"]
+        wanted += server_names or []
+        ca = cls(key, certificate, state_dir, list(dict.fromkeys(wanted)), node_validity, server_validity)
+        ca.server = ca._load_server()
+        try:
+            ca.renew_server_if_due()
+        except OSError as error:
+            # A full or read-only state disk: serve the current certificate while it lasts
+            # (the rotation loop retries); without a usable one there is nothing to serve.
+            if ca.server is None or ca.server.not_after <= _now().timestamp():
+                raise
+            log.error("cannot renew the server certificate; serving the current one", error=str(error))
         return ca
 
-    def _load_or_create_server(self, state_dir: Path, extra_names: list[str]) -> None:
-        key_path, cert_path = state_dir / "server.key", state_dir / "server.crt"
-        wanted = [COORDINATOR_SERVER_NAME, socket.gethostname(), "localhost", "127.0.0.1", *extra_names]
-        if key_path.exists() and cert_path.exists():
-            existing = x509.load_pem_x509_certificate(cert_path.read_bytes())
-            if _covers(existing, wanted) and certificate_not_after(existing) > _now() + dt.timedelta(days=30):
-                self.server_key_pem = key_path.read_bytes()
-                self.server_certificate_pem = cert_path.read_bytes()
-                return
-        key = new_private_key()
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, COORDINATOR_SERVER_NAME)]))
-            .add_extension(x509.SubjectAlternativeName(_san_entries(wanted)), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        )
-        certificate = self._sign(builder, key.public_key(), SERVER_VALIDITY)
-        self.server_key_pem = private_key_pem(key)
-        self.server_certificate_pem = certificate_pem(certificate)
-        write_atomically(key_path, self.server_key_pem, 0o600)
-        write_atomically(cert_path, self.server_certificate_pem, 0o644)
+    def _load_server(self) -> ServerIdentity | None:
+        """The server identity on disk, if its key and certificate belong together."""
+        key_path, cert_path = self.state_dir / "server.key", self.state_dir / "server.crt"
+        if not (key_path.exists() and cert_path.exists()):
+            return None
+        key_pem, cert_pem = key_path.read_bytes(), cert_path.read_bytes()
+        try:
+            certificate = x509.load_pem_x509_certificate(cert_pem)
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except ValueError:
+            return None
+        if key.public_key() != certificate.public_key():  # a crash between the two writes
+            return None
+        return _server_identity(key_pem, certificate)
+
+    def renew_server_if_due(self, now: float | None = None) -> bool:
+        """Re-issue the server certificate (new key) when due; True when it changed.
+
+        Called at start-up and periodically; the TLS ports pick the new one up at their next
+        handshake (see coordinator.main), so no restart is needed."""
+        now = _now().timestamp() if now is None else now
+        with self._lock:
+            current = self.server
+            if current is not None and not server_renewal_due(
+                _covers(x509.load_pem_x509_certificate(current.certificate_pem), self.server_names),
+                current.not_before,
+                current.not_after,
+                now,
+            ):
+                return False
+            key = new_private_key()
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, COORDINATOR_SERVER_NAME)]))
+                .add_extension(x509.SubjectAlternativeName(_san_entries(self.server_names)), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            )
+            certificate = self._sign(builder, key.public_key(), self.server_validity)
+            identity = _server_identity(private_key_pem(key), certificate)
+            # Two files, two renames: a crash between them leaves a pair that _load_server
+            # refuses (key and certificate differ), and the next start issues a fresh one.
+            write_atomically(self.state_dir / "server.key", identity.key_pem, 0o600)
+            write_atomically(self.state_dir / "server.crt", identity.certificate_pem, 0o644)
+            self.server = identity
+            self.server_generation += 1
+            return True
 
     def _sign(
         self, builder: x509.CertificateBuilder, public_key: object, validity: dt.timedelta
     ) -> x509.Certificate:
         now = _now()
+        not_after = min(now + validity, certificate_not_after(self.certificate))  # never past the CA
         return (
             builder.issuer_name(self.certificate.subject)
             .public_key(public_key)  # type: ignore[arg-type]
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + validity)
+            .not_valid_before(now - backdate(validity))
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
@@ -144,9 +256,14 @@ class ClusterCA:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError as error:
             raise CsrRejected(f"the CSR is not a PEM certificate request: {error}") from None
-        if not csr.is_signature_valid:
+        try:
+            # A damaged key or an unknown algorithm makes these raise rather than answer.
+            signature_valid = csr.is_signature_valid
+            public_key = csr.public_key()
+        except (ValueError, UnsupportedAlgorithm) as error:
+            raise CsrRejected(f"the CSR's key is unusable: {error}") from None
+        if not signature_valid:
             raise CsrRejected("the CSR's signature does not verify")
-        public_key = csr.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or public_key.curve.key_size < 256:
             raise CsrRejected("the CSR must carry an ECDSA key of at least 256 bits")
         builder = (
@@ -155,7 +272,17 @@ class ClusterCA:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(node_name)]), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )
-        return self._sign(builder, public_key, NODE_VALIDITY)
+        return self._sign(builder, public_key, self.node_validity)
+
+
+def _server_identity(key_pem: bytes, certificate: x509.Certificate) -> ServerIdentity:
+    return ServerIdentity(
+        key_pem=key_pem,
+        certificate_pem=certificate_pem(certificate),
+        not_before=certificate_not_before(certificate).timestamp(),
+        not_after=certificate_not_after(certificate).timestamp(),
+        serial=certificate_serial(certificate),
+    )
 
 
 def _covers(certificate: x509.Certificate, names: list[str]) -> bool:

@@ -330,6 +330,15 @@ class Cluster:
         """The node's certificates that are neither revoked nor expired, newest first."""
         return await self._read(self._store.active_certificates, name, self.clock())
 
+    async def newest_certificates(self, name: str | None = None) -> dict[str, CertificateRecord]:
+        """Each node's newest certificate, expired and revoked ones included (for status)."""
+        return await self._read(self._store.newest_certificates, name)
+
+    @whole
+    async def add_certificate(self, record: CertificateRecord) -> bool:
+        """Record a renewed certificate; False when its node is no longer enrolled."""
+        return await self._write(self._store.add_certificate, record)
+
     @whole
     async def record_action(self, record: admin_pb2.ActionRecord) -> None:
         await self._write(

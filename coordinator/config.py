@@ -8,10 +8,15 @@ from pathlib import Path
 
 from picoord.common import defaults
 from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
+from picoord.common.durations import InvalidDuration, parse_duration
 
 
 class ConfigError(ValueError):
     pass
+
+
+CERT_VALIDITY_MIN = 30.0
+CERT_VALIDITY_MAX = 3650 * 86400.0
 
 
 @dataclass
@@ -42,6 +47,10 @@ class CoordinatorConfig:
     # A node whose session is gone longer than this has its replicas replaced elsewhere
     # (Nomad's disconnect.lost_after); shorter outages replace nothing.
     disconnect_grace: float = 5.0
+    # Certificate lifetimes in seconds (a duration such as "90d" in the file): both rotate
+    # at about two thirds of their life, so tests can use a minute or less.
+    node_cert_validity: float = 365 * 86400.0
+    server_cert_validity: float = 365 * 86400.0
 
     @classmethod
     def load(cls, path: Path | None, required: bool) -> CoordinatorConfig:
@@ -90,6 +99,18 @@ class CoordinatorConfig:
             raise ConfigError("enroll_max_failures must be at least 1")
         if not (self.enroll_failure_window > 0 and self.enroll_ban > 0):
             raise ConfigError("enroll_failure_window and enroll_ban must be positive")
+        self._validate_cert_lifetimes()
+
+    def _validate_cert_lifetimes(self) -> None:
+        for name in ("node_cert_validity", "server_cert_validity"):
+            value = getattr(self, name)
+            try:
+                seconds = parse_duration(value) if isinstance(value, str) else float(value)
+            except (InvalidDuration, TypeError, ValueError):
+                raise ConfigError(f"{name} must be a duration such as 90s, 2m, 24h or 365d") from None
+            if not CERT_VALIDITY_MIN <= seconds <= CERT_VALIDITY_MAX:
+                raise ConfigError(f"{name} must be between 30s and 3650d (the CA's own life)")
+            setattr(self, name, seconds)
 
     def enroll_address(self) -> str:
         if self.enroll_listen:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import resource
 import signal
@@ -17,6 +18,7 @@ import structlog
 
 from picoord.common import VERSION, defaults
 from picoord.common.addresses import join_host_port, split_host_port
+from picoord.common.durations import iso_utc, parse_duration
 from picoord.common.logs import configure_logging
 from picoord.coordinator.admin_relay import AdminRelay
 from picoord.coordinator.ca import ClusterCA
@@ -77,6 +79,7 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
     parser.add_argument(
         "--metrics-interval", type=float, help="seconds between agent samples (5, at least 1)"
     )
+    _add_certificate_arguments(parser)
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--version", action="version", version=f"picoord-coordinator {VERSION}")
     args = parser.parse_args(argv)
@@ -96,6 +99,8 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
         "disconnect_grace",
         "metrics_interval",
         "log_level",
+        "node_cert_validity",
+        "server_cert_validity",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -178,7 +183,7 @@ async def serve(config: CoordinatorConfig) -> None:
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     listen_host, listen_port = split_host_port(config.listen, "listen")
     advertise_host = config.advertise_address or advertised_host(listen_host)
-    ca = ClusterCA.load_or_create(state_dir, [advertise_host])
+    ca = load_cluster_ca(config, state_dir, advertise_host)
     store = Store(state_dir / "state.db")
     cluster = Cluster(
         store,
@@ -197,7 +202,7 @@ async def serve(config: CoordinatorConfig) -> None:
     )
     agent_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(cluster, ca, throttle), server)
     agent_pb2_grpc.add_AgentSessionServicer_to_server(
-        SessionServicer(cluster, config.metrics_interval, config.heartbeat_interval, controller), server
+        SessionServicer(cluster, config.metrics_interval, config.heartbeat_interval, ca, controller), server
     )
     admin = restrict_to_operators(
         AdminServicer(
@@ -214,11 +219,7 @@ async def serve(config: CoordinatorConfig) -> None:
         WorkloadsServicer(controller), services_pb2.DESCRIPTOR.services_by_name["Workloads"]
     )
     services_pb2_grpc.add_WorkloadsServicer_to_server(workloads, server)
-    key_and_chain = [(ca.server_key_pem, ca.server_chain_pem)]
-    mutual = grpc.ssl_server_credentials(
-        key_and_chain, root_certificates=ca.certificate_pem, require_client_auth=True
-    )
-    server_only = grpc.ssl_server_credentials(key_and_chain)
+    mutual, server_only = rotating_server_credentials(ca)
     bound_listen = server.add_secure_port(config.listen, mutual)
     bound_enroll = server.add_secure_port(enroll_address, server_only)
     if not bound_listen or not bound_enroll:
@@ -226,6 +227,7 @@ async def serve(config: CoordinatorConfig) -> None:
     admin_socket = Path(config.admin_socket)
     await server.start()
     admin_server, relay = await start_admin_server(admin, admin_socket, workloads)
+    rotation = asyncio.create_task(rotate_server_certificate(ca))
     # Everything loaded so far lives as long as the process: keep it out of the garbage
     # collector's full scans, which otherwise pause the event loop for every session.
     gc.freeze()
@@ -259,9 +261,80 @@ async def serve(config: CoordinatorConfig) -> None:
             await asyncio.wait_for(reconciling, 5)
         await relay.close()
         await admin_server.stop(grace=1)
+        rotation.cancel()
         await server.stop(grace=2)
         await flush_once(cluster)
         store.close()
+
+
+# ---------------------------------------------------------------- certificate rotation
+
+
+def _add_certificate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--node-cert-validity",
+        type=parse_duration,
+        help="life of node certificates, e.g. 90s, 2m, 24h (default 365d; renewed at ~2/3)",
+    )
+    parser.add_argument(
+        "--server-cert-validity",
+        type=parse_duration,
+        help="life of the coordinator's TLS certificate (default 365d; renewed at ~2/3, no restart)",
+    )
+
+
+def load_cluster_ca(config: CoordinatorConfig, state_dir: Path, advertise_host: str) -> ClusterCA:
+    return ClusterCA.load_or_create(
+        state_dir,
+        [advertise_host],
+        node_validity=dt.timedelta(seconds=config.node_cert_validity),
+        server_validity=dt.timedelta(seconds=config.server_cert_validity),
+    )
+
+
+def rotating_server_credentials(ca: ClusterCA) -> tuple[grpc.ServerCredentials, grpc.ServerCredentials]:
+    """TLS credentials for the agent port (mutual) and the enrollment port (server only)
+    that follow the CA's current server certificate: gRPC asks the fetcher before every
+    handshake, and it answers with a new configuration only when the certificate rotated."""
+
+    def configuration() -> grpc.ServerCertificateConfiguration:
+        identity = ca.server  # one immutable object: never a key of one rotation with another's chain
+        assert identity is not None
+        chain = identity.certificate_pem + ca.certificate_pem
+        return grpc.ssl_server_certificate_configuration(
+            [(identity.key_pem, chain)], root_certificates=ca.certificate_pem
+        )
+
+    def credentials(require_client_auth: bool) -> grpc.ServerCredentials:
+        served = [ca.server_generation]
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Runs on gRPC's handshake threads: read two attributes, never block.
+            if ca.server_generation == served[0]:
+                return None
+            served[0] = ca.server_generation
+            return configuration()
+
+        return grpc.dynamic_ssl_server_credentials(configuration(), fetch, require_client_auth)
+
+    return credentials(True), credentials(False)
+
+
+async def rotate_server_certificate(ca: ClusterCA) -> None:
+    """Renew the server certificate at two thirds of its life, checking a few times per life."""
+    while True:
+        assert ca.server is not None
+        await asyncio.sleep(min(3600.0, max(1.0, (ca.server.not_after - ca.server.not_before) / 30)))
+        try:
+            if await asyncio.to_thread(ca.renew_server_if_due):
+                assert ca.server is not None
+                log.info(
+                    "server certificate renewed",
+                    serial=ca.server.serial,
+                    not_after=iso_utc(ca.server.not_after),
+                )
+        except OSError as error:  # a full or read-only state disk: keep serving the old one
+            log.error("cannot renew the server certificate; retrying", error=str(error))
 
 
 def main(argv: list[str] | None = None) -> None:

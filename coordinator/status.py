@@ -28,6 +28,12 @@ STATUS_TO_WIRE = {
 STATUS_NAMES = {wire: status.value for status, wire in STATUS_TO_WIRE.items()} | {
     admin_pb2.NODE_STATUS_UNSPECIFIED: "Unknown"
 }
+CERTIFICATE_STATE_NAMES = {
+    admin_pb2.CERTIFICATE_STATE_UNSPECIFIED: "none",
+    admin_pb2.CERTIFICATE_STATE_VALID: "valid",
+    admin_pb2.CERTIFICATE_STATE_EXPIRED: "expired",
+    admin_pb2.CERTIFICATE_STATE_REVOKED: "revoked",
+}
 OUTCOME_NAMES = {
     agent_pb2.ACTION_OUTCOME_UNSPECIFIED: "running",
     agent_pb2.ACTION_OUTCOME_SUCCEEDED: "changed",

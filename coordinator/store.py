@@ -315,6 +315,26 @@ class Store:
         )
         return [CertificateRecord(**dict(row)) for row in rows]
 
+    def add_certificate(self, record: CertificateRecord) -> bool:
+        """Record a renewed certificate; False (nothing written) when the node is gone."""
+        with self.transaction() as db:
+            return bool(
+                db.execute(
+                    "INSERT INTO certificates SELECT ?, ?, ?, ?, NULL WHERE EXISTS "
+                    "(SELECT 1 FROM nodes WHERE name = ?)",
+                    (record.serial, record.node, record.issued_at, record.not_after, record.node),
+                ).rowcount
+            )
+
+    def newest_certificates(self, node: str | None = None) -> dict[str, CertificateRecord]:
+        """Each node's most recently issued certificate, expired or revoked ones included."""
+        rows = self._query(
+            "SELECT c.* FROM certificates c WHERE (? IS NULL OR c.node = ?) AND c.issued_at = "
+            "(SELECT MAX(issued_at) FROM certificates WHERE node = c.node) ORDER BY c.node",
+            (node, node),
+        )
+        return {row["node"]: CertificateRecord(**dict(row)) for row in rows}
+
     # nodes
     def get_node(self, name: str) -> NodeRecord | None:
         rows = self._query("SELECT * FROM nodes WHERE name = ?", (name,))

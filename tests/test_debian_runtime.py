@@ -11,6 +11,7 @@ Missing Debian packages fail these tests (never skip): CI installs them.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -361,7 +362,10 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory, processes: Processes) 
         port = free_port_pair()
         metrics_port = free_port({port, port + 1})
         config = work / "coordinator.toml"
-        config.write_text("# this test's own settings: the host's /etc/picoord plays no part\n")
+        config.write_text(
+            "# this test's own settings: the host's /etc/picoord plays no part\n"
+            f'node-cert-validity = "{DEBIAN_NODE_CERT_VALIDITY:g}s"\n'  # renewal in a test's time
+        )
         admin_socket = work / "admin.sock"
         process = processes.start(
             [
@@ -399,6 +403,9 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory, processes: Processes) 
 def node_view(coordinator: Coordinator, name: str) -> dict[str, Any] | None:
     """The node's row in `coordctl nodes`, None when it is not listed."""
     return next((node for node in coordinator.ctl("nodes") if node["name"] == name), None)
+
+
+DEBIAN_NODE_CERT_VALIDITY = 30.0
 
 
 def test_agent_on_debian_runtime_enrolls_and_streams_metrics(
@@ -483,3 +490,49 @@ def test_agent_on_debian_runtime_enrolls_and_streams_metrics(
         READY_TIMEOUT,
         processes=Processes([entry for entry in processes.started if entry[0] is not runner]),
     )
+
+
+def test_agent_on_debian_runtime_renews_its_certificate(
+    debian_tree: DebianTree,
+    coordinator: Coordinator,
+    processes: Processes,
+    scratch: Path,
+) -> None:
+    """Debian's grpc 1.51 and cryptography 38 renew the node's certificate over the session,
+    and a restarted agent connects with the new one once the first has ended."""
+    token = coordinator.ctl("token", "create", "--ttl", "1h")
+    state_dir = scratch / "agent-state"
+    config = scratch / "agent.toml"
+    config.write_text("# this test's own settings: the host's /etc/picoord plays no part\n")
+    agent = [DEBIAN_PYTHON, "-s", str(debian_tree.path / "bin" / "picoord-agent"), "--config", str(config)]
+    env = debian_env(debian_tree.path)
+    join = [*agent, "join", coordinator.address, "--token", token["token"]]
+    join += ["--ca-cert-hash", token["ca_cert_hash"], "--node-name", "debpi", "--state-dir", str(state_dir)]
+    joined = subprocess.run(join, env=env, cwd=scratch, capture_output=True, text=True, timeout=JOIN_TIMEOUT)
+    assert joined.returncode == 0, f"join failed:\n{joined.stdout}{joined.stderr}\n{processes.logs()}"
+    first = coordinator.ctl("node", "show", "debpi")
+    run = [*agent, "run", "--state-dir", str(state_dir), "--metrics-interval", "1"]
+    log = scratch / "agent.log"
+    runner = processes.start(run, log, env, scratch)
+    wait_for(
+        "debpi to renew its certificate",
+        lambda: "certificate renewed; used from the next connection" in log.read_text(),
+        DEBIAN_NODE_CERT_VALIDITY,
+        processes,
+    )
+    renewed = coordinator.ctl("node", "show", "debpi")
+    assert renewed["certificate_serial"] != first["certificate_serial"]
+    assert renewed["certificate_not_after"] > first["certificate_not_after"]
+    first_end = dt.datetime.fromisoformat(first["certificate_not_after"].replace("Z", "+00:00")).timestamp()
+    time.sleep(max(0.0, first_end + 1 - time.time()))
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(15) == 0, processes.logs()
+    restarted_log = scratch / "agent-restarted.log"
+    processes.start(run, restarted_log, env, scratch)
+    wait_for(
+        "debpi to come back with its renewed certificate",
+        lambda: (node_view(coordinator, "debpi") or {}).get("status") == "Ready",
+        READY_TIMEOUT,
+        processes,
+    )
+    assert "expired" not in restarted_log.read_text()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
-import re
 import shlex
 import socket
 import sys
@@ -17,10 +16,12 @@ from google.protobuf.json_format import MessageToDict
 from rich.live import Live
 
 from picoord.common import VERSION
+from picoord.common.durations import parse_duration
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
 from picoord.common.throttling import describe_throttled
 from picoord.coordinator.apply.spec import MAX_SPEC_BYTES, SpecError
 from picoord.coordinator.ctl import workloads
+from picoord.coordinator.ctl.certs import add_certs_parser, certificate_line, status_with_certificate
 from picoord.coordinator.ctl.client import (
     CALL_TIMEOUT,
     AdminUnavailable,
@@ -46,15 +47,6 @@ from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 
 APPLY_TIMEOUT = 3600.0
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd]?)$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    match = _DURATION.fullmatch(text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use e.g. 90s, 30m, 24h or 7d")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def token_view(info: admin_pb2.TokenInfo) -> dict[str, Any]:
@@ -118,7 +110,7 @@ def cmd_nodes(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
         args.output,
         [
             ("NAME", lambda v: v["name"]),
-            ("STATUS", lambda v: v["status"]),
+            ("STATUS", status_with_certificate),
             ("ARCH", lambda v: v["arch"] or "-"),
             ("CPUS", lambda v: str(v["cpu_cores"] or "-")),
             ("MEMORY", lambda v: human_bytes(v["memory_total_bytes"]) if v["memory_total_bytes"] else "-"),
@@ -163,7 +155,7 @@ def cmd_node_show(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> i
         ("GPUs", ", ".join(f"{g.name} {human_bytes(g.memory_bytes)}" for g in hw.gpus) or "none"),
         ("Agent", detail.summary.agent_version or "-"),
         ("Labels", _labels_text(dict(sorted(detail.summary.labels.items())))),
-        ("Certificate", f"{detail.certificate_serial or '-'} until {view['certificate_not_after']}"),
+        ("Certificate", certificate_line(detail, view)),
         ("Last seen", ago(detail.summary.last_seen, time.time())),
     ]
     console.print(
@@ -502,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--interval", type=parse_duration, default=2.0, help="refresh period (default 2s)")
     top.set_defaults(handler=cmd_top)
     workloads.add_commands(commands, with_output)
+    add_certs_parser(commands, with_output)
     return parser
 
 

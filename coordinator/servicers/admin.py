@@ -9,15 +9,16 @@ import structlog
 
 from picoord.common import defaults
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
+from picoord.common.pki import certificate_not_after, certificate_not_before
 from picoord.coordinator.apply.planner import PlanError
 from picoord.coordinator.apply.service import ApplyBusy, ApplyService
-from picoord.coordinator.ca import ClusterCA
+from picoord.coordinator.ca import CertificateState, ClusterCA, certificate_serial, certificate_state
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
 from picoord.coordinator.servicers.peers import operator_identity
 from picoord.coordinator.status import STATUS_TO_WIRE
-from picoord.coordinator.store import NodeRecord, TokenRecord
+from picoord.coordinator.store import CertificateRecord, NodeRecord, TokenRecord
 from picoord.coordinator.workloads.reader import WorkloadError
 from picoord.v1 import admin_pb2, admin_pb2_grpc
 
@@ -36,6 +37,25 @@ def token_info(record: TokenRecord) -> admin_pb2.TokenInfo:
         uses=record.uses,
         description=record.description,
     )
+
+
+CERTIFICATE_STATE_TO_WIRE = {
+    CertificateState.VALID: admin_pb2.CERTIFICATE_STATE_VALID,
+    CertificateState.EXPIRED: admin_pb2.CERTIFICATE_STATE_EXPIRED,
+    CertificateState.REVOKED: admin_pb2.CERTIFICATE_STATE_REVOKED,
+}
+
+
+def with_certificate(
+    summary: admin_pb2.NodeSummary, newest: CertificateRecord | None, now: float
+) -> admin_pb2.NodeSummary:
+    """The node's newest certificate and its state, for `coordctl nodes` and `node show`."""
+    if newest is not None:
+        summary.certificate_not_after = newest.not_after
+        summary.certificate_state = CERTIFICATE_STATE_TO_WIRE[
+            certificate_state(newest.not_after, newest.revoked_at, now)
+        ]
+    return summary
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -91,26 +111,28 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListNodesResponse:
-        return admin_pb2.ListNodesResponse(
-            nodes=[self.cluster.summary(record) for record in self.cluster.nodes()]
-        )
+        newest = await self.cluster.newest_certificates()
+        summaries = [self.cluster.summary(record) for record in self.cluster.nodes()]
+        for summary in summaries:
+            with_certificate(summary, newest.get(summary.name), self.cluster.clock())
+        return admin_pb2.ListNodesResponse(nodes=summaries)
 
     @unavailable_on_store_fault
     async def GetNode(
         self, request: admin_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.NodeDetail:
         record = await self._node(request.name, context)
-        certificates = await self.cluster.certificates_of(record.name)
+        newest = (await self.cluster.newest_certificates(record.name)).get(record.name)
         detail = admin_pb2.NodeDetail(
-            summary=self.cluster.summary(record),
+            summary=with_certificate(self.cluster.summary(record), newest, self.cluster.clock()),
             hardware=self.cluster.hardware(record),
             recent_metrics=self.cluster.history.recent(
                 record.name, request.recent_metrics or DEFAULT_RECENT_METRICS
             ),
         )
-        if certificates:
-            detail.certificate_serial = certificates[0].serial
-            detail.certificate_not_after = certificates[0].not_after
+        if newest is not None:
+            detail.certificate_serial = newest.serial
+            detail.certificate_not_after = newest.not_after
         return detail
 
     @unavailable_on_store_fault
@@ -180,3 +202,44 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             for record in self.cluster.nodes()
         ]
         return admin_pb2.TopResponse(rows=rows)
+
+    async def CheckCertificateExpiration(
+        self, request: admin_pb2.CheckCertificateExpirationRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.CheckCertificateExpirationResponse:
+        now = self.cluster.clock()
+        ca, server = self.ca.certificate, self.ca.server
+        assert server is not None
+        listed = [
+            admin_pb2.CertificateExpiration(
+                name="ca",
+                kind="ca",
+                serial=certificate_serial(ca),
+                not_before=certificate_not_before(ca).timestamp(),
+                not_after=certificate_not_after(ca).timestamp(),
+            ),
+            admin_pb2.CertificateExpiration(
+                name="server",
+                kind="server",
+                serial=server.serial,
+                not_before=server.not_before,
+                not_after=server.not_after,
+            ),
+        ]
+        for listing in listed:
+            listing.state = CERTIFICATE_STATE_TO_WIRE[certificate_state(listing.not_after, None, now)]
+        for node, record in (await self.cluster.newest_certificates()).items():
+            if self.cluster.node(node) is None:  # removed nodes' revoked certificates
+                continue
+            state = certificate_state(record.not_after, record.revoked_at, now)
+            listed.append(
+                admin_pb2.CertificateExpiration(
+                    name=f"node/{node}",
+                    kind="node",
+                    serial=record.serial,
+                    not_before=record.issued_at,
+                    not_after=record.not_after,
+                    state=CERTIFICATE_STATE_TO_WIRE[state],
+                    revoked_at=record.revoked_at or 0.0,
+                )
+            )
+        return admin_pb2.CheckCertificateExpirationResponse(certificates=listed, now=now)

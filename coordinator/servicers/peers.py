@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from google.protobuf.descriptor import ServiceDescriptor
 
 from picoord.common.logs import clipped
-from picoord.coordinator.ca import ADMIN_ORGANIZATION
+from picoord.coordinator.ca import ADMIN_ORGANIZATION, certificate_serial
 
 T = TypeVar("T")
 
@@ -27,10 +27,6 @@ class CertifiedPeer:
     common_name: str
     serial: str
     organizations: tuple[str, ...]
-
-
-def certificate_serial(certificate: x509.Certificate) -> str:
-    return format(certificate.serial_number, "x")
 
 
 def certified_peer(context: grpc.aio.ServicerContext) -> CertifiedPeer | None:

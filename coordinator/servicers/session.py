@@ -4,6 +4,7 @@ heartbeats and events up, and whatever the coordinator queues down."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,11 +12,15 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from picoord.common import VERSION
+from picoord.common.durations import iso_utc
+from picoord.common.pki import certificate_not_after
+from picoord.coordinator.ca import ClusterCA, CsrRejected, certificate_pem, certificate_serial
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.inbound import MalformedMessage, check_followup, check_hello
+from picoord.coordinator.servicers.enrollment import MAX_CSR_BYTES
 from picoord.coordinator.servicers.peers import certified_peer
-from picoord.coordinator.store import StateUnavailable
+from picoord.coordinator.store import CertificateRecord, StateUnavailable
 from picoord.v1 import agent_pb2, agent_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator.session")
@@ -51,12 +56,15 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         cluster: Cluster,
         metrics_interval: float,
         heartbeat_interval: float,
+        ca: ClusterCA | None = None,  # None: renewals are refused
         workloads: WorkloadController | None = None,
     ) -> None:
         self.workloads = workloads
         self.cluster = cluster
         self.metrics_interval = metrics_interval
         self.heartbeat_interval = heartbeat_interval
+        self.ca = ca
+        self._last_renewal: dict[str, float] = {}
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         peer = certified_peer(context)
@@ -108,7 +116,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 coordinator_version=VERSION,
             )
         )
-        reader = asyncio.create_task(self._read(node, messages))
+        reader = asyncio.create_task(self._read(node, messages, session))
         closed = asyncio.create_task(session.closed.wait())
         try:
             while True:
@@ -136,7 +144,9 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 self.workloads.on_session_closed(node)
             log.info("session ended", node=node)
 
-    async def _read(self, node: str, messages: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+    async def _read(
+        self, node: str, messages: AsyncIterator[agent_pb2.AgentMessage], session: LiveSession
+    ) -> None:
         async for message in messages:
             kind = check_followup(message)
             self.cluster.heard_from(node)
@@ -150,6 +160,55 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 log.info("agent event", node=node, kind=message.event.kind, message=message.event.message)
             elif kind == "replicas" and self.workloads is not None:
                 self.workloads.on_reports(node, message.replicas)
+            elif kind == "renew":
+                await session.outbox.put(
+                    agent_pb2.CoordinatorMessage(certificate=await self._renew(node, message.renew.csr_pem))
+                )
+
+    # ------------------------------------------------------------ certificate renewal
+
+    async def _renew(self, node: str, csr_pem: bytes) -> agent_pb2.CertificateRenewal:
+        """Sign a renewal for the session's certified node (never the name the CSR asks for)
+        and record it; the old certificate stays valid until its own end."""
+        if self.ca is None:
+            return self._renewal_refused(node, "this coordinator does not renew certificates")
+        if len(csr_pem) > MAX_CSR_BYTES:
+            return self._renewal_refused(node, f"the CSR is larger than {MAX_CSR_BYTES} bytes")
+        now = self.cluster.clock()
+        spacing = min(60.0, self.ca.node_validity.total_seconds() / 10)
+        if now - self._last_renewal.get(node, float("-inf")) < spacing:
+            return self._renewal_refused(node, f"renewals are at least {spacing:g}s apart: try again later")
+        self._last_renewal[node] = now
+        try:
+            # Signing leaves the event loop; so does the store write (in the cluster).
+            pem, record = await asyncio.to_thread(self._issue_renewal, node, csr_pem, now)
+            recorded = await self.cluster.add_certificate(record)
+        except CsrRejected as error:
+            return self._renewal_refused(node, str(error))
+        except (StateUnavailable, sqlite3.Error, OSError) as error:
+            log.error("cannot record a renewed certificate", node=node, error=str(error))
+            return self._renewal_refused(node, "the coordinator cannot record certificates right now")
+        if not recorded:
+            return self._renewal_refused(node, "the node is no longer enrolled")
+        log.info("certificate renewed", node=node, serial=record.serial, not_after=iso_utc(record.not_after))
+        return agent_pb2.CertificateRenewal(certificate_pem=pem, ca_certificate_pem=self.ca.certificate_pem)
+
+    def _issue_renewal(self, node: str, csr_pem: bytes, now: float) -> tuple[bytes, CertificateRecord]:
+        assert self.ca is not None
+        certificate = self.ca.sign_node_csr(csr_pem, node)
+        record = CertificateRecord(
+            serial=certificate_serial(certificate),
+            node=node,
+            issued_at=now,
+            not_after=certificate_not_after(certificate).timestamp(),
+            revoked_at=None,
+        )
+        return certificate_pem(certificate), record
+
+    @staticmethod
+    def _renewal_refused(node: str, why: str) -> agent_pb2.CertificateRenewal:
+        log.warning("certificate renewal refused", node=node, reason=why)
+        return agent_pb2.CertificateRenewal(error=why)
 
     async def _reject(self, context: grpc.aio.ServicerContext, node: str, error: MalformedMessage) -> None:
         self.cluster.counters.malformed_messages += 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from picoord.agent.channel import channel_options
+from picoord.agent.state import AgentFiles
 from picoord.lab.cluster import Lab
 from picoord.v1 import agent_pb2, agent_pb2_grpc
 
@@ -13,11 +14,12 @@ CALL_TIMEOUT = 10.0
 
 def node_credentials(lab: Lab, node: str) -> grpc.ChannelCredentials:
     """The credentials `picoord-agent run` would use on that Pi."""
-    state = lab.agent_state_dir(node)
+    files = AgentFiles(lab.agent_state_dir(node))
+    current = files.credentials()
     return grpc.ssl_channel_credentials(
-        root_certificates=(state / "ca.crt").read_bytes(),
-        private_key=(state / "node.key").read_bytes(),
-        certificate_chain=(state / "node.crt").read_bytes(),
+        root_certificates=files.ca.read_bytes(),
+        private_key=current.key_pem,
+        certificate_chain=current.certificate_pem,
     )
 
 

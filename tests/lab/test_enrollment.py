@@ -50,7 +50,7 @@ def test_a_good_join_writes_a_private_key_and_registers_labels(lab: Lab, tmp_pat
     )
     assert code == 0, output
     assert "newpi enrolled" in output
-    assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "node.pem").stat().st_mode & 0o777 == 0o600  # key and certificate, one file
     assert token["token"] not in output  # never echoed back
     nodes = {node["name"]: node for node in lab.coordctl_json("nodes")}
     assert nodes["newpi"]["labels"] == {"role": "storage"}

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from picoord.agent.channel import channel_options
+from picoord.agent.state import AgentFiles
 from picoord.lab.cluster import Lab
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, node_pb2
 from tests.lab.helpers import enroll_address, hello, node_credentials, open_session, session_raw
@@ -40,15 +41,28 @@ def test_no_client_certificate_no_session(lab_factory: Callable[..., Lab]) -> No
 
 
 def test_a_certificate_from_another_cluster_is_refused(lab_factory: Callable[..., Lab]) -> None:
+    """Two real clusters, the same node name: only the certificate of our own CA gets in, so
+    the refusal is the CA's doing, not an accident of the test's set-up."""
     ours, theirs = lab_factory(1), lab_factory(1)
-    foreign = grpc.ssl_channel_credentials(
-        root_certificates=(ours.agent_state_dir("pi1") / "ca.crt").read_bytes(),
-        private_key=(theirs.agent_state_dir("pi1") / "node.key").read_bytes(),
-        certificate_chain=(theirs.agent_state_dir("pi1") / "node.crt").read_bytes(),
-    )
+
+    def credentials_of(lab: Lab) -> grpc.ChannelCredentials:
+        pair = AgentFiles(lab.agent_state_dir("pi1")).credentials()
+        return grpc.ssl_channel_credentials(
+            root_certificates=(ours.agent_state_dir("pi1") / "ca.crt").read_bytes(),
+            private_key=pair.key_pem,
+            certificate_chain=pair.certificate_pem,
+        )
+
+    assert (ours.agent_state_dir("pi1") / "ca.crt").read_bytes() != (
+        theirs.agent_state_dir("pi1") / "ca.crt"
+    ).read_bytes()
     with pytest.raises(grpc.RpcError) as raised:
-        open_session(ours.coordinator_address, foreign, [hello("pi1")])
+        open_session(ours.coordinator_address, credentials_of(theirs), [hello("pi1")])
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+    # the positive control: the same call with our cluster's certificate is welcomed
+    replies = open_session(ours.coordinator_address, credentials_of(ours), [hello("pi1")])
+    assert [reply.WhichOneof("body") for reply in replies] == ["welcome"]
+    assert replies[0].welcome.node_name == "pi1"
 
 
 def test_a_node_cannot_speak_for_another(lab_factory: Callable[..., Lab]) -> None:

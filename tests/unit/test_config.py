@@ -104,3 +104,46 @@ def test_join_commands_name_a_specific_listen_address(listen_host: str, expected
     from picoord.coordinator.main import advertised_host
 
     assert advertised_host(listen_host) == (expected or socket.gethostname())
+
+
+@pytest.mark.parametrize(
+    ("file_value", "flags", "node", "server"),
+    [
+        (None, [], 365 * 86400.0, 365 * 86400.0),
+        ('"90d"', [], 90 * 86400.0, 365 * 86400.0),
+        ("3600", [], 3600.0, 365 * 86400.0),
+        ('"90d"', ["--node-cert-validity", "2m", "--server-cert-validity", "90s"], 120.0, 90.0),
+    ],
+)
+def test_certificate_lifetimes(
+    tmp_path: Path, file_value: str | None, flags: list[str], node: float, server: float
+) -> None:
+    from picoord.coordinator.main import parse_args
+
+    path = tmp_path / "coordinator.toml"
+    path.write_text(f"node-cert-validity = {file_value}\n" if file_value else "")
+    config, _ = parse_args(["--config", str(path), *flags])
+    assert (config.node_cert_validity, config.server_cert_validity) == (node, server)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("10s", "between 30s and 3650d"),
+        ("4000d", "between 30s and 3650d"),
+        ("soon", "node_cert_validity must be a duration"),
+        (True, "between 30s"),
+    ],
+)
+def test_invalid_certificate_lifetimes(value: object, message: str) -> None:
+    config = CoordinatorConfig(node_cert_validity=value)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=message):
+        config.validate()
+
+
+def test_a_bad_lifetime_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from picoord.coordinator.main import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--node-cert-validity", "1w"])
+    assert "--node-cert-validity: invalid duration '1w'" in capsys.readouterr().err

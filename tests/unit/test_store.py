@@ -210,3 +210,25 @@ def test_an_io_error_on_a_disk_with_no_space_left_is_a_full_disk(
 )
 def test_read_only_mount_options(options: str, read_only: bool) -> None:
     assert mount_is_read_only(options) is read_only
+
+
+def test_a_renewed_certificate_is_recorded_only_for_an_enrolled_node(store: Store) -> None:
+    store.add_token(token())
+    store.enroll("abcdef", "pi1", {}, cert("a1", "pi1"), now=10.0)
+    assert store.add_certificate(CertificateRecord("a2", "pi1", 20.0, 6000.0, None))
+    assert not store.add_certificate(CertificateRecord("b1", "gone", 20.0, 6000.0, None))
+    assert store.certificate("b1") is None
+    # the old certificate stays valid until its own end
+    assert [c.serial for c in store.active_certificates("pi1", now=30.0)] == ["a2", "a1"]
+
+
+def test_newest_certificates_include_expired_and_revoked_ones(store: Store) -> None:
+    store.add_token(token())
+    store.enroll("abcdef", "pi1", {}, CertificateRecord("a1", "pi1", 10.0, 50.0, None), now=10.0)
+    store.enroll("abcdef", "pi2", {}, CertificateRecord("b1", "pi2", 10.0, 5000.0, None), now=10.0)
+    store.add_certificate(CertificateRecord("b2", "pi2", 20.0, 6000.0, None))
+    newest = store.newest_certificates()
+    assert {node: record.serial for node, record in newest.items()} == {"pi1": "a1", "pi2": "b2"}
+    assert store.newest_certificates("pi1") == {"pi1": newest["pi1"]}
+    store.remove_node("pi2", now=30.0)
+    assert store.newest_certificates("pi2")["pi2"].revoked_at == 30.0
