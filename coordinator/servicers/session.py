@@ -4,6 +4,7 @@ heartbeats and events up, and whatever the coordinator queues down."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,6 +12,7 @@ import structlog
 from google.protobuf.message import DecodeError
 
 from picoord.common import VERSION
+from picoord.common.logs import LogThrottle, clipped
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.inbound import MalformedMessage, check_followup, check_hello
 from picoord.coordinator.servicers.peers import certified_peer
@@ -48,6 +50,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         self.cluster = cluster
         self.metrics_interval = metrics_interval
         self.heartbeat_interval = heartbeat_interval
+        self.refusal_log = LogThrottle()
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         peer = certified_peer(context)
@@ -120,6 +123,8 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             log.info("session ended", node=node)
 
     async def _read(self, node: str, messages: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+        """Each message checked before it counts as a sign of life or touches any state;
+        node-supplied text is logged only after the check, and clipped."""
         async for message in messages:
             kind = check_followup(message)
             self.cluster.heard_from(node)
@@ -127,12 +132,33 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 self.cluster.history.add(node, message.metrics)
             elif kind == "action_result" and not self.cluster.action_result(node, message.action_result):
                 log.warning(
-                    "action result nobody waits for", node=node, action_id=message.action_result.action_id
+                    "action result nobody waits for",
+                    node=node,
+                    action_id=clipped(message.action_result.action_id),
                 )
             elif kind == "event":
-                log.info("agent event", node=node, kind=message.event.kind, message=message.event.message)
+                log.info(
+                    "agent event",
+                    node=node,
+                    kind=clipped(message.event.kind),
+                    message=clipped(message.event.message),
+                )
 
     async def _reject(self, context: grpc.aio.ServicerContext, node: str, error: MalformedMessage) -> None:
-        self.cluster.counters.malformed_messages += 1
-        log.warning("malformed message from agent", node=node, code=error.code, error=str(error))
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{error.code}: {error}")
+        """Refuse the message, and with it the session: counted by kind and reason, logged at
+        most once per node per minute (with how many were held back), the node left listed."""
+        counters = self.cluster.counters
+        counters.malformed_messages += 1
+        key = (error.kind, error.code)
+        counters.refused_messages[key] = counters.refused_messages.get(key, 0) + 1
+        admitted, held_back = self.refusal_log.admit(node, time.monotonic())
+        if admitted:
+            log.warning(
+                "agent message refused",
+                node=node,
+                kind=error.kind,
+                code=error.code,
+                error=clipped(str(error)),
+                refusals_not_logged=held_back,
+            )
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{error.code}: {clipped(str(error), 1024)}")
