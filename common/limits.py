@@ -45,6 +45,9 @@ FACTS = 64
 EVENT_ATTRIBUTES = 32
 LABELS = 64  # per node
 FIREWALL_RULES = 256
+GLUSTER_PEERS = 64
+GLUSTER_BRICKS = 128
+MOUNT_OPTIONS = 32
 SPEC_DOCUMENTS = 256
 SPEC_LIST = 512  # entries of any other list in a spec document (nodes, bricks, options)
 

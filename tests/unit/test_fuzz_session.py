@@ -173,11 +173,17 @@ def test_fuzzed_streams_are_refused_cleanly_and_change_nothing(
     code = coordinator.send([payload] if first else [HELLO, payload])
     coordinator.settle()
     TRIED[code.name] += 1
-    assert code in (grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT), coordinator.last_details
+    # RESOURCE_EXHAUSTED: over gRPC's own receive limit, refused before the servicer sees it.
+    assert code in (
+        grpc.StatusCode.OK,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ), coordinator.last_details
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         assert coordinator.last_details.split(":")[0] in REFUSAL_CODES
-        assert coordinator.state() == before
         assert sum(coordinator.cluster.counters.refused_messages.values()) == refused_before + 1
+    if code != grpc.StatusCode.OK:
+        assert coordinator.state() == before
     assert coordinator.cluster.node("pi1") is not None
 
 
