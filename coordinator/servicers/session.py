@@ -4,6 +4,7 @@ heartbeats and events up, and whatever the coordinator queues down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -23,17 +24,41 @@ log = structlog.get_logger("picoord.coordinator.session")
 HELLO_TIMEOUT = 15.0
 
 
-async def _decoded(
-    request_iterator: AsyncIterator[agent_pb2.AgentMessage],
-) -> AsyncIterator[agent_pb2.AgentMessage]:
-    """The stream's messages; bytes that are no AgentMessage end it as a malformed message."""
-    try:
-        async for message in request_iterator:
-            yield message
-    except DecodeError:
-        raise MalformedMessage(
-            "malformed_message", "the stream carried bytes that are not an AgentMessage"
-        ) from None
+class _DecodedStream:
+    """The stream's messages; bytes that are no AgentMessage end it as a malformed message.
+
+    `drop()` closes gRPC's request iterator, which otherwise holds the last message it
+    handed out for as long as gRPC keeps the finished call's state (with the frames of its
+    abort): a refused message (4 MB, say) must not outlive its refusal.
+    """
+
+    def __init__(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+        self._incoming: AsyncIterator[agent_pb2.AgentMessage] | None = aiter(request_iterator)
+
+    def __aiter__(self) -> _DecodedStream:
+        return self
+
+    async def __anext__(self) -> agent_pb2.AgentMessage:
+        if self._incoming is None:
+            raise StopAsyncIteration
+        try:
+            return await anext(self._incoming)
+        except DecodeError:
+            pass
+        await self.drop()
+        raise MalformedMessage("malformed_message", "the stream carried bytes that are not an AgentMessage")
+
+    async def drop(self) -> None:
+        """Close gRPC's request iterator (an async generator): it lets go of its last message."""
+        incoming, self._incoming = self._incoming, None
+        close = getattr(incoming, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
+
+def _decoded(request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> _DecodedStream:
+    return _DecodedStream(request_iterator)
 
 
 def peer_address(peer: str) -> str:
@@ -43,6 +68,12 @@ def peer_address(peer: str) -> str:
         return ""
     host, _, _port = rest.rpartition(":")
     return host.strip("[]")
+
+
+def _bare(error: MalformedMessage) -> MalformedMessage:
+    """The same refusal without the traceback of the check that raised it, whose frames hold
+    the refused message: raised afresh, it keeps nothing of the message alive."""
+    return MalformedMessage(error.code, str(error), error.kind)
 
 
 class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
@@ -77,8 +108,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         node, serial = await self._authenticate(context)
         messages = aiter(_decoded(request_iterator))
         try:
-            first = await asyncio.wait_for(anext(messages), HELLO_TIMEOUT)
-            hello = check_hello(first, node)
+            hello = await self._hello(node, messages)
         except MalformedMessage as error:
             await self._reject(context, node, error)
             return
@@ -122,11 +152,20 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             self.cluster.close_session(session)
             log.info("session ended", node=node)
 
-    async def _read(self, node: str, messages: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+    async def _read(self, node: str, messages: _DecodedStream) -> None:
         """Each message checked before it counts as a sign of life or touches any state;
         node-supplied text is logged only after the check, and clipped."""
         async for message in messages:
-            kind = check_followup(message)
+            try:
+                kind = check_followup(message)
+            except MalformedMessage as error:
+                refusal = _bare(error)
+            else:
+                refusal = None
+            if refusal is not None:
+                del message
+                await messages.drop()
+                raise refusal
             self.cluster.heard_from(node)
             if kind == "metrics":
                 self.cluster.history.add(node, message.metrics)
@@ -143,6 +182,17 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                     kind=clipped(message.event.kind),
                     message=clipped(message.event.message),
                 )
+
+    async def _hello(self, node: str, messages: _DecodedStream) -> agent_pb2.Hello:
+        """The checked hello; a refused one is not kept alive by the error (see `_bare`)."""
+        first = await asyncio.wait_for(anext(messages), HELLO_TIMEOUT)
+        try:
+            return check_hello(first, node)
+        except MalformedMessage as error:
+            refusal = _bare(error)
+        del first
+        await messages.drop()
+        raise refusal
 
     async def _reject(self, context: grpc.aio.ServicerContext, node: str, error: MalformedMessage) -> None:
         """Refuse the message, and with it the session: counted by kind and reason, logged at
