@@ -8,6 +8,7 @@ exactly as they were; nothing a client sends makes the servicer fail otherwise.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sqlite3
 import threading
 import time
@@ -224,3 +225,23 @@ def test_a_good_sample_after_hello_is_kept(coordinator: Coordinator) -> None:
     coordinator.settle()
     assert coordinator.state() != before
     assert coordinator.cluster.history.recent("pi1")[-1] == sample
+
+
+def test_refused_messages_do_not_outlive_their_refusal(coordinator: Coordinator) -> None:
+    """gRPC keeps a finished call's state (and through it the request iterator, which holds
+    the last message) for a while: ten refused 4 MB samples must leave none of them alive."""
+    fat = node_pb2.MetricsSample(
+        timestamp=NOW, cpu_percent=5.0, filesystems=[node_pb2.FilesystemUsage(device="y" * 15_000)] * 256
+    )
+    payloads = [HELLO, agent_pb2.AgentMessage(metrics=fat).SerializeToString()]
+    del fat
+    for _ in range(10):
+        assert coordinator.send(payloads) == grpc.StatusCode.INVALID_ARGUMENT
+    coordinator.settle()
+    gc.collect()
+    alive = [
+        item
+        for item in gc.get_objects()
+        if isinstance(item, agent_pb2.AgentMessage) and item.ByteSize() > 1_000_000
+    ]
+    assert alive == []
