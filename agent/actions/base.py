@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from picoord.agent.commands import CommandResult, run_command
+from picoord.common.limits import COMMAND_OUTPUT_TAIL
 from picoord.v1 import actions_pb2, agent_pb2
 
 Runner = Callable[[Sequence[str], float], CommandResult]
@@ -82,7 +83,7 @@ class ActionContext:
         result = self.run(argv, self.remaining(timeout))
         record.exit_code = result.exit_code
         record.seconds = round(time.monotonic() - started, 3)
-        output = WITHHELD if secret_output else (result.stdout + result.stderr)[-4096:]
+        output = WITHHELD if secret_output else (result.stdout + result.stderr)[-COMMAND_OUTPUT_TAIL:]
         record.output_tail = self.redact(output)
         if check and not result.ok:
             reason = "timed out" if result.timed_out else f"exited {result.exit_code}"

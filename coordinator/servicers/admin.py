@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from picoord.common import defaults
+from picoord.common import defaults, limits
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.tokens import BootstrapToken
 from picoord.coordinator.apply.planner import NodeView, PlanError, plan
@@ -63,8 +63,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         ttl = request.ttl_seconds or float(defaults.TOKEN_TTL_SECONDS)
         if not 0 < ttl <= MAX_TOKEN_TTL:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl must be between 1 second and 365 days")
-        if len(request.description) > 256:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "description is longer than 256 characters")
+        if len(request.description) > limits.TOKEN_DESCRIPTION:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"description is longer than {limits.TOKEN_DESCRIPTION} characters",
+            )
         token = BootstrapToken.generate()
         now = self.cluster.clock()
         record = TokenRecord(
