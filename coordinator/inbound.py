@@ -157,14 +157,14 @@ def _rule(field: FieldDescriptor) -> _Rule:
     )
 
 
-_RULES: dict[str, _Rule] = {}
+_RULES: dict[FieldDescriptor, _Rule] = {}
 
 
 def _rules_of(descriptor: Descriptor) -> None:
     for field in descriptor.fields:
-        if field.full_name in _RULES:
+        if field in _RULES:
             continue
-        _RULES[field.full_name] = _rule(field)
+        _RULES[field] = _rule(field)
         if field.message_type is not None:
             _rules_of(field.message_type)
 
@@ -173,42 +173,68 @@ _rules_of(agent_pb2.AgentMessage.DESCRIPTOR)
 _rules_of(agent_pb2.EnrollRequest.DESCRIPTOR)
 
 
-def _too_long(where: str, value: str | bytes, limit: int, kind: str) -> MalformedMessage:
+class _OverLimit(Exception):
+    """Raised inside the walk with the path from the failing field upwards; turned into
+    MalformedMessage at the top, so no path text is built for a message that passes."""
+
+    def __init__(self, detail: str, *path: str) -> None:
+        self.detail = detail
+        self.path = list(path)
+
+
+def _too_long(value: str | bytes, limit: int) -> str:
     unit = "bytes" if isinstance(value, bytes) else "characters"
-    return MalformedMessage(MALFORMED, f"{where} is {len(value)} {unit} long, the limit is {limit}", kind)
+    return f"is {len(value)} {unit} long, the limit is {limit}"
+
+
+def _walk(message: Message) -> None:
+    for field, value in message.ListFields():
+        rule = _RULES.get(field) or _rule(field)
+        try:
+            if rule.count is not None:
+                if len(value) > rule.count:
+                    raise _OverLimit(f"has {len(value)} entries, the limit is {rule.count}")
+                if rule.map_key is not None or rule.map_value is not None:
+                    for map_key in value:
+                        if rule.map_key is not None and len(map_key) > rule.map_key:
+                            raise _OverLimit(_too_long(map_key, rule.map_key), " key")
+                        item = value[map_key]
+                        try:
+                            if rule.child is not None:
+                                _walk(item)
+                            elif rule.map_value is not None and len(item) > rule.map_value:
+                                raise _OverLimit(_too_long(item, rule.map_value))
+                        except _OverLimit as over:
+                            over.path.append(f"[{map_key!r}]")
+                            raise
+                elif rule.child is not None:
+                    for index, item in enumerate(value):
+                        try:
+                            _walk(item)
+                        except _OverLimit as over:
+                            over.path.append(f"[{index}]")
+                            raise
+                elif rule.text is not None:
+                    for index, item in enumerate(value):
+                        if len(item) > rule.text:
+                            raise _OverLimit(_too_long(item, rule.text), f"[{index}]")
+            elif rule.child is not None:
+                _walk(value)
+            elif rule.text is not None and len(value) > rule.text:
+                raise _OverLimit(_too_long(value, rule.text))
+        except _OverLimit as over:
+            over.path.append(f".{rule.name}")
+            raise
 
 
 def check_bounds(message: Message, where: str, kind: str) -> None:
     """Every string and repeated field under `message` within its limit; MalformedMessage
     naming the first field that is not (e.g. "metrics.filesystems[3].device")."""
-    for field, value in message.ListFields():
-        rule = _RULES.get(field.full_name) or _rule(field)
-        path = f"{where}.{rule.name}"
-        if rule.count is not None:
-            if len(value) > rule.count:
-                raise MalformedMessage(
-                    MALFORMED, f"{path} has {len(value)} entries, the limit is {rule.count}", kind
-                )
-            if rule.map_key is not None or rule.map_value is not None:
-                for map_key in value:
-                    if rule.map_key is not None and len(map_key) > rule.map_key:
-                        raise _too_long(f"{path} key", map_key, rule.map_key, kind)
-                    item = value[map_key]
-                    if rule.child is not None:
-                        check_bounds(item, f"{path}[{map_key!r}]", kind)
-                    elif rule.map_value is not None and len(item) > rule.map_value:
-                        raise _too_long(f"{path}[{map_key!r}]", item, rule.map_value, kind)
-            elif rule.child is not None:
-                for index, item in enumerate(value):
-                    check_bounds(item, f"{path}[{index}]", kind)
-            elif rule.text is not None:
-                for index, item in enumerate(value):
-                    if len(item) > rule.text:
-                        raise _too_long(f"{path}[{index}]", item, rule.text, kind)
-        elif rule.child is not None:
-            check_bounds(value, path, kind)
-        elif rule.text is not None and len(value) > rule.text:
-            raise _too_long(path, value, rule.text, kind)
+    try:
+        _walk(message)
+    except _OverLimit as over:
+        path = where + "".join(reversed(over.path))
+        raise MalformedMessage(MALFORMED, f"{path} {over.detail}", kind) from None
 
 
 def check_budget(kind: str, body: Message) -> None:
