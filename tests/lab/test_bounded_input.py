@@ -56,3 +56,32 @@ def test_four_megabyte_samples_are_refused_counted_and_cost_no_memory(lab1: Lab)
     lab1.start_agent("pi1")
     lab1.wait_ready(timeout=20)  # the real agent is back, and its own samples are taken again
     assert lab1.coordctl_json("node", "show", "pi1", "--samples", "5")["recent_metrics"]
+
+
+def state_bytes(lab: Lab) -> int:
+    return sum(path.stat().st_size for path in lab.coordinator_state_dir.glob("state.db*"))
+
+
+def test_a_four_megabyte_hello_is_refused_and_never_written(lab1: Lab) -> None:
+    """Row three of the issue: a 4 MB Hello was written to SQLite as is."""
+    hardware = node_pb2.Hardware(
+        hostname="pi1", disks=[node_pb2.Disk(device="d" * 250, mountpoint="m" * 250)] * 256
+    )
+    fat = agent_pb2.AgentMessage(hello=agent_pb2.Hello(node_name="pi1", agent_version="x", hardware=hardware))
+    hardware_before = lab1.coordctl_json("node", "show", "pi1")["hardware"]
+    size_before = state_bytes(lab1)
+    lab1.kill_agent("pi1")
+    try:
+        for _ in range(20):
+            with pytest.raises(grpc.RpcError) as raised:
+                open_session(lab1.coordinator_address, node_credentials(lab1, "pi1"), [fat])
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert raised.value.details() == (
+                f"message_too_large: hello is {fat.hello.ByteSize()} bytes, the limit is 65536"
+            )
+    finally:
+        lab1.start_agent("pi1")
+    assert state_bytes(lab1) - size_before < 256 * 1024
+    assert 'kind="hello",reason="message_too_large"} 20.0' in scrape(lab1)
+    lab1.wait_ready(timeout=20)
+    assert lab1.coordctl_json("node", "show", "pi1")["hardware"] == hardware_before
