@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from picoord.common.limits import LOG_REFUSALS_EVERY_SECONDS, LOG_TEXT
+
 SECRET_KEYS = frozenset({"token", "secret", "password", "private_key"})
 
 
@@ -17,11 +19,12 @@ def _redact_secrets(_logger: object, _name: str, event: dict) -> dict:
     return event
 
 
-def clipped(text: str, limit: int = 64) -> str:
+def clipped(text: object, limit: int = LOG_TEXT) -> str:
     """At most `limit` characters of an untrusted value, and how much was cut.
 
-    Whatever a client sends is logged only through this (or after it was validated), so
-    one request cannot write megabytes of log."""
+    Whatever a node or a client sends is logged only through this (or after it was
+    validated), so one request cannot write megabytes of log.
+    """
     if isinstance(text, bytes):
         head = text[:limit].decode("utf-8", errors="replace")
         return head if len(text) <= limit else f"{head}...(+{len(text) - limit} bytes)"
@@ -33,14 +36,15 @@ def clipped(text: str, limit: int = 64) -> str:
 
 
 class LogThrottle:
-    """At most one log line per key (a source address) every `every` seconds.
+    """At most one log line per key (a node, a source address) every `every` seconds.
 
     `admit(key, now)` says whether to log now, and how many lines for that key were held
     back since the last one, so a flood shows up as one line with a count. Pure: the
     caller passes the clock. At most `max_keys` keys are remembered (the least recently
-    logged go first), so a stream of new keys cannot grow it without end."""
+    logged go first), so a stream of new keys cannot grow it without end.
+    """
 
-    def __init__(self, every: float = 60.0, max_keys: int = 4096) -> None:
+    def __init__(self, every: float = LOG_REFUSALS_EVERY_SECONDS, max_keys: int = 4096) -> None:
         self.every = every
         self.max_keys = max_keys
         self._last: dict[str, float] = {}

@@ -70,6 +70,7 @@ class Counters:
     sessions_opened: int = 0
     messages_received: int = 0
     malformed_messages: int = 0
+    refused_messages: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, reason code)
     enrollments: int = 0
     enrollments_refused: int = 0
     store_write_failures: int = 0

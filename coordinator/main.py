@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import structlog
 
-from picoord.common import VERSION, defaults
+from picoord.common import VERSION, defaults, limits
 from picoord.common.addresses import join_host_port, split_host_port
 from picoord.common.durations import iso_utc, parse_duration
 from picoord.common.logs import configure_logging
@@ -45,7 +45,7 @@ GRPC_OPTIONS = [
     # Without this, a second coordinator on the same port starts "fine" and the kernel
     # splits connections between two CAs; fail at start-up instead.
     ("grpc.so_reuseport", 0),
-    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+    ("grpc.max_receive_message_length", limits.GRPC_RECEIVE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),

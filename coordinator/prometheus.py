@@ -170,6 +170,14 @@ class ClusterCollector(Collector):
             "Agent messages rejected.",
             value=counters.malformed_messages,
         )
+        refused = CounterMetricFamily(
+            "picoord_coordinator_refused_messages",
+            "Agent messages refused, by message kind and reason.",
+            labels=("kind", "reason"),
+        )
+        for (kind, reason), count in sorted(counters.refused_messages.items()):
+            refused.add_metric((kind, reason), count)
+        yield refused
         yield CounterMetricFamily(
             "picoord_coordinator_enrollments", "Nodes enrolled.", value=counters.enrollments
         )

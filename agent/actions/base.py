@@ -14,6 +14,7 @@ from pathlib import Path
 
 from picoord.agent.commands import CommandResult, run_command
 from picoord.common import defaults
+from picoord.common.limits import COMMAND_OUTPUT_TAIL
 from picoord.v1 import actions_pb2, agent_pb2
 
 Runner = Callable[[Sequence[str], float], CommandResult]
@@ -92,7 +93,7 @@ class ActionContext:
         result = self.run(run_argv or argv, self.remaining(timeout))
         record.exit_code = result.exit_code
         record.seconds = round(time.monotonic() - started, 3)
-        output = WITHHELD if secret_output else (result.stdout + result.stderr)[-4096:]
+        output = WITHHELD if secret_output else (result.stdout + result.stderr)[-COMMAND_OUTPUT_TAIL:]
         record.output_tail = self.redact(output)
         if check and not result.ok:
             reason = "timed out" if result.timed_out else f"exited {result.exit_code}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
+from picoord.common import limits
 from picoord.common.checks.membership import (
     SWARM_PORT,
     check_swarm_init,
@@ -37,7 +38,7 @@ from picoord.v1 import actions_pb2
 
 READ_TIMEOUT = 20.0  # info / inspect
 CHANGE_TIMEOUT = 90.0  # init / join / leave: raft and TLS setup can take a while on a Pi
-OUTPUT_TAIL = 4096
+OUTPUT_TAIL = limits.COMMAND_OUTPUT_TAIL
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,12 @@ import math
 import re
 from dataclasses import dataclass
 
+from picoord.common import limits
 from picoord.common.validation import FieldError, cidr, hostname, port, port_range
 from picoord.v1 import actions_pb2
 
-MAX_RULES = 256
-MAX_COMMENT = 64
+MAX_RULES = limits.FIREWALL_RULES
+MAX_COMMENT = limits.FIREWALL_COMMENT
 DEFAULT_CONFIRM_SECONDS = 10.0
 MAX_CONFIRM_SECONDS = 300.0
 _COMMENT = re.compile(r"[A-Za-z0-9_.,:/+=@-]+( [A-Za-z0-9_.,:/+=@-]+)*")

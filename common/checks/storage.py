@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from picoord.common import limits
 from picoord.common.validation import (
     FieldError,
     bind_source,
@@ -35,9 +36,9 @@ from picoord.common.validation import (
 )
 from picoord.v1 import actions_pb2
 
-MAX_PEERS = 64
-MAX_BRICKS = 128
-MAX_OPTIONS = 32
+MAX_PEERS = limits.GLUSTER_PEERS
+MAX_BRICKS = limits.GLUSTER_BRICKS
+MAX_OPTIONS = limits.MOUNT_OPTIONS
 
 # Per-mount flags the kernel keeps for each mount (shown in mountinfo's 6th field).
 VFS_FLAGS = frozenset(

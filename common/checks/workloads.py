@@ -9,6 +9,7 @@ buggy coordinator message cannot mount /etc into a container or smuggle an optio
 
 from __future__ import annotations
 
+from picoord.common import limits
 from picoord.common.validation import (
     FieldError,
     absolute_path,
@@ -23,7 +24,7 @@ from picoord.common.validation import (
 )
 from picoord.v1 import workloads_pb2
 
-MAX_REPLICAS_PER_NODE = 256
+MAX_REPLICAS_PER_NODE = limits.REPLICAS_PER_NODE
 MAX_ENV = 256
 MAX_ENV_VALUE = 32 * 1024
 MAX_ARGV = 256
@@ -31,7 +32,7 @@ MAX_ARG = 4096
 MAX_PORTS = 64
 MAX_VOLUMES = 64
 MAX_HOSTS = 256
-MAX_REPORT_TEXT = 1024
+MAX_REPORT_TEXT = limits.REPLICA_MESSAGE
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
 PROBE_KINDS = ("http", "tcp", "exec", "none", "")
 PROTOCOLS = ("tcp", "udp")

@@ -14,14 +14,15 @@ from typing import Any
 
 import yaml
 
+from picoord.common import limits
 from picoord.common import validation as v
 from picoord.common.checks import firewall as firewall_checks
 from picoord.common.names import InvalidName, validate_label_key, validate_label_value, validate_node_name
 from picoord.common.validation import FieldError
 
-MAX_SPEC_BYTES = 1024 * 1024
-MAX_DOCUMENTS = 256
-MAX_RULES = 512
+MAX_SPEC_BYTES = limits.SPEC_BYTES
+MAX_DOCUMENTS = limits.SPEC_DOCUMENTS
+MAX_LIST = limits.SPEC_LIST
 ENGINES = ("swarm", "kubeadm", "k3s")
 MOUNT_TYPES = ("glusterfs", "nfs", "bind", "tmpfs")
 # `persist: true` means the classic way, an fstab line.
@@ -144,7 +145,7 @@ def _mapping(path: str, value: Any) -> _Fields:
     return _Fields(path, value)
 
 
-def _list(path: str, value: Any, limit: int = MAX_RULES) -> list[Any]:
+def _list(path: str, value: Any, limit: int = MAX_LIST) -> list[Any]:
     if not isinstance(value, list):
         raise FieldError(path, f"must be a list, not {type(value).__name__}")
     if len(value) > limit:
@@ -220,7 +221,9 @@ def _gluster_volume(doc: _Fields, name: str) -> GlusterVolume:
     ):
         raise FieldError(doc.at("replica"), f"{replica!r} is not a replica count (0 for none, or 2-16)")
     bricks = []
-    for index, item in enumerate(_list(doc.at("bricks"), doc.get("bricks", required=True))):
+    for index, item in enumerate(
+        _list(doc.at("bricks"), doc.get("bricks", required=True), limits.GLUSTER_BRICKS)
+    ):
         where = f"{doc.at('bricks')}[{index}]"
         host, path = v.remote_path(where, item)
         bricks.append(Brick(node=_node_name(where, host), path=path))
@@ -255,7 +258,7 @@ def _mount(doc: _Fields, name: str) -> Mount:
         raise FieldError(doc.at("source"), "must be empty or 'tmpfs' for a tmpfs mount")
     options = tuple(
         v.mount_option(f"{doc.at('options')}[{i}]", option)
-        for i, option in enumerate(_list(doc.at("options"), doc.get("options", [])))
+        for i, option in enumerate(_list(doc.at("options"), doc.get("options", []), limits.MOUNT_OPTIONS))
     )
     persist = doc.get("persist", "none")
     if not isinstance(persist, bool | str) or persist not in PERSISTENCE:
@@ -312,7 +315,7 @@ def _rule(path: str, raw: Any) -> Rule:
 def _firewall(doc: _Fields, name: str) -> FirewallPolicy:
     rules = tuple(
         _rule(f"{doc.at('rules')}[{i}]", item)
-        for i, item in enumerate(_list(doc.at("rules"), doc.get("rules", [])))
+        for i, item in enumerate(_list(doc.at("rules"), doc.get("rules", []), limits.FIREWALL_RULES))
     )
     confirm = doc.get("confirm_within_seconds", 10.0)
     if isinstance(confirm, bool) or not isinstance(confirm, int | float) or not 1 <= confirm <= 300:
@@ -341,13 +344,18 @@ def load_documents(text: str | bytes) -> list[Any]:
     if isinstance(text, bytes):
         if len(text) > MAX_SPEC_BYTES:
             raise SpecError(f"the file is {len(text)} bytes; the limit is {MAX_SPEC_BYTES}")
-        text = text.decode("utf-8", errors="strict")
+        try:
+            text = text.decode("utf-8", errors="strict")
+        except UnicodeDecodeError as error:
+            raise SpecError(f"the file is not UTF-8 text (byte {error.start})") from None
     if len(text.encode()) > MAX_SPEC_BYTES:
         raise SpecError(f"the file is larger than {MAX_SPEC_BYTES} bytes")
     try:
         raw_documents = [doc for doc in yaml.safe_load_all(text) if doc is not None]
     except yaml.YAMLError as error:
         raise SpecError(f"not valid YAML: {error}") from None
+    except RecursionError:
+        raise SpecError("not valid YAML: nested too deeply") from None
     if not raw_documents:
         raise SpecError("the file holds no document")
     if len(raw_documents) > MAX_DOCUMENTS:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from picoord.common import defaults
+from picoord.common import defaults, limits
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
 from picoord.coordinator.apply.planner import PlanError
@@ -91,8 +91,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         ttl = request.ttl_seconds or float(defaults.TOKEN_TTL_SECONDS)
         if not 0 < ttl <= MAX_TOKEN_TTL:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ttl must be between 1 second and 365 days")
-        if len(request.description) > 256:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "description is longer than 256 characters")
+        if len(request.description) > limits.TOKEN_DESCRIPTION:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"description is longer than {limits.TOKEN_DESCRIPTION} characters",
+            )
         token, record = await self.cluster.create_token(ttl, request.usage_limit, request.description)
         log.info("token created", token_id=token.token_id, ttl_seconds=ttl, usage_limit=request.usage_limit)
         command = f"picoord-agent join {self.join_address} --token {token} --ca-cert-hash {self.ca.cert_hash}"

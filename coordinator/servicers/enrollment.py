@@ -10,6 +10,7 @@ from typing import NoReturn
 import grpc
 import structlog
 
+from picoord.common import limits
 from picoord.common.defaults import COORDINATOR_SERVER_NAME
 from picoord.common.logs import LogThrottle, clipped
 from picoord.common.names import InvalidName, validate_labels, validate_node_name
@@ -26,12 +27,12 @@ from picoord.v1 import agent_pb2, agent_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator.enrollment")
 
-MAX_CSR_BYTES = 16 * 1024
-MAX_TOKEN_CHARS = 64  # a bootstrap token is 23; room for whitespace around a pasted one
-MAX_NODE_NAME_CHARS = 63  # a DNS label
-MAX_LABELS = 64
-MAX_LABEL_KEY_CHARS = 253 + 1 + 63  # a DNS-subdomain prefix, "/", a name
-MAX_LABEL_VALUE_CHARS = 63
+MAX_CSR_BYTES = limits.CSR_BYTES
+MAX_TOKEN_CHARS = limits.BOOTSTRAP_TOKEN
+MAX_NODE_NAME_CHARS = limits.NODE_NAME
+MAX_LABELS = limits.LABELS
+MAX_LABEL_KEY_CHARS = limits.LABEL_KEY
+MAX_LABEL_VALUE_CHARS = limits.LABEL_VALUE
 LOG_VALUE_CHARS = 64  # the most of any client-sent value a log line carries
 LOG_REFUSALS_EVERY_SECONDS = 10.0  # per source address: a storm is one line with a count
 
@@ -40,13 +41,13 @@ def oversized_field(request: agent_pb2.EnrollRequest) -> str | None:
     """What is too large in an enrollment request, checked before anything else reads it.
 
     Names the field, never quotes it: a refusal must not echo a megabyte back or into the log."""
-    limits = (
+    sizes = (
         ("token", len(request.token), MAX_TOKEN_CHARS, "characters"),
         ("node_name", len(request.node_name), MAX_NODE_NAME_CHARS, "characters"),
         ("labels", len(request.labels), MAX_LABELS, "entries"),
         ("csr_pem", len(request.csr_pem), MAX_CSR_BYTES, "bytes"),
     )
-    for name, size, limit, unit in limits:
+    for name, size, limit, unit in sizes:
         if size > limit:
             return f"{name} is too large ({size} {unit}, at most {limit})"
     for key, value in request.labels.items():

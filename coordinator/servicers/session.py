@@ -4,7 +4,9 @@ heartbeats and events up, and whatever the coordinator queues down."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -13,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from picoord.common import VERSION
 from picoord.common.durations import iso_utc
+from picoord.common.logs import LogThrottle, clipped
 from picoord.common.pki import certificate_not_after
 from picoord.coordinator.ca import ClusterCA, CsrRejected, certificate_pem, certificate_serial
 from picoord.coordinator.cluster import Cluster, LiveSession
@@ -28,17 +31,41 @@ log = structlog.get_logger("picoord.coordinator.session")
 HELLO_TIMEOUT = 15.0
 
 
-async def _decoded(
-    request_iterator: AsyncIterator[agent_pb2.AgentMessage],
-) -> AsyncIterator[agent_pb2.AgentMessage]:
-    """The stream's messages; bytes that are no AgentMessage end it as a malformed message."""
-    try:
-        async for message in request_iterator:
-            yield message
-    except DecodeError:
-        raise MalformedMessage(
-            "malformed_message", "the stream carried bytes that are not an AgentMessage"
-        ) from None
+class _DecodedStream:
+    """The stream's messages; bytes that are no AgentMessage end it as a malformed message.
+
+    `drop()` closes gRPC's request iterator, which otherwise holds the last message it
+    handed out for as long as gRPC keeps the finished call's state (with the frames of its
+    abort): a refused message (4 MB, say) must not outlive its refusal.
+    """
+
+    def __init__(self, request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+        self._incoming: AsyncIterator[agent_pb2.AgentMessage] | None = aiter(request_iterator)
+
+    def __aiter__(self) -> _DecodedStream:
+        return self
+
+    async def __anext__(self) -> agent_pb2.AgentMessage:
+        if self._incoming is None:
+            raise StopAsyncIteration
+        try:
+            return await anext(self._incoming)
+        except DecodeError:
+            pass
+        await self.drop()
+        raise MalformedMessage("malformed_message", "the stream carried bytes that are not an AgentMessage")
+
+    async def drop(self) -> None:
+        """Close gRPC's request iterator (an async generator): it lets go of its last message."""
+        incoming, self._incoming = self._incoming, None
+        close = getattr(incoming, "aclose", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                await close()
+
+
+def _decoded(request_iterator: AsyncIterator[agent_pb2.AgentMessage]) -> _DecodedStream:
+    return _DecodedStream(request_iterator)
 
 
 def peer_address(peer: str) -> str:
@@ -48,6 +75,12 @@ def peer_address(peer: str) -> str:
         return ""
     host, _, _port = rest.rpartition(":")
     return host.strip("[]")
+
+
+def _bare(error: MalformedMessage) -> MalformedMessage:
+    """The same refusal without the traceback of the check that raised it, whose frames hold
+    the refused message: raised afresh, it keeps nothing of the message alive."""
+    return MalformedMessage(error.code, str(error), error.kind)
 
 
 class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
@@ -65,6 +98,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         self.heartbeat_interval = heartbeat_interval
         self.ca = ca
         self._last_renewal: dict[str, float] = {}
+        self.refusal_log = LogThrottle()
 
     async def _authenticate(self, context: grpc.aio.ServicerContext) -> tuple[str, str]:
         peer = certified_peer(context)
@@ -95,8 +129,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         node, serial = await self._authenticate(context)
         messages = aiter(_decoded(request_iterator))
         try:
-            first = await asyncio.wait_for(anext(messages), HELLO_TIMEOUT)
-            hello = check_hello(first, node)
+            hello = await self._hello(node, messages)
         except MalformedMessage as error:
             await self._reject(context, node, error)
             return
@@ -144,20 +177,37 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 self.workloads.on_session_closed(node)
             log.info("session ended", node=node)
 
-    async def _read(
-        self, node: str, messages: AsyncIterator[agent_pb2.AgentMessage], session: LiveSession
-    ) -> None:
+    async def _read(self, node: str, messages: _DecodedStream, session: LiveSession) -> None:
+        """Each message checked before it counts as a sign of life or touches any state;
+        node-supplied text is logged only after the check, and clipped."""
         async for message in messages:
-            kind = check_followup(message)
+            try:
+                kind = check_followup(message)
+            except MalformedMessage as error:
+                refusal = _bare(error)
+            else:
+                refusal = None
+            if refusal is not None:
+                del message
+                await messages.drop()
+                raise refusal
             self.cluster.heard_from(node)
             if kind == "metrics":
                 self.cluster.history.add(node, message.metrics)
             elif kind == "action_result" and not self.cluster.action_result(node, message.action_result):
                 log.warning(
-                    "action result nobody waits for", node=node, action_id=message.action_result.action_id
+                    "action result nobody waits for",
+                    node=node,
+                    action_id=clipped(message.action_result.action_id),
                 )
             elif kind == "event":
-                log.info("agent event", node=node, kind=message.event.kind, message=message.event.message)
+                log.info(
+                    "agent event",
+                    node=node,
+                    kind=clipped(message.event.kind),
+                    message=clipped(message.event.message),
+                )
+
             elif kind == "replicas" and self.workloads is not None:
                 self.workloads.on_reports(node, message.replicas)
             elif kind == "renew":
@@ -210,7 +260,32 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         log.warning("certificate renewal refused", node=node, reason=why)
         return agent_pb2.CertificateRenewal(error=why)
 
+    async def _hello(self, node: str, messages: _DecodedStream) -> agent_pb2.Hello:
+        """The checked hello; a refused one is not kept alive by the error (see `_bare`)."""
+        first = await asyncio.wait_for(anext(messages), HELLO_TIMEOUT)
+        try:
+            return check_hello(first, node)
+        except MalformedMessage as error:
+            refusal = _bare(error)
+        del first
+        await messages.drop()
+        raise refusal
+
     async def _reject(self, context: grpc.aio.ServicerContext, node: str, error: MalformedMessage) -> None:
-        self.cluster.counters.malformed_messages += 1
-        log.warning("malformed message from agent", node=node, code=error.code, error=str(error))
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{error.code}: {error}")
+        """Refuse the message, and with it the session: counted by kind and reason, logged at
+        most once per node per minute (with how many were held back), the node left listed."""
+        counters = self.cluster.counters
+        counters.malformed_messages += 1
+        key = (error.kind, error.code)
+        counters.refused_messages[key] = counters.refused_messages.get(key, 0) + 1
+        admitted, held_back = self.refusal_log.admit(node, time.monotonic())
+        if admitted:
+            log.warning(
+                "agent message refused",
+                node=node,
+                kind=error.kind,
+                code=error.code,
+                error=clipped(str(error)),
+                refusals_not_logged=held_back,
+            )
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{error.code}: {clipped(str(error), 1024)}")

@@ -131,3 +131,120 @@ def test_history_keeps_the_top_row_of_the_last_two_samples() -> None:
     row.cpu_percent = 99.0  # a caller changing its copy does not change the history
     assert history.top("pi1", admin_pb2.NODE_STATUS_READY, 4).cpu_percent == 25.0
     assert [s.cpu_percent for s in history.recent("pi1")] == [5.0, 25.0]
+
+
+def weighing(t: float, size: int) -> node_pb2.MetricsSample:
+    """A sample whose serialized form is exactly `size` bytes (size >= 20)."""
+    for filler in range(size, -1, -1):
+        for extra in range(4):
+            filesystem = node_pb2.FilesystemUsage(device="x" * filler, fstype="y" * extra)
+            candidate = node_pb2.MetricsSample(timestamp=t, filesystems=[filesystem])
+            if candidate.ByteSize() == size:
+                return candidate
+            if candidate.ByteSize() < size - 8:
+                break
+    raise AssertionError(f"no sample of {size} bytes")
+
+
+# (size, node_bytes, total_bytes, adds as (node, time, bytes), kept times per node)
+HISTORY_BOUNDS = [
+    pytest.param(
+        5, 1000, 10_000, [("pi1", t, 100) for t in range(1, 8)], {"pi1": [3, 4, 5, 6, 7]}, id="count"
+    ),
+    pytest.param(
+        100, 350, 10_000, [("pi1", t, 100) for t in range(1, 8)], {"pi1": [5, 6, 7]}, id="node-bytes"
+    ),
+    pytest.param(
+        100,
+        350,
+        10_000,
+        [("pi1", 1, 100), ("pi1", 2, 100), ("pi1", 3, 300)],
+        {"pi1": [3]},
+        id="one-big-sample-pushes-out-the-rest",
+    ),
+    pytest.param(100, 400, 400, [("pi1", 1, 600)], {"pi1": [1]}, id="a-nodes-newest-always-stays"),
+    pytest.param(
+        100,
+        400,
+        400,
+        [
+            ("pi1", 1, 100),
+            ("pi2", 2, 100),
+            ("pi1", 3, 100),
+            ("pi2", 4, 100),
+            ("pi3", 5, 100),
+            ("pi3", 6, 100),
+        ],
+        {"pi1": [3], "pi2": [4], "pi3": [5, 6]},
+        id="total-bytes-drops-the-oldest-of-any-node",
+    ),
+    pytest.param(
+        100,
+        300,
+        300,
+        [("pi1", 1, 100), ("pi2", 2, 100), ("pi3", 3, 100), ("pi1", 4, 100), ("pi1", 5, 100)],
+        {"pi1": [5], "pi2": [2], "pi3": [3]},
+        id="total-keeps-each-nodes-newest",
+    ),
+    pytest.param(
+        3,
+        250,
+        350,
+        [
+            ("pi1", 1, 100),
+            ("pi1", 2, 100),
+            ("pi1", 3, 100),
+            ("pi2", 4, 100),
+            ("pi2", 5, 100),
+            ("pi2", 6, 100),
+        ],
+        {"pi1": [3], "pi2": [5, 6]},
+        id="all-bounds-at-once",
+    ),
+]
+
+
+@pytest.mark.parametrize(("size", "node_bytes", "total_bytes", "adds", "kept"), HISTORY_BOUNDS)
+def test_history_bounds(
+    size: int, node_bytes: int, total_bytes: int, adds: list, kept: dict[str, list[int]]
+) -> None:
+    history = MetricsHistory(size=size, node_bytes=node_bytes, total_bytes=total_bytes)
+    for node, t, weight in adds:
+        history.add(node, weighing(float(t), weight))
+        assert history.latest(node).timestamp == t
+    assert {node: [int(s.timestamp) for s in history.recent(node)] for node in kept} == kept
+    for node in kept:
+        assert history.bytes_kept(node) == sum(s.ByteSize() for s in history.recent(node))
+    assert history.bytes_kept() == sum(history.bytes_kept(node) for node in kept)
+
+
+@pytest.mark.parametrize(("node_bytes", "total_bytes"), [(0, 10), (20, 10), (-1, -1)])
+def test_history_refuses_nonsense_byte_bounds(node_bytes: int, total_bytes: int) -> None:
+    with pytest.raises(ValueError):
+        MetricsHistory(node_bytes=node_bytes, total_bytes=total_bytes)
+
+
+def test_history_stays_within_its_bytes_under_a_flood_of_big_samples() -> None:
+    """64 KiB samples from 50 nodes, 40 each: memory stays at the bound, not 128 MB."""
+    history = MetricsHistory(size=120, node_bytes=512 * 1024, total_bytes=4 * 1024 * 1024)
+    fat = weighing(1.0, 64 * 1024)
+    for round_number in range(40):
+        for index in range(50):
+            fat.timestamp = float(round_number + 1)
+            history.add(f"pi{index}", fat)
+            assert history.bytes_kept() <= 4 * 1024 * 1024
+            assert history.bytes_kept(f"pi{index}") <= 512 * 1024
+    assert len(history._arrivals) <= 2 * 4 * 1024 * 1024 // (64 * 1024) + 1024  # swept, not piling up
+    assert all(history.recent(f"pi{index}")[-1].timestamp == 40.0 for index in range(50))
+
+
+def test_forget_gives_the_bytes_back() -> None:
+    history = MetricsHistory(size=10, node_bytes=1000, total_bytes=1000)
+    history.add("pi1", weighing(1.0, 400))
+    history.add("pi2", weighing(2.0, 400))
+    history.forget("pi1")
+    assert history.bytes_kept() == 400
+    history.add("pi3", weighing(3.0, 500))
+    assert [s.timestamp for s in history.recent("pi2")] == [2.0]  # room again: nothing dropped
+    history.add("pi1", weighing(4.0, 100))  # the name comes back: old tickets do not hit it
+    assert [s.timestamp for s in history.recent("pi1")] == [4.0]

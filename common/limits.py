@@ -1,0 +1,95 @@
+"""Every size and count limit picoord enforces, in one place.
+
+Both ends read these: the coordinator refuses what exceeds them, and the agent and the
+CLI can keep within them. A limit defined anywhere else is a bug (the firewall rule count
+was once 256 in the checks and 512 in the spec reader).
+
+Texts are counted in characters (what `len()` of a protobuf string gives); byte budgets
+in serialized bytes (`message.ByteSize()`). Each message kind has a byte budget well under
+gRPC's 4 MiB receive limit, so one node can neither fill the coordinator's memory nor its
+state database, whatever the per-field limits would add up to.
+"""
+
+from __future__ import annotations
+
+KIB = 1024
+MIB = 1024 * KIB
+
+# --- Texts (characters) -------------------------------------------------------------------
+TEXT = 256  # any short free text from a node: hostnames, versions, devices, mountpoints, ...
+NODE_NAME = 63  # an RFC 1123 DNS label
+LABEL_KEY = 253 + 1 + 63  # an optional DNS-subdomain prefix, "/", a name
+LABEL_VALUE = 63
+BOOTSTRAP_TOKEN = 64  # a token is 23 characters; room for whitespace around a pasted one
+EVENT_KIND = TEXT
+EVENT_MESSAGE = 4096
+EVENT_ATTRIBUTE_KEY = 64
+EVENT_ATTRIBUTE_VALUE = 1024
+FACT_KEY = TEXT
+FACT_VALUE = 16 * KIB  # join commands and tokens, certificates in PEM
+ARGV_ITEM = 4096
+COMMAND_OUTPUT_TAIL = 4096  # what the agent keeps of a command's output
+RESULT_TEXT = 64 * KIB  # an action result's message and in_place text
+FIREWALL_COMMENT = 64
+TOKEN_DESCRIPTION = 256
+
+# --- Counts -------------------------------------------------------------------------------
+CPUS = 1024
+FILESYSTEMS = 256  # also a Hello's disks
+INTERFACES = 512  # also a sample's network devices
+ADDRESSES = 64  # per interface
+TEMPERATURES = 128
+GPUS = 64
+COMMANDS = 256  # per action result
+ARGV = 512  # items per command
+FACTS = 64
+EVENT_ATTRIBUTES = 32
+LABELS = 64  # per node
+FIREWALL_RULES = 256
+GLUSTER_PEERS = 64
+GLUSTER_BRICKS = 128
+MOUNT_OPTIONS = 32
+SPEC_DOCUMENTS = 256
+SPEC_LIST = 512  # entries of any other list in a spec document (nodes, bricks, options)
+
+# --- Bytes --------------------------------------------------------------------------------
+CSR_BYTES = 16 * KIB
+SPEC_BYTES = 1 * MIB
+GRPC_RECEIVE_BYTES = 4 * MIB  # the servers' transport limit; every budget below is far under it
+
+# Byte budget of each inbound message kind, keyed by its name in AgentMessage's oneof
+# (and "enroll" for EnrollRequest).
+MESSAGE_BYTES: dict[str, int] = {
+    "hello": 64 * KIB,
+    "metrics": 64 * KIB,
+    "heartbeat": 1 * KIB,
+    "action_result": 256 * KIB,
+    "event": 8 * KIB,
+    "enroll": 32 * KIB,
+    "renew": 32 * KIB,
+    "replicas": 128 * KIB,
+}
+# How a message kind is named in errors and logs.
+MESSAGE_NAMES: dict[str, str] = {
+    "hello": "hello",
+    "metrics": "metrics sample",
+    "heartbeat": "heartbeat",
+    "action_result": "action result",
+    "event": "event",
+    "enroll": "enroll request",
+    "renew": "certificate renewal request",
+    "replicas": "replica report",
+}
+
+# --- Workloads ----------------------------------------------------------------------------
+REPLICAS_PER_NODE = 256  # replicas one node may be assigned or report
+REPLICA_MESSAGE = 1024  # a replica's last probe output or error, as reported
+
+# --- Memory -------------------------------------------------------------------------------
+HISTORY_SAMPLES = 120  # per node, by count
+HISTORY_NODE_BYTES = 2 * MIB  # per node, serialized samples
+HISTORY_TOTAL_BYTES = 256 * MIB  # all nodes together
+
+# --- Logs ---------------------------------------------------------------------------------
+LOG_TEXT = 200  # the most of any untrusted value written to a log line
+LOG_REFUSALS_EVERY_SECONDS = 60.0  # one refusal line per node per this many seconds
