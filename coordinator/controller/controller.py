@@ -97,6 +97,7 @@ class WorkloadController:
         self._listeners: dict[str, set[asyncio.Queue[services_pb2.RolloutEvent]]] = defaultdict(set)
         self._last_info: dict[str, bytes] = {}
         self._unplaced: dict[str, str] = {}
+        self._waiting: dict[str, str] = {}
         self._problems: dict[str, list[str]] = {}
 
     # --- inputs from the agent sessions -------------------------------------------------------------
@@ -195,6 +196,11 @@ class WorkloadController:
             assert rollout is not None
             if rollout.finished:
                 continue
+            waiting_for = self._dependencies_not_serving(service, facts)
+            if rollout.previous is None and waiting_for:
+                # depends_on orders first placement: nothing of it starts before they serve.
+                self._wait_note(name, f"waiting for {', '.join(waiting_for)} to have a healthy replica")
+                continue
             mine = [r for r in facts.replicas.values() if r.service == name]
             step = planner.step(rollout, visible_replicas(mine, statuses, facts.now, self.grace), facts.now)
             if step.rollout != rollout:
@@ -206,6 +212,22 @@ class WorkloadController:
             await self._start(
                 service, [(start.revision, start.node, start.reason) for start in step.starts], facts
             )
+
+    def _dependencies_not_serving(self, service: ServiceRecord, facts: Facts) -> list[str]:
+        """The services it depends on that have no available replica yet."""
+        missing = []
+        for dependency in service.spec.depends_on:
+            other = facts.services.get(dependency)
+            checked = other.rollout.has_health_check if other and other.rollout else True
+            if not any(r.service == dependency and r.available(checked) for r in facts.replicas.values()):
+                missing.append(dependency)
+        return missing
+
+    def _wait_note(self, service: str, text: str) -> None:
+        """A waiting reason, told once per change rather than every tick."""
+        if self._waiting.get(service) != text:
+            self._waiting[service] = text
+            self._note(service, text)
 
     def _desired(self, service: ServiceRecord) -> DesiredService:
         rollout = service.rollout
@@ -449,9 +471,24 @@ class WorkloadController:
             if image:
                 spec = dataclasses.replace(spec, image=image)
             await self._preflight(spec, facts)
-            history = await asyncio.to_thread(self.records.history, name)
-            updated, revision, _new = revisions.record(history, stored(spec), facts.now, cause or "rollout")
-            await self._begin(service, spec, revision.number, updated, facts)
+            # A first deployment brings what it depends on along (they are placed first).
+            first = [
+                facts.services[dependency]
+                for dependency in spec.depends_on
+                if dependency in facts.services and facts.services[dependency].rollout is None
+            ]
+            for dependency in first:
+                await self._preflight(dependency.spec, facts)
+            for dependency in first:
+                await self._record_and_begin(dependency, dependency.spec, f"dependency of {name}", facts)
+            await self._record_and_begin(service, spec, cause or "rollout", facts)
+
+    async def _record_and_begin(
+        self, service: ServiceRecord, spec: ServiceSpec, cause: str, facts: Facts
+    ) -> None:
+        history = await asyncio.to_thread(self.records.history, service.name)
+        updated, revision, _new = revisions.record(history, stored(spec), facts.now, cause)
+        await self._begin(service, spec, revision.number, updated, facts)
 
     async def undo(self, name: str, to_revision: int | None) -> None:
         async with self._lock:
@@ -476,6 +513,12 @@ class WorkloadController:
         matching = [node for node in usable if first_unmet(spec.placement.constraints, node.facts) is None]
         try:
             check_secrets(spec, known)
+            for dependency in spec.depends_on:
+                if dependency not in facts.services:
+                    raise FieldError(
+                        f"{spec.origin or spec.name}.depends_on",
+                        f"{spec.name} depends on {dependency!r}, which is not applied: apply its spec too",
+                    )
             if spec.mode != GLOBAL:
                 check_spread(
                     f"{spec.origin or spec.name}.placement",
