@@ -237,26 +237,38 @@ def _metrics_lines(url: str, needle: str, count: int) -> list[str]:
 
 
 DEMO_SPEC = Path(__file__).resolve().parent / "demo-cluster.yaml"
+DEMO_WORKLOADS = Path(__file__).resolve().parent / "demo-mcp.yaml"
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The quick start's main job: a lab of Pis with their own dockerd and glusterd, the
-    inventory and live metrics, then `coordctl apply` of a seed-like cluster."""
+    inventory and live metrics, `coordctl apply` of a seed-like cluster, then the seed's
+    MCP service rolled out on the Pis, updated, and a broken update rolled back by itself."""
     if not args.services:
         args.services = "dockerd,glusterd"
+    args.registry = True
     if args.nodes < 3:
         raise LabError("the demo needs at least 3 Pis (its Gluster volume is replicated 3 ways)")
     lab = _make_lab(args)
     failed = False
 
-    def show(*command: str, timeout: float = 60) -> None:
+    def show(*command: str, timeout: float = 60, expect: int = 0) -> None:
         nonlocal failed
+        print(f"\n$ coordctl {' '.join(command)}", flush=True)
         done = lab.coordctl(*command, timeout=timeout)
-        print(f"\n$ coordctl {' '.join(command)}")
         print(done.stdout.rstrip())
-        if done.returncode != 0:
+        if done.stderr.strip():
+            print(done.stderr.rstrip())
+        if done.returncode != expect:
             failed = True
-            print(f"(exit {done.returncode}) {done.stderr.strip()}", file=sys.stderr)
+            print(f"(exit {done.returncode}, expected {expect})", file=sys.stderr)
+        elif expect:
+            print(f"(exit {done.returncode}, as expected)")
+
+    def versions() -> None:
+        print("\n$ curl -s http://<pi>:8080/version   # from the host, on each Pi")
+        for node in lab.nodes:
+            print(f"{node}: {_http_text(f'http://{lab.address(node)}:8080/version')}")
 
     try:
         print(f"picoord-lab demo: starting {args.nodes} Pis (lab {lab.lab_id}) ...", flush=True)
@@ -275,6 +287,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(swarm.stdout.rstrip() or swarm.stderr.rstrip())
         print(f"\n$ curl -s {lab.metrics_url} | grep 'instance=\"pi1\"' | head -5")
         print("\n".join(_metrics_lines(lab.metrics_url, 'instance="pi1"', 5)))
+        secret = lab.work_dir / "database-url"
+        secret.write_text("postgresql://mcp:lab-password@postgres:5432/mcp_db")
+        secret.chmod(0o600)
+        show("secret", "create", "mcp-secrets", "database-url", "--from-file", str(secret))
+        show("apply", "-f", str(DEMO_WORKLOADS))
+        show("rollout", "mcp", timeout=600)  # postgres, which it depends on, comes first
+        show("ps", "mcp")
+        versions()
+        show("rollout", "mcp", "--image", "mcp:2", timeout=600)
+        versions()
+        show("rollout", "mcp", "--image", "mcp:3", timeout=600, expect=1)  # its health check fails
+        show("ps", "mcp")
+        versions()
+        show("rollout", "history", "mcp")
+        show("services")
         show("node", "remove", lab.nodes[-1])
         show("nodes")
     except BaseException:
@@ -286,6 +313,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if failed:
             print(f"picoord-lab demo: logs kept in {lab.logs_dir}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _http_text(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.read().decode(errors="replace").strip()
+    except OSError as error:
+        return f"({error})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -458,8 +458,9 @@ class WorkloadController:
             self._listeners[name].discard(queue)
 
     # --- operator changes -------------------------------------------------------------------------------
-    async def start_rollout(self, name: str, image: str = "", cause: str = "") -> None:
-        """Make the applied spec (with `image`, if given) the target of a new rollout."""
+    async def start_rollout(self, name: str, image: str = "", cause: str = "") -> list[str]:
+        """Make the applied spec (with `image`, if given) the target of a new rollout;
+        return what was started, as lines for the operator."""
         async with self._lock:
             facts = await self._facts()
             service = facts.services.get(name)
@@ -479,18 +480,23 @@ class WorkloadController:
             ]
             for dependency in first:
                 await self._preflight(dependency.spec, facts)
+            lines = []
             for dependency in first:
-                await self._record_and_begin(dependency, dependency.spec, f"dependency of {name}", facts)
-            await self._record_and_begin(service, spec, cause or "rollout", facts)
+                lines.append(
+                    await self._record_and_begin(dependency, dependency.spec, f"dependency of {name}", facts)
+                )
+                lines.append(f"{name} depends on {dependency.name}: it is placed first")
+            lines.append(await self._record_and_begin(service, spec, cause or "rollout", facts))
+            return lines
 
     async def _record_and_begin(
         self, service: ServiceRecord, spec: ServiceSpec, cause: str, facts: Facts
-    ) -> None:
+    ) -> str:
         history = await asyncio.to_thread(self.records.history, service.name)
         updated, revision, _new = revisions.record(history, stored(spec), facts.now, cause)
-        await self._begin(service, spec, revision.number, updated, facts)
+        return await self._begin(service, spec, revision.number, updated, facts)
 
-    async def undo(self, name: str, to_revision: int | None) -> None:
+    async def undo(self, name: str, to_revision: int | None) -> list[str]:
         async with self._lock:
             facts = await self._facts()
             service = facts.services.get(name)
@@ -503,7 +509,7 @@ class WorkloadController:
                 raise WorkloadRefused("FAILED_PRECONDITION", str(error)) from None
             spec = revision.spec.spec
             await self._preflight(spec, facts)
-            await self._begin(service, spec, revision.number, updated, facts)
+            return [await self._begin(service, spec, revision.number, updated, facts)]
 
     async def _preflight(self, spec: ServiceSpec, facts: Facts) -> None:
         """Everything that can be refused before anything starts: a missing secret, a spread
@@ -549,7 +555,7 @@ class WorkloadController:
         revision: int,
         history: list[revisions.Revision],
         facts: Facts,
-    ) -> None:
+    ) -> str:
         previous = service.rollout.target if service.rollout else None
         global_nodes = None
         if spec.mode == GLOBAL:
@@ -568,8 +574,11 @@ class WorkloadController:
         await asyncio.to_thread(self.records.replace_history, service.name, history)
         await asyncio.to_thread(self.records.save_rollout, service.name, rollout)
         self._last_info.pop(service.name, None)
-        self._note(service.name, f"rolling out revision {revision} of {service.name} ({spec.image})")
+        self._waiting.pop(service.name, None)
+        line = f"rolling out revision {revision} of {service.name} ({spec.image})"
+        self._note(service.name, line)
         self._wake.set()
+        return line
 
     async def pause(self, name: str, resume: bool = False) -> services_pb2.RolloutInfo:
         async with self._lock:

@@ -60,9 +60,11 @@ def progress_line(info: services_pb2.RolloutInfo) -> str:
     direction = (
         f"rolling back to revision {info.revision}" if info.rolling_back else f"revision {info.revision}"
     )
-    return (
-        f"{info.service} {direction}: {info.updated}/{info.desired} updated, {info.healthy} healthy, "
-        f"{info.available} available; {info.status}" + (f" ({info.message})" if info.message else "")
+    counts = f"{info.updated}/{info.desired} updated, {info.healthy} healthy, {info.available} available"
+    # While it moves, the notes tell what happens; the message is for where it ended.
+    ended = info.status not in ("progressing", "rolling back")
+    return f"{info.service} {direction}: {counts}; {info.status}" + (
+        f" ({info.message})" if info.message and ended else ""
     )
 
 

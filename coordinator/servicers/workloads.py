@@ -59,10 +59,13 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         cause = f"rollout --image {request.image}" if request.image else "rollout"
         try:
-            await self.controller.start_rollout(name, request.image, cause)
+            lines = await self.controller.start_rollout(name, request.image, cause)
         except WorkloadRefused as error:
             await self._refused(context, error)
+            return
         log.info("rollout started", service=name, image=request.image or None)
+        for line in lines:
+            yield services_pb2.RolloutEvent(note=line)
         async for event in self._follow(name, context, until_finished=not request.detach):
             yield event
 
@@ -79,9 +82,12 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
     ) -> AsyncIterator[services_pb2.RolloutEvent]:
         name = await self._name(request.name, context)
         try:
-            await self.controller.undo(name, request.to_revision or None)
+            lines = await self.controller.undo(name, request.to_revision or None)
         except WorkloadRefused as error:
             await self._refused(context, error)
+            return
+        for line in lines:
+            yield services_pb2.RolloutEvent(note=line)
         async for event in self._follow(name, context, until_finished=not request.detach):
             yield event
 
