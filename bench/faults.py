@@ -636,7 +636,7 @@ def row_firewall_lab() -> Row:
             "tests/lab/test_firewall_lab.py",
             "-k",
             "killed_in_the_window or restarted_with_a_pending_revert",
-        ],  # fmt: skip
+        ],
         cwd=Path(__file__).resolve().parent.parent,
         capture_output=True,
         text=True,
