@@ -98,6 +98,13 @@ class Processes:
         self.children.append((name, proc))
         return psutil.Process(proc.pid)
 
+    def forget(self, pid: int) -> None:
+        """Stop tracking a child the bench ended on purpose (a SIGKILL), after reaping it."""
+        for name, proc in list(self.children):
+            if proc.pid == pid:
+                proc.wait(10)
+                self.children.remove((name, proc))
+
     def check_alive(self) -> None:
         for name, proc in self.children:
             if proc.poll() is not None:

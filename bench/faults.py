@@ -98,9 +98,11 @@ def new_token(coordinator: Coordinator, uses: int = 0) -> tuple[str, str]:
     return reply["token"], reply["ca_cert_hash"]
 
 
-async def enroll(coordinator: Coordinator, name: str, token: str, ca_hash: str) -> SimNode:
+async def enroll(
+    coordinator: Coordinator, name: str, token: str, ca_hash: str, keys: tuple[bytes, bytes] | None = None
+) -> SimNode:
     ca_pem = await asyncio.to_thread(fetch_pinned_ca, Endpoint(LOOPBACK, coordinator.port + 1), ca_hash)
-    key_pem, csr_pem = new_key_and_csr(name)
+    key_pem, csr_pem = keys or new_key_and_csr(name)
     credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
     async with grpc.aio.secure_channel(coordinator.enroll_address, credentials) as channel:
         reply = await agent_pb2_grpc.EnrollmentStub(channel).Enroll(
@@ -542,11 +544,17 @@ async def row_cert_expiry(root: Path, processes: Processes) -> Row:
     )
 
 
-async def enroll_many(coordinator: Coordinator, count: int, concurrency: int) -> list[SimNode]:
+def node_keys(count: int) -> list[tuple[bytes, bytes]]:
+    """Keys and CSRs made before a storm: it measures the coordinator, not this client."""
+    return [new_key_and_csr(f"pi{index:03d}") for index in range(count)]
+
+
+async def enroll_many(
+    coordinator: Coordinator, count: int, concurrency: int, keys: list[tuple[bytes, bytes]] | None = None
+) -> list[SimNode]:
     token, ca_hash = new_token(coordinator, uses=count)
     limit = asyncio.Semaphore(concurrency)
-    # Keys are made before the storm: the storm measures the coordinator, not this client.
-    keys = [new_key_and_csr(f"pi{index:03d}") for index in range(count)]
+    keys = keys or node_keys(count)
 
     async def one(index: int) -> SimNode:
         async with limit:
@@ -566,6 +574,7 @@ async def row_sigkill(root: Path, processes: Processes) -> Row:
         assert coordinator.process is not None
         coordinator.process.kill()
         killed = time.monotonic()
+        processes.forget(coordinator.process.pid)
         await wait_until(lambda: len(keeper.up) < 300, 10, step=0.05)
         restarted = Coordinator.restart(coordinator, processes)
         back = await wait_until(lambda: len(keeper.up) == 300, 120)
@@ -597,19 +606,12 @@ async def row_enroll_storm(root: Path, processes: Processes) -> Row:
             slowest = max(slowest, time.monotonic() - asked)
             await asyncio.sleep(0.2)
 
-    token, ca_hash = new_token(coordinator, uses=300)
-    keys = [new_key_and_csr(f"pi{index:03d}") for index in range(300)]
-    limit = asyncio.Semaphore(100)
-
-    async def one(index: int) -> SimNode:
-        async with limit:
-            return await enroll(coordinator, f"pi{index:03d}", token, ca_hash, keys[index])
-
+    keys = node_keys(300)
     stop = asyncio.Event()
     prober = asyncio.create_task(probe(stop))
     started = time.monotonic()
     try:
-        nodes = list(await asyncio.gather(*(one(i) for i in range(300))))
+        nodes = await enroll_many(coordinator, 300, 100, keys)
     finally:
         stop.set()
         await prober
