@@ -304,31 +304,39 @@ def https_url(field: str, value: str) -> str:
     return value.rstrip("/")
 
 
-# Docker's reference grammar (distribution/reference), simplified to what a registry serves:
-# [HOST[:PORT]/]path[/path...][:tag][@sha256:digest]
-_IMAGE_REFERENCE = re.compile(
-    r"(?:(?P<host>[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-    r"(?::[0-9]{1,5})?)/)?"
-    r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
-    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
-    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
+# Docker's reference grammar (distribution/reference): [registry[:port]/]path[:tag][@sha256:digest].
+_DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_REGISTRY = rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[0-9a-fA-F:]+\])(?::[0-9]{{1,5}})?"
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_IMAGE = re.compile(
+    rf"^(?:(?P<registry>{_REGISTRY})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
 )
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,255}$")
 
 
-def image_reference(field: str, value: str) -> str:
-    """An image reference as Docker reads it: `registry.lab:5000/mcp:2`, `postgres:15-alpine`."""
-    if not isinstance(value, str) or not value:
-        raise FieldError(field, "must name an image, e.g. registry.lab:5000/mcp:2")
-    if len(value) > 512 or not _IMAGE_REFERENCE.fullmatch(value):
-        raise FieldError(
-            field, f"{value!r} is not an image reference (HOST[:PORT]/NAME[:TAG], lowercase, no spaces)"
-        )
+def env_name(field: str, value: object) -> str:
+    """An environment variable's name as Docker and Kubernetes take it."""
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise FieldError(field, f"{value!r} is not an environment variable name")
     return value
 
 
-def env_name(field: str, value: str) -> str:
-    """An environment variable's name: letters, digits and '_', not starting with a digit."""
-    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
-        raise FieldError(field, f"{value!r} is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+def image_reference(field: str, value: object) -> str:
+    """A validated image reference; without tag or digest it means `:latest`, as Docker reads it."""
+    if not isinstance(value, str) or not value:
+        raise FieldError(field, "an image reference is required")
+    if len(value) > 512:
+        raise FieldError(field, "an image reference is at most 512 characters")
+    if re.search(r"\s", value):
+        raise FieldError(field, f'"{value}" is not an image reference (it contains whitespace)')
+    match = _IMAGE.fullmatch(value)
+    if not match:
+        raise FieldError(
+            field,
+            f'"{value}" is not an image reference (use [registry[:port]/]path[:tag] or path@sha256:<digest>, '
+            "the path in lowercase)",
+        )
+    if not match.group("tag") and not match.group("digest"):
+        return value + ":latest"
     return value

@@ -34,6 +34,7 @@ from picoord.common.pki import (
     certificate_not_before,
     rotation_deadline,
 )
+from picoord.coordinator.store import CertificateRecord
 
 log = structlog.get_logger("picoord.coordinator.ca")
 
@@ -329,3 +330,14 @@ def _create_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         .sign(key, hashes.SHA256())
     )
     return key, certificate
+
+
+def certificate_record(certificate: x509.Certificate, node: str, issued_at: float) -> CertificateRecord:
+    """How the store keeps a node certificate the CA just signed (at enrollment or renewal)."""
+    return CertificateRecord(
+        serial=certificate_serial(certificate),
+        node=node,
+        issued_at=issued_at,
+        not_after=certificate_not_after(certificate).timestamp(),
+        revoked_at=None,
+    )

@@ -7,6 +7,7 @@ privileges cannot look green.
 from __future__ import annotations
 
 import signal
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import pytest
 
 from picoord.lab import netns
 from picoord.lab.cluster import Lab
+from picoord.lab.images import BUSYBOX, lab_images
 from picoord.lab.netns import LabError, LabNetwork
+from picoord.lab.registry import Registry, dockerd_registry_args
 from picoord.lab.sandbox import PiRack
 
 
@@ -179,3 +182,32 @@ def module_sandbox_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator
     """sandbox_factory shared by the tests of one module (dockerd and glusterd take seconds
     to start): for tests that only read, or that undo what they change."""
     yield from _rack_factory(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def registry_rack(
+    module_sandbox_factory: Callable[..., PiRack], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[PiRack, Registry]]:
+    """One Pi with its own dockerd, pulling from Debian's docker-registry on the lab bridge,
+    filled with the lab's stand-in images (mcp:1-3, postgres). Stopped at teardown."""
+    port = free_loopback_port()
+    rack: PiRack = module_sandbox_factory(
+        1,
+        services=("dockerd",),
+        service_args=lambda net: {"dockerd": dockerd_registry_args(f"{net.gateway}:{port}")},
+    )
+    root = tmp_path_factory.mktemp("registry")
+    registry = Registry(root / "data", f"{rack.network.gateway}:{port}", root / "registry.log").start()
+    try:
+        for image in lab_images(BUSYBOX.read_bytes(), "amd64"):
+            registry.push(image)
+        yield rack, registry
+    finally:
+        registry.stop()
+
+
+def free_loopback_port() -> int:
+    """A port nothing listens on now (the registry binds it on the lab bridge address)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

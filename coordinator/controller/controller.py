@@ -38,13 +38,13 @@ from picoord.coordinator.controller.observed import (
 from picoord.coordinator.controller.records import ReplicaRecord, ServiceRecord, WorkloadRecords, stored
 from picoord.coordinator.placement.constraints import first_unmet
 from picoord.coordinator.placement.inputs import node_from
-from picoord.coordinator.placement.scheduler import Node, Placed, Request, check_spread, place
+from picoord.coordinator.placement.scheduler import Node, Placed, check_spread, place
 from picoord.coordinator.reconcile.reconciler import DesiredService, NodeStatus, reconcile, visible_replicas
 from picoord.coordinator.rollout import history as revisions
 from picoord.coordinator.rollout import planner
 from picoord.coordinator.rollout.replicas import Replica
 from picoord.coordinator.status import Status
-from picoord.coordinator.workloads.spec import GLOBAL, ServiceSpec, check_secrets
+from picoord.coordinator.workloads.spec import GLOBAL, ServiceSpec, check_secrets, placement_request
 from picoord.v1 import agent_pb2, services_pb2, workloads_pb2
 
 log = structlog.get_logger("picoord.coordinator.workloads")
@@ -234,7 +234,7 @@ class WorkloadController:
         assert rollout is not None
         spec = service.spec
         return DesiredService(
-            request=self._request(spec, rollout.desired_count),
+            request=placement_request(spec, rollout.desired_count),
             revision=rollout.target,
             policy=spec.update,
             rolling=not rollout.finished,
@@ -248,18 +248,6 @@ class WorkloadController:
         else:
             since = self._disconnected_since.setdefault(node.name, self._started_at)
         return NodeStatus(node.name, connected, since, node.draining, node.facts)
-
-    def _request(self, spec: ServiceSpec, count: int) -> Request:
-        return Request(
-            service=spec.name,
-            replicas=count,
-            global_mode=spec.mode == GLOBAL,
-            memory_bytes=spec.resources.memory_request,
-            cpu_millis=spec.resources.cpu_request,
-            gpus=spec.resources.gpu_count,
-            constraints=spec.placement.constraints,
-            spread=spec.placement.spread,
-        )
 
     async def _stop(self, stops: Sequence[object], facts: Facts) -> None:
         marks = [(stop.replica, stop.reason) for stop in stops]  # type: ignore[attr-defined]
@@ -289,7 +277,7 @@ class WorkloadController:
             chosen = [node for node in nodes if node is not None]
             wanted = sum(node is None for node in nodes)
             if wanted:
-                placement = place(list(facts.nodes.values()), placed, self._request(spec, wanted))
+                placement = place(list(facts.nodes.values()), placed, placement_request(spec, wanted))
                 chosen.extend(placement.assignments)
                 for warning in placement.warnings:
                     self._note(service.name, warning)
@@ -536,7 +524,7 @@ class WorkloadController:
             raise WorkloadRefused("FAILED_PRECONDITION", str(error)) from None
         # Its own replicas make way for the new ones; everything else keeps its place.
         others = await self._placed(facts, exclude=spec.name)
-        placement = place(list(facts.nodes.values()), others, self._request(spec, spec.replicas))
+        placement = place(list(facts.nodes.values()), others, placement_request(spec, spec.replicas))
         if spec.mode == GLOBAL and not placement.assignments:
             raise WorkloadRefused(
                 "FAILED_PRECONDITION", f"{spec.name}: {placement.reason or 'no node matches'}"
@@ -559,7 +547,7 @@ class WorkloadController:
         previous = service.rollout.target if service.rollout else None
         global_nodes = None
         if spec.mode == GLOBAL:
-            placement = place([n for n in facts.nodes.values() if n.ready], [], self._request(spec, 0))
+            placement = place([n for n in facts.nodes.values() if n.ready], [], placement_request(spec, 0))
             global_nodes = placement.assignments
         rollout = planner.begin(
             service.name,

@@ -14,13 +14,11 @@ from picoord.common import limits
 from picoord.common.defaults import COORDINATOR_SERVER_NAME
 from picoord.common.logs import LogThrottle, clipped
 from picoord.common.names import InvalidName, validate_labels, validate_node_name
-from picoord.common.pki import certificate_not_after
 from picoord.common.tokens import BootstrapToken, InvalidToken
-from picoord.coordinator.ca import ClusterCA, CsrRejected, certificate_pem
+from picoord.coordinator.ca import ClusterCA, CsrRejected, certificate_pem, certificate_record
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
-from picoord.coordinator.servicers.peers import certificate_serial
-from picoord.coordinator.store import CertificateRecord, EnrollmentConflict
+from picoord.coordinator.store import EnrollmentConflict
 from picoord.coordinator.throttle import FailureThrottle, retry_hint, source_of_peer
 from picoord.coordinator.tokens import TokenRefused, check_token
 from picoord.v1 import agent_pb2, agent_pb2_grpc
@@ -149,13 +147,7 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
             certificate = await asyncio.to_thread(self.ca.sign_node_csr, request.csr_pem, node)
         except CsrRejected as error:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(error), node, source)
-        record = CertificateRecord(
-            serial=certificate_serial(certificate),
-            node=node,
-            issued_at=now,
-            not_after=certificate_not_after(certificate).timestamp(),
-            revoked_at=None,
-        )
+        record = certificate_record(certificate, node, now)
         try:
             await self.cluster.enroll(token.token_id, node, labels, record, now)
         except EnrollmentConflict as error:

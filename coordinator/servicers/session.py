@@ -16,8 +16,12 @@ from google.protobuf.message import DecodeError
 from picoord.common import VERSION
 from picoord.common.durations import iso_utc
 from picoord.common.logs import LogThrottle, clipped
-from picoord.common.pki import certificate_not_after
-from picoord.coordinator.ca import ClusterCA, CsrRejected, certificate_pem, certificate_serial
+from picoord.coordinator.ca import (
+    ClusterCA,
+    CsrRejected,
+    certificate_pem,
+    certificate_record,
+)
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.inbound import MalformedMessage, check_followup, check_hello
@@ -246,13 +250,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
     def _issue_renewal(self, node: str, csr_pem: bytes, now: float) -> tuple[bytes, CertificateRecord]:
         assert self.ca is not None
         certificate = self.ca.sign_node_csr(csr_pem, node)
-        record = CertificateRecord(
-            serial=certificate_serial(certificate),
-            node=node,
-            issued_at=now,
-            not_after=certificate_not_after(certificate).timestamp(),
-            revoked_at=None,
-        )
+        record = certificate_record(certificate, node, now)
         return certificate_pem(certificate), record
 
     @staticmethod

@@ -51,15 +51,6 @@ MAX_REPLICAS = 1000
 
 # Service names become DNS names other replicas reach them by (service discovery).
 _SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,255}$")
-# The distribution reference grammar: [registry[:port]/]path[:tag][@sha256:digest].
-_DOMAIN_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_REGISTRY = rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[0-9a-fA-F:]+\])(?::[0-9]{{1,5}})?"
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_IMAGE = re.compile(
-    rf"^(?:(?P<registry>{_REGISTRY})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
-    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?(?:@(?P<digest>sha256:[a-f0-9]{64}))?$"
-)
 
 
 @dataclass(frozen=True)
@@ -230,32 +221,6 @@ def service_name(field_name: str, value: object) -> str:
             f"{value!r} is not a service name: other services reach it by this name, so use a DNS "
             "label (lowercase letters, digits and '-', 1-63 characters)",
         )
-    return value
-
-
-def env_name(field_name: str, value: object) -> str:
-    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
-        raise FieldError(field_name, f"{value!r} is not an environment variable name")
-    return value
-
-
-def image_reference(field_name: str, value: object) -> str:
-    """A validated image reference; without tag or digest it means `:latest`, as Docker reads it."""
-    if not isinstance(value, str) or not value:
-        raise FieldError(field_name, "an image reference is required")
-    if len(value) > 512:
-        raise FieldError(field_name, "an image reference is at most 512 characters")
-    if re.search(r"\s", value):
-        raise FieldError(field_name, f'"{value}" is not an image reference (it contains whitespace)')
-    match = _IMAGE.fullmatch(value)
-    if not match:
-        raise FieldError(
-            field_name,
-            f'"{value}" is not an image reference (use [registry[:port]/]path[:tag] or path@sha256:<digest>, '
-            "the path in lowercase)",
-        )
-    if not match.group("tag") and not match.group("digest"):
-        return value + ":latest"
     return value
 
 

@@ -4,20 +4,18 @@ bridge, images pushed over the registry API, pulled and run by a lab Pi's own do
 from __future__ import annotations
 
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from picoord.lab.images import BUSYBOX, MCP_PORT, POSTGRES_PORT, build_image, lab_images, stand_ins
-from picoord.lab.registry import Registry, dockerd_registry_args
+from picoord.lab.registry import Registry
 from picoord.lab.sandbox import PiRack
 
 pytestmark = pytest.mark.lab
+RegistryRack = tuple[PiRack, Registry]
 
 
 def test_images_are_reproducible_and_named_by_architecture() -> None:
@@ -30,31 +28,6 @@ def test_images_are_reproducible_and_named_by_architecture() -> None:
     assert arm.config.digest != first.config.digest
     # The busybox layer is shared: pushed once, whatever the number of images.
     assert len({image.layers[0].digest for image in lab_images(busybox, "amd64")}) == 1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-PORT = _free_port()
-
-
-@pytest.fixture(scope="module")
-def rack_and_registry(
-    module_sandbox_factory, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[PiRack, Registry]]:
-    rack: PiRack = module_sandbox_factory(
-        1,
-        services=("dockerd",),
-        service_args=lambda net: {"dockerd": dockerd_registry_args(f"{net.gateway}:{PORT}")},
-    )
-    root: Path = tmp_path_factory.mktemp("registry")
-    with Registry(root / "data", f"{rack.network.gateway}:{PORT}", root / "registry.log") as registry:
-        for image in lab_images(BUSYBOX.read_bytes(), "amd64"):
-            registry.push(image)
-        yield rack, registry
 
 
 def _docker(rack: PiRack, *argv: str, timeout: float = 120) -> str:
@@ -82,8 +55,8 @@ def _wait_http(url: str) -> tuple[int, str]:
             time.sleep(0.2)
 
 
-def test_registry_lists_every_stand_in(rack_and_registry: tuple[PiRack, Registry]) -> None:
-    _, registry = rack_and_registry
+def test_registry_lists_every_stand_in(registry_rack: RegistryRack) -> None:
+    _, registry = registry_rack
     assert sorted(registry.tags("mcp")) == ["1", "2", "3"]
     assert registry.tags("postgres") == ["15-alpine"]
     assert registry.tags("library/mcp-modules-rust") == ["latest"]
@@ -94,9 +67,9 @@ def test_registry_lists_every_stand_in(rack_and_registry: tuple[PiRack, Registry
     [("1", 18081, "mcp 1", 200), ("2", 18082, "mcp 2", 200), ("3", 18083, "mcp 3", 404)],
 )
 def test_a_pi_pulls_and_runs_mcp(
-    rack_and_registry: tuple[PiRack, Registry], tag: str, host_port: int, version: str, health: int
+    registry_rack: RegistryRack, tag: str, host_port: int, version: str, health: int
 ) -> None:
-    rack, registry = rack_and_registry
+    rack, registry = registry_rack
     name = f"mcp{tag}"
     _docker(rack, "pull", f"{registry.address}/mcp:{tag}")
     _docker(
@@ -110,8 +83,8 @@ def test_a_pi_pulls_and_runs_mcp(
         _docker(rack, "rm", "-f", name)
 
 
-def test_seed_names_resolve_through_the_mirror(rack_and_registry: tuple[PiRack, Registry]) -> None:
-    rack, _ = rack_and_registry
+def test_seed_names_resolve_through_the_mirror(registry_rack: RegistryRack) -> None:
+    rack, _ = registry_rack
     _docker(rack, "pull", "postgres:15-alpine")
     _docker(rack, "run", "-d", "--name", "pg", "-p", f"15432:{POSTGRES_PORT}", "postgres:15-alpine")
     try:

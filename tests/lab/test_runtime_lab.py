@@ -6,53 +6,24 @@ or a registry that is down."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from picoord.agent.runtime.engine import Engine, RuntimeFailure
 from picoord.agent.runtime.model import ContainerSpec, HealthCheck, Port
-from picoord.lab.images import BUSYBOX, MCP_PORT, lab_images
-from picoord.lab.registry import Registry, dockerd_registry_args
+from picoord.lab.images import MCP_PORT
+from picoord.lab.registry import Registry
 from picoord.lab.sandbox import DOCKER_SOCKET, PiRack
 
 pytestmark = pytest.mark.lab
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-PORT = _free_port()
-
-
-@pytest.fixture(scope="module")
-def lab(
-    module_sandbox_factory, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[PiRack, Registry]]:
-    rack: PiRack = module_sandbox_factory(
-        1,
-        services=("dockerd",),
-        service_args=lambda net: {"dockerd": dockerd_registry_args(f"{net.gateway}:{PORT}")},
-    )
-    root: Path = tmp_path_factory.mktemp("registry")
-    registry = Registry(root / "data", f"{rack.network.gateway}:{PORT}", root / "registry.log").start()
-    try:
-        for image in lab_images(BUSYBOX.read_bytes(), "amd64"):
-            registry.push(image)
-        yield rack, registry
-    finally:
-        registry.stop()
+RegistryRack = tuple[PiRack, Registry]
 
 
 @pytest.fixture
-def engine(lab: tuple[PiRack, Registry]) -> Iterator[Engine]:
-    rack, _ = lab
+def engine(registry_rack: RegistryRack) -> Iterator[Engine]:
+    rack, _ = registry_rack
     engine = Engine(str(rack.sandbox("pi1").host_path(DOCKER_SOCKET)))
     try:
         yield engine
@@ -100,8 +71,8 @@ def _probe_inside(rack: PiRack, container_id: str, spec: ContainerSpec) -> tuple
     return ok, text
 
 
-def test_run_applies_limits_labels_and_discovery(engine: Engine, lab: tuple[PiRack, Registry]) -> None:
-    _, registry = lab
+def test_run_applies_limits_labels_and_discovery(engine: Engine, registry_rack: RegistryRack) -> None:
+    _, registry = registry_rack
     spec = _spec(registry)
     engine.pull(spec.image)
     container_id = engine.run(spec)
@@ -122,8 +93,8 @@ def test_run_applies_limits_labels_and_discovery(engine: Engine, lab: tuple[PiRa
     )
 
 
-def test_run_twice_adopts_instead_of_duplicating(engine: Engine, lab: tuple[PiRack, Registry]) -> None:
-    _, registry = lab
+def test_run_twice_adopts_instead_of_duplicating(engine: Engine, registry_rack: RegistryRack) -> None:
+    _, registry = registry_rack
     spec = _spec(registry)
     engine.pull(spec.image)
     first = engine.run(spec)
@@ -144,9 +115,9 @@ def test_run_twice_adopts_instead_of_duplicating(engine: Engine, lab: tuple[PiRa
     ],
 )
 def test_health_probes(
-    engine: Engine, lab: tuple[PiRack, Registry], tag: str, check: HealthCheck, healthy: bool
+    engine: Engine, registry_rack: RegistryRack, tag: str, check: HealthCheck, healthy: bool
 ) -> None:
-    rack, registry = lab
+    rack, registry = registry_rack
     spec = _spec(registry, tag, health=check, ports=())
     engine.pull(spec.image)
     container_id = engine.run(spec)
@@ -155,8 +126,8 @@ def test_health_probes(
     assert any(ok for ok, _ in results) is healthy, results
 
 
-def test_missing_image_and_registry_down_are_clear(engine: Engine, lab: tuple[PiRack, Registry]) -> None:
-    _, registry = lab
+def test_missing_image_and_registry_down_are_clear(engine: Engine, registry_rack: RegistryRack) -> None:
+    _, registry = registry_rack
     with pytest.raises(RuntimeFailure, match=r"cannot pull .*/mcp:404"):
         engine.pull(f"{registry.address}/mcp:404")
     with pytest.raises(RuntimeFailure, match=r"cannot pull 10\.\d+\.\d+\.\d+:1/mcp:1") as refused:
@@ -164,8 +135,8 @@ def test_missing_image_and_registry_down_are_clear(engine: Engine, lab: tuple[Pi
     assert "s3cret" not in str(refused.value)
 
 
-def test_stop_honours_the_grace_period_and_removes(engine: Engine, lab: tuple[PiRack, Registry]) -> None:
-    _, registry = lab
+def test_stop_honours_the_grace_period_and_removes(engine: Engine, registry_rack: RegistryRack) -> None:
+    _, registry = registry_rack
     spec = _spec(registry)
     engine.pull(spec.image)
     container_id = engine.run(spec)

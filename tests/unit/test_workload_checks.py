@@ -30,7 +30,9 @@ def good() -> workloads_pb2.ReplicaSpec:
      "mcp@sha256:" + "a" * 64, "localhost/mcp-modules-rust:latest"],
 )  # fmt: skip
 def test_image_references_accepted(value: str) -> None:
-    assert image_reference("image", value) == value
+    # Without a tag or digest a reference means :latest, as Docker reads it.
+    tagged = ":" in value.rsplit("/", 1)[-1] or "@" in value
+    assert image_reference("image", value) == (value if tagged else value + ":latest")
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from picoord.common.names import normalise_arch
-from picoord.common.validation import FieldError, absolute_path, port, volume_name
+from picoord.common.validation import FieldError, absolute_path, env_name, image_reference, port, volume_name
 from picoord.coordinator.placement.constraints import (
     ARCH,
     EQUAL,
@@ -290,7 +290,7 @@ def _service(services: Fields, name: str, volumes: set[str]) -> s.ServiceSpec:
         constraints = (*constraints, _platform(doc.at("platform"), platform))
     spec = s.ServiceSpec(
         name=name,
-        image=s.image_reference(doc.at("image"), doc.get("image", required=True)),
+        image=image_reference(doc.at("image"), doc.get("image", required=True)),
         mode=mode,
         replicas=replicas,
         command=_words(doc.at("entrypoint"), doc.get("entrypoint")) if doc.has("entrypoint") else None,
@@ -355,7 +355,7 @@ def _environment(doc: Fields) -> tuple[s.EnvVar, ...]:
             pairs.append((f"{path}[{index}]", key, value if sep else None))
     env = []
     for where, key, value in pairs:
-        s.env_name(where, key)
+        env_name(where, key)
         if value is None:
             raise FieldError(
                 where,

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from picoord.common.validation import FieldError, absolute_path, port, volume_name
+from picoord.common.validation import FieldError, absolute_path, env_name, image_reference, port, volume_name
 from picoord.coordinator.placement.constraints import from_node_selector
 from picoord.coordinator.rollout.policy import START_FIRST, UpdatePolicy, validate_update_policy
 from picoord.coordinator.workloads import spec as s
@@ -317,7 +317,7 @@ def _pod(
     env, secrets = _env(container)
     spec = s.ServiceSpec(
         name=name,
-        image=s.image_reference(container.at("image"), container.get("image", required=True)),
+        image=image_reference(container.at("image"), container.get("image", required=True)),
         mode=s.GLOBAL if global_mode else s.REPLICATED,
         replicas=replicas,
         command=argv(container.at("command"), container.get("command")) if container.has("command") else None,
@@ -360,7 +360,7 @@ def _env(container: Fields) -> tuple[tuple[s.EnvVar, ...], tuple[s.SecretEnv, ..
     env, secrets = [], []
     for index, raw in enumerate(container.items("env")):
         item = mapping(f"{container.at('env')}[{index}]", raw, container.warnings)
-        name = s.env_name(item.at("name"), item.get("name", required=True))
+        name = env_name(item.at("name"), item.get("name", required=True))
         source = item.mapping("valueFrom")
         if source is None:
             value = item.get("value", "")

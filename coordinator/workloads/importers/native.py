@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from picoord.common.validation import FieldError, absolute_path, port, volume_name
+from picoord.common.validation import FieldError, absolute_path, env_name, image_reference, port, volume_name
 from picoord.coordinator.placement.constraints import Spread, parse_constraint, parse_spread
 from picoord.coordinator.rollout.policy import UpdatePolicy, validate_update_policy
 from picoord.coordinator.workloads import spec as s
@@ -53,7 +53,7 @@ def read_service(raw: dict[str, Any], warnings: list[SpecWarning]) -> s.ServiceS
         raise FieldError(doc.at("replicas"), f"{replicas!r} is not a replica count (0-{s.MAX_REPLICAS})")
     spec = s.ServiceSpec(
         name=name,
-        image=s.image_reference(doc.at("image"), doc.get("image", required=True)),
+        image=image_reference(doc.at("image"), doc.get("image", required=True)),
         mode=mode,
         replicas=replicas if mode == s.REPLICATED else 0,
         command=argv(doc.at("command"), doc.get("command")) if doc.has("command") else None,
@@ -97,7 +97,7 @@ def _env(doc: Fields) -> tuple[s.EnvVar, ...]:
         return ()
     result = []
     for key in table.data:
-        s.env_name(table.at(key), key)
+        env_name(table.at(key), key)
         result.append(
             s.EnvVar(key, scalar_text(table.at(key), table.get(key, required=True)), field=table.at(key))
         )
@@ -107,7 +107,7 @@ def _env(doc: Fields) -> tuple[s.EnvVar, ...]:
 def _secret(path: str, raw: Any, warnings: list[SpecWarning]) -> s.SecretEnv:
     item = mapping(path, raw, warnings)
     ref = s.SecretEnv(
-        env=s.env_name(item.at("env"), item.get("env", required=True)),
+        env=env_name(item.at("env"), item.get("env", required=True)),
         secret=volume_name(item.at("secret"), item.text("secret")),
         key=volume_name(item.at("key"), item.text("key")),
         field=path,

@@ -5,7 +5,7 @@ import dataclasses
 
 import pytest
 
-from picoord.common.validation import FieldError
+from picoord.common.validation import FieldError, image_reference
 from picoord.coordinator.placement.constraints import parse_constraint
 from picoord.coordinator.placement.scheduler import ALL_GPUS, Request
 from picoord.coordinator.workloads import spec as s
@@ -27,7 +27,7 @@ from picoord.coordinator.workloads import spec as s
     ],
 )
 def test_image_references(written: str, normalised: str) -> None:
-    assert s.image_reference("image", written) == normalised
+    assert image_reference("image", written) == normalised
 
 
 @pytest.mark.parametrize(
@@ -51,7 +51,7 @@ def test_image_references(written: str, normalised: str) -> None:
 )
 def test_bad_image_references(written: object) -> None:
     with pytest.raises(FieldError) as error:
-        s.image_reference("Service/mcp.image", written)
+        image_reference("Service/mcp.image", written)
     assert error.value.field == "Service/mcp.image"
 
 
@@ -59,7 +59,7 @@ def test_image_with_a_space_names_it() -> None:
     with pytest.raises(
         FieldError, match=r'"mcp server:1" is not an image reference \(it contains whitespace\)'
     ):
-        s.image_reference("Service/mcp.image", "mcp server:1")
+        image_reference("Service/mcp.image", "mcp server:1")
 
 
 @pytest.mark.parametrize("name", ["mcp", "mcp-server", "postgres", "a", "x1"])
