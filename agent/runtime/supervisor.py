@@ -147,6 +147,9 @@ class Supervisor:
             if assignment.generation and assignment.generation < self._assignment.generation:
                 return
             self._assignment = assignment
+        if not assignment.replicas and not self.path.exists():
+            self._wake.set()
+            return  # a node that never ran workloads keeps no file (and never loads the docker SDK)
         try:
             write_atomically(self.path, assignment.SerializeToString(), 0o600)
         except OSError as error:  # a full state disk: keep running it from memory

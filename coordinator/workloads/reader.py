@@ -62,6 +62,11 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
     seen: set[tuple[str, str]] = set()
     try:
         for index, raw in enumerate(raw_documents):
+            if not isinstance(raw, dict):
+                raise FieldError(
+                    f"documents[{index}]",
+                    f"must be a mapping (kind: ..., or services: ...), not {type(raw).__name__}",
+                )
             kind = _format(raw)
             if kind == "compose":
                 services.extend(compose.read_compose(raw, warnings))

@@ -277,7 +277,7 @@ def test_swarm_on_debians_python3_docker(sandbox_factory: Callable[..., PiRack],
 
     rack = sandbox_factory(2, services=("dockerd",))
     pi1, pi2 = (DebianPython(rack.sandbox(name), debian_tree) for name in ("pi1", "pi2"))
-    init = actions_pb2.SwarmInit(advertise_address=rack.address("pi1"))
+    init = actions_pb2.SwarmInit(advertise_address=rack.address("pi1"), report_worker_token=True)
     made = act(pi1, "swarm_init", init)
     assert made["outcome"] == "SUCCEEDED", made
     token = facts(made)["swarm.worker_token"]

@@ -149,7 +149,7 @@ def test_a_bad_cluster_document_in_a_mixed_file_is_named_as_apply_names_it() -> 
             "kind: Ingress\napiVersion: networking.k8s.io/v1\n",
             "documents[0].kind: 'Ingress' is not something picoord reads",
         ),
-        ("- 1\n- 2\n", "documents[0].kind: 'list' is not something"),
+        ("- 1\n- 2\n", "documents[0]: must be a mapping (kind: ..., or services: ...), not list"),
         ("kind: Deployment\napiVersion: apps/v1\nmetadata: {name: x}\n", "Deployment/x.spec: is required"),
         (
             "kind: Service\nname: a\nimage: a:1\n---\nkind: Service\nname: a\nimage: b:1\n",
