@@ -495,6 +495,13 @@ def test_installed_from_the_debs_in_a_booted_debian(
         assert (container.root / directory.lstrip("/")).stat().st_mode & 0o777 == 0o700, directory
     coordinator_watchdog = container.show("picoord-coordinator", "WatchdogTimestampMonotonic")
 
+    # Started before it enrolled, the agent fails (no READY=1), says why, and retries.
+    started = container.sh("systemctl", "start", "picoord-agent", check=False)
+    assert started.returncode != 0
+    journal = container.sh("journalctl", "-u", "picoord-agent", "--no-pager", "-o", "cat").stdout
+    assert "not enrolled" in journal.lower(), journal
+    container.sh("systemctl", "stop", "picoord-agent")
+
     # Enrollment, as the README says: token, join (token from a 0600 file), enable --now.
     printed = container.sh("coordctl", "token", "create", "--ttl", "10m").stdout
     token = re.search(r"--token (\S+)", printed)
