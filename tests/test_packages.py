@@ -391,12 +391,16 @@ class Container:
             f"system state {state}:\n{self.sh('systemctl', '--failed', check=False).stdout}"
         )
 
-    def sh(self, *argv: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def sh(
+        self, *argv: str, check: bool = True, timeout: float = 120, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run argv inside the booted container (its namespaces, a clean environment)."""
         command = ["nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net", "--pid"]
         command += ["--root", "--wd", "--", "/usr/bin/env", "-i", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8"]
         command += ["DEBIAN_FRONTEND=noninteractive", *argv]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            command, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        )
         if check and done.returncode:
             raise AssertionError(
                 f"in the container, {list(argv)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
@@ -533,6 +537,32 @@ def test_installed_from_the_debs_in_a_booted_debian(
         assert container.wait_active(unit) != before
     container.wait_node_ready(NODE)
     assert container.show("picoord-agent", "NRestarts") == "0"
+
+    # The watchdogs, shortened to 3 s by runtime drop-ins (gone at the reboot below): pings
+    # every 1.5 s keep both daemons up; a hung coordinator (SIGSTOP) is killed and restarted.
+    for unit in ("picoord-coordinator", "picoord-agent"):
+        container.sh("mkdir", "-p", f"/run/systemd/system/{unit}.service.d")
+        container.sh(
+            "tee", f"/run/systemd/system/{unit}.service.d/watchdog.conf",
+            stdin="[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\nRestartSec=1s\n",
+        )  # fmt: skip
+    container.sh("systemctl", "daemon-reload")
+    container.sh("systemctl", "restart", "picoord-coordinator", "picoord-agent")
+    pids = {unit: container.wait_active(unit) for unit in ("picoord-coordinator", "picoord-agent")}
+    time.sleep(8)
+    assert {unit: container.wait_active(unit) for unit in pids} == pids, (
+        "a watchdog fired on a healthy daemon"
+    )
+    assert container.show("picoord-coordinator", "NRestarts") == "0"
+    container.sh("systemctl", "kill", "--kill-whom=main", "--signal=SIGSTOP", "picoord-coordinator")
+    deadline = time.monotonic() + 30
+    while container.show("picoord-coordinator", "NRestarts") == "0":
+        assert time.monotonic() < deadline, "the hung coordinator was not restarted"
+        time.sleep(0.5)
+    assert container.wait_active("picoord-coordinator") != pids["picoord-coordinator"]
+    journal = container.sh("journalctl", "-u", "picoord-coordinator", "--no-pager", "-o", "cat").stdout
+    assert "Watchdog timeout" in journal, journal[-2000:]
+    container.wait_node_ready(NODE)
 
     # A reboot: both enabled, both back.
     container.poweroff()
