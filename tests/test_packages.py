@@ -19,6 +19,8 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -157,6 +159,45 @@ def mirror_from_sources(texts: list[str]) -> str | None:
 )
 def test_mirror_from_sources(texts: list[str], expected: str | None) -> None:
     assert mirror_from_sources(texts) == expected
+
+
+def load_build_debs():
+    """packaging/deb/build-debs as a module, for its pure functions."""
+    loader = importlib.machinery.SourceFileLoader("build_debs", str(BUILD_DEBS))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("version", "accepted"),
+    [
+        ("0.1.0", True),
+        ("0.1.0+test1", True),
+        ("0.2.0~rc1-1", True),
+        ("", False),
+        ("v0.1.0", False),
+        ("0.1.0 evil", False),
+        ("1:0.1.0", False),  # no epochs
+        ("0.1.0/../x", False),
+    ],
+)
+def test_build_debs_accepts_only_debian_versions(version: str, accepted: bool) -> None:
+    builder = load_build_debs()
+    previous = (REPO_ROOT / "packaging/deb/debian/changelog").read_text()
+    if not accepted:
+        with pytest.raises(builder.BuildError, match="not a Debian version"):
+            builder.changelog_entry(version, previous, "Fri, 27 Nov 2026 09:00:00 +0000")
+        return
+    changelog = builder.changelog_entry(version, previous, "Fri, 27 Nov 2026 09:00:00 +0000")
+    assert builder.changelog_version(changelog) == version
+    assert changelog.endswith(previous)
+
+
+def test_the_changelog_version_is_picoords_version() -> None:
+    builder = load_build_debs()
+    assert builder.changelog_version((REPO_ROOT / "packaging/deb/debian/changelog").read_text()) == VERSION
+    assert tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"] == VERSION
 
 
 # ---------------------------------------------------------------------------------------
