@@ -409,7 +409,7 @@ class Container:
         for deb in debs:
             shutil.copy(deb, self.root / "root" / "debs")
         names = [f"./{deb.name}" for deb in debs]
-        run(self.nspawn_argv(*apt, "install", "-y", "-q", "--download-only", *names), 900)
+        run(self.nspawn_argv(*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES), 900)
 
     def boot(self) -> None:
         self.nspawn = subprocess.Popen(
@@ -511,6 +511,26 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
         assert not os.path.ismount(made.root), f"{made.root} is still mounted"
 
 
+# Debian packages for the node actions the test runs under the agent's unit.
+EXTRA_PACKAGES = ("nftables",)
+# Node actions under the unit's confinement: a mount the host must see (no private mount
+# namespace) and an nftables policy (netlink), in the container's own network namespace.
+NODE_SPEC = """\
+kind: Mount
+name: scratch
+type: tmpfs
+source: tmpfs
+target: /mnt/picoord-scratch
+nodes: [pi-deb]
+---
+kind: FirewallPolicy
+name: node
+nodes: [pi-deb]
+backend: nftables
+default_incoming: deny
+rules:
+  - {action: allow, port: 22, protocol: tcp, comment: ssh}
+"""
 NODE = "pi-deb"
 AGENT_STATE = "/var/lib/picoord/agent"
 ENROLLMENT_FILES = ("node.key", "node.crt", "ca.crt", "enrollment.json")
@@ -571,6 +591,15 @@ def test_installed_from_the_debs_in_a_booted_debian(
     time.sleep(16)  # > WatchdogSec/2 of the coordinator (30 s): at least one more ping
     assert container.show("picoord-coordinator", "WatchdogTimestampMonotonic") != coordinator_watchdog
 
+    # Node actions under the unit: the mount reaches the container's own mount table and
+    # the firewall is changed and confirmed over a new connection to the coordinator.
+    container.sh("apt-get", "install", "-y", "-q", *EXTRA_PACKAGES, timeout=300)
+    (container.root / "root" / "node.yaml").write_text(NODE_SPEC)
+    applied = container.sh("coordctl", "apply", "-f", "/root/node.yaml", check=False, timeout=180)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert container.sh("findmnt", "-n", "-o", "FSTYPE", "/mnt/picoord-scratch").stdout.strip() == "tmpfs"
+    assert "dport 22" in container.sh("nft", "list", "ruleset").stdout
+
     # systemctl restart: new processes, the node back to Ready.
     for unit in ("picoord-coordinator", "picoord-agent"):
         before = container.show(unit, "MainPID")
@@ -578,6 +607,9 @@ def test_installed_from_the_debs_in_a_booted_debian(
         assert container.wait_active(unit) != before
     container.wait_node_ready(NODE)
     assert container.show("picoord-agent", "NRestarts") == "0"
+    assert container.sh("findmnt", "/mnt/picoord-scratch", check=False).returncode == 0, (
+        "the mount must outlive it"
+    )
 
     # The watchdogs, shortened to 3 s by runtime drop-ins (gone at the reboot below): pings
     # every 1.5 s keep both daemons up; a hung coordinator (SIGSTOP) is killed and restarted.
