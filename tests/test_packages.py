@@ -412,13 +412,14 @@ class Container:
         run(self.nspawn_argv(*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES), 900)
 
     def boot(self) -> None:
-        self.nspawn = subprocess.Popen(
-            self.nspawn_argv("--boot", "--private-network", "--console=passive"),
-            stdin=subprocess.DEVNULL,
-            stdout=open(self.work / "console.log", "ab"),  # noqa: SIM115 (closed by the child's exit)
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.work / "console.log", "ab") as console:
+            self.nspawn = subprocess.Popen(
+                self.nspawn_argv("--boot", "--private-network", "--console=passive"),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 60
         while not self.leader:
             assert self.nspawn.poll() is None, (self.work / "console.log").read_text()
