@@ -420,13 +420,22 @@ class Container:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        # nspawn's first child sets up the namespaces and exits; its own child execs systemd.
         deadline = time.monotonic() + 60
         while not self.leader:
             assert self.nspawn.poll() is None, (self.work / "console.log").read_text()
-            assert time.monotonic() < deadline, "the container's init never started"
-            with contextlib.suppress(FileNotFoundError, ValueError):
-                children = Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children").read_text()
-                self.leader = int(children.split()[0]) if children.split() else 0
+            assert time.monotonic() < deadline, "the container's systemd never started"
+            with contextlib.suppress(OSError, ValueError):
+                children = (
+                    Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children").read_text().split()
+                )
+                for child in children:
+                    if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                        self.leader = int(child)
+            time.sleep(0.2)
+        # Until systemd's private bus is up, systemctl prints nothing on stdout.
+        while not (state := self.sh("systemctl", "is-system-running", check=False).stdout.strip()):
+            assert time.monotonic() < deadline, "systemd in the container never answered"
             time.sleep(0.2)
         state = self.sh("systemctl", "is-system-running", "--wait", check=False, timeout=120).stdout.strip()
         assert state == "running", (
