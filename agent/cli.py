@@ -22,6 +22,7 @@ from picoord.common.addresses import InvalidAddress
 from picoord.common.logs import configure_logging
 from picoord.common.names import InvalidName, parse_label_assignment, validate_node_name
 from picoord.common.pki import InvalidCaHash, parse_ca_hash
+from picoord.common.sd_notify import feed_watchdog, notify
 from picoord.common.tokens import BootstrapToken, InvalidToken
 
 if TYPE_CHECKING:
@@ -180,13 +181,18 @@ def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
 
     async def main() -> None:
         task = asyncio.create_task(runner.run_forever())
+        watchdog = asyncio.create_task(feed_watchdog())  # systemd's WatchdogSec=: the loop is alive
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, task.cancel)
+        notify("READY=1")  # systemd (Type=notify): enrolled and running
         try:
             await task
         except asyncio.CancelledError:
             log.info("agent stopping")
+        finally:
+            notify("STOPPING=1")
+            watchdog.cancel()
 
     asyncio.run(main())
     return 0

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import gc
+import os
 import resource
 import signal
 import socket
@@ -20,6 +21,7 @@ from picoord.common import VERSION, defaults, limits
 from picoord.common.addresses import join_host_port, split_host_port
 from picoord.common.durations import iso_utc, parse_duration
 from picoord.common.logs import configure_logging
+from picoord.common.sd_notify import notify, watchdog_period
 from picoord.coordinator.admin_relay import AdminRelay
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
@@ -250,11 +252,17 @@ async def serve(config: CoordinatorConfig) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        notify("READY=1")  # systemd (Type=notify): serving now
+        # Pinged from this loop, after each flush: a hung store or loop stops the pings.
+        watchdog = watchdog_period(os.environ, os.getpid())
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), FLUSH_INTERVAL)
+                await asyncio.wait_for(stop.wait(), min(FLUSH_INTERVAL, watchdog or FLUSH_INTERVAL))
             await flush_once(cluster)
+            if watchdog:
+                notify("WATCHDOG=1")
     finally:
+        notify("STOPPING=1")
         log.info("coordinator stopping")
         stop.set()
         with contextlib.suppress(Exception):

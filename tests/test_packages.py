@@ -1,0 +1,683 @@
+"""The Debian packages `make deb` builds: what they hold, and how they behave installed.
+
+Quick (about a minute, no root): both packages are built once with packaging/deb/build-debs
+and their contents, dependencies, conffiles, entry points and lintian's verdict checked;
+the example configs are checked against the settings the daemons accept.
+
+For real (root, a few minutes): a Debian 12 root from debootstrap (cached in CACHE_DIR,
+keyed by what goes into it) gets the packages with apt, dependencies from Debian's mirror;
+systemd boots in it under systemd-nspawn with a private network (loopback only), and the
+test checks that the coordinator starts, the agent enrolls and is listed by coordctl, and
+that both come back after `systemctl restart`, a reboot and an upgrade to another version,
+enrollment intact; then remove keeps the state and purge deletes it.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import importlib.machinery
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from picoord.agent.cli import AGENT_SETTINGS, load_config
+from picoord.coordinator.config import CoordinatorConfig
+from tests.conftest import require_root_or_fail
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUILD_DEBS = REPO_ROOT / "packaging" / "deb" / "build-debs"
+EXAMPLES = REPO_ROOT / "packaging" / "deb" / "etc"
+UNITS_DIR = REPO_ROOT / "systemd"
+VERSION = "0.1.0"
+UPGRADE_VERSION = "0.1.0+test1"
+AGENT, COORDINATOR = "picoord-agent", "picoord-coordinator"
+PACKAGES = (AGENT, COORDINATOR)
+
+# Each package: its private tree, the picoord modules it holds and those it must not.
+TREES = {AGENT: "usr/share/picoord/agent", COORDINATOR: "usr/share/picoord/coordinator"}
+SHIPPED = {AGENT: {"agent", "common", "v1"}, COORDINATOR: {"coordinator", "common", "v1"}}
+COMMANDS = {AGENT: {"picoord-agent"}, COORDINATOR: {"picoord-coordinator", "coordctl"}}
+ENTRY_MODULES = {
+    "picoord-agent": "picoord.agent.entry",
+    "picoord-coordinator": "picoord.coordinator.main",
+    "coordctl": "picoord.coordinator.ctl.cli",
+}
+# Third-party import name -> the Debian 12 package that provides it.
+DEBIAN_MODULES = {
+    "cryptography": "python3-cryptography",
+    "docker": "python3-docker",
+    "google": "python3-protobuf",
+    "grpc": "python3-grpcio",
+    "prometheus_client": "python3-prometheus-client",
+    "psutil": "python3-psutil",
+    "rich": "python3-rich",
+    "structlog": "python3-structlog",
+    "tenacity": "python3-tenacity",
+    "yaml": "python3-yaml",
+}
+
+# The install test's Debian root.
+CACHE_DIR = Path("/var/cache/picoord-test")
+SUITE = "bookworm"
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
+SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def run(argv: list[str], timeout: float, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run argv, capture its output; a failure raises with the output in the message."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **kwargs)
+    if done.returncode:
+        raise AssertionError(f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def build_debs(out: Path, version: str | None = None) -> dict[str, Path]:
+    """`make deb`'s builder, into `out`: package name -> .deb."""
+    argv = [sys.executable, str(BUILD_DEBS), "--out", str(out)]
+    if version:
+        argv += ["--version", version]
+    run(argv, 1800)
+    built = version or VERSION
+    return {package: out / f"{package}_{built}_all.deb" for package in PACKAGES}
+
+
+def deb_field(deb: Path, name: str) -> str:
+    return run(["dpkg-deb", "--field", str(deb), name], 60).stdout.strip()
+
+
+def depends(deb: Path) -> set[str]:
+    """The package names in Depends (versions and alternatives' details dropped)."""
+    return {item.split()[0] for item in deb_field(deb, "Depends").split(",") if item.strip()}
+
+
+def third_party_imports(tree: Path) -> set[str]:
+    """Top-level modules imported anywhere below `tree` that are neither stdlib nor picoord."""
+    found = set()
+    for path in tree.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            found.update(name.split(".")[0] for name in names)
+    return found - set(sys.stdlib_module_names) - {"picoord", "__future__"}
+
+
+def commented_settings(text: str) -> dict[str, object]:
+    """The settings an example config documents: its `#key = value` lines, parsed."""
+    lines = [line[1:] for line in text.splitlines() if re.match(r"^#[a-z_]+ = ", line)]
+    return tomllib.loads("\n".join(lines))
+
+
+def mirror_from_sources(texts: list[str]) -> str | None:
+    """The Debian archive (not -security) named in apt sources, one-line or deb822 style."""
+    for text in texts:
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("deb "):
+                uris = [word for word in line.split()[1:] if not word.startswith("[")][:1]
+            elif line.lower().startswith("uris:"):
+                uris = line.split(":", 1)[1].split()
+            else:
+                continue
+            for uri in uris:
+                if re.match(r"^https?://[^ ]+/debian/?$", uri):
+                    return uri.rstrip("/")
+    return None
+
+
+@pytest.mark.parametrize(
+    ("texts", "expected"),
+    [
+        (["deb http://deb.debian.org/debian bookworm main"], "http://deb.debian.org/debian"),
+        (["deb [arch=amd64] http://mirror.example/debian/ bookworm main"], "http://mirror.example/debian"),
+        (["Types: deb\nURIs: http://deb.debian.org/debian-security\n"], None),
+        (
+            ["Types: deb\nURIs: http://deb.debian.org/debian-security\n", "URIs: https://m.example/debian\n"],
+            "https://m.example/debian",
+        ),
+        (["deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main"], None),
+        (["# deb http://deb.debian.org/debian bookworm main"], None),
+    ],
+)
+def test_mirror_from_sources(texts: list[str], expected: str | None) -> None:
+    assert mirror_from_sources(texts) == expected
+
+
+def load_build_debs():
+    """packaging/deb/build-debs as a module, for its pure functions."""
+    loader = importlib.machinery.SourceFileLoader("build_debs", str(BUILD_DEBS))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("version", "accepted"),
+    [
+        ("0.1.0", True),
+        ("0.1.0+test1", True),
+        ("0.2.0~rc1-1", True),
+        ("", False),
+        ("v0.1.0", False),
+        ("0.1.0 evil", False),
+        ("1:0.1.0", False),  # no epochs
+        ("0.1.0/../x", False),
+    ],
+)
+def test_build_debs_accepts_only_debian_versions(version: str, accepted: bool) -> None:
+    builder = load_build_debs()
+    previous = (REPO_ROOT / "packaging/deb/debian/changelog").read_text()
+    if not accepted:
+        with pytest.raises(builder.BuildError, match="not a Debian version"):
+            builder.changelog_entry(version, previous, "Fri, 27 Nov 2026 09:00:00 +0000")
+        return
+    changelog = builder.changelog_entry(version, previous, "Fri, 27 Nov 2026 09:00:00 +0000")
+    assert builder.changelog_version(changelog) == version
+    assert changelog.endswith(previous)
+
+
+def test_the_changelog_version_is_picoords_version() -> None:
+    builder = load_build_debs()
+    assert builder.changelog_version((REPO_ROOT / "packaging/deb/debian/changelog").read_text()) == VERSION
+    assert tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["version"] == VERSION
+
+
+# ---------------------------------------------------------------------------------------
+# The example configs (no build needed).
+
+
+def test_agent_example_config_documents_every_setting_with_its_default(tmp_path: Path) -> None:
+    text = (EXAMPLES / "agent.toml").read_text()
+    documented = commented_settings(text)
+    assert set(documented) == set(AGENT_SETTINGS)
+    assert documented["state_dir"] == "/var/lib/picoord/agent"
+    # As shipped (all commented out) it changes nothing; uncommented, every value is valid.
+    assert load_config(EXAMPLES / "agent.toml", required=True) == {}
+    uncommented = tmp_path / "agent.toml"
+    uncommented.write_text(re.sub(r"(?m)^#([a-z_]+ = )", r"\1", text))
+    assert set(load_config(uncommented, required=True)) == set(AGENT_SETTINGS)
+
+
+def test_coordinator_example_config_documents_every_setting_with_its_default(tmp_path: Path) -> None:
+    text = (EXAMPLES / "coordinator.toml").read_text()
+    documented = commented_settings(text)
+    defaults = dataclasses.asdict(CoordinatorConfig())
+    assert set(documented) == set(defaults)
+    # log_json's default is "unset" (JSON unless on a terminal); every other value shown is the default.
+    assert {key: value for key, value in documented.items() if key != "log_json"} == {
+        key: value for key, value in defaults.items() if key != "log_json"
+    }
+    assert CoordinatorConfig.load(EXAMPLES / "coordinator.toml", required=True) == CoordinatorConfig()
+    uncommented = tmp_path / "coordinator.toml"
+    uncommented.write_text(re.sub(r"(?m)^#([a-z_]+ = )", r"\1", text))
+    CoordinatorConfig.load(uncommented, required=True).validate()
+
+
+# ---------------------------------------------------------------------------------------
+# The packages' contents.
+
+
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_debs(tmp_path_factory.mktemp("debs"))
+
+
+@pytest.fixture(scope="module")
+def extracted(debs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    trees = {}
+    for package, deb in debs.items():
+        target = tmp_path_factory.mktemp(package)
+        run(["dpkg-deb", "--extract", str(deb), str(target)], 60)
+        trees[package] = target
+    return trees
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_holds_its_private_tree_commands_unit_and_config(
+    package: str, debs: dict[str, Path], extracted: dict[str, Path]
+) -> None:
+    root = extracted[package]
+    files = {str(path.relative_to(root)) for path in root.rglob("*") if not path.is_dir()}
+    assert deb_field(debs[package], "Architecture") == "all"
+    assert not [name for name in files if "dist-packages" in name or "site-packages" in name]
+    assert {path.name for path in (root / TREES[package] / "picoord").iterdir()} == SHIPPED[package]
+    assert {path.name for path in (root / "usr/bin").iterdir()} == COMMANDS[package]
+    unit = f"lib/systemd/system/{package}.service"
+    assert (root / unit).read_text() == (UNITS_DIR / f"{package}.service").read_text()
+    config = "agent.toml" if package == AGENT else "coordinator.toml"
+    assert (root / "etc/picoord" / config).read_text() == (EXAMPLES / config).read_text()
+    conffiles = run(["dpkg-deb", "--info", str(debs[package]), "conffiles"], 60).stdout.split()
+    assert conffiles == [f"/etc/picoord/{config}"]
+    generated = list((root / TREES[package] / "picoord/v1").glob("*_pb2*.py"))
+    assert generated and not [path for path in generated if "runtime_version" in path.read_text()], (
+        "picoord.v1 must be generated by Debian's protoc (no runtime_version import)"
+    )
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_every_third_party_import_is_a_debian_dependency(
+    package: str, debs: dict[str, Path], extracted: dict[str, Path]
+) -> None:
+    imported = third_party_imports(extracted[package] / TREES[package])
+    unknown = imported - DEBIAN_MODULES.keys()
+    assert not unknown, f"imports with no known Debian package: {unknown}"
+    python_depends = {name for name in depends(debs[package]) if name.startswith("python3-")}
+    assert python_depends == {DEBIAN_MODULES[module] for module in imported}
+
+
+@pytest.mark.parametrize("command", sorted(ENTRY_MODULES))
+def test_commands_run_from_the_package_tree_on_debians_python(
+    command: str, extracted: dict[str, Path], tmp_path: Path
+) -> None:
+    """Each /usr/bin wrapper, pointed at the extracted tree, runs on /usr/bin/python3 and
+    Debian's libraries (what a Pi has), generated code included."""
+    package = AGENT if command == "picoord-agent" else COORDINATOR
+    root = extracted[package]
+    wrapper = (root / "usr/bin" / command).read_text()
+    assert wrapper.startswith("#!/usr/bin/python3 -I\n")
+    assert f'sys.path.insert(0, "/{TREES[package]}")' in wrapper
+    assert f"from {ENTRY_MODULES[command]} import main" in wrapper
+    relocated = tmp_path / command
+    relocated.write_text(wrapper.replace(f'"/{TREES[package]}"', f'"{root / TREES[package]}"'))
+    done = run(["/usr/bin/python3", "-I", str(relocated), "--help"], 120, env={"PATH": SYSTEM_PATH})
+    assert "usage:" in done.stdout
+    modules = [f"picoord.v1.{path.stem}" for path in (root / TREES[package] / "picoord/v1").glob("*_pb2*.py")]
+    probe = f"import sys; sys.path.insert(0, {str(root / TREES[package])!r}); " + "; ".join(
+        f"import {module}" for module in modules
+    )
+    run(["/usr/bin/python3", "-I", "-c", probe], 120, env={"PATH": SYSTEM_PATH})
+
+
+def test_lintian_reports_no_errors_and_no_unexplained_warnings(debs: dict[str, Path]) -> None:
+    done = subprocess.run(
+        ["lintian", "--tag-display-limit", "0", *map(str, debs.values())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    tags = [line for line in done.stdout.splitlines() if re.match(r"^[EW]: ", line)]
+    assert not tags, "\n".join(tags)
+
+
+# ---------------------------------------------------------------------------------------
+# Installed for real, in a booted Debian 12.
+
+
+def debian_mirror() -> str:
+    paths = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    mirror = mirror_from_sources([path.read_text() for path in paths if path.is_file()])
+    if not mirror:
+        pytest.fail("no Debian archive in /etc/apt/sources.list*: the install test needs one", pytrace=False)
+    return mirror
+
+
+def base_root() -> Path:
+    """A bookworm minbase root with systemd, from debootstrap: built once, then reused
+    (read-only, as an overlay's lower layer) for as long as its recipe is unchanged."""
+    for tool, package in (("debootstrap", "debootstrap"), ("systemd-nspawn", "systemd-container")):
+        if not shutil.which(tool):
+            pytest.fail(f"{tool} is missing: apt-get install {package}", pytrace=False)
+    mirror = debian_mirror()
+    recipe = json.dumps({"suite": SUITE, "variant": "minbase", "include": BASE_PACKAGES, "mirror": mirror})
+    root = CACHE_DIR / f"{SUITE}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}"
+    CACHE_DIR.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with open(CACHE_DIR / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "etc" / "debian_version").is_file():
+            partial = root.with_name(root.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            run(
+                [
+                    "debootstrap",
+                    "--variant=minbase",
+                    f"--include={','.join(BASE_PACKAGES)}",
+                    SUITE,
+                    str(partial),
+                    mirror,
+                ],
+                900,
+            )
+            (partial / "recipe.json").write_text(recipe)
+            partial.rename(root)
+    return root
+
+
+class Container:
+    """A Debian root as an overlay over the cached base, and systemd booted in it."""
+
+    def __init__(self, work: Path, base: Path) -> None:
+        self.work = work
+        self.root = work / "merged"
+        self.machine = f"picoord-test-{os.getpid()}"
+        self.nspawn: subprocess.Popen[bytes] | None = None
+        self.leader = 0
+        self.archives = CACHE_DIR / "apt-archives"  # downloaded .debs, kept between runs
+        for name in ("upper", "overlay-work", "merged"):
+            (work / name).mkdir()
+        self.archives.mkdir(exist_ok=True)
+        run(
+            [
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"lowerdir={base},upperdir={work / 'upper'},workdir={work / 'overlay-work'}",
+                str(self.root),
+            ],
+            60,
+        )
+
+    def nspawn_argv(self, *extra: str) -> list[str]:
+        return [
+            "systemd-nspawn",
+            "--quiet",
+            f"--directory={self.root}",
+            f"--machine={self.machine}",
+            "--register=no",  # no machined here
+            "--keep-unit",  # and no systemd on the host to make a scope
+            f"--bind={self.archives}:/var/cache/apt/archives",
+            *extra,
+        ]
+
+    def prepare(self, debs: list[Path]) -> None:
+        """Before boot, on the host's network: Debian's package lists, and the packages the
+        debs depend on downloaded (not installed), so apt resolves them from Debian later,
+        inside the booted container that has no network."""
+        (self.root / "root" / "debs").mkdir(exist_ok=True)
+        apt = ["--pipe", "--setenv=DEBIAN_FRONTEND=noninteractive", "--chdir=/root/debs", "--", "apt-get"]
+        run(self.nspawn_argv(*apt, "update", "-q"), 600)
+        for deb in debs:
+            shutil.copy(deb, self.root / "root" / "debs")
+        names = [f"./{deb.name}" for deb in debs]
+        run(self.nspawn_argv(*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES), 900)
+
+    def boot(self) -> None:
+        with open(self.work / "console.log", "ab") as console:
+            self.nspawn = subprocess.Popen(
+                self.nspawn_argv("--boot", "--private-network", "--console=passive"),
+                stdin=subprocess.DEVNULL,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        # nspawn's first child sets up the namespaces and exits; its own child execs systemd.
+        deadline = time.monotonic() + 60
+        while not self.leader:
+            assert self.nspawn.poll() is None, (self.work / "console.log").read_text()
+            assert time.monotonic() < deadline, "the container's systemd never started"
+            with contextlib.suppress(OSError, ValueError):
+                children = (
+                    Path(f"/proc/{self.nspawn.pid}/task/{self.nspawn.pid}/children").read_text().split()
+                )
+                for child in children:
+                    if Path(f"/proc/{child}/comm").read_text().strip() == "systemd":
+                        self.leader = int(child)
+            time.sleep(0.2)
+        # Until systemd's private bus is up, systemctl prints nothing on stdout.
+        while not (state := self.sh("systemctl", "is-system-running", check=False).stdout.strip()):
+            assert time.monotonic() < deadline, "systemd in the container never answered"
+            time.sleep(0.2)
+        state = self.sh("systemctl", "is-system-running", "--wait", check=False, timeout=120).stdout.strip()
+        assert state == "running", (
+            f"system state {state}:\n{self.sh('systemctl', '--failed', check=False).stdout}"
+        )
+
+    def sh(
+        self, *argv: str, check: bool = True, timeout: float = 120, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run argv inside the booted container (its namespaces, a clean environment)."""
+        command = ["nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net", "--pid"]
+        command += ["--root", "--wd", "--", "/usr/bin/env", "-i", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8"]
+        command += ["DEBIAN_FRONTEND=noninteractive", *argv]
+        done = subprocess.run(
+            command, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and done.returncode:
+            raise AssertionError(
+                f"in the container, {list(argv)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+            )
+        return done
+
+    def poweroff(self) -> None:
+        """Shut systemd down cleanly (SIGTERM to nspawn), or kill the container."""
+        if self.nspawn is None:
+            return
+        if self.nspawn.poll() is None:
+            self.nspawn.send_signal(signal.SIGTERM)
+            try:
+                self.nspawn.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.nspawn.pid, signal.SIGKILL)  # its children die with it (PDEATHSIG)
+                self.nspawn.wait(30)
+        self.nspawn, self.leader = None, 0
+
+    def destroy(self) -> None:
+        self.poweroff()
+        subprocess.run(["umount", str(self.root)], capture_output=True, timeout=60, check=False)
+        if os.path.ismount(self.root):
+            subprocess.run(["umount", "--lazy", str(self.root)], capture_output=True, timeout=60, check=False)
+        with contextlib.suppress(OSError):
+            Path("/run/systemd/nspawn/propagate", self.machine).rmdir()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    # What the test looks at.
+
+    def file_digest(self, path: str) -> str:
+        return hashlib.sha256((self.root / path.lstrip("/")).read_bytes()).hexdigest()
+
+    def show(self, unit: str, prop: str) -> str:
+        return self.sh("systemctl", "show", unit, f"--property={prop}", "--value").stdout.strip()
+
+    def wait_active(self, unit: str, timeout: float = 60) -> str:
+        deadline = time.monotonic() + timeout
+        while (state := self.sh("systemctl", "is-active", unit, check=False).stdout.strip()) != "active":
+            if time.monotonic() > deadline:
+                journal = self.sh("journalctl", "-u", unit, "--no-pager", "-n", "40", check=False).stdout
+                raise AssertionError(f"{unit} is {state}, not active:\n{journal}")
+            time.sleep(0.5)
+        return self.show(unit, "MainPID")
+
+    def wait_node_ready(self, name: str, timeout: float = 60) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while True:
+            done = self.sh("coordctl", "nodes", "-o", "json", check=False)
+            nodes = {node["name"]: node for node in json.loads(done.stdout)} if done.returncode == 0 else {}
+            if nodes.get(name, {}).get("status") == "Ready":
+                return nodes[name]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"node {name} not Ready: {done.stdout}{done.stderr}")
+            time.sleep(1)
+
+
+@pytest.fixture
+def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    require_root_or_fail()
+    base = base_root()
+    made = Container(tmp_path_factory.mktemp("container"), base)
+    try:
+        yield made
+    finally:
+        made.destroy()
+        assert not os.path.ismount(made.root), f"{made.root} is still mounted"
+
+
+# Debian packages for the node actions the test runs under the agent's unit.
+EXTRA_PACKAGES = ("nftables",)
+# Node actions under the unit's confinement: a mount the host must see (no private mount
+# namespace) and an nftables policy (netlink), in the container's own network namespace.
+NODE_SPEC = """\
+kind: Mount
+name: scratch
+type: tmpfs
+source: tmpfs
+target: /mnt/picoord-scratch
+nodes: [pi-deb]
+---
+kind: FirewallPolicy
+name: node
+nodes: [pi-deb]
+backend: nftables
+default_incoming: deny
+rules:
+  - {action: allow, port: 22, protocol: tcp, comment: ssh}
+"""
+NODE = "pi-deb"
+AGENT_STATE = "/var/lib/picoord/agent"
+ENROLLMENT_FILES = ("node.key", "node.crt", "ca.crt", "enrollment.json")
+
+
+def test_installed_from_the_debs_in_a_booted_debian(
+    container: Container, debs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    upgrade = build_debs(tmp_path_factory.mktemp("upgrade-debs"), UPGRADE_VERSION)
+    container.prepare([*debs.values(), *upgrade.values()])
+    container.boot()
+
+    # Installed with apt while systemd runs: dependencies come from Debian's lists; the
+    # coordinator is enabled and started, the agent (not enrolled yet) only installed.
+    container.sh(
+        "apt-get", "install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in debs.values()], timeout=600
+    )
+    container.wait_active("picoord-coordinator")
+    assert (
+        container.sh("systemctl", "is-enabled", "picoord-coordinator", check=False).stdout.strip()
+        == "enabled"
+    )
+    assert container.sh("systemctl", "is-enabled", "picoord-agent", check=False).stdout.strip() == "disabled"
+    assert container.sh("systemctl", "is-active", "picoord-agent", check=False).stdout.strip() == "inactive"
+    assert container.show("picoord-coordinator", "Type") == "notify"
+    for directory in ("/var/lib/picoord", AGENT_STATE):
+        assert (container.root / directory.lstrip("/")).stat().st_mode & 0o777 == 0o700, directory
+    coordinator_watchdog = container.show("picoord-coordinator", "WatchdogTimestampMonotonic")
+
+    # Started before it enrolled, the agent fails (no READY=1), says why, and retries.
+    started = container.sh("systemctl", "start", "picoord-agent", check=False)
+    assert started.returncode != 0
+    journal = container.sh("journalctl", "-u", "picoord-agent", "--no-pager", "-o", "cat").stdout
+    assert "not enrolled" in journal.lower(), journal
+    container.sh("systemctl", "stop", "picoord-agent")
+
+    # Enrollment, as the README says: token, join (token from a 0600 file), enable --now.
+    printed = container.sh("coordctl", "token", "create", "--ttl", "10m").stdout
+    token = re.search(r"--token (\S+)", printed)
+    ca_hash = re.search(r"--ca-cert-hash (sha256:[0-9a-f]+)", printed)
+    assert token and ca_hash, printed
+    token_file = container.root / "root" / "join-token"
+    token_file.write_text(token.group(1))
+    token_file.chmod(0o600)
+    container.sh(
+        "picoord-agent", "join", "127.0.0.1:7443", "--token-file", "/root/join-token",
+        "--ca-cert-hash", ca_hash.group(1), "--node-name", NODE,
+    )  # fmt: skip
+    token_file.unlink()
+    container.sh("systemctl", "enable", "--now", "picoord-agent")
+    agent_pid = container.wait_active("picoord-agent")
+    node = container.wait_node_ready(NODE)
+    assert node["agent_version"] == VERSION
+    enrollment = {name: container.file_digest(f"{AGENT_STATE}/{name}") for name in ENROLLMENT_FILES}
+
+    # Both daemons told systemd they are ready and keep feeding the watchdog.
+    assert container.show("picoord-agent", "WatchdogUSec") == "1min"
+    time.sleep(16)  # > WatchdogSec/2 of the coordinator (30 s): at least one more ping
+    assert container.show("picoord-coordinator", "WatchdogTimestampMonotonic") != coordinator_watchdog
+
+    # Node actions under the unit: the mount reaches the container's own mount table and
+    # the firewall is changed and confirmed over a new connection to the coordinator.
+    container.sh("apt-get", "install", "-y", "-q", *EXTRA_PACKAGES, timeout=300)
+    (container.root / "root" / "node.yaml").write_text(NODE_SPEC)
+    applied = container.sh("coordctl", "apply", "-f", "/root/node.yaml", check=False, timeout=180)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    assert container.sh("findmnt", "-n", "-o", "FSTYPE", "/mnt/picoord-scratch").stdout.strip() == "tmpfs"
+    assert "dport 22" in container.sh("nft", "list", "ruleset").stdout
+
+    # systemctl restart: new processes, the node back to Ready.
+    for unit in ("picoord-coordinator", "picoord-agent"):
+        before = container.show(unit, "MainPID")
+        container.sh("systemctl", "restart", unit)
+        assert container.wait_active(unit) != before
+    container.wait_node_ready(NODE)
+    assert container.show("picoord-agent", "NRestarts") == "0"
+    assert container.sh("findmnt", "/mnt/picoord-scratch", check=False).returncode == 0, (
+        "the mount must outlive it"
+    )
+
+    # The watchdogs, shortened to 3 s by runtime drop-ins (gone at the reboot below): pings
+    # every 1.5 s keep both daemons up; a hung coordinator (SIGSTOP) is killed and restarted.
+    for unit in ("picoord-coordinator", "picoord-agent"):
+        container.sh("mkdir", "-p", f"/run/systemd/system/{unit}.service.d")
+        container.sh(
+            "tee", f"/run/systemd/system/{unit}.service.d/watchdog.conf",
+            stdin="[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\nRestartSec=1s\n",
+        )  # fmt: skip
+    container.sh("systemctl", "daemon-reload")
+    container.sh("systemctl", "restart", "picoord-coordinator", "picoord-agent")
+    pids = {unit: container.wait_active(unit) for unit in ("picoord-coordinator", "picoord-agent")}
+    time.sleep(8)
+    assert {unit: container.wait_active(unit) for unit in pids} == pids, (
+        "a watchdog fired on a healthy daemon"
+    )
+    assert container.show("picoord-coordinator", "NRestarts") == "0"
+    container.sh("systemctl", "kill", "--kill-whom=main", "--signal=SIGSTOP", "picoord-coordinator")
+    deadline = time.monotonic() + 30
+    while container.show("picoord-coordinator", "NRestarts") == "0":
+        assert time.monotonic() < deadline, "the hung coordinator was not restarted"
+        time.sleep(0.5)
+    assert container.wait_active("picoord-coordinator") != pids["picoord-coordinator"]
+    journal = container.sh("journalctl", "-u", "picoord-coordinator", "--no-pager", "-o", "cat").stdout
+    assert "Watchdog timeout" in journal, journal[-2000:]
+    container.wait_node_ready(NODE)
+
+    # A reboot: both enabled, both back.
+    container.poweroff()
+    container.boot()
+    container.wait_active("picoord-coordinator")
+    agent_pid = container.wait_active("picoord-agent")
+    container.wait_node_ready(NODE)
+
+    # An upgrade, with a locally changed conffile: kept without a question, enrollment
+    # untouched, both daemons restarted on the new version.
+    agent_config = container.root / "etc/picoord/agent.toml"
+    agent_config.write_text(agent_config.read_text().replace('#log_level = "info"', 'log_level = "debug"'))
+    local_config = agent_config.read_text()
+    coordinator_pid = container.show("picoord-coordinator", "MainPID")
+    container.sh(
+        "apt-get", "install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in upgrade.values()], timeout=600
+    )
+    versions = container.sh("dpkg-query", "--show", "--showformat=${Version} ", *PACKAGES).stdout.split()
+    assert versions == [UPGRADE_VERSION, UPGRADE_VERSION]
+    assert container.wait_active("picoord-coordinator") != coordinator_pid
+    assert container.wait_active("picoord-agent") != agent_pid
+    assert agent_config.read_text() == local_config
+    assert {name: container.file_digest(f"{AGENT_STATE}/{name}") for name in ENROLLMENT_FILES} == enrollment
+    container.wait_node_ready(NODE)
+
+    # remove keeps the state (and the agent's config); purge deletes it.
+    container.sh("apt-get", "remove", "-y", "-q", AGENT)
+    assert container.sh("systemctl", "is-active", "picoord-agent", check=False).stdout.strip() != "active"
+    assert (container.root / AGENT_STATE.lstrip("/") / "node.key").is_file()
+    container.sh("apt-get", "purge", "-y", "-q", AGENT)
+    assert not (container.root / AGENT_STATE.lstrip("/")).exists()
+    assert (container.root / "var/lib/picoord/state.db").is_file(), "the coordinator's state must stay"
+    container.sh("apt-get", "purge", "-y", "-q", COORDINATOR)
+    assert not (container.root / "var/lib/picoord").exists()
+    assert not (container.root / "etc/picoord").exists()
