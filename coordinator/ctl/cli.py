@@ -507,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
         for field in ("name", "node"):
             if getattr(args, field, None):
                 validate_node_name(getattr(args, field))
+        if getattr(args, "check", None):
+            args.check(args)  # a command line that cannot be right fails before connecting
         socket_path = admin_socket_path(args.admin_socket)
         api = connect_workloads if getattr(args, "api", "admin") == "workloads" else connect
         raise SystemExit(args.handler(api(socket_path), args))

@@ -328,7 +328,7 @@ def add_commands(commands: Any, with_output: Any) -> None:
     rollout.add_argument("--to-revision", type=int, default=0, help="undo: the revision to go back to")
     rollout.add_argument("--watch", action="store_true", help="status: follow until the rollout ends")
     rollout.add_argument("--detach", action="store_true", help="start it and return at once")
-    rollout.set_defaults(handler=cmd_rollout, api="workloads")
+    rollout.set_defaults(handler=cmd_rollout, api="workloads", check=lambda args: _rollout_words(args.words))
 
     with_output(commands.add_parser("services", help="list services")).set_defaults(
         handler=cmd_services, api="workloads"
