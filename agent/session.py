@@ -27,7 +27,7 @@ from picoord.agent.runtime.supervisor import Supervisor
 from picoord.agent.state import AgentFiles, BadCredentials, Enrollment, NodeCredentials
 from picoord.common import PROTOCOL_VERSION, VERSION, defaults
 from picoord.common.addresses import split_host_port
-from picoord.common.checks.workloads import check_assignment
+from picoord.common.checks.workloads import NodeMounts, check_assignment
 from picoord.common.durations import iso_utc
 from picoord.common.pki import jittered_fraction, rotation_deadline
 from picoord.common.validation import FieldError
@@ -260,8 +260,9 @@ class AgentRunner:
 
     def _assign(self, assignment: workloads_pb2.NodeAssignment) -> None:
         """A new assignment replaces the old one only if all of it is acceptable."""
+        mounts = NodeMounts(self.settings.allow_mount_paths, (str(self.files.state_dir),))
         try:
-            check_assignment(assignment)
+            check_assignment(assignment, mounts)
         except FieldError as error:
             log.error("refusing an assignment from the coordinator", error=str(error)[:300])
             return

@@ -9,15 +9,17 @@ buggy coordinator message cannot mount /etc into a container or smuggle an optio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from picoord.common import limits
 from picoord.common.validation import (
     FieldError,
     absolute_path,
+    bind_source,
     env_name,
     hostname,
     image_reference,
     ip_address,
-    mount_target,
     port,
     safe_word,
     volume_name,
@@ -56,8 +58,12 @@ def _seconds(field: str, value: float, maximum: float = 24 * 3600) -> None:
         raise FieldError(field, f"{value!r} is not between 0 and {maximum:g} seconds")
 
 
-def check_replica_spec(spec: workloads_pb2.ReplicaSpec, field: str = "replica") -> None:
-    """Raise FieldError naming the first unacceptable field of one replica."""
+def check_replica_spec(
+    spec: workloads_pb2.ReplicaSpec, field: str = "replica", node: NodeMounts | None = None
+) -> None:
+    """Raise FieldError naming the first unacceptable field of one replica. On a node
+    (`node` given) a bind source is held to the node's mount rules: no system tree or the
+    agent's own state unless agent.toml allows the path."""
     _name(f"{field}.service", spec.service)
     _name(f"{field}.replica", spec.replica)
     if spec.revision < 1:
@@ -86,8 +92,17 @@ def check_replica_spec(spec: workloads_pb2.ReplicaSpec, field: str = "replica") 
         if volume.tmpfs:
             if volume.source:
                 raise FieldError(f"{where}.source", "a tmpfs has no source")
-        elif volume.source.startswith("/"):
-            mount_target(f"{where}.source", volume.source)  # no /etc, /proc... into a container
+        elif volume.source.startswith("/"):  # no /etc, /proc, /var/lib/picoord... into a container
+            if node is None:
+                bind_source(f"{where}.source", volume.source)
+            else:
+                bind_source(
+                    f"{where}.source",
+                    volume.source,
+                    node=True,
+                    allowed=node.allowed,
+                    extra_trees=node.extra_trees,
+                )
         else:
             volume_name(f"{where}.source", volume.source)
         absolute_path(f"{where}.target", volume.target)
@@ -117,12 +132,21 @@ def check_probe(probe: workloads_pb2.HealthProbe, field: str) -> None:
         raise FieldError(f"{field}.retries", "at most 100")
 
 
-def check_assignment(assignment: workloads_pb2.NodeAssignment) -> None:
+@dataclass(frozen=True)
+class NodeMounts:
+    """What a node's own config says about paths (agent.toml's allow_mount_paths), and the
+    agent's own trees that no container may bind."""
+
+    allowed: tuple[str, ...] = ()
+    extra_trees: tuple[str, ...] = ()
+
+
+def check_assignment(assignment: workloads_pb2.NodeAssignment, node: NodeMounts | None = None) -> None:
     """The agent's check of a whole assignment: every replica, and no replica twice."""
     _count("assignment.replicas", assignment.replicas, MAX_REPLICAS_PER_NODE)
     seen: set[str] = set()
     for index, spec in enumerate(assignment.replicas):
-        check_replica_spec(spec, f"assignment.replicas[{index}]")
+        check_replica_spec(spec, f"assignment.replicas[{index}]", node)
         if spec.replica in seen:
             raise FieldError(f"assignment.replicas[{index}].replica", f"{spec.replica!r} appears twice")
         seen.add(spec.replica)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from picoord.common.checks.workloads import check_assignment, check_replica_spec, check_reports
+from picoord.common.checks.workloads import NodeMounts, check_assignment, check_replica_spec, check_reports
 from picoord.common.validation import FieldError, image_reference
 from picoord.v1 import workloads_pb2
 
@@ -89,3 +89,28 @@ def test_reports_are_bounded() -> None:
     reports.replicas[0].message = "x" * 5000
     with pytest.raises(FieldError, match="message"):
         check_reports(reports)
+
+
+@pytest.mark.parametrize(
+    ("source", "mounts", "refused"),
+    [
+        ("/srv/data", NodeMounts(), False),
+        ("/mnt/mcp-storage", NodeMounts(), False),  # the gluster mount of the seed
+        ("/etc", NodeMounts(), True),
+        ("/etc/ssl", NodeMounts(), True),  # a system tree, on the node
+        ("/var/lib/picoord/agent", NodeMounts(), True),
+        ("/var/lib/docker/volumes", NodeMounts(), True),
+        ("/srv/agent-state", NodeMounts(extra_trees=("/srv/agent-state",)), True),  # the agent's own
+        ("/etc/ssl/certs", NodeMounts(allowed=("/etc/ssl/certs",)), False),  # agent.toml allows it
+    ],
+)
+def test_bind_sources_on_the_node(source: str, mounts: NodeMounts, refused: bool) -> None:
+    spec = good()
+    spec.volumes[0].source = source
+    assignment = workloads_pb2.NodeAssignment(generation=1, replicas=[spec])
+    if refused:
+        with pytest.raises(FieldError) as error:
+            check_assignment(assignment, mounts)
+        assert error.value.field == "assignment.replicas[0].volumes[0].source"
+    else:
+        check_assignment(assignment, mounts)
