@@ -76,6 +76,16 @@ def spec_from_wire(spec: workloads_pb2.ReplicaSpec) -> ContainerSpec:
     )
 
 
+RETRY_FIRST = 2.0
+RETRY_MAX = 60.0
+
+
+def retry_delay(previous: float) -> float:
+    """Seconds before a failed start (a pull from a registry that is down, an image that
+    does not exist) is tried again: doubling from 2 s up to a minute."""
+    return min(RETRY_MAX, previous * 2 if previous else RETRY_FIRST)
+
+
 @dataclass(frozen=True)
 class NodePlan:
     stop: tuple[ReplicaState, ...]
@@ -106,6 +116,8 @@ class Tracked:
     state: str = "pending"
     message: str = ""
     since: float = field(default_factory=time.time)
+    retry_at: float = 0.0  # monotonic: when a failed start may be tried again
+    retry_delay: float = 0.0
 
 
 class Supervisor:
@@ -223,14 +235,25 @@ class Supervisor:
         from picoord.agent.runtime.engine import RuntimeFailure
 
         tracked = self._track(spec)
+        now = time.monotonic()
+        if now < tracked.retry_at:
+            return  # a registry that is down is not asked again every second
         self._set(tracked, "pulling")
         try:
             engine.pull(spec.image)  # type: ignore[attr-defined]
             engine.run(spec)  # type: ignore[attr-defined]
             log.info("started replica", replica=spec.replica, revision=spec.revision, image=spec.image)
+            tracked.retry_delay = 0.0
         except RuntimeFailure as error:
             self._set(tracked, "failed", str(error)[:1000])
-            log.warning("replica failed to start", replica=spec.replica, error=str(error)[:300])
+            tracked.retry_delay = retry_delay(tracked.retry_delay)
+            tracked.retry_at = now + tracked.retry_delay
+            log.warning(
+                "replica failed to start",
+                replica=spec.replica,
+                error=str(error)[:300],
+                retry_in_seconds=tracked.retry_delay,
+            )
 
     def _probe(self, engine: object, desired: list[ContainerSpec], actual: list[ReplicaState]) -> None:
         by_key = {(state.replica, state.revision): state for state in actual}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from picoord.agent.runtime.model import ContainerSpec, ReplicaState
-from picoord.agent.runtime.supervisor import plan_node, spec_from_wire
+from picoord.agent.runtime.supervisor import plan_node, retry_delay, spec_from_wire
 from picoord.v1 import workloads_pb2
 
 
@@ -53,3 +53,10 @@ def test_spec_from_wire_fills_docker_defaults() -> None:
     converted = spec_from_wire(wire)
     assert (converted.restart, converted.stop_grace, converted.health.kind) == ("on-failure", 10.0, "none")
     assert (converted.health.interval, converted.health.timeout, converted.health.retries) == (5.0, 2.0, 3)
+
+
+@pytest.mark.parametrize(
+    ("previous", "delay"), [(0.0, 2.0), (2.0, 4.0), (16.0, 32.0), (32.0, 60.0), (60.0, 60.0)]
+)
+def test_a_failed_start_backs_off_up_to_a_minute(previous: float, delay: float) -> None:
+    assert retry_delay(previous) == delay
