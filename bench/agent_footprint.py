@@ -124,33 +124,36 @@ class Scraper(threading.Thread):
 
 
 def agent_bin_dir(root: Path, debian_tree: Path | None) -> Path:
-    """Where the lab takes picoord-agent (and coordinator, coordctl) from: the venv, or a bin
-    dir whose picoord-agent runs Debian's python3 on a scripts/build-debian-tree tree."""
-    if debian_tree is None:
+    """Where both cases take picoord-agent (and the lab its coordinator and coordctl) from:
+    the venv, or a bin dir whose picoord-agent runs Debian's python3 on a
+    scripts/build-debian-tree tree, or the command in $PICOORD_BENCH_AGENT."""
+    override = program("picoord-agent")
+    if debian_tree is None and override == [str(BIN / "picoord-agent")]:
         return BIN
-    if not (debian_tree / "bin" / "picoord-agent").is_file():
-        raise BenchError(
-            f"{debian_tree} has no bin/picoord-agent: run scripts/build-debian-tree {debian_tree}"
-        )
+    if debian_tree is not None:
+        if not (debian_tree / "bin" / "picoord-agent").is_file():
+            raise BenchError(
+                f"{debian_tree} has no bin/picoord-agent: run scripts/build-debian-tree {debian_tree}"
+            )
+        tree = shlex.quote(str(debian_tree))
+        body = f'export PYTHONPATH={tree}\nexec {DEBIAN_PYTHON} -s {tree}/bin/picoord-agent "$@"\n'
+    else:
+        body = f'exec {shlex.join(override)} "$@"\n'
     bin_dir = root / "bin"
     bin_dir.mkdir()
     for name in ("picoord-coordinator", "coordctl"):
         (bin_dir / name).symlink_to(BIN / name)
     wrapper = bin_dir / "picoord-agent"
-    tree = shlex.quote(str(debian_tree))
-    wrapper.write_text(
-        "#!/bin/sh\n"
-        "# picoord-agent on Debian's own python3 and packages (bench/agent_footprint.py --debian-tree)\n"
-        f"export PYTHONPATH={tree}\n"
-        f'exec {DEBIAN_PYTHON} -s {tree}/bin/picoord-agent "$@"\n'
-    )
+    wrapper.write_text("#!/bin/sh\n# the agent under test (bench/agent_footprint.py)\n" + body)
     wrapper.chmod(0o755)
     return bin_dir
 
 
-def agent_command(bin_dir: Path) -> list[str]:
-    """The agent of the idle case: $PICOORD_BENCH_AGENT if set, else the chosen bin dir's."""
-    return program("picoord-agent") if bin_dir == BIN else [str(bin_dir / "picoord-agent")]
+def runtime_name(args: argparse.Namespace) -> str:
+    if args.debian_tree is not None:
+        return f"Debian's {DEBIAN_PYTHON} and packages, picoord from {args.debian_tree}"
+    override = program("picoord-agent")
+    return f"the venv ({BIN})" if override == [str(BIN / "picoord-agent")] else " ".join(override)
 
 
 def enroll_agent(coordinator: Coordinator, root: Path, agent: list[str]) -> Path:
@@ -217,7 +220,7 @@ def start_node_exporter(args: argparse.Namespace, root: Path, processes: Process
 def run_idle(args: argparse.Namespace) -> dict[str, Any]:
     """The agent without workloads, enrolled with a coordinator on loopback."""
     with bench_workspace("footprint") as (root, processes):
-        agent_argv = agent_command(agent_bin_dir(root, args.debian_tree))
+        agent_argv = [str(agent_bin_dir(root, args.debian_tree) / "picoord-agent")]
         coordinator = Coordinator.start(root, processes)
         agent_dir = enroll_agent(coordinator, root, agent_argv)
         agent = processes.start(
@@ -441,10 +444,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.debian_tree is not None:
         args.debian_tree = args.debian_tree.resolve()
-    runtime = f"Debian's {DEBIAN_PYTHON} on {args.debian_tree}" if args.debian_tree else f"the venv ({BIN})"
-    print(f"agent runtime: {runtime}", file=sys.stderr)
+    print(f"agent runtime: {runtime_name(args)}", file=sys.stderr)
     cases = list(CASES) if args.case == "both" else [args.case]
-    results: dict[str, Any] = {"runtime": "debian" if args.debian_tree else "venv", "cases": {}}
+    results: dict[str, Any] = {"runtime": runtime_name(args), "cases": {}}
     all_valid, all_met = True, True
     try:
         for case in cases:
@@ -475,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                     "PASS" if result["targets_met"] else "FAIL",
                 ]
             )
-        print(f"\nsummary ({results['runtime']} runtime):")
+        print(f"\nsummary (agent on {results['runtime']}):")
         headers = [
             "case",
             "agent RSS",
