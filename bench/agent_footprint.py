@@ -278,7 +278,9 @@ def run_workloads(args: argparse.Namespace) -> dict[str, Any]:
                     f"{(rollout.stdout + rollout.stderr)[-2000:]}\n{lab.log_tail(NODE)}"
                 )
             before = replicas(lab)
-            agent = psutil.Process(lab.processes[NODE].pid)
+            agent = psutil.Process(lab.processes[NODE].pid)  # nsenter and the wrapper exec it
+            if "python" not in agent.name() or "run" not in agent.cmdline():
+                raise BenchError(f"pid {agent.pid} is not the agent: {' '.join(agent.cmdline())[:300]}")
             exporter, url = start_node_exporter(args, root, processes)
 
             def alive() -> None:
