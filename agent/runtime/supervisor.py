@@ -8,8 +8,8 @@ are restarted by dockerd itself, by their restart policy, which also works while
 agent is down. Health probes run here and every change is reported upward.
 
 `plan_node` is the decision, pure and table-tested; `Supervisor` is the loop around it.
-The docker SDK is imported only once the node has something to run: a Pi without
-workloads keeps the agent's footprint of a node without them.
+The engine is set up only once the node has something to run: a Pi without workloads
+(or without dockerd) never talks to dockerd.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ class Supervisor:
             self._assignment = assignment
         if not assignment.replicas and not self.path.exists():
             self._wake.set()
-            return  # a node that never ran workloads keeps no file (and never loads the docker SDK)
+            return  # a node that never ran workloads keeps no file (and never opens the engine)
         try:
             write_atomically(self.path, assignment.SerializeToString(), 0o600)
         except OSError as error:  # a full state disk: keep running it from memory
@@ -195,7 +195,7 @@ class Supervisor:
     def _engine_or_none(self, desired: list[ContainerSpec]) -> object | None:
         if self._engine is None and (desired or self.path.exists()):
             if self._engine_factory is None:
-                from picoord.agent.runtime.engine import Engine  # the docker SDK: only when needed
+                from picoord.agent.runtime.engine import Engine  # only when needed
 
                 self._engine_factory = Engine
             self._engine = self._engine_factory(self.docker_socket)
