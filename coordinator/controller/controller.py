@@ -163,7 +163,8 @@ class WorkloadController:
         facts = await self._facts()
         await self._decide(facts)
         facts = await self._facts()
-        await self._forget_gone(facts)
+        if await self._forget_gone(facts):
+            self._wake.set()  # a confirmed stop frees room: decide again now, not a tick later
         await self._send_assignments(facts)
         self._publish(facts)
 
@@ -311,7 +312,7 @@ class WorkloadController:
                 placed.append(self._placed_one(spec, record.node))
         return placed
 
-    async def _forget_gone(self, facts: Facts) -> None:
+    async def _forget_gone(self, facts: Facts) -> bool:
         """Forget stopped replicas once their node confirms they are gone (or the node is)."""
         gone = []
         for record in facts.records:
@@ -331,6 +332,7 @@ class WorkloadController:
             for replica in gone:
                 self._removed_at.pop(replica, None)
                 self._seen.pop(replica, None)
+        return bool(gone)
 
     # --- assignments ------------------------------------------------------------------------------------
     async def _send_assignments(self, facts: Facts) -> None:
