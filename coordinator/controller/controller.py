@@ -222,6 +222,12 @@ class WorkloadController:
 
     def _node_status(self, node: Node, now: float) -> NodeStatus:
         connected = node.name in self.cluster.sessions
+        if connected and not node.ready:
+            # A session nothing comes through (a cut link, a frozen Pi) is lost from when the
+            # node stopped being Ready (silent past the heartbeat timeout), not from when TCP
+            # keepalive ends the stream, tens of seconds later.
+            lost_at = self.cluster.last_seen(node.name) + self.cluster.timeouts.not_ready_after
+            return NodeStatus(node.name, False, lost_at, node.draining, node.facts)
         if connected:
             since = self._connected_since.setdefault(node.name, now)
         else:
