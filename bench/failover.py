@@ -134,9 +134,9 @@ class Outage:
         self.link(False)
         at = time.monotonic()
         for process in targets:
+            self.frozen.append(process)  # first: an interrupt right after the SIGSTOP still undoes it
             with contextlib.suppress(psutil.Error):
                 process.send_signal(signal.SIGSTOP)
-                self.frozen.append(process)
         return at
 
     def give_back(self) -> float:
