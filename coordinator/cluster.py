@@ -245,6 +245,10 @@ class Cluster:
     def status(self, name: str) -> Status:
         return node_status(name in self.sessions, self._last_seen.get(name, 0.0), self.clock(), self.timeouts)
 
+    def last_seen(self, name: str) -> float:
+        """When the node's last message arrived (0.0: never)."""
+        return self._last_seen.get(name, 0.0)
+
     def summary(self, record: NodeRecord) -> admin_pb2.NodeSummary:
         """What `coordctl nodes` shows of a node. The parts that change only with the record
         are built once per record; status, last seen and connected are filled in per call."""

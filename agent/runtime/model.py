@@ -132,6 +132,9 @@ def create_arguments(spec: ContainerSpec) -> dict[str, Any]:
         "environment": dict(spec.env),
         "ports": [(port.target, port.protocol) for port in spec.ports],
         "detach": True,
+        # Kept by Docker with the container: the grace it gets when it is stopped, which is
+        # usually after it has left the assignment that named its spec.
+        "stop_timeout": int(max(0.0, spec.stop_grace)),
     }
     if spec.command:
         arguments["entrypoint"] = list(spec.command)
@@ -153,6 +156,7 @@ class ReplicaState:
     restarts: int
     started_at: str
     image: str
+    stop_grace: float | None = None  # Docker's StopTimeout, set from the spec at create
 
 
 def replica_state(container: Mapping[str, Any]) -> ReplicaState | None:
@@ -176,4 +180,5 @@ def replica_state(container: Mapping[str, Any]) -> ReplicaState | None:
         restarts=int(container.get("RestartCount") or 0),
         started_at=str(state.get("StartedAt", "")),
         image=str(config.get("Image", "")),
+        stop_grace=float(config["StopTimeout"]) if isinstance(config.get("StopTimeout"), int) else None,
     )

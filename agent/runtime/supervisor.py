@@ -219,6 +219,10 @@ class Supervisor:
         self._send(desired, actual)
 
     def _grace(self, state: ReplicaState) -> float:
+        """The grace the container was created with (a replica being stopped has usually left
+        the assignment already), else its spec's if still assigned, else Docker's 10 s."""
+        if state.stop_grace is not None:
+            return state.stop_grace
         for spec in self.desired():
             if spec.replica == state.replica:
                 return spec.stop_grace

@@ -164,7 +164,8 @@ class WorkloadController:
         facts = await self._facts()
         await self._decide(facts)
         facts = await self._facts()
-        await self._forget_gone(facts)
+        if await self._forget_gone(facts):
+            self._wake.set()  # a confirmed stop frees room: decide again now, not a tick later
         await self._send_assignments(facts)
         self._publish(facts)
 
@@ -243,6 +244,12 @@ class WorkloadController:
 
     def _node_status(self, node: Node, now: float) -> NodeStatus:
         connected = node.name in self.cluster.sessions
+        if connected and not node.ready:
+            # A session nothing comes through (a cut link, a frozen Pi) is lost from when the
+            # node stopped being Ready (silent past the heartbeat timeout), not from when TCP
+            # keepalive ends the stream, tens of seconds later.
+            lost_at = self.cluster.last_seen(node.name) + self.cluster.timeouts.not_ready_after
+            return NodeStatus(node.name, False, lost_at, node.draining, node.facts)
         if connected:
             since = self._connected_since.setdefault(node.name, now)
         else:
@@ -321,7 +328,7 @@ class WorkloadController:
                 placed.append(self._placed_one(spec, record.node))
         return placed
 
-    async def _forget_gone(self, facts: Facts) -> None:
+    async def _forget_gone(self, facts: Facts) -> bool:
         """Forget stopped replicas once their node confirms they are gone (or the node is)."""
         gone = []
         for record in facts.records:
@@ -341,6 +348,7 @@ class WorkloadController:
             for replica in gone:
                 self._removed_at.pop(replica, None)
                 self._seen.pop(replica, None)
+        return bool(gone)
 
     # --- assignments ------------------------------------------------------------------------------------
     async def _send_assignments(self, facts: Facts) -> None:
