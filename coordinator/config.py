@@ -27,7 +27,7 @@ class CoordinatorConfig:
     metrics_listen: str = defaults.METRICS_LISTEN
     state_dir: str = str(defaults.COORDINATOR_STATE_DIR)
     advertise_address: str = ""  # what join commands name; empty: this host's name
-    heartbeat_timeout: float = 20.0
+    heartbeat_timeout: float = 3.0  # with the 5 s disconnect grace: replicas of a silent Pi move within ~9 s
     down_timeout: float = 60.0
     metrics_interval: float = defaults.METRICS_INTERVAL_SECONDS
     heartbeat_interval: float = 0.0  # 0: a quarter of heartbeat_timeout, at most 5 s

@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
         "--state-dir", help=f"CA, keys and database (default {defaults.COORDINATOR_STATE_DIR})"
     )
     parser.add_argument("--advertise-address", help="host agents dial, as printed in join commands")
-    parser.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before NotReady (20)")
+    parser.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before NotReady (3)")
     parser.add_argument("--down-timeout", type=float, help="seconds of silence before Down (60)")
     parser.add_argument(
         "--disconnect-grace", type=float, help="seconds a node may be away before its replicas move (5)"

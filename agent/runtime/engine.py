@@ -131,6 +131,8 @@ def create_request(spec: ContainerSpec) -> tuple[str, dict[str, Any]]:
         body["Entrypoint"] = list(arguments["entrypoint"])
     if "command" in arguments:
         body["Cmd"] = list(arguments["command"])
+    if "stop_timeout" in arguments:
+        body["StopTimeout"] = int(arguments["stop_timeout"])
     return str(arguments["name"]), body
 
 
