@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from picoord.agent.errors import JoinError
-from picoord.agent.state import AgentFiles, NotEnrolled
+from picoord.agent.state import FIREWALL_REVERT_FILE, AgentFiles, NotEnrolled
 from picoord.common import VERSION, defaults
 from picoord.common.addresses import InvalidAddress
 from picoord.common.logs import configure_logging
@@ -162,15 +162,18 @@ def run_settings(args: argparse.Namespace, settings: dict[str, object]) -> tuple
 
 
 def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
-    from picoord.agent.actions.firewall.watchdog import rearm_on_start
     from picoord.agent.session import AgentRunner  # keeps `join` light
 
     files, run = run_settings(args, settings)
     # Before anything else (enrolled or not): a firewall change a previous run left
-    # unconfirmed is armed again for the rest of its window, or goes back now.
-    done = rearm_on_start(files.state_dir)
-    if done:
-        log.warning("firewall revert", detail=done)
+    # unconfirmed is armed again for the rest of its window, or goes back now. The firewall
+    # modules load only then: a node's agent is kept small.
+    if (files.state_dir / FIREWALL_REVERT_FILE).exists():
+        from picoord.agent.actions.firewall.watchdog import rearm_on_start
+
+        done = rearm_on_start(files.state_dir)
+        if done:
+            log.warning("firewall revert", detail=done)
     runner = AgentRunner(files, run)
     log.info(
         "agent starting",

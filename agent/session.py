@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -23,15 +24,15 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_ex
 from picoord.agent.channel import channel_options
 from picoord.agent.hardware import collect_hardware
 from picoord.agent.metrics import MetricsSampler
-from picoord.agent.runtime.supervisor import Supervisor
-from picoord.agent.state import AgentFiles, BadCredentials, Enrollment, NodeCredentials
+from picoord.agent.state import ASSIGNMENT_FILE, AgentFiles, BadCredentials, Enrollment, NodeCredentials
 from picoord.common import PROTOCOL_VERSION, VERSION, defaults
 from picoord.common.addresses import split_host_port
-from picoord.common.checks.workloads import NodeMounts, check_assignment
 from picoord.common.durations import iso_utc
 from picoord.common.pki import jittered_fraction, rotation_deadline
-from picoord.common.validation import FieldError
 from picoord.v1 import agent_pb2, agent_pb2_grpc, workloads_pb2
+
+if TYPE_CHECKING:
+    from picoord.agent.runtime.supervisor import Supervisor
 
 log = structlog.get_logger("picoord.agent")
 
@@ -86,7 +87,8 @@ class AgentRunner:
         self._actions: set[asyncio.Task[None]] = set()
         # Workloads: the supervisor thread keeps the node's replicas running whether or not a
         # session is open; its reports go up the current session, if there is one.
-        self.supervisor = Supervisor(files.state_dir, settings.docker_socket, self._report_replicas)
+        # It and the runtime modules load only on a node that runs (or ran) workloads.
+        self.supervisor: Supervisor | None = None
         self._session_outbox: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
         self._stop_supervisor = threading.Event()
 
@@ -100,14 +102,24 @@ class AgentRunner:
         )
 
     async def run_forever(self) -> None:
-        supervisor = threading.Thread(
-            target=self.supervisor.run, args=(self._stop_supervisor,), name="supervisor", daemon=True
-        )
-        supervisor.start()
+        if (self.files.state_dir / ASSIGNMENT_FILE).exists():
+            self._start_supervisor()
         try:
             await self._reconnect_forever()
         finally:
             self._stop_supervisor.set()
+
+    def _start_supervisor(self) -> Supervisor:
+        if self.supervisor is None:
+            from picoord.agent.runtime.supervisor import Supervisor
+
+            supervisor = Supervisor(self.files.state_dir, self.settings.docker_socket, self._report_replicas)
+            threading.Thread(
+                target=supervisor.run, args=(self._stop_supervisor,), name="supervisor", daemon=True
+            ).start()
+            supervisor.resend()  # the open session, if any, hears what runs
+            self.supervisor = supervisor
+        return self.supervisor
 
     def _report_replicas(self, reports: workloads_pb2.ReplicaReports) -> None:
         """Called from the supervisor thread: queue the report on the open session, if any."""
@@ -195,7 +207,8 @@ class AgentRunner:
                 raise SessionLost("the coordinator did not welcome this agent")
             interval = self._interval(first.welcome)
             self._session_outbox = (asyncio.get_running_loop(), outbox)
-            self.supervisor.resend()
+            if self.supervisor is not None:
+                self.supervisor.resend()
             self.connected.set()
             log.info(
                 "session established", coordinator=self.enrollment.coordinator, metrics_interval=interval
@@ -260,6 +273,11 @@ class AgentRunner:
 
     def _assign(self, assignment: workloads_pb2.NodeAssignment) -> None:
         """A new assignment replaces the old one only if all of it is acceptable."""
+        if self.supervisor is None and not assignment.replicas:
+            return  # nothing to run, nothing ran: the runtime stays unloaded
+        from picoord.common.checks.workloads import NodeMounts, check_assignment
+        from picoord.common.validation import FieldError
+
         mounts = NodeMounts(self.settings.allow_mount_paths, (str(self.files.state_dir),))
         try:
             check_assignment(assignment, mounts)
@@ -267,7 +285,7 @@ class AgentRunner:
             log.error("refusing an assignment from the coordinator", error=str(error)[:300])
             return
         log.info("assignment received", generation=assignment.generation, replicas=len(assignment.replicas))
-        self.supervisor.assign(assignment)
+        self._start_supervisor().assign(assignment)
 
     async def _run_action(self, request: agent_pb2.ActionRequest, outbox: asyncio.Queue) -> None:
         """One action at a time, in a thread, so samples and heartbeats keep flowing."""

@@ -24,6 +24,10 @@ from picoord.common.files import write_atomically
 from picoord.common.pki import InvalidCertificate, certificate_validity
 
 ENROLLMENT_FILE = "enrollment.json"
+# Written by the firewall guard and the workload supervisor; named here so that `run` can
+# tell whether it needs those modules at all before it imports them.
+FIREWALL_REVERT_FILE = "firewall-revert.json"
+ASSIGNMENT_FILE = "assignment.pb"
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
 
 

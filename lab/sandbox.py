@@ -50,7 +50,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -59,6 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from picoord.agent.hardware import unix_http_get
 from picoord.lab import netns
 from picoord.lab.netns import LabError, LabNetwork, require_root, tail
 
@@ -598,18 +598,6 @@ def _wait(handle: DaemonHandle, ready: Callable[[], bool | str], timeout: float,
         time.sleep(0.1)
 
 
-def _unix_http_get(path: Path, url: str, timeout: float = 2.0) -> str:
-    """A bare HTTP/1.0 GET on a unix socket: no docker SDK needed in the lab."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(f"GET {url} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")
-
-
 def dockerd_argv(extra_args: Sequence[str] = ()) -> list[str]:
     return [
         "dockerd",
@@ -631,8 +619,11 @@ def docker_ping(sb: PiSandbox) -> bool | str:
     if len(str(host_socket).encode()) <= 107:
         if not host_socket.exists():
             return "socket not there yet"
-        reply = _unix_http_get(host_socket, "/_ping")
-        return True if reply.startswith("HTTP/1.") and reply.rstrip().endswith("OK") else reply[:200]
+        try:
+            status, body = unix_http_get(host_socket, "/_ping", timeout=2.0)
+        except (OSError, ValueError) as error:
+            return str(error)
+        return True if status == 200 and body.strip() == b"OK" else f"HTTP {status}: {body[:200]!r}"
     done = sb.run(["docker", "-H", f"unix://{DOCKER_SOCKET}", "version"], timeout=10)  # long paths
     return True if done.returncode == 0 else done.stderr.strip()[-300:]
 

@@ -18,6 +18,7 @@ import binascii
 import http.client
 import json
 import os
+import socket
 import struct
 import time
 import urllib.parse
@@ -25,7 +26,6 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from picoord.agent.hardware import _UnixHTTPConnection  # the agent's one unix-socket HTTP client
 from picoord.agent.runtime.health import probe_http, probe_tcp
 from picoord.agent.runtime.model import (
     LABEL_MANAGED,
@@ -35,6 +35,26 @@ from picoord.agent.runtime.model import (
     replica_state,
 )
 from picoord.agent.runtime.model import ReplicaState as ReplicaState  # re-exported for callers
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """http.client over dockerd's unix socket: keep-alive and streamed answers (pulls, logs),
+    which the bare GET of picoord.agent.hardware does not need."""
+
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._socket_path = socket_path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
 
 PULL_TIMEOUT = 300.0
 CALL_TIMEOUT = 30.0

@@ -24,13 +24,13 @@ import structlog
 
 from picoord.agent.runtime.health import HEALTHY, STARTING, UNHEALTHY, Health, observe
 from picoord.agent.runtime.model import ContainerSpec, HealthCheck, Port, ReplicaState, VolumeMount
+from picoord.agent.state import ASSIGNMENT_FILE
 from picoord.common.checks.workloads import check_assignment
 from picoord.common.files import write_atomically
 from picoord.v1 import workloads_pb2
 
 log = structlog.get_logger("picoord.agent.runtime")
 
-ASSIGNMENT_FILE = "assignment.pb"
 TICK = 1.0
 REPORT_EVERY = 10.0  # a report at least this often while anything runs, as a liveness signal
 LIVE_STATES = ("running", "restarting", "created")

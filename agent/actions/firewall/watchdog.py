@@ -44,10 +44,11 @@ from pathlib import Path
 from typing import Any
 
 from picoord.agent.actions.base import ActionContext, ActionFailed
+from picoord.agent.state import FIREWALL_REVERT_FILE
 from picoord.common.files import write_atomically
 
 MODULE = "picoord.agent.actions.firewall.watchdog"
-PENDING_NAME = "firewall-revert.json"
+PENDING_NAME = FIREWALL_REVERT_FILE
 LOCK_NAME = "firewall-revert.lock"
 RECORD_NAME = "firewall-revert.last.json"
 LOG_NAME = "firewall-revert.log"
