@@ -203,7 +203,7 @@ def admin_dial_address(admin_listen: str, advertise_address: str) -> str:
 
 async def start_admin_listener(
     config: CoordinatorConfig,
-    credentials: grpc.ServerCredentials,
+    ca: ClusterCA,
     open_files: int,
     admin: AdminServicer,
     workloads: WorkloadsServicer,
@@ -215,6 +215,7 @@ async def start_admin_listener(
     certificates on record and in force (peers.admin_refusal), at every call."""
     if not config.admin_listen:
         return None
+    credentials, _ = rotating_server_credentials(ca)  # its own: gRPC's fetcher is one server's
     server = grpc.aio.server(options=agent_server_options(config, open_files), maximum_concurrent_rpcs=None)
     add_operator_services(server, admin, workloads, identities)
     if not server.add_secure_port(config.admin_listen, credentials):
@@ -291,7 +292,7 @@ async def serve(config: CoordinatorConfig) -> None:
     admin_socket = Path(config.admin_socket)
     await server.start()
     admin_server, relay = await start_admin_server(admin, admin_socket, workloads, identities)
-    remote_admin = await start_admin_listener(config, mutual, open_files, admin, workloads, identities)
+    remote_admin = await start_admin_listener(config, ca, open_files, admin, workloads, identities)
     rotation = asyncio.create_task(rotate_server_certificate(ca))
     # Everything loaded so far lives as long as the process: keep it out of the garbage
     # collector's full scans, which otherwise pause the event loop for every session.

@@ -164,11 +164,11 @@ UNKNOWN_ADMIN = (
 )
 REVOKED_ADMIN = (
     "the admin certificate of {name} (serial {serial}) is revoked: ask for a new one "
-    "(`coordctl admin issue NAME` on the coordinator's host), then `coordctl context add` it"
+    "(`coordctl admin issue {name}` on the coordinator's host), then `coordctl context add` it"
 )
 EXPIRED_ADMIN = (
     "the admin certificate of {name} (serial {serial}) expired: ask for a new one "
-    "(`coordctl admin issue NAME` on the coordinator's host), then `coordctl context add` it"
+    "(`coordctl admin issue {name}` on the coordinator's host), then `coordctl context add` it"
 )
 
 
