@@ -57,6 +57,9 @@ GRPC_OPTIONS = [
 # /metrics and gRPC's own. With them kept free, `coordctl` answers whatever floods the ports.
 FD_RESERVE = 512
 AGENT_PORTS = 2  # sessions and enrollment, each with its own connection quota
+# The remote admin listener serves a few operators: its connections come out of FD_RESERVE,
+# so a flood there never takes the agent ports' quota (nor the admin socket's share).
+ADMIN_LISTENER_CONNECTIONS = 64
 MIN_CONNECTIONS_PER_PORT = 16
 
 
@@ -201,22 +204,31 @@ def admin_dial_address(admin_listen: str, advertise_address: str) -> str:
     return join_host_port(host, port)
 
 
+def admin_listener_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
+    """The agent ports' front door (handshake timeout, a connection cap), sized for operators."""
+    cap = min(config.max_connections or ADMIN_LISTENER_CONNECTIONS, ADMIN_LISTENER_CONNECTIONS)
+    return [
+        *GRPC_OPTIONS,
+        ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
+        ("grpc.max_allowed_incoming_connections", cap),
+    ]
+
+
 async def start_admin_listener(
     config: CoordinatorConfig,
     ca: ClusterCA,
-    open_files: int,
     admin: AdminServicer,
     workloads: WorkloadsServicer,
     identities: AdminCertificatesServicer,
 ) -> grpc.aio.Server | None:
     """Remote admin: the operator's APIs (never the agent services) on a TCP port with
-    mutual TLS, with the agent ports' handshake timeout and connection cap. The handshake
+    mutual TLS, with the agent ports' handshake timeout and a connection cap. The handshake
     takes any certificate of the cluster CA; the services' guard then admits only admin
     certificates on record and in force (peers.admin_refusal), at every call."""
     if not config.admin_listen:
         return None
     credentials, _ = rotating_server_credentials(ca)  # its own: gRPC's fetcher is one server's
-    server = grpc.aio.server(options=agent_server_options(config, open_files), maximum_concurrent_rpcs=None)
+    server = grpc.aio.server(options=admin_listener_options(config), maximum_concurrent_rpcs=None)
     add_operator_services(server, admin, workloads, identities)
     if not server.add_secure_port(config.admin_listen, credentials):
         raise OSError(f"cannot listen on {config.admin_listen} (admin_listen)")
@@ -292,7 +304,7 @@ async def serve(config: CoordinatorConfig) -> None:
     admin_socket = Path(config.admin_socket)
     await server.start()
     admin_server, relay = await start_admin_server(admin, admin_socket, workloads, identities)
-    remote_admin = await start_admin_listener(config, ca, open_files, admin, workloads, identities)
+    remote_admin = await start_admin_listener(config, ca, admin, workloads, identities)
     rotation = asyncio.create_task(rotate_server_certificate(ca))
     # Everything loaded so far lives as long as the process: keep it out of the garbage
     # collector's full scans, which otherwise pause the event loop for every session.

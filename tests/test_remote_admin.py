@@ -106,14 +106,14 @@ def _enroll_node(coordinator: Coordinator, enroll_address: str, token: str) -> t
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
     root = tmp_path_factory.mktemp("remote-admin")
-    (root / "empty.toml").write_text("")
+    (root / "coordinator.toml").write_text("handshake_timeout = 2.0\n")
     agent, enroll, admin, metrics = (free_loopback_port() for _ in range(4))
     admin_socket = root / "admin.sock"
     process = subprocess.Popen(
         [
             COORDINATOR,
             "--config",
-            str(root / "empty.toml"),
+            str(root / "coordinator.toml"),
             "--state-dir",
             str(root / "state"),
             "--listen",
@@ -373,3 +373,11 @@ def test_issue_refuses_to_print_a_key_to_a_terminal(coordinator: Coordinator) ->
     assert result.returncode == 1 and "holds a private key" in result.stderr and "--force" in result.stderr
     listed = json.loads(coordinator.coordctl("admin", "list", "-o", "json", socket=True).stdout)
     assert "onscreen" not in {admin["name"] for admin in listed}  # nothing was issued
+
+
+def test_a_silent_connection_is_dropped_at_the_handshake_timeout(coordinator: Coordinator) -> None:
+    host, port = coordinator.admin_address.rsplit(":", 1)
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=15) as silent:
+        assert silent.recv(1) == b""  # the coordinator closed it: no TLS handshake within 2 s
+    assert 1.0 <= time.monotonic() - started < 10

@@ -28,7 +28,7 @@ from picoord.coordinator.ctl.contexts import (
     parse_bundle,
     render_bundle,
 )
-from picoord.coordinator.main import admin_dial_address
+from picoord.coordinator.main import ADMIN_LISTENER_CONNECTIONS, admin_dial_address, admin_listener_options
 from picoord.coordinator.servicers.admins import validity_refusal
 from picoord.coordinator.servicers.peers import CertifiedPeer, admin_refusal, peer_address
 from picoord.coordinator.store import AdminCertificateRecord, AdminNameTaken, Store
@@ -378,3 +378,14 @@ def test_admin_listen_is_off_by_default() -> None:
     config = CoordinatorConfig()
     config.validate()
     assert config.admin_listen == ""
+
+
+@pytest.mark.parametrize(
+    ("max_connections", "cap"), [(0, ADMIN_LISTENER_CONNECTIONS), (10, 10), (100_000, 64)]
+)
+def test_admin_listener_has_the_front_door_limits(max_connections: int, cap: int) -> None:
+    options = dict(
+        admin_listener_options(CoordinatorConfig(handshake_timeout=3.0, max_connections=max_connections))
+    )
+    assert options["grpc.server_handshake_timeout_ms"] == 3000
+    assert options["grpc.max_allowed_incoming_connections"] == cap
