@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import datetime as dt
 import gc
 import os
@@ -273,21 +274,27 @@ async def serve(config: CoordinatorConfig) -> None:
     agent_pb2_grpc.add_AgentSessionServicer_to_server(
         SessionServicer(cluster, config.metrics_interval, config.heartbeat_interval, ca, controller), server
     )
+    admin_service = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+    workloads_service = services_pb2.DESCRIPTOR.services_by_name["Workloads"]
+    raw_admin = AdminServicer(
+        cluster,
+        ca,
+        join_address=join_host_port(advertise_host, listen_port),
+        enroll_port_hint=None if enroll_port == listen_port + 1 else enroll_port,
+        workloads=records,
+    )
+    raw_workloads = WorkloadsServicer(controller)
+    # On the agent ports the operator's APIs refuse every certificate (no gate): admin
+    # certificates are for the admin listener alone. Shallow copies share all state.
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        restrict_to_operators(copy.copy(raw_admin), admin_service), server
+    )
+    services_pb2_grpc.add_WorkloadsServicer_to_server(
+        restrict_to_operators(copy.copy(raw_workloads), workloads_service), server
+    )
     gate = AdminGate(cluster.admin_certificate, cluster.clock)
-    admin = restrict_to_operators(
-        AdminServicer(
-            cluster,
-            ca,
-            join_address=join_host_port(advertise_host, listen_port),
-            enroll_port_hint=None if enroll_port == listen_port + 1 else enroll_port,
-            workloads=records,
-        ),
-        admin_pb2.DESCRIPTOR.services_by_name["Admin"],
-        gate,
-    )
-    workloads = restrict_to_operators(
-        WorkloadsServicer(controller), services_pb2.DESCRIPTOR.services_by_name["Workloads"], gate
-    )
+    admin = restrict_to_operators(raw_admin, admin_service, gate)
+    workloads = restrict_to_operators(raw_workloads, workloads_service, gate)
     identities = restrict_to_operators(
         AdminCertificatesServicer(
             cluster, ca, admin_dial_address(config.admin_listen, config.advertise_address)

@@ -260,10 +260,11 @@ def test_an_admin_certificate_opens_no_agent_session(coordinator: Coordinator) -
         with pytest.raises(grpc.RpcError) as refused:
             list(agent_pb2_grpc.AgentSessionStub(channel).Session(iter([hello]), timeout=10))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        # Nor is the admin API on the agent port any more: the admin listener is its one door.
-        with pytest.raises(grpc.RpcError) as absent:
+        # Nor does it open the admin API on the agent port: the admin listener is its one door.
+        with pytest.raises(grpc.RpcError) as refused:
             admin_pb2_grpc.AdminStub(channel).ListNodes(admin_pb2.ListNodesRequest(), timeout=10)
-        assert absent.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "only for operators" in refused.value.details()
 
 
 def test_revocation_refuses_the_next_call_of_an_open_connection(coordinator: Coordinator) -> None:

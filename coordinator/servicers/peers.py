@@ -155,7 +155,8 @@ LOCAL_ONLY = (
     "this call is only for the coordinator's host: run coordctl there, as root, over its admin socket"
 )
 NOT_AN_ADMIN = (
-    "certificate {serial} is not an admin certificate: node certificates never open the admin API; "
+    "the admin API is only for operators: certificate {serial} is not an admin certificate "
+    "(node certificates never open it); "
     "issue one with `coordctl admin issue NAME` on the coordinator's host"
 )
 UNKNOWN_ADMIN = (
