@@ -39,6 +39,7 @@ from picoord.coordinator.store import CertificateRecord
 log = structlog.get_logger("picoord.coordinator.ca")
 
 ADMIN_ORGANIZATION = "picoord:admins"
+ADMIN_PREFIX = "admin:"  # the common name of an admin certificate: admin:NAME
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=365)
 NODE_VALIDITY = dt.timedelta(days=365)
@@ -255,7 +256,7 @@ class ClusterCA:
         validate_node_name(node_name)
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as error:
+        except (ValueError, x509.InvalidVersion) as error:
             raise CsrRejected(f"the CSR is not a PEM certificate request: {error}") from None
         try:
             # A damaged key or an unknown algorithm makes these raise rather than answer.
@@ -274,6 +275,26 @@ class ClusterCA:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )
         return self._sign(builder, public_key, self.node_validity)
+
+    def sign_admin_key(
+        self, public_key: ec.EllipticCurvePublicKey, name: str, validity: dt.timedelta
+    ) -> x509.Certificate:
+        """A remote operator's client certificate: admin:NAME in the admins group, a subject
+        no node certificate can carry (node names are DNS labels, without a colon)."""
+        validate_node_name(name)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, ADMIN_ORGANIZATION),
+                        x509.NameAttribute(NameOID.COMMON_NAME, f"{ADMIN_PREFIX}{name}"),
+                    ]
+                )
+            )
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        )
+        return self._sign(builder, public_key, validity)
 
 
 def _server_identity(key_pem: bytes, certificate: x509.Certificate) -> ServerIdentity:

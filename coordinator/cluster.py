@@ -20,7 +20,14 @@ import structlog
 
 from picoord.common.tokens import BootstrapToken
 from picoord.coordinator.status import STATUS_TO_WIRE, Status, StatusTimeouts, node_status
-from picoord.coordinator.store import CertificateRecord, NodeRecord, StateUnavailable, Store, TokenRecord
+from picoord.coordinator.store import (
+    AdminCertificateRecord,
+    CertificateRecord,
+    NodeRecord,
+    StateUnavailable,
+    Store,
+    TokenRecord,
+)
 from picoord.coordinator.telemetry import MetricsHistory
 from picoord.v1 import admin_pb2, agent_pb2, node_pb2
 
@@ -371,3 +378,19 @@ class Cluster:
         self._unflushed_hellos.pop(name, None)
         self._hardware.pop(name, None)
         return serials, session is not None
+
+    # remote operators' certificates
+    @whole
+    async def add_admin_certificate(self, record: AdminCertificateRecord) -> None:
+        await self._write(self._store.add_admin_certificate, record, self.clock())
+
+    async def admin_certificate(self, serial: str) -> AdminCertificateRecord | None:
+        """The admin certificate a call presents, as the store knows it (checked every call)."""
+        return await self._read(self._store.admin_certificate, serial)
+
+    async def admin_certificates(self) -> list[AdminCertificateRecord]:
+        return await self._read(self._store.list_admin_certificates)
+
+    @whole
+    async def revoke_admin(self, name: str) -> list[str]:
+        return await self._write(self._store.revoke_admin, name, self.clock())

@@ -24,6 +24,9 @@ class CoordinatorConfig:
     listen: str = defaults.COORDINATOR_LISTEN
     enroll_listen: str = ""  # empty: the agent port + 1 on the same host
     admin_socket: str = str(defaults.ADMIN_SOCKET)
+    # Remote admin (coordctl from another machine): HOST:PORT of a mutual-TLS listener that
+    # takes admin certificates only (`coordctl admin issue`); empty: off.
+    admin_listen: str = ""
     metrics_listen: str = defaults.METRICS_LISTEN
     state_dir: str = str(defaults.COORDINATOR_STATE_DIR)
     advertise_address: str = ""  # what join commands name; empty: this host's name
@@ -77,6 +80,8 @@ class CoordinatorConfig:
                 split_host_port(getattr(self, name), name)
             if self.enroll_listen:
                 split_host_port(self.enroll_listen, "enroll_listen")
+            if self.admin_listen:
+                split_host_port(self.admin_listen, "admin_listen")
         except InvalidAddress as error:
             raise ConfigError(str(error)) from None
         if not self.metrics_interval >= defaults.MIN_METRICS_INTERVAL_SECONDS:

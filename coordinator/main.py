@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import copy
 import datetime as dt
 import gc
 import os
@@ -30,8 +31,9 @@ from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.prometheus import serve_metrics
 from picoord.coordinator.servicers.admin import AdminServicer
+from picoord.coordinator.servicers.admins import LOCAL_ONLY_METHODS, AdminCertificatesServicer
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
-from picoord.coordinator.servicers.peers import LOCAL_OPERATORS, restrict_to_operators
+from picoord.coordinator.servicers.peers import LOCAL_OPERATORS, AdminGate, restrict_to_operators
 from picoord.coordinator.servicers.session import SessionServicer
 from picoord.coordinator.servicers.workloads import WorkloadsServicer
 from picoord.coordinator.status import StatusTimeouts
@@ -56,6 +58,9 @@ GRPC_OPTIONS = [
 # /metrics and gRPC's own. With them kept free, `coordctl` answers whatever floods the ports.
 FD_RESERVE = 512
 AGENT_PORTS = 2  # sessions and enrollment, each with its own connection quota
+# The remote admin listener serves a few operators: its connections come out of FD_RESERVE,
+# so a flood there never takes the agent ports' quota (nor the admin socket's share).
+ADMIN_LISTENER_CONNECTIONS = 64
 MIN_CONNECTIONS_PER_PORT = 16
 
 
@@ -65,6 +70,10 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
     parser.add_argument("--listen", help="agent sessions, mutual TLS (default 0.0.0.0:7443)")
     parser.add_argument("--enroll-listen", help="enrollment, server TLS (default: the --listen port + 1)")
     parser.add_argument("--admin-socket", help=f"coordctl's unix socket (default {defaults.ADMIN_SOCKET})")
+    parser.add_argument(
+        "--admin-listen",
+        help="remote admin, mutual TLS with admin certificates (default off), e.g. 0.0.0.0:7445",
+    )
     parser.add_argument("--metrics-listen", help="Prometheus /metrics (default 0.0.0.0:9469)")
     parser.add_argument(
         "--state-dir", help=f"CA, keys and database (default {defaults.COORDINATOR_STATE_DIR})"
@@ -92,6 +101,7 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
         "listen",
         "enroll_listen",
         "admin_socket",
+        "admin_listen",
         "metrics_listen",
         "state_dir",
         "advertise_address",
@@ -151,22 +161,80 @@ def agent_server_options(config: CoordinatorConfig, open_files: int) -> list[tup
     ]
 
 
+def add_operator_services(
+    server: grpc.aio.Server,
+    admin: AdminServicer,
+    workloads: WorkloadsServicer | None,
+    identities: AdminCertificatesServicer | None,
+) -> None:
+    """The operator's APIs, the same on the admin socket and on the remote admin listener."""
+    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
+    if workloads is not None:
+        services_pb2_grpc.add_WorkloadsServicer_to_server(workloads, server)
+    if identities is not None:
+        admin_pb2_grpc.add_AdminCertificatesServicer_to_server(identities, server)
+
+
 async def start_admin_server(
-    admin: AdminServicer, admin_socket: Path, workloads: WorkloadsServicer | None = None
+    admin: AdminServicer,
+    admin_socket: Path,
+    workloads: WorkloadsServicer | None = None,
+    identities: AdminCertificatesServicer | None = None,
 ) -> tuple[grpc.aio.Server, AdminRelay]:
     """The admin API (and the workload API) on a gRPC server of its own, reached only
     through the relay on the admin socket, which names each caller from its socket
     credentials."""
     relay = AdminRelay(admin_socket, LOCAL_OPERATORS)
     server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=None)
-    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)
-    if workloads is not None:
-        services_pb2_grpc.add_WorkloadsServicer_to_server(workloads, server)
+    add_operator_services(server, admin, workloads, identities)
     if not server.add_insecure_port(relay.internal_address):
         raise OSError(f"cannot listen on {relay.internal_address}")
     await server.start()
     await relay.start()
     return server, relay
+
+
+def admin_dial_address(admin_listen: str, advertise_address: str) -> str:
+    """What admin bundles name to dial: a specific listen host as is, else the host agents
+    are told (advertise_address, or this machine's name); empty when the listener is off."""
+    if not admin_listen:
+        return ""
+    host, port = split_host_port(admin_listen, "admin_listen")
+    if host in ("0.0.0.0", "::", ""):
+        host = advertise_address or advertised_host(host)
+    return join_host_port(host, port)
+
+
+def admin_listener_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
+    """The agent ports' front door (handshake timeout, a connection cap), sized for operators."""
+    cap = min(config.max_connections or ADMIN_LISTENER_CONNECTIONS, ADMIN_LISTENER_CONNECTIONS)
+    return [
+        *GRPC_OPTIONS,
+        ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
+        ("grpc.max_allowed_incoming_connections", cap),
+    ]
+
+
+async def start_admin_listener(
+    config: CoordinatorConfig,
+    ca: ClusterCA,
+    admin: AdminServicer,
+    workloads: WorkloadsServicer,
+    identities: AdminCertificatesServicer,
+) -> grpc.aio.Server | None:
+    """Remote admin: the operator's APIs (never the agent services) on a TCP port with
+    mutual TLS, with the agent ports' handshake timeout and a connection cap. The handshake
+    takes any certificate of the cluster CA; the services' guard then admits only admin
+    certificates on record and in force (peers.admin_refusal), at every call."""
+    if not config.admin_listen:
+        return None
+    credentials, _ = rotating_server_credentials(ca)  # its own: gRPC's fetcher is one server's
+    server = grpc.aio.server(options=admin_listener_options(config), maximum_concurrent_rpcs=None)
+    add_operator_services(server, admin, workloads, identities)
+    if not server.add_secure_port(config.admin_listen, credentials):
+        raise OSError(f"cannot listen on {config.admin_listen} (admin_listen)")
+    await server.start()
+    return server
 
 
 async def flush_once(cluster: Cluster) -> None:
@@ -206,21 +274,35 @@ async def serve(config: CoordinatorConfig) -> None:
     agent_pb2_grpc.add_AgentSessionServicer_to_server(
         SessionServicer(cluster, config.metrics_interval, config.heartbeat_interval, ca, controller), server
     )
-    admin = restrict_to_operators(
-        AdminServicer(
-            cluster,
-            ca,
-            join_address=join_host_port(advertise_host, listen_port),
-            enroll_port_hint=None if enroll_port == listen_port + 1 else enroll_port,
-            workloads=records,
+    admin_service = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+    workloads_service = services_pb2.DESCRIPTOR.services_by_name["Workloads"]
+    raw_admin = AdminServicer(
+        cluster,
+        ca,
+        join_address=join_host_port(advertise_host, listen_port),
+        enroll_port_hint=None if enroll_port == listen_port + 1 else enroll_port,
+        workloads=records,
+    )
+    raw_workloads = WorkloadsServicer(controller)
+    # On the agent ports the operator's APIs refuse every certificate (no gate): admin
+    # certificates are for the admin listener alone. Shallow copies share all state.
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        restrict_to_operators(copy.copy(raw_admin), admin_service), server
+    )
+    services_pb2_grpc.add_WorkloadsServicer_to_server(
+        restrict_to_operators(copy.copy(raw_workloads), workloads_service), server
+    )
+    gate = AdminGate(cluster.admin_certificate, cluster.clock)
+    admin = restrict_to_operators(raw_admin, admin_service, gate)
+    workloads = restrict_to_operators(raw_workloads, workloads_service, gate)
+    identities = restrict_to_operators(
+        AdminCertificatesServicer(
+            cluster, ca, admin_dial_address(config.admin_listen, config.advertise_address)
         ),
-        admin_pb2.DESCRIPTOR.services_by_name["Admin"],
+        admin_pb2.DESCRIPTOR.services_by_name["AdminCertificates"],
+        gate,
+        LOCAL_ONLY_METHODS,
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(admin, server)  # for admin certificates
-    workloads = restrict_to_operators(
-        WorkloadsServicer(controller), services_pb2.DESCRIPTOR.services_by_name["Workloads"]
-    )
-    services_pb2_grpc.add_WorkloadsServicer_to_server(workloads, server)
     mutual, server_only = rotating_server_credentials(ca)
     bound_listen = server.add_secure_port(config.listen, mutual)
     bound_enroll = server.add_secure_port(enroll_address, server_only)
@@ -228,7 +310,8 @@ async def serve(config: CoordinatorConfig) -> None:
         raise OSError(f"cannot listen on {config.listen} and {enroll_address}")
     admin_socket = Path(config.admin_socket)
     await server.start()
-    admin_server, relay = await start_admin_server(admin, admin_socket, workloads)
+    admin_server, relay = await start_admin_server(admin, admin_socket, workloads, identities)
+    remote_admin = await start_admin_listener(config, ca, admin, workloads, identities)
     rotation = asyncio.create_task(rotate_server_certificate(ca))
     # Everything loaded so far lives as long as the process: keep it out of the garbage
     # collector's full scans, which otherwise pause the event loop for every session.
@@ -244,6 +327,7 @@ async def serve(config: CoordinatorConfig) -> None:
             listen=config.listen,
             enroll=enroll_address,
             admin_socket=str(admin_socket),
+            admin_listen=config.admin_listen or "off",
             metrics=config.metrics_listen,
             state_dir=str(state_dir),
             ca_cert_hash=ca.cert_hash,
@@ -269,6 +353,8 @@ async def serve(config: CoordinatorConfig) -> None:
             await asyncio.wait_for(reconciling, 5)
         await relay.close()
         await admin_server.stop(grace=1)
+        if remote_admin is not None:
+            await remote_admin.stop(grace=1)
         rotation.cancel()
         await server.stop(grace=2)
         await flush_once(cluster)

@@ -57,6 +57,15 @@ CREATE TABLE IF NOT EXISTS actions (
     started_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS actions_by_node ON actions(node, started_at);
+CREATE TABLE IF NOT EXISTS admin_certificates (
+    serial TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    issued_at REAL NOT NULL,
+    not_after REAL NOT NULL,
+    revoked_at REAL,
+    issued_by TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS admin_certificates_by_name ON admin_certificates(name);
 """
 
 _UPSERT_LABEL = (
@@ -132,6 +141,22 @@ class CertificateRecord:
     issued_at: float
     not_after: float
     revoked_at: float | None
+
+
+@dataclass(frozen=True)
+class AdminCertificateRecord:
+    """A remote operator's certificate (admin:NAME), kept apart from node certificates."""
+
+    serial: str
+    name: str
+    issued_at: float
+    not_after: float
+    revoked_at: float | None
+    issued_by: str = ""
+
+
+class AdminNameTaken(Exception):
+    """An admin of that name still holds a usable certificate."""
 
 
 @dataclass(frozen=True)
@@ -428,4 +453,44 @@ class Store:
                 "UPDATE certificates SET revoked_at = ? WHERE node = ? AND revoked_at IS NULL", (now, name)
             )
             db.execute("DELETE FROM nodes WHERE name = ?", (name,))
+        return serials
+
+    # admin certificates (remote operators)
+    def add_admin_certificate(self, record: AdminCertificateRecord, now: float) -> None:
+        """Record an issued admin certificate; AdminNameTaken (nothing written) while the
+        name still holds one that is neither revoked nor expired."""
+        with self.transaction() as db:
+            holder = db.execute(
+                "SELECT serial FROM admin_certificates "
+                "WHERE name = ? AND revoked_at IS NULL AND not_after > ?",
+                (record.name, now),
+            ).fetchone()
+            if holder:
+                raise AdminNameTaken(f"admin {record.name!r} already holds certificate {holder[0]}")
+            db.execute(
+                "INSERT INTO admin_certificates VALUES (?, ?, ?, ?, NULL, ?)",
+                (record.serial, record.name, record.issued_at, record.not_after, record.issued_by),
+            )
+
+    def admin_certificate(self, serial: str) -> AdminCertificateRecord | None:
+        rows = self._query("SELECT * FROM admin_certificates WHERE serial = ?", (serial,))
+        return AdminCertificateRecord(**dict(rows[0])) if rows else None
+
+    def list_admin_certificates(self) -> list[AdminCertificateRecord]:
+        rows = self._query("SELECT * FROM admin_certificates ORDER BY name, issued_at")
+        return [AdminCertificateRecord(**dict(row)) for row in rows]
+
+    def revoke_admin(self, name: str, now: float) -> list[str]:
+        """Revoke every unrevoked certificate of the admin; return their serials."""
+        with self.transaction() as db:
+            serials = [
+                row[0]
+                for row in db.execute(
+                    "SELECT serial FROM admin_certificates WHERE name = ? AND revoked_at IS NULL", (name,)
+                ).fetchall()
+            ]
+            db.execute(
+                "UPDATE admin_certificates SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (now, name),
+            )
         return serials

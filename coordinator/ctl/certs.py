@@ -1,5 +1,6 @@
-"""`coordctl certs check-expiration`: the CA, the server certificate and every node's newest
-certificate with its end and residual time, as `kubeadm certs check-expiration` shows."""
+"""`coordctl certs check-expiration`: the CA, the server certificate, every node's newest
+certificate and every admin's newest certificate, with its end and residual time, as
+`kubeadm certs check-expiration` shows."""
 
 from __future__ import annotations
 
@@ -43,11 +44,37 @@ CHECK_EXPIRATION_COLUMNS = [
 ]
 
 
+def newest_admin_listings(admins: list[admin_pb2.AdminCertificate]) -> list[admin_pb2.CertificateExpiration]:
+    """Each admin's newest certificate (revoked and expired ones included: they say why an
+    admin is locked out), as check-expiration lists node certificates."""
+    newest: dict[str, admin_pb2.AdminCertificate] = {}
+    for admin in admins:
+        if admin.name not in newest or admin.issued_at >= newest[admin.name].issued_at:
+            newest[admin.name] = admin
+    return [
+        admin_pb2.CertificateExpiration(
+            name=f"admin/{name}",
+            kind="admin",
+            serial=admin.serial,
+            not_before=admin.issued_at,
+            not_after=admin.not_after,
+            state=admin.state,
+            revoked_at=admin.revoked_at,
+        )
+        for name, admin in sorted(newest.items())
+    ]
+
+
 def cmd_certs_check_expiration(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     reply = stub.CheckCertificateExpiration(
         admin_pb2.CheckCertificateExpirationRequest(), timeout=CALL_TIMEOUT
     )
-    views = [certificate_view(listing, reply.now) for listing in reply.certificates]
+    listings = list(reply.certificates)
+    certificates = getattr(stub, "certificates", None)  # the admin certificates service beside Admin
+    if certificates is not None:
+        admins = certificates.ListAdmins(admin_pb2.ListAdminsRequest(), timeout=CALL_TIMEOUT)
+        listings += newest_admin_listings(list(admins.admins))
+    views = [certificate_view(listing, reply.now) for listing in listings]
     emit(views, args.output, CHECK_EXPIRATION_COLUMNS)
     return 0
 
@@ -60,7 +87,7 @@ def add_certs_parser(
         dest="certs_command", required=True
     )
     check = with_output(
-        certs.add_parser("check-expiration", help="when the CA, server and node certificates end")
+        certs.add_parser("check-expiration", help="when the CA, server, node and admin certificates end")
     )
     check.set_defaults(handler=cmd_certs_check_expiration)
 

@@ -24,11 +24,14 @@ from picoord.coordinator.ctl import workloads
 from picoord.coordinator.ctl.certs import add_certs_parser, certificate_line, status_with_certificate
 from picoord.coordinator.ctl.client import (
     CALL_TIMEOUT,
+    AdminClient,
     AdminUnavailable,
-    admin_socket_path,
-    connect,
-    connect_workloads,
+    ConnectionChoiceError,
+    choose_connection,
+    open_channel,
+    unreachable_message,
 )
+from picoord.coordinator.ctl.contexts import BundleError, expiry_refusal
 from picoord.coordinator.ctl.output import (
     FORMATS,
     ago,
@@ -42,9 +45,10 @@ from picoord.coordinator.ctl.output import (
 from picoord.coordinator.ctl.output import (
     console as output_console,
 )
+from picoord.coordinator.ctl.remote import add_remote_parsers, context_store
 from picoord.coordinator.status import OUTCOME_NAMES, STATUS_NAMES
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
-from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
+from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, services_pb2_grpc
 
 APPLY_TIMEOUT = 3600.0
 
@@ -440,8 +444,20 @@ def operator_name() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coordctl", description="Operate a picoord cluster.")
-    parser.add_argument("--admin-socket", help="coordinator admin socket (env COORDCTL_ADMIN_SOCKET)")
+    parser = argparse.ArgumentParser(
+        prog="coordctl",
+        description="Operate a picoord cluster: on the coordinator's host over its admin socket, or "
+        "from another machine with a context (coordctl context add NAME --bundle FILE).",
+        epilog="Connection: --context NAME for one call; else --admin-socket or $COORDCTL_ADMIN_SOCKET; "
+        "else the current context (coordctl context use); else the admin socket /run/picoord/admin.sock.",
+    )
+    parser.add_argument(
+        "--admin-socket",
+        help="coordinator admin socket (env COORDCTL_ADMIN_SOCKET); given, it wins over the current context",
+    )
+    parser.add_argument(
+        "--context", metavar="NAME", help="use this context (remote coordinator) for this call only"
+    )
     parser.add_argument("--version", action="version", version=f"coordctl {VERSION}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -495,7 +511,39 @@ def build_parser() -> argparse.ArgumentParser:
     top.set_defaults(handler=cmd_top)
     workloads.add_commands(commands, with_output)
     add_certs_parser(commands, with_output)
+    add_remote_parsers(commands, with_output)
     return parser
+
+
+def connect_for(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """The stub this verb needs, on the connection the flags, environment and current
+    context choose; and the context's name when it is one (for error messages)."""
+    contexts = context_store()
+    connection = choose_connection(
+        args.admin_socket,
+        os.environ,
+        args.context,
+        None if args.admin_socket or args.context else contexts.current(),
+        socket_only=getattr(args, "socket_only", False),
+    )
+    if connection.context is not None:
+        expired = expiry_refusal(contexts.load(connection.context), connection.context, time.time())
+        if expired is not None:
+            raise BundleError(expired)
+    channel = open_channel(connection, contexts)
+    if getattr(args, "api", "admin") == "workloads":
+        return services_pb2_grpc.WorkloadsStub(channel), connection.context
+    return AdminClient(channel), connection.context
+
+
+def rpc_error_message(error: grpc.RpcError, context: str | None) -> str:
+    """What went wrong, naming the context of a remote call; a TLS failure is probed for its cause."""
+    text = f"{error.code().name.lower()}: {error.details()}"
+    if context is None:
+        return text
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        return unreachable_message(context, context_store().load(context), text)
+    return f"context {context!r}: {text}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -503,18 +551,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if getattr(args, "uses", 0) < 0:
         parser.error("--uses must be 0 (unlimited) or more")
+    context: str | None = None
     try:
         for field in ("name", "node"):
             if getattr(args, field, None):
                 validate_node_name(getattr(args, field))
         if getattr(args, "check", None):
             args.check(args)  # a command line that cannot be right fails before connecting
-        socket_path = admin_socket_path(args.admin_socket)
-        api = connect_workloads if getattr(args, "api", "admin") == "workloads" else connect
-        raise SystemExit(args.handler(api(socket_path), args))
-    except (InvalidName, SpecError, WorkloadError, workloads.UsageError) as error:
+        if getattr(args, "api", "admin") == "none":  # contexts: files on this machine only
+            raise SystemExit(args.handler(None, args))
+        stub, context = connect_for(args)
+        raise SystemExit(args.handler(stub, args))
+    except (InvalidName, SpecError, WorkloadError, workloads.UsageError, ConnectionChoiceError) as error:
         echo(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except BundleError as error:
+        echo(f"coordctl: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
     except (OSError, UnicodeDecodeError) as error:
         echo(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -522,5 +575,5 @@ def main(argv: list[str] | None = None) -> None:
         echo(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except grpc.RpcError as error:
-        echo(f"coordctl: {error.code().name.lower()}: {error.details()}", file=sys.stderr)
+        echo(f"coordctl: {rpc_error_message(error, context)}", file=sys.stderr)
         raise SystemExit(1) from None
