@@ -38,6 +38,7 @@ THERMAL_REFRESH_SECONDS = 60.0  # zones appear only when a driver loads
 CPU_TIME_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 # guest/guest_nice are already counted in user/nice by the kernel, so they are left out of totals.
 CPU_IDLE_FIELDS = ("idle", "iowait")
+CPU_GUEST_FIELDS = ("guest", "guest_nice")
 
 _THROTTLED_OUTPUT = re.compile(r"^\s*throttled=0x([0-9a-fA-F]{1,8})\s*$")
 
@@ -605,7 +606,10 @@ class MetricsSampler:
         sample.cpu_percent = cpu_busy_percent(self._previous_cpu, current)
         self._previous_cpu = current
         for index, times in enumerate(psutil.cpu_times(percpu=True)):
-            sample.cpus.add(cpu=index, **{name: getattr(times, name, 0.0) for name in CPU_TIME_FIELDS})
+            sample.cpus.add(
+                cpu=index,
+                **{name: getattr(times, name, 0.0) for name in (*CPU_TIME_FIELDS, *CPU_GUEST_FIELDS)},
+            )
 
     def _sample_load(self, sample: node_pb2.MetricsSample) -> None:
         sample.load1, sample.load5, sample.load15 = os.getloadavg()

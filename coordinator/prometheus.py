@@ -79,6 +79,7 @@ class ClusterCollector(Collector):
             return CounterMetricFamily(name, doc, labels=("instance", *labels))
 
         cpu = counter("node_cpu_seconds", "Seconds the CPUs spent in each mode.", ("cpu", "mode"))
+        guest = counter(GUEST.name.removesuffix("_total"), GUEST.help, ("cpu", "mode"))
         load = {n: gauge(f"node_load{n}", f"{n}m load average.") for n in ("1", "5", "15")}
         memory = {
             field: gauge(f"node_memory_{name}_bytes", f"Memory information field {name}_bytes.")
@@ -111,6 +112,7 @@ class ClusterCollector(Collector):
         uname = gauge(UNAME.name, UNAME.help, UNAME_LABELS)
         clock = gauge(TIME.name, TIME.help)
         link = {family.name: gauge(family.name, family.help, ("device",)) for family in NETWORK_LINK}
+        device_error = gauge(DEVICE_ERROR.name, DEVICE_ERROR.help, fs_labels)
         declared: dict[str, Metric] = {}
 
         for record in self.cluster.nodes():
@@ -125,6 +127,8 @@ class ClusterCollector(Collector):
             for times in sample.cpus:
                 for mode in CPU_MODES:
                     cpu.add_metric([node, str(times.cpu), mode], getattr(times, mode))
+                for field, mode in GUEST_MODES:
+                    guest.add_metric([node, str(times.cpu), mode], getattr(times, field))
             load["1"].add_metric([node], sample.load1)
             load["5"].add_metric([node], sample.load5)
             load["15"].add_metric([node], sample.load15)
@@ -133,6 +137,7 @@ class ClusterCollector(Collector):
             for fs in sample.filesystems:
                 for field, family in filesystem.items():
                     family.add_metric([node, fs.device, fs.mountpoint, fs.fstype], float(getattr(fs, field)))
+                device_error.add_metric([node, fs.device, fs.mountpoint, fs.fstype], 0.0)
             for counters in sample.network:
                 for field, family in network.items():
                     family.add_metric([node, counters.device], float(getattr(counters, field)))
@@ -154,7 +159,7 @@ class ClusterCollector(Collector):
                 metric.add_metric([node, *labels], value)
 
         yield from (cpu, *load.values(), *memory.values(), *filesystem.values(), *network.values())
-        yield from (thermal, boot, throttled, up, status, uname, clock, *link.values())
+        yield from (thermal, boot, throttled, up, status, uname, clock, *link.values(), guest, device_error)
         yield from (declared[name] for name in sorted(declared))
 
     def _coordinator_metrics(self) -> Iterator[Metric]:
@@ -338,6 +343,12 @@ NETWORK_LINK = (
     _gauge("node_network_mtu_bytes", "Network device property: mtu_bytes"),
     _gauge("node_network_speed_bytes", "Network device property: speed_bytes"),
 )
+GUEST = _counter("node_cpu_guest_seconds", "Seconds the CPUs spent in guests (VMs) for each mode.")
+GUEST_MODES = (("guest", "user"), ("guest_nice", "nice"))
+# A filesystem the agent could not stat is left out of the sample, so those it reports had no error.
+DEVICE_ERROR = _gauge(
+    "node_filesystem_device_error", "Whether an error occurred while getting statistics for the given device."
+)
 NODE_FAMILIES = (
     CPU,
     *LOAD,
@@ -352,6 +363,8 @@ NODE_FAMILIES = (
     UNAME,
     TIME,
     *NETWORK_LINK,
+    GUEST,
+    DEVICE_ERROR,
 )
 FIXED_NAMES = frozenset(family.name for family in NODE_FAMILIES)
 
@@ -508,6 +521,9 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
             prefix = f'{CPU.name}{{cpu="{times.cpu}",{instance},mode="'
             for mode in CPU_MODES:
                 cpu.append(f'{prefix}{mode}"}} {_value(getattr(times, mode))}')
+            prefix = f'{GUEST.name}{{cpu="{times.cpu}",{instance},mode="'
+            for field, mode in GUEST_MODES:
+                lines[GUEST].append(f'{prefix}{mode}"}} {_value(getattr(times, field))}')
         for family, value in zip(LOAD, (sample.load1, sample.load5, sample.load15), strict=True):
             lines[family].append(f"{family.name}{{{instance}}} {_value(value)}")
         for (series, field), family in zip(memory, MEMORY, strict=True):
@@ -519,6 +535,7 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
             )
             for (series, field), family in zip(filesystem, FILESYSTEM, strict=True):
                 series.append(f"{family.name}{{{labels}}} {_value(getattr(fs, field))}")
+            lines[DEVICE_ERROR].append(f"{DEVICE_ERROR.name}{{{labels}}} 0.0")
         for counters in sample.network:
             labels = f'device="{escape_label_value(counters.device)}",{instance}'
             for (series, field), family in zip(network, NETWORK, strict=True):

@@ -58,7 +58,10 @@ def test_escape_label_value(value: str, escaped: str) -> None:
 def sample(index: int, hostile: str = "") -> node_pb2.MetricsSample:
     return node_pb2.MetricsSample(
         timestamp=1000.0 + index,
-        cpus=[node_pb2.CpuTimes(cpu=cpu, user=12.5 * cpu, idle=86000.1, steal=0.25) for cpu in range(2)],
+        cpus=[
+            node_pb2.CpuTimes(cpu=cpu, user=12.5 * cpu, idle=86000.1, steal=0.25, guest_nice=0.5 * cpu)
+            for cpu in range(2)
+        ],
         load1=0.21,
         load5=1e-7,
         load15=3.0,
@@ -220,6 +223,8 @@ def test_the_node_families_keep_their_names_help_and_types() -> None:
         ("node_network_carrier", "gauge"),
         ("node_network_mtu_bytes", "gauge"),
         ("node_network_speed_bytes", "gauge"),
+        ("node_cpu_guest_seconds_total", "counter"),
+        ("node_filesystem_device_error", "gauge"),
     ]
 
 
