@@ -17,11 +17,11 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
@@ -33,6 +33,11 @@ from picoord.common.node_series import SeriesFamily, family_of
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.status import Status
 from picoord.v1 import node_pb2
+
+if TYPE_CHECKING:
+    from picoord.coordinator.controller.controller import ServiceFigures
+
+    Workloads = Callable[[], Sequence[ServiceFigures]]
 
 CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 MESSAGE_RATE_WINDOW = 10.0
@@ -53,9 +58,12 @@ class ClusterCollector(Collector):
     (`include_nodes=False`); the node section below is the reference that `render_nodes`
     is tested and benchmarked against (bench/metrics_scrape.py)."""
 
-    def __init__(self, cluster: Cluster, include_nodes: bool = True) -> None:
+    def __init__(
+        self, cluster: Cluster, include_nodes: bool = True, workloads: Workloads | None = None
+    ) -> None:
         self.cluster = cluster
         self.include_nodes = include_nodes
+        self.workloads = workloads
         self._message_counts: deque[tuple[float, int]] = deque(maxlen=64)
 
     def _messages_per_second(self) -> float:
@@ -216,6 +224,36 @@ class ClusterCollector(Collector):
             "Enrollments refused unchecked because their source address failed too often.",
             value=counters.enrollments_throttled,
         )
+        yield from service_metrics(self.workloads() if self.workloads is not None else ())
+
+
+def service_metrics(figures: Sequence[ServiceFigures]) -> Iterator[Metric]:
+    """Each applied service's replica counts, rollout status (one series per possible value,
+    1 for the current one) and revision, as of the controller's last tick."""
+    from picoord.coordinator.controller.controller import ROLLOUT_STATUSES
+
+    replicas = GaugeMetricFamily(
+        "picoord_service_replicas",
+        "Replicas of a service: desired, running, healthy.",
+        labels=("service", "state"),
+    )
+    status = GaugeMetricFamily(
+        "picoord_rollout_status",
+        "The service's rollout status, one series per possible value.",
+        labels=("service", "status"),
+    )
+    revision = GaugeMetricFamily(
+        "picoord_rollout_revision",
+        "The revision the service runs or rolls out (0: never rolled out).",
+        labels=("service",),
+    )
+    for service in sorted(figures, key=lambda figure: figure.service):
+        for state in ("desired", "running", "healthy"):
+            replicas.add_metric((service.service, state), getattr(service, state))
+        for value in ROLLOUT_STATUSES:
+            status.add_metric((service.service, value), 1.0 if value == service.rollout_status else 0.0)
+        revision.add_metric((service.service,), service.revision)
+    yield from (replicas, status, revision)
 
 
 # --- the node section, written by hand -------------------------------------------------------
@@ -623,6 +661,7 @@ class MetricsExposition:
         interval: float = RENDER_INTERVAL,
         loop: asyncio.AbstractEventLoop | None = None,
         idle_after: float = IDLE_AFTER,
+        workloads: Workloads | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("metrics render interval must be positive")
@@ -631,7 +670,7 @@ class MetricsExposition:
         self.idle_after = max(idle_after, interval)
         self.loop = loop
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(ClusterCollector(cluster, include_nodes=False))
+        self._registry.register(ClusterCollector(cluster, include_nodes=False, workloads=workloads))
         self._registry_lock = threading.Lock()  # the collector keeps a message-rate window
         self._latest: Rendered | None = None
         self._gzipped: tuple[Rendered, bytes] | None = None
@@ -819,6 +858,7 @@ def serve_metrics(
     port: int,
     interval: float = RENDER_INTERVAL,
     loop: asyncio.AbstractEventLoop | None = None,
+    workloads: Workloads | None = None,
 ) -> MetricsEndpoint:
     """Serve /metrics from background threads: one renders, the HTTP server's answer scrapes.
     Called on the coordinator's event loop, the snapshots are taken there."""
@@ -827,7 +867,7 @@ def serve_metrics(
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-    exposition = MetricsExposition(cluster, interval, loop)
+    exposition = MetricsExposition(cluster, interval, loop, workloads=workloads)
     server = _MetricsServer((host, port), exposition)
     exposition.start()
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
