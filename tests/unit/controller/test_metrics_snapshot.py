@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from picoord.coordinator.controller.controller import ROLLOUT_STATUSES, ServiceFigures
@@ -35,13 +36,21 @@ async def test_applied_services_have_figures_before_and_after_their_rollout(rig:
     assert after["mcp"].rollout_status == "complete" and after["mcp"].healthy == 3
 
 
+class _Figures:
+    def __init__(self, figures: Sequence[ServiceFigures]) -> None:
+        self.figures = figures
+
+    def collect(self) -> Iterator[Metric]:
+        return service_metrics(self.figures)
+
+
 def test_service_metrics_exposition() -> None:
     figures = [
         ServiceFigures("web", 3, 2, 1, 4, "progressing"),
         ServiceFigures("db", 1, 0, 0, 0, "not rolled out"),
     ]
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SimpleNamespace(collect=lambda: service_metrics(figures)))  # type: ignore[arg-type]
+    registry.register(_Figures(figures))
     text = generate_latest(registry).decode()
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
