@@ -121,8 +121,8 @@ def pi_sample(layout: SeriesLayout) -> node_pb2.MetricsSample:
     )
 
 
-@pytest.fixture
-def exposition(tmp_path: Path) -> str:
+def pi_cluster(tmp_path: Path) -> Cluster:
+    """NODES Raspberry Pis in session, each with a sample from the Pi kernel files."""
     layout = pi_layout(pi_tree(tmp_path / "pi"))
     store = Store(tmp_path / "state.db")
     store.add_token(TokenRecord("abcdef", "x", 0.0, 1e12, 0, 0, ""))
@@ -135,7 +135,12 @@ def exposition(tmp_path: Path) -> str:
         hello = agent_pb2.Hello(agent_version="0.1.0", hardware=pi_hardware(name, layout))
         asyncio.run(cluster.open_session(LiveSession(name, f"s{index}"), hello))
         cluster.history.add(name, pi_sample(layout))
-    return render_nodes(snapshot(cluster))
+    return cluster
+
+
+@pytest.fixture
+def exposition(tmp_path: Path) -> str:
+    return render_nodes(snapshot(pi_cluster(tmp_path)))
 
 
 def present_metrics(text: str) -> set[str]:
