@@ -144,7 +144,6 @@ Readings = dict[SeriesKey, int]
 
 # node_exporter 1.5's defaults, so the same series show up under the same names.
 DISK_EXCLUDE = re.compile(r"^(ram|loop|fd|(h|s|v|xv)d[a-z]|nvme\d+n\d+p)\d+$")
-VMSTAT_FIELDS = re.compile(r"^(oom_kill|pgpg|pswp|pg.*fault).*")
 NETSTAT_FIELDS = re.compile(
     r"^(.*_(InErrors|InErrs)|Ip_Forwarding|IpExt_(InOctets|OutOctets)|Icmp_(InMsgs|OutMsgs)"
     r"|TcpExt_(Listen.*|Syncookies.*|TCPSynRetrans|TCPTimeouts|TCPOFOQueue|TCPRcvQDrop)"
@@ -188,18 +187,37 @@ STAT_FIELDS = {
 _HWMON_INVALID = re.compile(r"[^a-z0-9:_]")
 
 
+def read_file(path: Path | str) -> str:
+    """A small kernel file's text: os.read without Python's buffered text layers, which cost
+    more than the read itself on a Pi (a sample reads some 30 of these)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+_MEMINFO_LINE = re.compile(r"^([^:\s]+):\s+(\d+)( kB)?$", re.MULTILINE)
+_memory_names: dict[tuple[str, str], SeriesKey] = {}
+
+
 def meminfo_series(text: str) -> Readings:
     """/proc/meminfo under node_exporter's names ("Active(anon):  12 kB" ->
     node_memory_Active_anon_bytes = 12, in kB), without the five keys the sample has fields for."""
     readings: Readings = {}
-    for line in text.splitlines():
-        key, separator, rest = line.partition(":")
-        parts = rest.split()
-        if not separator or not parts or key in FIXED_MEMINFO or not parts[0].isdigit():
-            continue
-        name = key.replace("(", "_").replace(")", "")
-        suffix = "_bytes" if len(parts) > 1 and parts[1] == "kB" else ""
-        readings[(f"node_memory_{name}{suffix}", ())] = int(parts[0])
+    for key, value, unit in _MEMINFO_LINE.findall(text):
+        name = _memory_names.get((key, unit))
+        if name is None:
+            suffix = "_bytes" if unit else ""
+            name = _memory_names[(key, unit)] = (
+                f"node_memory_{key.replace('(', '_').replace(')', '')}{suffix}",
+                (),
+            )
+        if key not in FIXED_MEMINFO:
+            readings[name] = int(value)
     return readings
 
 
@@ -214,26 +232,38 @@ def stat_series(text: str) -> Readings:
     return readings
 
 
+_VMSTAT_LINE = re.compile(
+    r"^((?:oom_kill|pgpg|pswp|pg\w*fault)\w*) (\d+)$", re.MULTILINE
+)  # node_exporter 1.5: ^(oom_kill|pgpg|pswp|pg.*fault).*
+
+
 def vmstat_series(text: str) -> Readings:
-    readings: Readings = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if VMSTAT_FIELDS.match(key):
-            readings[(f"node_vmstat_{key}", ())] = int(value)
-    return readings
+    return {(f"node_vmstat_{key}", ()): int(value) for key, value in _VMSTAT_LINE.findall(text)}
+
+
+_netstat_columns: dict[str, list[tuple[int, SeriesKey]]] = {}
 
 
 def netstat_series(*texts: str) -> Readings:
-    """/proc/net/netstat and /proc/net/snmp: a line of names then a line of values per protocol."""
+    """/proc/net/netstat and /proc/net/snmp: a line of names then a line of values per
+    protocol. The wanted columns of a header line are worked out once."""
     readings: Readings = {}
     for text in texts:
         lines = text.splitlines()
-        for names, values in zip(lines[::2], lines[1::2], strict=False):
-            protocol, _, names = names.partition(":")
-            for name, value in zip(names.split(), values.partition(":")[2].split(), strict=False):
-                key = f"{protocol}_{name}"
-                if NETSTAT_FIELDS.match(key):
-                    readings[(f"node_netstat_{key}", ())] = int(value)
+        for header, values in zip(lines[::2], lines[1::2], strict=False):
+            columns = _netstat_columns.get(header)
+            if columns is None:
+                protocol, _, names = header.partition(":")
+                columns = _netstat_columns[header] = [
+                    (index, (f"node_netstat_{protocol}_{name}", ()))
+                    for index, name in enumerate(names.split())
+                    if NETSTAT_FIELDS.match(f"{protocol}_{name}")
+                ]
+            if columns:
+                numbers = values.partition(":")[2].split()
+                for index, key in columns:
+                    if index < len(numbers):
+                        readings[key] = int(numbers[index])
     return readings
 
 
@@ -395,7 +425,7 @@ def read_series(sources: list[SeriesSource]) -> Readings:
     readings: Readings = {}
     for source in sources:
         try:
-            readings.update(source.parse(source.path.read_text()))
+            readings.update(source.parse(read_file(source.path)))
         except (OSError, ValueError, IndexError):
             continue
     readings.update(process_series())
@@ -408,7 +438,7 @@ def process_series() -> Readings:
     limit = resource.getrlimit(resource.RLIMIT_AS)[0]
     try:
         open_fds = len(os.listdir("/proc/self/fd"))
-        vms = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
+        vms = int(read_file("/proc/self/statm").split()[0]) * resource.getpagesize()
     except (OSError, ValueError, IndexError):
         return {}
     return {
@@ -475,22 +505,40 @@ def parse_net_dev(text: str) -> dict[str, list[int]]:
 
 def _read_int(path: Path) -> int | None:
     try:
-        return int(path.read_text())
+        return int(read_file(path))
     except (OSError, ValueError):
         return None  # carrier and speed cannot be read while the link is down
 
 
-def read_link(sys_root: Path, device: str, counters: node_pb2.NetworkCounters) -> None:
-    """node_exporter's netclass figures for one device: up, carrier, mtu, speed."""
-    base = sys_root / "class" / "net" / device
-    try:
-        counters.up = (base / "operstate").read_text().strip() == "up"
-    except OSError:
-        return
-    counters.link_known = True
-    counters.carrier = _read_int(base / "carrier") == 1
-    counters.mtu = max(_read_int(base / "mtu") or 0, 0)
-    counters.speed_mbps = max(_read_int(base / "speed") or 0, 0)
+LINK_PROPERTIES_REFRESH_SECONDS = 60.0  # mtu and speed change only when someone reconfigures the link
+
+
+class _Links:
+    """node_exporter's netclass figures per device: operstate and carrier every sample,
+    mtu and speed at most once a minute (two fewer sysfs reads per device per sample)."""
+
+    def __init__(self, sys_root: Path) -> None:
+        self._base = sys_root / "class" / "net"
+        self._properties: dict[str, tuple[float, int, int]] = {}  # device -> (read at, mtu, speed)
+
+    def read(self, device: str, counters: node_pb2.NetworkCounters, now: float) -> None:
+        base = self._base / device
+        try:
+            counters.up = read_file(base / "operstate").strip() == "up"
+        except OSError:
+            self._properties.pop(device, None)
+            return
+        counters.link_known = True
+        counters.carrier = _read_int(base / "carrier") == 1
+        known = self._properties.get(device)
+        if known is None or now - known[0] >= LINK_PROPERTIES_REFRESH_SECONDS:
+            known = (now, max(_read_int(base / "mtu") or 0, 0), max(_read_int(base / "speed") or 0, 0))
+            self._properties[device] = known
+        counters.mtu, counters.speed_mbps = known[1], known[2]
+
+    def forget_except(self, devices: set[str]) -> None:
+        for gone in self._properties.keys() - devices:  # veths come and go with containers
+            del self._properties[gone]
 
 
 # --- The sampler -------------------------------------------------------------------------
@@ -561,6 +609,7 @@ class MetricsSampler:
         self._failed_sections: set[str] = set()
         self._series = series_layout()
         self._proc = Path("/proc")
+        self._links = _Links(sys_root)
 
     def close(self) -> None:
         """Release the descriptor held on the mount table."""
@@ -617,7 +666,7 @@ class MetricsSampler:
     def _sample_memory(self, sample: node_pb2.MetricsSample) -> None:
         # One read of /proc/meminfo instead of psutil's three files (meminfo twice, vmstat).
         try:
-            info = parse_meminfo(self._meminfo_path.read_text())
+            info = parse_meminfo(read_file(self._meminfo_path))
         except OSError:
             info = {}
         keys = ("MemTotal", "MemAvailable", "MemFree", "SwapTotal", "SwapFree")
@@ -651,14 +700,16 @@ class MetricsSampler:
             )
 
     def _sample_network(self, sample: node_pb2.MetricsSample) -> None:
-        devices = parse_net_dev((self._proc / "net" / "dev").read_text())
+        devices = parse_net_dev(read_file(self._proc / "net" / "dev"))
+        now = time.monotonic()
         for device in sorted(devices):
             if device == "lo":
                 continue
             counters = sample.network.add(
                 device=device, **dict(zip(NET_DEV_FIELDS, devices[device], strict=True))
             )
-            read_link(self._sys_root, device, counters)
+            self._links.read(device, counters, now)
+        self._links.forget_except(set(devices))
 
     def _sample_series(self, sample: node_pb2.MetricsSample) -> None:
         sample.series_values.extend(self._series.values())
