@@ -26,6 +26,7 @@ import structlog
 
 from picoord.agent.commands import run_command
 from picoord.agent.hardware import bounded_statvfs, list_filesystems
+from picoord.common import limits
 from picoord.v1 import node_pb2
 
 log = structlog.get_logger(__name__)
@@ -469,7 +470,22 @@ class SeriesLayout:
 def series_layout() -> SeriesLayout:
     """Taken once per process, so the hello of every session declares what the sampler sends."""
     sources = series_sources()
-    return SeriesLayout(sources, list(read_series(sources)))
+    return SeriesLayout(sources, within_limits(list(read_series(sources))))
+
+
+def within_limits(keys: list[SeriesKey]) -> list[SeriesKey]:
+    """The series the coordinator accepts: a hello over its limits would be refused and the
+    node locked out, so a very large machine declares its first limits.SERIES series only."""
+    fitting = [
+        (name, labels)
+        for name, labels in keys
+        if len(name) <= limits.TEXT
+        and len(labels) <= limits.SERIES_LABELS
+        and all(len(value) <= limits.TEXT for value in labels)
+    ]
+    if len(fitting) < len(keys) or len(fitting) > limits.SERIES:
+        log.warning("metrics_series_limited", declared=min(len(fitting), limits.SERIES), found=len(keys))
+    return fitting[: limits.SERIES]
 
 
 NET_DEV_FIELDS = (

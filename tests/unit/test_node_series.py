@@ -157,3 +157,15 @@ def test_a_hello_with_a_bad_declaration_is_refused(key: node_pb2.SeriesKey, erro
 
 def test_a_hello_declaring_unknown_but_well_formed_series_is_accepted() -> None:
     check_hello(_hello(node_pb2.SeriesKey(name="node_from_the_future", label_values=["a", "b"])), "pi1")
+
+
+def test_a_large_machine_declares_what_the_coordinator_accepts() -> None:
+    from picoord.agent.metrics import within_limits
+    from picoord.common import limits
+
+    many = [("node_schedstat_timeslices_total", (str(cpu),)) for cpu in range(limits.SERIES + 500)]
+    odd = [("node_disk_io_now", ("x" * (limits.TEXT + 1),)), ("node_procs_running", ())]
+    kept = within_limits(odd + many)
+    assert kept[0] == ("node_procs_running", ()) and len(kept) == limits.SERIES
+    hello = _hello(*(node_pb2.SeriesKey(name=name, label_values=labels) for name, labels in kept))
+    check_hello(hello, "pi1")  # accepted, sizes and all
