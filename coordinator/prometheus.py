@@ -542,6 +542,7 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
     """Append the nodes' series to their families' lines. Labels are written in sorted
     order, as prometheus_client does."""
     cpu, up, status = lines[CPU], lines[UP], lines[STATUS]
+    by_name = {family.name: series for family, series in lines.items()}  # str keys hash faster
     memory = [(lines[family], field) for family, (field, _) in zip(MEMORY, MEMORY_FIELDS, strict=True)]
     filesystem = [(lines[family], field) for family, field in zip(FILESYSTEM, FILESYSTEM_FIELDS, strict=True)]
     network = [(lines[family], field) for family, (field, _) in zip(NETWORK, NETWORK_FIELDS, strict=True)]
@@ -602,9 +603,9 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
         values = sample.series_values
         if len(values) == len(hardware.series):
             for entry in _declared_lines(node.name, instance, hardware):
-                series = lines.get(entry.family)
+                series = by_name.get(entry.family.name)
                 if series is None:
-                    series = lines[entry.family] = []
+                    series = by_name[entry.family.name] = lines[entry.family] = []
                 series.append(f"{entry.prefix}{_value(values[entry.index] * entry.scale)}")
 
 
