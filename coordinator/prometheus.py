@@ -3,7 +3,8 @@
 coordinator's own figures.
 
 A scrape never renders. A background thread renders the whole exposition at most every
-`interval` seconds while someone scrapes (a thousand nodes are about 65,000 series), and the
+`interval` seconds while someone scrapes (a thousand Pis are about 300,000 series: each
+declares some 200 of node_exporter's, see common/node_series.py), and the
 HTTP handler returns the latest complete bytes. The node section is written by a small
 hand-made formatter over a snapshot taken on the event loop; the coordinator's own
 figures still go through prometheus_client (`ClusterCollector._coordinator_metrics`).
