@@ -448,4 +448,22 @@ def collect_hardware(
         _probe("docker", lambda: docker_info(docker_socket), node_pb2.DockerInfo(present=False))
     )
     hardware.boot_time = _probe("boot_time", psutil.boot_time, 0.0)
+    hardware.uname.CopyFrom(_probe("uname", read_uname, node_pb2.Uname()))
+    from picoord.agent.metrics import series_layout  # metrics imports this module
+
+    hardware.series.extend(_probe("series", lambda: series_layout().declared(), []))
     return hardware
+
+
+def read_uname() -> node_pb2.Uname:
+    """uname(2) as node_exporter's node_uname_info labels it; the NIS domain name from procfs."""
+    info = os.uname()
+    domainname = _read_text(Path("/proc/sys/kernel/domainname")) or "(none)"
+    return node_pb2.Uname(
+        sysname=info.sysname,
+        nodename=info.nodename,
+        release=info.release,
+        version=info.version,
+        machine=info.machine,
+        domainname=domainname.strip(),
+    )

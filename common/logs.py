@@ -1,9 +1,19 @@
-"""structlog set-up shared by both daemons: JSON lines for journald, or console output."""
+"""structlog set-up shared by both daemons: JSON lines for journald, or console output.
+
+Under systemd, journald holds the daemon's stdout (it says so in JOURNAL_STREAM, the
+device and inode of that stream): each event is one JSON line there, prefixed with its
+syslog priority ("<3>" for errors) so journalctl -p filters them and journald keeps the
+JSON alone in MESSAGE. On a terminal the events are human-readable lines on stderr; in a
+pipe or file, JSON lines on stderr, so a command's own output on stdout stays clean.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Mapping
+from typing import TextIO
 
 import structlog
 
@@ -66,20 +76,69 @@ class LogThrottle:
         return True, held
 
 
-def configure_logging(level: str = "info", json_output: bool | None = None) -> None:
+LEVELS = ("debug", "info", "warning", "error", "critical")
+# syslog priorities (sd-daemon(3) prefixes) of structlog's level names
+PRIORITIES = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3, "exception": 3, "critical": 2}
+
+
+def journal_stream_is(environ: Mapping[str, str], stat: os.stat_result | None) -> bool:
+    """Whether the stream `stat` describes is the one journald handed this service:
+    JOURNAL_STREAM is "device:inode" of it. A child that inherited the variable but writes
+    elsewhere (a terminal) does not match."""
+    value = environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if stat is None or not device.isdigit() or not inode.isdigit():
+        return False
+    return (int(device), int(inode)) == (stat.st_dev, stat.st_ino)
+
+
+def log_output(journal: bool, terminal: bool, json_output: bool | None) -> tuple[str, str]:
+    """(format, stream): ("json", "stdout") under journald, ("console", "stderr") on a
+    terminal, ("json", "stderr") otherwise; `json_output` (config: log_json) overrides the format."""
+    if journal:
+        return ("json" if json_output is None or json_output else "console"), "stdout"
     if json_output is None:
-        json_output = not sys.stderr.isatty()
-    renderer = structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
+        json_output = not terminal
+    return ("json" if json_output else "console"), "stderr"
+
+
+def check_level(level: str) -> str:
+    """The level name in lower case; ValueError naming the choices for anything else."""
+    name = level.strip().lower()
+    if name not in LEVELS:
+        raise ValueError(f"log level {level!r} is not one of {', '.join(LEVELS)}")
+    return name
+
+
+def _with_priority(_logger: object, method: str, line: str) -> str:
+    return f"<{PRIORITIES.get(method, 6)}>{line}"
+
+
+def _fstat(stream: TextIO) -> os.stat_result | None:
+    try:
+        return os.fstat(stream.fileno())
+    except (OSError, ValueError):
+        return None
+
+
+def configure_logging(level: str = "info", json_output: bool | None = None) -> None:
+    """Set up structlog for a daemon or a command: see the module docstring for where and how."""
+    journal = journal_stream_is(os.environ, _fstat(sys.stdout))
+    fmt, stream_name = log_output(journal, sys.stderr.isatty(), json_output)
+    stream = sys.stdout if stream_name == "stdout" else sys.stderr
+    processors = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact_secrets,
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer() if fmt == "json" else structlog.dev.ConsoleRenderer(),
+    ]
+    if journal:
+        processors.append(_with_priority)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact_secrets,
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(check_level(level).upper())),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=True,
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from picoord.common import defaults
 from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
 from picoord.common.durations import InvalidDuration, parse_duration
+from picoord.common.logs import LEVELS as LOG_LEVELS
 
 
 class ConfigError(ValueError):
@@ -84,6 +85,8 @@ class CoordinatorConfig:
                 split_host_port(self.admin_listen, "admin_listen")
         except InvalidAddress as error:
             raise ConfigError(str(error)) from None
+        if self.log_level.strip().lower() not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if not self.metrics_interval >= defaults.MIN_METRICS_INTERVAL_SECONDS:
             raise ConfigError(f"metrics_interval must be at least {defaults.MIN_METRICS_INTERVAL_SECONDS} s")
         if not 0 < self.heartbeat_timeout <= self.down_timeout:

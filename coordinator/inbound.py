@@ -20,6 +20,7 @@ from google.protobuf.message import Message
 from picoord.common import limits
 from picoord.common.checks.workloads import check_reports
 from picoord.common.names import InvalidName, validate_node_name
+from picoord.common.node_series import METRIC_NAME, family_of
 from picoord.common.validation import FieldError
 from picoord.v1 import agent_pb2, node_pb2
 
@@ -35,6 +36,12 @@ TEXT_LIMITS: dict[str, int] = {
         f"Hardware.{name}": limits.TEXT
         for name in ("hostname", "arch", "cpu_model", "os_name", "kernel", "machine_model")
     },
+    **{
+        f"Uname.{name}": limits.TEXT
+        for name in ("sysname", "nodename", "release", "version", "machine", "domainname")
+    },
+    "SeriesKey.name": limits.TEXT,
+    "SeriesKey.label_values[]": limits.TEXT,
     "Disk.device": limits.TEXT,
     "Disk.mountpoint": limits.TEXT,
     "Disk.fstype": limits.TEXT,
@@ -82,6 +89,9 @@ COUNT_LIMITS: dict[str, int] = {
     "Hardware.interfaces": limits.INTERFACES,
     "Hardware.gpus": limits.GPUS,
     "NetworkInterface.addresses": limits.ADDRESSES,
+    "Hardware.series": limits.SERIES,
+    "SeriesKey.label_values": limits.SERIES_LABELS,
+    "MetricsSample.series_values": limits.SERIES,
     "MetricsSample.cpus": limits.CPUS,
     "MetricsSample.filesystems": limits.FILESYSTEMS,
     "MetricsSample.network": limits.INTERFACES,
@@ -281,7 +291,25 @@ def check_hello(message: agent_pb2.AgentMessage, certified_name: str) -> agent_p
             "hello",
         )
     _finite("hello.hardware.boot_time", hello.hardware.boot_time, "hello")
+    check_series(hello.hardware)
     return hello
+
+
+def check_series(hardware: node_pb2.Hardware) -> None:
+    """The declared series become metric names and labels on /metrics: each name must be a
+    valid metric name, and a family this side knows must get its own number of labels."""
+    for index, key in enumerate(hardware.series):
+        where = f"hello.hardware.series[{index}]"
+        if not METRIC_NAME.match(key.name):
+            raise MalformedMessage(MALFORMED, f"{where}.name {key.name!r} is not a metric name", "hello")
+        family = family_of(key.name)
+        if family is not None and len(key.label_values) != len(family.labels):
+            raise MalformedMessage(
+                MALFORMED,
+                f"{where} {key.name} has {len(key.label_values)} label values, it takes "
+                f"{len(family.labels)} ({', '.join(family.labels) or 'none'})",
+                "hello",
+            )
 
 
 def check_sample(sample: node_pb2.MetricsSample) -> None:

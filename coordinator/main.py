@@ -320,7 +320,7 @@ async def serve(config: CoordinatorConfig) -> None:
     reconciling = asyncio.create_task(controller.run(stop))
     try:
         metrics_host, metrics_port = split_host_port(config.metrics_listen, "metrics_listen")
-        serve_metrics(cluster, metrics_host, metrics_port)
+        serve_metrics(cluster, metrics_host, metrics_port, workloads=controller.metrics_snapshot)
         log.info(
             "coordinator started",
             version=VERSION,

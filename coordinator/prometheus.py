@@ -3,7 +3,8 @@
 coordinator's own figures.
 
 A scrape never renders. A background thread renders the whole exposition at most every
-`interval` seconds while someone scrapes (a thousand nodes are about 65,000 series), and the
+`interval` seconds while someone scrapes (a thousand Pis are about 300,000 series: each
+declares some 200 of node_exporter's, see common/node_series.py), and the
 HTTP handler returns the latest complete bytes. The node section is written by a small
 hand-made formatter over a snapshot taken on the event loop; the coordinator's own
 figures still go through prometheus_client (`ClusterCollector._coordinator_metrics`).
@@ -17,21 +18,27 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from picoord.common.node_series import SeriesFamily, family_of
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.status import Status
 from picoord.v1 import node_pb2
+
+if TYPE_CHECKING:
+    from picoord.coordinator.controller.controller import ServiceFigures
+
+    Workloads = Callable[[], Sequence[ServiceFigures]]
 
 CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 MESSAGE_RATE_WINDOW = 10.0
@@ -52,9 +59,12 @@ class ClusterCollector(Collector):
     (`include_nodes=False`); the node section below is the reference that `render_nodes`
     is tested and benchmarked against (bench/metrics_scrape.py)."""
 
-    def __init__(self, cluster: Cluster, include_nodes: bool = True) -> None:
+    def __init__(
+        self, cluster: Cluster, include_nodes: bool = True, workloads: Workloads | None = None
+    ) -> None:
         self.cluster = cluster
         self.include_nodes = include_nodes
+        self.workloads = workloads
         self._message_counts: deque[tuple[float, int]] = deque(maxlen=64)
 
     def _messages_per_second(self) -> float:
@@ -78,6 +88,7 @@ class ClusterCollector(Collector):
             return CounterMetricFamily(name, doc, labels=("instance", *labels))
 
         cpu = counter("node_cpu_seconds", "Seconds the CPUs spent in each mode.", ("cpu", "mode"))
+        guest = counter(GUEST.name.removesuffix("_total"), GUEST.help, ("cpu", "mode"))
         load = {n: gauge(f"node_load{n}", f"{n}m load average.") for n in ("1", "5", "15")}
         memory = {
             field: gauge(f"node_memory_{name}_bytes", f"Memory information field {name}_bytes.")
@@ -92,18 +103,11 @@ class ClusterCollector(Collector):
         fs_labels = ("device", "mountpoint", "fstype")
         filesystem = {
             field: gauge(f"node_filesystem_{field}", f"Filesystem {field.replace('_', ' ')}.", fs_labels)
-            for field in ("size_bytes", "free_bytes", "avail_bytes")
+            for field in FILESYSTEM_FIELDS
         }
         network = {
             field: counter(f"node_network_{name}", f"Network device statistic {name}.", ("device",))
-            for field, name in (
-                ("receive_bytes", "receive_bytes"),
-                ("transmit_bytes", "transmit_bytes"),
-                ("receive_packets", "receive_packets"),
-                ("transmit_packets", "transmit_packets"),
-                ("receive_errors", "receive_errs"),
-                ("transmit_errors", "transmit_errs"),
-            )
+            for field, name in NETWORK_FIELDS
         }
         thermal = gauge("node_thermal_zone_temp", "Zone temperature in Celsius.", ("zone", "type"))
         boot = gauge("node_boot_time_seconds", "Node boot time, in unixtime.")
@@ -114,6 +118,11 @@ class ClusterCollector(Collector):
         status = gauge(
             "picoord_node_status", "The node's status, one series per possible value.", ("status",)
         )
+        uname = gauge(UNAME.name, UNAME.help, UNAME_LABELS)
+        clock = gauge(TIME.name, TIME.help)
+        link = {family.name: gauge(family.name, family.help, ("device",)) for family in NETWORK_LINK}
+        device_error = gauge(DEVICE_ERROR.name, DEVICE_ERROR.help, fs_labels)
+        declared: dict[str, Metric] = {}
 
         for record in self.cluster.nodes():
             node = record.name
@@ -127,6 +136,8 @@ class ClusterCollector(Collector):
             for times in sample.cpus:
                 for mode in CPU_MODES:
                     cpu.add_metric([node, str(times.cpu), mode], getattr(times, mode))
+                for field, mode in GUEST_MODES:
+                    guest.add_metric([node, str(times.cpu), mode], getattr(times, field))
             load["1"].add_metric([node], sample.load1)
             load["5"].add_metric([node], sample.load5)
             load["15"].add_metric([node], sample.load15)
@@ -135,6 +146,7 @@ class ClusterCollector(Collector):
             for fs in sample.filesystems:
                 for field, family in filesystem.items():
                     family.add_metric([node, fs.device, fs.mountpoint, fs.fstype], float(getattr(fs, field)))
+                device_error.add_metric([node, fs.device, fs.mountpoint, fs.fstype], 0.0)
             for counters in sample.network:
                 for field, family in network.items():
                     family.add_metric([node, counters.device], float(getattr(counters, field)))
@@ -143,9 +155,21 @@ class ClusterCollector(Collector):
             boot.add_metric([node], sample.boot_time)
             if sample.throttled_available:
                 throttled.add_metric([node], float(sample.throttled))
+            hardware = self.cluster.hardware(record)
+            uname.add_metric([node, *uname_values(hardware, node)], 1.0)
+            clock.add_metric([node], sample.timestamp)
+            for counters in sample.network:
+                for name, value in link_values(counters):
+                    link[name].add_metric([node, counters.device], value)
+            for family, labels, value in declared_series(hardware, sample):
+                metric = declared.get(family.name)
+                if metric is None:
+                    metric = declared[family.name] = _prometheus_family(family)
+                metric.add_metric([node, *labels], value)
 
         yield from (cpu, *load.values(), *memory.values(), *filesystem.values(), *network.values())
-        yield from (thermal, boot, throttled, up, status)
+        yield from (thermal, boot, throttled, up, status, uname, clock, *link.values(), guest, device_error)
+        yield from (declared[name] for name in sorted(declared))
 
     def _coordinator_metrics(self) -> Iterator[Metric]:
         counters = self.cluster.counters
@@ -201,6 +225,36 @@ class ClusterCollector(Collector):
             "Enrollments refused unchecked because their source address failed too often.",
             value=counters.enrollments_throttled,
         )
+        yield from service_metrics(self.workloads() if self.workloads is not None else ())
+
+
+def service_metrics(figures: Sequence[ServiceFigures]) -> Iterator[Metric]:
+    """Each applied service's replica counts, rollout status (one series per possible value,
+    1 for the current one) and revision, as of the controller's last tick."""
+    from picoord.coordinator.controller.controller import ROLLOUT_STATUSES
+
+    replicas = GaugeMetricFamily(
+        "picoord_service_replicas",
+        "Replicas of a service: desired, running, healthy.",
+        labels=("service", "state"),
+    )
+    status = GaugeMetricFamily(
+        "picoord_rollout_status",
+        "The service's rollout status, one series per possible value.",
+        labels=("service", "status"),
+    )
+    revision = GaugeMetricFamily(
+        "picoord_rollout_revision",
+        "The revision the service runs or rolls out (0: never rolled out).",
+        labels=("service",),
+    )
+    for service in sorted(figures, key=lambda figure: figure.service):
+        for state in ("desired", "running", "healthy"):
+            replicas.add_metric((service.service, state), getattr(service, state))
+        for value in ROLLOUT_STATUSES:
+            status.add_metric((service.service, value), 1.0 if value == service.rollout_status else 0.0)
+        revision.add_metric((service.service,), service.revision)
+    yield from (replicas, status, revision)
 
 
 # --- the node section, written by hand -------------------------------------------------------
@@ -215,13 +269,19 @@ class NodeState:
     name: str
     status: Status
     sample: node_pb2.MetricsSample | None
+    hardware: node_pb2.Hardware | None = None
 
 
 def snapshot(cluster: Cluster, names: list[str] | None = None) -> list[NodeState]:
     """The listed nodes' states (every node's by default)."""
     if names is None:
         names = [record.name for record in cluster.nodes()]
-    return [NodeState(name, cluster.status(name), cluster.history.latest(name)) for name in names]
+    states = []
+    for name in names:
+        record = cluster.node(name)
+        hardware = cluster.hardware(record) if record is not None else None
+        states.append(NodeState(name, cluster.status(name), cluster.history.latest(name), hardware))
+    return states
 
 
 def escape_label_value(value: str) -> str:
@@ -272,7 +332,7 @@ MEMORY_FIELDS = (
     ("swap_total_bytes", "SwapTotal"),
     ("swap_free_bytes", "SwapFree"),
 )
-FILESYSTEM_FIELDS = ("size_bytes", "free_bytes", "avail_bytes")
+FILESYSTEM_FIELDS = ("size_bytes", "free_bytes", "avail_bytes", "files", "files_free", "readonly")
 NETWORK_FIELDS = (
     ("receive_bytes", "receive_bytes"),
     ("transmit_bytes", "transmit_bytes"),
@@ -280,7 +340,18 @@ NETWORK_FIELDS = (
     ("transmit_packets", "transmit_packets"),
     ("receive_errors", "receive_errs"),
     ("transmit_errors", "transmit_errs"),
+    ("receive_drop", "receive_drop"),
+    ("transmit_drop", "transmit_drop"),
+    ("receive_fifo", "receive_fifo"),
+    ("transmit_fifo", "transmit_fifo"),
+    ("receive_frame", "receive_frame"),
+    ("receive_compressed", "receive_compressed"),
+    ("transmit_compressed", "transmit_compressed"),
+    ("receive_multicast", "receive_multicast"),
+    ("transmit_colls", "transmit_colls"),
+    ("transmit_carrier", "transmit_carrier"),
 )
+UNAME_LABELS = ("domainname", "machine", "nodename", "release", "sysname", "version")  # sorted
 # The node families in exposition order, with the same names, help and types as
 # node_exporter's (and as ClusterCollector._node_metrics).
 CPU = _counter("node_cpu_seconds", "Seconds the CPUs spent in each mode.")
@@ -303,7 +374,109 @@ THROTTLED = _gauge(
 )
 UP = _gauge("picoord_node_up", "1 when the node is Ready.")
 STATUS = _gauge("picoord_node_status", "The node's status, one series per possible value.")
-NODE_FAMILIES = (CPU, *LOAD, *MEMORY, *FILESYSTEM, *NETWORK, THERMAL, BOOT, THROTTLED, UP, STATUS)
+UNAME = _gauge("node_uname_info", "Labeled system information as provided by the uname system call.")
+TIME = _gauge("node_time_seconds", "System time in seconds since epoch (1970), when the sample was taken.")
+NETWORK_LINK = (
+    _gauge("node_network_up", "Value is 1 if operstate is 'up', 0 otherwise."),
+    _gauge("node_network_carrier", "Network device property: carrier"),
+    _gauge("node_network_mtu_bytes", "Network device property: mtu_bytes"),
+    _gauge("node_network_speed_bytes", "Network device property: speed_bytes"),
+)
+GUEST = _counter("node_cpu_guest_seconds", "Seconds the CPUs spent in guests (VMs) for each mode.")
+GUEST_MODES = (("guest", "user"), ("guest_nice", "nice"))
+# A filesystem the agent could not stat is left out of the sample, so those it reports had no error.
+DEVICE_ERROR = _gauge(
+    "node_filesystem_device_error", "Whether an error occurred while getting statistics for the given device."
+)
+NODE_FAMILIES = (
+    CPU,
+    *LOAD,
+    *MEMORY,
+    *FILESYSTEM,
+    *NETWORK,
+    THERMAL,
+    BOOT,
+    THROTTLED,
+    UP,
+    STATUS,
+    UNAME,
+    TIME,
+    *NETWORK_LINK,
+    GUEST,
+    DEVICE_ERROR,
+)
+FIXED_NAMES = frozenset(family.name for family in NODE_FAMILIES)
+
+
+def uname_values(hardware: node_pb2.Hardware, node: str) -> tuple[str, ...]:
+    """node_uname_info's label values in UNAME_LABELS order. An agent from before the uname
+    field still gets a series (from its hostname, kernel and arch), so Node Exporter Full's
+    node selector lists it."""
+    if hardware.HasField("uname"):
+        u = hardware.uname
+        return (u.domainname, u.machine, u.nodename or node, u.release, u.sysname, u.version)
+    return ("", hardware.arch, hardware.hostname or node, hardware.kernel, "Linux", "")
+
+
+def link_values(counters: node_pb2.NetworkCounters) -> list[tuple[str, float]]:
+    """node_exporter's netclass gauges for one device, in NETWORK_LINK order; speed only when known."""
+    if not counters.link_known:
+        return []
+    values = [
+        ("node_network_up", 1.0 if counters.up else 0.0),
+        ("node_network_carrier", 1.0 if counters.carrier else 0.0),
+        ("node_network_mtu_bytes", float(counters.mtu)),
+    ]
+    if counters.speed_mbps:
+        values.append(("node_network_speed_bytes", counters.speed_mbps * 125000.0))
+    return values
+
+
+@dataclass(frozen=True)
+class DeclaredSeries:
+    """One series of `Hardware.series` the exposition knows: where its value is, its family
+    and its label values (without instance)."""
+
+    index: int
+    family: SeriesFamily
+    labels: tuple[str, ...]
+
+
+def declared_layout(hardware: node_pb2.Hardware) -> list[DeclaredSeries]:
+    """The declared series this coordinator exports: known families only, not those the
+    sample has own fields for, each series once, with the family's label count."""
+    layout, seen = [], set()
+    for index, key in enumerate(hardware.series):
+        family = family_of(key.name)
+        labels = tuple(key.label_values)
+        if family is None or family.name in FIXED_NAMES or len(labels) != len(family.labels):
+            continue
+        if (family.name, labels) in seen:
+            continue
+        seen.add((family.name, labels))
+        layout.append(DeclaredSeries(index, family, labels))
+    return layout
+
+
+def declared_series(
+    hardware: node_pb2.Hardware, sample: node_pb2.MetricsSample
+) -> Iterator[tuple[SeriesFamily, tuple[str, ...], float]]:
+    """(family, label values, value in node_exporter's unit) of every declared series the
+    sample carries; none when the sample's values do not match the declaration."""
+    values = sample.series_values
+    if len(values) != len(hardware.series):
+        return
+    for entry in declared_layout(hardware):
+        yield entry.family, entry.labels, values[entry.index] * entry.family.scale
+
+
+def _prometheus_family(family: SeriesFamily) -> Metric:
+    labels = ("instance", *family.labels)
+    if family.kind == "counter":
+        return CounterMetricFamily(family.name.removesuffix("_total"), family.help, labels=labels)
+    if family.kind == "gauge":
+        return GaugeMetricFamily(family.name, family.help, labels=labels)
+    return UnknownMetricFamily(family.name, family.help, labels=labels)
 
 
 NodeLines = dict[Family, list[str]]
@@ -322,15 +495,55 @@ def empty_lines() -> NodeLines:
 
 
 def join_lines(lines: NodeLines) -> str:
+    """The fixed families in their order, then the declared ones by name."""
+    declared = sorted((family for family in lines if family.name not in FIXED_NAMES), key=lambda f: f.name)
     return "".join(
-        family.header() + "".join(line + "\n" for line in series) for family, series in lines.items()
+        family.header() + "".join(line + "\n" for line in lines[family])
+        for family in (*NODE_FAMILIES, *declared)
     )
+
+
+@dataclass(frozen=True)
+class _DeclaredLine:
+    index: int
+    family: Family
+    prefix: str  # name{labels} with the instance, ready for the value
+    scale: float
+
+
+_declared_cache: dict[str, tuple[node_pb2.Hardware, list[_DeclaredLine]]] = {}
+DECLARED_CACHE_NODES = 100_000
+
+
+def _declared_lines(node: str, instance: str, hardware: node_pb2.Hardware) -> list[_DeclaredLine]:
+    """The node's declared series as line prefixes, built once per hello (a render formats
+    them for every node every second)."""
+    cached = _declared_cache.get(node)
+    if cached is not None and cached[0] is hardware:
+        return cached[1]
+    lines = []
+    for entry in declared_layout(hardware):
+        labels = [instance]
+        labels += [
+            f'{name}="{escape_label_value(value)}"'
+            for name, value in zip(entry.family.labels, entry.labels, strict=True)
+        ]
+        labels.sort(key=lambda label: label.partition("=")[0])
+        family = Family(entry.family.name, entry.family.kind, entry.family.help)
+        lines.append(
+            _DeclaredLine(entry.index, family, f"{family.name}{{{','.join(labels)}}} ", entry.family.scale)
+        )
+    if len(_declared_cache) >= DECLARED_CACHE_NODES:
+        _declared_cache.clear()
+    _declared_cache[node] = (hardware, lines)
+    return lines
 
 
 def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
     """Append the nodes' series to their families' lines. Labels are written in sorted
     order, as prometheus_client does."""
     cpu, up, status = lines[CPU], lines[UP], lines[STATUS]
+    by_name = {family.name: series for family, series in lines.items()}  # str keys hash faster
     memory = [(lines[family], field) for family, (field, _) in zip(MEMORY, MEMORY_FIELDS, strict=True)]
     filesystem = [(lines[family], field) for family, field in zip(FILESYSTEM, FILESYSTEM_FIELDS, strict=True)]
     network = [(lines[family], field) for family, (field, _) in zip(NETWORK, NETWORK_FIELDS, strict=True)]
@@ -348,6 +561,9 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
             prefix = f'{CPU.name}{{cpu="{times.cpu}",{instance},mode="'
             for mode in CPU_MODES:
                 cpu.append(f'{prefix}{mode}"}} {_value(getattr(times, mode))}')
+            prefix = f'{GUEST.name}{{cpu="{times.cpu}",{instance},mode="'
+            for field, mode in GUEST_MODES:
+                lines[GUEST].append(f'{prefix}{mode}"}} {_value(getattr(times, field))}')
         for family, value in zip(LOAD, (sample.load1, sample.load5, sample.load15), strict=True):
             lines[family].append(f"{family.name}{{{instance}}} {_value(value)}")
         for (series, field), family in zip(memory, MEMORY, strict=True):
@@ -359,6 +575,7 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
             )
             for (series, field), family in zip(filesystem, FILESYSTEM, strict=True):
                 series.append(f"{family.name}{{{labels}}} {_value(getattr(fs, field))}")
+            lines[DEVICE_ERROR].append(f"{DEVICE_ERROR.name}{{{labels}}} 0.0")
         for counters in sample.network:
             labels = f'device="{escape_label_value(counters.device)}",{instance}'
             for (series, field), family in zip(network, NETWORK, strict=True):
@@ -371,6 +588,26 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
         boot.append(f"{BOOT.name}{{{instance}}} {_value(sample.boot_time)}")
         if sample.throttled_available:
             throttled.append(f"{THROTTLED.name}{{{instance}}} {_value(sample.throttled)}")
+        hardware = node.hardware if node.hardware is not None else node_pb2.Hardware()
+        uname = ",".join(
+            f'{name}="{escape_label_value(value)}"'
+            for name, value in zip(UNAME_LABELS, uname_values(hardware, node.name), strict=True)
+        )
+        # instance sorts between domainname and machine
+        head, _, tail = uname.partition(",machine=")
+        lines[UNAME].append(f"{UNAME.name}{{{head},{instance},machine={tail}}} 1.0")
+        lines[TIME].append(f"{TIME.name}{{{instance}}} {_value(sample.timestamp)}")
+        for counters in sample.network:
+            labels = f'device="{escape_label_value(counters.device)}",{instance}'
+            for (name, value), family in zip(link_values(counters), NETWORK_LINK, strict=False):
+                lines[family].append(f"{name}{{{labels}}} {_value(value)}")
+        values = sample.series_values
+        if len(values) == len(hardware.series):
+            for entry in _declared_lines(node.name, instance, hardware):
+                series = by_name.get(entry.family.name)
+                if series is None:
+                    series = by_name[entry.family.name] = lines[entry.family] = []
+                series.append(f"{entry.prefix}{_value(values[entry.index] * entry.scale)}")
 
 
 # --- the cached exposition --------------------------------------------------------------------
@@ -426,6 +663,7 @@ class MetricsExposition:
         interval: float = RENDER_INTERVAL,
         loop: asyncio.AbstractEventLoop | None = None,
         idle_after: float = IDLE_AFTER,
+        workloads: Workloads | None = None,
     ) -> None:
         if interval <= 0:
             raise ValueError("metrics render interval must be positive")
@@ -434,7 +672,7 @@ class MetricsExposition:
         self.idle_after = max(idle_after, interval)
         self.loop = loop
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(ClusterCollector(cluster, include_nodes=False))
+        self._registry.register(ClusterCollector(cluster, include_nodes=False, workloads=workloads))
         self._registry_lock = threading.Lock()  # the collector keeps a message-rate window
         self._latest: Rendered | None = None
         self._gzipped: tuple[Rendered, bytes] | None = None
@@ -622,6 +860,7 @@ def serve_metrics(
     port: int,
     interval: float = RENDER_INTERVAL,
     loop: asyncio.AbstractEventLoop | None = None,
+    workloads: Workloads | None = None,
 ) -> MetricsEndpoint:
     """Serve /metrics from background threads: one renders, the HTTP server's answer scrapes.
     Called on the coordinator's event loop, the snapshots are taken there."""
@@ -630,7 +869,7 @@ def serve_metrics(
             loop = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
-    exposition = MetricsExposition(cluster, interval, loop)
+    exposition = MetricsExposition(cluster, interval, loop, workloads=workloads)
     server = _MetricsServer((host, port), exposition)
     exposition.start()
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

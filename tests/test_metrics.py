@@ -295,3 +295,36 @@ def test_sampler_notices_mounts_and_unmounts() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[False, True, True, False]"
+
+
+def test_declared_series_on_this_machine() -> None:
+    """The hello declares what every sample carries, from this machine's kernel files."""
+    from picoord.agent.hardware import collect_hardware
+    from picoord.common.node_series import family_of
+
+    hardware = collect_hardware(docker_socket="/nonexistent/docker.sock")
+    with MetricsSampler() as sampler:
+        first, second = sampler.sample(), sampler.sample()
+    declared = [(key.name, tuple(key.label_values)) for key in hardware.series]
+    assert len(declared) == len(set(declared)) == len(first.series_values) == len(second.series_values)
+    names = {name for name, _ in declared}
+    assert {"node_memory_Cached_bytes", "node_context_switches_total", "node_vmstat_pgfault"} <= names
+    assert "node_memory_MemTotal_bytes" not in names  # the sample's own field
+    assert all(family_of(name) is not None for name in names)  # every one known to the coordinator
+    values = dict(zip(declared, second.series_values, strict=True))
+    before = dict(zip(declared, first.series_values, strict=True))
+    assert values[("node_context_switches_total", ())] >= before[("node_context_switches_total", ())] > 0
+    assert values[("process_open_fds", ())] > 0
+    assert hardware.uname.sysname == "Linux" and hardware.uname.release == os.uname().release
+
+
+def test_filesystem_inodes_and_network_link_on_this_machine() -> None:
+    with MetricsSampler() as sampler:
+        sample = sampler.sample()
+    root = {fs.mountpoint: fs for fs in sample.filesystems}["/"]
+    stat = os.statvfs("/")
+    assert root.files == stat.f_files and root.readonly == bool(stat.f_flag & os.ST_RDONLY)
+    assert 0 < root.files_free <= root.files or root.files == 0
+    linked = [nic for nic in sample.network if nic.link_known]
+    assert linked and all(nic.mtu > 0 for nic in linked)
+    assert any(nic.up for nic in linked)

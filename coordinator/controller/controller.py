@@ -20,7 +20,7 @@ import contextlib
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -72,6 +72,42 @@ class Facts:
     replicas: dict[str, Replica]  # by id
 
 
+# Every value RolloutInfo.status takes, so /metrics can export one series per value.
+ROLLOUT_STATUSES = (
+    "not rolled out",
+    "progressing",
+    "rolling back",
+    "paused",
+    "complete",
+    "rolled back",
+    "failed",
+)
+
+
+@dataclass(frozen=True)
+class ServiceFigures:
+    """What /metrics says of one service, as of the last tick (see metrics_snapshot)."""
+
+    service: str
+    desired: int
+    running: int
+    healthy: int
+    revision: int
+    rollout_status: str
+
+
+def service_figures(info: services_pb2.RolloutInfo, service: ServiceRecord, running: int) -> ServiceFigures:
+    """The figures `coordctl services` shows: desired from the rollout once there is one."""
+    return ServiceFigures(
+        service=service.name,
+        desired=info.desired if service.rollout else service.spec.replicas,
+        running=running,
+        healthy=info.available,
+        revision=service.rollout.target if service.rollout else 0,
+        rollout_status=info.status,
+    )
+
+
 class WorkloadController:
     def __init__(
         self,
@@ -99,6 +135,7 @@ class WorkloadController:
         self._unplaced: dict[str, str] = {}
         self._waiting: dict[str, str] = {}
         self._problems: dict[str, list[str]] = {}
+        self._figures: tuple[ServiceFigures, ...] = ()
 
     # --- inputs from the agent sessions -------------------------------------------------------------
     def on_reports(self, node: str, reports: workloads_pb2.ReplicaReports) -> None:
@@ -418,15 +455,23 @@ class WorkloadController:
             available=sum(r.available(health_checked) for r in mine),
         )
 
+    def metrics_snapshot(self) -> tuple[ServiceFigures, ...]:
+        """The services' figures as of the last tick: cheap and safe from any thread (the
+        /metrics scrape), since each tick replaces the whole tuple."""
+        return self._figures
+
     def _publish(self, facts: Facts) -> None:
+        figures = []
         for name, service in facts.services.items():
             info = self.info(service, list(facts.replicas.values()))
+            figures.append(service_figures(info, service, _running(facts.replicas.values(), name)))
             data = info.SerializeToString(deterministic=True)
             if self._last_info.get(name) == data:
                 continue
             self._last_info[name] = data
             for queue in self._listeners.get(name, ()):
                 queue.put_nowait(services_pb2.RolloutEvent(progress=info))
+        self._figures = tuple(figures)
 
     async def follow(
         self, name: str, until_finished: bool = True
@@ -592,11 +637,7 @@ class WorkloadController:
         views = []
         for name, service in facts.services.items():
             info = self.info(service, list(facts.replicas.values()))
-            running = [
-                r
-                for r in facts.replicas.values()
-                if r.service == name and r.state == "running" and not r.stopping
-            ]
+            running = _running(facts.replicas.values(), name)
             current = service.rollout.target if service.rollout else 0
             spec = (await asyncio.to_thread(self.records.revision_spec, name, current)) if current else None
             views.append(
@@ -604,7 +645,7 @@ class WorkloadController:
                     name=name,
                     mode=service.spec.mode,
                     desired=info.desired if service.rollout else service.spec.replicas,
-                    running=len(running),
+                    running=running,
                     healthy=info.available,
                     revision=current,
                     image=(spec or service.spec).image,
@@ -702,6 +743,11 @@ class WorkloadController:
                 raise WorkloadRefused("NOT_FOUND", f"no node named {node!r}")
             await asyncio.to_thread(self.records.set_drained, node, not undo, self.clock())
             self._wake.set()
+
+
+def _running(replicas: Iterable[Replica], service: str) -> int:
+    """Replicas of the service running and not being stopped, as `coordctl services` counts them."""
+    return sum(r.service == service and r.state == "running" and not r.stopping for r in replicas)
 
 
 def _finished(info: services_pb2.RolloutInfo) -> bool:

@@ -243,6 +243,8 @@ def _blow_up(message: Message, data: st.DataObject, depth: int = 0) -> None:
         setattr(message, field.name, data.draw(st.integers(-(2**31), 2**31 - 1)))
     elif field.type in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_FIXED32):
         setattr(message, field.name, data.draw(st.integers(0, 2**32 - 1)))
+    elif _is_repeated(field):  # packed integers (series_values): only their count is bounded
+        getattr(message, field.name).extend([data.draw(st.integers(0, 2**62))] * data.draw(COUNTS))
     else:
         setattr(message, field.name, data.draw(st.integers(0, 2**63 - 1)))
 

@@ -58,7 +58,10 @@ def test_escape_label_value(value: str, escaped: str) -> None:
 def sample(index: int, hostile: str = "") -> node_pb2.MetricsSample:
     return node_pb2.MetricsSample(
         timestamp=1000.0 + index,
-        cpus=[node_pb2.CpuTimes(cpu=cpu, user=12.5 * cpu, idle=86000.1, steal=0.25) for cpu in range(2)],
+        cpus=[
+            node_pb2.CpuTimes(cpu=cpu, user=12.5 * cpu, idle=86000.1, steal=0.25, guest_nice=0.5 * cpu)
+            for cpu in range(2)
+        ],
         load1=0.21,
         load5=1e-7,
         load15=3.0,
@@ -72,14 +75,55 @@ def sample(index: int, hostile: str = "") -> node_pb2.MetricsSample:
                 fstype=hostile or "ext4",
                 size_bytes=31_000_000_000,
                 free_bytes=1,
+                files=1_900_000,
+                readonly=index % 3 == 0,
             )
         ],
-        network=[node_pb2.NetworkCounters(device=f"eth{hostile}", receive_bytes=10**12, transmit_errors=3)],
+        network=[
+            node_pb2.NetworkCounters(
+                device=f"eth{hostile}",
+                receive_bytes=10**12,
+                transmit_errors=3,
+                receive_drop=7,
+                link_known=index % 2 == 0,
+                up=True,
+                carrier=index % 4 == 0,
+                mtu=1500,
+                speed_mbps=1000 * (index % 3),
+            )
+        ],
+        series_values=[len(hostile), 2**40, -1, 250_000, 1, 7] if index != 1 else [3],  # 1: a mismatch
         temperatures=[node_pb2.Temperature(zone=f"zone{hostile}", type=f"cpu-{hostile}", celsius=-4.5)],
         throttled_available=index % 2 == 0,
         throttled=0x50005,
         boot_time=1.7e9 + 0.5,
     )
+
+
+def hardware(index: int) -> node_pb2.Hardware:
+    """A declaration with known families (counter, gauge, untyped, labelled, scaled), one
+    unknown family, one with the wrong label count, a duplicate, and hostile label values;
+    every other node has no uname and falls back to hostname/kernel/arch."""
+    hostile = HOSTILE_LABELS[index % len(HOSTILE_LABELS)]
+    series = [
+        node_pb2.SeriesKey(name="node_disk_read_bytes_total", label_values=[f"mmcblk{hostile}"]),
+        node_pb2.SeriesKey(name="node_memory_Cached_bytes"),
+        node_pb2.SeriesKey(name="node_netstat_Tcp_MaxConn"),
+        node_pb2.SeriesKey(name="node_cpu_scaling_frequency_hertz", label_values=["0"]),
+        node_pb2.SeriesKey(name="node_from_the_future", label_values=["x"]),
+        node_pb2.SeriesKey(name="node_memory_Cached_bytes", label_values=["one too many"]),
+    ]
+    if index % 2:
+        return node_pb2.Hardware(hostname=f"host{hostile}", kernel="6.1", arch="aarch64", series=series)
+    uname = node_pb2.Uname(
+        sysname="Linux",
+        nodename=f"pi{hostile}",
+        release="6.1.0-rpi7-rpi-v8",
+        version=f"#1 {hostile}",
+        machine="aarch64",
+        domainname="(none)",
+    )
+    return node_pb2.Hardware(uname=uname, series=series)
 
 
 def make_cluster(tmp_path: Path, count: int = len(HOSTILE_LABELS) + 2) -> Cluster:
@@ -93,7 +137,7 @@ def make_cluster(tmp_path: Path, count: int = len(HOSTILE_LABELS) + 2) -> Cluste
     cluster = Cluster(store, StatusTimeouts(), MetricsHistory())
     for index in range(count - 1):
         name = f"pi{index}"
-        hello = agent_pb2.Hello(agent_version="0.1.0")
+        hello = agent_pb2.Hello(agent_version="0.1.0", hardware=hardware(index))
         asyncio.run(cluster.open_session(LiveSession(name, f"s{index}"), hello))
         if index < len(HOSTILE_LABELS):
             cluster.history.add(name, sample(index, HOSTILE_LABELS[index]))
@@ -149,17 +193,38 @@ def test_the_node_families_keep_their_names_help_and_types() -> None:
         ("node_filesystem_size_bytes", "gauge"),
         ("node_filesystem_free_bytes", "gauge"),
         ("node_filesystem_avail_bytes", "gauge"),
+        ("node_filesystem_files", "gauge"),
+        ("node_filesystem_files_free", "gauge"),
+        ("node_filesystem_readonly", "gauge"),
         ("node_network_receive_bytes_total", "counter"),
         ("node_network_transmit_bytes_total", "counter"),
         ("node_network_receive_packets_total", "counter"),
         ("node_network_transmit_packets_total", "counter"),
         ("node_network_receive_errs_total", "counter"),
         ("node_network_transmit_errs_total", "counter"),
+        ("node_network_receive_drop_total", "counter"),
+        ("node_network_transmit_drop_total", "counter"),
+        ("node_network_receive_fifo_total", "counter"),
+        ("node_network_transmit_fifo_total", "counter"),
+        ("node_network_receive_frame_total", "counter"),
+        ("node_network_receive_compressed_total", "counter"),
+        ("node_network_transmit_compressed_total", "counter"),
+        ("node_network_receive_multicast_total", "counter"),
+        ("node_network_transmit_colls_total", "counter"),
+        ("node_network_transmit_carrier_total", "counter"),
         ("node_thermal_zone_temp", "gauge"),
         ("node_boot_time_seconds", "gauge"),
         ("picoord_node_throttled", "gauge"),
         ("picoord_node_up", "gauge"),
         ("picoord_node_status", "gauge"),
+        ("node_uname_info", "gauge"),
+        ("node_time_seconds", "gauge"),
+        ("node_network_up", "gauge"),
+        ("node_network_carrier", "gauge"),
+        ("node_network_mtu_bytes", "gauge"),
+        ("node_network_speed_bytes", "gauge"),
+        ("node_cpu_guest_seconds_total", "counter"),
+        ("node_filesystem_device_error", "gauge"),
     ]
 
 
