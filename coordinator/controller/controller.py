@@ -461,7 +461,8 @@ class WorkloadController:
                 raise WorkloadRefused("NOT_FOUND", f"no service {name!r}")
             history = await asyncio.to_thread(self.records.history, name)
             try:
-                updated, revision = revisions.undo(history, facts.now, to_revision)
+                running = service.rollout.target if service.rollout else None
+                updated, revision = revisions.undo(history, facts.now, to_revision, running=running)
             except revisions.RevisionError as error:
                 raise WorkloadRefused("FAILED_PRECONDITION", str(error)) from None
             spec = revision.spec.spec
