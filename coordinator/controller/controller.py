@@ -53,6 +53,16 @@ TICK = 1.0
 DISCONNECT_GRACE = 5.0
 
 
+def located(spec: ServiceSpec, source: str) -> ServiceSpec:
+    """The spec with where it was written put back: the store keeps what runs, not where it
+    was written, and a refusal at rollout time must still name the document and field
+    (`mcp.yaml: service/mcp.secrets[0]: ...`), as one at apply time does."""
+    if spec.origin:
+        return spec
+    where = f"service/{spec.name}"
+    return dataclasses.replace(spec, origin=f"{source}: {where}" if source else where)
+
+
 class WorkloadRefused(Exception):
     """An operator request that cannot be done; `code` is the gRPC status name."""
 
@@ -448,7 +458,7 @@ class WorkloadController:
             spec = service.spec
             if image:
                 spec = dataclasses.replace(spec, image=image)
-            await self._preflight(spec, facts)
+            await self._preflight(located(spec, service.source), facts)
             history = await asyncio.to_thread(self.records.history, name)
             updated, revision, _new = revisions.record(history, stored(spec), facts.now, cause or "rollout")
             await self._begin(service, spec, revision.number, updated, facts)
@@ -466,7 +476,7 @@ class WorkloadController:
             except revisions.RevisionError as error:
                 raise WorkloadRefused("FAILED_PRECONDITION", str(error)) from None
             spec = revision.spec.spec
-            await self._preflight(spec, facts)
+            await self._preflight(located(spec, service.source), facts)
             await self._begin(service, spec, revision.number, updated, facts)
 
     async def _preflight(self, spec: ServiceSpec, facts: Facts) -> None:
@@ -479,7 +489,7 @@ class WorkloadController:
             check_secrets(spec, known)
             if spec.mode != GLOBAL:
                 check_spread(
-                    f"{spec.origin or spec.name}.placement",
+                    f"{spec.origin}.placement",
                     spec.replicas,
                     spec.placement.spread,
                     len(matching),
@@ -491,12 +501,12 @@ class WorkloadController:
         placement = place(list(facts.nodes.values()), others, self._request(spec, spec.replicas))
         if spec.mode == GLOBAL and not placement.assignments:
             raise WorkloadRefused(
-                "FAILED_PRECONDITION", f"{spec.name}: {placement.reason or 'no node matches'}"
+                "FAILED_PRECONDITION", f"{spec.origin}: {placement.reason or 'no node matches'}"
             )
         if spec.mode != GLOBAL and placement.unplaced:
             raise WorkloadRefused(
                 "FAILED_PRECONDITION",
-                f"{spec.name}: {placement.unplaced} of {spec.replicas} replicas cannot be placed: "
+                f"{spec.origin}: {placement.unplaced} of {spec.replicas} replicas cannot be placed: "
                 f"{placement.reason}",
             )
 
