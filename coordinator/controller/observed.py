@@ -89,7 +89,14 @@ def replica_view(
         )
     state = AGENT_STATES.get(report.state, FAILED)
     health = AGENT_HEALTH.get(report.health, UNKNOWN)
-    failure = report.message if state == FAILED or health == UNHEALTHY else ""
+    if state == FAILED or health == UNHEALTHY:
+        failure = report.message
+    elif report.restarts and report.exit_code:
+        # Restarted by its policy: dockerd keeps the exit code of the run that ended until
+        # the next run starts, and that is what the operator needs to know.
+        failure = f"exit code {report.exit_code}"
+    else:
+        failure = ""
     return Replica(
         id=record.id,
         service=record.service,
