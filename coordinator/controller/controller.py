@@ -606,7 +606,8 @@ class WorkloadController:
                     restarts=replica.restarts,
                     message=(report.message if report else "") or record.stop_reason,
                     image=spec.image if spec else "",
-                    desired="stopping" if record.stopping else "running",
+                    # replaced: written off on a lost node, stopped when the node returns
+                    desired="stopping" if record.stopping else "replaced" if record.replaced else "running",
                 )
             )
         return views
