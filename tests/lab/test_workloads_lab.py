@@ -28,7 +28,8 @@ from typing import Any
 
 import pytest
 
-from picoord.lab.cluster import COORDINATOR, REGISTRY, Lab
+from picoord.agent.runtime.model import LABEL_REPLICA, LABEL_REVISION, LABEL_SERVICE
+from picoord.lab.cluster import COORDINATOR, REGISTRY, Lab, executable
 from picoord.lab.images import MCP_PORT
 from tests.conftest import require_root_or_fail
 
@@ -39,9 +40,6 @@ DEMO = REPO_ROOT / "lab" / "demo-mcp.yaml"
 SECRET_VALUE = "postgresql://mcp:Lab-Only-7qZ3xV@postgres:5432/mcp_db"
 SECRET_MARK = "Lab-Only-7qZ3xV"  # the part of the secret that must never show outside the container
 ROLLOUT_TIMEOUT = 180.0
-SERVICE_LABEL = "org.picoord.service"
-REPLICA_LABEL = "org.picoord.replica"
-REVISION_LABEL = "org.picoord.revision"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -49,6 +47,11 @@ REVISION_LABEL = "org.picoord.revision"
 
 def ctl(lab: Lab, *args: str, timeout: float = ROLLOUT_TIMEOUT) -> subprocess.CompletedProcess[str]:
     return lab.coordctl(*args, timeout=timeout)
+
+
+def lab_coordctl_argv(lab: Lab) -> list[str]:
+    """coordctl for this lab, to run it in the background (Popen)."""
+    return [str(executable("coordctl", lab.bin_dir)), "--admin-socket", str(lab.admin_socket)]
 
 
 def words(done: subprocess.CompletedProcess[str]) -> str:
@@ -68,34 +71,31 @@ def docker(lab: Lab, node: str, *args: str) -> str:
     return done.stdout
 
 
-def containers(lab: Lab, service: str, every: bool = False) -> dict[str, list[dict[str, str]]]:
-    """node -> the service's containers in that Pi's dockerd (running ones, or all):
-    id, replica, revision, state."""
-    found: dict[str, list[dict[str, str]]] = {}
-    for node in lab.nodes:
-        listing = [
-            "ps",
-            *(["-a"] if every else []),
-            "--no-trunc",
-            "--filter",
-            f"label={SERVICE_LABEL}={service}",
-        ]
-        out = docker(lab, node, *listing, "--format", "{{json .}}")
-        found[node] = []
-        for line in out.splitlines():
-            if not line.strip():
-                continue
+def _node_containers(lab: Lab, node: str, service: str, every: bool) -> list[dict[str, str]]:
+    listing = ["ps", *(["-a"] if every else []), "--no-trunc", "--filter", f"label={LABEL_SERVICE}={service}"]
+    found = []
+    for line in docker(lab, node, *listing, "--format", "{{json .}}").splitlines():
+        if line.strip():
             item = json.loads(line)
             labels = dict(pair.partition("=")[::2] for pair in item["Labels"].split(",") if pair)
-            found[node].append(
+            found.append(
                 {
                     "id": item["ID"],
-                    "replica": labels.get(REPLICA_LABEL, ""),
-                    "revision": labels.get(REVISION_LABEL, ""),
+                    "replica": labels.get(LABEL_REPLICA, ""),
+                    "revision": labels.get(LABEL_REVISION, ""),
                     "state": item["State"],
                 }
             )
     return found
+
+
+def containers(lab: Lab, service: str, every: bool = False) -> dict[str, list[dict[str, str]]]:
+    """node -> the service's containers in that Pi's dockerd (running ones, or all): id,
+    replica, revision, state. The Pis are asked at the same moment, so a count over them
+    is a snapshot (a stop and a start of a rollout step are a report apart, about 1 s)."""
+    with ThreadPoolExecutor(len(lab.nodes)) as pool:
+        asked = {node: pool.submit(_node_containers, lab, node, service, every) for node in lab.nodes}
+        return {node: future.result() for node, future in asked.items()}
 
 
 def running_count(lab: Lab, service: str) -> int:
@@ -185,17 +185,14 @@ def serving(lab: Lab) -> dict[str, str]:
     return {node: version(lab, node) for node in lab.nodes}
 
 
-def revision_of(lab: Lab, service: str) -> int:
-    return int(services(lab)[service]["revision"])
-
-
 class ContainerCounter:
-    """Polls `docker ps` on every Pi in a thread and keeps the largest count of a service's
-    running containers seen at once: what the rollout bounds are about."""
+    """Polls `docker ps` on every Pi in a thread and keeps the largest and smallest count of
+    a service's running containers seen at once: what the rollout bounds are about."""
 
     def __init__(self, lab: Lab, service: str) -> None:
         self.lab, self.service = lab, service
         self.peak = 0
+        self.lowest: int | None = None
         self.samples = 0
         self.errors: list[str] = []
         self._stop = threading.Event()
@@ -207,8 +204,10 @@ class ContainerCounter:
                 count = running_count(self.lab, self.service)
             except (AssertionError, subprocess.SubprocessError, OSError) as error:
                 self.errors.append(str(error)[:200])
+                time.sleep(0.2)
                 continue
             self.peak = max(self.peak, count)
+            self.lowest = count if self.lowest is None else min(self.lowest, count)
             self.samples += 1
 
     def __enter__(self) -> ContainerCounter:
@@ -274,27 +273,17 @@ def test_drain_moves_replicas_elsewhere_first_and_none_remain(lab: Lab, tmp_path
     )
     assert {r["node"] for r in running_replicas(lab, "drainme")} == {"pi2", "pi3"}
     try:
-        lowest = [2]
-        stop = threading.Event()
-
-        def watch() -> None:
-            while not stop.is_set():
-                lowest[0] = min(lowest[0], running_count(lab, "drainme"))
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        try:
+        with ContainerCounter(lab, "drainme") as counter:
             said = ok(lab, "node", "drain", "pi3", timeout=120)
-        finally:
-            stop.set()
-            watcher.join(30)
         assert "0 replica(s) left on pi3" in said, said
         assert containers(lab, "drainme", every=True)["pi3"] == []
         assert containers(lab, "postgres", every=True)["pi3"] == []
         placed = wait_until("drainme settled on pi2", lambda: settled(lab, "drainme", 2), 30)
         assert {r["node"] for r in placed} == {"pi2"}
         # Moved elsewhere first: start-first with max_unavailable 0 never left fewer running.
-        assert lowest[0] >= 2, f"only {lowest[0]} drainme container(s) ran at one point of the drain"
+        assert counter.samples > 3, counter.errors
+        assert counter.lowest == 2, f"only {counter.lowest} drainme container(s) ran at one point"
+        assert counter.peak <= 3, f"{counter.peak} drainme containers ran at once (bound: 2 + max_surge 1)"
     finally:
         ok(lab, "node", "undrain", "pi3", timeout=30)
 
@@ -548,12 +537,6 @@ def test_agent_killed_while_it_pulls_converges_without_duplicates(lab: Lab, tmp_
     slots = [c["replica"] for cs in every.values() for c in cs]
     assert sorted(slots) == sorted(r["replica"] for r in placed), every
     assert len(slots) == len(set(slots)) == 3, f"duplicate containers: {every}"
-
-
-def lab_coordctl_argv(lab: Lab) -> list[str]:
-    from picoord.lab.cluster import executable
-
-    return [str(executable("coordctl", lab.bin_dir)), "--admin-socket", str(lab.admin_socket)]
 
 
 def test_coordinator_killed_mid_rollout_resumes_within_the_bounds(lab: Lab, tmp_path: Path) -> None:

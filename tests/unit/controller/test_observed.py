@@ -23,7 +23,10 @@ def record() -> ReplicaRecord:
         ("exited", STARTING, 0, 3, "exit code 3", "exit code 3"),
         ("running", UNHEALTHY, 0, 0, "HTTP 404", "HTTP 404"),
         ("restarting", STARTING, 1, 3, "exit code 3", "exit code 3"),  # restarted by its policy
-        ("running", STARTING, 2, 0, "", ""),  # running again: dockerd has cleared the code
+        ("running", STARTING, 2, 0, "", ""),  # running again, code unknown
+        # probed while its policy restarted it: the failed probe, and why it was gone
+        ("running", UNHEALTHY, 1, 3, "no address", "no address (last run: exit code 3)"),
+        ("running", UNHEALTHY, 0, 0, "HTTP 500", "HTTP 500"),
         ("running", HEALTHY, 0, 0, "HTTP 200", ""),  # nothing wrong
     ],
 )
