@@ -28,9 +28,11 @@ from typing import Any
 
 import pytest
 
+from picoord.agent.runtime.engine import Engine
 from picoord.agent.runtime.model import LABEL_REPLICA, LABEL_REVISION, LABEL_SERVICE
 from picoord.lab.cluster import COORDINATOR, REGISTRY, Lab, executable
 from picoord.lab.images import MCP_PORT
+from picoord.lab.sandbox import DOCKER_SOCKET
 from tests.conftest import require_root_or_fail
 
 pytestmark = pytest.mark.lab
@@ -463,6 +465,22 @@ def test_container_that_exits_at_once_is_rolled_back_naming_the_exit_code(lab: L
     assert "rolled back" in said, said
     placed = wait_until("crashy back on revision 1", lambda: settled(lab, "crashy", 2, revision=1), 30)
     assert len(placed) == 2
+
+
+def test_the_agent_finds_the_exit_code_a_restart_cleared(lab: Lab) -> None:
+    """What names a crash loop: once dockerd has started a container again by its restart
+    policy, inspect says exit code 0, and the agent reads the code from dockerd's events."""
+    node = "pi1"
+    script = "sleep 0.5; exit 3"
+    container = docker(lab, node, "run", "-d", "--restart", "always", "mcp:1", "sh", "-c", script).strip()
+    engine = Engine(str(lab.sandbox(node).host_path(DOCKER_SOCKET)))
+    try:
+        restarts = ["inspect", "--format", "{{.RestartCount}}", container]
+        wait_until("a restart", lambda: int(docker(lab, node, *restarts)) >= 1, 20, 0.2)
+        assert engine.last_exit_code(container) == 3
+    finally:
+        engine.close()
+        docker(lab, node, "rm", "-f", container)
 
 
 def test_image_that_does_not_exist_is_rolled_back_naming_the_pull_error(lab: Lab, tmp_path: Path) -> None:
