@@ -441,6 +441,27 @@ class Engine:
             if "No such container" not in _explain(error):
                 raise RuntimeFailure(f"cannot stop {container_id[:12]}: {_explain(error)}") from None
 
+    def last_exit_code(self, container_id: str, window: float = 3600.0) -> int:
+        """The exit code of the container's latest run that ended, from dockerd's events; 0
+        when none is known. Once its restart policy has started it again, inspect shows the
+        new run (exit code 0), but the "die" event of the run before still holds the code."""
+        now = time.time()
+        code = 0
+        try:
+            events = self.client.events(
+                since=f"{now - window:.6f}",
+                until=f"{now:.6f}",  # past events only: the call returns at once
+                filters={"container": container_id, "event": "die"},
+                decode=True,
+            )
+            for event in events:
+                attributes = (event.get("Actor") or {}).get("Attributes") or {}
+                if str(attributes.get("exitCode", "")).lstrip("-").isdigit():
+                    code = int(attributes["exitCode"])
+        except Exception:  # only a detail for the operator: never a reason to fail a tick
+            return code
+        return code
+
     def replicas(self, all_states: bool = True) -> list[ReplicaState]:
         """Every container of picoord's on this node, as it is now."""
         found = []

@@ -106,6 +106,12 @@ def plan_node(desired: Sequence[ContainerSpec], actual: Sequence[ReplicaState]) 
     return NodePlan(stop, start)
 
 
+def exit_code_to_report(state: ReplicaState, remembered: int) -> int:
+    """dockerd's exit code of the container; once its restart policy has started it again
+    (which clears dockerd's), the code of the run that ended, as remembered."""
+    return state.exit_code or (remembered if state.restarts else 0)
+
+
 @dataclass
 class Tracked:
     """What the supervisor remembers of one desired replica between ticks."""
@@ -118,6 +124,8 @@ class Tracked:
     since: float = field(default_factory=time.time)
     retry_at: float = 0.0  # monotonic: when a failed start may be tried again
     retry_delay: float = 0.0
+    restarts: int = 0  # dockerd's restart count when last seen
+    exit_code: int = 0  # of the last run that ended, kept after a restart clears dockerd's
 
 
 class Supervisor:
@@ -267,6 +275,12 @@ class Supervisor:
             state = by_key.get((spec.replica, spec.revision))
             if state is None:
                 continue
+            if state.exit_code:
+                tracked.exit_code = state.exit_code
+            elif state.restarts > tracked.restarts:  # restarted between two looks: ask the events
+                last = engine.last_exit_code(state.container_id)  # type: ignore[attr-defined]
+                tracked.exit_code = last or tracked.exit_code
+            tracked.restarts = state.restarts
             if state.state != "running":
                 self._set(tracked, state.state, f"exit code {state.exit_code}" if state.exit_code else "")
                 tracked.first_running = None
@@ -319,7 +333,7 @@ class Supervisor:
                 health=health,
                 since=tracked.since,
                 restarts=state.restarts if state else 0,
-                exit_code=state.exit_code if state else 0,
+                exit_code=exit_code_to_report(state, tracked.exit_code) if state else 0,
                 message=tracked.message[:1000],
             )
         return reports

@@ -53,6 +53,16 @@ TICK = 1.0
 DISCONNECT_GRACE = 5.0
 
 
+def located(spec: ServiceSpec, source: str) -> ServiceSpec:
+    """The spec with where it was written put back: the store keeps what runs, not where it
+    was written, and a refusal at rollout time must still name the document and field
+    (`mcp.yaml: service/mcp.secrets[0]: ...`), as one at apply time does."""
+    if spec.origin:
+        return spec
+    where = f"service/{spec.name}"
+    return dataclasses.replace(spec, origin=f"{source}: {where}" if source else where)
+
+
 class WorkloadRefused(Exception):
     """An operator request that cannot be done; `code` is the gRPC status name."""
 
@@ -512,7 +522,7 @@ class WorkloadController:
             spec = service.spec
             if image:
                 spec = dataclasses.replace(spec, image=image)
-            await self._preflight(spec, facts)
+            await self._preflight(located(spec, service.source), facts)
             # A first deployment brings what it depends on along (they are placed first).
             first = [
                 facts.services[dependency]
@@ -520,7 +530,7 @@ class WorkloadController:
                 if dependency in facts.services and facts.services[dependency].rollout is None
             ]
             for dependency in first:
-                await self._preflight(dependency.spec, facts)
+                await self._preflight(located(dependency.spec, dependency.source), facts)
             lines = []
             for dependency in first:
                 lines.append(
@@ -545,11 +555,12 @@ class WorkloadController:
                 raise WorkloadRefused("NOT_FOUND", f"no service {name!r}")
             history = await asyncio.to_thread(self.records.history, name)
             try:
-                updated, revision = revisions.undo(history, facts.now, to_revision)
+                running = service.rollout.target if service.rollout else None
+                updated, revision = revisions.undo(history, facts.now, to_revision, running=running)
             except revisions.RevisionError as error:
                 raise WorkloadRefused("FAILED_PRECONDITION", str(error)) from None
             spec = revision.spec.spec
-            await self._preflight(spec, facts)
+            await self._preflight(located(spec, service.source), facts)
             return [await self._begin(service, spec, revision.number, updated, facts)]
 
     async def _preflight(self, spec: ServiceSpec, facts: Facts) -> None:
@@ -568,7 +579,7 @@ class WorkloadController:
                     )
             if spec.mode != GLOBAL:
                 check_spread(
-                    f"{spec.origin or spec.name}.placement",
+                    f"{spec.origin}.placement",
                     spec.replicas,
                     spec.placement.spread,
                     len(matching),
@@ -580,12 +591,12 @@ class WorkloadController:
         placement = place(list(facts.nodes.values()), others, placement_request(spec, spec.replicas))
         if spec.mode == GLOBAL and not placement.assignments:
             raise WorkloadRefused(
-                "FAILED_PRECONDITION", f"{spec.name}: {placement.reason or 'no node matches'}"
+                "FAILED_PRECONDITION", f"{spec.origin}: {placement.reason or 'no node matches'}"
             )
         if spec.mode != GLOBAL and placement.unplaced:
             raise WorkloadRefused(
                 "FAILED_PRECONDITION",
-                f"{spec.name}: {placement.unplaced} of {spec.replicas} replicas cannot be placed: "
+                f"{spec.origin}: {placement.unplaced} of {spec.replicas} replicas cannot be placed: "
                 f"{placement.reason}",
             )
 
@@ -684,7 +695,8 @@ class WorkloadController:
                     restarts=replica.restarts,
                     message=(report.message if report else "") or record.stop_reason,
                     image=spec.image if spec else "",
-                    desired="stopping" if record.stopping else "running",
+                    # replaced: written off on a lost node, stopped when the node returns
+                    desired="stopping" if record.stopping else "replaced" if record.replaced else "running",
                 )
             )
         return views

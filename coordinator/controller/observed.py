@@ -89,7 +89,7 @@ def replica_view(
         )
     state = AGENT_STATES.get(report.state, FAILED)
     health = AGENT_HEALTH.get(report.health, UNKNOWN)
-    failure = report.message if state == FAILED or health == UNHEALTHY else ""
+    failure = failure_detail(report, state, health)
     return Replica(
         id=record.id,
         service=record.service,
@@ -105,6 +105,18 @@ def replica_view(
         replaced=record.replaced,
         failure=failure,
     )
+
+
+def failure_detail(report: workloads_pb2.ReplicaReport, state: str, health: str) -> str:
+    """The agent's words for what went wrong, with the exit code of the run that ended when
+    the replica was restarted by its policy: a container that exits at once shows as a
+    restart or as a failed probe of a container that is gone, and the code is what the
+    operator needs."""
+    words = report.message if state == FAILED or health == UNHEALTHY else ""
+    code = f"exit code {report.exit_code}"
+    if report.restarts and report.exit_code and code not in words:
+        words = f"{words} (last run: {code})" if words else code
+    return words
 
 
 def reports_by_replica(

@@ -72,8 +72,20 @@ def _succeeded(info: services_pb2.RolloutInfo | None) -> bool:
     return info is not None and info.status == "complete" and not info.rolling_back
 
 
-def follow(events: Iterable[services_pb2.RolloutEvent], output: str) -> int:
-    """Show a rollout's events until the stream ends; 0 only when it ended healthy."""
+def _started(info: services_pb2.RolloutInfo | None) -> bool:
+    """A rollout left going (--detach): moving forward, not failed, paused or rolling back."""
+    return info is not None and info.status == "progressing" and not info.rolling_back
+
+
+def rollout_exit_code(info: services_pb2.RolloutInfo | None, detached: bool) -> int:
+    """0 when the service is healthy at the revision it rolled to; with --detach, also when
+    the rollout it started is under way (the user asked not to wait for the end)."""
+    return 0 if _succeeded(info) or (detached and _started(info)) else 1
+
+
+def follow(events: Iterable[services_pb2.RolloutEvent], output: str, detached: bool = False) -> int:
+    """Show a rollout's events until the stream ends; 0 only when it ended healthy (or,
+    `detached`, when it is under way)."""
     last: services_pb2.RolloutInfo | None = None
     notes: list[str] = []
     live_view = output == "table" and sys.stdout.isatty()
@@ -99,8 +111,8 @@ def follow(events: Iterable[services_pb2.RolloutEvent], output: str) -> int:
     if output != "table":
         emit({"rollout": rollout_view(last) if last else None, "events": notes}, output, [])
     elif last is not None:
-        _conclude(last)
-    return 0 if _succeeded(last) else 1
+        _conclude(last, detached)
+    return rollout_exit_code(last, detached)
 
 
 def _take(
@@ -114,9 +126,15 @@ def _take(
     return last, notes
 
 
-def _conclude(info: services_pb2.RolloutInfo) -> None:
+def _conclude(info: services_pb2.RolloutInfo, detached: bool = False) -> None:
     if _succeeded(info):
         echo(f"service/{info.service} revision {info.revision}: {info.healthy}/{info.desired} healthy")
+        return
+    if detached and _started(info):
+        echo(
+            f"service/{info.service} revision {info.revision}: rolling out "
+            f"(follow it with `coordctl rollout status {info.service} --watch`)"
+        )
         return
     for failure in info.failures:
         echo(f"  failed: {failure}", file=sys.stderr)
@@ -128,7 +146,7 @@ def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace)
     verb, name = _rollout_words(args.words)
     if verb == "start":
         request = services_pb2.RolloutRequest(name=name, image=args.image or "", detach=args.detach)
-        return follow(stub.Rollout(request, timeout=ROLLOUT_TIMEOUT), args.output)
+        return follow(stub.Rollout(request, timeout=ROLLOUT_TIMEOUT), args.output, args.detach)
     if args.image:
         raise UsageError("--image goes with `coordctl rollout NAME`, not with `rollout " + verb + "`")
     if verb == "status":
@@ -136,7 +154,7 @@ def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace)
         return follow(stub.RolloutStatus(reference, timeout=ROLLOUT_TIMEOUT), args.output)
     if verb == "undo":
         request = services_pb2.UndoRequest(name=name, to_revision=args.to_revision, detach=args.detach)
-        return follow(stub.RolloutUndo(request, timeout=ROLLOUT_TIMEOUT), args.output)
+        return follow(stub.RolloutUndo(request, timeout=ROLLOUT_TIMEOUT), args.output, args.detach)
     if verb in ("pause", "resume"):
         call = stub.RolloutPause if verb == "pause" else stub.RolloutResume
         info = call(services_pb2.ServiceRef(name=name), timeout=CALL_TIMEOUT)

@@ -56,23 +56,32 @@ def previous(history: Sequence[Revision]) -> Revision | None:
 
 
 def undo(
-    history: Sequence[Revision], now: float, to_revision: int | None = None, limit: int = HISTORY_LIMIT
+    history: Sequence[Revision],
+    now: float,
+    to_revision: int | None = None,
+    limit: int = HISTORY_LIMIT,
+    running: int | None = None,
 ) -> tuple[list[Revision], Revision]:
-    """Roll the spec back to the previous revision or to `to_revision`, as a new revision."""
+    """Roll the spec back to the revision before the one `running` (default: the newest),
+    or to `to_revision`, as a new revision. After a failed update was rolled back by
+    itself, the newest revision is not the one that runs: undo goes back from what runs."""
     latest = current(history)
     if latest is None:
         raise RevisionError("no revisions to undo")
+    now_number = running if running is not None else latest.number
     if to_revision is None:
-        target = previous(history)
-        if target is None:
-            raise RevisionError(f"revision {latest.number} is the only revision; nothing to undo")
+        older = [revision for revision in history if revision.number < now_number]
+        if not older:
+            what = "only" if len(history) == 1 else "oldest"
+            raise RevisionError(f"revision {now_number} is the {what} revision; nothing to undo")
+        target = max(older, key=lambda revision: revision.number)
     else:
         found = [revision for revision in history if revision.number == to_revision]
         if not found:
             known = ", ".join(str(revision.number) for revision in sorted(history, key=lambda r: r.number))
             raise RevisionError(f"revision {to_revision} not found (known: {known})")
         target = found[0]
-        if target.number == latest.number:
+        if target.number == now_number:
             raise RevisionError(f"revision {to_revision} is already the current revision")
     updated, revision, _ = record(history, target.spec, now, f"undo to revision {target.number}", limit)
     return updated, revision

@@ -268,10 +268,10 @@ def check_secrets(spec: ServiceSpec, known: Iterable[tuple[str, str]]) -> None:
     """Every secret the spec reads exists in the store (given as (name, key) pairs), or a
     FieldError naming the first missing one, where the user wrote it."""
     present = set(known)
-    for ref in spec.secrets:
+    for index, ref in enumerate(spec.secrets):
         if (ref.secret, ref.key) not in present:
             raise FieldError(
-                ref.field or f"{spec.origin}.secrets",
+                ref.field or f"{spec.origin}.secrets[{index}]",
                 f"secret {ref.secret}/{ref.key} (for {ref.env}) does not exist; create it with "
                 f"`coordctl secret create {ref.secret} {ref.key} --from-literal ...`",
             )

@@ -84,3 +84,30 @@ def test_undo_refuses_with_a_reason(history, to_revision, message):
     with pytest.raises(RevisionError) as caught:
         undo(history, 1.0, to_revision)
     assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("running", "to_revision", "spec", "number"),
+    [
+        (2, None, "mcp:1", 4),  # mcp:3 failed and was rolled back to 2: back to 1, not to 2 again
+        (2, 3, "mcp:3", 3),  # the failed one again, on purpose: it is the newest already
+        (3, None, "mcp:2", 4),  # running the newest: as without `running`
+    ],
+)
+def test_undo_goes_back_from_the_running_revision(running, to_revision, spec, number):
+    history = history_of("mcp:1", "mcp:2", "mcp:3")
+    _, revision = undo(history, 50.0, to_revision, running=running)
+    assert (revision.spec, revision.number) == (spec, number)
+
+
+@pytest.mark.parametrize(
+    ("running", "to_revision", "message"),
+    [
+        (1, None, "revision 1 is the oldest revision; nothing to undo"),
+        (2, 2, "revision 2 is already the current revision"),
+    ],
+)
+def test_undo_from_the_running_revision_refuses_with_a_reason(running, to_revision, message):
+    with pytest.raises(RevisionError) as caught:
+        undo(history_of("mcp:1", "mcp:2", "mcp:3"), 1.0, to_revision, running=running)
+    assert str(caught.value) == message
