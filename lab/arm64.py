@@ -173,19 +173,28 @@ def agent_layer(base: Path, agent_deb: Path, cache_dir: Path = CACHE_DIR) -> Pat
         _mount_overlay([base], layer / "upper", layer / "work", merged)
         try:
             shutil.copy(agent_deb, merged / "tmp" / agent_deb.name)
-            _run(["mount", "--bind", "/proc", str(merged / "proc")], 30, "mounting /proc in the arm64 root")
+            for path in ("proc", "dev"):
+                _run(["mount", "--bind", f"/{path}", str(merged / path)], 30, f"mounting /{path}")
             try:
                 argv = ["chroot", str(merged), "/usr/bin/env", "-i", f"PATH={SYSTEM_PATH}"]
                 argv += ["DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--no-download"]
                 _run([*argv, f"/tmp/{agent_deb.name}"], INSTALL_TIMEOUT, "installing the agent deb (arm64)")
                 _run(["chroot", str(merged), "/usr/bin/picoord-agent", "--help"], 300, "the arm64 agent")
             finally:
-                _run(["umount", str(merged / "proc")], 30, "unmounting /proc")
+                for path in ("proc", "dev"):
+                    _run(["umount", str(merged / path)], 30, f"unmounting /{path}")
             (merged / "tmp" / agent_deb.name).unlink()
         finally:
             _run(["umount", str(merged)], 60, "unmounting the agent layer")
         shutil.rmtree(layer / "work", ignore_errors=True)
     return layer / "upper"
+
+
+def agent_root(mirror: str, agent_deb: Path, cache_dir: Path = CACHE_DIR) -> list[Path]:
+    """The arm64 Pis' root as overlay lower dirs, top first: the agent layer over the base
+    (what `Lab(arm64_root=...)` takes). Builds whichever is not cached yet."""
+    base = base_root(mirror, cache_dir)
+    return [agent_layer(base, agent_deb, cache_dir), base]
 
 
 def busybox(cache_dir: Path = CACHE_DIR) -> bytes:

@@ -175,9 +175,8 @@ def test_pi_root_mounts_the_overlay_first_then_the_pi_paths(tmp_path: Path) -> N
 @pytest.fixture(scope="module")
 def arm64_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
     require_root_or_fail()
-    base = arm64.base_root(debian_mirror())
     debs = build_debs(tmp_path_factory.mktemp("debs"))
-    layer = arm64.agent_layer(base, debs[AGENT])
+    root = arm64.agent_root(debian_mirror(), debs[AGENT])
     lab = Lab(
         tmp_path_factory.mktemp("arm64lab"),
         sandboxes=True,
@@ -185,7 +184,7 @@ def arm64_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         registry=True,
         node_names=[*ARM64_PIS, DESKTOP],
         arm64_nodes=ARM64_PIS,
-        arm64_root=[layer, base],
+        arm64_root=root,
         start_timeout=180.0,  # an emulated python3 starts grpc in seconds, not milliseconds
         ready_timeout=240.0,
     )
