@@ -177,7 +177,7 @@ def agent_layer(base: Path, agent_deb: Path, cache_dir: Path = CACHE_DIR) -> Pat
                 _run(["mount", "--bind", f"/{path}", str(merged / path)], 30, f"mounting /{path}")
             try:
                 argv = ["chroot", str(merged), "/usr/bin/env", "-i", f"PATH={SYSTEM_PATH}"]
-                argv += ["DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q", "--no-download"]
+                argv += ["DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-q"]
                 _run([*argv, f"/tmp/{agent_deb.name}"], INSTALL_TIMEOUT, "installing the agent deb (arm64)")
                 _run(["chroot", str(merged), "/usr/bin/picoord-agent", "--help"], 300, "the arm64 agent")
             finally:
@@ -257,9 +257,10 @@ def pi_root_commands(lower: Sequence[Path], pi_dir: Path, shared: Sequence[str])
 
 
 def chroot_argv(pi_dir: Path, argv: Sequence[str]) -> list[str]:
-    """argv run chrooted in the Pi's arm64 root, with a clean environment like a unit's."""
+    """argv run chrooted in the Pi's arm64 root, with the root's PATH. The rest of the
+    environment passes (a join token travels in it); the deb's commands run python3 -I."""
     merged = pi_root_dirs(pi_dir)["merged"]
-    return ["chroot", str(merged), "/usr/bin/env", "-i", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8", *argv]
+    return ["chroot", str(merged), "/usr/bin/env", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8", *argv]
 
 
 def prepare_pi_dirs(pi_dir: Path) -> None:

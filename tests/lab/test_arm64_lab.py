@@ -241,14 +241,14 @@ def docker_uname(lab: Lab, node: str, *args: str) -> str:
 
 @lab
 def test_each_pi_runs_images_of_its_own_architecture(arm64_lab: Lab) -> None:
-    assert docker_uname(arm64_lab, "pi1", "run", "--rm", "mcp:1", "uname", "-m") == arm64.MACHINE
-    assert docker_uname(arm64_lab, DESKTOP, "run", "--rm", "mcp:1", "uname", "-m") == "x86_64"
+    assert docker_uname(arm64_lab, "pi1", "run", "--rm", "mcp:1", "busybox", "uname", "-m") == arm64.MACHINE
+    assert docker_uname(arm64_lab, DESKTOP, "run", "--rm", "mcp:1", "busybox", "uname", "-m") == "x86_64"
     # An arm64-declared pull of the multi-arch tag takes the arm64 image out of the list.
     image = f"{arm64_lab.registry_address}/mcp:2"
     docker_uname(arm64_lab, DESKTOP, "pull", "--platform", "linux/arm64", image)
     inspected = docker_uname(arm64_lab, DESKTOP, "image", "inspect", "--format", "{{.Architecture}}", image)
     assert inspected == "arm64"
-    assert docker_uname(arm64_lab, DESKTOP, "run", "--rm", image, "uname", "-m") == arm64.MACHINE
+    assert docker_uname(arm64_lab, DESKTOP, "run", "--rm", image, "busybox", "uname", "-m") == arm64.MACHINE
 
 
 @lab
@@ -291,4 +291,4 @@ def test_seed_stack_rolls_out_unchanged(arm64_lab: Lab) -> None:
     # The replicas run arm64 images on the arm64 Pis.
     ids = docker_uname(arm64_lab, "pi2", "ps", "-q", "--filter", "label=org.picoord.service=mcp-server")
     assert ids, "no mcp-server container on pi2"
-    assert docker_uname(arm64_lab, "pi2", "exec", ids.split()[0], "uname", "-m") == arm64.MACHINE
+    assert docker_uname(arm64_lab, "pi2", "exec", ids.split()[0], "busybox", "uname", "-m") == arm64.MACHINE
