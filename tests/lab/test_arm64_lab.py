@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from picoord.lab import arm64
+from picoord.lab.cli import _make_lab, build_parser
 from picoord.lab.cluster import Lab, check_arm64_options
 from picoord.lab.images import MANIFEST_LIST_TYPE, MANIFEST_TYPE, multi_arch_images
 from picoord.lab.netns import LabError, check_node_names
@@ -156,6 +157,14 @@ def test_manifest_lists_name_each_architectures_manifest() -> None:
     assert amd64.layers[1].digest == arm.layers[1].digest  # the same files on top
 
 
+def test_picoord_lab_up_needs_the_agent_deb_for_arm64_pis() -> None:
+    args = build_parser().parse_args(
+        ["up", "--sandboxes", "--node-names", "pi1,ubuntu-desktop", "--arm64-nodes", "pi1"]
+    )
+    with pytest.raises(LabError, match="--agent-deb"):
+        _make_lab(args)
+
+
 def test_pi_root_mounts_the_overlay_first_then_the_pi_paths(tmp_path: Path) -> None:
     commands = arm64.pi_root_commands(
         [tmp_path / "layer", tmp_path / "base"], tmp_path / "pi1", ["/work/lab"]
@@ -234,21 +243,22 @@ def test_lab_registry_holds_manifest_lists_for_both_architectures(arm64_lab: Lab
     assert sorted(item["platform"]["architecture"] for item in document["manifests"]) == ["amd64", "arm64"]
 
 
-def docker_uname(lab: Lab, node: str, *args: str) -> str:
+def docker_out(lab: Lab, node: str, *args: str) -> str:
     done = lab.sandbox(node).run(["docker", *args], timeout=180, check=True)
     return done.stdout.strip()
 
 
 @lab
 def test_each_pi_runs_images_of_its_own_architecture(arm64_lab: Lab) -> None:
-    assert docker_uname(arm64_lab, "pi1", "run", "--rm", "mcp:1", "busybox", "uname", "-m") == arm64.MACHINE
-    assert docker_uname(arm64_lab, DESKTOP, "run", "--rm", "mcp:1", "busybox", "uname", "-m") == "x86_64"
+    assert docker_out(arm64_lab, "pi1", "run", "--rm", "mcp:1", "busybox", "uname", "-m") == arm64.MACHINE
+    inspect = ["image", "inspect", "--format", "{{.Architecture}}"]
+    assert docker_out(arm64_lab, "pi1", *inspect, "mcp:1") == "arm64"
+    assert docker_out(arm64_lab, DESKTOP, "run", "--rm", "mcp:1", "busybox", "uname", "-m") == "x86_64"
     # An arm64-declared pull of the multi-arch tag takes the arm64 image out of the list.
     image = f"{arm64_lab.registry_address}/mcp:2"
-    docker_uname(arm64_lab, DESKTOP, "pull", "--platform", "linux/arm64", image)
-    inspected = docker_uname(arm64_lab, DESKTOP, "image", "inspect", "--format", "{{.Architecture}}", image)
-    assert inspected == "arm64"
-    assert docker_uname(arm64_lab, DESKTOP, "run", "--rm", image, "busybox", "uname", "-m") == arm64.MACHINE
+    docker_out(arm64_lab, DESKTOP, "pull", "--platform", "linux/arm64", image)
+    assert docker_out(arm64_lab, DESKTOP, *inspect, image) == "arm64"
+    assert docker_out(arm64_lab, DESKTOP, "run", "--rm", image, "busybox", "uname", "-m") == arm64.MACHINE
 
 
 def agent_footprint(processes: dict[str, psutil.Process], seconds: float) -> dict[str, tuple[float, float]]:
@@ -305,6 +315,6 @@ def test_seed_stack_rolls_out_unchanged(arm64_lab: Lab) -> None:
     assert sorted(replica["node"] for replica in mcp) == ARM64_PIS, mcp
     assert [replica["node"] for replica in postgres] == [DESKTOP], postgres
     # The replicas run arm64 images on the arm64 Pis.
-    ids = docker_uname(arm64_lab, "pi2", "ps", "-q", "--filter", "label=org.picoord.service=mcp-server")
+    ids = docker_out(arm64_lab, "pi2", "ps", "-q", "--filter", "label=org.picoord.service=mcp-server")
     assert ids, "no mcp-server container on pi2"
-    assert docker_uname(arm64_lab, "pi2", "exec", ids.split()[0], "busybox", "uname", "-m") == arm64.MACHINE
+    assert docker_out(arm64_lab, "pi2", "exec", ids.split()[0], "busybox", "uname", "-m") == arm64.MACHINE
