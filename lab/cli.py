@@ -60,6 +60,21 @@ def _lab_options(parser: argparse.ArgumentParser) -> None:
         help="run a registry on the lab bridge with the stand-in images (mcp:1-3, postgres); "
         "the Pis' dockerd pull from it (needs --services dockerd)",
     )
+    parser.add_argument(
+        "--node-names", default="", help="comma-separated node names in place of pi1..piN (sets --nodes)"
+    )
+    parser.add_argument(
+        "--arm64-nodes",
+        default="",
+        help="comma-separated Pis whose agent is the arm64 deb (--agent-deb) in a Debian arm64 root, "
+        "run through qemu-user (needs --sandboxes)",
+    )
+    parser.add_argument("--agent-deb", type=Path, help="the picoord-agent .deb for the arm64 Pis (make deb)")
+    parser.add_argument(
+        "--debian-mirror",
+        default="http://deb.debian.org/debian",
+        help="where debootstrap gets the arm64 root from (cached in /var/cache/picoord-test)",
+    )
 
 
 def _select_options(parser: argparse.ArgumentParser, allow_all: bool) -> None:
@@ -105,7 +120,25 @@ def _make_lab(args: argparse.Namespace) -> Lab:
         sandboxes=args.sandboxes or bool(_services(args)),
         services=_services(args),
         registry=args.registry,
+        node_names=_words(args.node_names),
+        arm64_nodes=_words(args.arm64_nodes),
+        arm64_root=_arm64_root(args),
     )
+
+
+def _words(text: str) -> list[str]:
+    return [word.strip() for word in text.split(",") if word.strip()]
+
+
+def _arm64_root(args: argparse.Namespace) -> list[Path]:
+    """The arm64 root's layers (built and cached on first use) when arm64 Pis are asked for."""
+    if not _words(args.arm64_nodes):
+        return []
+    if args.agent_deb is None or not args.agent_deb.is_file():
+        raise LabError(f"--arm64-nodes needs --agent-deb FILE (make deb), got {args.agent_deb}")
+    from picoord.lab import arm64
+
+    return arm64.agent_root(args.debian_mirror, args.agent_deb)
 
 
 def _services(args: argparse.Namespace) -> list[str]:
@@ -135,8 +168,9 @@ def _selected(args: argparse.Namespace) -> list[Path]:
 
 def cmd_up(args: argparse.Namespace) -> int:
     lab = _make_lab(args)
-    print(f"picoord-lab: starting lab {lab.lab_id} with {args.nodes} Pis in {lab.work_dir} ...", flush=True)
-    lab.up(args.nodes)
+    nodes = len(lab.config.node_names) or args.nodes
+    print(f"picoord-lab: starting lab {lab.lab_id} with {nodes} Pis in {lab.work_dir} ...", flush=True)
+    lab.up(nodes)
     net = lab.network
     assert net is not None
     print(f"lab {lab.lab_id} is up: {len(lab.nodes)} Pis Ready on {net.subnet} (bridge {net.bridge})")

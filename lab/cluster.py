@@ -28,8 +28,8 @@ from types import TracebackType
 from typing import Any
 
 from picoord.common.defaults import JOIN_TOKEN_ENV
-from picoord.lab import netns
-from picoord.lab.images import BUSYBOX, host_architecture, lab_images
+from picoord.lab import arm64, netns
+from picoord.lab.images import BUSYBOX, host_architecture, lab_images, multi_arch_images
 from picoord.lab.netns import LabError, LabNetwork, require_root, tail
 from picoord.lab.registry import Registry, dockerd_registry_args
 from picoord.lab.sandbox import SERVICES, PiRack, PiSandbox, find_sandboxes
@@ -39,6 +39,11 @@ INDEX_DIR = "index"  # LAB_ROOT/index/<id> holds the work dir of every lab not y
 COORDINATOR = "coordinator"
 REGISTRY = "registry"
 REGISTRY_PORT = 5000
+# The Docker Hub mirror of the arm64 Pis: their dockerd is the host's amd64 engine, which
+# would take amd64 from a manifest list; this registry holds the arm64 images alone, as
+# what an arm64 engine takes from the lab registry's lists.
+REGISTRY_ARM64 = "registry-arm64"
+REGISTRY_ARM64_PORT = 5001
 COORDINATOR_PORT = 7443
 _SUN_PATH_MAX = 107  # a unix socket path longer than this cannot be bound
 
@@ -73,6 +78,9 @@ class LabConfig:
     sandboxes: bool = False  # each Pi gets a PiSandbox and its agent runs inside it
     services: list[str] = field(default_factory=list)  # started in every sandbox: dockerd, glusterd
     registry: bool = False  # a docker-registry on the bridge with the stand-in images; Pis pull from it
+    node_names: list[str] = field(default_factory=list)  # in place of pi1..piN
+    arm64_nodes: list[str] = field(default_factory=list)  # Pis whose agent runs in the arm64 root
+    arm64_root: list[str] = field(default_factory=list)  # its overlay lower dirs, top first
 
 
 def executable(name: str, bin_dir: Path | None = None) -> Path:
@@ -152,7 +160,14 @@ class Lab:
         sandboxes: bool = False,
         services: Sequence[str] = (),
         registry: bool = False,
+        node_names: Sequence[str] = (),
+        arm64_nodes: Sequence[str] = (),
+        arm64_root: Sequence[Path | str] = (),
     ) -> None:
+        """`node_names` names the Pis (default pi1..piN; up() then takes as many Pis);
+        `arm64_nodes` are Pis whose agent is the arm64 `picoord-agent` deb in a Debian arm64
+        root (`arm64_root`: its overlay lower dirs, top first, see arm64.agent_root()), run
+        chrooted in the Pi through qemu-user; they need sandboxes=True."""
         unknown = [name for name in services if name not in SERVICES]
         if unknown:
             raise LabError(f"unknown lab service(s) {unknown}: known are {sorted(SERVICES)}")
@@ -160,6 +175,7 @@ class Lab:
             raise LabError("services run inside the Pis' sandboxes: pass sandboxes=True as well")
         if registry and "dockerd" not in services:
             raise LabError("the lab registry is for the Pis' dockerd: add the dockerd service")
+        check_arm64_options(sandboxes, node_names, arm64_nodes, arm64_root)
         self.lab_id = lab_id or netns.new_lab_id(self._indexed_ids())
         self.work_dir = Path(work_dir) if work_dir else netns.LAB_ROOT / self.lab_id
         self.requested_subnet = subnet
@@ -176,6 +192,9 @@ class Lab:
             sandboxes=sandboxes,
             services=list(services),
             registry=registry,
+            node_names=list(node_names),
+            arm64_nodes=list(arm64_nodes),
+            arm64_root=[str(path) for path in arm64_root],
         )
         self.rack: PiRack | None = None
         self.ready_timeout = ready_timeout
@@ -230,7 +249,7 @@ class Lab:
 
     def log_path(self, name: str, kind: str = "") -> Path:
         """Log of the coordinator, of a node's agent (`kind=""`) or of its join (`kind="join"`)."""
-        if name in (COORDINATOR, REGISTRY):
+        if name in (COORDINATOR, REGISTRY, REGISTRY_ARM64):
             return self.logs_dir / f"{name}.log"
         return self.logs_dir / f"{name}-{kind or 'agent'}.log"
 
@@ -254,6 +273,18 @@ class Lab:
     def registry_address(self) -> str:
         """HOST:PORT of the lab registry: the bridge address, as a LAN registry would be."""
         return f"{self._net().gateway}:{REGISTRY_PORT}"
+
+    @property
+    def arm64_registry_address(self) -> str:
+        """HOST:PORT of the arm64 Pis' Docker Hub mirror (labs with arm64 nodes and a registry)."""
+        return f"{self._net().gateway}:{REGISTRY_ARM64_PORT}"
+
+    def is_arm64(self, node: str) -> bool:
+        return node in self.config.arm64_nodes
+
+    def arm64_pi_dir(self, node: str) -> Path:
+        """Where an arm64 Pi's root overlay lives (inside its sandbox dir)."""
+        return self.sandboxes_dir / node
 
     def namespace(self, node: str) -> str:
         return self._net().pi(node).netns
@@ -392,7 +423,7 @@ class Lab:
                 subnet = self.requested_subnet
             else:
                 subnet = netns.choose_subnet(others)
-            self.network = netns.plan_network(self.lab_id, subnet, nodes)
+            self.network = netns.plan_network(self.lab_id, subnet, nodes, self.config.node_names)
             if not self.config.metrics_port:
                 self.config.metrics_port = _free_loopback_port()
             self.status = "creating"
@@ -408,19 +439,36 @@ class Lab:
         if not self.config.sandboxes:
             self.rack = None
             return
+        missing = sorted(set(self.config.arm64_nodes) - set(self.nodes))
+        if missing:
+            raise LabError(f"arm64_nodes {missing} are not Pis of this lab (its Pis: {self.nodes})")
+        if self.config.arm64_nodes:
+            arm64.ensure_binfmt()
+        registry = self.config.registry
+        arm64_args = {"dockerd": dockerd_registry_args(self.registry_address, self.arm64_registry_address)}
         self.rack = PiRack(
             self._net(),
             self.sandboxes_dir,
             self.config.services,
             logs_dir=self.logs_dir,
             service_timeout=self.start_timeout * 2,
-            service_args={"dockerd": dockerd_registry_args(self.registry_address)}
-            if self.config.registry
-            else None,
+            service_args={"dockerd": dockerd_registry_args(self.registry_address)} if registry else None,
+            node_service_args={node: arm64_args for node in self.config.arm64_nodes} if registry else None,
         )
         self.save()
         self.rack.up()
         self.save()
+        for node in self.config.arm64_nodes:
+            self._mount_arm64_root(node)
+
+    def _mount_arm64_root(self, node: str) -> None:
+        """The Pi's own overlay of the arm64 root, inside its mount namespace (it goes with
+        the namespace), with /proc, /sys, /dev, its docker dir and the lab's work dir."""
+        pi_dir = self.arm64_pi_dir(node)
+        arm64.prepare_pi_dirs(pi_dir)
+        lower = [Path(path) for path in self.config.arm64_root]
+        for argv in arm64.pi_root_commands(lower, pi_dir, [str(self.work_dir.absolute())]):
+            self.sandbox(node).run(argv, timeout=60, check=True)
 
     def _claimed_subnets(self) -> list[str]:
         """Subnets of labs that are indexed but may not have their bridge up yet."""
@@ -540,16 +588,28 @@ class Lab:
 
     def start_registry(self) -> None:
         """Debian's docker-registry on the bridge, filled with the stand-in images."""
-        registry = Registry(self.work_dir / "registry", self.registry_address, self.log_path(REGISTRY))
-        self._spawn(REGISTRY, registry.argv(), self.log_path(REGISTRY))
+        registry = self._start_registry_process(REGISTRY, self.registry_address)
+        if not self.config.arm64_nodes:
+            for image in lab_images(BUSYBOX.read_bytes(), host_architecture()):
+                registry.push(image)
+            return
+        # Both architectures under each tag (manifest lists), and the arm64 Pis' mirror.
+        busyboxes = {host_architecture(): BUSYBOX.read_bytes(), arm64.ARCH: arm64.busybox()}
+        for image_list in multi_arch_images(busyboxes):
+            registry.push_list(image_list)
+        mirror = self._start_registry_process(REGISTRY_ARM64, self.arm64_registry_address)
+        for image in lab_images(busyboxes[arm64.ARCH], arm64.ARCH):
+            mirror.push(image)
+
+    def _start_registry_process(self, name: str, address: str) -> Registry:
+        registry = Registry(self.work_dir / name, address, self.log_path(name))
+        self._spawn(name, registry.argv(), self.log_path(name))
         deadline = time.monotonic() + self.start_timeout
         while not registry.answers():
-            if not self.is_running(REGISTRY) or time.monotonic() > deadline:
-                why = self.log_tail(REGISTRY)
-                raise LabError(f"the lab registry did not answer on {registry.address}:\n{why}")
+            if not self.is_running(name) or time.monotonic() > deadline:
+                raise LabError(f"the lab registry {name} did not answer on {address}:\n{self.log_tail(name)}")
             time.sleep(0.1)
-        for image in lab_images(BUSYBOX.read_bytes(), host_architecture()):
-            registry.push(image)
+        return registry
 
     def start_coordinator(self) -> None:
         """Start the coordinator on the host (listening on the bridge address) and wait until
@@ -641,17 +701,22 @@ class Lab:
             settings["docker_socket"] = PiSandbox.docker_socket
         return settings
 
-    def _agent(self) -> list[str]:
-        """The agent executable with the lab's own settings file."""
+    def _agent(self, node: str | None = None) -> list[str]:
+        """The agent executable with the lab's own settings file: the venv's, or on an arm64
+        Pi the arm64 deb's /usr/bin/picoord-agent, chrooted in the Pi's root."""
         if not self.agent_config_path.exists():
             write_settings(self.agent_config_path, self.agent_settings())
+        if node is not None and self.is_arm64(node):
+            return arm64.chroot_argv(
+                self.arm64_pi_dir(node), ["/usr/bin/picoord-agent", "--config", str(self.agent_config_path)]
+            )
         return [str(executable("picoord-agent", self.bin_dir)), "--config", str(self.agent_config_path)]
 
     def join_argv(self, ca_cert_hash: str, node_name: str, state_dir: Path | str, *extra: str) -> list[str]:
         """`picoord-agent join` against this lab's coordinator, without the token: pass that in
         the environment ($PICOORD_JOIN_TOKEN), or as `--token` in `extra` to try a bad one."""
         return [
-            *self._agent(),
+            *self._agent(node_name),
             "join",
             self.coordinator_address,
             "--ca-cert-hash",
@@ -722,7 +787,7 @@ class Lab:
         if self.is_running(node):
             raise LabError(f"the agent on {node} is already running (pid {self.processes[node].pid})")
         argv = [
-            *self._agent(),
+            *self._agent(node),
             "run",
             "--state-dir",
             str(self.agent_state_dir(node)),
@@ -843,6 +908,29 @@ class Lab:
         state["running"] = {name: self.is_running(name) for name in self.processes}
         state["network_present"] = bool(self.network and netns.remaining(self.network))
         return state
+
+
+def check_arm64_options(
+    sandboxes: bool, node_names: Sequence[str], arm64_nodes: Sequence[str], arm64_root: Sequence[Path | str]
+) -> None:
+    """Refuse arm64 options that cannot work, naming the option, before anything is made."""
+    if isinstance(node_names, str) or isinstance(arm64_nodes, str):
+        raise LabError("node_names and arm64_nodes are lists of node names, not one string")
+    if not arm64_nodes:
+        if arm64_root:
+            raise LabError("arm64_root is given but no arm64_nodes use it")
+        return
+    if not sandboxes:
+        raise LabError("arm64_nodes run their agent in a root mounted in their sandbox: pass sandboxes=True")
+    if len(set(arm64_nodes)) != len(arm64_nodes):
+        raise LabError(f"arm64_nodes {list(arm64_nodes)!r} names a Pi twice")
+    if node_names and set(arm64_nodes) - set(node_names):
+        raise LabError(f"arm64_nodes {sorted(set(arm64_nodes) - set(node_names))} are not in node_names")
+    if not arm64_root:
+        raise LabError("arm64_nodes need arm64_root: the overlay lower dirs from arm64.agent_root()")
+    for path in arm64_root:
+        if not (Path(path) / "usr").is_dir():
+            raise LabError(f"arm64_root: {path} is not a root file system layer (no usr/ in it)")
 
 
 def known_labs() -> Iterator[Path]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+MANIFEST_LIST_TYPE = "application/vnd.docker.distribution.manifest.list.v2+json"
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: one static binary
@@ -63,6 +64,45 @@ class Image:
             "mediaType": MANIFEST_TYPE,
             "config": self.config.descriptor(),
             "layers": [layer.descriptor() for layer in self.layers],
+        }
+        return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def reference(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+    @property
+    def architecture(self) -> str:
+        return str(json.loads(self.config.data)["architecture"])
+
+    @property
+    def manifest_digest(self) -> str:
+        return "sha256:" + hashlib.sha256(self.manifest).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """One tag for several architectures: a manifest list naming each image's manifest, so
+    a pulling engine takes the one for its own platform (or the one it is asked for)."""
+
+    repository: str
+    tag: str
+    images: tuple[Image, ...]
+
+    @property
+    def manifest(self) -> bytes:
+        document = {
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_LIST_TYPE,
+            "manifests": [
+                {
+                    "mediaType": MANIFEST_TYPE,
+                    "size": len(image.manifest),
+                    "digest": image.manifest_digest,
+                    "platform": {"architecture": image.architecture, "os": "linux"},
+                }
+                for image in self.images
+            ],
         }
         return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
 
@@ -194,3 +234,12 @@ def lab_images(busybox: bytes, architecture: str) -> list[Image]:
         source = by_reference[target]
         images.append(Image(repository, tag, source.layers, source.config))
     return images
+
+
+def multi_arch_images(busyboxes: Mapping[str, bytes]) -> list[ImageList]:
+    """Every lab image as a manifest list over the architectures given (architecture ->
+    that architecture's static busybox), e.g. {"amd64": ..., "arm64": ...}."""
+    if not busyboxes:
+        raise ValueError("multi_arch_images needs at least one architecture's busybox")
+    per_arch = [lab_images(binary, architecture) for architecture, binary in sorted(busyboxes.items())]
+    return [ImageList(same[0].repository, same[0].tag, tuple(same)) for same in zip(*per_arch, strict=True)]

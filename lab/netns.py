@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from picoord.agent.commands import CommandResult, run_command
+from picoord.common.names import validate_node_name
 
 LAB_ROOT = Path(os.environ.get("PICOORD_LAB_ROOT", "/run/picoord-lab"))
 # Each lab takes one /24 from this pool unless given a subnet; 10.213/16 is rarely used.
@@ -115,8 +116,11 @@ def bridge_name(lab_id: str) -> str:
     return f"{_name_prefix(lab_id)}br"
 
 
-def plan_network(lab_id: str, subnet: str, nodes: int) -> LabNetwork:
-    """Name and address everything up front, so teardown never depends on what got created."""
+def plan_network(lab_id: str, subnet: str, nodes: int, names: Sequence[str] = ()) -> LabNetwork:
+    """Name and address everything up front, so teardown never depends on what got created.
+
+    Pi N is node `piN` unless `names` gives its node name (e.g. "ubuntu-desktop"); its
+    interfaces and namespace keep the index, so they stay short and unique."""
     if not _LAB_ID.match(lab_id):
         raise LabError(f"invalid lab id {lab_id!r}: use 4 lowercase hex digits")
     if nodes < 1:
@@ -127,10 +131,11 @@ def plan_network(lab_id: str, subnet: str, nodes: int) -> LabNetwork:
         raise LabError(
             f"subnet {network} is too small for {nodes} Pis: Pi N takes host address N+{PI_ADDRESS_OFFSET}"
         )
+    node_names = check_node_names(names, nodes)
     prefix = _name_prefix(lab_id)
     pis = tuple(
         PiNet(
-            node=f"pi{n}",
+            node=node_names[n - 1],
             netns=f"{prefix}-pi{n}",
             veth_host=f"{prefix}h{n}",
             address=str(hosts[n + PI_ADDRESS_OFFSET - 1]),
@@ -141,6 +146,23 @@ def plan_network(lab_id: str, subnet: str, nodes: int) -> LabNetwork:
         if len(name) > IFNAMSIZ:
             raise LabError(f"interface name {name!r} is longer than {IFNAMSIZ} characters")
     return LabNetwork(lab_id, str(network), bridge_name(lab_id), str(hosts[0]), pis)
+
+
+def check_node_names(names: Sequence[str], nodes: int) -> list[str]:
+    """The node names of `nodes` Pis: `names` if given (one per Pi, distinct, valid node
+    names), else pi1..piN."""
+    if not names:
+        return [f"pi{n}" for n in range(1, nodes + 1)]
+    if isinstance(names, str) or len(names) != nodes:
+        raise LabError(f"node names {list(names)!r}: give exactly one name for each of the {nodes} Pis")
+    for name in names:
+        try:
+            validate_node_name(name)
+        except ValueError as error:
+            raise LabError(f"node names: {error}") from None
+    if len(set(names)) != len(names):
+        raise LabError(f"node names {list(names)!r}: each Pi needs its own name")
+    return list(names)
 
 
 def validate_subnet(subnet: str) -> ipaddress.IPv4Network:

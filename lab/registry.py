@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from picoord.lab.images import MANIFEST_TYPE, Blob, Image
+from picoord.lab.images import MANIFEST_LIST_TYPE, MANIFEST_TYPE, Blob, Image, ImageList
 from picoord.lab.netns import LabError
 
 HTTP_TIMEOUT = 30.0
@@ -35,9 +35,13 @@ def registry_config(root: Path, address: str) -> str:
     )
 
 
-def dockerd_registry_args(address: str) -> list[str]:
-    """What a lab Pi's dockerd needs to pull from the lab registry at `address` (HOST:PORT)."""
-    return ["--insecure-registry", address, "--registry-mirror", f"http://{address}"]
+def dockerd_registry_args(address: str, mirror: str | None = None) -> list[str]:
+    """What a lab Pi's dockerd needs to pull from the lab registry at `address` (HOST:PORT);
+    Docker Hub names go to `mirror` (another lab registry, HOST:PORT) if given, else to it."""
+    args = ["--insecure-registry", address]
+    if mirror and mirror != address:
+        args += ["--insecure-registry", mirror]
+    return [*args, "--registry-mirror", f"http://{mirror or address}"]
 
 
 def _request(method: str, url: str, data: bytes | None = None, headers: dict[str, str] | None = None):
@@ -131,15 +135,27 @@ class Registry:
             if reply.status != 201:
                 raise LabError(f"registry refused blob {blob.digest} for {repository}: HTTP {reply.status}")
 
-    def push(self, image: Image) -> str:
-        """Upload the image's blobs and manifest; return the manifest's digest."""
+    def push(self, image: Image, reference: str | None = None) -> str:
+        """Upload the image's blobs and manifest, under its tag or `reference` (a digest);
+        return the manifest's digest."""
         for blob in (*image.layers, image.config):
             self.push_blob(image.repository, blob)
-        manifest = image.manifest
-        url = f"{self.url}/v2/{image.repository}/manifests/{image.tag}"
-        with _request("PUT", url, manifest, {"Content-Type": MANIFEST_TYPE}) as reply:
+        return self._put_manifest(image.repository, reference or image.tag, image.manifest, MANIFEST_TYPE)
+
+    def push_list(self, image_list: ImageList) -> str:
+        """Upload every image of the list by digest, then the manifest list under its tag."""
+        for image in image_list.images:
+            if image.repository != image_list.repository:
+                raise LabError(f"{image.reference} cannot be part of the list {image_list.reference}")
+            self.push(image, image.manifest_digest)
+        manifest = image_list.manifest
+        return self._put_manifest(image_list.repository, image_list.tag, manifest, MANIFEST_LIST_TYPE)
+
+    def _put_manifest(self, repository: str, reference: str, manifest: bytes, media_type: str) -> str:
+        url = f"{self.url}/v2/{repository}/manifests/{reference}"
+        with _request("PUT", url, manifest, {"Content-Type": media_type}) as reply:
             if reply.status != 201:
-                raise LabError(f"registry refused the manifest of {image.reference}: HTTP {reply.status}")
+                raise LabError(f"registry refused the manifest {repository}:{reference}: HTTP {reply.status}")
             return reply.headers.get("Docker-Content-Digest", "")
 
     def tags(self, repository: str) -> list[str]:

@@ -735,6 +735,7 @@ class PiRack:
         service_timeout: float = 60.0,
         stop_timeout: float = DESTROY_TIMEOUT,
         service_args: Mapping[str, Sequence[str]] | None = None,
+        node_service_args: Mapping[str, Mapping[str, Sequence[str]]] | None = None,
     ) -> None:
         unknown = [name for name in services if name not in SERVICES]
         if unknown:
@@ -743,6 +744,12 @@ class PiRack:
         self.root = Path(root).absolute()
         self.services = tuple(services)
         self.service_args = {name: tuple(args) for name, args in (service_args or {}).items()}
+        # node -> service -> args, in place of service_args on that node (e.g. an arm64 Pi's
+        # dockerd pulls Docker Hub names through another mirror)
+        self.node_service_args = {
+            node: {name: tuple(args) for name, args in by_service.items()}
+            for node, by_service in (node_service_args or {}).items()
+        }
         self.logs_dir = Path(logs_dir) if logs_dir else self.root / "logs"
         self.service_timeout = service_timeout
         self.stop_timeout = stop_timeout
@@ -791,14 +798,14 @@ class PiRack:
 
     def start_service(self, service: str, nodes: Sequence[str] | None = None) -> None:
         """Start `service` on `nodes` (default all) in parallel; raises the first failure."""
-        starter = SERVICES[service]
-        if self.service_args.get(service):  # e.g. dockerd's --insecure-registry for the lab registry
-            starter = functools.partial(starter, extra_args=self.service_args[service])
         chosen = list(nodes) if nodes is not None else self.nodes
         with ThreadPoolExecutor(max_workers=max(1, len(chosen))) as pool:
             futures = {
                 node: pool.submit(
-                    starter, self.sandbox(node), self.log_path(node, service), self.service_timeout
+                    self._starter(service, node),
+                    self.sandbox(node),
+                    self.log_path(node, service),
+                    self.service_timeout,
                 )
                 for node in chosen
             }
@@ -810,6 +817,12 @@ class PiRack:
                 errors.append(f"{node}: {error}")
         if errors:
             raise LabError(f"{service} did not start: " + "\n".join(errors))
+
+    def _starter(self, service: str, node: str) -> Callable[..., DaemonHandle]:
+        args = self.node_service_args.get(node, {}).get(service, self.service_args.get(service))
+        if args:  # e.g. dockerd's --insecure-registry for the lab registry
+            return functools.partial(SERVICES[service], extra_args=args)
+        return SERVICES[service]
 
     def down(self) -> None:
         """Destroy every sandbox at once: SIGTERM to everything inside (dockerd, glusterd,
