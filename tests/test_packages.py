@@ -543,7 +543,7 @@ rules:
 """
 NODE = "pi-deb"
 AGENT_STATE = "/var/lib/picoord/agent"
-ENROLLMENT_FILES = ("node.key", "node.crt", "ca.crt", "enrollment.json")
+ENROLLMENT_FILES = ("node.pem", "ca.crt", "enrollment.json")  # key and certificate in one file
 
 
 def test_installed_from_the_debs_in_a_booted_debian(
@@ -674,7 +674,7 @@ def test_installed_from_the_debs_in_a_booted_debian(
     # remove keeps the state (and the agent's config); purge deletes it.
     container.sh("apt-get", "remove", "-y", "-q", AGENT)
     assert container.sh("systemctl", "is-active", "picoord-agent", check=False).stdout.strip() != "active"
-    assert (container.root / AGENT_STATE.lstrip("/") / "node.key").is_file()
+    assert (container.root / AGENT_STATE.lstrip("/") / "node.pem").is_file()
     container.sh("apt-get", "purge", "-y", "-q", AGENT)
     assert not (container.root / AGENT_STATE.lstrip("/")).exists()
     assert (container.root / "var/lib/picoord/state.db").is_file(), "the coordinator's state must stay"
