@@ -100,10 +100,6 @@ class ServiceRecord:
     next_replica: int
 
 
-_spec_json = spec_to_json
-_spec = spec_from_json
-
-
 class WorkloadRecords:
     """The workload tables of the coordinator's store."""
 
@@ -119,7 +115,7 @@ class WorkloadRecords:
         changed = []
         with self.store.transaction() as db:
             for spec in specs:
-                text = _spec_json(spec)
+                text = spec_to_json(spec)
                 row = db.execute("SELECT spec FROM services WHERE name = ?", (spec.name,)).fetchone()
                 changed.append(row is None or row[0] != text)
                 db.execute(
@@ -135,7 +131,7 @@ class WorkloadRecords:
         return [
             ServiceRecord(
                 name=row["name"],
-                spec=_spec(row["spec"]),
+                spec=spec_from_json(row["spec"]),
                 applied_at=row["applied_at"],
                 source=row["source"],
                 rollout=from_plain(Rollout, json.loads(row["rollout"])) if row["rollout"] else None,
@@ -159,7 +155,10 @@ class WorkloadRecords:
         rows = self.store._query("SELECT * FROM revisions WHERE service = ? ORDER BY revision", (service,))
         return [
             Revision(
-                row["revision"], StoredSpec(row["key"], _spec(row["spec"])), row["created_at"], row["cause"]
+                row["revision"],
+                StoredSpec(row["key"], spec_from_json(row["spec"])),
+                row["created_at"],
+                row["cause"],
             )
             for row in rows
         ]
@@ -170,7 +169,7 @@ class WorkloadRecords:
             db.executemany(
                 "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
                 [
-                    (service, r.number, _spec_json(r.spec.spec), r.spec.key, r.created_at, r.cause)
+                    (service, r.number, spec_to_json(r.spec.spec), r.spec.key, r.created_at, r.cause)
                     for r in history
                 ],
             )
@@ -179,7 +178,7 @@ class WorkloadRecords:
         rows = self.store._query(
             "SELECT spec FROM revisions WHERE service = ? AND revision = ?", (service, revision)
         )
-        return _spec(rows[0][0]) if rows else None
+        return spec_from_json(rows[0][0]) if rows else None
 
     # replicas
     def replicas(self, service: str | None = None) -> list[ReplicaRecord]:
