@@ -689,7 +689,9 @@ class WorkloadController:
                     revision=record.revision,
                     node=record.node,
                     state=(report.state if report else "pending")
-                    + ("" if record.node in self.cluster.sessions else " (node unreachable)"),
+                    # Ready, not merely holding a session: a cut link keeps its session open
+                    # until TCP keepalive gives up, long after the node went silent.
+                    + ("" if self.cluster.status(record.node) is Status.READY else " (node unreachable)"),
                     health=report.health if report else workloads_pb2.REPLICA_HEALTH_UNSPECIFIED,
                     since=replica.since,
                     restarts=replica.restarts,

@@ -129,7 +129,13 @@ def services(lab: Lab) -> dict[str, dict[str, Any]]:
     return {view["name"]: view for view in lab.coordctl_json("services")}
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.5) -> Any:
+def wait_until(
+    what: str,
+    check: Callable[[], Any],
+    timeout: float = 60.0,
+    every: float = 0.5,
+    explain: Callable[[], Any] | None = None,
+) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -137,7 +143,8 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, every
         if last:
             return last
         time.sleep(every)
-    pytest.fail(f"{what}: not within {timeout:g} s (last: {last!r})")
+    seen = f"; seen: {explain()!r}" if explain else ""
+    pytest.fail(f"{what}: not within {timeout:g} s (last: {last!r}){seen}")
 
 
 def settled(lab: Lab, service: str, count: int, revision: int | None = None) -> list[dict[str, Any]] | None:
@@ -150,6 +157,24 @@ def settled(lab: Lab, service: str, count: int, revision: int | None = None) -> 
     if len(listed) != count or len(healthy) != count or running_count(lab, service) != count:
         return None
     return healthy
+
+
+def settle(
+    lab: Lab, what: str, service: str, count: int, revision: int | None = None, timeout: float = 30
+) -> list[dict[str, Any]]:
+    """Wait for `settled`; on a timeout the failure shows the replicas and the containers seen."""
+
+    def check() -> tuple[list[dict[str, Any]]] | None:
+        listing = settled(lab, service, count, revision)
+        return None if listing is None else (listing,)  # truthy even when settled on none
+
+    found = wait_until(
+        what,
+        check,
+        timeout,
+        explain=lambda: {"replicas": replicas(lab, service), "containers": containers(lab, service)},
+    )
+    return found[0]
 
 
 def spec_file(tmp_path: Path, name: str, text: str) -> Path:
@@ -180,7 +205,7 @@ def deploy(lab: Lab, tmp_path: Path, name: str, count: int = 2, **doc: Any) -> l
     """Apply and roll out a service, and wait until it is settled."""
     ok(lab, "apply", "-f", str(spec_file(tmp_path, name, service_doc(name, replicas=count, **doc))))
     ok(lab, "rollout", name)
-    return wait_until(f"{name} settled", lambda: settled(lab, name, count), 30)
+    return settle(lab, f"{name} settled", name, count)
 
 
 def serving(lab: Lab) -> dict[str, str]:
@@ -281,7 +306,7 @@ def test_drain_moves_replicas_elsewhere_first_and_none_remain(lab: Lab, tmp_path
         assert "0 replica(s) left on pi3" in said, said
         assert containers(lab, "drainme", every=True)["pi3"] == []
         assert containers(lab, "postgres", every=True)["pi3"] == []
-        placed = wait_until("drainme settled on pi2", lambda: settled(lab, "drainme", 2), 30)
+        placed = settle(lab, "drainme settled on pi2", "drainme", 2)
         assert {r["node"] for r in placed} == {"pi2"}
         # Moved elsewhere first: start-first with max_unavailable 0 never left fewer running.
         assert counter.samples > 3, counter.errors
@@ -315,7 +340,7 @@ def test_mcp_rollout_update_failed_update_history_undo(lab: Lab) -> None:
     assert "rolled back" in said, said
     replica, node = named.groups()
     assert replica.startswith("mcp") and node in lab.nodes
-    wait_until("mcp back on revision 2", lambda: settled(lab, "mcp", 3, revision=2), 30)
+    settle(lab, "mcp back on revision 2", "mcp", 3, revision=2)
     assert serving(lab) == dict.fromkeys(lab.nodes, "mcp 2")
     assert containers(lab, "mcp", every=True) == {
         n: [c for c in cs if c["revision"] == "2"] for n, cs in containers(lab, "mcp", every=True).items()
@@ -327,7 +352,7 @@ def test_mcp_rollout_update_failed_update_history_undo(lab: Lab) -> None:
 
     said = ok(lab, "rollout", "undo", "mcp")
     assert "3/3 healthy" in said, said
-    wait_until("mcp serving revision 1's image", lambda: settled(lab, "mcp", 3), 30)
+    settle(lab, "mcp serving revision 1's image", "mcp", 3)
     assert {r["image"] for r in running_replicas(lab, "mcp")} == {"mcp:1"}
     assert serving(lab) == dict.fromkeys(lab.nodes, "mcp 1")
 
@@ -464,7 +489,7 @@ def test_container_that_exits_at_once_is_rolled_back_naming_the_exit_code(lab: L
     assert re.search(r"replica crashy\S* on pi\d \(revision 2\)", said), said
     assert "exit code 3" in said, said
     assert "rolled back" in said, said
-    placed = wait_until("crashy back on revision 1", lambda: settled(lab, "crashy", 2, revision=1), 30)
+    placed = settle(lab, "crashy back on revision 1", "crashy", 2, revision=1)
     assert len(placed) == 2
 
 
@@ -496,7 +521,7 @@ def test_image_that_does_not_exist_is_rolled_back_naming_the_pull_error(lab: Lab
     )
     assert re.search(r"not found|manifest unknown", said), said
     assert "rolled back" in said, said
-    wait_until("missing back on revision 1", lambda: settled(lab, "missing", 2, revision=1), 30)
+    settle(lab, "missing back on revision 1", "missing", 2, revision=1)
 
 
 def test_registry_down_fails_the_update_names_the_pull_error_and_old_revision_serves(
@@ -517,7 +542,7 @@ def test_registry_down_fails_the_update_names_the_pull_error_and_old_revision_se
     )
     assert "connection refused" in said, said
     assert "rolled back" in said, said
-    placed = wait_until("offline back on revision 1", lambda: settled(lab, "offline", 2, revision=1), 30)
+    placed = settle(lab, "offline back on revision 1", "offline", 2, revision=1)
     for replica in placed:
         [container] = containers(lab, "offline")[replica["node"]]
         assert container["revision"] == "1"
@@ -551,7 +576,7 @@ def test_agent_killed_while_it_pulls_converges_without_duplicates(lab: Lab, tmp_
     assert started.returncode == 0, out
     assert f"service/{name} revision 1: 3/3 healthy" in out, out
     lab.wait_ready()
-    placed = wait_until(f"{name} settled", lambda: settled(lab, name, 3), 30)
+    placed = settle(lab, f"{name} settled", name, 3)
     every = containers(lab, name, every=True)
     slots = [c["replica"] for cs in every.values() for c in cs]
     assert sorted(slots) == sorted(r["replica"] for r in placed), every
@@ -576,7 +601,7 @@ def test_coordinator_killed_mid_rollout_resumes_within_the_bounds(lab: Lab, tmp_
         lab.wait_ready()
         said = ok(lab, "rollout", "status", name, "--watch")
         assert f"service/{name} revision 2: 3/3 healthy" in said, said
-        wait_until(f"{name} settled on revision 2", lambda: settled(lab, name, 3, revision=2), 30)
+        settle(lab, f"{name} settled on revision 2", name, 3, revision=2)
     assert counter.samples > 10, counter.errors
     assert counter.peak <= 3 + 1, f"{counter.peak} containers of {name} ran at once (bound: 3 + max_surge 1)"
     every = containers(lab, name, every=True)
@@ -617,7 +642,7 @@ def test_node_lost_mid_rollout_completes_on_the_others_and_stale_replicas_go(
                 lab.start_agent(victim)
     lab.wait_ready()
     # Back again: what it still ran of the service is stopped, never left beside its replacement.
-    wait_until(f"{name} settled after {victim} returned", lambda: settled(lab, name, 3, revision=2), 30)
+    settle(lab, f"{name} settled after {victim} returned", name, 3, revision=2)
     assert containers(lab, name)[victim] == []
     # The demo's mcp could not move (one per node) and is whole again on all three.
-    wait_until("mcp whole again", lambda: settled(lab, "mcp", mcp_count) is not None, 30)
+    settle(lab, "mcp whole again", "mcp", mcp_count)
