@@ -124,8 +124,7 @@ def _make_lab(args: argparse.Namespace) -> Lab:
         log_level=args.log_level,
         heartbeat_timeout=args.heartbeat_timeout,
         down_timeout=args.down_timeout,
-        ready_timeout=max(args.timeout, arm64.READY_TIMEOUT) if _words(args.arm64_nodes) else args.timeout,
-        start_timeout=arm64.START_TIMEOUT if _words(args.arm64_nodes) else 30.0,
+        **_timeouts(args),
         bin_dir=args.bin_dir,
         sandboxes=args.sandboxes or bool(_services(args)),
         services=_services(args),
@@ -134,6 +133,13 @@ def _make_lab(args: argparse.Namespace) -> Lab:
         arm64_nodes=_words(args.arm64_nodes),
         arm64_root=_arm64_root(args),
     )
+
+
+def _timeouts(args: argparse.Namespace) -> dict[str, float]:
+    """--timeout, and at least the waits an emulated (arm64) agent needs to start and enroll."""
+    if not _words(args.arm64_nodes):
+        return {"ready_timeout": args.timeout}
+    return {"ready_timeout": max(args.timeout, arm64.READY_TIMEOUT), "start_timeout": arm64.START_TIMEOUT}
 
 
 def _words(text: str) -> list[str]:
@@ -398,6 +404,9 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
     demo.show("ps", "postgres")
     for node in SEED_PIS:
         ids = lab.sandbox(node).run(["docker", "ps", "-q", "--filter", SEED_SERVICE_LABEL], timeout=60)
+        if not ids.stdout.split():
+            demo.failed = True
+            print(f"no {SEED_SERVICE} container runs on {node}: {ids.stderr.strip()}", file=sys.stderr)
         for container in ids.stdout.split()[:1]:
             demo.on_node(
                 node,
