@@ -162,7 +162,7 @@ def _arm64_root(args: argparse.Namespace) -> list[Path]:
         else:
             what = (
                 f"building the arm64 Pis' root: debootstrap of Debian 12 arm64 from {args.debian_mirror}, "
-                "then the agent deb installed under qemu-user. The first run takes several minutes (about 10 "
+                "then the agent deb installed under qemu-user. The first run takes several minutes (about 7 "
                 "on 2 cores)"
             )
         print(f"picoord-lab: {what}; cached in {arm64.CACHE_DIR} for the next runs ...", flush=True)
