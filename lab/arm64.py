@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -54,6 +55,10 @@ AGENT_DEPENDENCIES = (
     "python3-structlog",
     "python3-tenacity",
 )
+# An arm64 Pi's agent is python3 under qemu-user: it starts grpc in seconds, not
+# milliseconds, so labs with arm64 Pis wait longer for it to start and enroll.
+START_TIMEOUT = 180.0
+READY_TIMEOUT = 240.0
 DEBOOTSTRAP_TIMEOUT = 1800.0
 INSTALL_TIMEOUT = 900.0
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -131,15 +136,44 @@ def _cache_lock(cache_dir: Path) -> Iterator[None]:
         yield
 
 
+def _base_recipe(mirror: str) -> dict[str, object]:
+    return {
+        "suite": SUITE,
+        "arch": ARCH,
+        "variant": "minbase",
+        "mirror": mirror,
+        "include": AGENT_DEPENDENCIES,
+    }
+
+
+def base_root_path(mirror: str, cache_dir: Path = CACHE_DIR) -> Path:
+    """Where base_root() keeps the root of this recipe (built or not)."""
+    return cache_dir / f"{SUITE}-{ARCH}-{recipe_key(_base_recipe(mirror))}"
+
+
+def agent_layer_path(base: Path, agent_deb: Path, cache_dir: Path = CACHE_DIR) -> Path:
+    """Where agent_layer() keeps the layer of this deb over `base` (built or not)."""
+    digest = hashlib.sha256(agent_deb.read_bytes()).hexdigest()[:12]
+    return cache_dir / f"{base.name}-agent-{digest}"
+
+
+def agent_root_cached(mirror: str, agent_deb: Path, cache_dir: Path = CACHE_DIR) -> bool:
+    """Whether agent_root() would find both layers built (so it returns in a moment)."""
+    base = base_root_path(mirror, cache_dir)
+    layer = agent_layer_path(base, agent_deb, cache_dir)
+    return (base / "etc" / "debian_version").is_file() and (
+        layer / "upper" / "usr" / "bin" / "picoord-agent"
+    ).is_file()
+
+
 def base_root(mirror: str, cache_dir: Path = CACHE_DIR) -> Path:
     """A bookworm arm64 minbase root with the agent's dependencies, from debootstrap:
     built once, then reused read-only for as long as its recipe is unchanged."""
     if not shutil.which("debootstrap"):
         raise LabError("debootstrap is missing: apt-get install debootstrap")
     ensure_binfmt()
-    recipe = {"suite": SUITE, "arch": ARCH, "variant": "minbase", "mirror": mirror}
-    recipe["include"] = AGENT_DEPENDENCIES
-    root = cache_dir / f"{SUITE}-{ARCH}-{recipe_key(recipe)}"
+    recipe = _base_recipe(mirror)
+    root = base_root_path(mirror, cache_dir)
     with _cache_lock(cache_dir):
         if not (root / "etc" / "debian_version").is_file():
             partial = root.with_name(root.name + ".partial")
@@ -161,8 +195,7 @@ def agent_layer(base: Path, agent_deb: Path, cache_dir: Path = CACHE_DIR) -> Pat
     """An overlay upper dir over `base` holding what `apt-get install ./AGENT.deb` changed
     (run under qemu-user, chrooted): cached per deb digest. Dependencies are in the base
     already, so apt resolves them from what is installed and downloads nothing."""
-    digest = hashlib.sha256(agent_deb.read_bytes()).hexdigest()[:12]
-    layer = cache_dir / f"{base.name}-agent-{digest}"
+    layer = agent_layer_path(base, agent_deb, cache_dir)
     with _cache_lock(cache_dir):
         if (layer / "upper" / "usr" / "bin" / "picoord-agent").is_file():
             return layer / "upper"
@@ -230,6 +263,33 @@ def busybox(cache_dir: Path = CACHE_DIR) -> bytes:
     if data[:4] != b"\x7fELF" or data[18:20] != b"\xb7\x00":  # e_machine 183: EM_AARCH64
         raise LabError(f"{target} is not an aarch64 ELF binary: delete it to fetch it again")
     return data
+
+
+# --------------------------------------------------------------------------- the agent deb
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BUILD_DEBS = REPO_ROOT / "packaging" / "deb" / "build-debs"
+AGENT_PACKAGE = "picoord-agent"
+DEB_PACKAGES = (AGENT_PACKAGE, "picoord-coordinator")
+BUILD_DEBS_TIMEOUT = 1800.0
+
+
+def build_debs(out: Path, version: str | None = None) -> dict[str, Path]:
+    """`make deb`'s builder (packaging/deb/build-debs) into `out`: package name -> .deb.
+    The build is reproducible, so the agent layer cached for a deb of the same tree is hit."""
+    if not BUILD_DEBS.is_file():
+        raise LabError(f"{BUILD_DEBS} is missing: run from a picoord checkout, or pass --agent-deb FILE")
+    argv = [sys.executable, str(BUILD_DEBS), "--out", str(out)]
+    if version:
+        argv += ["--version", version]
+    _run(argv, BUILD_DEBS_TIMEOUT, "building the Debian packages (make deb)")
+    built = {}
+    for package in DEB_PACKAGES:
+        found = sorted(out.glob(f"{package}_{version or '*'}_all.deb"))
+        if len(found) != 1:
+            raise LabError(f"build-debs left {[path.name for path in found]} for {package} in {out}")
+        built[package] = found[0]
+    return built
 
 
 # --------------------------------------------------------------------------- a Pi's root

@@ -11,12 +11,13 @@ import argparse
 import contextlib
 import json
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from picoord.lab import netns
+from picoord.lab import arm64, netns
 from picoord.lab.cluster import INDEX_DIR, Lab, known_labs, sweep_orphans
 from picoord.lab.netns import LabError
 
@@ -101,9 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     _select_options(status, allow_all=False)
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
     demo = commands.add_parser(
-        "demo", help="up with dockerd and glusterd, show nodes and top, apply a cluster spec, then down"
+        "demo",
+        help="the seed's layout (arm64 pi1..pi3, amd64 ubuntu-desktop): nodes and top, a cluster "
+        "spec, the seed's docker-stack.yml rolled out, updated and rolled back, then down",
     )
     _lab_options(demo)
+    demo.add_argument(
+        "--amd64",
+        action="store_true",
+        help="the quick demo instead: --nodes amd64 Pis with dockerd and glusterd, lab/demo-cluster.yaml "
+        "(Swarm, Gluster, nftables) and lab/demo-mcp.yaml",
+    )
     return parser
 
 
@@ -115,7 +124,7 @@ def _make_lab(args: argparse.Namespace) -> Lab:
         log_level=args.log_level,
         heartbeat_timeout=args.heartbeat_timeout,
         down_timeout=args.down_timeout,
-        ready_timeout=args.timeout,
+        **_timeouts(args),
         bin_dir=args.bin_dir,
         sandboxes=args.sandboxes or bool(_services(args)),
         services=_services(args),
@@ -126,18 +135,37 @@ def _make_lab(args: argparse.Namespace) -> Lab:
     )
 
 
+def _timeouts(args: argparse.Namespace) -> dict[str, float]:
+    """--timeout, and at least the waits an emulated (arm64) agent needs to start and enroll."""
+    if not _words(args.arm64_nodes):
+        return {"ready_timeout": args.timeout}
+    return {"ready_timeout": max(args.timeout, arm64.READY_TIMEOUT), "start_timeout": arm64.START_TIMEOUT}
+
+
 def _words(text: str) -> list[str]:
     return [word.strip() for word in text.split(",") if word.strip()]
 
 
 def _arm64_root(args: argparse.Namespace) -> list[Path]:
-    """The arm64 root's layers (built and cached on first use) when arm64 Pis are asked for."""
+    """The arm64 root's layers (built and cached on first use) when arm64 Pis are asked for;
+    says so first when building them, since that takes minutes."""
     if not _words(args.arm64_nodes):
         return []
     if args.agent_deb is None or not args.agent_deb.is_file():
         raise LabError(f"--arm64-nodes needs --agent-deb FILE (make deb), got {args.agent_deb}")
-    from picoord.lab import arm64
-
+    base = arm64.base_root_path(args.debian_mirror)
+    if not arm64.agent_root_cached(args.debian_mirror, args.agent_deb):
+        if (base / "etc" / "debian_version").is_file():
+            what = (
+                f"installing {args.agent_deb.name} into the cached arm64 root under qemu-user (a few minutes)"
+            )
+        else:
+            what = (
+                f"building the arm64 Pis' root: debootstrap of Debian 12 arm64 from {args.debian_mirror}, "
+                "then the agent deb installed under qemu-user. The first run takes several minutes (about 7 "
+                "on 2 cores)"
+            )
+        print(f"picoord-lab: {what}; cached in {arm64.CACHE_DIR} for the next runs ...", flush=True)
     return arm64.agent_root(args.debian_mirror, args.agent_deb)
 
 
@@ -270,83 +298,186 @@ def _metrics_lines(url: str, needle: str, count: int) -> list[str]:
     return lines[:count]
 
 
-DEMO_SPEC = Path(__file__).resolve().parent / "demo-cluster.yaml"
-DEMO_WORKLOADS = Path(__file__).resolve().parent / "demo-mcp.yaml"
+LAB_DIR = Path(__file__).resolve().parent
+DEMO_SPEC = LAB_DIR / "demo-cluster.yaml"
+DEMO_WORKLOADS = LAB_DIR / "demo-mcp.yaml"
+SEED_CLUSTER = LAB_DIR / "demo-seed-cluster.yaml"
+SEED_STACK = arm64.REPO_ROOT / "examples" / "seed-docker-stack.yml"  # the seed's own, unchanged
+SEED_PIS = ("pi1", "pi2", "pi3")  # arm64, as the seed's Pis
+SEED_DESKTOP = "ubuntu-desktop"  # amd64, where the seed keeps postgres
+SEED_SERVICE = "mcp-server"
+SEED_SERVICE_LABEL = f"label=org.picoord.service={SEED_SERVICE}"
+
+
+class _Demo:
+    """Prints each step as the command an operator would type, then its output; remembers
+    whether any step ended otherwise than expected."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.failed = False
+
+    def show(self, *command: str, timeout: float = 60, expect: int = 0) -> None:
+        shown = (arg.removeprefix(f"{arm64.REPO_ROOT}/") for arg in command)  # as typed in the checkout
+        print(f"\n$ coordctl {' '.join(shown)}", flush=True)
+        done = self.lab.coordctl(*command, timeout=timeout)
+        print(done.stdout.rstrip())
+        if done.stderr.strip():
+            print(done.stderr.rstrip())
+        if done.returncode != expect:
+            self.failed = True
+            print(f"(exit {done.returncode}, expected {expect})", file=sys.stderr)
+        elif expect:
+            print(f"(exit {done.returncode}, as expected)")
+
+    def on_node(self, node: str, argv: list[str], comment: str) -> str:
+        """Run argv in a Pi (its namespaces), print it and its output; failures count."""
+        print(f"\n$ {' '.join(argv)}   # {comment}", flush=True)
+        done = self.lab.sandbox(node).run(argv, timeout=120)
+        print(done.stdout.rstrip() or done.stderr.rstrip())
+        if done.returncode != 0:
+            self.failed = True
+            print(f"(exit {done.returncode})", file=sys.stderr)
+        return done.stdout
+
+    def versions(self, nodes: Sequence[str]) -> None:
+        print("\n$ curl -s http://<pi>:8080/version   # from the host, on each Pi")
+        for node in nodes:
+            print(f"{node}: {_http_text(f'http://{self.lab.address(node)}:8080/version')}")
+
+    def metrics(self, node: str) -> None:
+        print(f"\n$ curl -s {self.lab.metrics_url} | grep 'instance=\"{node}\"' | head -5")
+        print("\n".join(_metrics_lines(self.lab.metrics_url, f'instance="{node}"', 5)))
+
+    def apply_cluster(self, spec: Path, manager: str, log_node: str) -> None:
+        """A dry run, the real run and a second run that changes nothing; then what one
+        node ran and the Swarm as its manager sees it."""
+        for extra in (("--dry-run",), (), ()):
+            self.show("apply", "-f", str(spec), *extra, timeout=600)
+        self.show("actions", log_node, "--limit", "8")
+        self.on_node(manager, ["docker", "node", "ls"], f"on {manager}, the Swarm manager")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The quick start's main job: a lab of Pis with their own dockerd and glusterd, the
-    inventory and live metrics, `coordctl apply` of a seed-like cluster, then the seed's
-    MCP service rolled out on the Pis, updated, and a broken update rolled back by itself."""
+    """The quick start's main job. By default the seed's own layout: pi1..pi3 arm64 (the
+    agent deb in a Debian arm64 root, through qemu-user) and an amd64 ubuntu-desktop, the
+    inventory and live metrics, a cluster spec, then the seed's docker-stack.yml rolled
+    out unchanged, updated, and a broken update rolled back by itself. --amd64: the older,
+    quicker demo on amd64 Pis, with Gluster and nftables on every Pi."""
+    if args.amd64:
+        return _demo_amd64(args)
+    if args.node_names or args.arm64_nodes or args.nodes != 3:
+        raise LabError(
+            "the demo's layout is the seed's (pi1..pi3 arm64, ubuntu-desktop amd64); "
+            "for other layouts use --amd64 --nodes N, or picoord-lab up"
+        )
+    args.services = args.services or "dockerd"
+    args.registry = True
+    args.node_names = ",".join((*SEED_PIS, SEED_DESKTOP))
+    args.arm64_nodes = ",".join(SEED_PIS)
+    with tempfile.TemporaryDirectory(prefix="picoord-debs-") as debs:
+        if args.agent_deb is None:
+            print("picoord-lab demo: building the agent deb (make deb) for the arm64 Pis ...", flush=True)
+            args.agent_deb = arm64.build_debs(Path(debs))[arm64.AGENT_PACKAGE]
+        lab = _make_lab(args)  # builds or finds the cached arm64 root
+    return _run_demo(lab, lambda demo: _seed_steps(demo, args))
+
+
+def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
+    lab = demo.lab
+    print(
+        f"picoord-lab demo: starting {', '.join(SEED_PIS)} (arm64: Debian's arm64 python3 with "
+        f"{args.agent_deb.name}, under qemu-user) and {SEED_DESKTOP} (amd64), lab {lab.lab_id} ...",
+        flush=True,
+    )
+    lab.up(len(SEED_PIS) + 1)
+    time.sleep(DEMO_SAMPLE_WAIT)  # a few metric samples, so `top` shows rates, not zeros
+    demo.show("nodes")
+    demo.show("top", "--once")
+    demo.show("node", "label", "pi1", "role=storage")
+    demo.apply_cluster(SEED_CLUSTER, SEED_DESKTOP, "pi2")
+    demo.metrics("pi1")
+    demo.show("apply", "-f", str(SEED_STACK), timeout=120)
+    demo.show("rollout", "postgres", timeout=600)
+    demo.show("rollout", SEED_SERVICE, timeout=900)
+    demo.show("ps", SEED_SERVICE)
+    demo.show("ps", "postgres")
+    for node in SEED_PIS:
+        ids = lab.sandbox(node).run(["docker", "ps", "-q", "--filter", SEED_SERVICE_LABEL], timeout=60)
+        if not ids.stdout.split():
+            demo.failed = True
+            print(f"no {SEED_SERVICE} container runs on {node}: {ids.stderr.strip()}", file=sys.stderr)
+        for container in ids.stdout.split()[:1]:
+            demo.on_node(
+                node,
+                ["docker", "exec", container, "busybox", "uname", "-m"],
+                f"the {SEED_SERVICE} replica on {node}",
+            )
+    demo.versions(SEED_PIS)
+    demo.show("rollout", SEED_SERVICE, "--image", "mcp:2", timeout=900)
+    demo.versions(SEED_PIS)
+    demo.show("rollout", SEED_SERVICE, "--image", "mcp:4", timeout=900, expect=1)  # it exits at start
+    demo.show("ps", SEED_SERVICE)
+    demo.versions(SEED_PIS)
+    demo.show("rollout", "history", SEED_SERVICE)
+    demo.show("services")
+    demo.show("node", "remove", SEED_PIS[-1])
+    demo.show("nodes")
+
+
+def _demo_amd64(args: argparse.Namespace) -> int:
     if not args.services:
         args.services = "dockerd,glusterd"
     args.registry = True
     if args.nodes < 3:
         raise LabError("the demo needs at least 3 Pis (its Gluster volume is replicated 3 ways)")
     lab = _make_lab(args)
-    failed = False
+    return _run_demo(lab, lambda demo: _amd64_steps(demo, args.nodes))
 
-    def show(*command: str, timeout: float = 60, expect: int = 0) -> None:
-        nonlocal failed
-        print(f"\n$ coordctl {' '.join(command)}", flush=True)
-        done = lab.coordctl(*command, timeout=timeout)
-        print(done.stdout.rstrip())
-        if done.stderr.strip():
-            print(done.stderr.rstrip())
-        if done.returncode != expect:
-            failed = True
-            print(f"(exit {done.returncode}, expected {expect})", file=sys.stderr)
-        elif expect:
-            print(f"(exit {done.returncode}, as expected)")
 
-    def versions() -> None:
-        print("\n$ curl -s http://<pi>:8080/version   # from the host, on each Pi")
-        for node in lab.nodes:
-            print(f"{node}: {_http_text(f'http://{lab.address(node)}:8080/version')}")
+def _amd64_steps(demo: _Demo, nodes: int) -> None:
+    lab = demo.lab
+    print(f"picoord-lab demo: starting {nodes} Pis (lab {lab.lab_id}) ...", flush=True)
+    lab.up(nodes)
+    time.sleep(DEMO_SAMPLE_WAIT)  # a few metric samples, so `top` shows rates, not zeros
+    demo.show("nodes")
+    demo.show("top", "--once")
+    demo.show("node", "label", "pi1", "role=storage")
+    demo.apply_cluster(DEMO_SPEC, "pi1", "pi2")
+    demo.metrics("pi1")
+    secret = lab.work_dir / "database-url"
+    secret.write_text("postgresql://mcp:lab-password@postgres:5432/mcp_db")
+    secret.chmod(0o600)
+    demo.show("secret", "create", "mcp-secrets", "database-url", "--from-file", str(secret))
+    demo.show("apply", "-f", str(DEMO_WORKLOADS))
+    demo.show("rollout", "mcp", timeout=600)  # postgres, which it depends on, comes first
+    demo.show("ps", "mcp")
+    demo.versions(lab.nodes)
+    demo.show("rollout", "mcp", "--image", "mcp:2", timeout=600)
+    demo.versions(lab.nodes)
+    demo.show("rollout", "mcp", "--image", "mcp:3", timeout=600, expect=1)  # its health check fails
+    demo.show("ps", "mcp")
+    demo.versions(lab.nodes)
+    demo.show("rollout", "history", "mcp")
+    demo.show("services")
+    demo.show("node", "remove", lab.nodes[-1])
+    demo.show("nodes")
 
+
+def _run_demo(lab: Lab, steps: Callable[[_Demo], None]) -> int:
+    """Run the steps on the lab, then tear it down whatever happened (logs kept on failure)."""
+    demo = _Demo(lab)
     try:
-        print(f"picoord-lab demo: starting {args.nodes} Pis (lab {lab.lab_id}) ...", flush=True)
-        lab.up(args.nodes)
-        time.sleep(DEMO_SAMPLE_WAIT)  # a few metric samples, so `top` shows rates, not zeros
-        show("nodes")
-        show("top", "--once")
-        show("node", "label", "pi1", "role=storage")
-        spec = str(DEMO_SPEC)
-        show("apply", "-f", spec, "--dry-run", timeout=600)
-        show("apply", "-f", spec, timeout=600)
-        show("apply", "-f", spec, timeout=600)
-        show("actions", "pi2", "--limit", "8")
-        swarm = lab.sandbox("pi1").run(["docker", "node", "ls"], timeout=60)
-        print("\n$ docker node ls   # on pi1, the Swarm manager")
-        print(swarm.stdout.rstrip() or swarm.stderr.rstrip())
-        print(f"\n$ curl -s {lab.metrics_url} | grep 'instance=\"pi1\"' | head -5")
-        print("\n".join(_metrics_lines(lab.metrics_url, 'instance="pi1"', 5)))
-        secret = lab.work_dir / "database-url"
-        secret.write_text("postgresql://mcp:lab-password@postgres:5432/mcp_db")
-        secret.chmod(0o600)
-        show("secret", "create", "mcp-secrets", "database-url", "--from-file", str(secret))
-        show("apply", "-f", str(DEMO_WORKLOADS))
-        show("rollout", "mcp", timeout=600)  # postgres, which it depends on, comes first
-        show("ps", "mcp")
-        versions()
-        show("rollout", "mcp", "--image", "mcp:2", timeout=600)
-        versions()
-        show("rollout", "mcp", "--image", "mcp:3", timeout=600, expect=1)  # its health check fails
-        show("ps", "mcp")
-        versions()
-        show("rollout", "history", "mcp")
-        show("services")
-        show("node", "remove", lab.nodes[-1])
-        show("nodes")
+        steps(demo)
     except BaseException:
-        failed = True
+        demo.failed = True
         raise
     finally:
         print(f"\npicoord-lab demo: tearing lab {lab.lab_id} down", flush=True)
-        lab.down(remove_work_dir=not failed)
-        if failed:
+        lab.down(remove_work_dir=not demo.failed)
+        if demo.failed:
             print(f"picoord-lab demo: logs kept in {lab.logs_dir}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if demo.failed else 0
 
 
 def _http_text(url: str) -> str:

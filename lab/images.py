@@ -3,7 +3,8 @@
 No public registry is reachable here, so the lab makes its own small images from a static
 busybox: `mcp:1` and `mcp:2` serve `/version` and `/health` over HTTP on 8080 (they differ
 in what `/version` says), `mcp:3` serves `/version` but has no `/health` (its HTTP health
-check fails), and a `postgres` stand-in accepts TCP on 5432. The seed's own image names
+check fails), `mcp:4` exits at start (broken without any health check), and a `postgres`
+stand-in accepts TCP on 5432. The seed's own image names
 (`mcp-modules-rust:latest`, `postgres:15-alpine`) are the same images under those names.
 
 Images are plain data here (layers, config, manifest: the Docker image manifest v2,
@@ -195,8 +196,22 @@ def _mcp(version: int, healthy: bool) -> StandIn:
     )
 
 
+def _mcp_exiting(version: int) -> StandIn:
+    """A build that dies at start (as a binary missing a library would): broken even for a
+    service without a health check, such as the seed's own mcp-server."""
+    return StandIn(
+        "mcp",
+        str(version),
+        {"www/version": f"mcp {version}\n".encode()},
+        ("/bin/sh", "-c", f"echo 'mcp {version}: cannot start' >&2; exit 3"),
+        MCP_PORT,
+        (f"MCP_VERSION={version}",),
+    )
+
+
 def stand_ins() -> list[StandIn]:
-    """mcp:1, mcp:2, the broken mcp:3, and the postgres stand-in."""
+    """mcp:1, mcp:2, mcp:3 (no /health: fails an HTTP health check), mcp:4 (exits at
+    start), and the postgres stand-in."""
     postgres = StandIn(
         "postgres",
         "15-alpine",
@@ -206,7 +221,7 @@ def stand_ins() -> list[StandIn]:
         ("/bin/httpd", "-f", "-p", str(POSTGRES_PORT), "-h", "/www"),
         POSTGRES_PORT,
     )
-    return [_mcp(1, True), _mcp(2, True), _mcp(3, False), postgres]
+    return [_mcp(1, True), _mcp(2, True), _mcp(3, False), _mcp_exiting(4), postgres]
 
 
 # Docker Hub names, pulled through the lab registry as a mirror: the seed's own image names,

@@ -37,16 +37,16 @@ import pytest
 
 from picoord.agent.cli import AGENT_SETTINGS, load_config
 from picoord.coordinator.config import CoordinatorConfig
+from picoord.lab.arm64 import BUILD_DEBS, DEB_PACKAGES, build_debs
 from tests.conftest import require_root_or_fail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-BUILD_DEBS = REPO_ROOT / "packaging" / "deb" / "build-debs"
 EXAMPLES = REPO_ROOT / "packaging" / "deb" / "etc"
 UNITS_DIR = REPO_ROOT / "systemd"
 VERSION = "0.1.0"
 UPGRADE_VERSION = "0.1.0+test1"
-AGENT, COORDINATOR = "picoord-agent", "picoord-coordinator"
-PACKAGES = (AGENT, COORDINATOR)
+AGENT, COORDINATOR = DEB_PACKAGES
+PACKAGES = DEB_PACKAGES
 
 # Each package: its private tree, the picoord modules it holds and those it must not.
 TREES = {AGENT: "usr/share/picoord/agent", COORDINATOR: "usr/share/picoord/coordinator"}
@@ -84,16 +84,6 @@ def run(argv: list[str], timeout: float, **kwargs: object) -> subprocess.Complet
     if done.returncode:
         raise AssertionError(f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
-
-
-def build_debs(out: Path, version: str | None = None) -> dict[str, Path]:
-    """`make deb`'s builder, into `out`: package name -> .deb."""
-    argv = [sys.executable, str(BUILD_DEBS), "--out", str(out)]
-    if version:
-        argv += ["--version", version]
-    run(argv, 1800)
-    built = version or VERSION
-    return {package: out / f"{package}_{built}_all.deb" for package in PACKAGES}
 
 
 def deb_field(deb: Path, name: str) -> str:

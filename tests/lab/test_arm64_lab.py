@@ -194,8 +194,8 @@ def arm64_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
         node_names=[*ARM64_PIS, DESKTOP],
         arm64_nodes=ARM64_PIS,
         arm64_root=root,
-        start_timeout=180.0,  # an emulated python3 starts grpc in seconds, not milliseconds
-        ready_timeout=240.0,
+        start_timeout=arm64.START_TIMEOUT,
+        ready_timeout=arm64.READY_TIMEOUT,
     )
     try:
         lab.up(len(ARM64_PIS) + 1)
