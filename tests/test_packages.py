@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -362,9 +362,13 @@ def base_root() -> Path:
 
 
 class Container:
-    """A Debian root as an overlay over the cached base, and systemd booted in it."""
+    """A Debian root as an overlay over the cached base, and systemd booted in it.
 
-    def __init__(self, work: Path, base: Path) -> None:
+    `base` may also be several lower dirs, top first (an arm64 agent layer over its base:
+    bench/agent_footprint.py runs the installed agent in either root)."""
+
+    def __init__(self, work: Path, base: Path | Sequence[Path]) -> None:
+        lower = ":".join(map(str, [base] if isinstance(base, Path) else base))
         self.work = work
         self.root = work / "merged"
         self.machine = f"picoord-test-{os.getpid()}"
@@ -381,7 +385,7 @@ class Container:
                 "overlay",
                 "overlay",
                 "-o",
-                f"lowerdir={base},upperdir={work / 'upper'},workdir={work / 'overlay-work'}",
+                f"lowerdir={lower},upperdir={work / 'upper'},workdir={work / 'overlay-work'}",
                 str(self.root),
             ],
             60,
