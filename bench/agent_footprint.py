@@ -636,7 +636,7 @@ def report(case: str, result: dict[str, Any]) -> tuple[bool, bool]:
         )
     if emulated:
         # The targets are for a Pi: an emulated figure neither meets nor misses them.
-        rows = [[t, m, f"{verdict(ok)} (emulated: not judged)"] for t, m, ok in checks]
+        rows = [[t, m, f"not judged: emulated (would read {verdict(ok)})"] for t, m, ok in checks]
         print(table(["target", "measured", "result"], rows))
         return valid, True
     print(table(["target", "measured", "result"], [[t, m, verdict(ok)] for t, m, ok in checks]))
