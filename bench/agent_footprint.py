@@ -683,9 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--arch",
         choices=ARCHES,
-        default="amd64",
-        help="the installed root's architecture; arm64 runs under qemu-user (EMULATED) and "
-        "implies --installed (default amd64)",
+        help="the installed root's architecture (implies --installed; default amd64); arm64 "
+        "runs under qemu-user: EMULATED figures, not a Pi's",
     )
     parser.add_argument(
         "--agent-deb", type=Path, help="with --installed: this picoord-agent deb (default: build it)"
@@ -698,7 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"note: --seconds {args.seconds:g} is shorter than the 60 s the targets assume", file=sys.stderr
         )
-    args.installed = args.installed or args.arch != "amd64"
+    args.installed = args.installed or args.arch is not None
+    args.arch = args.arch or "amd64"
     if args.installed:
         problem = installed_options_problem(args)
         if problem:
