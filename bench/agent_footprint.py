@@ -370,21 +370,6 @@ def download_exporter(arch: str, into: Path) -> list[str]:
     return sorted(path.name for path in into.glob("*.deb") if path.name.startswith(EXPORTER_PACKAGES))
 
 
-def apt_with_shared_cache(packages: Any, argv: list[str], timeout: float = 900) -> None:
-    """apt in the root, whose /var/cache/apt/archives is the cache the install tests share
-    (tests/test_packages.Container): while another run holds its lock, wait and retry."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            packages.run(argv, timeout)
-            return
-        except AssertionError as error:
-            if "Could not get lock" not in str(error) or time.monotonic() > deadline:
-                raise
-            print("the shared apt archives are locked by another run: waiting ...", file=sys.stderr)
-            time.sleep(5)
-
-
 @contextlib.contextmanager
 def installed_root(args: argparse.Namespace, root: Path, processes: Processes) -> Iterator[Any]:
     """A writable overlay over the cached Debian 12 root of `args.arch` with the agent deb
@@ -419,7 +404,7 @@ def installed_root(args: argparse.Namespace, root: Path, processes: Processes) -
                 # Debian's lists and the agent's dependencies, as the install test gets them.
                 container.prepare([deb])
                 install.append(f"./{deb.name}")
-            apt_with_shared_cache(packages, container.nspawn_argv(*install))
+            packages.wait_for_apt_cache(lambda: packages.run(container.nspawn_argv(*install), 900))
         yield container
     finally:
         processes.stop_all()
