@@ -39,6 +39,7 @@ import pytest
 from picoord.agent.cli import AGENT_SETTINGS, load_config
 from picoord.coordinator.config import CoordinatorConfig
 from picoord.lab.images import BUSYBOX, build_image, docker_archive, host_architecture, stand_ins
+from picoord.lab.registry import registry_config
 from tests.conftest import require_root_or_fail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -567,7 +568,7 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
 
 
 # Debian packages for the node actions the test runs under the agent's unit.
-EXTRA_PACKAGES = ("nftables", "docker.io")
+EXTRA_PACKAGES = ("nftables", "docker.io", "docker-registry")
 # Node actions under the unit's confinement: mounts the host must see (no private mount
 # namespace) and an nftables policy (netlink), in the container's own network namespace.
 NODE_SPEC = """\
@@ -594,21 +595,22 @@ rules:
   - {action: allow, port: 22, protocol: tcp, comment: ssh}
 """
 # A replica started by the agent under its unit through the container's own dockerd, with
-# a bind volume and a published port, probed over HTTP. mcp:1 comes from `docker load`:
-# the booted container has no network to pull from (a pull is dockerd's work, in
-# docker.service, not the agent's: the agent only asks for it over docker.sock).
-WEB_SPEC = """\
+# a bind volume and a published port, probed over HTTP. Its image is pulled by that dockerd
+# at the agent's request from Debian's docker-registry in the container (the booted
+# container has no other network): the lab's mcp:1 stand-in, pushed there first.
+LOCAL_REGISTRY = "127.0.0.1:5000"  # docker-registry's default; dockerd trusts 127.0.0.0/8
+WEB_SPEC = f"""\
 apiVersion: picoord/v1
 kind: Service
 name: web
-image: mcp:1
+image: {LOCAL_REGISTRY}/mcp:1
 replicas: 1
 ports:
-  - {target: 8080, published: 8080}
+  - {{target: 8080, published: 8080}}
 volumes:
-  - {type: bind, source: /srv/picoord-www, target: /www/data, read_only: true}
+  - {{type: bind, source: /srv/picoord-www, target: /www/data, read_only: true}}
 health:
-  http: {path: /health, port: 8080}
+  http: {{path: /health, port: 8080}}
   interval: 1s
   timeout: 1s
   retries: 2
@@ -752,9 +754,9 @@ def test_installed_from_the_debs_in_a_booted_debian(
     container.wait_node_ready(NODE)
 
     # Docker under the unit: the agent (upgraded, still under the unit's seccomp filter and
-    # address families) creates and starts a replica through the container's dockerd, with
-    # a bind volume and a published port, and probes it healthy. Last, so that no reboot
-    # finds a replica whose cgroups dockerd could not make again.
+    # address families) has the container's dockerd pull an image, creates and starts a
+    # replica with a bind volume and a published port, and probes it healthy. Last, so that
+    # no reboot finds a replica whose cgroups dockerd could not make again.
     assert container.show("picoord-agent", "RestrictAddressFamilies") == "AF_INET AF_INET6 AF_NETLINK AF_UNIX"
     assert container.sh(
         "grep", "^Seccomp:", f"/proc/{container.show('picoord-agent', 'MainPID')}/status"
@@ -765,6 +767,20 @@ def test_installed_from_the_debs_in_a_booted_debian(
         docker_archive(build_image(mcp, BUSYBOX.read_bytes(), host_architecture()))
     )
     container.sh("docker", "load", "-i", "/root/mcp.tar", timeout=180)
+    # Debian's registry config asks for htpasswd logins: serve as the lab registry does.
+    config = registry_config(Path("/var/lib/docker-registry"), LOCAL_REGISTRY)
+    (container.root / "etc/docker/registry/config.yml").write_text(config)
+    container.sh("systemctl", "restart", "docker-registry")
+    container.wait_active("docker-registry")
+    fetch = "import sys, urllib.request as u; sys.stdout.write(u.urlopen(sys.argv[1]).read().decode())"
+    deadline = time.monotonic() + 30
+    while container.sh("python3", "-c", fetch, f"http://{LOCAL_REGISTRY}/v2/", check=False).returncode:
+        assert time.monotonic() < deadline, "docker-registry does not answer on " + LOCAL_REGISTRY
+        time.sleep(0.5)
+    pulled = f"{LOCAL_REGISTRY}/mcp:1"
+    container.sh("docker", "tag", "mcp:1", pulled)
+    container.sh("docker", "push", pulled, timeout=180)
+    container.sh("docker", "rmi", "mcp:1", pulled)  # the agent's start must pull it
     www = container.root / "srv" / "picoord-www"
     www.mkdir(parents=True)
     (www / "marker").write_text("served from a bind volume\n")
@@ -775,9 +791,11 @@ def test_installed_from_the_debs_in_a_booted_debian(
     assert [(r["node"], r["state"], r["health"]) for r in replicas if r["desired"] == "running"] == [
         (NODE, "running", "healthy")
     ], replicas
-    fetch = "import sys, urllib.request as u; sys.stdout.write(u.urlopen(sys.argv[1]).read().decode())"
     served = container.sh("python3", "-c", fetch, "http://127.0.0.1:8080/data/marker").stdout
     assert served == "served from a bind volume\n"
+    assert container.sh("docker", "image", "inspect", "--format", "{{.Id}}", pulled).stdout.startswith(
+        "sha256:"
+    )
     assert container.show("picoord-agent", "NRestarts") == "0"
 
     # remove keeps the state (and the agent's config); purge deletes it.
