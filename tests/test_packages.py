@@ -9,7 +9,13 @@ keyed by what goes into it) gets the packages with apt, dependencies from Debian
 systemd boots in it under systemd-nspawn with a private network (loopback only), and the
 test checks that the coordinator starts, the agent enrolls and is listed by coordctl, and
 that both come back after `systemctl restart`, a reboot and an upgrade to another version,
-enrollment intact; then remove keeps the state and purge deletes it.
+enrollment intact; that the agent, under its hardened unit, mounts (tmpfs, bind), sets an
+nftables policy, and has the container's own dockerd pull an image and run a replica with
+a bind volume and a published port; then remove keeps the state and purge deletes it.
+
+Docker in the container needs two things of systemd-nspawn, not of the agent's unit:
+runc's keyring calls allowed (`--system-call-filter`), and on a cgroup v1 host the cgroup
+controllers writable in the container's view (Container.writable_cgroup_controllers).
 """
 
 from __future__ import annotations
