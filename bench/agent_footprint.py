@@ -17,20 +17,32 @@ the agent is the venv's. A case is only valid if the coordinator shows pi1 Ready
 recent samples (and, with workloads, both replicas running and healthy before and after
 the window); otherwise the bench exits 2.
 
+`--installed` (idle case) measures the agent as a Pi runs it: the picoord-agent deb
+(built by `make deb`'s builder, or `--agent-deb FILE`) installed with apt in a Debian 12
+root (the install test's cached root, tests/test_packages.py), started by
+systemd-nspawn without boot on the host's network (loopback only), and Debian's
+prometheus-node-exporter installed in the same root as the anchor. `--arch arm64` does
+the same in the lab's cached bookworm arm64 root (lab/arm64.py): both processes then run
+under qemu-user, so the figures are EMULATED (qemu's own memory and translation
+included), not a Raspberry Pi's.
+
     .venv/bin/python bench/agent_footprint.py [--case idle|workloads|both] [--debian-tree DIR]
+        [--installed [--arch amd64|arm64] [--agent-deb FILE]]
         [--seconds 60] [--strict] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shlex
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -56,6 +68,7 @@ from _common import (
     wait_for,
 )
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 NODE = "pi1"
 SERVICE = "mcp"
 IDLE_RSS_TARGET = 40 * 2**20
@@ -63,6 +76,14 @@ WORKLOADS_RSS_TARGET = 50 * 2**20
 CPU_TARGET = 1.0  # % of one core, idle case
 NODE_EXPORTER = Path("/usr/bin/prometheus-node-exporter")
 DEBIAN_PYTHON = "/usr/bin/python3"
+ARCHES = ("amd64", "arm64")
+# The anchor in the installed root, and the one dependency of it a minbase root lacks:
+# fetched with the host's apt (`apt-get download`), installed with apt inside the root.
+EXPORTER_PACKAGES = ("prometheus-node-exporter", "adduser")
+ROOT_BIN_EXPORTER = "/usr/bin/prometheus-node-exporter"
+LAUNCHERS = ("systemd-nspawn", "nsenter")
+# Under qemu-user python3 needs seconds to import grpc, and a join takes tens of seconds.
+INSTALLED_TIMEOUT = {"amd64": 60.0, "arm64": 300.0}
 MIN_COVERAGE = 0.9  # share of the expected 1/s samples the coordinator must have received
 ROLLOUT_TIMEOUT = 300.0
 # lab/demo-mcp.yaml without its secret, its dependency and max_per_node: two replicas on the
@@ -150,6 +171,15 @@ def agent_bin_dir(root: Path, debian_tree: Path | None) -> Path:
 
 
 def runtime_name(args: argparse.Namespace) -> str:
+    if args.installed:
+        where = (
+            f"the picoord-agent deb installed with apt in a Debian 12 {args.arch} root, Debian's "
+            "/usr/bin/python3 and packages, run by systemd-nspawn (no boot, host loopback); "
+            "node_exporter: Debian's, installed in the same root"
+        )
+        if args.arch == "amd64":
+            return where
+        return f"EMULATED {args.arch} under qemu-user, not a Raspberry Pi figure: {where}"
     if args.debian_tree is not None:
         return f"Debian's {DEBIAN_PYTHON} and packages, picoord from {args.debian_tree}"
     override = program("picoord-agent")
@@ -299,6 +329,185 @@ def run_workloads(args: argparse.Namespace) -> dict[str, Any]:
             lab.down(remove_work_dir=True)
 
 
+# --- the agent installed from its package ---------------------------------------------------
+
+
+def packaging_tests() -> Any:
+    """tests/test_packages.py: the install test's cached Debian 12 root, its Container
+    (an overlay over a cached root, run by systemd-nspawn) and `make deb`'s builder. One
+    definition of each, shared by the test and this bench."""
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    from tests import test_packages
+
+    return test_packages
+
+
+@contextlib.contextmanager
+def setup_errors(what: str) -> Iterator[None]:
+    """The packaging helpers fail like tests (AssertionError, pytest.fail, LabError): turn
+    that into the bench's own error, naming the step."""
+    import pytest
+
+    from picoord.lab.netns import LabError
+
+    try:
+        yield
+    except (AssertionError, LabError, OSError, subprocess.TimeoutExpired, pytest.fail.Exception) as error:
+        raise BenchError(f"{what}: {error}") from None
+
+
+def download_exporter(arch: str, into: Path) -> list[str]:
+    """Debian's prometheus-node-exporter (and adduser) for `arch`, with the host's apt into
+    `into`: the file names, for `apt-get install ./NAME` inside the root."""
+    names = [f"{name}:{arch}" if name == "prometheus-node-exporter" else name for name in EXPORTER_PACKAGES]
+    done = subprocess.run(
+        ["apt-get", "download", *names], cwd=into, capture_output=True, text=True, timeout=300, check=False
+    )
+    if done.returncode != 0:
+        hint = f"dpkg --add-architecture {arch} && apt-get update" if arch != "amd64" else "apt-get update"
+        raise BenchError(f"apt-get download {' '.join(names)} failed ({done.stderr.strip()[-500:]}): {hint}")
+    return sorted(path.name for path in into.glob("*.deb") if path.name.startswith(EXPORTER_PACKAGES))
+
+
+@contextlib.contextmanager
+def installed_root(args: argparse.Namespace, root: Path, processes: Processes) -> Iterator[Any]:
+    """A writable overlay over the cached Debian 12 root of `args.arch` with the agent deb
+    and node_exporter installed by apt; on the way out every process is stopped first,
+    then the overlay unmounted and removed (the cached roots are never written)."""
+    packages = packaging_tests()
+    with setup_errors("building the agent deb"):
+        deb = args.agent_deb or packages.build_debs(root / "debs")[packages.AGENT]
+    if args.arch == "amd64":
+        with setup_errors("the Debian 12 amd64 root (tests/test_packages.py base_root)"):
+            lower: Any = packages.base_root()
+    else:
+        from picoord.lab import arm64
+
+        print(
+            "the arm64 root and its agent layer (cached; the first build takes minutes) ...", file=sys.stderr
+        )
+        with setup_errors("the arm64 root (lab/arm64.py)"):
+            lower = arm64.agent_root(packages.debian_mirror(), deb)
+    (root / "container").mkdir()
+    with setup_errors("mounting the root's overlay"):
+        container = packages.Container(root / "container", lower)
+    try:
+        debs = container.root / "root" / "debs"
+        debs.mkdir(parents=True, exist_ok=True)
+        exporter_debs = [f"./{name}" for name in download_exporter(args.arch, debs)]
+        apt = ["--pipe", "--setenv=DEBIAN_FRONTEND=noninteractive", "--chdir=/root/debs", "--", "apt-get"]
+        install = [*apt, "install", "-y", "-q", "--no-install-recommends", *exporter_debs]
+        print(f"installing with apt in the {args.arch} root ...", file=sys.stderr, flush=True)
+        with setup_errors(f"installing the packages in the {args.arch} root"):
+            if args.arch == "amd64":
+                # Debian's lists and the agent's dependencies, as the install test gets them.
+                container.prepare([deb])
+                install.append(f"./{deb.name}")
+            packages.wait_for_apt_cache(lambda: packages.run(container.nspawn_argv(*install), 900))
+        yield container
+    finally:
+        processes.stop_all()
+        container.destroy()
+
+
+def in_root(container: Any, *argv: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """argv run once in the root by systemd-nspawn (no boot, the host's network)."""
+    done = subprocess.run(
+        container.nspawn_argv("--pipe", "--", *argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode != 0:
+        raise BenchError(f"in the root, {' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+    return done
+
+
+def descendant(parent: psutil.Process, match: Callable[[list[str]], bool], what: str) -> psutil.Process:
+    """The first process below `parent` whose command line matches (nspawn -> its stub
+    init -> the payload; nsenter -> its child in the container's pid namespace). nspawn's
+    and nsenter's own forks carry the payload's argv in theirs, so they never match."""
+    for child in parent.children(recursive=True):
+        with contextlib.suppress(psutil.Error, IndexError):
+            cmdline = child.cmdline()
+            if Path(cmdline[0]).name not in LAUNCHERS and match(cmdline):
+                return child
+    raise BenchError(f"no {what} below pid {parent.pid} yet")
+
+
+def run_installed(args: argparse.Namespace) -> dict[str, Any]:
+    """The idle agent from its deb, installed with apt in a Debian 12 root and run there by
+    systemd-nspawn (Debian's python3 and libraries), beside the root's own node_exporter."""
+    timeout = INSTALLED_TIMEOUT[args.arch]
+    workspace = bench_workspace(f"footprint-installed-{args.arch}")
+    with workspace as (root, processes), installed_root(args, root, processes) as container:
+        coordinator = Coordinator.start(root, processes)
+        created = coordinator.coordctl("token", "create", "--ttl", "1h", "--uses", "1")
+        token_file = container.root / "root" / "join-token"  # not in argv: ps shows argv
+        token_file.touch(mode=0o600)
+        token_file.write_text(created["token"])
+        print(f"picoord-agent join, in the {args.arch} root ...", file=sys.stderr, flush=True)
+        in_root(
+            container, "/usr/bin/picoord-agent", "join", coordinator.address,
+            "--token-file", "/root/join-token", "--ca-cert-hash", created["ca_cert_hash"],
+            "--node-name", NODE, timeout=timeout,
+        )  # fmt: skip
+        token_file.unlink()
+        nspawn = processes.start(
+            "picoord-agent (systemd-nspawn)",
+            container.nspawn_argv(
+                "--as-pid2", "--", "/usr/bin/picoord-agent", "run", "--metrics-interval", "1"
+            ),
+            root / "agent.log",
+        )
+
+        def is_agent(cmdline: list[str]) -> bool:
+            return "/usr/bin/picoord-agent" in cmdline and "run" in cmdline
+
+        found: dict[str, psutil.Process] = {}
+
+        def agent_started() -> bool:
+            found["agent"] = descendant(nspawn, is_agent, "picoord-agent")
+            return True
+
+        wait_for("the agent below systemd-nspawn", agent_started, timeout, processes.check_alive)
+        agent = found["agent"]
+        (exporter_port,) = pick_ports(1)
+        # In the agent's container (its mount and pid namespaces): a second nspawn on the
+        # same directory would be refused, the tree is locked while one runs.
+        enter = ["nsenter", f"--target={agent.pid}", "--mount", "--pid", "--root", "--wd", "--"]
+        exporter_argv = [ROOT_BIN_EXPORTER, f"--web.listen-address={LOOPBACK}:{exporter_port}"]
+        nsenter = processes.start(
+            "prometheus-node-exporter (nsenter)", [*enter, *exporter_argv], root / "node_exporter.log"
+        )
+        url = f"http://{LOOPBACK}:{exporter_port}/metrics"
+        wait_for(
+            "node_exporter to answer",
+            lambda: bool(http_get(url, timeout=2)),
+            timeout,
+            processes.check_alive,
+        )
+        exporter = descendant(nsenter, lambda cmdline: ROOT_BIN_EXPORTER in cmdline, "node_exporter")
+
+        def agent_ready() -> bool:
+            status, samples = node_state(coordinator.coordctl)
+            return status == "Ready" and bool(samples)
+
+        try:
+            wait_for(f"{NODE} to be Ready with a sample", agent_ready, timeout, processes.check_alive)
+        except BenchError as error:
+            log = (root / "agent.log").read_text(errors="replace")[-2000:]
+            raise BenchError(f"{error}\n--- agent log ---\n{log}") from None
+        result = measure(args, processes.check_alive, agent, exporter, url)
+        result["delivery"] = check_delivery(coordinator.coordctl, *result.pop("window"))
+        result["agent_exe"], result["node_exporter_exe"] = agent.exe(), exporter.exe()
+        result["emulated"] = args.arch != "amd64"
+        return result
+
+
 def measure(
     args: argparse.Namespace,
     alive: Callable[[], None],
@@ -350,8 +559,18 @@ def report(case: str, result: dict[str, Any]) -> tuple[bool, bool]:
         f"\npicoord agent footprint, {what}: {result['seconds']:.0f} s window, 1 s sampling, "
         f"agent metrics every 1 s, node_exporter scraped every 1 s (loopback)"
     )
+    emulated = result.get("emulated", False)
+    anchor = "node_exporter 1.5.0 (anchor)"
+    if "node_exporter_exe" in result:
+        anchor = "node_exporter 1.5.0, same root (anchor)"
+    if emulated:
+        print(
+            "EMULATED: both processes are arm64 code run by qemu-user on this x86_64 machine; "
+            "their RSS and CPU include qemu's own memory and translation. Not a Raspberry Pi figure."
+        )
+        anchor = anchor.replace("(anchor)", "(anchor, emulated too)")
     rows = []
-    for name, fp in (("picoord-agent", agent), ("node_exporter 1.5.0 (anchor)", exporter)):
+    for name, fp in (("picoord-agent" + (" (EMULATED)" if emulated else ""), agent), (anchor, exporter)):
         rows.append(
             [
                 name,
@@ -415,6 +634,11 @@ def report(case: str, result: dict[str, Any]) -> tuple[bool, bool]:
                 agent.cpu_percent <= CPU_TARGET,
             )
         )
+    if emulated:
+        # The targets are for a Pi: an emulated figure neither meets nor misses them.
+        rows = [[t, m, f"not judged: emulated (would read {verdict(ok)})"] for t, m, ok in checks]
+        print(table(["target", "measured", "result"], rows))
+        return valid, True
     print(table(["target", "measured", "result"], [[t, m, verdict(ok)] for t, m, ok in checks]))
     return valid, all(ok for _, _, ok in checks)
 
@@ -422,16 +646,48 @@ def report(case: str, result: dict[str, Any]) -> tuple[bool, bool]:
 CASES = {"idle": run_idle, "workloads": run_workloads}
 
 
+def installed_options_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options of an --installed run (None: nothing), and the fix."""
+    if args.case not in (None, "idle"):
+        return f"--installed measures the idle case only, not --case {args.case}: use --case idle"
+    if args.debian_tree is not None:
+        return "--installed runs the agent from its deb, --debian-tree from a tree: pick one"
+    if args.agent_deb is not None:
+        args.agent_deb = args.agent_deb.resolve()
+        if not args.agent_deb.is_file() or not args.agent_deb.name.startswith("picoord-agent_"):
+            return f"--agent-deb {args.agent_deb}: not a picoord-agent_*.deb file (make deb builds one)"
+    if os.geteuid() != 0:
+        return "--installed needs root (overlay mounts, systemd-nspawn): run it with sudo"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--case", choices=[*CASES, "both"], default="both", help="what to measure (both)")
+    parser.add_argument(
+        "--case", choices=[*CASES, "both"], help="what to measure (both; idle with --installed)"
+    )
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window (default 60)")
     parser.add_argument(
         "--debian-tree",
         type=Path,
         help="run the agent on Debian's python3 from this scripts/build-debian-tree directory",
+    )
+    parser.add_argument(
+        "--installed",
+        action="store_true",
+        help="idle case only: the agent deb installed with apt in a cached Debian 12 root, run by "
+        "systemd-nspawn, beside node_exporter installed in the same root (needs root)",
+    )
+    parser.add_argument(
+        "--arch",
+        choices=ARCHES,
+        help="the installed root's architecture (implies --installed; default amd64); arm64 "
+        "runs under qemu-user: EMULATED figures, not a Pi's",
+    )
+    parser.add_argument(
+        "--agent-deb", type=Path, help="with --installed: this picoord-agent deb (default: build it)"
     )
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
@@ -441,7 +697,16 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"note: --seconds {args.seconds:g} is shorter than the 60 s the targets assume", file=sys.stderr
         )
-    if not args.node_exporter.exists():
+    args.installed = args.installed or args.arch is not None
+    args.arch = args.arch or "amd64"
+    if args.installed:
+        problem = installed_options_problem(args)
+        if problem:
+            print(f"agent_footprint: {problem}", file=sys.stderr)
+            return 2
+        args.case = "idle"
+    args.case = args.case or "both"
+    if not args.installed and not args.node_exporter.exists():
         print(f"agent_footprint: {args.node_exporter} not found (apt-get install prometheus-node-exporter)")
         return 2
     if args.debian_tree is not None:
@@ -452,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     all_valid, all_met = True, True
     try:
         for case in cases:
-            result = CASES[case](args)
+            result = run_installed(args) if args.installed else CASES[case](args)
             valid, met = report(case, result)
             result["valid"], result["targets_met"] = valid, met
             results["cases"][case] = result

@@ -182,6 +182,19 @@ def build_image(stand_in: StandIn, busybox: bytes, architecture: str) -> Image:
     return Image(stand_in.repository, stand_in.tag, (base, app), config_blob)
 
 
+def docker_archive(image: Image) -> bytes:
+    """The image as `docker save` writes it (manifest.json, config, layers), for
+    `docker load` where no registry is reachable (the package install test's booted root
+    has no network). Layers stay gzipped: docker load decompresses them itself."""
+    config = image.config.digest.removeprefix("sha256:") + ".json"
+    layers = [layer.digest.removeprefix("sha256:") + "/layer.tar" for layer in image.layers]
+    manifest = [{"Config": config, "RepoTags": [image.reference], "Layers": layers}]
+    entries: list[tuple[str, bytes | str, int]] = [(config, image.config.data, 0o644)]
+    entries += [(name, layer.data, 0o644) for name, layer in zip(layers, image.layers, strict=True)]
+    entries.append(("manifest.json", json.dumps(manifest).encode(), 0o644))
+    return _tar(entries)
+
+
 def _mcp(version: int, healthy: bool) -> StandIn:
     files = {"www/version": f"mcp {version}\n".encode(), "www/index.html": b"mcp stand-in\n"}
     if healthy:

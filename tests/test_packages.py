@@ -9,7 +9,13 @@ keyed by what goes into it) gets the packages with apt, dependencies from Debian
 systemd boots in it under systemd-nspawn with a private network (loopback only), and the
 test checks that the coordinator starts, the agent enrolls and is listed by coordctl, and
 that both come back after `systemctl restart`, a reboot and an upgrade to another version,
-enrollment intact; then remove keeps the state and purge deletes it.
+enrollment intact; that the agent, under its hardened unit, mounts (tmpfs, bind), sets an
+nftables policy, and has the container's own dockerd pull an image and run a replica with
+a bind volume and a published port; then remove keeps the state and purge deletes it.
+
+Docker in the container needs two things of systemd-nspawn, not of the agent's unit:
+runc's keyring calls allowed (`--system-call-filter`), and on a cgroup v1 host the cgroup
+controllers writable in the container's view (Container.writable_cgroup_controllers).
 """
 
 from __future__ import annotations
@@ -30,14 +36,17 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from picoord.agent.cli import AGENT_SETTINGS, load_config
 from picoord.coordinator.config import CoordinatorConfig
 from picoord.lab.arm64 import BUILD_DEBS, DEB_PACKAGES, build_debs
+from picoord.lab.images import BUSYBOX, build_image, docker_archive, host_architecture, stand_ins
+from picoord.lab.registry import registry_config
 from tests.conftest import require_root_or_fail
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +82,7 @@ DEBIAN_MODULES = {
 
 # The install test's Debian root.
 CACHE_DIR = Path("/var/cache/picoord-test")
+T = TypeVar("T")
 SUITE = "bookworm"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -84,6 +94,23 @@ def run(argv: list[str], timeout: float, **kwargs: object) -> subprocess.Complet
     if done.returncode:
         raise AssertionError(f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
+
+
+APT_CACHE_LOCKED = "Could not get lock /var/cache/apt/archives/lock"
+
+
+def wait_for_apt_cache(attempt: Callable[[], T], patience: float = 600.0) -> T:
+    """attempt() (an apt command in a root whose /var/cache/apt/archives is CACHE_DIR's,
+    shared by every install run on the machine), again every 5 s while another run holds
+    that cache's lock (apt does not wait for it), for at most `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return attempt()
+        except AssertionError as error:
+            if APT_CACHE_LOCKED not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(5)
 
 
 def deb_field(deb: Path, name: str) -> str:
@@ -352,14 +379,19 @@ def base_root() -> Path:
 
 
 class Container:
-    """A Debian root as an overlay over the cached base, and systemd booted in it."""
+    """A Debian root as an overlay over the cached base, and systemd booted in it.
 
-    def __init__(self, work: Path, base: Path) -> None:
+    `base` may also be several lower dirs, top first (an arm64 agent layer over its base:
+    bench/agent_footprint.py runs the installed agent in either root)."""
+
+    def __init__(self, work: Path, base: Path | Sequence[Path]) -> None:
+        lower = ":".join(map(str, [base] if isinstance(base, Path) else base))
         self.work = work
         self.root = work / "merged"
         self.machine = f"picoord-test-{os.getpid()}"
         self.nspawn: subprocess.Popen[bytes] | None = None
         self.leader = 0
+        self.boot_flags: tuple[str, ...] = ()  # more systemd-nspawn options for every boot
         self.archives = CACHE_DIR / "apt-archives"  # downloaded .debs, kept between runs
         for name in ("upper", "overlay-work", "merged"):
             (work / name).mkdir()
@@ -371,7 +403,7 @@ class Container:
                 "overlay",
                 "overlay",
                 "-o",
-                f"lowerdir={base},upperdir={work / 'upper'},workdir={work / 'overlay-work'}",
+                f"lowerdir={lower},upperdir={work / 'upper'},workdir={work / 'overlay-work'}",
                 str(self.root),
             ],
             60,
@@ -395,16 +427,17 @@ class Container:
         inside the booted container that has no network."""
         (self.root / "root" / "debs").mkdir(exist_ok=True)
         apt = ["--pipe", "--setenv=DEBIAN_FRONTEND=noninteractive", "--chdir=/root/debs", "--", "apt-get"]
-        run(self.nspawn_argv(*apt, "update", "-q"), 600)
+        wait_for_apt_cache(lambda: run(self.nspawn_argv(*apt, "update", "-q"), 600))
         for deb in debs:
             shutil.copy(deb, self.root / "root" / "debs")
         names = [f"./{deb.name}" for deb in debs]
-        run(self.nspawn_argv(*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES), 900)
+        download = [*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES]
+        wait_for_apt_cache(lambda: run(self.nspawn_argv(*download), 900))
 
     def boot(self) -> None:
         with open(self.work / "console.log", "ab") as console:
             self.nspawn = subprocess.Popen(
-                self.nspawn_argv("--boot", "--private-network", "--console=passive"),
+                self.nspawn_argv("--boot", "--private-network", "--console=passive", *self.boot_flags),
                 stdin=subprocess.DEVNULL,
                 stdout=console,
                 stderr=subprocess.STDOUT,
@@ -435,7 +468,15 @@ class Container:
     def sh(
         self, *argv: str, check: bool = True, timeout: float = 120, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run argv inside the booted container (its namespaces, a clean environment)."""
+        """Run argv inside the booted container (its namespaces, a clean environment); apt-get
+        waits while another run holds the shared archives' lock."""
+        if argv[0] == "apt-get" and check:
+            return wait_for_apt_cache(lambda: self._sh(argv, True, timeout, stdin))
+        return self._sh(argv, check, timeout, stdin)
+
+    def _sh(
+        self, argv: tuple[str, ...], check: bool, timeout: float, stdin: str | None
+    ) -> subprocess.CompletedProcess[str]:
         command = ["nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net", "--pid"]
         command += ["--root", "--wd", "--", "/usr/bin/env", "-i", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8"]
         command += ["DEBIAN_FRONTEND=noninteractive", *argv]
@@ -447,6 +488,17 @@ class Container:
                 f"in the container, {list(argv)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
             )
         return done
+
+    def writable_cgroup_controllers(self) -> None:
+        """On a cgroup v1 host, systemd-nspawn mounts the controllers read-only in the
+        container, so runc (under the container's dockerd) cannot make a container's
+        cgroups: remount them writable (a bind remount: only the container's view
+        changes). Nothing to do on a cgroup v2 host, where nspawn delegates a subtree."""
+        mounts = self.sh("findmnt", "-rn", "-t", "cgroup", "-o", "TARGET,OPTIONS", check=False).stdout
+        for line in mounts.splitlines():
+            target, options = line.split()
+            if "ro" in options.split(","):
+                self.sh("mount", "-o", "remount,bind,rw", target)
 
     def poweroff(self) -> None:
         """Shut systemd down cleanly (SIGTERM to nspawn), or kill the container."""
@@ -512,8 +564,8 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
 
 
 # Debian packages for the node actions the test runs under the agent's unit.
-EXTRA_PACKAGES = ("nftables",)
-# Node actions under the unit's confinement: a mount the host must see (no private mount
+EXTRA_PACKAGES = ("nftables", "docker.io", "docker-registry")
+# Node actions under the unit's confinement: mounts the host must see (no private mount
 # namespace) and an nftables policy (netlink), in the container's own network namespace.
 NODE_SPEC = """\
 kind: Mount
@@ -521,6 +573,13 @@ name: scratch
 type: tmpfs
 source: tmpfs
 target: /mnt/picoord-scratch
+nodes: [pi-deb]
+---
+kind: Mount
+name: data
+type: bind
+source: /srv/picoord-data
+target: /mnt/picoord-data
 nodes: [pi-deb]
 ---
 kind: FirewallPolicy
@@ -531,6 +590,30 @@ default_incoming: deny
 rules:
   - {action: allow, port: 22, protocol: tcp, comment: ssh}
 """
+# A replica started by the agent under its unit through the container's own dockerd, with
+# a bind volume and a published port, probed over HTTP. Its image is pulled by that dockerd
+# at the agent's request from Debian's docker-registry in the container (the booted
+# container has no other network): the lab's mcp:1 stand-in, pushed there first.
+LOCAL_REGISTRY = "127.0.0.1:5000"  # docker-registry's default; dockerd trusts 127.0.0.0/8
+WEB_SPEC = f"""\
+apiVersion: picoord/v1
+kind: Service
+name: web
+image: {LOCAL_REGISTRY}/mcp:1
+replicas: 1
+ports:
+  - {{target: 8080, published: 8080}}
+volumes:
+  - {{type: bind, source: /srv/picoord-www, target: /www/data, read_only: true}}
+health:
+  http: {{path: /health, port: 8080}}
+  interval: 1s
+  timeout: 1s
+  retries: 2
+"""
+# For runc under the container's dockerd: nspawn's own seccomp filter refuses the keyring
+# calls runc makes for each container (EPERM: "unable to join session keyring").
+DOCKER_BOOT_FLAGS = ("--system-call-filter=add_key keyctl bpf",)
 NODE = "pi-deb"
 AGENT_STATE = "/var/lib/picoord/agent"
 ENROLLMENT_FILES = ("node.pem", "ca.crt", "enrollment.json")  # key and certificate in one file
@@ -541,6 +624,7 @@ def test_installed_from_the_debs_in_a_booted_debian(
 ) -> None:
     upgrade = build_debs(tmp_path_factory.mktemp("upgrade-debs"), UPGRADE_VERSION)
     container.prepare([*debs.values(), *upgrade.values()])
+    container.boot_flags = DOCKER_BOOT_FLAGS
     container.boot()
 
     # Installed with apt while systemd runs: dependencies come from Debian's lists; the
@@ -593,11 +677,15 @@ def test_installed_from_the_debs_in_a_booted_debian(
 
     # Node actions under the unit: the mount reaches the container's own mount table and
     # the firewall is changed and confirmed over a new connection to the coordinator.
-    container.sh("apt-get", "install", "-y", "-q", *EXTRA_PACKAGES, timeout=300)
+    container.sh("apt-get", "install", "-y", "-q", *EXTRA_PACKAGES, timeout=600)
     (container.root / "root" / "node.yaml").write_text(NODE_SPEC)
+    data = container.root / "srv" / "picoord-data"
+    data.mkdir(parents=True)
+    (data / "marker").write_text("bound\n")
     applied = container.sh("coordctl", "apply", "-f", "/root/node.yaml", check=False, timeout=180)
     assert applied.returncode == 0, applied.stdout + applied.stderr
     assert container.sh("findmnt", "-n", "-o", "FSTYPE", "/mnt/picoord-scratch").stdout.strip() == "tmpfs"
+    assert container.sh("cat", "/mnt/picoord-data/marker").stdout == "bound\n"
     assert "dport 22" in container.sh("nft", "list", "ruleset").stdout
 
     # systemctl restart: new processes, the node back to Ready.
@@ -660,6 +748,51 @@ def test_installed_from_the_debs_in_a_booted_debian(
     assert agent_config.read_text() == local_config
     assert {name: container.file_digest(f"{AGENT_STATE}/{name}") for name in ENROLLMENT_FILES} == enrollment
     container.wait_node_ready(NODE)
+
+    # Docker under the unit: the agent (upgraded, still under the unit's seccomp filter and
+    # address families) has the container's dockerd pull an image, creates and starts a
+    # replica with a bind volume and a published port, and probes it healthy. Last, so that
+    # no reboot finds a replica whose cgroups dockerd could not make again.
+    assert container.show("picoord-agent", "RestrictAddressFamilies") == "AF_INET AF_INET6 AF_NETLINK AF_UNIX"
+    assert container.sh(
+        "grep", "^Seccomp:", f"/proc/{container.show('picoord-agent', 'MainPID')}/status"
+    ).stdout.split() == ["Seccomp:", "2"]
+    container.writable_cgroup_controllers()
+    mcp = next(stand_in for stand_in in stand_ins() if (stand_in.repository, stand_in.tag) == ("mcp", "1"))
+    (container.root / "root" / "mcp.tar").write_bytes(
+        docker_archive(build_image(mcp, BUSYBOX.read_bytes(), host_architecture()))
+    )
+    container.sh("docker", "load", "-i", "/root/mcp.tar", timeout=180)
+    # Debian's registry config asks for htpasswd logins: serve as the lab registry does.
+    config = registry_config(Path("/var/lib/docker-registry"), LOCAL_REGISTRY)
+    (container.root / "etc/docker/registry/config.yml").write_text(config)
+    container.sh("systemctl", "restart", "docker-registry")
+    container.wait_active("docker-registry")
+    fetch = "import sys, urllib.request as u; sys.stdout.write(u.urlopen(sys.argv[1]).read().decode())"
+    deadline = time.monotonic() + 30
+    while container.sh("python3", "-c", fetch, f"http://{LOCAL_REGISTRY}/v2/", check=False).returncode:
+        assert time.monotonic() < deadline, "docker-registry does not answer on " + LOCAL_REGISTRY
+        time.sleep(0.5)
+    pulled = f"{LOCAL_REGISTRY}/mcp:1"
+    container.sh("docker", "tag", "mcp:1", pulled)
+    container.sh("docker", "push", pulled, timeout=180)
+    container.sh("docker", "rmi", "mcp:1", pulled)  # the agent's start must pull it
+    www = container.root / "srv" / "picoord-www"
+    www.mkdir(parents=True)
+    (www / "marker").write_text("served from a bind volume\n")
+    (container.root / "root" / "web.yaml").write_text(WEB_SPEC)
+    container.sh("coordctl", "apply", "-f", "/root/web.yaml", timeout=60)
+    container.sh("coordctl", "rollout", "web", timeout=240)
+    replicas = json.loads(container.sh("coordctl", "ps", "web", "-o", "json").stdout)
+    assert [(r["node"], r["state"], r["health"]) for r in replicas if r["desired"] == "running"] == [
+        (NODE, "running", "healthy")
+    ], replicas
+    served = container.sh("python3", "-c", fetch, "http://127.0.0.1:8080/data/marker").stdout
+    assert served == "served from a bind volume\n"
+    assert container.sh("docker", "image", "inspect", "--format", "{{.Id}}", pulled).stdout.startswith(
+        "sha256:"
+    )
+    assert container.show("picoord-agent", "NRestarts") == "0"
 
     # remove keeps the state (and the agent's config); purge deletes it.
     container.sh("apt-get", "remove", "-y", "-q", AGENT)

@@ -3,14 +3,24 @@ bridge, images pushed over the registry API, pulled and run by a lab Pi's own do
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from picoord.lab.images import BUSYBOX, MCP_PORT, POSTGRES_PORT, build_image, lab_images, stand_ins
+from picoord.lab.images import (
+    BUSYBOX,
+    MCP_PORT,
+    POSTGRES_PORT,
+    build_image,
+    docker_archive,
+    lab_images,
+    stand_ins,
+)
 from picoord.lab.registry import Registry
 from picoord.lab.sandbox import PiRack
 
@@ -28,6 +38,19 @@ def test_images_are_reproducible_and_named_by_architecture() -> None:
     assert arm.config.digest != first.config.digest
     # The busybox layer is shared: pushed once, whatever the number of images.
     assert len({image.layers[0].digest for image in lab_images(busybox, "amd64")}) == 1
+
+
+def test_docker_archive_is_what_docker_load_reads() -> None:
+    """manifest.json names the image's config and its layers, each stored under that name
+    with the blob's bytes (the booted install test `docker load`s it for real)."""
+    image = build_image(stand_ins()[0], BUSYBOX.read_bytes(), "amd64")
+    with tarfile.open(fileobj=io.BytesIO(docker_archive(image))) as archive:
+        files = {member.name: archive.extractfile(member).read() for member in archive if member.isfile()}
+    (entry,) = json.loads(files["manifest.json"])
+    assert entry["RepoTags"] == [image.reference]
+    assert files[entry["Config"]] == image.config.data
+    assert [files[name] for name in entry["Layers"]] == [layer.data for layer in image.layers]
+    assert docker_archive(image) == docker_archive(image)  # reproducible, like the image
 
 
 def _docker(rack: PiRack, *argv: str, timeout: float = 120) -> str:
