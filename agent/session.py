@@ -29,6 +29,7 @@ from picoord.common import PROTOCOL_VERSION, VERSION, defaults
 from picoord.common.addresses import split_host_port
 from picoord.common.durations import iso_utc
 from picoord.common.pki import jittered_fraction, rotation_deadline
+from picoord.common.sd_notify import notify
 from picoord.v1 import agent_pb2, agent_pb2_grpc, workloads_pb2
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ class AgentRunner:
     @staticmethod
     def _before_sleep(state: object) -> None:
         outcome = state.outcome  # type: ignore[attr-defined]
+        notify("STATUS=coordinator unreachable, retrying")
         log.warning(
             "coordinator unreachable, retrying",
             attempt=state.attempt_number,  # type: ignore[attr-defined]
@@ -210,6 +212,7 @@ class AgentRunner:
             if self.supervisor is not None:
                 self.supervisor.resend()
             self.connected.set()
+            notify(f"STATUS=connected to {self.enrollment.coordinator}")
             log.info(
                 "session established", coordinator=self.enrollment.coordinator, metrics_interval=interval
             )

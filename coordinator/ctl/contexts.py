@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from cryptography.x509.oid import NameOID
 
 from picoord.common.addresses import InvalidAddress, split_host_port
 from picoord.common.durations import iso_utc
-from picoord.common.files import write_atomically
+from picoord.common.files import mode_refusal, write_atomically
 from picoord.common.names import InvalidName, validate_node_name
 from picoord.common.pki import ca_cert_hash, certificate_not_after
 from picoord.coordinator.ca import ADMIN_ORGANIZATION, ADMIN_PREFIX, certificate_serial
@@ -179,21 +178,6 @@ def foreign_server_message(context: str, bundle: Bundle, server_certificate_der:
         f"another coordinator. Issue one on this coordinator's host (`coordctl admin issue NAME`) and "
         f"add it with `coordctl context add {context} --bundle FILE --force`"
     )
-
-
-def mode_refusal(path: Path, mode: int, owner: int, me: int, directory: bool) -> str | None:
-    """Why a context file or directory is refused: others can read (or change) what holds a
-    private key, or someone else owns it. The message names the path and the fix."""
-    if owner != me:
-        return f"{path} belongs to uid {owner}, not to you (uid {me}): fix with `chown {me} {path}`"
-    if stat.S_IMODE(mode) & 0o077:
-        wanted = "700" if directory else "600"
-        what = "directory" if directory else "file"
-        return (
-            f"{path} is open to group or others (mode {stat.S_IMODE(mode):04o}) and holds a private key: "
-            f"fix the {what} with `chmod {wanted} {path}`"
-        )
-    return None
 
 
 # ---------------------------------------------------------------- on disk
