@@ -24,14 +24,14 @@ def _type_refusal(value: object, default: object) -> str | None:
         return None if isinstance(value, bool) else "must be true or false"
     if isinstance(default, (int, float)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            # The certificate lifetimes also take a duration such as "90d" (checked in validate).
-            return None if isinstance(value, str) and isinstance(default, float) else "must be a number"
+            return "must be a number"
         if isinstance(default, int) and not isinstance(default, float) and not isinstance(value, int):
             return "must be a whole number"
         return None
     return None if isinstance(value, str) else "must be a string in quotes"
 
 
+DURATION_SETTINGS = ("node_cert_validity", "server_cert_validity")
 CERT_VALIDITY_MIN = 30.0
 CERT_VALIDITY_MAX = 3650 * 86400.0
 
@@ -91,7 +91,9 @@ class CoordinatorConfig:
                     f"{where(path, text, key)}: unknown setting {key!r} (known: {', '.join(sorted(known))}): "
                     + fix_hint(path, SERVICE)
                 )
-            refusal = _type_refusal(value, getattr(config, name))
+            # The certificate lifetimes also take a duration such as "90d" (checked in validate).
+            duration = name in DURATION_SETTINGS and isinstance(value, str)
+            refusal = None if duration else _type_refusal(value, getattr(config, name))
             if refusal:
                 shown = f"{key} = {str(value)[:80]!r}"
                 raise ConfigError(f"{where(path, text, key)}: {shown} {refusal}: {fix_hint(path, SERVICE)}")
@@ -109,10 +111,12 @@ class CoordinatorConfig:
     def located(self, error: ConfigError, flags: set[str]) -> ConfigError:
         """validate's `error`, naming the file and line of the first setting it is about that
         came from the file (not from a flag), with the fix."""
-        for name, place in self.file_settings.items():
-            if name in str(error) and name not in flags:
-                path = Path(place.split(" line ")[0])
-                return ConfigError(f"{place}: {error}: {fix_hint(path, SERVICE)}")
+        message = str(error)
+        named = [name for name in self.file_settings if name in message and name not in flags]
+        if named:
+            place = self.file_settings[min(named, key=message.index)]
+            path = Path(place.split(" line ")[0])
+            return ConfigError(f"{place}: {error}: {fix_hint(path, SERVICE)}")
         return ConfigError(f"{error} (from a flag: see `systemctl cat {SERVICE}`)" if flags else str(error))
 
     def validate(self) -> None:
@@ -150,7 +154,7 @@ class CoordinatorConfig:
         self._validate_cert_lifetimes()
 
     def _validate_cert_lifetimes(self) -> None:
-        for name in ("node_cert_validity", "server_cert_validity"):
+        for name in DURATION_SETTINGS:
             value = getattr(self, name)
             try:
                 seconds = parse_duration(value) if isinstance(value, str) else float(value)
