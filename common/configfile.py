@@ -51,4 +51,5 @@ def read_settings(path: Path, required: bool, service: str) -> tuple[dict[str, o
     try:
         return tomllib.loads(text), text
     except tomllib.TOMLDecodeError as error:
-        raise ConfigFileError(f"{path}: cannot read it as TOML ({error}): {fix_hint(path, service)}") from None
+        hint = fix_hint(path, service)
+        raise ConfigFileError(f"{path}: cannot read it as TOML ({error}): {hint}") from None

@@ -32,6 +32,7 @@ from picoord.common.pki import (
     ca_cert_hash,
     certificate_not_after,
     certificate_not_before,
+    key_matches,
     rotation_deadline,
 )
 from picoord.coordinator.store import CertificateRecord
@@ -95,7 +96,7 @@ def _load_ca(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKe
         certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except ValueError as error:
         raise CAUnavailable(f"{cert_path} is damaged ({error}): restore it from your backup") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != certificate.public_key():
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not key_matches(key, certificate):
         raise CAUnavailable(f"{key_path} is not the key of {cert_path}: restore the pair from one backup")
     return key, certificate
 
@@ -231,7 +232,7 @@ class ClusterCA:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except ValueError:
             return None
-        if key.public_key() != certificate.public_key():  # a crash between the two writes
+        if not key_matches(key, certificate):  # a crash between the two writes
             return None
         return _server_identity(key_pem, certificate)
 

@@ -409,7 +409,16 @@ class Container:
         for deb in debs:
             shutil.copy(deb, self.root / "root" / "debs")
         names = [f"./{deb.name}" for deb in debs]
-        run(self.nspawn_argv(*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES), 900)
+        download = self.nspawn_argv(*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES)
+        # The archive cache is shared with other tests (the arm64 lab roots): wait for its lock.
+        deadline = time.monotonic() + 600
+        while True:
+            done = subprocess.run(download, capture_output=True, text=True, timeout=900, check=False)
+            if done.returncode == 0:
+                return
+            if "Could not get lock" not in done.stderr or time.monotonic() > deadline:
+                raise AssertionError(f"{download} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+            time.sleep(5)
 
     def boot(self) -> None:
         with open(self.work / "console.log", "ab") as console:
@@ -491,12 +500,19 @@ class Container:
     def show(self, unit: str, prop: str) -> str:
         return self.sh("systemctl", "show", unit, f"--property={prop}", "--value").stdout.strip()
 
+    def journal(self, unit: str, lines: int = 40) -> str:
+        return self.sh("journalctl", "-u", unit, "--no-pager", "-n", str(lines), check=False).stdout
+
+    def systemctl(self, action: str, unit: str) -> None:
+        """`systemctl ACTION UNIT`; a failure raises with the unit's journal."""
+        done = self.sh("systemctl", action, unit, check=False)
+        assert done.returncode == 0, f"systemctl {action} {unit}: {done.stderr}\n{self.journal(unit)}"
+
     def wait_active(self, unit: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
         while (state := self.sh("systemctl", "is-active", unit, check=False).stdout.strip()) != "active":
             if time.monotonic() > deadline:
-                journal = self.sh("journalctl", "-u", unit, "--no-pager", "-n", "40", check=False).stdout
-                raise AssertionError(f"{unit} is {state}, not active:\n{journal}")
+                raise AssertionError(f"{unit} is {state}, not active:\n{self.journal(unit)}")
             time.sleep(0.5)
         return self.show(unit, "MainPID")
 
@@ -784,7 +800,7 @@ def test_package_faults_in_a_booted_debian(
     container.sh("systemctl", "stop", "picoord-coordinator")
     status_text(container, "picoord-agent", "coordinator unreachable, retrying")
     assert container.sh("systemctl", "is-active", "picoord-agent", check=False).stdout.strip() == "active"
-    container.sh("systemctl", "start", "picoord-coordinator")
+    container.systemctl("start", "picoord-coordinator")
     container.wait_node_ready(NODE, timeout=90)
     status_text(container, "picoord-agent", "connected to")
     assert container.show("picoord-agent", "NRestarts") == "0"
@@ -804,7 +820,7 @@ def test_package_faults_in_a_booted_debian(
     journal = unit_failed_for_config(container, "picoord-agent", wait=0)
     assert f"/etc/picoord/agent.toml line {line}: log_level = 'loud' is invalid" in journal, journal
     agent_config.write_text(shipped)
-    container.sh("systemctl", "restart", "picoord-agent")
+    container.systemctl("restart", "picoord-agent")
     container.wait_node_ready(NODE)
 
     # a) The same for coordinator.toml, a value of the wrong type.
@@ -818,7 +834,7 @@ def test_package_faults_in_a_booted_debian(
         f"/etc/picoord/coordinator.toml line {line}: heartbeat_timeout = 'soon' must be a number" in journal
     )
     coordinator_config.write_text(shipped_coordinator)
-    container.sh("systemctl", "restart", "picoord-coordinator")
+    container.systemctl("restart", "picoord-coordinator")
     container.wait_node_ready(NODE, timeout=90)
 
     # c) The agent's certificate deleted: no fail loop; the status names what is missing and
@@ -826,7 +842,7 @@ def test_package_faults_in_a_booted_debian(
     node_pem = container.root / AGENT_STATE.lstrip("/") / "node.pem"
     saved = node_pem.read_bytes()
     node_pem.unlink()
-    container.sh("systemctl", "restart", "picoord-agent")
+    container.systemctl("restart", "picoord-agent")
     text = status_text(container, "picoord-agent", "incomplete (node.pem missing)")
     assert "coordctl node remove" in text and "--force" in text, text
     pid = container.wait_active("picoord-agent")
@@ -846,7 +862,7 @@ def test_package_faults_in_a_booted_debian(
     assert "Restore /var/lib/picoord/ca.key from your backup" in journal, journal
     assert not (state / "ca.key").exists() and container.file_digest("/var/lib/picoord/ca.crt") == ca_cert
     (container.root / "root" / "ca.key.backup").rename(state / "ca.key")
-    container.sh("systemctl", "restart", "picoord-coordinator")
+    container.systemctl("restart", "picoord-coordinator")
     container.wait_node_ready(NODE, timeout=90)
 
     # b) The state directory world-writable, or owned by another user: the agent refuses
@@ -862,15 +878,26 @@ def test_package_faults_in_a_booted_debian(
     assert state.stat().st_mode & 0o777 == 0o700
     again = container.sh("dpkg-reconfigure", "picoord-agent")
     assert "set to 0700" not in again.stdout + again.stderr, "the repair is idempotent"
+    # The unit's own StateDirectory= is re-owned and set to 0700 by systemd at each start.
     os.chown(state / "agent", 65534, 65534)
+    (state / "agent").chmod(0o777)
+    container.systemctl("restart", "picoord-agent")
+    container.wait_active("picoord-agent")
+    info = (state / "agent").stat()
+    assert (info.st_uid, info.st_mode & 0o777) == (0, 0o700), "systemd's StateDirectory= repair"
+    # The directory above it, owned by another user: refused; configure says so, re-owns nothing.
+    os.chown(state, 65534, 65534)
     container.sh("systemctl", "restart", "picoord-agent", check=False)
     journal = unit_failed_for_config(container, "picoord-agent", wait=0)
-    assert (
-        "/var/lib/picoord/agent belongs to uid 65534" in journal
-        and "chown 0 /var/lib/picoord/agent" in journal
-    )
-    os.chown(state / "agent", 0, 0)
-    container.sh("systemctl", "restart", "picoord-agent")
+    assert "above the state directory /var/lib/picoord/agent, belongs to uid 65534" in journal, journal
+    assert "chown root /var/lib/picoord" in journal, journal
+    reconfigured = container.sh("dpkg-reconfigure", "picoord-agent")
+    assert "/var/lib/picoord belongs to uid 65534, not root: check its files, then run: chown" in (
+        reconfigured.stderr
+    ), reconfigured.stdout + reconfigured.stderr
+    assert state.stat().st_uid == 65534
+    os.chown(state, 0, 0)
+    container.systemctl("restart", "picoord-agent")
     container.wait_node_ready(NODE)
 
     # a) An upgrade whose agent.toml changed while the local one was edited, unattended

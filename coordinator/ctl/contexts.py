@@ -28,7 +28,7 @@ from picoord.common.addresses import InvalidAddress, split_host_port
 from picoord.common.durations import iso_utc
 from picoord.common.files import mode_refusal, write_atomically
 from picoord.common.names import InvalidName, validate_node_name
-from picoord.common.pki import ca_cert_hash, certificate_not_after
+from picoord.common.pki import ca_cert_hash, certificate_not_after, key_matches
 from picoord.coordinator.ca import ADMIN_ORGANIZATION, ADMIN_PREFIX, certificate_serial
 
 BUNDLE_KIND = "picoord-admin-bundle"
@@ -133,7 +133,7 @@ def parse_bundle(data: bytes, where: str) -> Bundle:
         key = serialization.load_pem_private_key(pems["key"], password=None)
     except (ValueError, TypeError):
         raise BundleError(f"{where}: field 'key' is not an unencrypted PEM private key") from None
-    if key.public_key() != certificate.public_key():
+    if not key_matches(key, certificate):
         raise BundleError(f"{where}: the key does not belong to the certificate")
     organizations = [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
     common_names = [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]

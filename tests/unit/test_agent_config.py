@@ -85,7 +85,7 @@ def test_a_bad_setting_far_down_is_named_by_its_line(tmp_path: Path) -> None:
         load_config(write(tmp_path, broken), required=True)
 
 
-@pytest.mark.parametrize("text", ['log_level = "chatty"\n', "log_level = \n", 'metrics-intervall = 5\n'])
+@pytest.mark.parametrize("text", ['log_level = "chatty"\n', "log_level = \n", "metrics-intervall = 5\n"])
 def test_a_bad_file_exits_78_so_systemd_does_not_restart_it(
     tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
