@@ -900,14 +900,24 @@ def test_package_faults_in_a_booted_debian(
     container.systemctl("restart", "picoord-agent")
     container.wait_node_ready(NODE)
 
-    # a) An upgrade whose agent.toml changed while the local one was edited, unattended
-    # (no terminal, apt's usual options): the local file is kept, the new one lands beside
-    # it, the upgrade succeeds.
+    # a) An upgrade whose agent.toml changed while the local one was edited. With no one to
+    # answer dpkg's conffile question (no terminal, no --force-conf option) dpkg stops there,
+    # as for any Debian package: the edited file is kept, the package is left unpacked and
+    # the running agent keeps running. apt's usual unattended options then complete it.
     agent_config.write_text(shipped.replace('#log_level = "info"', 'log_level = "debug"'))
     local = agent_config.read_text()
+    changed_deb = f"/root/changed/{changed.name}"
+    asked = container.sh("apt-get", "install", "-y", "-q", changed_deb, stdin="", check=False)
+    said = asked.stdout + asked.stderr
+    assert asked.returncode != 0 and "end of file on stdin at conffile prompt" in said, said
+    assert "The default action is to keep your current version" in said
+    assert agent_config.read_text() == local
+    status = container.sh("dpkg-query", "-W", "-f=${Status} ${Version}", AGENT).stdout
+    assert status == f"install ok unpacked {UPGRADE_VERSION}", status
+    assert container.sh("systemctl", "is-active", AGENT, check=False).stdout.strip() == "active"
     upgraded = container.sh(
         "apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confdef",
-        "-o", "Dpkg::Options::=--force-confold", f"/root/changed/{changed.name}",
+        "-o", "Dpkg::Options::=--force-confold", changed_deb,
         stdin="", timeout=600, check=False,
     )  # fmt: skip
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
