@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -361,6 +361,25 @@ def base_root() -> Path:
     return root
 
 
+def waiting_for_apt_locks(
+    attempt: Callable[[], subprocess.CompletedProcess[str]], timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """attempt() again while apt says a lock is held: the archive cache in CACHE_DIR is
+    shared with other tests running at the same time (the arm64 lab roots, other checkouts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = attempt()
+        if "Could not get lock" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(5)
+
+
+# Legacy cgroup hierarchy (this machine): nspawn --keep-unit puts the container where its
+# caller is, so two booted containers at once would share /system.slice/picoord-*.service
+# and break each other's units. Each container gets its own name=systemd cgroup instead.
+LEGACY_SYSTEMD_CGROUP = Path("/sys/fs/cgroup/systemd")
+
+
 class Container:
     """A Debian root as an overlay over the cached base, and systemd booted in it."""
 
@@ -410,17 +429,28 @@ class Container:
             shutil.copy(deb, self.root / "root" / "debs")
         names = [f"./{deb.name}" for deb in debs]
         download = self.nspawn_argv(*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES)
-        # The archive cache is shared with other tests (the arm64 lab roots): wait for its lock.
-        deadline = time.monotonic() + 600
-        while True:
-            done = subprocess.run(download, capture_output=True, text=True, timeout=900, check=False)
-            if done.returncode == 0:
-                return
-            if "Could not get lock" not in done.stderr or time.monotonic() > deadline:
-                raise AssertionError(f"{download} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
-            time.sleep(5)
+        done = waiting_for_apt_locks(
+            lambda: subprocess.run(download, capture_output=True, text=True, timeout=900)
+        )
+        if done.returncode:
+            raise AssertionError(f"{download} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+
+    @property
+    def cgroup(self) -> Path | None:
+        """The container's own name=systemd cgroup, on a legacy hierarchy; None on cgroup v2."""
+        if not (LEGACY_SYSTEMD_CGROUP / "cgroup.procs").exists():
+            return None
+        return LEGACY_SYSTEMD_CGROUP / self.machine
 
     def boot(self) -> None:
+        cgroup = self.cgroup
+        if cgroup is not None:
+            cgroup.mkdir(exist_ok=True)
+
+        def enter_cgroup() -> None:
+            if cgroup is not None:
+                (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
         with open(self.work / "console.log", "ab") as console:
             self.nspawn = subprocess.Popen(
                 self.nspawn_argv("--boot", "--private-network", "--console=passive"),
@@ -428,6 +458,7 @@ class Container:
                 stdout=console,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=enter_cgroup,  # one write before exec
             )
         # nspawn's first child sets up the namespaces and exits; its own child execs systemd.
         deadline = time.monotonic() + 60
@@ -470,6 +501,20 @@ class Container:
             )
         return done
 
+    def apt(
+        self, *args: str, check: bool = True, timeout: float = 600, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """apt-get ARGS inside the container, waiting while the shared archive cache is locked."""
+        done = waiting_for_apt_locks(
+            lambda: self.sh("apt-get", *args, check=False, timeout=timeout, stdin=stdin)
+        )
+        if check and done.returncode:
+            raise AssertionError(
+                f"in the container, apt-get {list(args)} exited {done.returncode}:\n"
+                f"{done.stdout}\n{done.stderr}"
+            )
+        return done
+
     def poweroff(self) -> None:
         """Shut systemd down cleanly (SIGTERM to nspawn), or kill the container."""
         if self.nspawn is None:
@@ -485,6 +530,11 @@ class Container:
 
     def destroy(self) -> None:
         self.poweroff()
+        cgroup = self.cgroup
+        if cgroup is not None and cgroup.is_dir():  # empty once systemd is gone: deepest first
+            for below, _, _ in sorted(os.walk(cgroup), key=lambda entry: -len(entry[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(below)
         subprocess.run(["umount", str(self.root)], capture_output=True, timeout=60, check=False)
         if os.path.ismount(self.root):
             subprocess.run(["umount", "--lazy", str(self.root)], capture_output=True, timeout=60, check=False)
@@ -599,9 +649,7 @@ def test_installed_from_the_debs_in_a_booted_debian(
 
     # Installed with apt while systemd runs: dependencies come from Debian's lists; the
     # coordinator is enabled and started, the agent (not enrolled yet) only installed.
-    container.sh(
-        "apt-get", "install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in debs.values()], timeout=600
-    )
+    container.apt("install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in debs.values()], timeout=600)
     container.wait_active("picoord-coordinator")
     assert (
         container.sh("systemctl", "is-enabled", "picoord-coordinator", check=False).stdout.strip()
@@ -629,7 +677,7 @@ def test_installed_from_the_debs_in_a_booted_debian(
 
     # Node actions under the unit: the mount reaches the container's own mount table and
     # the firewall is changed and confirmed over a new connection to the coordinator.
-    container.sh("apt-get", "install", "-y", "-q", *EXTRA_PACKAGES, timeout=300)
+    container.apt("install", "-y", "-q", *EXTRA_PACKAGES, timeout=300)
     (container.root / "root" / "node.yaml").write_text(NODE_SPEC)
     applied = container.sh("coordctl", "apply", "-f", "/root/node.yaml", check=False, timeout=180)
     assert applied.returncode == 0, applied.stdout + applied.stderr
@@ -686,9 +734,7 @@ def test_installed_from_the_debs_in_a_booted_debian(
     agent_config.write_text(agent_config.read_text().replace('#log_level = "info"', 'log_level = "debug"'))
     local_config = agent_config.read_text()
     coordinator_pid = container.show("picoord-coordinator", "MainPID")
-    container.sh(
-        "apt-get", "install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in upgrade.values()], timeout=600
-    )
+    container.apt("install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in upgrade.values()], timeout=600)
     versions = container.sh("dpkg-query", "--show", "--showformat=${Version} ", *PACKAGES).stdout.split()
     assert versions == [UPGRADE_VERSION, UPGRADE_VERSION]
     assert container.wait_active("picoord-coordinator") != coordinator_pid
@@ -698,13 +744,13 @@ def test_installed_from_the_debs_in_a_booted_debian(
     container.wait_node_ready(NODE)
 
     # remove keeps the state (and the agent's config); purge deletes it.
-    container.sh("apt-get", "remove", "-y", "-q", AGENT)
+    container.apt("remove", "-y", "-q", AGENT)
     assert container.sh("systemctl", "is-active", "picoord-agent", check=False).stdout.strip() != "active"
     assert (container.root / AGENT_STATE.lstrip("/") / "node.pem").is_file()
-    container.sh("apt-get", "purge", "-y", "-q", AGENT)
+    container.apt("purge", "-y", "-q", AGENT)
     assert not (container.root / AGENT_STATE.lstrip("/")).exists()
     assert (container.root / "var/lib/picoord/state.db").is_file(), "the coordinator's state must stay"
-    container.sh("apt-get", "purge", "-y", "-q", COORDINATOR)
+    container.apt("purge", "-y", "-q", COORDINATOR)
     assert not (container.root / "var/lib/picoord").exists()
     assert not (container.root / "etc/picoord").exists()
 
@@ -777,9 +823,7 @@ def test_package_faults_in_a_booted_debian(
     (container.root / "root" / "changed").mkdir()
     shutil.copy(changed, container.root / "root" / "changed")
     container.boot()
-    container.sh(
-        "apt-get", "install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in debs.values()], timeout=600
-    )
+    container.apt("install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in debs.values()], timeout=600)
     container.wait_active("picoord-coordinator")
 
     # d) Enabled before the join: active, not failing, and its status says what to run.
@@ -892,9 +936,8 @@ def test_package_faults_in_a_booted_debian(
     assert "above the state directory /var/lib/picoord/agent, belongs to uid 65534" in journal, journal
     assert "chown root /var/lib/picoord" in journal, journal
     reconfigured = container.sh("dpkg-reconfigure", "picoord-agent")
-    assert "/var/lib/picoord belongs to uid 65534, not root: check its files, then run: chown" in (
-        reconfigured.stderr
-    ), reconfigured.stdout + reconfigured.stderr
+    said = reconfigured.stdout + reconfigured.stderr
+    assert "/var/lib/picoord belongs to uid 65534, not root: check its files" in reconfigured.stderr, said
     assert state.stat().st_uid == 65534
     os.chown(state, 0, 0)
     container.systemctl("restart", "picoord-agent")
@@ -907,7 +950,7 @@ def test_package_faults_in_a_booted_debian(
     agent_config.write_text(shipped.replace('#log_level = "info"', 'log_level = "debug"'))
     local = agent_config.read_text()
     changed_deb = f"/root/changed/{changed.name}"
-    asked = container.sh("apt-get", "install", "-y", "-q", changed_deb, stdin="", check=False)
+    asked = container.apt("install", "-y", "-q", changed_deb, stdin="", check=False)
     said = asked.stdout + asked.stderr
     assert asked.returncode != 0 and "end of file on stdin at conffile prompt" in said, said
     assert "The default action is to keep your current version" in said
@@ -915,8 +958,8 @@ def test_package_faults_in_a_booted_debian(
     status = container.sh("dpkg-query", "-W", "-f=${Status} ${Version}", AGENT).stdout
     assert status == f"install ok unpacked {UPGRADE_VERSION}", status
     assert container.sh("systemctl", "is-active", AGENT, check=False).stdout.strip() == "active"
-    upgraded = container.sh(
-        "apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confdef",
+    upgraded = container.apt(
+        "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confdef",
         "-o", "Dpkg::Options::=--force-confold", changed_deb,
         stdin="", timeout=600, check=False,
     )  # fmt: skip
