@@ -153,12 +153,13 @@ class AgentRunner:
     @staticmethod
     def _before_sleep(state: object) -> None:
         outcome = state.outcome  # type: ignore[attr-defined]
-        notify("STATUS=coordinator unreachable, retrying")
+        reason = " ".join(str(outcome.exception()).split())[:300] if outcome else ""
+        notify(f"STATUS=coordinator unreachable, retrying: {reason}")  # `systemctl status` shows it
         log.warning(
             "coordinator unreachable, retrying",
             attempt=state.attempt_number,  # type: ignore[attr-defined]
             wait_seconds=round(state.next_action.sleep, 1),  # type: ignore[attr-defined]
-            reason=str(outcome.exception()) if outcome else "",
+            reason=reason,
         )
 
     async def _session_once(self) -> None:

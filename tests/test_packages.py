@@ -704,7 +704,8 @@ def test_installed_from_the_debs_in_a_booted_debian(
             stdin="[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\nRestartSec=1s\n",
         )  # fmt: skip
     container.sh("systemctl", "daemon-reload")
-    container.sh("systemctl", "restart", "picoord-coordinator", "picoord-agent")
+    for unit in ("picoord-coordinator", "picoord-agent"):
+        container.systemctl("restart", unit)
     pids = {unit: container.wait_active(unit) for unit in ("picoord-coordinator", "picoord-agent")}
     time.sleep(8)
     assert {unit: container.wait_active(unit) for unit in pids} == pids, (
