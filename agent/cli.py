@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import sys
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,9 +15,11 @@ from typing import TYPE_CHECKING
 import structlog
 
 from picoord.agent.errors import JoinError
-from picoord.agent.state import FIREWALL_REVERT_FILE, AgentFiles, NotEnrolled
+from picoord.agent.state import FIREWALL_REVERT_FILE, AgentFiles, Enrollment, NotEnrolled
 from picoord.common import VERSION, defaults
 from picoord.common.addresses import InvalidAddress
+from picoord.common.configfile import ConfigFileError, fix_hint, read_settings, where
+from picoord.common.files import UnsafeStateDir, check_state_dir
 from picoord.common.logs import configure_logging
 from picoord.common.names import InvalidName, parse_label_assignment, validate_node_name
 from picoord.common.pki import InvalidCaHash, parse_ca_hash
@@ -31,7 +32,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("picoord.agent")
 
 
+SERVICE = "picoord-agent"
 LOG_LEVELS = ("debug", "info", "warning", "error")
+# How often `run --wait-for-join` looks for the enrollment `join` writes.
+JOIN_POLL_SECONDS = 2.0
 MAX_METRICS_INTERVAL = 3600.0
 
 
@@ -83,24 +87,23 @@ class UsageError(Exception):
 
 def load_config(path: Path, required: bool) -> dict[str, object]:
     """Settings from /etc/picoord/agent.toml; unknown keys and bad values are an error
-    naming the key, not a silent typo."""
-    if not path.exists():
-        if required:
-            raise UsageError(f"config file {path} does not exist")
-        return {}
-    try:
-        values = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
-        raise UsageError(f"cannot read {path}: {error}") from None
+    naming the file, the line and the key, not a silent typo."""
+    values, text = read_settings(path, required, SERVICE)
     settings: dict[str, object] = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in AGENT_SETTINGS:
-            raise UsageError(f"{path}: unknown setting {key!r} (known: {', '.join(AGENT_SETTINGS)})")
+            raise ConfigFileError(
+                f"{where(path, text, key)}: unknown setting {key!r} (known: {', '.join(AGENT_SETTINGS)}): "
+                + fix_hint(path, SERVICE)
+            )
         try:
             settings[name] = AGENT_SETTINGS[name](value)
         except (TypeError, ValueError) as error:
-            raise UsageError(f"{path}: {key} = {str(value)[:80]!r} is invalid: {error}") from None
+            raise ConfigFileError(
+                f"{where(path, text, key)}: {key} = {str(value)[:80]!r} is invalid: {error}: "
+                + fix_hint(path, SERVICE)
+            ) from None
     return settings
 
 
@@ -131,6 +134,7 @@ def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
     coordinator = Endpoint.parse(args.coordinator)
     enroll_endpoint = Endpoint(coordinator.host, args.enroll_port or coordinator.port + 1)
     files = AgentFiles(Path(args.state_dir or settings.get("state_dir") or defaults.AGENT_STATE_DIR))
+    check_state_dir(files.state_dir)
     if files.enrollment_path.exists() and not args.force:
         raise UsageError(
             f"already enrolled ({files.enrollment_path} exists): remove the node with "
@@ -152,7 +156,7 @@ def run_settings(args: argparse.Namespace, settings: dict[str, object]) -> tuple
         interval is not None
         and not defaults.MIN_METRICS_INTERVAL_SECONDS <= float(interval) <= MAX_METRICS_INTERVAL
     ):
-        raise UsageError("--metrics-interval must be between 1 and 3600 seconds")
+        raise ConfigFileError("--metrics-interval must be between 1 and 3600 seconds")
     files = AgentFiles(Path(args.state_dir or settings.get("state_dir") or defaults.AGENT_STATE_DIR))
     run = RunSettings(metrics_interval=float(interval) if interval is not None else None)
     if "docker_socket" in settings:
@@ -161,10 +165,30 @@ def run_settings(args: argparse.Namespace, settings: dict[str, object]) -> tuple
     return files, run
 
 
+async def wait_for_join(files: AgentFiles, poll: float = JOIN_POLL_SECONDS) -> Enrollment:
+    """The enrollment, once `picoord-agent join` has written it. Meanwhile the unit is
+    active (READY=1, the watchdog fed) and its status line says what to do, so an agent
+    installed and enabled before its join neither fails nor restarts in a loop; the join
+    needs no restart after it."""
+    said = ""
+    while True:
+        try:
+            return files.load()
+        except NotEnrolled as error:
+            message = str(error)
+        if message != said:  # once per new reason, not every poll
+            log.warning("waiting for join", reason=message)
+            notify(f"STATUS={message}")
+            said = message
+        notify("READY=1")
+        await asyncio.sleep(poll)
+
+
 def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
     from picoord.agent.session import AgentRunner  # keeps `join` light
 
     files, run = run_settings(args, settings)
+    check_state_dir(files.state_dir)
     # Before anything else (enrolled or not): a firewall change a previous run left
     # unconfirmed is armed again for the rest of its window, or goes back now. The firewall
     # modules load only then: a node's agent is kept small.
@@ -174,23 +198,24 @@ def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
         done = rearm_on_start(files.state_dir)
         if done:
             log.warning("firewall revert", detail=done)
-    runner = AgentRunner(files, run)
-    log.info(
-        "agent starting",
-        version=VERSION,
-        node=runner.enrollment.node_name,
-        coordinator=runner.enrollment.coordinator,
-    )
+    if not args.wait_for_join:
+        files.load()  # not enrolled: exits 1 with the fix, before anything starts
 
     async def main() -> None:
-        task = asyncio.create_task(runner.run_forever())
         watchdog = asyncio.create_task(feed_watchdog())  # systemd's WatchdogSec=: the loop is alive
         loop = asyncio.get_running_loop()
+        current = asyncio.current_task()
+        assert current is not None
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)
-        notify("READY=1")  # systemd (Type=notify): enrolled and running
+            loop.add_signal_handler(signum, current.cancel)
         try:
-            await task
+            enrollment = await wait_for_join(files)
+            runner = AgentRunner(files, run)
+            node, coordinator = enrollment.node_name, enrollment.coordinator
+            log.info("agent starting", version=VERSION, node=node, coordinator=coordinator)
+            # systemd (Type=notify): running; the session itself says when it is connected.
+            notify(f"READY=1\nSTATUS=node {node}, connecting to {coordinator}")
+            await runner.run_forever()
         except asyncio.CancelledError:
             log.info("agent stopping")
         finally:
@@ -225,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser = commands.add_parser("run", help="run the agent (what the systemd unit starts)")
     run_parser.add_argument("--state-dir", help=f"enrollment state ({defaults.AGENT_STATE_DIR})")
     run_parser.add_argument("--metrics-interval", type=float, help="seconds between samples (1-3600)")
+    run_parser.add_argument(
+        "--wait-for-join",
+        action="store_true",
+        help="not enrolled yet: wait for `picoord-agent join` instead of exiting (the systemd unit)",
+    )
     run_parser.set_defaults(handler=cmd_run)
     return parser
 
@@ -235,6 +265,10 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_config(args.config or defaults.AGENT_CONFIG, required=args.config is not None)
         configure_logging(args.log_level or str(settings.get("log_level", "info")))
         raise SystemExit(args.handler(args, settings))
+    except (ConfigFileError, UnsafeStateDir) as error:
+        # Only the operator can fix these: systemd does not restart on this status.
+        print(f"picoord-agent: {error}", file=sys.stderr)
+        raise SystemExit(defaults.EXIT_CONFIG) from None
     except (UsageError, InvalidToken, InvalidCaHash, InvalidName, InvalidAddress) as error:
         print(f"picoord-agent: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -29,6 +29,7 @@ from picoord.common import PROTOCOL_VERSION, VERSION, defaults
 from picoord.common.addresses import split_host_port
 from picoord.common.durations import iso_utc
 from picoord.common.pki import jittered_fraction, rotation_deadline
+from picoord.common.sd_notify import notify
 from picoord.v1 import agent_pb2, agent_pb2_grpc, workloads_pb2
 
 if TYPE_CHECKING:
@@ -152,11 +153,13 @@ class AgentRunner:
     @staticmethod
     def _before_sleep(state: object) -> None:
         outcome = state.outcome  # type: ignore[attr-defined]
+        reason = " ".join(str(outcome.exception()).split())[:300] if outcome else ""
+        notify(f"STATUS=coordinator unreachable, retrying: {reason}")  # `systemctl status` shows it
         log.warning(
             "coordinator unreachable, retrying",
             attempt=state.attempt_number,  # type: ignore[attr-defined]
             wait_seconds=round(state.next_action.sleep, 1),  # type: ignore[attr-defined]
-            reason=str(outcome.exception()) if outcome else "",
+            reason=reason,
         )
 
     async def _session_once(self) -> None:
@@ -210,6 +213,7 @@ class AgentRunner:
             if self.supervisor is not None:
                 self.supervisor.resend()
             self.connected.set()
+            notify(f"STATUS=connected to {self.enrollment.coordinator}")
             log.info(
                 "session established", coordinator=self.enrollment.coordinator, metrics_interval=interval
             )

@@ -111,22 +111,38 @@ class AgentFiles:
         return self.state_dir / ENROLLMENT_FILE
 
     def load(self) -> Enrollment:
-        try:
-            data = json.loads(self.enrollment_path.read_text())
-            enrollment = Enrollment(**data)
-            for path in (self.ca,):
-                if not path.exists():
-                    raise FileNotFoundError(path)
-            if not self.credentials_path.exists() and not (self.key.exists() and self.certificate.exists()):
-                raise FileNotFoundError(self.credentials_path)
-        except FileNotFoundError:
+        """The enrollment `join` recorded; NotEnrolled, saying which command fixes it, when
+        there is none (never joined) or when part of it is gone (deleted, or a lost disk)."""
+        credentials = [self.credentials_path] if self.credentials_path.exists() else []
+        if not credentials and self.key.exists() and self.certificate.exists():
+            credentials = [self.key, self.certificate]
+        missing = [
+            path.name
+            for path, present in (
+                (self.enrollment_path, self.enrollment_path.exists()),
+                (self.ca, self.ca.exists()),
+                (self.credentials_path, bool(credentials)),
+            )
+            if not present
+        ]
+        if len(missing) == 3:
             raise NotEnrolled(
-                f"this node is not enrolled (nothing usable in {self.state_dir}): "
-                "run the `picoord-agent join ...` command printed by `coordctl token create`"
-            ) from None
+                f"not joined (nothing in {self.state_dir}): run `picoord-agent join HOST:7443 --token ... "
+                "--ca-cert-hash sha256:...`, the command `coordctl token create` prints on the coordinator"
+            )
+        rejoin = (
+            "remove the node on the coordinator (`coordctl node remove NAME`), then run the "
+            "`picoord-agent join ...` command `coordctl token create` prints, with --force"
+        )
+        if missing:
+            raise NotEnrolled(
+                f"the enrollment in {self.state_dir} is incomplete ({', '.join(missing)} missing): "
+                f"restore it from a backup, or {rejoin}"
+            )
+        try:
+            return Enrollment(**json.loads(self.enrollment_path.read_text()))
         except (ValueError, TypeError) as error:
-            raise NotEnrolled(f"{self.enrollment_path} is damaged ({error}): join again") from None
-        return enrollment
+            raise NotEnrolled(f"{self.enrollment_path} is damaged ({error}): {rejoin}") from None
 
     def credentials(self) -> NodeCredentials:
         """The current key and certificate; never a key that does not match its certificate."""

@@ -404,7 +404,7 @@ def installed_root(args: argparse.Namespace, root: Path, processes: Processes) -
                 # Debian's lists and the agent's dependencies, as the install test gets them.
                 container.prepare([deb])
                 install.append(f"./{deb.name}")
-            packages.wait_for_apt_cache(lambda: packages.run(container.nspawn_argv(*install), 900))
+            packages.run_apt(container.nspawn_argv(*install), 900)
         yield container
     finally:
         processes.stop_all()

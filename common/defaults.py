@@ -25,3 +25,9 @@ COORDINATOR_SERVER_NAME = "picoord-coordinator"
 # `picoord-agent join` reads the token from here when --token is not given, which keeps it
 # out of `ps` and shell history.
 JOIN_TOKEN_ENV = "PICOORD_JOIN_TOKEN"
+
+# The exit status of both daemons for a problem a restart cannot fix: a bad config file or
+# flag, an unsafe state directory, a cluster CA that is half gone. sysexits.h's EX_CONFIG;
+# systemd shows it as status=78/CONFIG, and both units name it in RestartPreventExitStatus=,
+# so the unit stays failed (the journal says what to fix) rather than restart in a loop.
+EXIT_CONFIG = 78

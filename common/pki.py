@@ -29,13 +29,23 @@ def parse_ca_hash(text: str) -> str:
     return value
 
 
-def ca_cert_hash(certificate: x509.Certificate) -> str:
+def _spki(public_key: object) -> bytes:
     from cryptography.hazmat.primitives import serialization
 
-    spki = certificate.public_key().public_bytes(
+    return public_key.public_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    return "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def ca_cert_hash(certificate: x509.Certificate) -> str:
+    return "sha256:" + hashlib.sha256(_spki(certificate.public_key())).hexdigest()
+
+
+def key_matches(private_key: object, certificate: x509.Certificate) -> bool:
+    """Whether `certificate` was issued for `private_key`, compared by their encoded public
+    keys: Debian 12's python3-cryptography (38) has no equality on key objects, so `!=`
+    there is identity and never matches."""
+    return _spki(private_key.public_key()) == _spki(certificate.public_key())  # type: ignore[attr-defined]
 
 
 def certificate_not_before(certificate: x509.Certificate) -> datetime.datetime:

@@ -32,6 +32,7 @@ from picoord.common.pki import (
     ca_cert_hash,
     certificate_not_after,
     certificate_not_before,
+    key_matches,
     rotation_deadline,
 )
 from picoord.coordinator.store import CertificateRecord
@@ -44,6 +45,18 @@ CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=365)
 NODE_VALIDITY = dt.timedelta(days=365)
 MAX_BACKDATE = dt.timedelta(minutes=5)  # tolerance for Pis whose clock runs a little behind
+
+
+class CAUnavailable(Exception):
+    """The cluster CA on disk is half gone or damaged. Never replaced by a new one: that
+    would lock out every node enrolled with it. The message names the file and the fix."""
+
+
+def new_cluster_hint(state_dir: Path) -> str:
+    return (
+        f"to start a new cluster on purpose instead (every node must then join again), "
+        f"move ca.key, ca.crt and state.db out of {state_dir}"
+    )
 
 
 class CsrRejected(ValueError):
@@ -71,6 +84,21 @@ def certificate_serial(certificate: x509.Certificate) -> str:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _load_ca(key_path: Path, cert_path: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The CA key and certificate, if they are readable and belong together."""
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as error:
+        raise CAUnavailable(f"{key_path} is damaged ({error}): restore it from your backup") from None
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except ValueError as error:
+        raise CAUnavailable(f"{cert_path} is damaged ({error}): restore it from your backup") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not key_matches(key, certificate):
+        raise CAUnavailable(f"{key_path} is not the key of {cert_path}: restore the pair from one backup")
+    return key, certificate
 
 
 def _san_entries(names: list[str]) -> list[x509.GeneralName]:
@@ -164,9 +192,16 @@ class ClusterCA:
         server_validity: dt.timedelta = SERVER_VALIDITY,
     ) -> ClusterCA:
         ca_key_path, ca_cert_path = state_dir / "ca.key", state_dir / "ca.crt"
-        if ca_key_path.exists() and ca_cert_path.exists():
-            key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-            certificate = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+        present = [path for path in (ca_key_path, ca_cert_path) if path.exists()]
+        if len(present) == 2:
+            key, certificate = _load_ca(ca_key_path, ca_cert_path)
+        elif present:
+            (missing,) = {ca_key_path, ca_cert_path} - set(present)
+            raise CAUnavailable(
+                f"the cluster CA is half gone: {missing} is missing while {present[0]} is there. "
+                f"Restore {missing} from your backup of {state_dir} (a new CA would lock out every "
+                f"enrolled node); {new_cluster_hint(state_dir)}"
+            )
         else:
             key, certificate = _create_ca()
             write_atomically(ca_key_path, private_key_pem(key), 0o600)
@@ -197,7 +232,7 @@ class ClusterCA:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except ValueError:
             return None
-        if key.public_key() != certificate.public_key():  # a crash between the two writes
+        if not key_matches(key, certificate):  # a crash between the two writes
             return None
         return _server_identity(key_pem, certificate)
 

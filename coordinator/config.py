@@ -2,20 +2,36 @@
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from picoord.common import defaults
 from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
+from picoord.common.configfile import ConfigFileError, fix_hint, read_settings, where
 from picoord.common.durations import InvalidDuration, parse_duration
 from picoord.common.logs import LEVELS as LOG_LEVELS
 
-
-class ConfigError(ValueError):
-    pass
+SERVICE = "picoord-coordinator"
 
 
+class ConfigError(ConfigFileError):
+    """A bad setting, from the file or a flag (the daemon exits EXIT_CONFIG)."""
+
+
+def _type_refusal(value: object, default: object) -> str | None:
+    """Why a value from the file cannot stand for a setting whose default is `default`."""
+    if isinstance(default, bool) or default is None:  # log_json: true, false or unset
+        return None if isinstance(value, bool) else "must be true or false"
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "must be a number"
+        if isinstance(default, int) and not isinstance(default, float) and not isinstance(value, int):
+            return "must be a whole number"
+        return None
+    return None if isinstance(value, str) else "must be a string in quotes"
+
+
+DURATION_SETTINGS = ("node_cert_validity", "server_cert_validity")
 CERT_VALIDITY_MIN = 30.0
 CERT_VALIDITY_MAX = 3650 * 86400.0
 
@@ -58,22 +74,50 @@ class CoordinatorConfig:
 
     @classmethod
     def load(cls, path: Path | None, required: bool) -> CoordinatorConfig:
+        """Defaults, then the file's settings, each checked for its type (the values
+        themselves are checked by validate); an error names the file, line and setting."""
         config = cls()
-        if path is None or not path.exists():
-            if required:
-                raise ConfigError(f"config file {path} does not exist")
+        if path is None:
             return config
         try:
-            values = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as error:
-            raise ConfigError(f"cannot read {path}: {error}") from None
+            values, text = read_settings(path, required, SERVICE)
+        except ConfigFileError as error:
+            raise ConfigError(str(error)) from None
         known = {field.name: field for field in fields(cls)}
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise ConfigError(f"{path}: unknown setting {key!r} (known: {', '.join(sorted(known))})")
+                raise ConfigError(
+                    f"{where(path, text, key)}: unknown setting {key!r} (known: {', '.join(sorted(known))}): "
+                    + fix_hint(path, SERVICE)
+                )
+            # The certificate lifetimes also take a duration such as "90d" (checked in validate).
+            duration = name in DURATION_SETTINGS and isinstance(value, str)
+            refusal = None if duration else _type_refusal(value, getattr(config, name))
+            if refusal:
+                shown = f"{key} = {str(value)[:80]!r}"
+                raise ConfigError(f"{where(path, text, key)}: {shown} {refusal}: {fix_hint(path, SERVICE)}")
             setattr(config, name, value)
+            config.file_settings[name] = where(path, text, key)
         return config
+
+    @property
+    def file_settings(self) -> dict[str, str]:
+        """Setting -> `PATH line N` for those the file set: validate's errors name the line."""
+        if "_file_settings" not in self.__dict__:
+            self.__dict__["_file_settings"] = {}
+        return self.__dict__["_file_settings"]
+
+    def located(self, error: ConfigError, flags: set[str]) -> ConfigError:
+        """validate's `error`, naming the file and line of the first setting it is about that
+        came from the file (not from a flag), with the fix."""
+        message = str(error)
+        named = [name for name in self.file_settings if name in message and name not in flags]
+        if named:
+            place = self.file_settings[min(named, key=message.index)]
+            path = Path(place.split(" line ")[0])
+            return ConfigError(f"{place}: {error}: {fix_hint(path, SERVICE)}")
+        return ConfigError(f"{error} (from a flag: see `systemctl cat {SERVICE}`)" if flags else str(error))
 
     def validate(self) -> None:
         try:
@@ -110,7 +154,7 @@ class CoordinatorConfig:
         self._validate_cert_lifetimes()
 
     def _validate_cert_lifetimes(self) -> None:
-        for name in ("node_cert_validity", "server_cert_validity"):
+        for name in DURATION_SETTINGS:
             value = getattr(self, name)
             try:
                 seconds = parse_duration(value) if isinstance(value, str) else float(value)

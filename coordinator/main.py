@@ -21,10 +21,11 @@ import structlog
 from picoord.common import VERSION, defaults, limits
 from picoord.common.addresses import join_host_port, split_host_port
 from picoord.common.durations import iso_utc, parse_duration
+from picoord.common.files import UnsafeStateDir, check_state_dir
 from picoord.common.logs import configure_logging
 from picoord.common.sd_notify import notify, watchdog_period
 from picoord.coordinator.admin_relay import AdminRelay
-from picoord.coordinator.ca import ClusterCA
+from picoord.coordinator.ca import CAUnavailable, ClusterCA, new_cluster_hint
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.config import ConfigError, CoordinatorConfig
 from picoord.coordinator.controller.controller import WorkloadController
@@ -97,6 +98,7 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
     config = CoordinatorConfig.load(
         args.config or defaults.COORDINATOR_CONFIG, required=args.config is not None
     )
+    flags = set()
     for name in (
         "listen",
         "enroll_listen",
@@ -117,7 +119,11 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
-    config.validate()
+            flags.add(name)
+    try:
+        config.validate()
+    except ConfigError as error:
+        raise config.located(error, flags) from None
     return config, args
 
 
@@ -250,6 +256,7 @@ async def flush_once(cluster: Cluster) -> None:
 
 async def serve(config: CoordinatorConfig) -> None:
     state_dir = Path(config.state_dir)
+    check_state_dir(state_dir)  # keys in a directory others can write: refuse, naming the fix
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     listen_host, listen_port = split_host_port(config.listen, "listen")
     advertise_host = config.advertise_address or advertised_host(listen_host)
@@ -378,6 +385,15 @@ def _add_certificate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_cluster_ca(config: CoordinatorConfig, state_dir: Path, advertise_host: str) -> ClusterCA:
+    """The cluster CA, created on the first start only: with the CA gone but the cluster's
+    database still there, a new CA would silently lock out every enrolled node."""
+    database = state_dir / "state.db"
+    if database.exists() and not (state_dir / "ca.key").exists() and not (state_dir / "ca.crt").exists():
+        raise CAUnavailable(
+            f"the cluster CA ({state_dir}/ca.key and ca.crt) is missing while the cluster's database "
+            f"{database} is there: restore both from your backup of {state_dir}; "
+            + new_cluster_hint(state_dir)
+        )
     return ClusterCA.load_or_create(
         state_dir,
         [advertise_host],
@@ -435,11 +451,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config, _ = parse_args(argv)
     except ConfigError as error:
+        # Only the operator can fix it: the unit does not restart on EXIT_CONFIG.
         print(f"picoord-coordinator: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(defaults.EXIT_CONFIG) from None
     configure_logging(config.log_level, config.log_json)
     try:
         asyncio.run(serve(config))
+    except (UnsafeStateDir, CAUnavailable) as error:
+        log.error("coordinator cannot start", error=str(error))
+        raise SystemExit(defaults.EXIT_CONFIG) from None
     except (OSError, StateUnavailable) as error:
         log.error("coordinator failed to start", error=str(error))
         raise SystemExit(1) from None

@@ -38,7 +38,6 @@ import time
 import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -82,7 +81,6 @@ DEBIAN_MODULES = {
 
 # The install test's Debian root.
 CACHE_DIR = Path("/var/cache/picoord-test")
-T = TypeVar("T")
 SUITE = "bookworm"
 BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
@@ -94,23 +92,6 @@ def run(argv: list[str], timeout: float, **kwargs: object) -> subprocess.Complet
     if done.returncode:
         raise AssertionError(f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
-
-
-APT_CACHE_LOCKED = "Could not get lock /var/cache/apt/archives/lock"
-
-
-def wait_for_apt_cache(attempt: Callable[[], T], patience: float = 600.0) -> T:
-    """attempt() (an apt command in a root whose /var/cache/apt/archives is CACHE_DIR's,
-    shared by every install run on the machine), again every 5 s while another run holds
-    that cache's lock (apt does not wait for it), for at most `patience` seconds."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            return attempt()
-        except AssertionError as error:
-            if APT_CACHE_LOCKED not in str(error) or time.monotonic() > deadline:
-                raise
-        time.sleep(5)
 
 
 def deb_field(deb: Path, name: str) -> str:
@@ -378,6 +359,36 @@ def base_root() -> Path:
     return root
 
 
+def waiting_for_apt_locks(
+    attempt: Callable[[], subprocess.CompletedProcess[str]], timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """attempt() again while apt says a lock is held: the archive cache in CACHE_DIR is
+    shared with other tests running at the same time (the arm64 lab roots, other checkouts)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = attempt()
+        if "Could not get lock" not in done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(5)
+
+
+def run_apt(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """`run` for an apt command on the host (e.g. apt-get in a root through nspawn),
+    waiting while the shared archive cache is locked."""
+    done = waiting_for_apt_locks(
+        lambda: subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    )
+    if done.returncode:
+        raise AssertionError(f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+# Legacy cgroup hierarchy (this machine): nspawn --keep-unit puts the container where its
+# caller is, so two booted containers at once would share /system.slice/picoord-*.service
+# and break each other's units. Each container gets its own name=systemd cgroup instead.
+LEGACY_SYSTEMD_CGROUP = Path("/sys/fs/cgroup/systemd")
+
+
 class Container:
     """A Debian root as an overlay over the cached base, and systemd booted in it.
 
@@ -427,14 +438,30 @@ class Container:
         inside the booted container that has no network."""
         (self.root / "root" / "debs").mkdir(exist_ok=True)
         apt = ["--pipe", "--setenv=DEBIAN_FRONTEND=noninteractive", "--chdir=/root/debs", "--", "apt-get"]
-        wait_for_apt_cache(lambda: run(self.nspawn_argv(*apt, "update", "-q"), 600))
+        run_apt(self.nspawn_argv(*apt, "update", "-q"), 600)
         for deb in debs:
             shutil.copy(deb, self.root / "root" / "debs")
         names = [f"./{deb.name}" for deb in debs]
-        download = [*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES]
-        wait_for_apt_cache(lambda: run(self.nspawn_argv(*download), 900))
+        run_apt(
+            self.nspawn_argv(*apt, "install", "-y", "-q", "--download-only", *names, *EXTRA_PACKAGES), 900
+        )
+
+    @property
+    def cgroup(self) -> Path | None:
+        """The container's own name=systemd cgroup, on a legacy hierarchy; None on cgroup v2."""
+        if not (LEGACY_SYSTEMD_CGROUP / "cgroup.procs").exists():
+            return None
+        return LEGACY_SYSTEMD_CGROUP / self.machine
 
     def boot(self) -> None:
+        cgroup = self.cgroup
+        if cgroup is not None:
+            cgroup.mkdir(exist_ok=True)
+
+        def enter_cgroup() -> None:
+            if cgroup is not None:
+                (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
         with open(self.work / "console.log", "ab") as console:
             self.nspawn = subprocess.Popen(
                 self.nspawn_argv("--boot", "--private-network", "--console=passive", *self.boot_flags),
@@ -442,6 +469,7 @@ class Container:
                 stdout=console,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=enter_cgroup,  # one write before exec
             )
         # nspawn's first child sets up the namespaces and exits; its own child execs systemd.
         deadline = time.monotonic() + 60
@@ -465,23 +493,18 @@ class Container:
             f"system state {state}:\n{self.sh('systemctl', '--failed', check=False).stdout}"
         )
 
+    def command(self, *argv: str) -> list[str]:
+        """The host's argv that runs argv inside the booted container."""
+        command = ["nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net", "--pid"]
+        command += ["--root", "--wd", "--", "/usr/bin/env", "-i", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8"]
+        return [*command, "DEBIAN_FRONTEND=noninteractive", *argv]
+
     def sh(
         self, *argv: str, check: bool = True, timeout: float = 120, stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run argv inside the booted container (its namespaces, a clean environment); apt-get
-        waits while another run holds the shared archives' lock."""
-        if argv[0] == "apt-get" and check:
-            return wait_for_apt_cache(lambda: self._sh(argv, True, timeout, stdin))
-        return self._sh(argv, check, timeout, stdin)
-
-    def _sh(
-        self, argv: tuple[str, ...], check: bool, timeout: float, stdin: str | None
-    ) -> subprocess.CompletedProcess[str]:
-        command = ["nsenter", f"--target={self.leader}", "--mount", "--uts", "--ipc", "--net", "--pid"]
-        command += ["--root", "--wd", "--", "/usr/bin/env", "-i", f"PATH={SYSTEM_PATH}", "LANG=C.UTF-8"]
-        command += ["DEBIAN_FRONTEND=noninteractive", *argv]
+        """Run argv inside the booted container (its namespaces, a clean environment)."""
         done = subprocess.run(
-            command, input=stdin, capture_output=True, text=True, timeout=timeout, check=False
+            self.command(*argv), input=stdin, capture_output=True, text=True, timeout=timeout, check=False
         )
         if check and done.returncode:
             raise AssertionError(
@@ -500,6 +523,20 @@ class Container:
             if "ro" in options.split(","):
                 self.sh("mount", "-o", "remount,bind,rw", target)
 
+    def apt(
+        self, *args: str, check: bool = True, timeout: float = 600, stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """apt-get ARGS inside the container, waiting while the shared archive cache is locked."""
+        done = waiting_for_apt_locks(
+            lambda: self.sh("apt-get", *args, check=False, timeout=timeout, stdin=stdin)
+        )
+        if check and done.returncode:
+            raise AssertionError(
+                f"in the container, apt-get {list(args)} exited {done.returncode}:\n"
+                f"{done.stdout}\n{done.stderr}"
+            )
+        return done
+
     def poweroff(self) -> None:
         """Shut systemd down cleanly (SIGTERM to nspawn), or kill the container."""
         if self.nspawn is None:
@@ -515,6 +552,11 @@ class Container:
 
     def destroy(self) -> None:
         self.poweroff()
+        cgroup = self.cgroup
+        if cgroup is not None and cgroup.is_dir():  # empty once systemd is gone: deepest first
+            for below, _, _ in sorted(os.walk(cgroup), key=lambda entry: -len(entry[0])):
+                with contextlib.suppress(OSError):
+                    os.rmdir(below)
         subprocess.run(["umount", str(self.root)], capture_output=True, timeout=60, check=False)
         if os.path.ismount(self.root):
             subprocess.run(["umount", "--lazy", str(self.root)], capture_output=True, timeout=60, check=False)
@@ -530,12 +572,19 @@ class Container:
     def show(self, unit: str, prop: str) -> str:
         return self.sh("systemctl", "show", unit, f"--property={prop}", "--value").stdout.strip()
 
+    def journal(self, unit: str, lines: int = 40) -> str:
+        return self.sh("journalctl", "-u", unit, "--no-pager", "-n", str(lines), check=False).stdout
+
+    def systemctl(self, action: str, unit: str) -> None:
+        """`systemctl ACTION UNIT`; a failure raises with the unit's journal."""
+        done = self.sh("systemctl", action, unit, check=False)
+        assert done.returncode == 0, f"systemctl {action} {unit}: {done.stderr}\n{self.journal(unit)}"
+
     def wait_active(self, unit: str, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout
         while (state := self.sh("systemctl", "is-active", unit, check=False).stdout.strip()) != "active":
             if time.monotonic() > deadline:
-                journal = self.sh("journalctl", "-u", unit, "--no-pager", "-n", "40", check=False).stdout
-                raise AssertionError(f"{unit} is {state}, not active:\n{journal}")
+                raise AssertionError(f"{unit} is {state}, not active:\n{self.journal(unit)}")
             time.sleep(0.5)
         return self.show(unit, "MainPID")
 
@@ -619,19 +668,42 @@ AGENT_STATE = "/var/lib/picoord/agent"
 ENROLLMENT_FILES = ("node.pem", "ca.crt", "enrollment.json")  # key and certificate in one file
 
 
+def join_node(container: Container, *extra: str) -> None:
+    """Enrollment, as the README says: a token from coordctl, then `picoord-agent join` with
+    the token in a 0600 file."""
+    printed = container.sh("coordctl", "token", "create", "--ttl", "10m").stdout
+    token = re.search(r"--token (\S+)", printed)
+    ca_hash = re.search(r"--ca-cert-hash (sha256:[0-9a-f]+)", printed)
+    assert token and ca_hash, printed
+    token_file = container.root / "root" / "join-token"
+    token_file.write_text(token.group(1))
+    token_file.chmod(0o600)
+    try:
+        container.sh(
+            "picoord-agent", "join", "127.0.0.1:7443", "--token-file", "/root/join-token",
+            "--ca-cert-hash", ca_hash.group(1), "--node-name", NODE, *extra,
+        )  # fmt: skip
+    finally:
+        token_file.unlink()
+
+
+@pytest.fixture(scope="module")
+def upgrade_debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same tree as UPGRADE_VERSION, to upgrade to."""
+    return build_debs(tmp_path_factory.mktemp("upgrade-debs"), UPGRADE_VERSION)
+
+
 def test_installed_from_the_debs_in_a_booted_debian(
-    container: Container, debs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+    container: Container, debs: dict[str, Path], upgrade_debs: dict[str, Path]
 ) -> None:
-    upgrade = build_debs(tmp_path_factory.mktemp("upgrade-debs"), UPGRADE_VERSION)
+    upgrade = upgrade_debs
     container.prepare([*debs.values(), *upgrade.values()])
     container.boot_flags = DOCKER_BOOT_FLAGS
     container.boot()
 
     # Installed with apt while systemd runs: dependencies come from Debian's lists; the
     # coordinator is enabled and started, the agent (not enrolled yet) only installed.
-    container.sh(
-        "apt-get", "install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in debs.values()], timeout=600
-    )
+    container.apt("install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in debs.values()], timeout=600)
     container.wait_active("picoord-coordinator")
     assert (
         container.sh("systemctl", "is-enabled", "picoord-coordinator", check=False).stdout.strip()
@@ -644,26 +716,8 @@ def test_installed_from_the_debs_in_a_booted_debian(
         assert (container.root / directory.lstrip("/")).stat().st_mode & 0o777 == 0o700, directory
     coordinator_watchdog = container.show("picoord-coordinator", "WatchdogTimestampMonotonic")
 
-    # Started before it enrolled, the agent fails (no READY=1), says why, and retries.
-    started = container.sh("systemctl", "start", "picoord-agent", check=False)
-    assert started.returncode != 0
-    journal = container.sh("journalctl", "-u", "picoord-agent", "--no-pager", "-o", "cat").stdout
-    assert "not enrolled" in journal.lower(), journal
-    container.sh("systemctl", "stop", "picoord-agent")
-
     # Enrollment, as the README says: token, join (token from a 0600 file), enable --now.
-    printed = container.sh("coordctl", "token", "create", "--ttl", "10m").stdout
-    token = re.search(r"--token (\S+)", printed)
-    ca_hash = re.search(r"--ca-cert-hash (sha256:[0-9a-f]+)", printed)
-    assert token and ca_hash, printed
-    token_file = container.root / "root" / "join-token"
-    token_file.write_text(token.group(1))
-    token_file.chmod(0o600)
-    container.sh(
-        "picoord-agent", "join", "127.0.0.1:7443", "--token-file", "/root/join-token",
-        "--ca-cert-hash", ca_hash.group(1), "--node-name", NODE,
-    )  # fmt: skip
-    token_file.unlink()
+    join_node(container)
     container.sh("systemctl", "enable", "--now", "picoord-agent")
     agent_pid = container.wait_active("picoord-agent")
     node = container.wait_node_ready(NODE)
@@ -677,7 +731,7 @@ def test_installed_from_the_debs_in_a_booted_debian(
 
     # Node actions under the unit: the mount reaches the container's own mount table and
     # the firewall is changed and confirmed over a new connection to the coordinator.
-    container.sh("apt-get", "install", "-y", "-q", *EXTRA_PACKAGES, timeout=600)
+    container.apt("install", "-y", "-q", *EXTRA_PACKAGES, timeout=600)
     (container.root / "root" / "node.yaml").write_text(NODE_SPEC)
     data = container.root / "srv" / "picoord-data"
     data.mkdir(parents=True)
@@ -708,7 +762,8 @@ def test_installed_from_the_debs_in_a_booted_debian(
             stdin="[Service]\nWatchdogSec=3s\nTimeoutAbortSec=2s\nRestartSec=1s\n",
         )  # fmt: skip
     container.sh("systemctl", "daemon-reload")
-    container.sh("systemctl", "restart", "picoord-coordinator", "picoord-agent")
+    for unit in ("picoord-coordinator", "picoord-agent"):
+        container.systemctl("restart", unit)
     pids = {unit: container.wait_active(unit) for unit in ("picoord-coordinator", "picoord-agent")}
     time.sleep(8)
     assert {unit: container.wait_active(unit) for unit in pids} == pids, (
@@ -738,9 +793,7 @@ def test_installed_from_the_debs_in_a_booted_debian(
     agent_config.write_text(agent_config.read_text().replace('#log_level = "info"', 'log_level = "debug"'))
     local_config = agent_config.read_text()
     coordinator_pid = container.show("picoord-coordinator", "MainPID")
-    container.sh(
-        "apt-get", "install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in upgrade.values()], timeout=600
-    )
+    container.apt("install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in upgrade.values()], timeout=600)
     versions = container.sh("dpkg-query", "--show", "--showformat=${Version} ", *PACKAGES).stdout.split()
     assert versions == [UPGRADE_VERSION, UPGRADE_VERSION]
     assert container.wait_active("picoord-coordinator") != coordinator_pid
@@ -795,12 +848,270 @@ def test_installed_from_the_debs_in_a_booted_debian(
     assert container.show("picoord-agent", "NRestarts") == "0"
 
     # remove keeps the state (and the agent's config); purge deletes it.
-    container.sh("apt-get", "remove", "-y", "-q", AGENT)
+    container.apt("remove", "-y", "-q", AGENT)
     assert container.sh("systemctl", "is-active", "picoord-agent", check=False).stdout.strip() != "active"
     assert (container.root / AGENT_STATE.lstrip("/") / "node.pem").is_file()
-    container.sh("apt-get", "purge", "-y", "-q", AGENT)
+    container.apt("purge", "-y", "-q", AGENT)
     assert not (container.root / AGENT_STATE.lstrip("/")).exists()
     assert (container.root / "var/lib/picoord/state.db").is_file(), "the coordinator's state must stay"
-    container.sh("apt-get", "purge", "-y", "-q", COORDINATOR)
+    container.apt("purge", "-y", "-q", COORDINATOR)
     assert not (container.root / "var/lib/picoord").exists()
     assert not (container.root / "etc/picoord").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# Faults, in one booted container: what the operator sees in systemctl and the journal, and
+# that each unit comes back by itself, or after the fix the message names.
+
+EXIT_CONFIG = "78"  # common/defaults.py EXIT_CONFIG; the units' RestartPreventExitStatus=
+
+
+def with_changed_conffile(deb: Path, out: Path, path: str, extra: str) -> Path:
+    """A copy of `deb` whose conffile `path` has `extra` appended: what a new upstream
+    version that documents one more setting looks like to dpkg."""
+    tree = out / "tree"
+    run(["dpkg-deb", "--raw-extract", str(deb), str(tree)], 60)
+    conffile = tree / path.lstrip("/")
+    conffile.write_text(conffile.read_text() + extra)
+    digest = hashlib.md5(conffile.read_bytes()).hexdigest()  # dpkg's md5sums format
+    sums = tree / "DEBIAN" / "md5sums"
+    sums.write_text(
+        re.sub(rf"(?m)^[0-9a-f]{{32}}(  {re.escape(path.lstrip('/'))})$", rf"{digest}\1", sums.read_text())
+    )
+    built = out / deb.name
+    run(["dpkg-deb", "--root-owner-group", "--build", str(tree), str(built)], 120)
+    shutil.rmtree(tree)
+    return built
+
+
+def unit_failed_for_config(container: Container, unit: str, wait: float = 8) -> str:
+    """Assert `unit` failed with EXIT_CONFIG and stays failed (no restart loop: RestartSec is
+    5 s); return the journal's lines of its last start."""
+    deadline = time.monotonic() + 30
+    while container.sh("systemctl", "is-failed", unit, check=False).stdout.strip() != "failed":
+        assert time.monotonic() < deadline, container.sh("systemctl", "status", unit, check=False).stdout
+        time.sleep(0.5)
+    restarts = container.show(unit, "NRestarts")
+    time.sleep(wait)
+    assert container.sh("systemctl", "is-failed", unit, check=False).stdout.strip() == "failed"
+    assert container.show(unit, "NRestarts") == restarts, "restarted in a loop over a config error"
+    assert container.show(unit, "ExecMainStatus") == EXIT_CONFIG
+    invocation = container.show(unit, "InvocationID")
+    return container.sh(
+        "journalctl", f"_SYSTEMD_INVOCATION_ID={invocation}", "--no-pager", "-o", "cat", check=False
+    ).stdout
+
+
+def status_text(container: Container, unit: str, wanted: str, timeout: float = 60) -> str:
+    """Wait for the unit's status line (sd_notify STATUS=) to contain `wanted`."""
+    deadline = time.monotonic() + timeout
+    while wanted not in (text := container.show(unit, "StatusText")):
+        assert time.monotonic() < deadline, f"{unit} status is {text!r}, not {wanted!r}"
+        time.sleep(0.5)
+    return text
+
+
+def test_package_faults_in_a_booted_debian(
+    container: Container,
+    debs: dict[str, Path],
+    upgrade_debs: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    changed = with_changed_conffile(
+        upgrade_debs[AGENT],
+        tmp_path_factory.mktemp("changed-conffile"),
+        "/etc/picoord/agent.toml",
+        "\n# A setting documented by a newer version.\n",
+    )
+    container.prepare([*debs.values(), *upgrade_debs.values()])
+    (container.root / "root" / "changed").mkdir()
+    shutil.copy(changed, container.root / "root" / "changed")
+    container.boot()
+    container.apt("install", "-y", "-q", *[f"/root/debs/{deb.name}" for deb in debs.values()], timeout=600)
+    container.wait_active("picoord-coordinator")
+
+    # d) Enabled before the join: active, not failing, and its status says what to run.
+    container.sh("systemctl", "enable", "--now", "picoord-agent")
+    waiting_pid = container.wait_active("picoord-agent")
+    waiting = status_text(container, "picoord-agent", "not joined")
+    assert "picoord-agent join HOST:7443 --token" in waiting, waiting
+    time.sleep(6)  # > RestartSec: a unit that failed would have restarted by now
+    assert container.show("picoord-agent", "NRestarts") == "0"
+    # The join while it waits: the same process goes on, enrolls, and the node is Ready.
+    join_node(container)
+    container.wait_node_ready(NODE)
+    assert container.show("picoord-agent", "MainPID") == waiting_pid
+    status_text(container, "picoord-agent", "connected to 127.0.0.1:7443")
+    enrollment = {name: container.file_digest(f"{AGENT_STATE}/{name}") for name in ENROLLMENT_FILES}
+
+    # d) The coordinator out of reach: the agent stays active, says so, and comes back.
+    container.sh("systemctl", "stop", "picoord-coordinator")
+    status_text(container, "picoord-agent", "coordinator unreachable, retrying")
+    assert container.sh("systemctl", "is-active", "picoord-agent", check=False).stdout.strip() == "active"
+    container.systemctl("start", "picoord-coordinator")
+    container.wait_node_ready(NODE, timeout=90)
+    status_text(container, "picoord-agent", "connected to")
+    assert container.show("picoord-agent", "NRestarts") == "0"
+
+    # a) A corrupted agent.toml: failed with 78, not restarted, one line naming file, line
+    # and fix; back once fixed.
+    agent_config = container.root / "etc/picoord/agent.toml"
+    shipped = agent_config.read_text()
+    agent_config.write_text(shipped.replace('#log_level = "info"', 'log_level = "info'))
+    line = agent_config.read_text().splitlines().index('log_level = "info') + 1
+    container.sh("systemctl", "restart", "picoord-agent", check=False)
+    journal = unit_failed_for_config(container, "picoord-agent")
+    assert "/etc/picoord/agent.toml: cannot read it as TOML" in journal, journal
+    assert f"at line {line}" in journal and "systemctl restart picoord-agent" in journal, journal
+    agent_config.write_text(shipped.replace('#log_level = "info"', 'log_level = "loud"'))
+    container.sh("systemctl", "restart", "picoord-agent", check=False)
+    journal = unit_failed_for_config(container, "picoord-agent", wait=0)
+    assert f"/etc/picoord/agent.toml line {line}: log_level = 'loud' is invalid" in journal, journal
+    agent_config.write_text(shipped)
+    container.systemctl("restart", "picoord-agent")
+    container.wait_node_ready(NODE)
+
+    # a) The same for coordinator.toml, a value of the wrong type.
+    coordinator_config = container.root / "etc/picoord/coordinator.toml"
+    shipped_coordinator = coordinator_config.read_text()
+    coordinator_config.write_text(shipped_coordinator + 'heartbeat_timeout = "soon"\n')
+    container.sh("systemctl", "restart", "picoord-coordinator", check=False)
+    journal = unit_failed_for_config(container, "picoord-coordinator")
+    line = len(coordinator_config.read_text().splitlines())
+    assert (
+        f"/etc/picoord/coordinator.toml line {line}: heartbeat_timeout = 'soon' must be a number" in journal
+    )
+    coordinator_config.write_text(shipped_coordinator)
+    container.systemctl("restart", "picoord-coordinator")
+    container.wait_node_ready(NODE, timeout=90)
+
+    # c) The agent's certificate deleted: no fail loop; the status names what is missing and
+    # the fix, and putting it back (a backup) is picked up without a restart.
+    node_pem = container.root / AGENT_STATE.lstrip("/") / "node.pem"
+    saved = node_pem.read_bytes()
+    node_pem.unlink()
+    container.systemctl("restart", "picoord-agent")
+    text = status_text(container, "picoord-agent", "incomplete (node.pem missing)")
+    assert "coordctl node remove" in text and "--force" in text, text
+    pid = container.wait_active("picoord-agent")
+    node_pem.write_bytes(saved)
+    node_pem.chmod(0o600)
+    container.wait_node_ready(NODE)
+    assert container.show("picoord-agent", "MainPID") == pid
+
+    # c) The coordinator's CA key gone while its certificate is there: refused, naming the
+    # fix; no new CA over the cluster's; back once the key is restored.
+    state = container.root / "var/lib/picoord"
+    ca_cert = container.file_digest("/var/lib/picoord/ca.crt")
+    (state / "ca.key").rename(container.root / "root" / "ca.key.backup")
+    container.sh("systemctl", "restart", "picoord-coordinator", check=False)
+    journal = unit_failed_for_config(container, "picoord-coordinator")
+    assert "/var/lib/picoord/ca.key is missing while /var/lib/picoord/ca.crt is there" in journal, journal
+    assert "Restore /var/lib/picoord/ca.key from your backup" in journal, journal
+    assert not (state / "ca.key").exists() and container.file_digest("/var/lib/picoord/ca.crt") == ca_cert
+    (container.root / "root" / "ca.key.backup").rename(state / "ca.key")
+    container.systemctl("restart", "picoord-coordinator")
+    container.wait_node_ready(NODE, timeout=90)
+
+    # b) The state directory world-writable, or owned by another user: the agent refuses
+    # (78) naming the path and the fix; the package's configure step repairs the mode and
+    # says so, and leaves the owner for the operator.
+    state.chmod(0o777)
+    container.sh("systemctl", "restart", "picoord-agent", check=False)
+    journal = unit_failed_for_config(container, "picoord-agent", wait=0)
+    assert "/var/lib/picoord, above the state directory /var/lib/picoord/agent, is writable" in journal
+    assert "chmod go-w /var/lib/picoord" in journal, journal
+    reconfigured = container.sh("dpkg-reconfigure", "picoord-agent")
+    assert "/var/lib/picoord was mode 777 (writable by group or others); set to 0700" in reconfigured.stdout
+    assert state.stat().st_mode & 0o777 == 0o700
+    again = container.sh("dpkg-reconfigure", "picoord-agent")
+    assert "set to 0700" not in again.stdout + again.stderr, "the repair is idempotent"
+    # The unit's own StateDirectory= is re-owned and set to 0700 by systemd at each start.
+    os.chown(state / "agent", 65534, 65534)
+    (state / "agent").chmod(0o777)
+    container.systemctl("restart", "picoord-agent")
+    container.wait_active("picoord-agent")
+    info = (state / "agent").stat()
+    assert (info.st_uid, info.st_mode & 0o777) == (0, 0o700), "systemd's StateDirectory= repair"
+    # The directory above it, owned by another user: refused; configure says so, re-owns nothing.
+    os.chown(state, 65534, 65534)
+    container.sh("systemctl", "restart", "picoord-agent", check=False)
+    journal = unit_failed_for_config(container, "picoord-agent", wait=0)
+    assert "above the state directory /var/lib/picoord/agent, belongs to uid 65534" in journal, journal
+    assert "chown root /var/lib/picoord" in journal, journal
+    reconfigured = container.sh("dpkg-reconfigure", "picoord-agent")
+    said = reconfigured.stdout + reconfigured.stderr
+    assert "/var/lib/picoord belongs to uid 65534, not root: check its files" in reconfigured.stderr, said
+    assert state.stat().st_uid == 65534
+    os.chown(state, 0, 0)
+    container.systemctl("restart", "picoord-agent")
+    container.wait_node_ready(NODE)
+
+    # a) An upgrade whose agent.toml changed while the local one was edited. With no one to
+    # answer dpkg's conffile question (no terminal, no --force-conf option) dpkg stops there,
+    # as for any Debian package: the edited file is kept, the package is left unpacked and
+    # the running agent keeps running. apt's usual unattended options then complete it.
+    agent_config.write_text(shipped.replace('#log_level = "info"', 'log_level = "debug"'))
+    local = agent_config.read_text()
+    changed_deb = f"/root/changed/{changed.name}"
+    asked = container.apt("install", "-y", "-q", changed_deb, stdin="", check=False)
+    said = asked.stdout + asked.stderr
+    assert asked.returncode != 0 and "end of file on stdin at conffile prompt" in said, said
+    assert "The default action is to keep your current version" in said
+    assert agent_config.read_text() == local
+    status = container.sh("dpkg-query", "-W", "-f=${Status} ${Version}", AGENT).stdout
+    assert status == f"install ok unpacked {UPGRADE_VERSION}", status
+    assert container.sh("systemctl", "is-active", AGENT, check=False).stdout.strip() == "active"
+    upgraded = container.apt(
+        "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confdef",
+        "-o", "Dpkg::Options::=--force-confold", changed_deb,
+        stdin="", timeout=600, check=False,
+    )  # fmt: skip
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    assert agent_config.read_text() == local
+    assert (
+        "A setting documented by a newer version"
+        in (agent_config.parent / "agent.toml.dpkg-dist").read_text()
+    )
+    container.wait_node_ready(NODE)
+
+    # e) An upgrade killed half-way through configure (its service restart hangs; dpkg is
+    # killed): the package is left half-configured; `dpkg --configure -a` completes it,
+    # enrollment and config intact, the service back.
+    dropin = container.root / "run/systemd/system/picoord-coordinator.service.d"
+    dropin.mkdir(parents=True)
+    (dropin / "hang.conf").write_text("[Service]\nExecStartPre=/bin/sleep 600\n")
+    container.sh("systemctl", "daemon-reload")
+    dpkg = subprocess.Popen(
+        container.command("dpkg", "-i", f"/root/debs/{upgrade_debs[COORDINATOR].name}"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # dpkg, its maintainer script and systemctl: one process group
+    )
+    try:
+        deadline = time.monotonic() + 50
+        while "half-configured" not in container.sh("dpkg-query", "-W", "-f=${Status}", COORDINATOR).stdout:
+            assert dpkg.poll() is None and time.monotonic() < deadline, "dpkg never reached configure"
+            time.sleep(0.2)
+        time.sleep(1)  # into the service restart
+    finally:
+        os.killpg(dpkg.pid, signal.SIGKILL)
+        dpkg.wait(30)
+    assert (
+        container.sh("dpkg-query", "-W", "-f=${Status}", COORDINATOR).stdout == "install ok half-configured"
+    )
+    (dropin / "hang.conf").unlink()
+    container.sh("systemctl", "daemon-reload")
+    audit = container.sh("dpkg", "--audit", check=False).stdout
+    assert COORDINATOR in audit, audit
+    container.sh("dpkg", "--configure", "-a", timeout=300)
+    assert container.sh("dpkg-query", "-W", "-f=${Status} ${Version}", COORDINATOR).stdout == (
+        f"install ok installed {UPGRADE_VERSION}"
+    )
+    container.wait_active("picoord-coordinator")
+    container.wait_node_ready(NODE, timeout=90)
+    assert container.file_digest("/var/lib/picoord/ca.crt") == ca_cert
+    assert {name: container.file_digest(f"{AGENT_STATE}/{name}") for name in ENROLLMENT_FILES} == enrollment
+    assert agent_config.read_text() == local
+    assert coordinator_config.read_text() == shipped_coordinator

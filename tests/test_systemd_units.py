@@ -154,10 +154,11 @@ def test_agent_unit_runs_picoord_agent_forever_as_root() -> None:
     unit = load(AGENT_UNIT)
     service = unit["Service"]
 
-    assert service["ExecStart"] == ["/usr/bin/picoord-agent run"]
+    assert service["ExecStart"] == ["/usr/bin/picoord-agent run --wait-for-join"]
     assert service["Type"] == ["notify"], "the agent sends READY=1 (common/sd_notify.py)"
     assert service["WatchdogSec"] and service["WatchdogSec"] != ["0"]
-    assert service["Restart"] == ["on-failure"], "not enrolled yet and watchdog timeouts are failures too"
+    assert service["Restart"] == ["on-failure"], "watchdog timeouts are failures too"
+    assert service["RestartPreventExitStatus"] == ["78"], "a bad config is not fixed by restarting"
     assert service["RestartSec"] and service["RestartSec"] != ["0"]
     assert unit["Unit"]["StartLimitIntervalSec"] == ["0"], "the agent must never give up restarting"
     assert service["EnvironmentFile"] == ["-/etc/default/picoord-agent"]
@@ -194,6 +195,7 @@ def test_coordinator_unit_runs_picoord_coordinator_hardened() -> None:
     assert service["Type"] == ["notify"], "the coordinator sends READY=1 once it serves"
     assert service["WatchdogSec"] and service["WatchdogSec"] != ["0"]
     assert service["Restart"] == ["on-failure"]
+    assert service["RestartPreventExitStatus"] == ["78"], "a bad config or CA is not fixed by restarting"
     assert int(service["LimitNOFILE"][0]) >= 4096, "1000+ agent sessions need file descriptors"
     assert service["NoNewPrivileges"] == ["yes"]
     assert service["CapabilityBoundingSet"] == [""], "no capabilities at all"

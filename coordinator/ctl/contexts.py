@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,9 @@ from cryptography.x509.oid import NameOID
 
 from picoord.common.addresses import InvalidAddress, split_host_port
 from picoord.common.durations import iso_utc
-from picoord.common.files import write_atomically
+from picoord.common.files import mode_refusal, write_atomically
 from picoord.common.names import InvalidName, validate_node_name
-from picoord.common.pki import ca_cert_hash, certificate_not_after
+from picoord.common.pki import ca_cert_hash, certificate_not_after, key_matches
 from picoord.coordinator.ca import ADMIN_ORGANIZATION, ADMIN_PREFIX, certificate_serial
 
 BUNDLE_KIND = "picoord-admin-bundle"
@@ -134,7 +133,7 @@ def parse_bundle(data: bytes, where: str) -> Bundle:
         key = serialization.load_pem_private_key(pems["key"], password=None)
     except (ValueError, TypeError):
         raise BundleError(f"{where}: field 'key' is not an unencrypted PEM private key") from None
-    if key.public_key() != certificate.public_key():
+    if not key_matches(key, certificate):
         raise BundleError(f"{where}: the key does not belong to the certificate")
     organizations = [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)]
     common_names = [a.value for a in certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
@@ -179,21 +178,6 @@ def foreign_server_message(context: str, bundle: Bundle, server_certificate_der:
         f"another coordinator. Issue one on this coordinator's host (`coordctl admin issue NAME`) and "
         f"add it with `coordctl context add {context} --bundle FILE --force`"
     )
-
-
-def mode_refusal(path: Path, mode: int, owner: int, me: int, directory: bool) -> str | None:
-    """Why a context file or directory is refused: others can read (or change) what holds a
-    private key, or someone else owns it. The message names the path and the fix."""
-    if owner != me:
-        return f"{path} belongs to uid {owner}, not to you (uid {me}): fix with `chown {me} {path}`"
-    if stat.S_IMODE(mode) & 0o077:
-        wanted = "700" if directory else "600"
-        what = "directory" if directory else "file"
-        return (
-            f"{path} is open to group or others (mode {stat.S_IMODE(mode):04o}) and holds a private key: "
-            f"fix the {what} with `chmod {wanted} {path}`"
-        )
-    return None
 
 
 # ---------------------------------------------------------------- on disk

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from picoord.agent.cli import UsageError, build_parser, load_config, run_settings
+from picoord.agent.cli import build_parser, load_config, run_settings
 from picoord.common import defaults
+from picoord.common.configfile import ConfigFileError
 
 GOOD = """
 state_dir = "/srv/picoord-agent/"
@@ -67,13 +68,40 @@ def test_dashes_spell_the_same_setting(tmp_path: Path) -> None:
     ],
 )
 def test_a_bad_file_is_refused_naming_the_key(tmp_path: Path, text: str, named: str) -> None:
-    with pytest.raises(UsageError, match=named) as caught:
+    """The message names the file, the line (when the setting has one) and the fix."""
+    with pytest.raises(ConfigFileError, match=named) as caught:
         load_config(write(tmp_path, text), required=True)
-    assert str(tmp_path / "agent.toml") in str(caught.value)
+    message = str(caught.value)
+    assert str(tmp_path / "agent.toml") in message
+    assert ("line 1" in message) == (not text.startswith("[")), message
+    assert message.endswith("then: systemctl restart picoord-agent"), message
+
+
+def test_a_bad_setting_far_down_is_named_by_its_line(tmp_path: Path) -> None:
+    shipped = (Path(__file__).parents[2] / "packaging/deb/etc/agent.toml").read_text()
+    broken = shipped.replace('#log_level = "info"', 'log_level = "chatty"')
+    line = broken.splitlines().index('log_level = "chatty"') + 1
+    with pytest.raises(ConfigFileError, match=rf"agent.toml line {line}: log_level = 'chatty' is invalid"):
+        load_config(write(tmp_path, broken), required=True)
+
+
+@pytest.mark.parametrize("text", ['log_level = "chatty"\n', "log_level = \n", "metrics-intervall = 5\n"])
+def test_a_bad_file_exits_78_so_systemd_does_not_restart_it(
+    tmp_path: Path, text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """EXIT_CONFIG (78), which both units list in RestartPreventExitStatus=; one line on stderr."""
+    from picoord.agent import cli
+
+    config = write(tmp_path, text)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--config", str(config), "run", "--wait-for-join"])
+    assert exited.value.code == defaults.EXIT_CONFIG == 78
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"picoord-agent: {config}"), err
 
 
 def test_a_missing_file_is_an_error_only_when_named(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="does not exist"):
+    with pytest.raises(ConfigFileError, match="does not exist"):
         load_config(tmp_path / "agent.toml", required=True)
     assert load_config(tmp_path / "agent.toml", required=False) == {}
 
