@@ -18,7 +18,8 @@ def fix_hint(path: Path, service: str) -> str:
     its default, commented out."""
     return (
         f"fix it in {path} (every setting is described there, as packaged; "
-        f"`{service} --help` lists the flags), then: systemctl restart {service}"
+        f"`{service} --help` lists the flags); under systemd, saving the fixed file starts "
+        f"{service} again (else: systemctl restart {service})"
     )
 
 

@@ -954,7 +954,7 @@ def test_package_faults_in_a_booted_debian(
     assert container.show("picoord-agent", "NRestarts") == "0"
 
     # a) A corrupted agent.toml: failed with 78, not restarted, one line naming file, line
-    # and fix; back once fixed.
+    # and fix; back by itself once saved fixed.
     agent_config = container.root / "etc/picoord/agent.toml"
     shipped = agent_config.read_text()
     agent_config.write_text(shipped.replace('#log_level = "info"', 'log_level = "info'))
@@ -967,8 +967,16 @@ def test_package_faults_in_a_booted_debian(
     container.sh("systemctl", "restart", "picoord-agent", check=False)
     journal = unit_failed_for_config(container, "picoord-agent", wait=0)
     assert f"/etc/picoord/agent.toml line {line}: log_level = 'loud' is invalid" in journal, journal
+    # Saved fixed, it starts by itself (picoord-agent-config.path): no `systemctl restart`.
     agent_config.write_text(shipped)
-    container.systemctl("restart", "picoord-agent")
+    container.wait_active("picoord-agent")
+    container.wait_node_ready(NODE)
+    # An agent the operator stopped stays stopped, whatever is saved.
+    container.systemctl("stop", "picoord-agent")
+    agent_config.write_text(shipped)
+    time.sleep(3)
+    assert container.sh("systemctl", "is-active", "picoord-agent", check=False).stdout.strip() == "inactive"
+    container.systemctl("start", "picoord-agent")
     container.wait_node_ready(NODE)
 
     # a) The same for coordinator.toml, a value of the wrong type.
@@ -981,8 +989,8 @@ def test_package_faults_in_a_booted_debian(
     assert (
         f"/etc/picoord/coordinator.toml line {line}: heartbeat_timeout = 'soon' must be a number" in journal
     )
-    coordinator_config.write_text(shipped_coordinator)
-    container.systemctl("restart", "picoord-coordinator")
+    coordinator_config.write_text(shipped_coordinator)  # starts it again by itself
+    container.wait_active("picoord-coordinator")
     container.wait_node_ready(NODE, timeout=90)
 
     # c) The agent's certificate deleted: no fail loop; the status names what is missing and
@@ -1009,8 +1017,8 @@ def test_package_faults_in_a_booted_debian(
     assert "/var/lib/picoord/ca.key is missing while /var/lib/picoord/ca.crt is there" in journal, journal
     assert "Restore /var/lib/picoord/ca.key from your backup" in journal, journal
     assert not (state / "ca.key").exists() and container.file_digest("/var/lib/picoord/ca.crt") == ca_cert
-    (container.root / "root" / "ca.key.backup").rename(state / "ca.key")
-    container.systemctl("restart", "picoord-coordinator")
+    (container.root / "root" / "ca.key.backup").rename(state / "ca.key")  # back by itself
+    container.wait_active("picoord-coordinator")
     container.wait_node_ready(NODE, timeout=90)
 
     # b) The state directory world-writable, or owned by another user: the agent refuses

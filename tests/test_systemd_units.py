@@ -26,6 +26,8 @@ UNITS_DIR = REPO_ROOT / "systemd"
 AGENT_UNIT = "picoord-agent.service"
 COORDINATOR_UNIT = "picoord-coordinator.service"
 EXECUTABLES = ("/usr/bin/picoord-agent", "/usr/bin/picoord-coordinator")
+# Each daemon's watch on what only the operator can fix (the exit-78 faults).
+CONFIG_PATHS = {AGENT_UNIT: "picoord-agent-config.path", COORDINATOR_UNIT: "picoord-coordinator-config.path"}
 # systemd-analyze security: 0 (locked down) .. 10 (unsafe). Measured: coordinator 1.4, agent
 # 8.1 (root with mounts, netfilter and dockerd as its job), Debian's node exporter 9.2.
 MAX_COORDINATOR_EXPOSURE = 2.0
@@ -111,7 +113,11 @@ def unit_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A root for `systemd-analyze verify --root`: the system units, stand-in picoord binaries."""
     root = tmp_path_factory.mktemp("unit-root")
     try:
-        yield make_unit_root(root, EXECUTABLES)
+        make_unit_root(root, EXECUTABLES)
+        # picoord's own units as the packages install them, for the ones that name each other.
+        for unit in UNITS_DIR.iterdir():
+            shutil.copy(unit, root / "usr" / "lib" / "systemd" / "system" / unit.name)
+        yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -147,6 +153,37 @@ def test_verify_catches_a_broken_copy(
 
     assert code != 0 or output, f"verify accepted a broken {name}"
     assert any(expected in line for line in output), output
+
+
+@pytest.mark.parametrize(
+    ("service", "watched"),
+    [
+        (AGENT_UNIT, [defaults.AGENT_CONFIG]),
+        (
+            COORDINATOR_UNIT,
+            [
+                defaults.COORDINATOR_CONFIG,
+                defaults.COORDINATOR_STATE_DIR / "ca.key",
+                defaults.COORDINATOR_STATE_DIR / "ca.crt",
+            ],
+        ),
+    ],
+)
+def test_a_file_put_right_starts_the_failed_daemon_again(
+    unit_root: Path, service: str, watched: list[Path]
+) -> None:
+    """A daemon that stopped with 78 (not restarted by systemd) has a path unit watching the
+    files behind those faults; it comes and goes with its daemon (no [Install] of its own)."""
+    name = CONFIG_PATHS[service]
+    code, output = verify(unit_root, name, (UNITS_DIR / name).read_text())
+    assert code == 0 and not output, f"systemd-analyze verify {name} ({code}):\n" + "\n".join(output)
+    unit = load(name)
+
+    assert unit["Path"]["Unit"] == [service]
+    assert [Path(p) for p in unit["Path"]["PathChanged"]] == watched
+    assert unit["Unit"]["PartOf"] == [service], "an operator's `systemctl stop` stops the watch too"
+    assert name in words(load(service), "Unit", "Wants")
+    assert "Install" not in unit
 
 
 def test_agent_unit_runs_picoord_agent_forever_as_root() -> None:

@@ -74,7 +74,7 @@ def test_a_bad_file_is_refused_naming_the_key(tmp_path: Path, text: str, named: 
     message = str(caught.value)
     assert str(tmp_path / "agent.toml") in message
     assert ("line 1" in message) == (not text.startswith("[")), message
-    assert message.endswith("then: systemctl restart picoord-agent"), message
+    assert message.endswith("(else: systemctl restart picoord-agent)"), message
 
 
 def test_a_bad_setting_far_down_is_named_by_its_line(tmp_path: Path) -> None:

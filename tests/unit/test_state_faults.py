@@ -167,7 +167,7 @@ def test_a_coordinator_setting_of_the_wrong_type_names_file_and_line(
     with pytest.raises(ConfigError) as refused:
         CoordinatorConfig.load(path, required=True)
     assert f"{path} line 3: {named}" in str(refused.value)
-    assert str(refused.value).endswith("then: systemctl restart picoord-coordinator")
+    assert str(refused.value).endswith("(else: systemctl restart picoord-coordinator)")
 
 
 def test_a_bad_value_found_by_validate_names_its_line_or_its_flag(
