@@ -287,13 +287,7 @@ class DockerAPI:
         connection, response = self._open(
             "POST", "/images/create", {"fromImage": repository, "tag": tag}, timeout=timeout, headers=headers
         )
-        try:
-            while line := response.readline(RESPONSE_LIMIT):
-                if line.strip():
-                    event = json.loads(line)
-                    yield event if isinstance(event, dict) else {}
-        finally:
-            connection.close()
+        yield from _json_lines(connection, response)
 
     # events
     def events(
@@ -303,17 +297,9 @@ class DockerAPI:
         object per line, as docker-py's events(decode=True) gave them."""
         query: dict[str, Any] = {"since": since, "until": until}
         if filters:
-            query["filters"] = json.dumps(
-                {key: value if isinstance(value, list) else [value] for key, value in filters.items()}
-            )
+            query["filters"] = _wire_filters(filters)
         connection, response = self._open("GET", "/events", query)
-        try:
-            while line := response.readline(RESPONSE_LIMIT):
-                if line.strip():
-                    event = json.loads(line)
-                    yield event if isinstance(event, dict) else {}
-        finally:
-            connection.close()
+        yield from _json_lines(connection, response)
 
     # containers
     def containers(
@@ -321,9 +307,7 @@ class DockerAPI:
     ) -> list[dict[str, Any]]:
         query: dict[str, Any] = {"all": "1" if all_states else "0"}
         if filters:
-            query["filters"] = json.dumps(
-                {key: value if isinstance(value, list) else [value] for key, value in filters.items()}
-            )
+            query["filters"] = _wire_filters(filters)
         return list(self._json("GET", "/containers/json", query) or [])
 
     def inspect_container(self, container_id: str) -> dict[str, Any]:
@@ -376,6 +360,25 @@ class DockerAPI:
 
     def close(self) -> None:
         """Nothing is held between calls; kept for the Engine's interface."""
+
+
+def _wire_filters(filters: Mapping[str, Any]) -> str:
+    """The Engine API's `filters` query value: every filter a list of values."""
+    return json.dumps({key: value if isinstance(value, list) else [value] for key, value in filters.items()})
+
+
+def _json_lines(
+    connection: http.client.HTTPConnection, response: http.client.HTTPResponse
+) -> Iterator[dict[str, Any]]:
+    """dockerd's streamed answer (pull progress, events), one JSON object a line, each line
+    bounded; the connection is closed when the stream ends or the reader stops early."""
+    try:
+        while line := response.readline(RESPONSE_LIMIT):
+            if line.strip():
+                event = json.loads(line)
+                yield event if isinstance(event, dict) else {}
+    finally:
+        connection.close()
 
 
 def _error_message(body: bytes) -> str:
