@@ -360,13 +360,11 @@ def setup_errors(what: str) -> Iterator[None]:
 def download_exporter(arch: str, into: Path) -> list[str]:
     """Debian's prometheus-node-exporter (and adduser) for `arch`, with the host's apt into
     `into`: the file names, for `apt-get install ./NAME` inside the root."""
+    from picoord.lab.arm64 import apt_download
+
     names = [f"{name}:{arch}" if name == "prometheus-node-exporter" else name for name in EXPORTER_PACKAGES]
-    done = subprocess.run(
-        ["apt-get", "download", *names], cwd=into, capture_output=True, text=True, timeout=300, check=False
-    )
-    if done.returncode != 0:
-        hint = f"dpkg --add-architecture {arch} && apt-get update" if arch != "amd64" else "apt-get update"
-        raise BenchError(f"apt-get download {' '.join(names)} failed ({done.stderr.strip()[-500:]}): {hint}")
+    with setup_errors("downloading node_exporter"):
+        apt_download(names, into, arch)
     return sorted(path.name for path in into.glob("*.deb") if path.name.startswith(EXPORTER_PACKAGES))
 
 

@@ -32,6 +32,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from picoord.lab.images import host_architecture
 from picoord.lab.netns import LabError
 
 CACHE_DIR = Path("/var/cache/picoord-test")  # shared with the package install test's amd64 root
@@ -230,6 +231,18 @@ def agent_root(mirror: str, agent_deb: Path, cache_dir: Path = CACHE_DIR) -> lis
     return [agent_layer(base, agent_deb, cache_dir), base]
 
 
+def apt_download(packages: Sequence[str], into: Path, arch: str) -> None:
+    """`apt-get download` of Debian packages (NAME or NAME:ARCH) into `into`, with the host's
+    apt: another architecture's needs it in dpkg's list, which the error says how to add."""
+    done = subprocess.run(
+        ["apt-get", "download", *packages], cwd=into, capture_output=True, text=True, timeout=300, check=False
+    )
+    if done.returncode != 0:
+        foreign = arch != host_architecture()  # Docker's words, which are Debian's for amd64/arm64
+        hint = f"dpkg --add-architecture {arch} && apt-get update" if foreign else "apt-get update"
+        raise LabError(f"apt-get download {' '.join(packages)} failed ({done.stderr.strip()[-500:]}): {hint}")
+
+
 def busybox(cache_dir: Path = CACHE_DIR) -> bytes:
     """Debian's static busybox for arm64 (busybox-static:arm64), cached as a plain file.
     Needs arm64 in dpkg's architectures (`dpkg --add-architecture arm64; apt-get update`)."""
@@ -240,19 +253,7 @@ def busybox(cache_dir: Path = CACHE_DIR) -> bytes:
             shutil.rmtree(download, ignore_errors=True)
             download.mkdir()
             try:
-                done = subprocess.run(
-                    ["apt-get", "download", f"busybox-static:{ARCH}"],
-                    cwd=download,
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                    check=False,
-                )
-                if done.returncode != 0:
-                    raise LabError(
-                        f"apt-get download busybox-static:{ARCH} failed ({done.stderr.strip()[-500:]}): "
-                        f"dpkg --add-architecture {ARCH} && apt-get update"
-                    )
+                apt_download([f"busybox-static:{ARCH}"], download, ARCH)
                 (deb,) = download.glob("busybox-static_*.deb")
                 _run(["dpkg-deb", "-x", str(deb), str(download / "tree")], 120, "unpacking busybox-static")
                 shutil.copyfile(download / "tree" / "bin" / "busybox", target.with_suffix(".partial"))
