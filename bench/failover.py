@@ -60,9 +60,9 @@ from rollout_vs_swarm import (
     wait_until,
 )
 
-from picoord.coordinator.ctl.client import connect_workloads
+from picoord.coordinator.ctl.client import socket_channel
 from picoord.lab.cluster import Lab
-from picoord.v1 import services_pb2, workloads_pb2
+from picoord.v1 import services_pb2, services_pb2_grpc, workloads_pb2
 
 REPLICAS = 2
 FAILOVER_TARGET = 10.0
@@ -173,7 +173,7 @@ class Replicas:
     """The service's replicas through the admin API `coordctl ps` uses (cheap to poll)."""
 
     def __init__(self, lab: Lab) -> None:
-        self.stub = connect_workloads(lab.admin_socket)
+        self.stub = services_pb2_grpc.WorkloadsStub(socket_channel(lab.admin_socket))
 
     def list(self) -> list[services_pb2.ReplicaInfo]:
         return list(self.stub.ListReplicas(services_pb2.ServiceRef(name=SERVICE), timeout=5).replicas)

@@ -78,7 +78,8 @@ class AdminClient(admin_pb2_grpc.AdminStub):
         self.certificates = admin_pb2_grpc.AdminCertificatesStub(channel)
 
 
-def _channel(socket_path: Path) -> grpc.Channel:
+def socket_channel(socket_path: Path) -> grpc.Channel:
+    """A channel to the admin socket, refusing early (with the fix) when it is missing or not ours."""
     if not socket_path.exists():
         raise AdminUnavailable(
             f"no coordinator admin socket at {socket_path}: is picoord-coordinator running? "
@@ -111,7 +112,7 @@ def open_channel(connection: Connection, contexts: ContextStore) -> grpc.Channel
     if connection.context is not None:
         return tls_channel(contexts.load(connection.context))
     assert connection.socket_path is not None
-    return _channel(connection.socket_path)
+    return socket_channel(connection.socket_path)
 
 
 def server_certificate(address: str, server_name: str, timeout: float = PROBE_TIMEOUT) -> bytes:
