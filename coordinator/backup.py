@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from picoord.common import VERSION, defaults, limits
-from picoord.common.files import UnsafeStateDir, check_state_dir, write_atomically
+from picoord.common.files import UnsafeStateDir, check_state_dir, sync_directory, write_atomically
 from picoord.coordinator.ca import CAUnavailable, check_ca_files, server_identity
 from picoord.coordinator.config import ConfigError, load_settings
 from picoord.coordinator.store import database_refusal, snapshot_database
@@ -201,10 +201,6 @@ def _copy_hashed(source: IO[bytes], target: IO[bytes], bound: int) -> Taken:
     return Taken(size, digest.hexdigest())
 
 
-def _hashed(data: bytes) -> Taken:
-    return Taken(len(data), hashlib.sha256(data).hexdigest())
-
-
 def _server_pair(state_dir: Path) -> dict[str, bytes]:
     """server.key and server.crt as one pair, or nothing: read again if a rotation moved
     one of them between the reads; without a pair the coordinator issues a new one."""
@@ -265,9 +261,12 @@ def take_backup(state_dir: Path, config_path: Path | None, archive_path: Path) -
         for name, data in small.items():
             if len(data) > MEMBERS[name][0]:
                 raise BackupRefused(f"{name} has {len(data)} bytes, more than a backup holds", EXIT_DATAERR)
+        size = snapshot.stat().st_size
+        if size > MEMBERS[DATABASE][0]:
+            raise BackupRefused(f"{DATABASE} has {size} bytes, more than a backup holds", EXIT_DATAERR)
         with snapshot.open("rb") as handle:
-            taken = {DATABASE: _copy_hashed(handle, _Sink(), MEMBERS[DATABASE][0])}
-        taken |= {name: _hashed(data) for name, data in small.items()}
+            taken = {DATABASE: Taken(size, hashlib.file_digest(handle, "sha256").hexdigest())}
+        taken |= {name: Taken(len(data), hashlib.sha256(data).hexdigest()) for name, data in small.items()}
         taken_config = config_path.absolute() if config_path is not None and CONFIG in small else None
         manifest = manifest_for(taken, state_dir.absolute(), taken_config, ca_hash, now)
         encoded = json.dumps(manifest, indent=2).encode()
@@ -290,16 +289,6 @@ def take_backup(state_dir: Path, config_path: Path | None, archive_path: Path) -
                 os.unlink(partial)
             raise
     return manifest
-
-
-class _Sink(io.RawIOBase):
-    """Discards what is written (hashing a file without keeping a second copy)."""
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        return len(data)
 
 
 # --------------------------------------------------------------------------- restore
@@ -375,12 +364,13 @@ def restore(
     except UnsafeStateDir as error:
         raise BackupRefused(str(error), defaults.EXIT_CONFIG) from None
     state_dir = Path(os.path.abspath(state_dir))
-    created = not state_dir.exists()
-    if not created:
+    created: Path | None = None  # the topmost directory this restore made (removed on a refusal)
+    if state_dir.exists():
         refusal = restore_target_refusal(state_dir, os.listdir(state_dir))
         if refusal:
             raise BackupRefused(refusal, EXIT_CANTCREAT)
     else:
+        created = next(path for path in (state_dir, *state_dir.parents) if path.parent.exists())
         state_dir.parent.mkdir(parents=True, exist_ok=True)
         state_dir.mkdir(mode=0o700)
         os.chmod(state_dir, 0o700)  # the coordinator's state dir mode, whatever the umask
@@ -398,10 +388,10 @@ def restore(
                 if name in files:
                     os.chmod(unpacked / name, MEMBERS[name][1])
                     os.rename(unpacked / name, state_dir / name)
-            _fsync_dir(state_dir)
+            sync_directory(state_dir)
     except BaseException:
-        if created:
-            shutil.rmtree(state_dir, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
     return manifest, config_note
 
@@ -439,14 +429,6 @@ def _config_outcome(
     if refusal:
         raise BackupRefused(refusal, EXIT_CANTCREAT)
     return f"config file of {taken_from} written to {to}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the command

@@ -4,7 +4,7 @@ on the same address. Every agent comes back on its old certificate (no join), se
 secrets are there, and no replica is restarted: the containers on the Pis are the same ones,
 started at the same moment, well after the disconnect grace.
 
-One lab (three Pis with dockerd and the lab registry, the demo's services) and one path.
+One lab (the workloads tests' three Pis with dockerd, running the demo) and one path.
 """
 
 from __future__ import annotations
@@ -13,39 +13,20 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from picoord.lab.cluster import Lab, executable
-from tests.conftest import require_root_or_fail
-from tests.lab.test_workloads_lab import DEMO, SECRET_VALUE, containers, docker, ok, services, settle
+
+# The workloads lab: three Pis with dockerd and the lab registry, the demo's secret stored,
+# the demo file applied and postgres rolled out (this module rolls out mcp too).
+from tests.lab.test_workloads_lab import containers, docker, ok, services, settle
+from tests.lab.test_workloads_lab import lab as demo_lab  # noqa: F401 (its fixture, as demo_lab)
 
 pytestmark = pytest.mark.lab
 
 SERVICES = {"mcp": 3, "postgres": 1}
-
-
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    """Three Pis running the demo: postgres and mcp (3 replicas, with the demo's secret)."""
-    require_root_or_fail()
-    work = tmp_path_factory.mktemp("backup")
-    lab = Lab(work, sandboxes=True, services=["dockerd"], registry=True)
-    try:
-        lab.up(3)
-        secret = work / "database-url"
-        secret.write_text(SECRET_VALUE)
-        secret.chmod(0o600)
-        ok(lab, "secret", "create", "mcp-secrets", "database-url", "--from-file", str(secret))
-        secret.unlink()
-        ok(lab, "apply", "-f", str(DEMO))
-        ok(lab, "rollout", "postgres")
-        ok(lab, "rollout", "mcp")
-        yield lab
-    finally:
-        lab.down()
 
 
 def coordinator_command(lab: Lab, *args: str) -> subprocess.CompletedProcess[str]:
@@ -94,7 +75,9 @@ class Labeler:
         self._thread.join(timeout=60)
 
 
-def test_backup_under_load_restored_on_a_fresh_state_dir(lab: Lab, tmp_path: Path) -> None:
+def test_backup_under_load_restored_on_a_fresh_state_dir(demo_lab: Lab, tmp_path: Path) -> None:  # noqa: F811
+    lab = demo_lab
+    ok(lab, "rollout", "mcp")
     for service, count in SERVICES.items():
         settle(lab, f"{service} settled", service, count, timeout=120)
     before_services, before_secrets = declared(lab), lab.coordctl_json("secret", "list")

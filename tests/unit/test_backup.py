@@ -32,7 +32,7 @@ from picoord.coordinator.backup import (
 )
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.main import main
-from picoord.coordinator.store import Store, TokenRecord
+from picoord.coordinator.store import Store, TokenRecord, database_refusal
 
 # --------------------------------------------------------------------------- tables
 
@@ -262,9 +262,9 @@ def test_a_damaged_or_foreign_archive_changes_nothing(
 ) -> None:
     bad = _damaged(case, good_backup, tmp_path)
     with pytest.raises(BackupRefused) as refused:
-        restore(bad, tmp_path / "new")
+        restore(bad, tmp_path / "new" / "lib" / "picoord")
     assert said in str(refused.value) and refused.value.code == backup.EXIT_DATAERR
-    assert not (tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists()  # not even the directories above it
     (tmp_path / "empty").mkdir(mode=0o700)
     with pytest.raises(BackupRefused):
         restore(bad, tmp_path / "empty")
@@ -327,3 +327,16 @@ def test_commands_exit_with_their_codes(
     assert "chmod 700" in capsys.readouterr().err
     assert run("restore", str(good_backup), "--state-dir", str(tmp_path / "fresh")) == 0
     assert "agents reconnect by themselves" in capsys.readouterr().out
+
+
+def test_database_refusal_names_what_is_wrong(tmp_path: Path) -> None:
+    Store(tmp_path / "state.db").close()
+    assert database_refusal(tmp_path / "state.db") is None
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    assert "schema version is 99" in (database_refusal(tmp_path / "state.db") or "")
+    with sqlite3.connect(tmp_path / "other.db") as db:
+        db.execute("CREATE TABLE t (x)")
+    assert "not a picoord state database" in (database_refusal(tmp_path / "other.db") or "")
+    (tmp_path / "text.db").write_text("hello" * 200)
+    assert database_refusal(tmp_path / "text.db") is not None
