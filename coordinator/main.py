@@ -68,7 +68,12 @@ MIN_CONNECTIONS_PER_PORT = 16
 
 
 def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="picoord-coordinator", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="picoord-coordinator",
+        description=__doc__,
+        epilog="picoord-coordinator backup FILE | restore FILE: the state's backup and restore "
+        "(picoord-coordinator backup --help)",
+    )
     parser.add_argument("--config", type=Path, help=f"settings file (default {defaults.COORDINATOR_CONFIG})")
     parser.add_argument("--listen", help="agent sessions, mutual TLS (default 0.0.0.0:7443)")
     parser.add_argument("--enroll-listen", help="enrollment, server TLS (default: the --listen port + 1)")
