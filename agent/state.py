@@ -20,7 +20,7 @@ import ssl
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from picoord.common.files import write_atomically
+from picoord.common.files import sync_directory, write_atomically
 from picoord.common.pki import InvalidCertificate, certificate_validity
 
 ENROLLMENT_FILE = "enrollment.json"
@@ -182,7 +182,7 @@ class AgentFiles:
                 raise BadCredentials("the new certificate was not issued for the new key")
             credentials = _credentials(*split_pem(staging.read_bytes()))
             os.replace(staging, self.credentials_path)
-            _sync_directory(self.state_dir)
+            sync_directory(self.state_dir)
         finally:
             with contextlib.suppress(OSError):
                 staging.unlink()
@@ -196,12 +196,3 @@ class AgentFiles:
         self.save_credentials(key_pem, certificate_pem)
         write_atomically(self.ca, ca_pem, 0o644)
         write_atomically(self.enrollment_path, json.dumps(asdict(enrollment), indent=2).encode(), 0o644)
-
-
-def _sync_directory(path: Path) -> None:
-    """Make a rename in `path` durable (a power cut right after must not undo it)."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -30,6 +30,15 @@ def write_atomically(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
+def sync_directory(path: Path) -> None:
+    """Make a rename in `path` durable (a power cut right after must not undo it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class UnsafeStateDir(Exception):
     """A state directory (or one above it) that others could change; the message names the
     path and the command that fixes it."""

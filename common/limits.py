@@ -58,6 +58,11 @@ SPEC_LIST = 512  # entries of any other list in a spec document (nodes, bricks, 
 CSR_BYTES = 16 * KIB
 SPEC_BYTES = 1 * MIB
 GRPC_RECEIVE_BYTES = 4 * MIB  # the servers' transport limit; every budget below is far under it
+# A coordinator backup's members (picoord-coordinator restore refuses larger ones)
+BACKUP_MANIFEST_BYTES = 64 * KIB
+BACKUP_PEM_BYTES = 64 * KIB  # a key or certificate
+BACKUP_CONFIG_BYTES = 1 * MIB
+BACKUP_DATABASE_BYTES = 16 * 1024 * MIB  # the state database
 
 # Byte budget of each inbound message kind, keyed by its name in AgentMessage's oneof
 # (and "enroll" for EnrollRequest).

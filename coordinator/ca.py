@@ -226,15 +226,7 @@ class ClusterCA:
         key_path, cert_path = self.state_dir / "server.key", self.state_dir / "server.crt"
         if not (key_path.exists() and cert_path.exists()):
             return None
-        key_pem, cert_pem = key_path.read_bytes(), cert_path.read_bytes()
-        try:
-            certificate = x509.load_pem_x509_certificate(cert_pem)
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except ValueError:
-            return None
-        if not key_matches(key, certificate):  # a crash between the two writes
-            return None
-        return _server_identity(key_pem, certificate)
+        return server_identity(key_path.read_bytes(), cert_path.read_bytes())
 
     def renew_server_if_due(self, now: float | None = None) -> bool:
         """Re-issue the server certificate (new key) when due; True when it changed.
@@ -330,6 +322,26 @@ class ClusterCA:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         )
         return self._sign(builder, public_key, validity)
+
+
+def check_ca_files(key_path: Path, cert_path: Path) -> str:
+    """The pin (sha256:...) of the CA these files hold; CAUnavailable when they are
+    damaged or not one pair (what a backup must never take nor restore)."""
+    _, certificate = _load_ca(key_path, cert_path)
+    return ca_cert_hash(certificate)
+
+
+def server_identity(key_pem: bytes, cert_pem: bytes) -> ServerIdentity | None:
+    """The server identity of a key and certificate in PEM, if they belong together (not
+    after a crash, or a rotation, between the two writes)."""
+    try:
+        certificate = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except ValueError:
+        return None
+    if not key_matches(key, certificate):
+        return None
+    return _server_identity(key_pem, certificate)
 
 
 def _server_identity(key_pem: bytes, certificate: x509.Certificate) -> ServerIdentity:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 import structlog
 
@@ -70,6 +70,9 @@ class LiveSession:
     def close(self, reason: str) -> None:
         self.close_reason = reason
         self.closed.set()
+
+
+EnrollmentOutcome = Literal["enrolled", "refused", "throttled"]
 
 
 @dataclass
@@ -214,6 +217,25 @@ class Cluster:
         self._last_seen[node] = now
         self._unflushed[node] = now
         self.counters.messages_received += 1
+
+    def add_metrics(self, node: str, sample: node_pb2.MetricsSample) -> None:
+        """Keep a checked metrics sample of the node (for `coordctl top` and /metrics)."""
+        self.history.add(node, sample)
+
+    def count_refused_message(self, kind: str, code: str) -> None:
+        """A session message refused by its checks, counted by kind and reason code."""
+        self.counters.malformed_messages += 1
+        key = (kind, code)
+        self.counters.refused_messages[key] = self.counters.refused_messages.get(key, 0) + 1
+
+    def count_enrollment(self, outcome: EnrollmentOutcome) -> None:
+        """An enrollment that succeeded, was refused, or was refused unchecked (throttled)."""
+        if outcome == "enrolled":
+            self.counters.enrollments += 1
+        elif outcome == "refused":
+            self.counters.enrollments_refused += 1
+        else:
+            self.counters.enrollments_throttled += 1
 
     @whole
     async def flush(self) -> None:

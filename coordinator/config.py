@@ -169,3 +169,18 @@ class CoordinatorConfig:
             return self.enroll_listen
         host, port = split_host_port(self.listen, "listen")
         return join_host_port(host, port + 1)
+
+
+def load_settings(path: Path | None, flags: dict[str, object]) -> CoordinatorConfig:
+    """The coordinator's settings as the daemon takes them: defaults, then the file at
+    `path` (the default file, optional, when None), then the flags given (None: not
+    given), validated; a ConfigError names the file and line or the flag."""
+    config = CoordinatorConfig.load(path or defaults.COORDINATOR_CONFIG, required=path is not None)
+    given = {name for name, value in flags.items() if value is not None}
+    for name in given:
+        setattr(config, name, flags[name])
+    try:
+        config.validate()
+    except ConfigError as error:
+        raise config.located(error, given) from None
+    return config

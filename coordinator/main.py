@@ -1,4 +1,5 @@
-"""`picoord-coordinator`: the daemon the systemd unit starts on the desktop."""
+"""`picoord-coordinator`: the daemon the systemd unit starts on the desktop; with `backup FILE`
+or `restore FILE` first, the state's backup and restore (coordinator/backup.py)."""
 
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ from picoord.common.durations import iso_utc, parse_duration
 from picoord.common.files import UnsafeStateDir, check_state_dir
 from picoord.common.logs import configure_logging
 from picoord.common.sd_notify import notify, watchdog_period
+from picoord.coordinator import backup
 from picoord.coordinator.admin_relay import AdminRelay
 from picoord.coordinator.ca import CAUnavailable, ClusterCA, new_cluster_hint
 from picoord.coordinator.cluster import Cluster
-from picoord.coordinator.config import ConfigError, CoordinatorConfig
+from picoord.coordinator.config import ConfigError, CoordinatorConfig, load_settings
 from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.prometheus import serve_metrics
@@ -66,7 +68,12 @@ MIN_CONNECTIONS_PER_PORT = 16
 
 
 def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(prog="picoord-coordinator", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="picoord-coordinator",
+        description=__doc__,
+        epilog="picoord-coordinator backup FILE | restore FILE: the state's backup and restore "
+        "(picoord-coordinator backup --help)",
+    )
     parser.add_argument("--config", type=Path, help=f"settings file (default {defaults.COORDINATOR_CONFIG})")
     parser.add_argument("--listen", help="agent sessions, mutual TLS (default 0.0.0.0:7443)")
     parser.add_argument("--enroll-listen", help="enrollment, server TLS (default: the --listen port + 1)")
@@ -95,11 +102,7 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--version", action="version", version=f"picoord-coordinator {VERSION}")
     args = parser.parse_args(argv)
-    config = CoordinatorConfig.load(
-        args.config or defaults.COORDINATOR_CONFIG, required=args.config is not None
-    )
-    flags = set()
-    for name in (
+    names = (
         "listen",
         "enroll_listen",
         "admin_socket",
@@ -115,15 +118,8 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
         "log_level",
         "node_cert_validity",
         "server_cert_validity",
-    ):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(config, name, value)
-            flags.add(name)
-    try:
-        config.validate()
-    except ConfigError as error:
-        raise config.located(error, flags) from None
+    )
+    config = load_settings(args.config, {name: getattr(args, name) for name in names})
     return config, args
 
 
@@ -448,8 +444,11 @@ async def rotate_server_certificate(ca: ClusterCA) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments and arguments[0] in backup.COMMANDS:  # picoord-coordinator backup|restore FILE
+        raise SystemExit(backup.run(arguments))
     try:
-        config, _ = parse_args(argv)
+        config, _ = parse_args(arguments)
     except ConfigError as error:
         # Only the operator can fix it: the unit does not restart on EXIT_CONFIG.
         print(f"picoord-coordinator: {error}", file=sys.stderr)

@@ -202,6 +202,48 @@ def mounted_read_only(path: Path) -> bool:
     return mount_is_read_only(best_options)
 
 
+def snapshot_database(source: Path, target: Path) -> None:
+    """Copy a live state database to `target` as one consistent, self-contained file.
+
+    The source is opened read-only and copied by SQLite's backup API in one step, i.e. in
+    one read transaction: in WAL mode the coordinator's writers go on meanwhile and the
+    copy is the database as of one commit. The copy leaves WAL mode (no -wal file beside
+    it); the Store turns WAL on again when it opens it."""
+    reader = sqlite3.connect(f"file:{source}?mode=ro", uri=True, isolation_level=None)
+    try:
+        reader.execute("PRAGMA busy_timeout=5000")
+        copy = sqlite3.connect(target, isolation_level=None)
+        try:
+            reader.backup(copy)
+            copy.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            copy.close()
+    finally:
+        reader.close()
+
+
+def database_refusal(path: Path) -> str | None:
+    """Why the file at `path` is not a state database this coordinator can open (damaged,
+    not SQLite, another schema), or None. Opened read-only: nothing is changed."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error as error:
+        return f"cannot open it ({error})"
+    try:
+        check = db.execute("PRAGMA integrity_check").fetchone()[0]
+        if check != "ok":
+            return f"it is damaged (integrity check: {str(check)[:200]})"
+        rows = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+    except sqlite3.Error as error:
+        return f"it is not a picoord state database ({error})"
+    finally:
+        db.close()
+    if [tuple(row) for row in rows] != [(str(SCHEMA_VERSION),)]:
+        found = rows[0][0] if rows else "none"
+        return f"its schema version is {found}, this coordinator's is {SCHEMA_VERSION}"
+    return None
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

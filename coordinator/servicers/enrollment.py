@@ -82,7 +82,7 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
     async def _refuse(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, why: str, node: str, source: str
     ) -> NoReturn:
-        self.cluster.counters.enrollments_refused += 1
+        self.cluster.count_enrollment("refused")
         if self.throttle.failed(source, self.monotonic()):
             policy = self.throttle.policy
             log.warning(
@@ -104,7 +104,7 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
     async def _refuse_throttled(
         self, context: grpc.aio.ServicerContext, source: str, wait: float
     ) -> NoReturn:
-        self.cluster.counters.enrollments_throttled += 1
+        self.cluster.count_enrollment("throttled")
         self._log_refusal("enrollment throttled", source, retry_after_seconds=round(wait))
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -153,7 +153,7 @@ class EnrollmentServicer(agent_pb2_grpc.EnrollmentServicer):
         except EnrollmentConflict as error:
             await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS, str(error), node, source)
         self.throttle.succeeded(source)
-        self.cluster.counters.enrollments += 1
+        self.cluster.count_enrollment("enrolled")
         log.info("node enrolled", node=node, token_id=token.token_id, serial=record.serial, source=source)
         return agent_pb2.EnrollResponse(
             node_name=node,

@@ -197,7 +197,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 raise refusal
             self.cluster.heard_from(node)
             if kind == "metrics":
-                self.cluster.history.add(node, message.metrics)
+                self.cluster.add_metrics(node, message.metrics)
             elif kind == "action_result" and not self.cluster.action_result(node, message.action_result):
                 log.warning(
                     "action result nobody waits for",
@@ -272,10 +272,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
     async def _reject(self, context: grpc.aio.ServicerContext, node: str, error: MalformedMessage) -> None:
         """Refuse the message, and with it the session: counted by kind and reason, logged at
         most once per node per minute (with how many were held back), the node left listed."""
-        counters = self.cluster.counters
-        counters.malformed_messages += 1
-        key = (error.kind, error.code)
-        counters.refused_messages[key] = counters.refused_messages.get(key, 0) + 1
+        self.cluster.count_refused_message(error.kind, error.code)
         admitted, held_back = self.refusal_log.admit(node, time.monotonic())
         if admitted:
             log.warning(

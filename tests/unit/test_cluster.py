@@ -7,7 +7,7 @@ from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import CertificateRecord, Store
 from picoord.coordinator.telemetry import MetricsHistory
-from picoord.v1 import agent_pb2
+from picoord.v1 import agent_pb2, node_pb2
 
 
 async def enrolled(tmp_path: Path) -> tuple[Store, Cluster]:
@@ -57,4 +57,23 @@ async def test_last_seen_is_flushed_once_and_expired_tokens_go(tmp_path: Path) -
     await cluster.flush()
     assert store.get_node("pi1").last_seen == heard
     assert await cluster.list_tokens() == []
+    store.close()
+
+
+def test_counts_change_only_through_the_cluster(tmp_path: Path) -> None:
+    """What the servicers count goes through Cluster methods, each to its own counter."""
+    store = Store(tmp_path / "state.db")
+    cluster = Cluster(store, StatusTimeouts(), MetricsHistory(4))
+    for outcome in ("enrolled", "refused", "refused", "throttled", "throttled", "throttled"):
+        cluster.count_enrollment(outcome)
+    cluster.count_refused_message("metrics", "message_too_large")
+    cluster.count_refused_message("metrics", "message_too_large")
+    cluster.count_refused_message("hello", "bad_name")
+    counters = cluster.counters
+    assert (counters.enrollments, counters.enrollments_refused, counters.enrollments_throttled) == (1, 2, 3)
+    assert counters.malformed_messages == 3
+    assert counters.refused_messages == {("metrics", "message_too_large"): 2, ("hello", "bad_name"): 1}
+    sample = node_pb2.MetricsSample(timestamp=5.0)
+    cluster.add_metrics("pi1", sample)
+    assert cluster.history.latest("pi1") == sample
     store.close()
