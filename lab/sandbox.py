@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from picoord.agent.hardware import unix_http_get
+from picoord.agent.docker_api import CALL_ERRORS, DockerAPI, explain
 from picoord.lab import netns
 from picoord.lab.netns import LabError, LabNetwork, require_root, tail
 
@@ -620,10 +620,9 @@ def docker_ping(sb: PiSandbox) -> bool | str:
         if not host_socket.exists():
             return "socket not there yet"
         try:
-            status, body = unix_http_get(host_socket, "/_ping", timeout=2.0)
-        except (OSError, ValueError) as error:
-            return str(error)
-        return True if status == 200 and body.strip() == b"OK" else f"HTTP {status}: {body[:200]!r}"
+            return DockerAPI(str(host_socket), timeout=2.0, negotiate=False).ping() or "/_ping did not say OK"
+        except CALL_ERRORS as error:
+            return explain(error)
     done = sb.run(["docker", "-H", f"unix://{DOCKER_SOCKET}", "version"], timeout=10)  # long paths
     return True if done.returncode == 0 else done.stderr.strip()[-300:]
 
