@@ -24,7 +24,8 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-DOCKER_SOCKET = "/var/run/docker.sock"  # where dockerd listens, unless the agent's config says otherwise
+from picoord.common.defaults import DOCKER_SOCKET
+
 CALL_TIMEOUT = 30.0
 PULL_TIMEOUT = 300.0
 RESPONSE_LIMIT = 16 * 2**20  # bytes read from one reply (a container list, an inspect)

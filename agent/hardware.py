@@ -25,7 +25,8 @@ import psutil
 import structlog
 
 from picoord.agent.commands import program_available, run_command
-from picoord.agent.docker_api import CALL_ERRORS, DOCKER_SOCKET, DockerAPI, DockerAPIError
+from picoord.agent.docker_api import CALL_ERRORS, DockerAPI, DockerAPIError
+from picoord.common.defaults import DOCKER_SOCKET
 from picoord.v1 import node_pb2
 
 log = structlog.get_logger(__name__)

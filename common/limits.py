@@ -57,6 +57,7 @@ SPEC_LIST = 512  # entries of any other list in a spec document (nodes, bricks, 
 # --- Bytes --------------------------------------------------------------------------------
 CSR_BYTES = 16 * KIB
 SPEC_BYTES = 1 * MIB
+SECRET_BYTES = 64 * KIB  # one secret's value: coordctl refuses it before sending, the coordinator on receipt
 GRPC_RECEIVE_BYTES = 4 * MIB  # the servers' transport limit; every budget below is far under it
 
 # Byte budget of each inbound message kind, keyed by its name in AgentMessage's oneof
