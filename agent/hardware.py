@@ -10,7 +10,6 @@ root directory, so tests can feed them a real Pi's files without a Pi.
 from __future__ import annotations
 
 import ipaddress
-import json
 import os
 import platform
 import re
@@ -26,11 +25,12 @@ import psutil
 import structlog
 
 from picoord.agent.commands import program_available, run_command
+from picoord.agent.docker_api import CALL_ERRORS, DockerAPI, DockerAPIError
+from picoord.common.defaults import DOCKER_SOCKET
 from picoord.v1 import node_pb2
 
 log = structlog.get_logger(__name__)
 
-DOCKER_SOCKET = Path("/var/run/docker.sock")
 DOCKER_TIMEOUT_SECONDS = 2.0
 NVIDIA_SMI_TIMEOUT_SECONDS = 5.0  # the first call can take a second or two while the driver wakes up
 NVIDIA_SMI_ARGV = (
@@ -38,7 +38,6 @@ NVIDIA_SMI_ARGV = (
     "--query-gpu=name,memory.total,driver_version",
     "--format=csv,noheader,nounits",
 )
-DOCKER_RESPONSE_LIMIT_BYTES = 1 << 20
 STATVFS_TIMEOUT_SECONDS = 0.5
 
 # Filesystems whose statvfs() can block indefinitely when the server is gone: a hard NFS
@@ -210,49 +209,17 @@ def detect_gpus(timeout: float = NVIDIA_SMI_TIMEOUT_SECONDS) -> list[node_pb2.Gp
 # --- Docker ------------------------------------------------------------------------------
 
 
-def unix_http_get(
-    socket_path: str | os.PathLike[str], path: str, timeout: float, limit: int = DOCKER_RESPONSE_LIMIT_BYTES
-) -> tuple[int, bytes]:
-    """One HTTP/1.0 GET over a unix socket: (status, body). The server closes the connection
-    after the answer, so the body is everything after the headers (at most `limit` bytes).
-
-    A bare socket rather than http.client: that module (with the email parser it pulls in)
-    costs about 1.3 MiB, and an idle node's agent only asks the engine for its version."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(os.fspath(socket_path))
-        sock.sendall(f"GET {path} HTTP/1.0\r\nHost: docker\r\nAccept: application/json\r\n\r\n".encode())
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit + 65536 and (chunk := sock.recv(65536)):
-            chunks.append(chunk)
-            size += len(chunk)
-    head, separator, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split()
-    if (
-        not separator
-        or len(status_line) < 2
-        or not status_line[0].startswith(b"HTTP/")
-        or not status_line[1].isdigit()
-    ):
-        raise ValueError("not an HTTP answer")
-    return int(status_line[1]), body[:limit]
-
-
 def docker_info(
     socket_path: str | os.PathLike[str] = DOCKER_SOCKET, timeout: float = DOCKER_TIMEOUT_SECONDS
 ) -> node_pb2.DockerInfo:
-    """GET /version on the engine's socket; present only when it answers 200 with a JSON object."""
+    """GET /version on the engine's socket; present only when it answers 2xx with a JSON object."""
     try:
-        status, body = unix_http_get(socket_path, "/version", timeout)
-        if status != 200:
-            log.info("docker_version_status", status=status)
-            return node_pb2.DockerInfo(present=False)
-        payload = json.loads(body)
-    except (OSError, ValueError) as error:
-        log.debug("docker_unreachable", socket=os.fspath(socket_path), error=repr(error))
+        payload = DockerAPI(os.fspath(socket_path), timeout, negotiate=False).version()
+    except DockerAPIError as error:
+        log.info("docker_version_status", status=error.status)
         return node_pb2.DockerInfo(present=False)
-    if not isinstance(payload, dict):
+    except CALL_ERRORS as error:
+        log.debug("docker_unreachable", socket=os.fspath(socket_path), error=repr(error))
         return node_pb2.DockerInfo(present=False)
     return node_pb2.DockerInfo(
         present=True, version=str(payload.get("Version", "")), api_version=str(payload.get("ApiVersion", ""))

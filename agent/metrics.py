@@ -5,7 +5,7 @@ change is read once (boot time), what rarely changes is re-read only when it doe
 mount table, watched with poll(2)) or once a minute (the list of thermal zones), and a
 probe that fails or hangs (vcgencmd, a dead NFS mount) is skipped rather than allowed to
 stall the stream. The coordinator uses temperatures and throttling to keep work off hot
-Pis (`common.throttling` turns the firmware's bits into words for `coordctl top`).
+Pis (`common.pi_throttled_flags` turns the firmware's bits into words for `coordctl top`).
 """
 
 from __future__ import annotations

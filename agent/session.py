@@ -72,7 +72,7 @@ class RunSettings:
     metrics_interval: float | None = None  # None: what the coordinator's welcome says
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
-    docker_socket: str = "/var/run/docker.sock"
+    docker_socket: str = defaults.DOCKER_SOCKET
     allow_mount_paths: tuple[str, ...] = ()  # agent.toml: system paths mounts may use here
 
 

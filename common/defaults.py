@@ -12,6 +12,7 @@ COORDINATOR_STATE_DIR = Path("/var/lib/picoord")
 AGENT_STATE_DIR = Path("/var/lib/picoord/agent")
 COORDINATOR_CONFIG = Path("/etc/picoord/coordinator.toml")
 AGENT_CONFIG = Path("/etc/picoord/agent.toml")
+DOCKER_SOCKET = "/var/run/docker.sock"  # dockerd's own default; agent.toml's docker_socket overrides it
 
 TOKEN_TTL_SECONDS = 24 * 3600
 METRICS_INTERVAL_SECONDS = 5.0

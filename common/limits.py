@@ -57,6 +57,7 @@ SPEC_LIST = 512  # entries of any other list in a spec document (nodes, bricks, 
 # --- Bytes --------------------------------------------------------------------------------
 CSR_BYTES = 16 * KIB
 SPEC_BYTES = 1 * MIB
+SECRET_BYTES = 64 * KIB  # one secret's value: coordctl refuses it before sending, the coordinator on receipt
 GRPC_RECEIVE_BYTES = 4 * MIB  # the servers' transport limit; every budget below is far under it
 # A coordinator backup's members (picoord-coordinator restore refuses larger ones)
 BACKUP_MANIFEST_BYTES = 64 * KIB

@@ -32,9 +32,10 @@ from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.config import ConfigError, CoordinatorConfig, load_settings
 from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.controller.records import WorkloadRecords
+from picoord.coordinator.enrollment_rate_limit import FailureThrottle, ThrottlePolicy
 from picoord.coordinator.prometheus import serve_metrics
-from picoord.coordinator.servicers.admin import AdminServicer
-from picoord.coordinator.servicers.admins import LOCAL_ONLY_METHODS, AdminCertificatesServicer
+from picoord.coordinator.servicers.admin_certificates import LOCAL_ONLY_METHODS, AdminCertificatesServicer
+from picoord.coordinator.servicers.cluster_admin import AdminServicer
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
 from picoord.coordinator.servicers.peers import LOCAL_OPERATORS, AdminGate, restrict_to_operators
 from picoord.coordinator.servicers.session import SessionServicer
@@ -42,7 +43,6 @@ from picoord.coordinator.servicers.workloads import WorkloadsServicer
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import StateUnavailable, Store
 from picoord.coordinator.telemetry import MetricsHistory
-from picoord.coordinator.throttle import FailureThrottle, ThrottlePolicy
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2_grpc, services_pb2, services_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator")

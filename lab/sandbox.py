@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from picoord.agent.hardware import unix_http_get
+from picoord.agent.docker_api import CALL_ERRORS, DockerAPI, explain
+from picoord.common.mountinfo import at_or_below, mount_points
 from picoord.lab import netns
 from picoord.lab.netns import LabError, LabNetwork, require_root, tail
 
@@ -100,29 +101,8 @@ STOP_TIMEOUT = 20.0  # a daemon's graceful stop (dockerd gives containers 10s)
 DESTROY_TIMEOUT = 5.0  # destroy(): SIGTERM, then SIGKILL after this
 
 
-def _unescape(path: str) -> str:
-    """mountinfo escapes space, tab, newline and backslash as octal."""
-    for code, char in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        path = path.replace(code, char)
-    return path
-
-
-def mount_points(mountinfo: str) -> list[str]:
-    """Mount points listed in a /proc/PID/mountinfo text, in mount order."""
-    points = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) > 4:
-            points.append(_unescape(fields[4]))
-    return points
-
-
 def host_mount_points() -> list[str]:
     return mount_points(Path("/proc/self/mountinfo").read_text())
-
-
-def _under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix.rstrip("/") + "/")
 
 
 def _deepest_first(paths: Iterable[str]) -> list[str]:
@@ -228,7 +208,7 @@ class PiSandbox:
         (e.g. the docker socket, to dial it from the host), unchanged for shared ones."""
         text = str(path)
         for private, _ in (*PRIVATE_DIRS, *PRIVATE_FILES):
-            if _under(text, private):
+            if at_or_below(text, private):
                 return self.fs_dir / text.lstrip("/")
         return Path(text)
 
@@ -389,7 +369,7 @@ class PiSandbox:
         # (e.g. a host dockerd's overlay or netns mounts). Unmounting a copy here never
         # touches the host's original.
         drop = [p for p in points if f"/{NS_DIR}" in p]
-        drop += [p for p in points for private, _ in PRIVATE_DIRS if _under(p, private) and p != private]
+        drop += [p for p in points for private, _ in PRIVATE_DIRS if at_or_below(p, private) and p != private]
         drop += [p for p in points for private, _ in PRIVATE_FILES if p == private]
         if drop:
             self._inside(["umount", "--lazy", *_deepest_first(drop)])
@@ -401,8 +381,8 @@ class PiSandbox:
     def _replace_sys(self, points: Sequence[str]) -> None:
         """A sysfs of the Pi's own network namespace, keeping the host's submounts of /sys
         (cgroups above all) by parking them and moving them back on top."""
-        subs = [p for p in points if _under(p, "/sys") and p != "/sys"]
-        tops = [p for p in dict.fromkeys(subs) if not any(_under(p, q) and p != q for q in subs)]
+        subs = [p for p in points if at_or_below(p, "/sys") and p != "/sys"]
+        tops = [p for p in dict.fromkeys(subs) if not any(at_or_below(p, q) and p != q for q in subs)]
         parked = []
         shutil.rmtree(self.root / TMP_DIR, ignore_errors=True)
         for index, top in enumerate(tops):
@@ -440,7 +420,7 @@ class PiSandbox:
         daemon left: overlays, netns files, FUSE mounts); returns what was unmounted."""
         if not self.exists():
             return []
-        points = [p for p in self.mounts() for prefix in prefixes if _under(p, prefix) and p != prefix]
+        points = [p for p in self.mounts() for prefix in prefixes if at_or_below(p, prefix) and p != prefix]
         if points:
             self.run(["umount", "--lazy", *_deepest_first(points)], timeout=MOUNT_TIMEOUT)
         return points
@@ -470,7 +450,7 @@ class PiSandbox:
                     problems.append(f"umount {path}: {done.stderr.strip()}")
                     break
                 host_points = host_mount_points()
-        left = [p for p in host_mount_points() if _under(p, str(self.root))]
+        left = [p for p in host_mount_points() if at_or_below(p, str(self.root))]
         if left:
             problems.append(f"still mounted on the host: {left}")
         if problems:
@@ -510,7 +490,7 @@ def find_sandboxes(under: Path | str | None = None) -> list[PiSandbox]:
     One whose marker is gone has netns "" (its lab cannot be told)."""
     found = []
     for point in host_mount_points():
-        if not point.endswith(f"/{NS_DIR}") or (under is not None and not _under(point, str(under))):
+        if not point.endswith(f"/{NS_DIR}") or (under is not None and not at_or_below(point, str(under))):
             continue
         root = Path(point).parent
         try:
@@ -620,10 +600,9 @@ def docker_ping(sb: PiSandbox) -> bool | str:
         if not host_socket.exists():
             return "socket not there yet"
         try:
-            status, body = unix_http_get(host_socket, "/_ping", timeout=2.0)
-        except (OSError, ValueError) as error:
-            return str(error)
-        return True if status == 200 and body.strip() == b"OK" else f"HTTP {status}: {body[:200]!r}"
+            return DockerAPI(str(host_socket), timeout=2.0, negotiate=False).ping() or "/_ping did not say OK"
+        except CALL_ERRORS as error:
+            return explain(error)
     done = sb.run(["docker", "-H", f"unix://{DOCKER_SOCKET}", "version"], timeout=10)  # long paths
     return True if done.returncode == 0 else done.stderr.strip()[-300:]
 

@@ -16,8 +16,8 @@ from picoord.common.addresses import grpc_unix_address
 from picoord.coordinator.ca import ADMIN_ORGANIZATION, ClusterCA
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.main import start_admin_server
-from picoord.coordinator.servicers.admin import AdminServicer
-from picoord.coordinator.servicers.admins import LOCAL_ONLY_METHODS, AdminCertificatesServicer
+from picoord.coordinator.servicers.admin_certificates import LOCAL_ONLY_METHODS, AdminCertificatesServicer
+from picoord.coordinator.servicers.cluster_admin import AdminServicer
 from picoord.coordinator.servicers.peers import AdminGate, restrict_to_operators
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import Store

@@ -16,7 +16,7 @@ from picoord.common.addresses import grpc_unix_address
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.main import start_admin_server
-from picoord.coordinator.servicers.admin import AdminServicer
+from picoord.coordinator.servicers.cluster_admin import AdminServicer
 from picoord.coordinator.servicers.peers import restrict_to_operators
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import CertificateRecord, Store

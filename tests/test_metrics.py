@@ -24,7 +24,7 @@ from picoord.agent.metrics import (
     parse_throttled,
     read_thermal_zones,
 )
-from picoord.common.throttling import describe_throttled
+from picoord.common.pi_throttled_flags import describe_throttled
 
 
 @pytest.mark.parametrize(

@@ -46,7 +46,7 @@ class ActionContext:
     deadline: float  # time.monotonic() by which the whole action must end
     coordinator_host: str = ""  # where this agent's session goes (the firewall keeps it open)
     coordinator_port: int = 0
-    docker_socket: str = "/var/run/docker.sock"
+    docker_socket: str = defaults.DOCKER_SOCKET
     state_dir: Path = defaults.AGENT_STATE_DIR  # the agent's own files (a pending firewall revert)
     allow_mount_paths: tuple[str, ...] = ()  # system paths this node's config lets mounts use
     run: Runner = run_command

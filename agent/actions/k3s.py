@@ -31,6 +31,7 @@ from picoord.common.checks.membership import (
     check_k3s_uninstall,
 )
 from picoord.common.files import write_atomically
+from picoord.common.mountinfo import at_or_below, mount_points
 from picoord.common.validation import FieldError, host_port, https_url, safe_word
 from picoord.v1 import actions_pb2
 
@@ -198,14 +199,7 @@ def plan_k3s_uninstall(
 
 def mounted_below(mountinfo: str, path: str) -> list[str]:
     """Mount points at or below `path` (rm -r must not walk into them)."""
-    points = []
-    for line in mountinfo.splitlines():
-        fields = line.split()
-        if len(fields) > 4:
-            point = fields[4].replace("\\040", " ")
-            if point == path or point.startswith(path.rstrip("/") + "/"):
-                points.append(point)
-    return points
+    return [point for point in mount_points(mountinfo) if at_or_below(point, path)]
 
 
 # --- the imperative shell ----------------------------------------------------------

@@ -45,7 +45,6 @@ import contextlib
 import errno
 import os
 import posixpath
-import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -54,6 +53,7 @@ from pathlib import Path
 
 from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome, read_file
 from picoord.common.checks.storage import VFS_FLAGS, MountSpec, mount_spec, unmount_target
+from picoord.common.mountinfo import MountEntry, escape, parse_mountinfo, unescape
 from picoord.common.validation import FieldError, bind_source, mount_target
 from picoord.v1 import actions_pb2
 
@@ -72,58 +72,9 @@ FSTYPES_MOUNTED = {  # what mountinfo calls each kind
     "tmpfs": ("tmpfs",),
 }
 NETWORK_KINDS = ("glusterfs", "nfs")
-_OCTAL = re.compile(r"\\([0-7]{3})")
 
 
 # --- mountinfo -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo (see proc(5))."""
-
-    mount_id: int
-    parent_id: int
-    device: str  # major:minor
-    root: str  # the path inside the file system that is mounted (a bind mount's source)
-    mount_point: str
-    options: tuple[str, ...]  # per-mount flags: rw, nosuid, relatime, ...
-    fstype: str
-    source: str
-    super_options: tuple[str, ...]
-
-
-def unescape(text: str) -> str:
-    """mountinfo and fstab write space, tab, newline and backslash as \\040, \\011, \\012, \\134."""
-    return _OCTAL.sub(lambda match: chr(int(match.group(1), 8)), text)
-
-
-def escape(text: str) -> str:
-    return "".join(f"\\{ord(char):03o}" if char in " \t\n\\" else char for char in text)
-
-
-def parse_mountinfo(text: str) -> list[MountEntry]:
-    entries = []
-    for line in text.splitlines():
-        fields = line.split(" ")
-        if len(fields) < 10 or "-" not in fields[6:]:
-            continue
-        separator = fields.index("-", 6)
-        fstype, source, super_options = [*fields[separator + 1 : separator + 4], "", "", ""][:3]
-        entries.append(
-            MountEntry(
-                mount_id=int(fields[0]),
-                parent_id=int(fields[1]),
-                device=fields[2],
-                root=unescape(fields[3]),
-                mount_point=unescape(fields[4]),
-                options=tuple(fields[5].split(",")),
-                fstype=unescape(fstype),
-                source=unescape(source),
-                super_options=tuple(super_options.split(",")) if super_options else (),
-            )
-        )
-    return entries
 
 
 def mounts_at(entries: Sequence[MountEntry], path: str) -> list[MountEntry]:

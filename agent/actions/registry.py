@@ -47,7 +47,7 @@ class NodeSettings:
 
     coordinator_host: str
     coordinator_port: int
-    docker_socket: str = "/var/run/docker.sock"
+    docker_socket: str = defaults.DOCKER_SOCKET
     state_dir: Path = defaults.AGENT_STATE_DIR
     allow_mount_paths: tuple[str, ...] = ()
 

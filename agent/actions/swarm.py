@@ -9,9 +9,8 @@ executors: each call is recorded as a CommandRecord whose argv reads like the CL
 (`docker-api swarm.join --remote 10.213.0.11:2377 --token <redacted>`), by one helper
 (`_call`). The decisions are pure functions (`plan_swarm_*`) over a `SwarmState`.
 
-The docker SDK is imported inside the functions only: it costs about 15 MiB and the
-agent's RSS budget on a 1 GB Pi is 40 MiB. Only low-level `docker.APIClient` calls that
-Debian 12's python3-docker 5.0.3 already has are used.
+The calls go through the agent's one Engine API client (picoord.agent.docker_api), under
+the names and with the request bodies of docker-py's APIClient, which it replaced.
 """
 
 from __future__ import annotations
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from picoord.agent.actions.base import ActionContext, ActionFailed, Outcome
+from picoord.agent.docker_api import CALL_ERRORS, DockerAPI, explain
 from picoord.common import limits
 from picoord.common.checks.membership import (
     SWARM_PORT,
@@ -75,7 +75,7 @@ class SwarmState:
 
 @dataclass(frozen=True)
 class ApiCall:
-    """One Engine API call: the APIClient method, its arguments, and how it is recorded."""
+    """One Engine API call: the DockerAPI method, its arguments, and how it is recorded."""
 
     method: str
     kwargs: Mapping[str, Any] = field(default_factory=dict)
@@ -204,38 +204,27 @@ def plan_swarm_leave(state: SwarmState, force: bool) -> list[ApiCall]:
 
 
 @contextmanager
-def _engine(context: ActionContext) -> Iterator[Any]:
-    """A low-level APIClient on the context's socket, with a timeout, closed afterwards."""
+def _engine(context: ActionContext) -> Iterator[DockerAPI]:
+    """The Engine API client on the context's socket, with a timeout, closed afterwards."""
     try:
-        import docker
-    except ImportError as error:
-        raise ActionFailed(f"the docker Python package (python3-docker) is not installed: {error}") from None
-    try:
-        client = docker.APIClient(
-            base_url="unix://" + context.docker_socket,
-            version="auto",
-            timeout=context.remaining(READ_TIMEOUT),
-        )
-    except docker.errors.DockerException as error:
-        raise ActionFailed(f"cannot reach the Docker Engine at {context.docker_socket}: {error}") from None
+        client = DockerAPI(context.docker_socket, timeout=context.remaining(READ_TIMEOUT))
+    except CALL_ERRORS as error:
+        raise ActionFailed(
+            f"cannot reach the Docker Engine at {context.docker_socket}: {explain(error)}"
+        ) from None
     try:
         yield client
     finally:
         client.close()
 
 
-def _error_text(error: BaseException) -> str:
-    explanation = getattr(error, "explanation", None)
-    return str(explanation or error) or type(error).__name__
-
-
-def _read_state(client: Any, context: ActionContext) -> SwarmState:
+def _read_state(client: DockerAPI, context: ActionContext) -> SwarmState:
     client.timeout = context.remaining(READ_TIMEOUT)
     try:
         return swarm_state(client.info().get("Swarm"))
-    except Exception as error:  # docker.errors.APIError, requests' ConnectionError / Timeout
+    except CALL_ERRORS as error:
         raise ActionFailed(
-            f"cannot read swarm state from {context.docker_socket}: {_error_text(error)}"
+            f"cannot read swarm state from {context.docker_socket}: {explain(error)}"
         ) from None
 
 
@@ -255,7 +244,7 @@ def _call(context: ActionContext, client: Any, call: ApiCall) -> Any:
     except Exception as error:  # the Engine's refusal, a timeout, or a dropped socket
         record.exit_code = 1
         record.seconds = round(time.monotonic() - started, 3)
-        record.output_tail = context.redact(_error_text(error))[-OUTPUT_TAIL:]
+        record.output_tail = context.redact(explain(error))[-OUTPUT_TAIL:]
         raise ActionFailed(f"{call.argv[1]} failed: {record.output_tail[-500:]}") from None
     record.exit_code = 0
     record.seconds = round(time.monotonic() - started, 3)
@@ -312,8 +301,8 @@ def swarm_init(request: actions_pb2.SwarmInit, context: ActionContext) -> Outcom
         client.timeout = context.remaining(READ_TIMEOUT)
         try:
             tokens = client.inspect_swarm().get("JoinTokens") or {}
-        except Exception as error:
-            raise ActionFailed(f"cannot read the swarm's join tokens: {_error_text(error)}") from None
+        except CALL_ERRORS as error:
+            raise ActionFailed(f"cannot read the swarm's join tokens: {explain(error)}") from None
     worker, manager = str(tokens.get("Worker", "")), str(tokens.get("Manager", ""))
     if not worker:
         raise ActionFailed("the Engine returned no worker join token for this swarm")

@@ -1,31 +1,33 @@
 """The agent's container runtime: a thin shell over the Docker Engine API.
 
 Decisions (what to create, what a container's labels mean, whether it is healthy) live in
-model.py and health.py; this module only talks to dockerd, with the standard library's
-http.client over dockerd's unix socket. The docker SDK (python3-docker) costs Debian's
-python about 19 MiB of RSS (requests, urllib3 and, through docker.credentials, setuptools'
-pkg_resources): with it, bench/agent_footprint.py measured the agent supervising two
-replicas at 61.6 MiB on Debian 12's packages; without it, 41.4 MiB (target 50). The
-handful of calls below are the ones docker-py's APIClient made, with the same request
-bodies; the pure parts (the create request, the exec stream, registry credentials) are
-functions with table tests.
+model.py and health.py; this module turns them into Engine API calls, made by the
+agent's one client (picoord.agent.docker_api, which replaced docker-py: with the SDK,
+bench/agent_footprint.py measured the agent supervising two replicas at 61.6 MiB on Debian
+12's packages; without it, 41.4 MiB, target 50). The pure parts (the create request,
+registry credentials) are functions with table tests.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import http.client
 import json
 import os
-import socket
-import struct
 import time
-import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from picoord.agent.docker_api import (
+    CALL_ERRORS,
+    CALL_TIMEOUT,
+    NOT_FOUND,
+    PULL_TIMEOUT,
+    DockerAPI,
+    DockerAPIError,
+    explain,
+)
 from picoord.agent.runtime.health import probe_http, probe_tcp
 from picoord.agent.runtime.model import (
     LABEL_MANAGED,
@@ -36,51 +38,12 @@ from picoord.agent.runtime.model import (
 )
 from picoord.agent.runtime.model import ReplicaState as ReplicaState  # re-exported for callers
 
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """http.client over dockerd's unix socket: keep-alive and streamed answers (pulls, logs),
-    which the bare GET of picoord.agent.hardware does not need."""
-
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._socket_path = socket_path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-PULL_TIMEOUT = 300.0
-CALL_TIMEOUT = 30.0
-RESPONSE_LIMIT = 16 * 2**20  # bytes read from one reply (a container list, an inspect)
-EXEC_OUTPUT_LIMIT = 2**20  # bytes of a health command's output kept (only its tail is reported)
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
-STREAM_HEADER = struct.Struct(">BxxxL")  # stream type, 3 padding bytes, payload length
 
 
 class RuntimeFailure(Exception):
     """dockerd refused or failed; the message says what and why, for the operator."""
-
-
-class DockerAPIError(Exception):
-    """dockerd answered with an error status; `explanation` is its message."""
-
-    def __init__(self, status: int, explanation: str) -> None:
-        super().__init__(f"{status}: {explanation}")
-        self.status = status
-        self.explanation = explanation
-
-
-def _explain(error: BaseException) -> str:
-    explanation = getattr(error, "explanation", None)
-    return str(explanation or error) or type(error).__name__
 
 
 # --- pure: the create request ------------------------------------------------------------------
@@ -156,21 +119,6 @@ def create_request(spec: ContainerSpec) -> tuple[str, dict[str, Any]]:
     return str(arguments["name"]), body
 
 
-# --- pure: the exec output stream ---------------------------------------------------------------
-
-
-def demultiplex(stream: bytes) -> bytes:
-    """The payloads of Docker's multiplexed stdout/stderr stream (8-byte frame headers), in
-    order, as docker-py's exec_start gave them; a truncated last frame keeps what arrived."""
-    output, offset = bytearray(), 0
-    while offset + STREAM_HEADER.size <= len(stream):
-        _, length = STREAM_HEADER.unpack_from(stream, offset)
-        offset += STREAM_HEADER.size
-        output += stream[offset : offset + length]
-        offset += length
-    return bytes(output)
-
-
 # --- pure: registry credentials ----------------------------------------------------------------
 
 
@@ -222,172 +170,13 @@ def docker_config(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-# --- the shell: dockerd's HTTP API --------------------------------------------------------------
-
-
-class DockerAPI:
-    """The few Docker Engine API calls the runtime makes, named as docker-py's APIClient named
-    them. One connection per call: a few calls a second on a unix socket, no shared state."""
-
-    def __init__(self, socket_path: str, timeout: float = CALL_TIMEOUT) -> None:
-        self.socket_path = socket_path
-        self.timeout = timeout
-        self.prefix = ""
-        version = self._json("GET", "/version")
-        api_version = str(version.get("ApiVersion", "")) if isinstance(version, dict) else ""
-        if not api_version:
-            raise DockerAPIError(0, f"GET /version gave no ApiVersion: {str(version)[:200]}")
-        self.prefix = "/v" + api_version
-
-    # plumbing
-    def _open(
-        self,
-        method: str,
-        path: str,
-        query: Mapping[str, Any] | None = None,
-        body: Any = None,
-        timeout: float | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        """Send one request; return the connection (the caller closes it) and a 2xx reply."""
-        url = self.prefix + urllib.parse.quote(path, safe="/:")
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        connection = _UnixHTTPConnection(self.socket_path, self.timeout if timeout is None else timeout)
-        try:
-            payload = None if body is None else json.dumps(body).encode()
-            sent = {"Content-Type": "application/json"} if payload is not None else {}
-            connection.request(method, url, body=payload, headers={**sent, **(headers or {})})
-            response = connection.getresponse()
-            if response.status >= 400:
-                raise DockerAPIError(response.status, _error_message(response.read(RESPONSE_LIMIT)))
-        except BaseException:
-            connection.close()
-            raise
-        return connection, response
-
-    def _json(self, method: str, path: str, query: Mapping[str, Any] | None = None, body: Any = None) -> Any:
-        connection, response = self._open(method, path, query, body)
-        try:
-            data = response.read(RESPONSE_LIMIT)
-        finally:
-            connection.close()
-        return json.loads(data) if data.strip() else None
-
-    # images
-    def inspect_image(self, image: str) -> dict[str, Any]:
-        return dict(self._json("GET", f"/images/{image}/json"))
-
-    def pull(self, repository: str, tag: str, timeout: float = PULL_TIMEOUT) -> Iterator[dict[str, Any]]:
-        """POST /images/create, yielding dockerd's progress messages as they come."""
-        auth = registry_auth(docker_config(), image_registry(repository))
-        headers = {}
-        if auth is not None:  # never logged: it holds the registry password
-            headers["X-Registry-Auth"] = base64.urlsafe_b64encode(json.dumps(auth).encode()).decode()
-        connection, response = self._open(
-            "POST", "/images/create", {"fromImage": repository, "tag": tag}, timeout=timeout, headers=headers
-        )
-        yield from _json_lines(connection, response)
-
-    # events
-    def events(
-        self, since: str, until: str, filters: Mapping[str, Any] | None = None
-    ) -> Iterator[dict[str, Any]]:
-        """GET /events for a past window (until given: dockerd answers and closes), one JSON
-        object per line, as docker-py's events(decode=True) gave them."""
-        query: dict[str, Any] = {"since": since, "until": until}
-        if filters:
-            query["filters"] = _wire_filters(filters)
-        connection, response = self._open("GET", "/events", query)
-        yield from _json_lines(connection, response)
-
-    # containers
-    def containers(
-        self, all_states: bool = False, filters: Mapping[str, Any] | None = None
-    ) -> list[dict[str, Any]]:
-        query: dict[str, Any] = {"all": "1" if all_states else "0"}
-        if filters:
-            query["filters"] = _wire_filters(filters)
-        return list(self._json("GET", "/containers/json", query) or [])
-
-    def inspect_container(self, container_id: str) -> dict[str, Any]:
-        return dict(self._json("GET", f"/containers/{container_id}/json"))
-
-    def create_container(self, name: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return dict(self._json("POST", "/containers/create", {"name": name}, body))
-
-    def start(self, container_id: str) -> None:
-        self._json("POST", f"/containers/{container_id}/start")
-
-    def stop(self, container_id: str, timeout: int = 10) -> None:
-        """SIGTERM, SIGKILL after `timeout` s; the HTTP call waits that long and a bit more."""
-        connection, response = self._open(
-            "POST", f"/containers/{container_id}/stop", {"t": str(timeout)}, timeout=timeout + self.timeout
-        )
-        try:
-            response.read(RESPONSE_LIMIT)
-        finally:
-            connection.close()
-
-    def remove_container(self, container_id: str, force: bool = False) -> None:
-        self._json("DELETE", f"/containers/{container_id}", {"force": "1" if force else "0"})
-
-    # exec
-    def exec_create(self, container_id: str, cmd: list[str]) -> dict[str, Any]:
-        body = {
-            "User": "",
-            "Privileged": False,
-            "Tty": False,
-            "AttachStdin": False,
-            "AttachStdout": True,
-            "AttachStderr": True,
-            "Cmd": cmd,
-        }
-        return dict(self._json("POST", f"/containers/{container_id}/exec", body=body))
-
-    def exec_start(self, exec_id: str, timeout: float | None = None) -> bytes:
-        """Run it and return its stdout and stderr; dockerd streams them until the command ends."""
-        connection, response = self._open(
-            "POST", f"/exec/{exec_id}/start", body={"Detach": False, "Tty": False}, timeout=timeout
-        )
-        try:
-            return demultiplex(response.read(EXEC_OUTPUT_LIMIT))
-        finally:
-            connection.close()
-
-    def exec_inspect(self, exec_id: str) -> dict[str, Any]:
-        return dict(self._json("GET", f"/exec/{exec_id}/json"))
-
-    def close(self) -> None:
-        """Nothing is held between calls; kept for the Engine's interface."""
-
-
-def _wire_filters(filters: Mapping[str, Any]) -> str:
-    """The Engine API's `filters` query value: every filter a list of values."""
-    return json.dumps({key: value if isinstance(value, list) else [value] for key, value in filters.items()})
-
-
-def _json_lines(
-    connection: http.client.HTTPConnection, response: http.client.HTTPResponse
-) -> Iterator[dict[str, Any]]:
-    """dockerd's streamed answer (pull progress, events), one JSON object a line, each line
-    bounded; the connection is closed when the stream ends or the reader stops early."""
-    try:
-        while line := response.readline(RESPONSE_LIMIT):
-            if line.strip():
-                event = json.loads(line)
-                yield event if isinstance(event, dict) else {}
-    finally:
-        connection.close()
-
-
-def _error_message(body: bytes) -> str:
-    """dockerd's {"message": ...}, or the body's start when it is not JSON."""
-    try:
-        message = json.loads(body).get("message")
-    except (ValueError, AttributeError):
-        message = None
-    return str(message or body[:500].decode(errors="replace").strip() or "no message")
+def pull_auth(image: str) -> str | None:
+    """X-Registry-Auth's value for pulling `image` (root's docker config, read at each pull),
+    or None when that config has no credentials for its registry."""
+    auth = registry_auth(docker_config(), image_registry(image))
+    if auth is None:
+        return None
+    return base64.urlsafe_b64encode(json.dumps(auth).encode()).decode()
 
 
 class Engine:
@@ -397,9 +186,9 @@ class Engine:
         self.socket_path = socket_path
         try:
             self.client = DockerAPI(socket_path, timeout=CALL_TIMEOUT)
-        except (OSError, http.client.HTTPException, ValueError, DockerAPIError) as error:
+        except CALL_ERRORS as error:
             raise RuntimeFailure(
-                f"cannot reach the Docker Engine at {socket_path}: {_explain(error)}"
+                f"cannot reach the Docker Engine at {socket_path}: {explain(error)}"
             ) from None
 
     def close(self) -> None:
@@ -412,22 +201,24 @@ class Engine:
             self.client.inspect_image(image)
             return
         except DockerAPIError as error:
-            if error.status != http.client.NOT_FOUND:
-                raise RuntimeFailure(f"cannot inspect {image}: {_explain(error)}") from None
-        except (OSError, http.client.HTTPException, ValueError) as error:
-            raise RuntimeFailure(f"cannot inspect {image}: {_explain(error)}") from None
+            if error.status != NOT_FOUND:
+                raise RuntimeFailure(f"cannot inspect {image}: {explain(error)}") from None
+        except CALL_ERRORS as error:
+            raise RuntimeFailure(f"cannot inspect {image}: {explain(error)}") from None
         repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
         deadline = time.monotonic() + timeout
         try:
-            for event in self.client.pull(repository, tag or "latest", timeout=timeout):
+            for event in self.client.pull(
+                repository, tag or "latest", timeout=timeout, auth=pull_auth(image)
+            ):
                 if "error" in event:
                     raise RuntimeFailure(f"cannot pull {image}: {event['error']}")
                 if time.monotonic() > deadline:
                     raise RuntimeFailure(f"cannot pull {image}: it took longer than {timeout:g} s")
         except RuntimeFailure:
             raise
-        except (OSError, http.client.HTTPException, ValueError, DockerAPIError) as error:
-            raise RuntimeFailure(f"cannot pull {image}: {_explain(error)}") from None
+        except CALL_ERRORS as error:
+            raise RuntimeFailure(f"cannot pull {image}: {explain(error)}") from None
 
     def run(self, spec: ContainerSpec) -> str:
         """Create and start the replica's container; return its id. An existing container of
@@ -440,10 +231,10 @@ class Engine:
         name, body = create_request(spec)
         try:
             created = self.client.create_container(name, body)
-        except (OSError, http.client.HTTPException, ValueError, DockerAPIError) as error:
+        except CALL_ERRORS as error:
             # never echo the request: its environment holds secrets
             raise RuntimeFailure(
-                f"cannot create {spec.container_name} from {spec.image}: {_explain(error)}"
+                f"cannot create {spec.container_name} from {spec.image}: {explain(error)}"
             ) from None
         self._start(created["Id"], spec)
         return str(created["Id"])
@@ -451,8 +242,8 @@ class Engine:
     def _start(self, container_id: str, spec: ContainerSpec) -> None:
         try:
             self.client.start(container_id)
-        except (OSError, http.client.HTTPException, ValueError, DockerAPIError) as error:
-            raise RuntimeFailure(f"cannot start {spec.container_name}: {_explain(error)}") from None
+        except CALL_ERRORS as error:
+            raise RuntimeFailure(f"cannot start {spec.container_name}: {explain(error)}") from None
 
     def stop(self, container_id: str, grace: float = 10.0, remove: bool = True) -> None:
         """SIGTERM, then SIGKILL after `grace` seconds (Docker's stop), then remove."""
@@ -460,9 +251,9 @@ class Engine:
             self.client.stop(container_id, timeout=int(max(0, grace)))
             if remove:
                 self.client.remove_container(container_id, force=True)
-        except (OSError, http.client.HTTPException, ValueError, DockerAPIError) as error:
-            if "No such container" not in _explain(error):
-                raise RuntimeFailure(f"cannot stop {container_id[:12]}: {_explain(error)}") from None
+        except CALL_ERRORS as error:
+            if "No such container" not in explain(error):
+                raise RuntimeFailure(f"cannot stop {container_id[:12]}: {explain(error)}") from None
 
     def last_exit_code(self, container_id: str, window: float = 3600.0) -> int:
         """The exit code of the container's latest run that ended, from dockerd's events; 0
@@ -492,7 +283,7 @@ class Engine:
             try:
                 inspect = self.client.inspect_container(summary["Id"])
             except DockerAPIError as error:
-                if error.status == http.client.NOT_FOUND:  # removed between the list and now
+                if error.status == NOT_FOUND:  # removed between the list and now
                     continue
                 raise
             state = replica_state(inspect)
@@ -528,8 +319,8 @@ class Engine:
             execution = self.client.exec_create(container_id, list(argv))
             output = self.client.exec_start(execution["Id"], timeout=timeout + 1)
             code = self.client.exec_inspect(execution["Id"]).get("ExitCode")
-        except (OSError, http.client.HTTPException, ValueError, DockerAPIError) as error:
-            return False, f"exec {argv[0] if argv else ''}: {_explain(error)}"
+        except CALL_ERRORS as error:
+            return False, f"exec {argv[0] if argv else ''}: {explain(error)}"
         if time.monotonic() - started > timeout:
             return False, f"exec took longer than {timeout:g} s"
         text = output.decode(errors="replace")[-256:]

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from picoord.coordinator.apply.planner import Step
+from picoord.coordinator.apply.action_planner import Step
 from picoord.coordinator.cluster import NodeUnavailable
 from picoord.coordinator.store import StateUnavailable
 from picoord.v1 import actions_pb2, admin_pb2, agent_pb2

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from picoord.coordinator.apply.planner import NodeView, Step, plan
+from picoord.coordinator.apply.action_planner import NodeView, Step, plan
 from picoord.coordinator.apply.runner import ApplyRun
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords

@@ -18,8 +18,8 @@ from rich.live import Live
 from picoord.common import VERSION
 from picoord.common.durations import parse_duration
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
-from picoord.common.throttling import describe_throttled
-from picoord.coordinator.apply.spec import MAX_SPEC_BYTES, SpecError
+from picoord.common.pi_throttled_flags import describe_throttled
+from picoord.coordinator.apply.cluster_spec import MAX_SPEC_BYTES, SpecError
 from picoord.coordinator.ctl import workloads
 from picoord.coordinator.ctl.certs import add_certs_parser, certificate_line, status_with_certificate
 from picoord.coordinator.ctl.client import (

@@ -18,13 +18,13 @@ from typing import Any
 from rich.console import Group
 from rich.live import Live
 
+from picoord.common import limits
 from picoord.coordinator.ctl.client import CALL_TIMEOUT
 from picoord.coordinator.ctl.output import ago, echo, emit, iso_time, literal
 from picoord.coordinator.ctl.output import console as output_console
 from picoord.v1 import services_pb2, services_pb2_grpc, workloads_pb2
 
 ROLLOUT_TIMEOUT = 3600.0
-MAX_SECRET_BYTES = 64 * 1024
 ROLLOUT_VERBS = ("status", "history", "undo", "pause", "resume")
 HEALTH_NAMES = {
     workloads_pb2.REPLICA_HEALTH_UNSPECIFIED: "-",
@@ -276,7 +276,7 @@ def read_secret_value(args: argparse.Namespace) -> bytes:
     if args.from_file is not None:
         source = sys.stdin.buffer if args.from_file == "-" else Path(args.from_file).open("rb")  # noqa: SIM115
         with source:
-            value = source.read(MAX_SECRET_BYTES + 1)
+            value = source.read(limits.SECRET_BYTES + 1)
     else:
         value = args.from_literal.encode()
         echo(
@@ -284,8 +284,8 @@ def read_secret_value(args: argparse.Namespace) -> bytes:
             "--from-file - reads it from standard input instead",
             file=sys.stderr,
         )
-    if len(value) > MAX_SECRET_BYTES:
-        raise UsageError(f"a secret value is at most {MAX_SECRET_BYTES} bytes")
+    if len(value) > limits.SECRET_BYTES:
+        raise UsageError(f"a secret value is at most {limits.SECRET_BYTES} bytes")
     return value
 
 

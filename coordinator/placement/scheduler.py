@@ -44,7 +44,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from picoord.common.throttling import describe_throttled
+from picoord.common.pi_throttled_flags import describe_throttled
 from picoord.common.validation import FieldError
 from picoord.coordinator.placement.constraints import Constraint, NodeFacts, Spread, first_unmet
 
@@ -65,7 +65,7 @@ class Load:
     cpu_percent: float | None = None
     memory_available_bytes: int | None = None
     soc_celsius: float | None = None
-    throttled: int = 0  # `vcgencmd get_throttled` bits (common/throttling.py)
+    throttled: int = 0  # `vcgencmd get_throttled` bits (common/pi_throttled_flags.py)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from picoord.common.names import InvalidName, validate_labels, validate_node_nam
 from picoord.common.tokens import BootstrapToken, InvalidToken
 from picoord.coordinator.ca import ClusterCA, CsrRejected, certificate_pem, certificate_record
 from picoord.coordinator.cluster import Cluster
+from picoord.coordinator.enrollment_rate_limit import FailureThrottle, retry_hint, source_of_peer
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
 from picoord.coordinator.store import EnrollmentConflict
-from picoord.coordinator.throttle import FailureThrottle, retry_hint, source_of_peer
 from picoord.coordinator.tokens import TokenRefused, check_token
 from picoord.v1 import agent_pb2, agent_pb2_grpc
 

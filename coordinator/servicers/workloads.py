@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from picoord.common import limits
 from picoord.common.names import InvalidName, validate_node_name
 from picoord.common.validation import FieldError, image_reference
 from picoord.coordinator.controller.controller import WorkloadController, WorkloadRefused
@@ -20,7 +21,6 @@ from picoord.v1 import services_pb2, services_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator.workloads")
 
-MAX_SECRET_BYTES = 64 * 1024
 DRAIN_POLL = 1.0
 
 
@@ -148,9 +148,9 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
             service_name("key", request.key)
         except FieldError as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        if len(request.value) > MAX_SECRET_BYTES:
+        if len(request.value) > limits.SECRET_BYTES:
             await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"a secret value is at most {MAX_SECRET_BYTES} bytes"
+                grpc.StatusCode.INVALID_ARGUMENT, f"a secret value is at most {limits.SECRET_BYTES} bytes"
             )
         try:
             request.value.decode("utf-8")

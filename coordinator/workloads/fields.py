@@ -1,6 +1,6 @@
 """Walking one YAML mapping of a workload file: every key is mapped, warned about or refused.
 
-Unlike cluster.yaml's reader (coordinator/apply/spec.py), importers of foreign formats meet
+Unlike cluster.yaml's reader (coordinator/apply/cluster_spec.py), importers of foreign formats meet
 keys picoord does not support; each is declared, with why, as a warning (ignoring it does
 not change what runs) or an error (it would). A key nobody declared is an error too, so a
 typo or a newer field is never dropped in silence.

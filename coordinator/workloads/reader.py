@@ -3,7 +3,7 @@
 A file may hold picoord `kind: Service` documents, a Compose/stack file (top-level
 `services:`), Kubernetes Deployment/DaemonSet + Service manifests, and the cluster.yaml
 kinds (ClusterMembership, GlusterVolume, Mount, FirewallPolicy), which are handed back as
-coordinator/apply/spec.py reads them, for the apply planner. Reading is all-or-nothing:
+coordinator/apply/cluster_spec.py reads them, for the apply planner. Reading is all-or-nothing:
 the first problem stops it with an error naming the file, document and field, so a
 rejected file changes nothing and the running revision keeps serving.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from picoord.common.validation import FieldError
-from picoord.coordinator.apply import spec as cluster_spec
+from picoord.coordinator.apply import cluster_spec
 from picoord.coordinator.workloads import spec as s
 from picoord.coordinator.workloads.fields import SpecWarning
 from picoord.coordinator.workloads.importers import compose, kubernetes, native

@@ -274,7 +274,7 @@ def test_plan_swarm_leave() -> None:
 
 
 class FakeEngine:
-    """Stands for docker.APIClient in the recording helper: answers or raises."""
+    """Stands for the agent's DockerAPI in the recording helper: answers or raises."""
 
     def __init__(self, error: Exception | None = None) -> None:
         self.error = error
@@ -321,7 +321,8 @@ def test_a_refused_api_call_is_recorded_failed_with_its_error() -> None:
 
 
 def test_importing_the_executors_does_not_load_the_docker_sdk() -> None:
-    """The SDK costs ~15 MiB of the agent's 40 MiB budget: only a swarm action loads it."""
+    """The SDK costs ~20 MiB of the agent's 40 MiB budget: no executor loads it (the Swarm
+    executor speaks to dockerd through picoord.agent.docker_api)."""
     probe = (
         "import sys; import picoord.agent.actions.swarm, picoord.agent.actions.kubeadm, "
         "picoord.agent.actions.k3s; print('docker' in sys.modules, 'requests' in sys.modules)"

@@ -32,13 +32,11 @@ from picoord.agent.actions.gluster import (
 )
 from picoord.agent.actions.mount import (
     MountConflict,
-    MountEntry,
     bind_origin,
     flag_differences,
     fstab_line,
     mount_unit_name,
     mount_unit_text,
-    parse_mountinfo,
     plan_fstab,
     plan_mount,
     plan_unit,
@@ -57,6 +55,7 @@ from picoord.common.checks.storage import (
     mount_spec,
     volume_spec,
 )
+from picoord.common.mountinfo import MountEntry, parse_mountinfo
 from picoord.common.validation import FieldError
 from picoord.v1 import actions_pb2, agent_pb2
 from tests.systemd_verify import make_unit_root, verify

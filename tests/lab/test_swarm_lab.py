@@ -5,7 +5,8 @@ pi1 creates the swarm advertising its lab address; pi2 and pi3 join with the wor
 token from pi1's facts (what the coordinator hands out); `docker node ls` on pi1 then
 lists all three Ready. Second runs are UNCHANGED, leaving and re-joining works, and bad
 input is REJECTED naming the field with the swarm state untouched. A last test runs the
-executors on Debian 12's own python3 and python3-docker 5.0.3, what a Pi has.
+executors on Debian 12's own python3, what a Pi has (python3-docker 5.0.3 is installed
+there, but the agent's own Engine client, agent/docker_api.py, does not use it).
 """
 
 from __future__ import annotations
@@ -260,7 +261,8 @@ def debian_tree(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 def test_swarm_on_debians_python3_docker(sandbox_factory: Callable[..., PiRack], debian_tree: Path) -> None:
-    """The same executors on python3-docker 5.0.3 (Debian 12, Raspberry Pi OS bookworm)."""
+    """The same executors on Debian 12's python3 (Raspberry Pi OS bookworm), beside its
+    python3-docker 5.0.3, which the agent's Engine client replaced."""
     for package in ("agent/actions", "common/checks"):
         assert (debian_tree / "picoord" / package / "__init__.py").exists(), (
             f"picoord/{package} is missing from the installed package: pyproject.toml's "

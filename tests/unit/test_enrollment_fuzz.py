@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from picoord.common.tokens import BootstrapToken
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
+from picoord.coordinator.enrollment_rate_limit import FailureThrottle, ThrottlePolicy
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import Store, TokenRecord
 from picoord.coordinator.telemetry import MetricsHistory
-from picoord.coordinator.throttle import FailureThrottle, ThrottlePolicy
 from picoord.v1 import agent_pb2, agent_pb2_grpc
 
 TOKEN = BootstrapToken("abcdef", "0123456789abcdef")

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from picoord.coordinator.apply.spec import SpecError, parse_spec
+from picoord.coordinator.apply.cluster_spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = [(ROOT / "examples" / "cluster.yaml").read_text(), (ROOT / "lab" / "demo-cluster.yaml").read_text()]

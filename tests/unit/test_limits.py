@@ -4,7 +4,7 @@ import pytest
 
 from picoord.common import limits
 from picoord.common.checks import firewall, storage
-from picoord.coordinator.apply.spec import SpecError, parse_spec
+from picoord.coordinator.apply.cluster_spec import SpecError, parse_spec
 
 
 def firewall_spec(rules: int) -> str:

@@ -106,7 +106,7 @@ def test_the_coordinators_check_refuses_the_floor(target: str, source: str, fiel
 def test_the_lab_and_example_documents_stay_valid() -> None:
     from pathlib import Path
 
-    from picoord.coordinator.apply.spec import parse_spec
+    from picoord.coordinator.apply.cluster_spec import parse_spec
 
     root = Path(__file__).resolve().parents[2]
     for name in ("lab/demo-cluster.yaml", "examples/cluster.yaml"):

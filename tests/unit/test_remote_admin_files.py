@@ -29,7 +29,7 @@ from picoord.coordinator.ctl.contexts import (
     render_bundle,
 )
 from picoord.coordinator.main import ADMIN_LISTENER_CONNECTIONS, admin_dial_address, admin_listener_options
-from picoord.coordinator.servicers.admins import validity_refusal
+from picoord.coordinator.servicers.admin_certificates import validity_refusal
 from picoord.coordinator.servicers.peers import CertifiedPeer, admin_refusal, peer_address
 from picoord.coordinator.store import AdminCertificateRecord, AdminNameTaken, Store
 from picoord.v1 import admin_pb2

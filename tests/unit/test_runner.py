@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from picoord.coordinator.apply.planner import NodeView, plan
+from picoord.coordinator.apply.action_planner import NodeView, plan
+from picoord.coordinator.apply.cluster_spec import parse_spec
 from picoord.coordinator.apply.runner import ApplyRun
-from picoord.coordinator.apply.spec import parse_spec
 from picoord.coordinator.cluster import NodeUnavailable
 from picoord.coordinator.store import StateUnavailable
 from picoord.v1 import actions_pb2, admin_pb2, agent_pb2

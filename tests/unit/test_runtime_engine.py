@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from docker.types import ContainerConfig, HostConfig
 
+from picoord.agent.docker_api import demultiplex
 from picoord.agent.runtime.engine import (
     RuntimeFailure,
     create_request,
-    demultiplex,
     docker_config,
     image_registry,
     registry_auth,

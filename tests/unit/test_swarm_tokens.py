@@ -4,8 +4,8 @@ leaves the manager; tests/lab/test_swarm_lab.py proves the agent's side against 
 
 import pytest
 
-from picoord.coordinator.apply.planner import FACT_SWARM_WORKER_TOKEN, NodeView, plan
-from picoord.coordinator.apply.spec import parse_spec
+from picoord.coordinator.apply.action_planner import FACT_SWARM_WORKER_TOKEN, NodeView, plan
+from picoord.coordinator.apply.cluster_spec import parse_spec
 
 INVENTORY = [
     NodeView("desktop", {}, "x86_64", "10.0.0.5"),

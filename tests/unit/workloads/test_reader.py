@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from picoord.common.names import normalise_arch
-from picoord.coordinator.apply.spec import ClusterMembership, Mount, parse_spec
+from picoord.coordinator.apply.cluster_spec import ClusterMembership, Mount, parse_spec
 from picoord.coordinator.placement.constraints import ARCH, HOSTNAME
 from picoord.coordinator.workloads import spec as s
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads

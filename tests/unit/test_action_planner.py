@@ -2,7 +2,7 @@
 
 import pytest
 
-from picoord.coordinator.apply.planner import (
+from picoord.coordinator.apply.action_planner import (
     FACT_SWARM_MANAGER_ADDRESS,
     FACT_SWARM_WORKER_TOKEN,
     FactRef,
@@ -11,7 +11,7 @@ from picoord.coordinator.apply.planner import (
     matches,
     plan,
 )
-from picoord.coordinator.apply.spec import parse_spec
+from picoord.coordinator.apply.cluster_spec import parse_spec
 from picoord.v1 import actions_pb2
 
 INVENTORY = [

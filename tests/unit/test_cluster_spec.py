@@ -3,7 +3,7 @@ rejected with the document and field named."""
 
 import pytest
 
-from picoord.coordinator.apply.spec import (
+from picoord.coordinator.apply.cluster_spec import (
     Brick,
     ClusterMembership,
     FirewallPolicy,
@@ -210,7 +210,7 @@ def test_the_example_file_reads() -> None:
 
 
 def test_the_lab_demo_spec_reads_and_plans_for_three_pis() -> None:
-    from picoord.coordinator.apply.planner import NodeView, plan
+    from picoord.coordinator.apply.action_planner import NodeView, plan
     from picoord.lab.cli import DEMO_SPEC
 
     inventory = [NodeView(f"pi{i}", {}, "x86_64", f"10.213.0.{10 + i}") for i in (1, 2, 3)]

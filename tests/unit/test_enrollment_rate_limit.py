@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from picoord.coordinator.throttle import FailureThrottle, ThrottlePolicy, retry_hint, source_of_peer
+from picoord.coordinator.enrollment_rate_limit import (
+    FailureThrottle,
+    ThrottlePolicy,
+    retry_hint,
+    source_of_peer,
+)
 
 POLICY = ThrottlePolicy(max_failures=3, window=60.0, ban=30.0, max_sources=4)
 

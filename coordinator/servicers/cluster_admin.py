@@ -10,7 +10,7 @@ import structlog
 from picoord.common import defaults, limits
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
-from picoord.coordinator.apply.planner import PlanError
+from picoord.coordinator.apply.action_planner import PlanError
 from picoord.coordinator.apply.service import ApplyBusy, ApplyService
 from picoord.coordinator.ca import CertificateState, ClusterCA, certificate_serial, certificate_state
 from picoord.coordinator.cluster import Cluster

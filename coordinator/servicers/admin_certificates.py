@@ -26,7 +26,7 @@ from picoord.coordinator.ca import (
     private_key_pem,
 )
 from picoord.coordinator.cluster import Cluster
-from picoord.coordinator.servicers.admin import CERTIFICATE_STATE_TO_WIRE
+from picoord.coordinator.servicers.cluster_admin import CERTIFICATE_STATE_TO_WIRE
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
 from picoord.coordinator.servicers.peers import operator_identity
 from picoord.coordinator.store import AdminCertificateRecord, AdminNameTaken

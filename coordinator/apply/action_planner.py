@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from picoord.common.checks import check_action
 from picoord.common.names import normalise_arch
 from picoord.common.validation import FieldError
-from picoord.coordinator.apply.spec import (
+from picoord.coordinator.apply.cluster_spec import (
     ClusterMembership,
     Document,
     FirewallPolicy,
