@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from picoord.common.vocabulary import RolloutStatus
 from picoord.coordinator.ctl.workloads import UsageError, _rollout_words, follow, progress_line
 from picoord.v1 import services_pb2
 
@@ -29,9 +30,10 @@ def test_rollout_words_refused(words: list[str]) -> None:
         _rollout_words(words)
 
 
-def info(**fields: object) -> services_pb2.RolloutInfo:
+def info(status: str = "not rolled out", **fields: object) -> services_pb2.RolloutInfo:
+    """A RolloutInfo with the status given by its word."""
     base = {"service": "mcp", "revision": 2, "desired": 3, "updated": 1, "healthy": 1, "available": 2}
-    return services_pb2.RolloutInfo(**{**base, **fields})
+    return services_pb2.RolloutInfo(**{**base, **fields}, status=RolloutStatus(status).wire)
 
 
 @pytest.mark.parametrize(
