@@ -36,7 +36,8 @@ def certificate_view(listing: admin_pb2.CertificateExpiration, now: float) -> di
 
 
 def residual_text(view: dict[str, Any]) -> str:
-    return format_duration(view["residual_seconds"]) if view["state"] == CertificateState.VALID else view["state"]
+    valid = view["state"] == CertificateState.VALID
+    return format_duration(view["residual_seconds"]) if valid else view["state"]
 
 
 CHECK_EXPIRATION_COLUMNS = [
