@@ -60,6 +60,7 @@ from rollout_vs_swarm import (
     wait_until,
 )
 
+from picoord.common.vocabulary import ReplicaState
 from picoord.coordinator.ctl.client import socket_channel
 from picoord.lab.cluster import Lab
 from picoord.v1 import services_pb2, services_pb2_grpc, workloads_pb2
@@ -182,14 +183,15 @@ class Replicas:
         return [
             r
             for r in self.list()
-            if r.state == "running"
+            if r.state == ReplicaState.RUNNING.wire
+            and not r.node_unreachable
             and r.health == workloads_pb2.REPLICA_HEALTH_HEALTHY
             and r.desired == "running"
             and r.node != away
         ]
 
     def running(self) -> list[services_pb2.ReplicaInfo]:
-        return [r for r in self.list() if r.state.startswith("running")]
+        return [r for r in self.list() if r.state == ReplicaState.RUNNING.wire]  # reachable or not
 
 
 def running_containers(view: SwarmView, label: str) -> int:

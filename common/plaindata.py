@@ -12,6 +12,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Mapping
+from enum import Enum
 from functools import cache
 from typing import Any
 
@@ -35,6 +36,8 @@ def to_plain(value: Any, compared_only: bool = False) -> Any:
         return [to_plain(item, compared_only) for item in value]
     if isinstance(value, Mapping):
         return {str(key): to_plain(item, compared_only) for key, item in value.items()}
+    if isinstance(value, Enum):
+        return value.value
     return value
 
 
@@ -84,6 +87,11 @@ def from_plain(kind: Any, value: Any, path: str = "value") -> Any:
             from_plain(key_type, key, path): from_plain(value_type, item, f"{path}.{key}")
             for key, item in value.items()
         }
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        try:
+            return kind(value)
+        except ValueError:
+            raise DecodeError(f"{path}: {value!r} is not a {kind.__name__}") from None
     if kind is type(None):
         if value is not None:
             raise DecodeError(f"{path}: expected null")

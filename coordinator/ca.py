@@ -15,7 +15,6 @@ import ipaddress
 import socket
 import threading
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 import structlog
@@ -35,6 +34,7 @@ from picoord.common.pki import (
     key_matches,
     rotation_deadline,
 )
+from picoord.common.vocabulary import CertificateState
 from picoord.coordinator.store import CertificateRecord
 
 log = structlog.get_logger("picoord.coordinator.ca")
@@ -115,12 +115,6 @@ def backdate(validity: dt.timedelta) -> dt.timedelta:
     """How far before now a certificate starts: clock-skew tolerance, but a small part of a
     short life, so its rotation point (a fraction of notBefore..notAfter) stays ahead."""
     return min(MAX_BACKDATE, validity / 10)
-
-
-class CertificateState(Enum):
-    VALID = "valid"
-    EXPIRED = "expired"
-    REVOKED = "revoked"
 
 
 def certificate_state(not_after: float, revoked_at: float | None, now: float) -> CertificateState:

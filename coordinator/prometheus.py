@@ -31,6 +31,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from picoord.common.node_series import SeriesFamily, family_of
+from picoord.common.vocabulary import RolloutStatus
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.status import Status
 from picoord.v1 import node_pb2
@@ -231,8 +232,6 @@ class ClusterCollector(Collector):
 def service_metrics(figures: Sequence[ServiceFigures]) -> Iterator[Metric]:
     """Each applied service's replica counts, rollout status (one series per possible value,
     1 for the current one) and revision, as of the controller's last tick."""
-    from picoord.coordinator.controller.controller import ROLLOUT_STATUSES
-
     replicas = GaugeMetricFamily(
         "picoord_service_replicas",
         "Replicas of a service: desired, running, healthy.",
@@ -251,8 +250,8 @@ def service_metrics(figures: Sequence[ServiceFigures]) -> Iterator[Metric]:
     for service in sorted(figures, key=lambda figure: figure.service):
         for state in ("desired", "running", "healthy"):
             replicas.add_metric((service.service, state), getattr(service, state))
-        for value in ROLLOUT_STATUSES:
-            status.add_metric((service.service, value), 1.0 if value == service.rollout_status else 0.0)
+        for value in RolloutStatus:
+            status.add_metric((service.service, value.value), 1.0 if value == service.rollout_status else 0.0)
         revision.add_metric((service.service,), service.revision)
     yield from (replicas, status, revision)
 

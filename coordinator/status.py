@@ -1,7 +1,8 @@
 """Node status from what the coordinator last heard: a pure function, table-tested.
 
 Also the one place that names the node status and action outcome enums, for the wire,
-coordctl and Prometheus alike.
+coordctl and Prometheus alike (the workload and certificate enums are named in
+common/vocabulary.py).
 """
 
 from __future__ import annotations
@@ -27,12 +28,6 @@ STATUS_TO_WIRE = {
 }
 STATUS_NAMES = {wire: status.value for status, wire in STATUS_TO_WIRE.items()} | {
     admin_pb2.NODE_STATUS_UNSPECIFIED: "Unknown"
-}
-CERTIFICATE_STATE_NAMES = {
-    admin_pb2.CERTIFICATE_STATE_UNSPECIFIED: "none",
-    admin_pb2.CERTIFICATE_STATE_VALID: "valid",
-    admin_pb2.CERTIFICATE_STATE_EXPIRED: "expired",
-    admin_pb2.CERTIFICATE_STATE_REVOKED: "revoked",
 }
 OUTCOME_NAMES = {
     agent_pb2.ACTION_OUTCOME_UNSPECIFIED: "running",

@@ -13,14 +13,16 @@ import http.client
 import socket
 from dataclasses import dataclass, replace
 
-STARTING = "starting"
-HEALTHY = "healthy"
-UNHEALTHY = "unhealthy"
+from picoord.common.vocabulary import ReplicaHealth
+
+STARTING = ReplicaHealth.STARTING
+HEALTHY = ReplicaHealth.HEALTHY
+UNHEALTHY = ReplicaHealth.UNHEALTHY
 
 
 @dataclass(frozen=True)
 class Health:
-    status: str = STARTING
+    status: ReplicaHealth = STARTING  # STARTING, HEALTHY or UNHEALTHY
     failures: int = 0  # consecutive, outside the start period
     last_output: str = ""
 

@@ -22,24 +22,19 @@ from pathlib import Path
 
 import structlog
 
-from picoord.agent.runtime.health import HEALTHY, STARTING, UNHEALTHY, Health, observe
+from picoord.agent.runtime.health import Health, observe
 from picoord.agent.runtime.model import ContainerSpec, HealthCheck, Port, ReplicaState, VolumeMount
 from picoord.agent.state import ASSIGNMENT_FILE
 from picoord.common.checks.workloads import check_assignment
 from picoord.common.files import write_atomically
+from picoord.common.vocabulary import ReplicaHealth
+from picoord.common.vocabulary import ReplicaState as Reported  # model.ReplicaState is a container
 from picoord.v1 import workloads_pb2
 
 log = structlog.get_logger("picoord.agent.runtime")
 
 TICK = 1.0
 REPORT_EVERY = 10.0  # a report at least this often while anything runs, as a liveness signal
-LIVE_STATES = ("running", "restarting", "created")
-
-HEALTH_TO_WIRE = {
-    STARTING: workloads_pb2.REPLICA_HEALTH_STARTING,
-    HEALTHY: workloads_pb2.REPLICA_HEALTH_HEALTHY,
-    UNHEALTHY: workloads_pb2.REPLICA_HEALTH_UNHEALTHY,
-}
 
 
 def spec_from_wire(spec: workloads_pb2.ReplicaSpec) -> ContainerSpec:
@@ -119,7 +114,7 @@ class Tracked:
     health: Health = field(default_factory=Health)
     first_running: float | None = None  # monotonic, when first seen running
     next_probe: float = 0.0
-    state: str = "pending"
+    state: Reported = Reported.PENDING
     message: str = ""
     since: float = field(default_factory=time.time)
     retry_at: float = 0.0  # monotonic: when a failed start may be tried again
@@ -239,7 +234,7 @@ class Supervisor:
     def _track(self, spec: ContainerSpec) -> Tracked:
         return self._tracked.setdefault((spec.replica, spec.revision), Tracked())
 
-    def _set(self, tracked: Tracked, state: str, message: str = "") -> None:
+    def _set(self, tracked: Tracked, state: Reported, message: str = "") -> None:
         if (tracked.state, tracked.message) != (state, message):
             tracked.state, tracked.message, tracked.since = state, message, time.time()
 
@@ -250,14 +245,14 @@ class Supervisor:
         now = time.monotonic()
         if now < tracked.retry_at:
             return  # a registry that is down is not asked again every second
-        self._set(tracked, "pulling")
+        self._set(tracked, Reported.PULLING)
         try:
             engine.pull(spec.image)  # type: ignore[attr-defined]
             engine.run(spec)  # type: ignore[attr-defined]
             log.info("started replica", replica=spec.replica, revision=spec.revision, image=spec.image)
             tracked.retry_delay = 0.0
         except RuntimeFailure as error:
-            self._set(tracked, "failed", str(error)[:1000])
+            self._set(tracked, Reported.FAILED, str(error)[:1000])
             tracked.retry_delay = retry_delay(tracked.retry_delay)
             tracked.retry_at = now + tracked.retry_delay
             log.warning(
@@ -281,12 +276,14 @@ class Supervisor:
                 last = engine.last_exit_code(state.container_id)  # type: ignore[attr-defined]
                 tracked.exit_code = last or tracked.exit_code
             tracked.restarts = state.restarts
-            if state.state != "running":
-                self._set(tracked, state.state, f"exit code {state.exit_code}" if state.exit_code else "")
+            reported = Reported.from_word(state.state)  # Docker's words are the vocabulary's
+            if reported is not Reported.RUNNING:
+                self._set(tracked, reported, f"exit code {state.exit_code}" if state.exit_code else "")
                 tracked.first_running = None
                 tracked.health = Health()
                 continue
-            self._set(tracked, "running", tracked.health.last_output if spec.health.kind != "none" else "")
+            output = tracked.health.last_output if spec.health.kind != "none" else ""
+            self._set(tracked, Reported.RUNNING, output)
             if tracked.first_running is None:
                 tracked.first_running = now
             if spec.health.kind == "none" or now < tracked.next_probe:
@@ -319,18 +316,14 @@ class Supervisor:
         for spec in desired:
             tracked = self._track(spec)
             state = by_key.get((spec.replica, spec.revision))
-            health = (
-                workloads_pb2.REPLICA_HEALTH_NONE
-                if spec.health.kind == "none"
-                else HEALTH_TO_WIRE[tracked.health.status]
-            )
+            health = ReplicaHealth.NONE if spec.health.kind == "none" else tracked.health.status
             reports.replicas.add(
                 service=spec.service,
                 revision=spec.revision,
                 replica=spec.replica,
                 container_id=state.container_id[:64] if state else "",
-                state=tracked.state,
-                health=health,
+                state=tracked.state.wire,
+                health=health.wire,
                 since=tracked.since,
                 restarts=state.restarts if state else 0,
                 exit_code=exit_code_to_report(state, tracked.exit_code) if state else 0,

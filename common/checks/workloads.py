@@ -159,7 +159,7 @@ def check_reports(reports: workloads_pb2.ReplicaReports) -> None:
         where = f"replicas[{index}]"
         _name(f"{where}.service", report.service)
         _name(f"{where}.replica", report.replica)
-        for name in ("container_id", "state", "address"):
+        for name in ("container_id", "address"):  # state and health are enums: any number reads
             if len(getattr(report, name)) > 128:
                 raise FieldError(f"{where}.{name}", "is longer than 128 characters")
         if len(report.message) > MAX_REPORT_TEXT:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import structlog
 
 from picoord.common.validation import FieldError
+from picoord.common.vocabulary import ReplicaState, RolloutStatus
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.assignments import Placed as Assigned
 from picoord.coordinator.controller.assignments import node_assignments
@@ -42,7 +43,7 @@ from picoord.coordinator.placement.scheduler import Node, Placed, check_spread, 
 from picoord.coordinator.reconcile.reconciler import DesiredService, NodeStatus, reconcile, visible_replicas
 from picoord.coordinator.rollout import history as revisions
 from picoord.coordinator.rollout import planner
-from picoord.coordinator.rollout.replicas import Replica
+from picoord.coordinator.rollout.replicas import RUNNING, Replica
 from picoord.coordinator.status import Status
 from picoord.coordinator.workloads.spec import GLOBAL, ServiceSpec, check_secrets, placement_request
 from picoord.v1 import agent_pb2, services_pb2, workloads_pb2
@@ -82,18 +83,6 @@ class Facts:
     replicas: dict[str, Replica]  # by id
 
 
-# Every value RolloutInfo.status takes, so /metrics can export one series per value.
-ROLLOUT_STATUSES = (
-    "not rolled out",
-    "progressing",
-    "rolling back",
-    "paused",
-    "complete",
-    "rolled back",
-    "failed",
-)
-
-
 @dataclass(frozen=True)
 class ServiceFigures:
     """What /metrics says of one service, as of the last tick (see metrics_snapshot)."""
@@ -103,7 +92,7 @@ class ServiceFigures:
     running: int
     healthy: int
     revision: int
-    rollout_status: str
+    rollout_status: RolloutStatus
 
 
 def service_figures(info: services_pb2.RolloutInfo, service: ServiceRecord, running: int) -> ServiceFigures:
@@ -114,7 +103,7 @@ def service_figures(info: services_pb2.RolloutInfo, service: ServiceRecord, runn
         running=running,
         healthy=info.available,
         revision=service.rollout.target if service.rollout else 0,
-        rollout_status=info.status,
+        rollout_status=RolloutStatus.from_wire(info.status),
     )
 
 
@@ -447,14 +436,14 @@ class WorkloadController:
     def info(self, service: ServiceRecord, replicas: Sequence[Replica]) -> services_pb2.RolloutInfo:
         rollout = service.rollout
         if rollout is None:
-            return services_pb2.RolloutInfo(service=service.name, status="not rolled out")
+            return services_pb2.RolloutInfo(service=service.name, status=RolloutStatus.NOT_ROLLED_OUT.wire)
         mine = [r for r in replicas if r.service == service.name and r.active and not r.stopping]
         health_checked = rollout.has_health_check
         return services_pb2.RolloutInfo(
             service=service.name,
             revision=rollout.target,
             previous=(rollout.revision if rollout.rolling_back else rollout.previous) or 0,
-            status=rollout.state,
+            status=rollout.state.wire,
             rolling_back=rollout.rolling_back,
             message=rollout.message or self._unplaced.get(service.name, ""),
             failures=[str(failure) for failure in rollout.failures],
@@ -688,10 +677,10 @@ class WorkloadController:
                     service=name,
                     revision=record.revision,
                     node=record.node,
-                    state=(report.state if report else "pending")
+                    state=report.state if report else ReplicaState.PENDING.wire,
                     # Ready, not merely holding a session: a cut link keeps its session open
                     # until TCP keepalive gives up, long after the node went silent.
-                    + ("" if self.cluster.status(record.node) is Status.READY else " (node unreachable)"),
+                    node_unreachable=self.cluster.status(record.node) is not Status.READY,
                     health=report.health if report else workloads_pb2.REPLICA_HEALTH_UNSPECIFIED,
                     since=replica.since,
                     restarts=replica.restarts,
@@ -747,7 +736,7 @@ class WorkloadController:
                 return
             await asyncio.sleep(1.0)
         info = services_pb2.RolloutInfo(
-            status="failed", message=f"replicas still on {node} after {timeout:.0f} s"
+            status=RolloutStatus.FAILED.wire, message=f"replicas still on {node} after {timeout:.0f} s"
         )
         yield services_pb2.RolloutEvent(progress=info)
 
@@ -761,8 +750,8 @@ class WorkloadController:
 
 def _running(replicas: Iterable[Replica], service: str) -> int:
     """Replicas of the service running and not being stopped, as `coordctl services` counts them."""
-    return sum(r.service == service and r.state == "running" and not r.stopping for r in replicas)
+    return sum(r.service == service and r.state == RUNNING and not r.stopping for r in replicas)
 
 
 def _finished(info: services_pb2.RolloutInfo) -> bool:
-    return info.status in ("complete", "failed", "rolled back", "paused", "not rolled out")
+    return not RolloutStatus.from_wire(info.status).under_way

@@ -7,39 +7,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from picoord.common.vocabulary import ReplicaHealth, ReplicaState
 from picoord.coordinator.controller.records import ReplicaRecord
 from picoord.coordinator.rollout.replicas import (
     FAILED,
-    HEALTH_STARTING,
-    HEALTHY,
     PENDING,
     RUNNING,
     STARTING,
     UNHEALTHY,
-    UNKNOWN,
     Replica,
 )
 from picoord.v1 import workloads_pb2
 
-# The agent's words (Docker's container states, plus its own pending/pulling/failed).
-AGENT_STATES = {
-    "pending": PENDING,
-    "pulling": PENDING,
-    "created": STARTING,
-    "restarting": STARTING,
-    "running": RUNNING,
-    "exited": FAILED,
-    "dead": FAILED,
-    "failed": FAILED,
-    "removing": FAILED,
-    "paused": FAILED,
-}
-AGENT_HEALTH = {
-    workloads_pb2.REPLICA_HEALTH_UNSPECIFIED: UNKNOWN,
-    workloads_pb2.REPLICA_HEALTH_NONE: UNKNOWN,
-    workloads_pb2.REPLICA_HEALTH_STARTING: HEALTH_STARTING,
-    workloads_pb2.REPLICA_HEALTH_HEALTHY: HEALTHY,
-    workloads_pb2.REPLICA_HEALTH_UNHEALTHY: UNHEALTHY,
+# What the agent reports (Docker's container states, plus its own pending/pulling/failed),
+# as the planner counts it; any other state counts as failed.
+PLANNED_STATES = {
+    ReplicaState.PENDING: PENDING,
+    ReplicaState.PULLING: PENDING,
+    ReplicaState.CREATED: STARTING,
+    ReplicaState.RESTARTING: STARTING,
+    ReplicaState.RUNNING: RUNNING,
 }
 
 
@@ -48,13 +35,13 @@ class Seen:
     """When the coordinator first saw a replica's current state and health (its own clock:
     a Pi's clock may be off, and the monitor window is measured here)."""
 
-    state: str
-    health: str
+    state: ReplicaState
+    health: ReplicaHealth
     state_since: float
     health_since: float
 
 
-def observe(previous: Seen | None, state: str, health: str, now: float) -> Seen:
+def observe(previous: Seen | None, state: ReplicaState, health: ReplicaHealth, now: float) -> Seen:
     if previous is None:
         return Seen(state, health, now, now)
     return Seen(
@@ -81,8 +68,8 @@ def replica_view(
             stopping=record.stopping,
             replaced=record.replaced,
         )
-    state = AGENT_STATES.get(report.state, FAILED)
-    health = AGENT_HEALTH.get(report.health, UNKNOWN)
+    state = PLANNED_STATES.get(ReplicaState.from_wire(report.state), FAILED)
+    health = ReplicaHealth.from_wire(report.health)
     failure = failure_detail(report, state, health)
     return Replica(
         id=record.id,
@@ -101,7 +88,7 @@ def replica_view(
     )
 
 
-def failure_detail(report: workloads_pb2.ReplicaReport, state: str, health: str) -> str:
+def failure_detail(report: workloads_pb2.ReplicaReport, state: ReplicaState, health: ReplicaHealth) -> str:
     """The agent's words for what went wrong, with the exit code of the run that ended when
     the replica was restarted by its policy: a container that exits at once shows as a
     restart or as a failed probe of a container that is gone, and the code is what the

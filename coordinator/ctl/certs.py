@@ -9,31 +9,35 @@ from collections.abc import Callable
 from typing import Any
 
 from picoord.common.durations import format_duration
+from picoord.common.vocabulary import CertificateState
 from picoord.coordinator.ctl.client import CALL_TIMEOUT
 from picoord.coordinator.ctl.output import emit, iso_time
-from picoord.coordinator.status import CERTIFICATE_STATE_NAMES
 from picoord.v1 import admin_pb2, admin_pb2_grpc
 
 # What `coordctl nodes` adds to a node's STATUS when its certificate keeps it out.
-CERTIFICATE_STATUS_SUFFIX = {"expired": ",CertExpired", "revoked": ",CertRevoked"}
+CERTIFICATE_STATUS_SUFFIX = {
+    CertificateState.EXPIRED: ",CertExpired",
+    CertificateState.REVOKED: ",CertRevoked",
+}
 
 
 def certificate_view(listing: admin_pb2.CertificateExpiration, now: float) -> dict[str, Any]:
-    state = CERTIFICATE_STATE_NAMES[listing.state]
+    state = CertificateState.from_wire(listing.state)
     return {
         "name": listing.name,
         "kind": listing.kind,
         "serial": listing.serial,
         "not_before": iso_time(listing.not_before),
         "not_after": iso_time(listing.not_after),
-        "residual_seconds": max(0, int(listing.not_after - now)) if state == "valid" else 0,
-        "state": state,
+        "residual_seconds": max(0, int(listing.not_after - now)) if state is CertificateState.VALID else 0,
+        "state": state.value,
         "revoked_at": iso_time(listing.revoked_at),
     }
 
 
 def residual_text(view: dict[str, Any]) -> str:
-    return format_duration(view["residual_seconds"]) if view["state"] == "valid" else view["state"]
+    valid = view["state"] == CertificateState.VALID
+    return format_duration(view["residual_seconds"]) if valid else view["state"]
 
 
 CHECK_EXPIRATION_COLUMNS = [

@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from picoord.coordinator.status import CERTIFICATE_STATE_NAMES, STATUS_NAMES
+from picoord.common.vocabulary import CertificateState
+from picoord.coordinator.status import STATUS_NAMES
 from picoord.v1 import admin_pb2
 
 FORMATS = ("table", "json", "yaml")
@@ -92,7 +93,7 @@ def node_view(node: admin_pb2.NodeSummary) -> dict[str, Any]:
         "connected": node.connected,
         "enrolled_at": iso_time(node.enrolled_at),
         "labels": dict(sorted(node.labels.items())),
-        "certificate_state": CERTIFICATE_STATE_NAMES[node.certificate_state],
+        "certificate_state": CertificateState.from_wire(node.certificate_state).value,
         "certificate_not_after": iso_time(node.certificate_not_after),
     }
 

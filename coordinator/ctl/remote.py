@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from picoord.common.durations import parse_duration
+from picoord.common.vocabulary import CertificateState
 from picoord.coordinator.ctl.client import CALL_TIMEOUT
 from picoord.coordinator.ctl.contexts import (
     MAX_BUNDLE_BYTES,
@@ -23,7 +24,6 @@ from picoord.coordinator.ctl.contexts import (
     validate_context_name,
 )
 from picoord.coordinator.ctl.output import echo, emit, iso_time
-from picoord.coordinator.status import CERTIFICATE_STATE_NAMES
 from picoord.v1 import admin_pb2
 
 BUNDLE_ON_TERMINAL = (
@@ -42,7 +42,7 @@ def admin_view(admin: admin_pb2.AdminCertificate) -> dict[str, Any]:
         "serial": admin.serial,
         "issued_at": iso_time(admin.issued_at),
         "not_after": iso_time(admin.not_after),
-        "state": CERTIFICATE_STATE_NAMES[admin.state],
+        "state": CertificateState.from_wire(admin.state).value,
         "revoked_at": iso_time(admin.revoked_at),
         "issued_by": admin.issued_by,
     }

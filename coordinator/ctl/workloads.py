@@ -19,20 +19,14 @@ from rich.console import Group
 from rich.live import Live
 
 from picoord.common import limits
+from picoord.common.vocabulary import ReplicaHealth, ReplicaState, RolloutStatus
 from picoord.coordinator.ctl.client import CALL_TIMEOUT
 from picoord.coordinator.ctl.output import ago, echo, emit, iso_time, literal
 from picoord.coordinator.ctl.output import console as output_console
-from picoord.v1 import services_pb2, services_pb2_grpc, workloads_pb2
+from picoord.v1 import services_pb2, services_pb2_grpc
 
 ROLLOUT_TIMEOUT = 3600.0
 ROLLOUT_VERBS = ("status", "history", "undo", "pause", "resume")
-HEALTH_NAMES = {
-    workloads_pb2.REPLICA_HEALTH_UNSPECIFIED: "-",
-    workloads_pb2.REPLICA_HEALTH_STARTING: "starting",
-    workloads_pb2.REPLICA_HEALTH_HEALTHY: "healthy",
-    workloads_pb2.REPLICA_HEALTH_UNHEALTHY: "unhealthy",
-    workloads_pb2.REPLICA_HEALTH_NONE: "no check",
-}
 
 
 class UsageError(ValueError):
@@ -44,7 +38,7 @@ def rollout_view(info: services_pb2.RolloutInfo) -> dict[str, Any]:
         "service": info.service,
         "revision": info.revision,
         "previous": info.previous or None,
-        "status": info.status,
+        "status": RolloutStatus.from_wire(info.status).value,
         "rolling_back": info.rolling_back,
         "desired": info.desired,
         "updated": info.updated,
@@ -62,19 +56,19 @@ def progress_line(info: services_pb2.RolloutInfo) -> str:
     )
     counts = f"{info.updated}/{info.desired} updated, {info.healthy} healthy, {info.available} available"
     # While it moves, the notes tell what happens; the message is for where it ended.
-    ended = info.status not in ("progressing", "rolling back")
-    return f"{info.service} {direction}: {counts}; {info.status}" + (
-        f" ({info.message})" if info.message and ended else ""
+    status = RolloutStatus.from_wire(info.status)
+    return f"{info.service} {direction}: {counts}; {status}" + (
+        f" ({info.message})" if info.message and not status.under_way else ""
     )
 
 
 def _succeeded(info: services_pb2.RolloutInfo | None) -> bool:
-    return info is not None and info.status == "complete" and not info.rolling_back
+    return info is not None and info.status == RolloutStatus.COMPLETE.wire and not info.rolling_back
 
 
 def _started(info: services_pb2.RolloutInfo | None) -> bool:
     """A rollout left going (--detach): moving forward, not failed, paused or rolling back."""
-    return info is not None and info.status == "progressing" and not info.rolling_back
+    return info is not None and info.status == RolloutStatus.PROGRESSING.wire and not info.rolling_back
 
 
 def rollout_exit_code(info: services_pb2.RolloutInfo | None, detached: bool) -> int:
@@ -138,7 +132,7 @@ def _conclude(info: services_pb2.RolloutInfo, detached: bool = False) -> None:
         return
     for failure in info.failures:
         echo(f"  failed: {failure}", file=sys.stderr)
-    what = "rolled back" if info.rolling_back else info.status
+    what = RolloutStatus.ROLLED_BACK if info.rolling_back else RolloutStatus.from_wire(info.status)
     echo(f"service/{info.service}: {what}: {info.message}", file=sys.stderr)
 
 
@@ -211,7 +205,7 @@ def cmd_services(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace
             "healthy": service.healthy,
             "revision": service.revision,
             "image": service.image,
-            "rollout": service.rollout_status,
+            "rollout": RolloutStatus.from_wire(service.rollout_status).value,
             "staged": service.staged,
             "ports": list(service.ports),
             "unplaced": service.unplaced,
@@ -244,8 +238,10 @@ def cmd_ps(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> i
             "node": replica.node or None,
             "revision": replica.revision,
             "image": replica.image,
-            "state": replica.state,
-            "health": HEALTH_NAMES.get(replica.health, "-"),
+            # the last state the node reported, if it is not Ready
+            "state": ReplicaState.from_wire(replica.state)
+            + (" (node unreachable)" if replica.node_unreachable else ""),
+            "health": ReplicaHealth.from_wire(replica.health).value,
             "since": iso_time(replica.since),
             "restarts": replica.restarts,
             "desired": replica.desired,
@@ -325,7 +321,7 @@ def cmd_node_drain(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespa
         kind = event.WhichOneof("event")
         if kind == "note":
             echo(event.note, flush=True)
-        elif kind == "progress" and event.progress.status == "failed":
+        elif kind == "progress" and event.progress.status == RolloutStatus.FAILED.wire:
             echo(f"coordctl: {event.progress.message}", file=sys.stderr)
             code = 1
     return code

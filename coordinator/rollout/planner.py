@@ -39,13 +39,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from picoord.common.vocabulary import RolloutStatus
 from picoord.coordinator.rollout.policy import PAUSE, ROLLBACK, START_FIRST, UpdatePolicy
 from picoord.coordinator.rollout.replicas import FAILED, STOPPED, UNHEALTHY, Replica
 
-PROGRESSING = "progressing"
-PAUSED = "paused"
-COMPLETE = "complete"
-FAILED_ROLLOUT = "failed"  # failed with nothing to roll back to
+# The statuses a stored rollout takes (the planner's names for them).
+PROGRESSING = RolloutStatus.PROGRESSING
+PAUSED = RolloutStatus.PAUSED
+COMPLETE = RolloutStatus.COMPLETE
+FAILED_ROLLOUT = RolloutStatus.FAILED  # failed with nothing to roll back to
 STATUSES = (PROGRESSING, PAUSED, COMPLETE, FAILED_ROLLOUT)
 
 # What a step is doing, beside the stored status.
@@ -82,7 +84,7 @@ class Rollout:
     started_at: float = 0.0
     has_health_check: bool = True
     global_nodes: tuple[str, ...] | None = None  # global mode: one replica on each of these nodes
-    status: str = PROGRESSING
+    status: RolloutStatus = PROGRESSING  # one of STATUSES
     rolling_back: bool = False
     phase_started_at: float = 0.0  # when this rollout, or its rollback, began
     failures: tuple[Failure, ...] = ()
@@ -100,12 +102,12 @@ class Rollout:
         return len(self.global_nodes) if self.global_nodes is not None else self.replicas
 
     @property
-    def state(self) -> str:
-        """For people: progressing, rolling back, paused, complete, rolled back, failed."""
+    def state(self) -> RolloutStatus:
+        """For people: the stored status, with rolling back and rolled back told apart."""
         if self.rolling_back and self.status == PROGRESSING:
-            return "rolling back"
+            return RolloutStatus.ROLLING_BACK
         if self.rolling_back and self.status == COMPLETE:
-            return "rolled back"
+            return RolloutStatus.ROLLED_BACK
         return self.status
 
     @property

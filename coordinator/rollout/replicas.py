@@ -12,19 +12,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PENDING = "pending"  # recorded by the coordinator, not yet created by the agent (or pulling)
-STARTING = "starting"
-RUNNING = "running"
-FAILED = "failed"
-STOPPED = "stopped"
+from picoord.common.vocabulary import ReplicaHealth, ReplicaState
+
+# The states the planner and the reconciler reason on (controller/observed.py classifies
+# what an agent reports into these), and the healths; each is the vocabulary's member.
+PENDING = ReplicaState.PENDING  # recorded by the coordinator, not yet created by the agent (or pulling)
+STARTING = ReplicaState.STARTING
+RUNNING = ReplicaState.RUNNING
+FAILED = ReplicaState.FAILED
+STOPPED = ReplicaState.STOPPED
 STATES = (PENDING, STARTING, RUNNING, FAILED, STOPPED)
 ACTIVE_STATES = (PENDING, STARTING, RUNNING)
 
-UNKNOWN = "unknown"  # also what a replica without a health check reports
-HEALTH_STARTING = "starting"
-HEALTHY = "healthy"
-UNHEALTHY = "unhealthy"
-HEALTHS = (UNKNOWN, HEALTH_STARTING, HEALTHY, UNHEALTHY)
+UNKNOWN = ReplicaHealth.UNKNOWN
+NO_CHECK = ReplicaHealth.NONE  # read like UNKNOWN: a replica without a health check
+HEALTH_STARTING = ReplicaHealth.STARTING
+HEALTHY = ReplicaHealth.HEALTHY
+UNHEALTHY = ReplicaHealth.UNHEALTHY
+HEALTHS = (UNKNOWN, NO_CHECK, HEALTH_STARTING, HEALTHY, UNHEALTHY)
 
 
 @dataclass(frozen=True)
@@ -33,8 +38,8 @@ class Replica:
     service: str
     node: str
     revision: int
-    state: str = PENDING
-    health: str = UNKNOWN
+    state: ReplicaState = PENDING  # one of STATES
+    health: ReplicaHealth = UNKNOWN
     created_at: float = 0.0
     since: float = 0.0  # when `state` last changed
     health_since: float = 0.0  # when `health` last changed
@@ -52,4 +57,4 @@ class Replica:
         """Serving: running and healthy (running is enough without a health check)."""
         if self.state != RUNNING or self.stopping:
             return False
-        return self.health == HEALTHY or (not has_health_check and self.health == UNKNOWN)
+        return self.health == HEALTHY or (not has_health_check and self.health in (UNKNOWN, NO_CHECK))

@@ -26,7 +26,6 @@ from picoord.coordinator.ca import (
     private_key_pem,
 )
 from picoord.coordinator.cluster import Cluster
-from picoord.coordinator.servicers.cluster_admin import CERTIFICATE_STATE_TO_WIRE
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
 from picoord.coordinator.servicers.peers import operator_identity
 from picoord.coordinator.store import AdminCertificateRecord, AdminNameTaken
@@ -60,7 +59,7 @@ def admin_certificate_wire(record: AdminCertificateRecord, now: float) -> admin_
         issued_at=record.issued_at,
         not_after=record.not_after,
         revoked_at=record.revoked_at or 0.0,
-        state=CERTIFICATE_STATE_TO_WIRE[certificate_state(record.not_after, record.revoked_at, now)],
+        state=certificate_state(record.not_after, record.revoked_at, now).wire,
         issued_by=record.issued_by,
     )
 

@@ -12,7 +12,7 @@ from picoord.common.names import InvalidName, validate_label_key, validate_label
 from picoord.common.pki import certificate_not_after, certificate_not_before
 from picoord.coordinator.apply.action_planner import PlanError
 from picoord.coordinator.apply.service import ApplyBusy, ApplyService
-from picoord.coordinator.ca import CertificateState, ClusterCA, certificate_serial, certificate_state
+from picoord.coordinator.ca import ClusterCA, certificate_serial, certificate_state
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
@@ -39,22 +39,13 @@ def token_info(record: TokenRecord) -> admin_pb2.TokenInfo:
     )
 
 
-CERTIFICATE_STATE_TO_WIRE = {
-    CertificateState.VALID: admin_pb2.CERTIFICATE_STATE_VALID,
-    CertificateState.EXPIRED: admin_pb2.CERTIFICATE_STATE_EXPIRED,
-    CertificateState.REVOKED: admin_pb2.CERTIFICATE_STATE_REVOKED,
-}
-
-
 def with_certificate(
     summary: admin_pb2.NodeSummary, newest: CertificateRecord | None, now: float
 ) -> admin_pb2.NodeSummary:
     """The node's newest certificate and its state, for `coordctl nodes` and `node show`."""
     if newest is not None:
         summary.certificate_not_after = newest.not_after
-        summary.certificate_state = CERTIFICATE_STATE_TO_WIRE[
-            certificate_state(newest.not_after, newest.revoked_at, now)
-        ]
+        summary.certificate_state = certificate_state(newest.not_after, newest.revoked_at, now).wire
     return summary
 
 
@@ -229,7 +220,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             ),
         ]
         for listing in listed:
-            listing.state = CERTIFICATE_STATE_TO_WIRE[certificate_state(listing.not_after, None, now)]
+            listing.state = certificate_state(listing.not_after, None, now).wire
         for node, record in (await self.cluster.newest_certificates()).items():
             if self.cluster.node(node) is None:  # removed nodes' revoked certificates
                 continue
@@ -241,7 +232,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                     serial=record.serial,
                     not_before=record.issued_at,
                     not_after=record.not_after,
-                    state=CERTIFICATE_STATE_TO_WIRE[state],
+                    state=state.wire,
                     revoked_at=record.revoked_at or 0.0,
                 )
             )

@@ -3,13 +3,14 @@ when the rollout it started is under way."""
 
 import pytest
 
+from picoord.common.vocabulary import RolloutStatus
 from picoord.coordinator.ctl.workloads import follow, rollout_exit_code
 from picoord.v1 import services_pb2
 
 
 def info(status: str, rolling_back: bool = False) -> services_pb2.RolloutInfo:
     return services_pb2.RolloutInfo(
-        service="mcp", revision=2, desired=3, status=status, rolling_back=rolling_back
+        service="mcp", revision=2, desired=3, status=RolloutStatus(status).wire, rolling_back=rolling_back
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from picoord.common.plaindata import DecodeError, from_plain, to_plain
+from picoord.common.vocabulary import RolloutStatus
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,16 @@ def test_an_int_reads_as_a_float_where_a_float_is_declared() -> None:
 def test_data_that_does_not_fit_is_refused(data: object) -> None:
     with pytest.raises(DecodeError):
         from_plain(Outer, data)
+
+
+@dataclass(frozen=True)
+class WithStatus:
+    status: RolloutStatus = RolloutStatus.PROGRESSING
+
+
+def test_an_enum_is_stored_as_its_word_and_read_back_as_its_member() -> None:
+    plain = json.loads(json.dumps(to_plain(WithStatus(RolloutStatus.PAUSED))))
+    assert plain == {"status": "paused"}
+    assert from_plain(WithStatus, plain).status is RolloutStatus.PAUSED
+    with pytest.raises(DecodeError, match=r"value.status: 'resting' is not a RolloutStatus"):
+        from_plain(WithStatus, {"status": "resting"})

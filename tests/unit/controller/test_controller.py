@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from picoord.common.vocabulary import ReplicaState, RolloutStatus
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.controller.controller import WorkloadController, WorkloadRefused
 from picoord.coordinator.controller.records import WorkloadRecords
@@ -76,7 +77,7 @@ class Rig:
             for spec in self.running.get(node, {}).values():
                 reports.replicas.add(
                     service=spec.service, revision=spec.revision, replica=spec.replica,
-                    state="running", health=health, message="ok" if healthy else "HTTP 404",
+                    state=ReplicaState.RUNNING.wire, health=health, message="ok" if healthy else "HTTP 404",
                 )  # fmt: skip
             self.controller.on_reports(node, reports)
 
@@ -148,7 +149,7 @@ async def test_first_rollout_places_dependencies_first_then_spreads_and_complete
             else:
                 assert [(p.target, p.published) for p in spec.ports] == [(5432, 5432)]
     [mcp] = [s for s in await rig.controller.services_view() if s.name == "mcp"]
-    assert (mcp.rollout_status, mcp.healthy, mcp.desired) == ("complete", 3, 3)
+    assert (RolloutStatus.from_wire(mcp.rollout_status), mcp.healthy, mcp.desired) == ("complete", 3, 3)
 
 
 async def test_a_revision_that_never_gets_healthy_is_rolled_back(rig: Rig) -> None:
@@ -167,15 +168,15 @@ async def test_a_revision_that_never_gets_healthy_is_rolled_back(rig: Rig) -> No
                     workloads_pb2.REPLICA_HEALTH_UNHEALTHY if bad else workloads_pb2.REPLICA_HEALTH_HEALTHY
                 )
                 reports.replicas.add(
-                    service=spec.service, revision=spec.revision, replica=spec.replica, state="running",
-                    health=health, message="HTTP 404" if bad else "ok",
+                    service=spec.service, revision=spec.revision, replica=spec.replica,
+                    state=ReplicaState.RUNNING.wire, health=health, message="HTTP 404" if bad else "ok",
                 )  # fmt: skip
             rig.controller.on_reports(node, reports)
         rig.clock.now += 1.0
     await rig.settle(6)
     assert set(rig.images("mcp").values()) == {"mcp:1"}
     [info] = [e.progress async for e in rig.controller.follow("mcp", until_finished=False)]
-    assert info.status == "rolled back" and info.revision == 1
+    assert RolloutStatus.from_wire(info.status) == "rolled back" and info.revision == 1
     assert any("HTTP 404" in failure for failure in info.failures)
 
 

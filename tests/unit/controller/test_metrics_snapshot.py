@@ -9,7 +9,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from picoord.coordinator.controller.controller import ROLLOUT_STATUSES, ServiceFigures
+from picoord.common.vocabulary import RolloutStatus
+from picoord.coordinator.controller.controller import ServiceFigures
 from picoord.coordinator.prometheus import service_metrics
 from tests.unit.controller.test_controller import Rig, rig  # noqa: F401 - the fixture
 
@@ -31,7 +32,7 @@ async def test_applied_services_have_figures_before_and_after_their_rollout(rig:
             view.running,
             view.healthy,
             view.revision,
-            view.rollout_status,
+            RolloutStatus.from_wire(view.rollout_status),
         )
     assert after["mcp"].rollout_status == "complete" and after["mcp"].healthy == 3
 
@@ -66,4 +67,4 @@ def test_service_metrics_exposition() -> None:
         for (name, labels), value in samples.items()
         if name == "picoord_rollout_status" and labels[0][1] == "db"
     }
-    assert statuses == {status: 1.0 if status == "not rolled out" else 0.0 for status in ROLLOUT_STATUSES}
+    assert statuses == {status: 1.0 if status == "not rolled out" else 0.0 for status in RolloutStatus}

@@ -2,6 +2,7 @@
 
 import pytest
 
+from picoord.common.vocabulary import ReplicaState
 from picoord.coordinator.controller.observed import replica_view
 from picoord.coordinator.controller.records import ReplicaRecord
 from picoord.coordinator.rollout.planner import Rollout, step
@@ -35,7 +36,7 @@ def test_failure_detail(state, health, restarts, exit_code, message, failure):
         service="crashy",
         revision=2,
         replica="crashy.3",
-        state=state,
+        state=ReplicaState(state).wire,
         health=health,
         restarts=restarts,
         exit_code=exit_code,
@@ -46,7 +47,12 @@ def test_failure_detail(state, health, restarts, exit_code, message, failure):
 
 def test_a_replica_restarted_by_its_policy_fails_the_rollout_naming_its_exit_code():
     report = workloads_pb2.ReplicaReport(
-        service="crashy", revision=2, replica="crashy.3", state="restarting", restarts=1, exit_code=3
+        service="crashy",
+        revision=2,
+        replica="crashy.3",
+        state=ReplicaState.RESTARTING.wire,
+        restarts=1,
+        exit_code=3,
     )
     rollout = Rollout("crashy", 2, 1, 2, UpdatePolicy(), started_at=5.0, phase_started_at=5.0)
     decided = step(rollout, [replica_view(record(), report, None)], 12.0)
