@@ -80,6 +80,7 @@ def replica_view(
             since=record.created_at,
             stopping=record.stopping,
             replaced=record.replaced,
+            slot=record.slot,
         )
     state = AGENT_STATES.get(report.state, FAILED)
     health = AGENT_HEALTH.get(report.health, UNKNOWN)
@@ -98,6 +99,7 @@ def replica_view(
         stopping=record.stopping,
         replaced=record.replaced,
         failure=failure,
+        slot=record.slot,
     )
 
 

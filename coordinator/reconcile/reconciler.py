@@ -35,12 +35,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+from picoord.common.limits import DISCONNECT_GRACE
 from picoord.coordinator.placement.constraints import NodeFacts, first_unmet
 from picoord.coordinator.placement.scheduler import Request
 from picoord.coordinator.rollout.policy import UpdatePolicy
 from picoord.coordinator.rollout.replicas import FAILED, PENDING, STOPPED, UNHEALTHY, Replica
 
-GRACE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class _Nodes:
 
 
 def visible_replicas(
-    replicas: Iterable[Replica], nodes: Iterable[NodeStatus], now: float, grace: float = GRACE_SECONDS
+    replicas: Iterable[Replica], nodes: Iterable[NodeStatus], now: float, grace: float = DISCONNECT_GRACE
 ) -> list[Replica]:
     """What the rollout planner should count: not replaced, not on a lost node."""
     view = _Nodes(nodes, now, grace)
@@ -178,7 +178,7 @@ def reconcile(
     replicas: Iterable[Replica],
     nodes: Iterable[NodeStatus],
     now: float,
-    grace: float = GRACE_SECONDS,
+    grace: float = DISCONNECT_GRACE,
 ) -> Plan:
     node_list = list(nodes)
     view = _Nodes(node_list, now, grace)
