@@ -42,7 +42,6 @@ from picoord.coordinator.rollout.policy import UpdatePolicy
 from picoord.coordinator.rollout.replicas import FAILED, PENDING, STOPPED, UNHEALTHY, Replica
 
 
-
 @dataclass(frozen=True)
 class NodeStatus:
     name: str

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from picoord.common.checks.workloads import check_replica_spec
-from picoord.coordinator.controller.assignments import Assigned, discovery_hosts, node_assignments, replica_spec
+from picoord.coordinator.controller.assignments import (
+    Assigned,
+    discovery_hosts,
+    node_assignments,
+    replica_spec,
+)
 from picoord.coordinator.workloads.reader import read_workloads
 from picoord.v1 import workloads_pb2
 
@@ -36,7 +41,8 @@ def test_mcp_replica_spec_is_what_the_agent_accepts() -> None:
 def test_a_named_service_publishes_its_ports_at_the_same_numbers() -> None:
     postgres = SPECS["postgres"].__class__(**{**SPECS["postgres"].__dict__, "ports": ()})
     assert (
-        replica_spec(postgres, Assigned("postgres.1", "postgres", 1, "desktop"), SECRETS, {}, True).ports == []
+        replica_spec(postgres, Assigned("postgres.1", "postgres", 1, "desktop"), SECRETS, {}, True).ports
+        == []
     )
     with_port = replica_spec(
         SPECS["postgres"], Assigned("postgres.1", "postgres", 1, "desktop"), SECRETS, {}, True
