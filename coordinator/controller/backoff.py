@@ -73,8 +73,10 @@ def failed(
     return Backoff(service, slot, revision, count, now, reason, node, attempts)
 
 
-def describe(backoff: Backoff, now: float) -> str:
-    """What `coordctl ps` says of a slot in backoff: the reason and the next try."""
-    wait = max(0.0, backoff.retry_at - now)
+def describe(backoff: Backoff, now: float, width: int = 36) -> str:
+    """What `coordctl ps` says of a slot in backoff, short enough for its MESSAGE column:
+    the reason (cut with an ellipsis) and when the next try is."""
     reason = backoff.reason or "failed to start"
-    return f"{reason}; next try in {wait:.0f} s (failure {backoff.failures} in a row)"
+    if len(reason) > width:
+        reason = reason[: width - 1].rstrip() + "…"
+    return f"{reason}; next try in {max(0.0, backoff.retry_at - now):.0f} s"

@@ -180,6 +180,7 @@ def replicas_view(snapshot: Snapshot, name: str, now: float) -> list[services_pb
                 node=backoff.node,
                 state=BACKOFF,
                 since=backoff.failed_at,
+                restarts=backoff.failures,  # the failed starts in a row
                 message=describe(backoff, now),
                 image=spec.image if spec else "",
                 desired="running",
