@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from picoord.common.limits import SLOT_HISTORY, START_BACKOFF_FIRST, START_BACKOFF_MAX
 
 BACKOFF = "backoff"  # the replica state `coordctl ps` shows for a slot waiting for its next try
+# The rollout status `coordctl services` and /metrics show for a service whose rollout had
+# completed (or rolled back) while a slot of its revision waits out a backoff.
+FAILING = "failing"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from picoord.coordinator.controller.backoff import BACKOFF, Backoff, describe
+from picoord.coordinator.controller.backoff import BACKOFF, FAILING, Backoff, describe
 from picoord.coordinator.controller.records import ReplicaRecord, ServiceRecord, stored
 from picoord.coordinator.rollout.replicas import Replica
 from picoord.coordinator.workloads.spec import ServiceSpec
@@ -25,6 +25,7 @@ ROLLOUT_STATUSES = (
     "complete",
     "rolled back",
     "failed",
+    FAILING,
 )
 
 
@@ -101,12 +102,24 @@ def rollout_info(
     )
 
 
+def service_status(info: services_pb2.RolloutInfo, snapshot: Snapshot) -> str:
+    """The rollout status, or `failing` when a settled service cannot keep its replicas
+    running (a slot of its revision waits out a start backoff): not shown as fine."""
+    settled = info.status in ("complete", "rolled back")
+    backing_off = any(
+        b.service == info.service and b.revision == info.revision for b in snapshot.backoffs.values()
+    )
+    return FAILING if settled and backing_off else info.status
+
+
 def figures(snapshot: Snapshot) -> tuple[ServiceFigures, ...]:
     replicas = list(snapshot.replicas.values())
-    return tuple(
-        service_figures(rollout_info(service, replicas, snapshot.unplaced), service, running(replicas, name))
-        for name, service in snapshot.services.items()
-    )
+    found = []
+    for name, service in snapshot.services.items():
+        info = rollout_info(service, replicas, snapshot.unplaced)
+        info.status = service_status(info, snapshot)
+        found.append(service_figures(info, service, running(replicas, name)))
+    return tuple(found)
 
 
 def services_view(snapshot: Snapshot) -> list[services_pb2.ServiceInfo]:
@@ -125,7 +138,7 @@ def services_view(snapshot: Snapshot) -> list[services_pb2.ServiceInfo]:
                 healthy=info.available,
                 revision=current,
                 image=(spec or service.spec).image,
-                rollout_status=info.status,
+                rollout_status=service_status(info, snapshot),
                 staged=spec is None
                 or stored(spec) != stored(service.spec)
                 or spec.replicas != service.spec.replicas,

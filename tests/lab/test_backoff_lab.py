@@ -97,7 +97,7 @@ def test_image_name_typo_backs_off_per_slot_then_a_fixed_image_is_healthy_at_onc
             seen.add(row["replica"])
             if row["state"] == "backoff":
                 backoff_lines.append(row["message"])
-        statuses.add(services(lab)["typo"]["rollout_status"])
+        statuses.add(services(lab)["typo"]["rollout"])
         rows = store_rows(lab, "typo")
         most_rows = (max(most_rows[0], rows[0]), max(most_rows[1], rows[1]))
         time.sleep(2.0)
