@@ -141,8 +141,8 @@ class WorkloadController:
 
     # --- inputs from the agent sessions -------------------------------------------------------------
     def on_reports(self, node: str, reports: workloads_pb2.ReplicaReports) -> None:
-        self.dispatcher.reported(node, reports)
-        self.wake()
+        if self.dispatcher.reported(node, reports):
+            self.wake()
 
     def on_session_open(self, node: str) -> None:
         self._disconnected_since.pop(node, None)

@@ -24,8 +24,14 @@ class Dispatcher:
         self._reports: dict[str, workloads_pb2.ReplicaReports] = {}
 
     # what the agents say
-    def reported(self, node: str, reports: workloads_pb2.ReplicaReports) -> None:
+    def reported(self, node: str, reports: workloads_pb2.ReplicaReports) -> bool:
+        """Keep the node's latest report; whether it says anything new (an agent repeats an
+        unchanged report every few seconds as a liveness signal: nothing to decide on)."""
+        previous = self._reports.get(node)
         self._reports[node] = reports
+        return previous is None or previous.SerializeToString(
+            deterministic=True
+        ) != reports.SerializeToString(deterministic=True)
 
     def reports(self) -> Mapping[str, workloads_pb2.ReplicaReports]:
         return self._reports
