@@ -123,6 +123,7 @@ class WorkloadController:
         self._connected_since: dict[str, float] = {}
         self._started_at = clock()  # a node not heard from since this start is lost after the grace
         self._seen: dict[str, Seen] = {}
+        self._node_cache: dict[str, tuple[tuple[object, ...], Node]] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._listeners: dict[str, set[asyncio.Queue[services_pb2.RolloutEvent]]] = defaultdict(set)
@@ -203,18 +204,32 @@ class WorkloadController:
         return await asyncio.to_thread(read)
 
     def _nodes(self, drained: set[str]) -> dict[str, Node]:
-        """Every node of the inventory as the scheduler sees it (the one place node facts are built)."""
+        """Every node of the inventory as the scheduler sees it (the one place node facts are
+        built). A node whose inputs are the same objects as last tick keeps its Node: with a
+        thousand nodes, only those with a new sample or status are built again."""
         nodes = {}
         for record in self.cluster.nodes():
-            nodes[record.name] = node_from(
+            hardware = self.cluster.hardware(record)
+            sample = self.cluster.history.latest(record.name)
+            ready = self.cluster.status(record.name) is Status.READY
+            inputs = (record, hardware, sample, ready, record.name in drained)
+            cached = self._node_cache.get(record.name)
+            if cached is not None and all(a is b or a == b for a, b in zip(cached[0], inputs, strict=True)):
+                nodes[record.name] = cached[1]
+                continue
+            node = node_from(
                 record.name,
-                self.cluster.hardware(record),
-                self.cluster.history.latest(record.name),
+                hardware,
+                sample,
                 record.labels,
-                ready=self.cluster.status(record.name) is Status.READY,
+                ready=ready,
                 draining=record.name in drained,
                 role=record.labels.get("role", "worker"),
             )
+            self._node_cache[record.name] = (inputs, node)
+            nodes[record.name] = node
+        for gone in self._node_cache.keys() - nodes.keys():
+            del self._node_cache[gone]
         return nodes
 
     def _node_status(self, node: Node, now: float) -> NodeStatus:
@@ -376,11 +391,10 @@ class WorkloadController:
             queue.put_nowait(services_pb2.RolloutEvent(note=text))
 
     def _publish(self, snapshot: Snapshot, wanted: int) -> None:
-        snapshot = dataclasses.replace(snapshot, figures=views.figures(snapshot))
+        progress = views.infos(snapshot)
+        snapshot = dataclasses.replace(snapshot, figures=views.figures(snapshot, progress))
         self._snapshot = snapshot
-        replicas = list(snapshot.replicas.values())
-        for name, service in snapshot.services.items():
-            info = views.rollout_info(service, replicas, snapshot.unplaced)
+        for name, info in progress.items():
             data = info.SerializeToString(deterministic=True)
             if self._last_info.get(name) == data:
                 continue

@@ -112,20 +112,41 @@ def service_status(info: services_pb2.RolloutInfo, snapshot: Snapshot) -> str:
     return FAILING if settled and backing_off else info.status
 
 
-def figures(snapshot: Snapshot) -> tuple[ServiceFigures, ...]:
-    replicas = list(snapshot.replicas.values())
+def by_service(replicas: Iterable[Replica]) -> dict[str, list[Replica]]:
+    grouped: dict[str, list[Replica]] = {}
+    for replica in replicas:
+        grouped.setdefault(replica.service, []).append(replica)
+    return grouped
+
+
+def infos(snapshot: Snapshot) -> dict[str, services_pb2.RolloutInfo]:
+    """Every service's rollout progress, as `coordctl rollout status` shows it."""
+    grouped = by_service(snapshot.replicas.values())
+    return {
+        name: rollout_info(service, grouped.get(name, []), snapshot.unplaced)
+        for name, service in snapshot.services.items()
+    }
+
+
+def figures(
+    snapshot: Snapshot, progress: Mapping[str, services_pb2.RolloutInfo] | None = None
+) -> tuple[ServiceFigures, ...]:
+    progress = infos(snapshot) if progress is None else progress
+    grouped = by_service(snapshot.replicas.values())
     found = []
     for name, service in snapshot.services.items():
-        info = rollout_info(service, replicas, snapshot.unplaced)
+        info = services_pb2.RolloutInfo()
+        info.CopyFrom(progress[name])
         info.status = service_status(info, snapshot)
-        found.append(service_figures(info, service, running(replicas, name)))
+        found.append(service_figures(info, service, running(grouped.get(name, []), name)))
     return tuple(found)
 
 
 def services_view(snapshot: Snapshot) -> list[services_pb2.ServiceInfo]:
     views = []
-    replicas = list(snapshot.replicas.values())
+    grouped = by_service(snapshot.replicas.values())
     for name, service in snapshot.services.items():
+        replicas = grouped.get(name, [])
         info = rollout_info(service, replicas, snapshot.unplaced)
         current = service.rollout.target if service.rollout else 0
         spec = snapshot.specs.get((name, current)) if current else None
