@@ -19,7 +19,10 @@ Rows (``--only NAME`` runs some of them):
 * ``disk-full``: the state disk (a 4 MiB tmpfs) fills up under live sessions, then frees;
 * ``cert-expiry``: a real agent whose certificate lives 60 s (it must renew);
 * ``sigkill``: the coordinator is SIGKILLed under 300 sessions and restarted;
-* ``enroll-storm``: 300 enrollments at once with one valid token.
+* ``enroll-storm``: 300 enrollments at once with one valid token;
+* ``image-typo``: a service whose image name has a typo, on three Pis whose agents fail
+  every start with the pull error, watched for 60 s (issue 15: attempts per minute and the
+  coordinator's CPU).
 
 The firewall row (an agent killed inside a firewall change's confirm window) needs a lab
 Pi with its own netfilter state: it is a lab test in tests/lab/test_firewall_lab.py (the
@@ -57,6 +60,7 @@ from _common import (
     Coordinator,
     Processes,
     bench_workspace,
+    cpu_seconds,
     http_get,
     mib,
     raise_nofile_limit,
@@ -67,7 +71,7 @@ from fanin import SESSION_OPTIONS, pi_hardware, pi_sample
 from picoord.agent.enroll import Endpoint, fetch_pinned_ca, new_key_and_csr
 from picoord.common import PROTOCOL_VERSION, VERSION
 from picoord.common.addresses import grpc_unix_address
-from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, node_pb2
+from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, node_pb2, workloads_pb2
 
 MIB = 1024 * 1024
 
@@ -660,6 +664,109 @@ def row_firewall_lab() -> Row:
     )
 
 
+TYPO_IMAGE = "registry.invalid/mcp-sever:1"  # "server" mistyped
+TYPO_SECONDS = 60.0
+
+
+async def play_failing_pi(
+    coordinator: Coordinator, node: SimNode, tried: set[str], stop: asyncio.Event
+) -> None:
+    """An agent whose dockerd cannot pull the image: every replica it is assigned fails at
+    once with the pull error, reported as the agent does (on change, and every 10 s)."""
+    async with session_channel(coordinator, node) as channel:
+        call = agent_pb2_grpc.AgentSessionStub(channel).Session()
+        await call.write(hello(node))
+        await asyncio.wait_for(call.read(), 30)
+        reports = workloads_pb2.ReplicaReports()
+        changed = asyncio.Event()
+
+        async def read() -> None:
+            while (message := await call.read()) is not grpc.aio.EOF:
+                if message.WhichOneof("body") != "assignment":
+                    continue
+                reports.Clear()
+                reports.generation = message.assignment.generation
+                for spec in message.assignment.replicas:
+                    tried.add(spec.replica)
+                    reports.replicas.add(
+                        service=spec.service, revision=spec.revision, replica=spec.replica, state="failed",
+                        message=f"cannot pull {spec.image}: manifest unknown", since=time.time(),
+                    )  # fmt: skip
+                changed.set()
+
+        reader = asyncio.create_task(read())
+        sample = pi_sample()
+        sent_at = 0.0
+        try:
+            while not stop.is_set():
+                sample.metrics.timestamp = time.time()
+                await call.write(sample)
+                if changed.is_set() or time.monotonic() - sent_at >= 10.0:
+                    changed.clear()
+                    sent_at = time.monotonic()
+                    await call.write(agent_pb2.AgentMessage(replicas=reports))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 1.0)
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            call.cancel()
+
+
+async def row_image_typo(root: Path, processes: Processes) -> Row:
+    """Issue 15: a service whose image name has a typo, on three Pis whose agents fail every
+    start with the pull error. Before the fix the coordinator made ~85 replicas a second."""
+    coordinator = Coordinator.start(root, processes)
+    token, ca_hash = new_token(coordinator)
+    nodes = [await enroll(coordinator, f"pi{index}", token, ca_hash) for index in (1, 2, 3)]
+    tried: set[str] = set()
+    stop = asyncio.Event()
+    pis = [asyncio.create_task(play_failing_pi(coordinator, node, tried, stop)) for node in nodes]
+    try:
+        if await wait_until(lambda: len(coordinator.coordctl("nodes")) == 3, 30) is None:
+            raise BenchError("the three simulated Pis did not connect")
+        spec = root / "typo.yaml"
+        spec.write_text(f"kind: Service\nname: typo\nimage: {TYPO_IMAGE}\nreplicas: 2\n")
+        applied = await asyncio.to_thread(coordctl_text, coordinator, "apply", "-f", str(spec))
+        rollout = await asyncio.to_thread(coordctl_text, coordinator, "rollout", "typo", timeout=120)
+        said = one_line(rollout.stdout.decode(errors="replace") + rollout.stderr.decode(errors="replace"))
+        assert coordinator.process is not None
+        cpu_before, attempts_before = cpu_seconds(coordinator.process), len(tried)
+        ps_lines: list[str] = []
+        started = time.monotonic()
+        while time.monotonic() - started < TYPO_SECONDS:
+            ps = await asyncio.to_thread(coordctl_text, coordinator, "ps", "typo")
+            ps_lines += [
+                line for line in ps.stdout.decode(errors="replace").splitlines() if "next try" in line
+            ]
+            await asyncio.sleep(5.0)
+        cpu = cpu_seconds(coordinator.process) - cpu_before
+        attempts = len(tried) - attempts_before
+        status = {view["name"]: view["rollout"] for view in coordinator.coordctl("services")}.get("typo")
+    finally:
+        stop.set()
+        await asyncio.gather(*pis, return_exceptions=True)
+    per_minute = attempts * 60.0 / TYPO_SECONDS
+    ok = (
+        applied.returncode == 0
+        and rollout.returncode == 1
+        and "cannot pull" in said
+        and per_minute <= 10
+        and cpu <= 6.0
+        and status == "failed"
+        and bool(ps_lines)
+    )
+    backoff = one_line(ps_lines[-1]) if ps_lines else "no backoff line in ps"
+    return Row(
+        "image name typo (2 replicas on 3 Pis)",
+        f"rollout exit {rollout.returncode}: {said[said.find('failed') :][:110]}; services: {status}; "
+        f"ps: {backoff[-70:]}",
+        f"{per_minute:.0f} attempts/min (2 slots), coordinator CPU {cpu:.2f} s in {TYPO_SECONDS:.0f} s",
+        "no",
+        ok,
+    )
+
+
 ROWS: dict[str, Callable[[Path, Processes], Awaitable[Row]]] = {
     "markup": row_markup,
     "huge-samples": row_huge_samples,
@@ -671,6 +778,7 @@ ROWS: dict[str, Callable[[Path, Processes], Awaitable[Row]]] = {
     "cert-expiry": row_cert_expiry,
     "sigkill": row_sigkill,
     "enroll-storm": row_enroll_storm,
+    "image-typo": row_image_typo,
 }
 
 

@@ -101,3 +101,17 @@ HISTORY_TOTAL_BYTES = 256 * MIB  # all nodes together
 # --- Logs ---------------------------------------------------------------------------------
 LOG_TEXT = 200  # the most of any untrusted value written to a log line
 LOG_REFUSALS_EVERY_SECONDS = 60.0  # one refusal line per node per this many seconds
+
+# --- Workload timing ----------------------------------------------------------------------
+# How long a node's replicas keep counting after its session is gone (or it went silent)
+# before they are replaced elsewhere (Nomad's `lost_after`); coordinator.toml's
+# [workloads] disconnect_grace overrides it.
+DISCONNECT_GRACE = 5.0
+# A replica that cannot start (pull refused, image missing, exits at once) is tried again
+# in its slot after a delay that doubles from the first to the most (Kubernetes'
+# ImagePullBackOff and CrashLoopBackOff); a replica that serves this long resets it.
+START_BACKOFF_FIRST = 10.0
+START_BACKOFF_MAX = 300.0
+START_BACKOFF_RESET_AFTER = 60.0
+# Attempts remembered per replica slot, as Swarm's task history limit (5 by default).
+SLOT_HISTORY = 5

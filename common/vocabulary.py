@@ -72,7 +72,8 @@ class RolloutStatus(WireWord):
 class ReplicaState(WireWord):
     """What a replica is doing (see workloads.proto). The agent's words are Docker's
     container states plus its own pending, pulling and failed; STARTING and STOPPED are
-    the coordinator's classification for its rollouts (controller/observed.py)."""
+    the coordinator's classification for its rollouts (controller/observed.py); BACKOFF is
+    the row `coordctl ps` shows for a slot waiting out its start backoff (controller/backoff.py)."""
 
     UNKNOWN = ("unknown", workloads_pb2.REPLICA_STATE_UNSPECIFIED)
     PENDING = ("pending", workloads_pb2.REPLICA_STATE_PENDING)
@@ -87,6 +88,7 @@ class ReplicaState(WireWord):
     PAUSED = ("paused", workloads_pb2.REPLICA_STATE_PAUSED)
     STARTING = ("starting", workloads_pb2.REPLICA_STATE_STARTING)
     STOPPED = ("stopped", workloads_pb2.REPLICA_STATE_STOPPED)
+    BACKOFF = ("backoff", workloads_pb2.REPLICA_STATE_BACKOFF)  # a slot waiting out its start backoff
 
 
 class ReplicaHealth(WireWord):

@@ -145,6 +145,11 @@ class Cluster:
             log.info("state store takes writes again", state_dir=str(self.store_dir))
         return result
 
+    async def write(self, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """A change to the store's other tables (the workload records), followed like the
+        cluster's own: a full state disk shows in `store_writable` and the failure counter."""
+        return await self._write(work, *args, **kwargs)
+
     # sessions
     @whole
     async def open_session(self, session: LiveSession, hello: agent_pb2.Hello) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from picoord.common import defaults
+from picoord.common import defaults, limits
 from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
 from picoord.common.configfile import ConfigFileError, fix_hint, read_settings, where
 from picoord.common.durations import InvalidDuration, parse_duration
@@ -66,7 +66,7 @@ class CoordinatorConfig:
     enroll_ban: float = 60.0
     # A node whose session is gone longer than this has its replicas replaced elsewhere
     # (Nomad's disconnect.lost_after); shorter outages replace nothing.
-    disconnect_grace: float = 5.0
+    disconnect_grace: float = limits.DISCONNECT_GRACE
     # Certificate lifetimes in seconds (a duration such as "90d" in the file): both rotate
     # at about two thirds of their life, so tests can use a minute or less.
     node_cert_validity: float = 365 * 86400.0

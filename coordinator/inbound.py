@@ -18,7 +18,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from picoord.common import limits
-from picoord.common.checks.workloads import check_reports
+from picoord.common.checks.workloads import check_reports, read_older_agents_states
 from picoord.common.names import InvalidName, validate_node_name
 from picoord.common.node_series import METRIC_NAME, family_of
 from picoord.common.validation import FieldError
@@ -78,7 +78,7 @@ TEXT_LIMITS: dict[str, int] = {
     "RenewCertificate.csr_pem": limits.CSR_BYTES,
     **{
         f"ReplicaReport.{name}": limits.TEXT
-        for name in ("service", "replica", "container_id", "state", "address")
+        for name in ("service", "replica", "container_id", "state_word", "address")
     },
     "ReplicaReport.message": limits.REPLICA_MESSAGE,
 }
@@ -345,6 +345,7 @@ def check_followup(message: agent_pb2.AgentMessage) -> str:
     elif kind == "replicas":
         try:
             check_reports(message.replicas)
+            read_older_agents_states(message.replicas)
         except FieldError as error:
             raise MalformedMessage(MALFORMED, f"replicas: {error}", kind) from None
     return kind

@@ -302,6 +302,11 @@ class Store:
         with self._lock, self._faults_as_unavailable():
             return self._db.execute(sql, params).fetchall()
 
+    def query(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        """One read for the store's other tables (the workload records): same lock and same
+        disk-fault translation as the store's own reads."""
+        return self._query(sql, params)
+
     def integrity_ok(self) -> bool:
         return self._query("PRAGMA integrity_check")[0][0] == "ok"
 

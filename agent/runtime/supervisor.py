@@ -323,6 +323,7 @@ class Supervisor:
                 replica=spec.replica,
                 container_id=state.container_id[:64] if state else "",
                 state=tracked.state.wire,
+                state_word=tracked.state,
                 health=health.wire,
                 since=tracked.since,
                 restarts=state.restarts if state else 0,

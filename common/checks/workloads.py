@@ -24,6 +24,7 @@ from picoord.common.validation import (
     safe_word,
     volume_name,
 )
+from picoord.common.vocabulary import ReplicaState
 from picoord.v1 import workloads_pb2
 
 MAX_REPLICAS_PER_NODE = limits.REPLICAS_PER_NODE
@@ -159,8 +160,17 @@ def check_reports(reports: workloads_pb2.ReplicaReports) -> None:
         where = f"replicas[{index}]"
         _name(f"{where}.service", report.service)
         _name(f"{where}.replica", report.replica)
-        for name in ("container_id", "address"):  # state and health are enums: any number reads
+        for name in ("container_id", "address", "state_word"):  # state and health are enums: any number reads
             if len(getattr(report, name)) > 128:
                 raise FieldError(f"{where}.{name}", "is longer than 128 characters")
         if len(report.message) > MAX_REPORT_TEXT:
             raise FieldError(f"{where}.message", f"is longer than {MAX_REPORT_TEXT} characters")
+
+
+def read_older_agents_states(reports: workloads_pb2.ReplicaReports) -> None:
+    """Give a report from an agent older than the ReplicaState enum (it sends only the word,
+    field 5) its state number, so a coordinator upgraded before its Pis does not read every
+    replica as failed and roll services back. Call after check_reports."""
+    for report in reports.replicas:
+        if report.state == workloads_pb2.REPLICA_STATE_UNSPECIFIED and report.state_word:
+            report.state = ReplicaState.from_word(report.state_word).wire

@@ -23,7 +23,7 @@ RESTARTS = {"none": "no", "on-failure": "on-failure", "always": "always"}
 
 
 @dataclass(frozen=True)
-class Placed:
+class Assigned:
     """One replica record the node must run (not being stopped)."""
 
     replica: str
@@ -38,7 +38,7 @@ class MissingSecret(LookupError):
 
 def replica_spec(
     spec: ServiceSpec,
-    placed: Placed,
+    placed: Assigned,
     secrets: Mapping[tuple[str, str], str],
     hosts: Mapping[str, str],
     publish_targets: bool,
@@ -100,7 +100,7 @@ def replica_spec(
 
 def discovery_hosts(
     spec: ServiceSpec,
-    replicas: Sequence[tuple[Placed, bool]],
+    replicas: Sequence[tuple[Assigned, bool]],
     addresses: Mapping[str, str],
     specs: Mapping[str, ServiceSpec],
 ) -> dict[str, str]:
@@ -129,7 +129,7 @@ def discovery_hosts(
 
 
 def node_assignments(
-    placed: Sequence[Placed],
+    placed: Sequence[Assigned],
     specs: Mapping[tuple[str, int], ServiceSpec],
     current: Mapping[str, ServiceSpec],
     health: Mapping[str, bool],

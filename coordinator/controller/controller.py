@@ -1,14 +1,22 @@
-"""The workload controller: the imperative shell around placement, the rollout planner
-and the reconciler.
+"""The workload controller: the imperative shell around the pure tick (decide.py).
 
-Every tick it reads what is true now (replica records, the agents' latest reports, node
-status and metrics), asks the pure core what to do (planner.step for a service that is
-rolling, reconcile for the rest), writes the decisions to the store (new replica records,
-stops), and sends each node the whole set of replicas it must run when that set changed.
+SwarmKit's manager split, as plain pieces: each tick the shell gathers what is true now
+(`_facts`: replica records, the agents' latest reports, node status and metrics, backoffs),
+`decide` says what to do (reconciler, rollout step, dependency waits, start backoffs,
+placement), the applier writes those decisions in one store transaction through
+`Cluster.write` (so a full state disk shows in `store_writable`), the dispatcher sends each
+node its whole assignment when it changed, and a `Snapshot` is published for every read
+view (`coordctl services`/`ps`, rollout progress, /metrics).
+
+No fixed tick: the loop wakes when something changes (a report, a session opening or
+closing, an operator's change, an apply) or at the earliest `wake_at` the decisions ask
+for (a grace period ending, a silent node turning lost, a rollout's deadline or delay, a
+backoff ending). CEILING bounds the sleep anyway, for changes nothing announces (a node's
+labels, its load when a replica waits for room).
+
 Because every decision is recomputed from stored and reported facts, a restarted
 coordinator resumes where it was, and because a replica is recorded before it is sent and
 counted until its node confirms it is gone, no step exceeds the rollout's bounds.
-
 Operator changes (rollout, undo, pause, resume, drain) go through the same lock as the
 tick, so they are never interleaved with a half-made decision.
 """
@@ -20,38 +28,53 @@ import contextlib
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import structlog
 
-from picoord.common.validation import FieldError
-from picoord.common.vocabulary import ReplicaState, RolloutStatus
+from picoord.common.limits import DISCONNECT_GRACE
+from picoord.common.vocabulary import RolloutStatus
 from picoord.coordinator.cluster import Cluster
-from picoord.coordinator.controller.assignments import Placed as Assigned
-from picoord.coordinator.controller.assignments import node_assignments
-from picoord.coordinator.controller.observed import (
-    Seen,
-    observe,
-    replica_view,
-    reports_by_replica,
+from picoord.coordinator.controller import views
+from picoord.coordinator.controller.assignments import Assigned, node_assignments
+from picoord.coordinator.controller.backoff import Backoff
+from picoord.coordinator.controller.decide import Decisions, Facts, decide, global_targets, refusal
+from picoord.coordinator.controller.dispatcher import Dispatcher
+from picoord.coordinator.controller.observed import Seen, observe, replica_view, reports_by_replica
+from picoord.coordinator.controller.records import (
+    ReplicaRecord,
+    ServiceRecord,
+    TickWrites,
+    WorkloadRecords,
+    stored,
 )
-from picoord.coordinator.controller.records import ReplicaRecord, ServiceRecord, WorkloadRecords, stored
-from picoord.coordinator.placement.constraints import first_unmet
+from picoord.coordinator.controller.views import ServiceFigures, Snapshot
 from picoord.coordinator.placement.inputs import node_from
-from picoord.coordinator.placement.scheduler import Node, Placed, check_spread, place
-from picoord.coordinator.reconcile.reconciler import DesiredService, NodeStatus, reconcile, visible_replicas
+from picoord.coordinator.placement.scheduler import Node
+from picoord.coordinator.reconcile.reconciler import NodeStatus
 from picoord.coordinator.rollout import history as revisions
 from picoord.coordinator.rollout import planner
-from picoord.coordinator.rollout.replicas import RUNNING, Replica
+from picoord.coordinator.rollout.replicas import Replica
 from picoord.coordinator.status import Status
-from picoord.coordinator.workloads.spec import GLOBAL, ServiceSpec, check_secrets, placement_request
-from picoord.v1 import agent_pb2, services_pb2, workloads_pb2
+from picoord.coordinator.workloads.spec import ServiceSpec
+from picoord.v1 import services_pb2, workloads_pb2
+
+__all__ = ["ServiceFigures", "WorkloadController", "WorkloadRefused", "located"]
 
 log = structlog.get_logger("picoord.coordinator.workloads")
 
-TICK = 1.0
-DISCONNECT_GRACE = 5.0
+# The longest the loop sleeps with nothing announced: what it may miss is not time-critical
+# (a label change, a node's load freeing room); failover and backoffs come with a wake_at.
+CEILING = 30.0
+# While something waits for room, or a connected node is silent (it may speak again with no
+# new session), look this often: cheap, and only while that lasts.
+RETRY = 1.0
+# The least a woken loop waits, so a wake_at of now never spins it.
+MIN_SLEEP = 0.05
+# How long a read view waits for the tick an announced change started, before it shows
+# the last snapshot anyway.
+FRESH_WAIT = 2.0
 
 
 def located(spec: ServiceSpec, source: str) -> ServiceSpec:
@@ -72,39 +95,15 @@ class WorkloadRefused(Exception):
         self.code = code
 
 
-@dataclass
-class Facts:
-    """Everything one tick reads, gathered once."""
+@dataclass(frozen=True)
+class _Read:
+    """One tick's reads of the workload tables, done in one thread hop."""
 
-    now: float
     services: dict[str, ServiceRecord]
     records: list[ReplicaRecord]
-    nodes: dict[str, Node]
-    replicas: dict[str, Replica]  # by id
-
-
-@dataclass(frozen=True)
-class ServiceFigures:
-    """What /metrics says of one service, as of the last tick (see metrics_snapshot)."""
-
-    service: str
-    desired: int
-    running: int
-    healthy: int
-    revision: int
-    rollout_status: RolloutStatus
-
-
-def service_figures(info: services_pb2.RolloutInfo, service: ServiceRecord, running: int) -> ServiceFigures:
-    """The figures `coordctl services` shows: desired from the rollout once there is one."""
-    return ServiceFigures(
-        service=service.name,
-        desired=info.desired if service.rollout else service.spec.replicas,
-        running=running,
-        healthy=info.available,
-        revision=service.rollout.target if service.rollout else 0,
-        rollout_status=RolloutStatus.from_wire(info.status),
-    )
+    drained: set[str]
+    specs: dict[tuple[str, int], ServiceSpec]
+    backoffs: dict[tuple[str, str], Backoff]
 
 
 class WorkloadController:
@@ -119,14 +118,13 @@ class WorkloadController:
         self.records = records
         self.grace = grace
         self.clock = clock
-        self._reports: dict[str, workloads_pb2.ReplicaReports] = {}
+        self.dispatcher = Dispatcher()
+        self.ticks = 0  # how many ticks ran: what the controller bench counts
         self._disconnected_since: dict[str, float] = {}
         self._connected_since: dict[str, float] = {}
         self._started_at = clock()  # a node not heard from since this start is lost after the grace
         self._seen: dict[str, Seen] = {}
-        self._sent: dict[str, bytes] = {}
-        self._removed_at: dict[str, int] = {}  # replica id -> generation of the assignment without it
-        self._generation = 0
+        self._node_cache: dict[str, tuple[tuple[object, ...], Node]] = {}
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._listeners: dict[str, set[asyncio.Queue[services_pb2.RolloutEvent]]] = defaultdict(set)
@@ -134,149 +132,106 @@ class WorkloadController:
         self._unplaced: dict[str, str] = {}
         self._waiting: dict[str, str] = {}
         self._problems: dict[str, list[str]] = {}
-        self._figures: tuple[ServiceFigures, ...] = ()
+        self._snapshot = Snapshot()
+        self._wanted = 0  # changes announced
+        self._published_for = 0  # the announced changes the published snapshot has seen
+        self._published = asyncio.Event()
+        self._running = False
+        self._next_at: float | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        records.watch(self._changed_elsewhere)
 
     # --- inputs from the agent sessions -------------------------------------------------------------
     def on_reports(self, node: str, reports: workloads_pb2.ReplicaReports) -> None:
-        self._reports[node] = reports
-        self._wake.set()
+        if self.dispatcher.reported(node, reports):
+            self.wake()
 
     def on_session_open(self, node: str) -> None:
         self._disconnected_since.pop(node, None)
         self._connected_since[node] = self.clock()
-        self._sent.pop(node, None)  # a new session gets the whole assignment again
-        self._wake.set()
+        self.dispatcher.session_opened(node)
+        self.wake()
 
     def on_session_closed(self, node: str) -> None:
         self._connected_since.pop(node, None)
         self._disconnected_since[node] = self.clock()
-        self._wake.set()
+        self.wake()
 
     # --- the loop -----------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), TICK)
-            self._wake.clear()
-            try:
-                async with self._lock:
-                    await self.tick()
-            except Exception:
-                log.exception("workload tick failed; retrying")
+        self._running = True
+        self._loop = asyncio.get_running_loop()
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._sleep())
+                self._wake.clear()
+                try:
+                    async with self._lock:
+                        await self.tick()
+                except Exception:
+                    log.exception("workload tick failed; retrying")
+                    self._next_at = self.clock() + RETRY
+        finally:
+            self._running = False
+
+    def _sleep(self) -> float:
+        if self._next_at is None:
+            return CEILING
+        return min(CEILING, max(MIN_SLEEP, self._next_at - self.clock()))
 
     def wake(self) -> None:
+        self._wanted += 1
         self._wake.set()
 
-    async def _facts(self) -> Facts:
-        services = {record.name: record for record in await asyncio.to_thread(self.records.services)}
-        records = await asyncio.to_thread(self.records.replicas)
-        drained = await asyncio.to_thread(self.records.drained)
-        now = self.clock()
+    def _changed_elsewhere(self) -> None:
+        """An operator's change written to the records (from any thread)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(self.wake)
+
+    async def _read(self) -> _Read:
+        def read() -> _Read:
+            return _Read(
+                {record.name: record for record in self.records.services()},
+                self.records.replicas(),
+                self.records.drained(),
+                self.records.revision_specs(),
+                {b.key: b for b in self.records.backoffs()},
+            )
+
+        return await asyncio.to_thread(read)
+
+    def _nodes(self, drained: set[str]) -> dict[str, Node]:
+        """Every node of the inventory as the scheduler sees it (the one place node facts are
+        built). A node whose inputs are the same objects as last tick keeps its Node: with a
+        thousand nodes, only those with a new sample or status are built again."""
         nodes = {}
         for record in self.cluster.nodes():
-            nodes[record.name] = node_from(
+            hardware = self.cluster.hardware(record)
+            sample = self.cluster.history.latest(record.name)
+            ready = self.cluster.status(record.name) is Status.READY
+            inputs = (record, hardware, sample, ready, record.name in drained)
+            cached = self._node_cache.get(record.name)
+            if cached is not None and all(a is b or a == b for a, b in zip(cached[0], inputs, strict=True)):
+                nodes[record.name] = cached[1]
+                continue
+            node = node_from(
                 record.name,
-                self.cluster.hardware(record),
-                self.cluster.history.latest(record.name),
+                hardware,
+                sample,
                 record.labels,
-                ready=self.cluster.status(record.name) is Status.READY,
+                ready=ready,
                 draining=record.name in drained,
                 role=record.labels.get("role", "worker"),
             )
-        by_key = reports_by_replica(self._reports)
-        replicas = {}
-        for record in records:
-            report = by_key.get((record.node, record.id, record.revision))
-            seen = None
-            if report is not None:
-                view = replica_view(record, report, None)
-                seen = self._seen[record.id] = observe(
-                    self._seen.get(record.id), view.state, view.health, now
-                )
-            replicas[record.id] = replica_view(record, report, seen)
-        return Facts(now, services, records, nodes, replicas)
-
-    async def tick(self) -> None:
-        facts = await self._facts()
-        await self._decide(facts)
-        facts = await self._facts()
-        if await self._forget_gone(facts):
-            self._wake.set()  # a confirmed stop frees room: decide again now, not a tick later
-        await self._send_assignments(facts)
-        self._publish(facts)
-
-    # --- decisions ----------------------------------------------------------------------------------
-    async def _decide(self, facts: Facts) -> None:
-        """The reconciler for every rolled-out service (failover, stale replicas, drains,
-        counts), then the planner for those that are rolling."""
-        statuses = [self._node_status(node, facts.now) for node in facts.nodes.values()]
-        rolled = {name: service for name, service in facts.services.items() if service.rollout is not None}
-        desired = [self._desired(service) for service in rolled.values()]
-        plan = reconcile(desired, list(facts.replicas.values()), statuses, facts.now, self.grace)
-        if plan.replaces:
-            await asyncio.to_thread(self.records.set_replaced, [r.replica for r in plan.replaces], True)
-        if plan.reclaims:
-            await asyncio.to_thread(self.records.set_replaced, [r.replica for r in plan.reclaims], False)
-        for change in (*plan.replaces, *plan.reclaims):
-            facts.replicas[change.replica] = dataclasses.replace(
-                facts.replicas[change.replica], replaced=change in plan.replaces
-            )
-            self._note(change.service, f"{change.replica} on {change.node}: {change.reason}")
-        await self._stop(plan.stops, facts)
-        for name, service in rolled.items():
-            starts = [
-                (start.revision, start.node, start.reason) for start in plan.starts if start.service == name
-            ]
-            await self._start(service, starts, facts)
-        for name, service in rolled.items():
-            rollout = service.rollout
-            assert rollout is not None
-            if rollout.finished:
-                continue
-            waiting_for = self._dependencies_not_serving(service, facts)
-            if rollout.previous is None and waiting_for:
-                # depends_on orders first placement: nothing of it starts before they serve.
-                self._wait_note(name, f"waiting for {', '.join(waiting_for)} to have a healthy replica")
-                continue
-            mine = [r for r in facts.replicas.values() if r.service == name]
-            step = planner.step(rollout, visible_replicas(mine, statuses, facts.now, self.grace), facts.now)
-            if step.rollout != rollout:
-                await asyncio.to_thread(self.records.save_rollout, name, step.rollout)
-                facts.services[name] = dataclasses.replace(service, rollout=step.rollout)
-            for event in step.events:
-                self._note(name, event)
-            await self._stop(step.stops, facts)
-            await self._start(
-                service, [(start.revision, start.node, start.reason) for start in step.starts], facts
-            )
-
-    def _dependencies_not_serving(self, service: ServiceRecord, facts: Facts) -> list[str]:
-        """The services it depends on that have no available replica yet."""
-        missing = []
-        for dependency in service.spec.depends_on:
-            other = facts.services.get(dependency)
-            checked = other.rollout.has_health_check if other and other.rollout else True
-            if not any(r.service == dependency and r.available(checked) for r in facts.replicas.values()):
-                missing.append(dependency)
-        return missing
-
-    def _wait_note(self, service: str, text: str) -> None:
-        """A waiting reason, told once per change rather than every tick."""
-        if self._waiting.get(service) != text:
-            self._waiting[service] = text
-            self._note(service, text)
-
-    def _desired(self, service: ServiceRecord) -> DesiredService:
-        rollout = service.rollout
-        assert rollout is not None
-        spec = service.spec
-        return DesiredService(
-            request=placement_request(spec, rollout.desired_count),
-            revision=rollout.target,
-            policy=spec.update,
-            rolling=not rollout.finished,
-            has_health_check=rollout.has_health_check,
-        )
+            self._node_cache[record.name] = (inputs, node)
+            nodes[record.name] = node
+        for gone in self._node_cache.keys() - nodes.keys():
+            del self._node_cache[gone]
+        return nodes
 
     def _node_status(self, node: Node, now: float) -> NodeStatus:
         connected = node.name in self.cluster.sessions
@@ -292,115 +247,130 @@ class WorkloadController:
             since = self._disconnected_since.setdefault(node.name, self._started_at)
         return NodeStatus(node.name, connected, since, node.draining, node.facts)
 
-    async def _stop(self, stops: Sequence[object], facts: Facts) -> None:
-        marks = [(stop.replica, stop.reason) for stop in stops]  # type: ignore[attr-defined]
-        marks = [(replica, reason) for replica, reason in marks if not facts.replicas[replica].stopping]
-        if not marks:
-            return
-        await asyncio.to_thread(self.records.mark_stopping, marks)
-        for replica, reason in marks:
-            view = facts.replicas[replica]
-            facts.replicas[replica] = dataclasses.replace(view, stopping=True)
-            self._note(view.service, f"stopping {replica} on {view.node}: {reason}")
+    def _replicas(self, records: list[ReplicaRecord], now: float) -> dict[str, Replica]:
+        """The records with the agents' latest reports merged in; the controller's own clock
+        dates each state and health change (Seen)."""
+        by_key = reports_by_replica(self.dispatcher.reports())
+        replicas = {}
+        for record in records:
+            report = by_key.get((record.node, record.id, record.revision))
+            seen = None
+            if report is not None:
+                view = replica_view(record, report, None)
+                seen = self._seen[record.id] = observe(
+                    self._seen.get(record.id), view.state, view.health, now
+                )
+            replicas[record.id] = replica_view(record, report, seen)
+        return replicas
 
-    async def _start(
-        self, service: ServiceRecord, starts: list[tuple[int, str | None]], facts: Facts
-    ) -> None:
-        if not starts:
-            return
-        placed = await self._placed(facts)
-        by_revision: dict[int, list[str | None]] = defaultdict(list)
-        for revision, node, _reason in starts:
-            by_revision[revision].append(node)
-        for revision, nodes in by_revision.items():
-            spec = await asyncio.to_thread(self.records.revision_spec, service.name, revision)
-            if spec is None:
-                self._note(service.name, f"revision {revision} of {service.name} is not stored: not started")
-                continue
-            chosen = [node for node in nodes if node is not None]
-            wanted = sum(node is None for node in nodes)
-            if wanted:
-                placement = place(list(facts.nodes.values()), placed, placement_request(spec, wanted))
-                chosen.extend(placement.assignments)
-                for warning in placement.warnings:
-                    self._note(service.name, warning)
-                if placement.unplaced:
-                    reason = (
-                        f"{placement.unplaced} replica(s) of {service.name} not placed: {placement.reason}"
-                    )
-                    if self._unplaced.get(service.name) != reason:
-                        self._note(service.name, reason)
-                    self._unplaced[service.name] = reason
-                else:
-                    self._unplaced.pop(service.name, None)
-            if not chosen:
-                continue
-            made = await asyncio.to_thread(
-                self.records.add_replicas, service.name, revision, chosen, facts.now
-            )
-            for record in made:
-                facts.records.append(record)
-                facts.replicas[record.id] = replica_view(record, None, None)
-                placed.append(self._placed_one(spec, record.node))
-                self._note(service.name, f"starting {record.id} on {record.node} (revision {revision})")
+    async def _facts(self) -> tuple[Facts, _Read]:
+        read = await self._read()
+        now = self.clock()
+        nodes = self._nodes(read.drained)
+        statuses = tuple(self._node_status(node, now) for node in nodes.values())
+        silent_at = {
+            name: self.cluster.last_seen(name) + self.cluster.timeouts.not_ready_after
+            for name in self.cluster.sessions
+            if name in nodes and nodes[name].ready
+        }
+        facts = Facts(
+            now=now,
+            services=read.services,
+            replicas=self._replicas(read.records, now),
+            nodes=nodes,
+            statuses=statuses,
+            specs=read.specs,
+            backoffs=read.backoffs,
+            gone=self.dispatcher.confirmed_gone(read.records),
+            silent_at=silent_at,
+            unplaced=dict(self._unplaced),
+            waiting=dict(self._waiting),
+            grace=self.grace,
+        )
+        return facts, read
 
-    def _placed_one(self, spec: ServiceSpec, node: str) -> Placed:
-        return Placed(
-            spec.name,
-            node,
-            spec.resources.memory_request,
-            spec.resources.cpu_request,
-            spec.resources.gpu_count,
+    async def tick(self) -> None:
+        wanted = self._wanted
+        self.ticks += 1
+        facts, read = await self._facts()
+        decisions = decide(facts)
+        made = await self._apply(decisions, facts.now)
+        records = _after(read.records, decisions, made)
+        replicas = {r.id: facts.replicas.get(r.id) or replica_view(r, None, None) for r in records}
+        replicas = {rid: dataclasses.replace(r, stopping=True) if r.id in dict(decisions.stops) else r
+                    for rid, r in replicas.items()}  # fmt: skip
+        await self._dispatch(facts, records, replicas, read)
+        self._next_at = self._next_wake(decisions, facts)
+        services = dict(read.services)
+        for rollout in decisions.rollouts:
+            services[rollout.service] = dataclasses.replace(services[rollout.service], rollout=rollout)
+        backoffs = {k: b for k, b in read.backoffs.items() if k not in set(decisions.cleared)}
+        backoffs.update({b.key: b for b in decisions.backoffs})
+        self._publish(
+            Snapshot(
+                at=facts.now,
+                services=services,
+                records=tuple(records),
+                replicas=replicas,
+                reports=reports_by_replica(self.dispatcher.reports()),
+                specs=read.specs,
+                backoffs=backoffs,
+                unplaced=dict(self._unplaced),
+                ready=frozenset(name for name, node in facts.nodes.items() if node.ready),
+            ),
+            wanted,
         )
 
-    async def _placed(self, facts: Facts, exclude: str = "") -> list[Placed]:
-        """What every replica record holds on its node (requests of its revision)."""
-        placed = []
-        for record in facts.records:
-            if record.service == exclude:
-                continue
-            spec = await asyncio.to_thread(self.records.revision_spec, record.service, record.revision)
-            if spec is not None:
-                placed.append(self._placed_one(spec, record.node))
-        return placed
+    def _next_wake(self, decisions: Decisions, facts: Facts) -> float | None:
+        soon = [decisions.wake_at] if decisions.wake_at is not None else []
+        connected_silent = any(
+            name in self.cluster.sessions and not node.ready for name, node in facts.nodes.items()
+        )
+        if decisions.unplaced or connected_silent or decisions.forget:
+            soon.append(facts.now + RETRY)
+        return min(soon, default=None)
 
-    async def _forget_gone(self, facts: Facts) -> bool:
-        """Forget stopped replicas once their node confirms they are gone (or the node is)."""
-        gone = []
-        for record in facts.records:
-            if not record.stopping:
-                continue
-            if record.node not in facts.nodes:
-                gone.append(record.id)
-                continue
-            report = self._reports.get(record.node)
-            removed_at = self._removed_at.get(record.id)
-            if report is None or removed_at is None or report.generation < removed_at:
-                continue
-            if not any(item.replica == record.id for item in report.replicas):
-                gone.append(record.id)
-        if gone:
-            await asyncio.to_thread(self.records.forget_replicas, gone)
-            for replica in gone:
-                self._removed_at.pop(replica, None)
-                self._seen.pop(replica, None)
-        return bool(gone)
+    # --- the applier ----------------------------------------------------------------------------------
+    async def _apply(self, decisions: Decisions, now: float) -> list[ReplicaRecord]:
+        """Write the tick's decisions in one transaction, then tell the operator."""
+        writes = TickWrites(
+            forget=decisions.forget,
+            replaced=decisions.replaced,
+            reclaimed=decisions.reclaimed,
+            stops=decisions.stops,
+            rollouts=decisions.rollouts,
+            starts=tuple(start.new for start in decisions.starts),
+            backoffs=decisions.backoffs,
+            cleared=decisions.cleared,
+        )
+        made = [] if writes.empty else await self.cluster.write(self.records.write_tick, writes, now)
+        self._unplaced = dict(decisions.unplaced)
+        self._waiting = dict(decisions.waiting)
+        self.dispatcher.forgotten(decisions.forget)
+        for replica in decisions.forget:
+            self._seen.pop(replica, None)
+        for service, text in decisions.notes:
+            self._note(service, text)
+        for record in made:
+            self._note(record.service, f"starting {record.id} on {record.node} (revision {record.revision})")
+        return made
 
-    # --- assignments ------------------------------------------------------------------------------------
-    async def _send_assignments(self, facts: Facts) -> None:
-        live = [record for record in facts.records if not record.stopping]
-        specs = {}
-        for record in live:
-            key = (record.service, record.revision)
-            if key not in specs:
-                specs[key] = await asyncio.to_thread(self.records.revision_spec, *key)
+    # --- the dispatcher's input -----------------------------------------------------------------------
+    async def _dispatch(
+        self,
+        facts: Facts,
+        records: list[ReplicaRecord],
+        replicas: dict[str, Replica],
+        read: _Read,
+    ) -> None:
+        live = [record for record in records if not record.stopping]
         secrets = await asyncio.to_thread(self.records.secret_values)
         addresses = {node: session.address for node, session in self.cluster.sessions.items()}
-        healthy = {rid: replica.available(True) for rid, replica in facts.replicas.items()}
-        current = {name: service.spec for name, service in facts.services.items()}
+        healthy = {rid: replica.available(True) for rid, replica in replicas.items()}
+        current = {name: service.spec for name, service in read.services.items()}
         by_node, problems = node_assignments(
             [Assigned(r.id, r.service, r.revision, r.node) for r in live],
-            {key: spec for key, spec in specs.items() if spec is not None},
+            read.specs,
             current,
             healthy,
             secrets,
@@ -413,19 +383,7 @@ class WorkloadController:
         self._problems = defaultdict(list)
         for problem in problems:
             self._problems[problem.split(".", 1)[0]].append(problem)
-        for node, session in list(self.cluster.sessions.items()):
-            replicas = by_node.get(node, [])
-            data = b"".join(spec.SerializeToString(deterministic=True) for spec in replicas)
-            if self._sent.get(node) == data:
-                continue
-            self._generation = max(self._generation + 1, int(facts.now * 1000))
-            assignment = workloads_pb2.NodeAssignment(generation=self._generation, replicas=replicas)
-            await session.outbox.put(agent_pb2.CoordinatorMessage(assignment=assignment))
-            self._sent[node] = data
-            named = {spec.replica for spec in replicas}
-            for record in facts.records:
-                if record.node == node and record.id not in named and record.id not in self._removed_at:
-                    self._removed_at[record.id] = self._generation
+        await self.dispatcher.send(by_node, self.cluster.sessions, records, facts.now)
 
     # --- what operators see -------------------------------------------------------------------------
     def _note(self, service: str, text: str) -> None:
@@ -433,44 +391,40 @@ class WorkloadController:
         for queue in self._listeners.get(service, ()):
             queue.put_nowait(services_pb2.RolloutEvent(note=text))
 
-    def info(self, service: ServiceRecord, replicas: Sequence[Replica]) -> services_pb2.RolloutInfo:
-        rollout = service.rollout
-        if rollout is None:
-            return services_pb2.RolloutInfo(service=service.name, status=RolloutStatus.NOT_ROLLED_OUT.wire)
-        mine = [r for r in replicas if r.service == service.name and r.active and not r.stopping]
-        health_checked = rollout.has_health_check
-        return services_pb2.RolloutInfo(
-            service=service.name,
-            revision=rollout.target,
-            previous=(rollout.revision if rollout.rolling_back else rollout.previous) or 0,
-            status=rollout.state.wire,
-            rolling_back=rollout.rolling_back,
-            message=rollout.message or self._unplaced.get(service.name, ""),
-            failures=[str(failure) for failure in rollout.failures],
-            started_at=rollout.started_at,
-            desired=rollout.desired_count,
-            updated=sum(r.revision == rollout.target for r in mine),
-            healthy=sum(r.revision == rollout.target and r.available(health_checked) for r in mine),
-            available=sum(r.available(health_checked) for r in mine),
-        )
-
-    def metrics_snapshot(self) -> tuple[ServiceFigures, ...]:
-        """The services' figures as of the last tick: cheap and safe from any thread (the
-        /metrics scrape), since each tick replaces the whole tuple."""
-        return self._figures
-
-    def _publish(self, facts: Facts) -> None:
-        figures = []
-        for name, service in facts.services.items():
-            info = self.info(service, list(facts.replicas.values()))
-            figures.append(service_figures(info, service, _running(facts.replicas.values(), name)))
+    def _publish(self, snapshot: Snapshot, wanted: int) -> None:
+        progress = views.infos(snapshot)
+        snapshot = dataclasses.replace(snapshot, figures=views.figures(snapshot, progress))
+        self._snapshot = snapshot
+        for name, info in progress.items():
             data = info.SerializeToString(deterministic=True)
             if self._last_info.get(name) == data:
                 continue
             self._last_info[name] = data
             for queue in self._listeners.get(name, ()):
                 queue.put_nowait(services_pb2.RolloutEvent(progress=info))
-        self._figures = tuple(figures)
+        self._published_for = max(self._published_for, wanted)
+        self._published.set()
+        self._published = asyncio.Event()
+
+    async def _fresh(self) -> Snapshot:
+        """The snapshot, after the tick that follows the last announced change when the loop
+        runs (an apply then `coordctl services` shows the service)."""
+        deadline = time.monotonic() + FRESH_WAIT
+        while self._running and self._published_for < self._wanted:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._published.wait(), left)
+        return self._snapshot
+
+    def info(self, service: ServiceRecord, replicas: list[Replica]) -> services_pb2.RolloutInfo:
+        return views.rollout_info(service, replicas, self._unplaced)
+
+    def metrics_snapshot(self) -> tuple[ServiceFigures, ...]:
+        """The services' figures as of the last tick: cheap and safe from any thread (the
+        /metrics scrape), since each tick replaces the whole snapshot."""
+        return self._snapshot.figures
 
     async def follow(
         self, name: str, until_finished: bool = True
@@ -479,30 +433,45 @@ class WorkloadController:
         queue: asyncio.Queue[services_pb2.RolloutEvent] = asyncio.Queue()
         self._listeners[name].add(queue)
         try:
-            facts = await self._facts()
-            service = facts.services.get(name)
+            snapshot = await self._fresh()
+            service = snapshot.services.get(name)
+            if service is None:
+                service = await asyncio.to_thread(self.records.service, name)
             if service is None:
                 raise WorkloadRefused(
                     "NOT_FOUND", f"no service {name!r}: apply its spec first (coordctl apply -f)"
                 )
-            info = self.info(service, list(facts.replicas.values()))
+            info = self.info(service, list(snapshot.replicas.values()))
             yield services_pb2.RolloutEvent(progress=info)
-            if not until_finished or _finished(info):
+            if not until_finished or views.finished(info):
                 return
             while True:
                 event = await queue.get()
                 yield event
-                if event.WhichOneof("event") == "progress" and _finished(event.progress):
+                if event.WhichOneof("event") == "progress" and views.finished(event.progress):
                     return
         finally:
             self._listeners[name].discard(queue)
 
     # --- operator changes -------------------------------------------------------------------------------
+    async def _operator_facts(self) -> Facts:
+        """What an operator's change checks against: the stored records, no reports (it
+        decides no replica's fate, only whether a rollout may begin)."""
+        read = await self._read()
+        return Facts(
+            now=self.clock(),
+            services=read.services,
+            replicas={r.id: replica_view(r, None, None) for r in read.records},
+            nodes=self._nodes(read.drained),
+            statuses=(),
+            specs=read.specs,
+        )
+
     async def start_rollout(self, name: str, image: str = "", cause: str = "") -> list[str]:
         """Make the applied spec (with `image`, if given) the target of a new rollout;
         return what was started, as lines for the operator."""
         async with self._lock:
-            facts = await self._facts()
+            facts = await self._operator_facts()
             service = facts.services.get(name)
             if service is None:
                 raise WorkloadRefused(
@@ -538,7 +507,7 @@ class WorkloadController:
 
     async def undo(self, name: str, to_revision: int | None) -> list[str]:
         async with self._lock:
-            facts = await self._facts()
+            facts = await self._operator_facts()
             service = facts.services.get(name)
             if service is None:
                 raise WorkloadRefused("NOT_FOUND", f"no service {name!r}")
@@ -553,41 +522,11 @@ class WorkloadController:
             return [await self._begin(service, spec, revision.number, updated, facts)]
 
     async def _preflight(self, spec: ServiceSpec, facts: Facts) -> None:
-        """Everything that can be refused before anything starts: a missing secret, a spread
-        the matching nodes cannot hold, replicas that fit nowhere (in Kubernetes' words)."""
-        known = {(name, key) for name, key, _, _ in await asyncio.to_thread(self.records.secret_names)}
-        usable = [node for node in facts.nodes.values() if node.ready and not node.draining]
-        matching = [node for node in usable if first_unmet(spec.placement.constraints, node.facts) is None]
-        try:
-            check_secrets(spec, known)
-            for dependency in spec.depends_on:
-                if dependency not in facts.services:
-                    raise FieldError(
-                        f"{spec.origin or spec.name}.depends_on",
-                        f"{spec.name} depends on {dependency!r}, which is not applied: apply its spec too",
-                    )
-            if spec.mode != GLOBAL:
-                check_spread(
-                    f"{spec.origin}.placement",
-                    spec.replicas,
-                    spec.placement.spread,
-                    len(matching),
-                )
-        except FieldError as error:
-            raise WorkloadRefused("FAILED_PRECONDITION", str(error)) from None
-        # Its own replicas make way for the new ones; everything else keeps its place.
-        others = await self._placed(facts, exclude=spec.name)
-        placement = place(list(facts.nodes.values()), others, placement_request(spec, spec.replicas))
-        if spec.mode == GLOBAL and not placement.assignments:
-            raise WorkloadRefused(
-                "FAILED_PRECONDITION", f"{spec.origin}: {placement.reason or 'no node matches'}"
-            )
-        if spec.mode != GLOBAL and placement.unplaced:
-            raise WorkloadRefused(
-                "FAILED_PRECONDITION",
-                f"{spec.origin}: {placement.unplaced} of {spec.replicas} replicas cannot be placed: "
-                f"{placement.reason}",
-            )
+        """Everything that can be refused before anything starts (decide.refusal)."""
+        known = [(name, key) for name, key, _, _ in await asyncio.to_thread(self.records.secret_names)]
+        why = refusal(spec, facts, known)
+        if why is not None:
+            raise WorkloadRefused("FAILED_PRECONDITION", why)
 
     async def _begin(
         self,
@@ -598,10 +537,6 @@ class WorkloadController:
         facts: Facts,
     ) -> str:
         previous = service.rollout.target if service.rollout else None
-        global_nodes = None
-        if spec.mode == GLOBAL:
-            placement = place([n for n in facts.nodes.values() if n.ready], [], placement_request(spec, 0))
-            global_nodes = placement.assignments
         rollout = planner.begin(
             service.name,
             revision,
@@ -610,87 +545,35 @@ class WorkloadController:
             spec.update,
             facts.now,
             has_health_check=spec.health is not None,
-            global_nodes=global_nodes,
+            global_nodes=global_targets(spec, facts),
         )
-        await asyncio.to_thread(self.records.replace_history, service.name, history)
-        await asyncio.to_thread(self.records.save_rollout, service.name, rollout)
+        await self.cluster.write(self.records.begin_rollout, service.name, history, rollout)
         self._last_info.pop(service.name, None)
         self._waiting.pop(service.name, None)
         line = f"rolling out revision {revision} of {service.name} ({spec.image})"
         self._note(service.name, line)
-        self._wake.set()
+        self.wake()
         return line
 
     async def pause(self, name: str, resume: bool = False) -> services_pb2.RolloutInfo:
         async with self._lock:
-            facts = await self._facts()
-            service = facts.services.get(name)
+            service = await asyncio.to_thread(self.records.service, name)
             if service is None or service.rollout is None:
                 raise WorkloadRefused("NOT_FOUND", f"{name!r} has no rollout")
             rollout = planner.resume(service.rollout) if resume else planner.pause(service.rollout)
-            await asyncio.to_thread(self.records.save_rollout, name, rollout)
-            self._wake.set()
-            return self.info(dataclasses.replace(service, rollout=rollout), list(facts.replicas.values()))
+            await self.cluster.write(self.records.save_rollout, name, rollout)
+            self.wake()
+            replicas = list(self._snapshot.replicas.values())
+            return self.info(dataclasses.replace(service, rollout=rollout), replicas)
 
     async def services_view(self) -> list[services_pb2.ServiceInfo]:
-        facts = await self._facts()
-        views = []
-        for name, service in facts.services.items():
-            info = self.info(service, list(facts.replicas.values()))
-            running = _running(facts.replicas.values(), name)
-            current = service.rollout.target if service.rollout else 0
-            spec = (await asyncio.to_thread(self.records.revision_spec, name, current)) if current else None
-            views.append(
-                services_pb2.ServiceInfo(
-                    name=name,
-                    mode=service.spec.mode,
-                    desired=info.desired if service.rollout else service.spec.replicas,
-                    running=running,
-                    healthy=info.available,
-                    revision=current,
-                    image=(spec or service.spec).image,
-                    rollout_status=info.status,
-                    staged=spec is None
-                    or stored(spec) != stored(service.spec)
-                    or spec.replicas != service.spec.replicas,
-                    ports=[f"{p.published or '-'}:{p.target}/{p.protocol}" for p in service.spec.ports],
-                    unplaced=self._unplaced.get(name, ""),
-                )
-            )
-        return views
+        return views.services_view(await self._fresh())
 
     async def replicas_view(self, name: str) -> list[services_pb2.ReplicaInfo]:
-        facts = await self._facts()
-        if name not in facts.services:
+        snapshot = await self._fresh()
+        if name not in snapshot.services:
             raise WorkloadRefused("NOT_FOUND", f"no service {name!r}")
-        by_key = reports_by_replica(self._reports)
-        views = []
-        for record in facts.records:
-            if record.service != name:
-                continue
-            replica = facts.replicas[record.id]
-            report = by_key.get((record.node, record.id, record.revision))
-            spec = await asyncio.to_thread(self.records.revision_spec, name, record.revision)
-            views.append(
-                services_pb2.ReplicaInfo(
-                    replica=record.id,
-                    service=name,
-                    revision=record.revision,
-                    node=record.node,
-                    state=report.state if report else ReplicaState.PENDING.wire,
-                    # Ready, not merely holding a session: a cut link keeps its session open
-                    # until TCP keepalive gives up, long after the node went silent.
-                    node_unreachable=self.cluster.status(record.node) is not Status.READY,
-                    health=report.health if report else workloads_pb2.REPLICA_HEALTH_UNSPECIFIED,
-                    since=replica.since,
-                    restarts=replica.restarts,
-                    message=(report.message if report else "") or record.stop_reason,
-                    image=spec.image if spec else "",
-                    # replaced: written off on a lost node, stopped when the node returns
-                    desired="stopping" if record.stopping else "replaced" if record.replaced else "running",
-                )
-            )
-        return views
+        return views.replicas_view(snapshot, name, self.clock())
 
     async def history_view(self, name: str) -> list[services_pb2.RevisionInfo]:
         service = await asyncio.to_thread(self.records.service, name)
@@ -712,7 +595,7 @@ class WorkloadController:
 
     async def put_secret(self, name: str, key: str, value: bytes, now: float) -> None:
         await asyncio.to_thread(self.records.put_secret, name, key, value, now)
-        self._wake.set()  # a replica waiting for this secret can now be built
+        self.wake()  # a replica waiting for this secret can now be built
 
     async def secret_names(self) -> list[tuple[str, str, int, float]]:
         return await asyncio.to_thread(self.records.secret_names)
@@ -745,13 +628,24 @@ class WorkloadController:
             if self.cluster.node(node) is None:
                 raise WorkloadRefused("NOT_FOUND", f"no node named {node!r}")
             await asyncio.to_thread(self.records.set_drained, node, not undo, self.clock())
-            self._wake.set()
+            self.wake()
 
 
-def _running(replicas: Iterable[Replica], service: str) -> int:
-    """Replicas of the service running and not being stopped, as `coordctl services` counts them."""
-    return sum(r.service == service and r.state == RUNNING and not r.stopping for r in replicas)
-
-
-def _finished(info: services_pb2.RolloutInfo) -> bool:
-    return not RolloutStatus.from_wire(info.status).under_way
+def _after(
+    records: list[ReplicaRecord], decisions: Decisions, made: list[ReplicaRecord]
+) -> list[ReplicaRecord]:
+    """The replica records as the tick's transaction left them, without reading them again."""
+    stops = dict(decisions.stops)
+    replaced = set(decisions.replaced)
+    reclaimed = set(decisions.reclaimed)
+    forgotten = set(decisions.forget)
+    after = []
+    for record in records:
+        if record.id in forgotten:
+            continue
+        if record.id in stops:
+            record = dataclasses.replace(record, stopping=True, stop_reason=stops[record.id])
+        if record.id in replaced or record.id in reclaimed:
+            record = dataclasses.replace(record, replaced=record.id in replaced)
+        after.append(record)
+    return after + made

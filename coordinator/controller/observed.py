@@ -67,6 +67,7 @@ def replica_view(
             since=record.created_at,
             stopping=record.stopping,
             replaced=record.replaced,
+            slot=record.slot,
         )
     state = PLANNED_STATES.get(ReplicaState.from_wire(report.state), FAILED)
     health = ReplicaHealth.from_wire(report.health)
@@ -85,6 +86,7 @@ def replica_view(
         stopping=record.stopping,
         replaced=record.replaced,
         failure=failure,
+        slot=record.slot,
     )
 
 

@@ -11,9 +11,12 @@ rollout mid-way without ever exceeding its bounds.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
 from picoord.common.plaindata import from_plain, to_plain
+from picoord.coordinator.controller.backoff import Backoff
 from picoord.coordinator.rollout.history import Revision
 from picoord.coordinator.rollout.planner import Rollout
 from picoord.coordinator.store import Store
@@ -57,7 +60,20 @@ CREATE TABLE IF NOT EXISTS secrets (
     PRIMARY KEY (name, key)
 );
 CREATE TABLE IF NOT EXISTS drained (node TEXT PRIMARY KEY, since REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS backoffs (
+    service TEXT NOT NULL,
+    slot TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    failures INTEGER NOT NULL,
+    failed_at REAL NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    node TEXT NOT NULL DEFAULT '',
+    attempts TEXT NOT NULL DEFAULT '[]',   -- the replica ids tried, at most SLOT_HISTORY
+    PRIMARY KEY (service, slot)
+);
 """
+# Columns added after the first release: added to an older store when it is opened.
+_ADDED_COLUMNS = (("replicas", "slot", "TEXT NOT NULL DEFAULT ''"),)
 
 
 @dataclass(frozen=True)
@@ -88,6 +104,35 @@ class ReplicaRecord:
     stopping: bool = False
     stop_reason: str = ""
     replaced: bool = False
+    slot: str = ""  # the place it fills: 1..replicas, or its node for a global service
+
+
+@dataclass(frozen=True)
+class NewReplica:
+    """A replica to record (and then send): the store gives it its id."""
+
+    service: str
+    revision: int
+    node: str
+    slot: str = ""
+
+
+@dataclass(frozen=True)
+class TickWrites:
+    """Everything one tick of the controller changes, written in one transaction."""
+
+    forget: tuple[str, ...] = ()  # stopped replicas confirmed gone
+    replaced: tuple[str, ...] = ()
+    reclaimed: tuple[str, ...] = ()
+    stops: tuple[tuple[str, str], ...] = ()  # (replica, reason)
+    rollouts: tuple[Rollout, ...] = ()
+    starts: tuple[NewReplica, ...] = ()
+    backoffs: tuple[Backoff, ...] = ()  # set
+    cleared: tuple[tuple[str, str], ...] = ()  # (service, slot) backoffs to drop
+
+    @property
+    def empty(self) -> bool:
+        return not any(getattr(self, f.name) for f in fields(self))
 
 
 @dataclass(frozen=True)
@@ -105,9 +150,34 @@ class WorkloadRecords:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self._watchers: list[Callable[[], None]] = []
         with store.transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
+            for table, column, declaration in _ADDED_COLUMNS:
+                present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+
+    def watch(self, changed: Callable[[], None]) -> None:
+        """Call `changed` (from the writing thread) after an operator's change: an apply, a
+        secret, a drain; the controller wakes on it instead of polling."""
+        self._watchers.append(changed)
+
+    def _changed(self) -> None:
+        for changed in self._watchers:
+            changed()
+
+    def begin_rollout(self, service: str, history: list[Revision], rollout: Rollout) -> None:
+        """A new rollout, in one transaction: its revision history, the rollout, and no
+        backoff left on its slots (the operator acted: the next start is at once)."""
+        with self.store.transaction() as db:
+            _replace_history(db, service, history)
+            db.execute(
+                "UPDATE services SET rollout = ? WHERE name = ?",
+                (json.dumps(to_plain(rollout), sort_keys=True), service),
+            )
+            db.execute("DELETE FROM backoffs WHERE service = ?", (service,))
 
     # services
     def apply(self, specs: list[ServiceSpec], now: float, source: str) -> list[bool]:
@@ -124,10 +194,11 @@ class WorkloadRecords:
                     "applied_at = excluded.applied_at, source = excluded.source",
                     (spec.name, text, now, source),
                 )
+        self._changed()
         return changed
 
     def services(self) -> list[ServiceRecord]:
-        rows = self.store._query("SELECT * FROM services ORDER BY name")
+        rows = self.store.query("SELECT * FROM services ORDER BY name")
         return [
             ServiceRecord(
                 name=row["name"],
@@ -152,7 +223,7 @@ class WorkloadRecords:
 
     # revisions
     def history(self, service: str) -> list[Revision]:
-        rows = self.store._query("SELECT * FROM revisions WHERE service = ? ORDER BY revision", (service,))
+        rows = self.store.query("SELECT * FROM revisions WHERE service = ? ORDER BY revision", (service,))
         return [
             Revision(
                 row["revision"],
@@ -165,17 +236,10 @@ class WorkloadRecords:
 
     def replace_history(self, service: str, history: list[Revision]) -> None:
         with self.store.transaction() as db:
-            db.execute("DELETE FROM revisions WHERE service = ?", (service,))
-            db.executemany(
-                "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (service, r.number, spec_to_json(r.spec.spec), r.spec.key, r.created_at, r.cause)
-                    for r in history
-                ],
-            )
+            _replace_history(db, service, history)
 
     def revision_spec(self, service: str, revision: int) -> ServiceSpec | None:
-        rows = self.store._query(
+        rows = self.store.query(
             "SELECT spec FROM revisions WHERE service = ? AND revision = ?", (service, revision)
         )
         return spec_from_json(rows[0][0]) if rows else None
@@ -183,13 +247,13 @@ class WorkloadRecords:
     # replicas
     def replicas(self, service: str | None = None) -> list[ReplicaRecord]:
         if service is None:
-            rows = self.store._query("SELECT * FROM replicas ORDER BY id")
+            rows = self.store.query("SELECT * FROM replicas ORDER BY id")
         else:
-            rows = self.store._query("SELECT * FROM replicas WHERE service = ? ORDER BY id", (service,))
+            rows = self.store.query("SELECT * FROM replicas WHERE service = ? ORDER BY id", (service,))
         return [
             ReplicaRecord(
                 row["id"], row["service"], row["revision"], row["node"], row["created_at"],
-                bool(row["stopping"]), row["stop_reason"], bool(row["replaced"]),
+                bool(row["stopping"]), row["stop_reason"], bool(row["replaced"]), row["slot"],
             )
             for row in rows
         ]  # fmt: skip
@@ -197,18 +261,54 @@ class WorkloadRecords:
     def add_replicas(self, service: str, revision: int, nodes: list[str], now: float) -> list[ReplicaRecord]:
         """New replica records (ids `service.N`, never reused) on the given nodes, at once."""
         with self.store.transaction() as db:
-            row = db.execute("SELECT next_replica FROM services WHERE name = ?", (service,)).fetchone()
-            first = row[0] if row else 1
-            made = [
-                ReplicaRecord(f"{service}.{first + index}", service, revision, node, now)
-                for index, node in enumerate(nodes)
-            ]
+            return _add_replicas(db, [NewReplica(service, revision, node) for node in nodes], now)
+
+    def write_tick(self, writes: TickWrites, now: float) -> list[ReplicaRecord]:
+        """One tick's decisions, all or none; returns the replicas recorded (with their ids)."""
+        with self.store.transaction() as db:
+            db.executemany("DELETE FROM replicas WHERE id = ?", [(replica,) for replica in writes.forget])
             db.executemany(
-                "INSERT INTO replicas(id, service, revision, node, created_at) VALUES (?, ?, ?, ?, ?)",
-                [(r.id, r.service, r.revision, r.node, r.created_at) for r in made],
+                "UPDATE replicas SET replaced = ? WHERE id = ?",
+                [(1, rid) for rid in writes.replaced] + [(0, rid) for rid in writes.reclaimed],
             )
-            db.execute("UPDATE services SET next_replica = ? WHERE name = ?", (first + len(nodes), service))
-        return made
+            db.executemany(
+                "UPDATE replicas SET stopping = 1, stop_reason = ? WHERE id = ?",
+                [(reason, replica) for replica, reason in writes.stops],
+            )
+            db.executemany(
+                "UPDATE services SET rollout = ? WHERE name = ?",
+                [(json.dumps(to_plain(r), sort_keys=True), r.service) for r in writes.rollouts],
+            )
+            db.executemany("DELETE FROM backoffs WHERE service = ? AND slot = ?", list(writes.cleared))
+            db.executemany(
+                "INSERT OR REPLACE INTO backoffs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (b.service, b.slot, b.revision, b.failures, b.failed_at, b.reason, b.node,
+                     json.dumps(list(b.attempts)))
+                    for b in writes.backoffs
+                ],
+            )  # fmt: skip
+            return _add_replicas(db, list(writes.starts), now)
+
+    def backoffs(self) -> list[Backoff]:
+        rows = self.store.query("SELECT * FROM backoffs ORDER BY service, slot")
+        return [
+            Backoff(
+                row["service"], row["slot"], row["revision"], row["failures"], row["failed_at"],
+                row["reason"], row["node"], tuple(json.loads(row["attempts"])),
+            )
+            for row in rows
+        ]  # fmt: skip
+
+    def clear_backoffs(self, service: str) -> None:
+        """The operator acted on the service (a new rollout): its slots start at once."""
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM backoffs WHERE service = ?", (service,))
+
+    def revision_specs(self) -> dict[tuple[str, int], ServiceSpec]:
+        """Every stored revision's spec, by (service, revision): what one tick places with."""
+        rows = self.store.query("SELECT service, revision, spec FROM revisions")
+        return {(row[0], row[1]): spec_from_json(row[2]) for row in rows}
 
     def mark_stopping(self, replica_ids: list[tuple[str, str]]) -> None:
         """(id, reason) pairs: the coordinator asked these replicas to stop."""
@@ -238,20 +338,19 @@ class WorkloadRecords:
                 "value = excluded.value, updated_at = excluded.updated_at",
                 (name, key, value, now),
             )
+        self._changed()
 
     def secret_names(self) -> list[tuple[str, str, int, float]]:
-        rows = self.store._query(
-            "SELECT name, key, length(value), updated_at FROM secrets ORDER BY name, key"
-        )
+        rows = self.store.query("SELECT name, key, length(value), updated_at FROM secrets ORDER BY name, key")
         return [(row[0], row[1], row[2], row[3]) for row in rows]
 
     def secret_values(self) -> dict[tuple[str, str], str]:
-        rows = self.store._query("SELECT name, key, value FROM secrets")
+        rows = self.store.query("SELECT name, key, value FROM secrets")
         return {(row[0], row[1]): bytes(row[2]).decode("utf-8", errors="replace") for row in rows}
 
     # drained nodes
     def drained(self) -> set[str]:
-        return {row[0] for row in self.store._query("SELECT node FROM drained")}
+        return {row[0] for row in self.store.query("SELECT node FROM drained")}
 
     def set_drained(self, node: str, drained: bool, now: float) -> None:
         with self.store.transaction() as db:
@@ -259,3 +358,41 @@ class WorkloadRecords:
                 db.execute("INSERT OR IGNORE INTO drained VALUES (?, ?)", (node, now))
             else:
                 db.execute("DELETE FROM drained WHERE node = ?", (node,))
+        self._changed()
+
+
+def _add_replicas(db: sqlite3.Connection, new: list[NewReplica], now: float) -> list[ReplicaRecord]:
+    """Record new replicas inside the caller's transaction, in order: ids `service.N`,
+    never reused."""
+    next_ids: dict[str, int] = {}
+    made = []
+    for replica in new:
+        if replica.service not in next_ids:
+            row = db.execute(
+                "SELECT next_replica FROM services WHERE name = ?", (replica.service,)
+            ).fetchone()
+            next_ids[replica.service] = row[0] if row else 1
+        number = next_ids[replica.service]
+        next_ids[replica.service] = number + 1
+        made.append(
+            ReplicaRecord(
+                f"{replica.service}.{number}", replica.service, replica.revision, replica.node, now,
+                slot=replica.slot,
+            )
+        )  # fmt: skip
+    db.executemany(
+        "UPDATE services SET next_replica = ? WHERE name = ?", [(n, s) for s, n in next_ids.items()]
+    )
+    db.executemany(
+        "INSERT INTO replicas(id, service, revision, node, created_at, slot) VALUES (?, ?, ?, ?, ?, ?)",
+        [(r.id, r.service, r.revision, r.node, r.created_at, r.slot) for r in made],
+    )
+    return made
+
+
+def _replace_history(db: sqlite3.Connection, service: str, history: list[Revision]) -> None:
+    db.execute("DELETE FROM revisions WHERE service = ?", (service,))
+    db.executemany(
+        "INSERT INTO revisions VALUES (?, ?, ?, ?, ?, ?)",
+        [(service, r.number, spec_to_json(r.spec.spec), r.spec.key, r.created_at, r.cause) for r in history],
+    )

@@ -19,28 +19,26 @@ A node that is draining has its replicas moved within the service's update bound
 replacement starts elsewhere while `replicas + max_surge` allows, and a replica on the
 draining node stops while `replicas - max_unavailable` stay available.
 
-Adoption: an agent that reconnects reports what it runs; `adopt` merges that report into
-the store's records by replica id (the container labels carry service, revision and
-replica id), so a reconnect never duplicates replicas.
+A reconnecting agent never duplicates replicas: the store's records are the truth, matched
+to the agent's report by replica id (the container labels carry service, revision and
+replica id), and the node is sent its whole assignment again (controller/dispatcher.py).
 
-One pass of the reconcile loop (the shell), on every report and at the earliest wake_at:
-`adopt` a reconnecting node's report; `reconcile`; record Replace/Reclaim marks and
-stops (as `stopping`) in the store; for each rolling service, `planner.step` over
-`visible_replicas` and store the rollout; place every start without a node with
-`scheduler.place`, record it as `pending`, then send stops and starts to the agents.
+One pass of the controller (controller/decide.py), on every change and at the earliest
+wake_at: `reconcile`; Replace/Reclaim marks and stops; for each rolling service,
+`planner.step` over `visible_replicas`; a slot and a node for every start; all of it
+written in one transaction, then each node's assignment sent.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
+from picoord.common.limits import DISCONNECT_GRACE
 from picoord.coordinator.placement.constraints import NodeFacts, first_unmet
 from picoord.coordinator.placement.scheduler import Request
 from picoord.coordinator.rollout.policy import UpdatePolicy
-from picoord.coordinator.rollout.replicas import FAILED, PENDING, STOPPED, UNHEALTHY, Replica
-
-GRACE_SECONDS = 5.0
+from picoord.coordinator.rollout.replicas import FAILED, STOPPED, UNHEALTHY, Replica
 
 
 @dataclass(frozen=True)
@@ -153,7 +151,7 @@ class _Nodes:
 
 
 def visible_replicas(
-    replicas: Iterable[Replica], nodes: Iterable[NodeStatus], now: float, grace: float = GRACE_SECONDS
+    replicas: Iterable[Replica], nodes: Iterable[NodeStatus], now: float, grace: float = DISCONNECT_GRACE
 ) -> list[Replica]:
     """What the rollout planner should count: not replaced, not on a lost node."""
     view = _Nodes(nodes, now, grace)
@@ -178,7 +176,7 @@ def reconcile(
     replicas: Iterable[Replica],
     nodes: Iterable[NodeStatus],
     now: float,
-    grace: float = GRACE_SECONDS,
+    grace: float = DISCONNECT_GRACE,
 ) -> Plan:
     node_list = list(nodes)
     view = _Nodes(node_list, now, grace)
@@ -349,66 +347,3 @@ def _converge_global(
     for node in targets:
         if node not in seen:
             plan.starts.append(Start(service.name, service.revision, node, f"global service on node {node}"))
-
-
-@dataclass(frozen=True)
-class Adoption:
-    replicas: tuple[Replica, ...]  # the store's records for the node, after the report
-    adopted: tuple[str, ...]  # reported ids the store did not know
-    vanished: tuple[str, ...]  # known ids the agent no longer runs
-    resend_starts: tuple[str, ...] = ()  # pending here, unknown to the agent: the start never arrived
-    resend_stops: tuple[str, ...] = ()  # asked to stop, still running: the stop never arrived
-
-
-def adopt(known: Iterable[Replica], reported: Iterable[Replica], node: str) -> Adoption:
-    """Merge an agent's report of what it runs (pulling included, as pending) into the
-    records of `node`, when its session starts.
-
-    Matched by replica id, which is unique across services and revisions (the container
-    labels carry all three). The report wins for what the agent observes (state, health,
-    restarts, failure); the store keeps what only the coordinator knows (stopping,
-    replaced, created_at). Unknown ids are adopted, not duplicated; one of an unknown
-    service too, so the reconciler stops it. A known replica the agent no longer runs is
-    stopped. Messages lost with the old session are named for the shell to send again: a
-    pending start the agent never saw, a stop of a replica that still runs."""
-    by_id = {r.id: r for r in reported if r.node == node}
-    merged: list[Replica] = []
-    vanished: list[str] = []
-    resend_starts: list[str] = []
-    resend_stops: list[str] = []
-    for replica in known:
-        if replica.node != node:
-            continue
-        report = by_id.pop(replica.id, None)
-        if report is None:
-            if replica.state == PENDING and not replica.stopping:
-                merged.append(replica)
-                resend_starts.append(replica.id)
-            elif replica.state == STOPPED:
-                merged.append(replica)
-            else:
-                merged.append(replace(replica, state=STOPPED))
-                vanished.append(replica.id)
-            continue
-        if replica.stopping and report.state != STOPPED:
-            resend_stops.append(replica.id)
-        merged.append(
-            replace(
-                replica,
-                state=report.state,
-                health=report.health,
-                since=report.since,
-                health_since=report.health_since,
-                restarts=report.restarts,
-                failure=report.failure,
-            )
-        )
-    adopted = sorted(by_id)
-    merged.extend(by_id[rid] for rid in adopted)
-    return Adoption(
-        tuple(sorted(merged, key=lambda r: r.id)),
-        tuple(adopted),
-        tuple(vanished),
-        tuple(sorted(resend_starts)),
-        tuple(sorted(resend_stops)),
-    )

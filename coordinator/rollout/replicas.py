@@ -47,6 +47,7 @@ class Replica:
     stopping: bool = False  # the coordinator asked for a stop not yet confirmed
     replaced: bool = False  # replaced elsewhere while its node was lost: stopped when it returns
     failure: str = ""  # the agent's words for the last failure: exit code, failed check output
+    slot: str = ""  # the place it fills (1..replicas; the node of a global service): keys its start backoff
 
     @property
     def active(self) -> bool:

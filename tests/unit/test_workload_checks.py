@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from picoord.common.checks.workloads import NodeMounts, check_assignment, check_replica_spec, check_reports
+from picoord.common.checks.workloads import (
+    NodeMounts,
+    check_assignment,
+    check_replica_spec,
+    check_reports,
+    read_older_agents_states,
+)
 from picoord.common.validation import FieldError, image_reference
+from picoord.common.vocabulary import ReplicaState
 from picoord.v1 import workloads_pb2
 
 
@@ -114,3 +121,21 @@ def test_bind_sources_on_the_node(source: str, mounts: NodeMounts, refused: bool
         assert error.value.field == "assignment.replicas[0].volumes[0].source"
     else:
         check_assignment(assignment, mounts)
+
+
+@pytest.mark.parametrize(
+    ("number", "word", "read"),
+    [
+        (workloads_pb2.REPLICA_STATE_UNSPECIFIED, "running", "running"),  # an agent before the enum
+        (workloads_pb2.REPLICA_STATE_UNSPECIFIED, "exited", "exited"),
+        (workloads_pb2.REPLICA_STATE_UNSPECIFIED, "sleeping", "unknown"),  # a word nobody defined
+        (workloads_pb2.REPLICA_STATE_UNSPECIFIED, "", "unknown"),
+        (workloads_pb2.REPLICA_STATE_EXITED, "running", "exited"),  # the number wins when sent
+    ],
+)
+def test_an_older_agents_state_word_is_read_as_its_state(number: int, word: str, read: str) -> None:
+    reports = workloads_pb2.ReplicaReports()
+    reports.replicas.add(service="mcp", replica="mcp.1", revision=1, state=number, state_word=word)
+    check_reports(reports)
+    read_older_agents_states(reports)
+    assert ReplicaState.from_wire(reports.replicas[0].state) == read

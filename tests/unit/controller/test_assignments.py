@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 
 from picoord.common.checks.workloads import check_replica_spec
-from picoord.coordinator.controller.assignments import Placed, discovery_hosts, node_assignments, replica_spec
+from picoord.coordinator.controller.assignments import (
+    Assigned,
+    discovery_hosts,
+    node_assignments,
+    replica_spec,
+)
 from picoord.coordinator.workloads.reader import read_workloads
 from picoord.v1 import workloads_pb2
 
@@ -20,7 +25,7 @@ ADDRESSES = {"pi1": "10.0.0.11", "pi2": "10.0.0.12", "desktop": "10.0.0.2"}
 
 
 def test_mcp_replica_spec_is_what_the_agent_accepts() -> None:
-    placed = Placed("mcp.1", "mcp", 1, "pi1")
+    placed = Assigned("mcp.1", "mcp", 1, "pi1")
     message = replica_spec(SPECS["mcp"], placed, SECRETS, {"postgres": "10.0.0.2"}, publish_targets=False)
     check_replica_spec(message)  # the agent's own check
     assert message.env["DATABASE_URL"] == SECRETS[("mcp-secrets", "database-url")]
@@ -36,10 +41,11 @@ def test_mcp_replica_spec_is_what_the_agent_accepts() -> None:
 def test_a_named_service_publishes_its_ports_at_the_same_numbers() -> None:
     postgres = SPECS["postgres"].__class__(**{**SPECS["postgres"].__dict__, "ports": ()})
     assert (
-        replica_spec(postgres, Placed("postgres.1", "postgres", 1, "desktop"), SECRETS, {}, True).ports == []
+        replica_spec(postgres, Assigned("postgres.1", "postgres", 1, "desktop"), SECRETS, {}, True).ports
+        == []
     )
     with_port = replica_spec(
-        SPECS["postgres"], Placed("postgres.1", "postgres", 1, "desktop"), SECRETS, {}, True
+        SPECS["postgres"], Assigned("postgres.1", "postgres", 1, "desktop"), SECRETS, {}, True
     )
     assert [(p.target, p.published) for p in with_port.ports] == [
         (port.target, port.target) for port in SPECS["postgres"].ports
@@ -50,25 +56,25 @@ def test_a_named_service_publishes_its_ports_at_the_same_numbers() -> None:
     ("replicas", "expected"),
     [
         ([], {}),
-        ([(Placed("postgres.1", "postgres", 1, "desktop"), False)], {"postgres": "10.0.0.2"}),
+        ([(Assigned("postgres.1", "postgres", 1, "desktop"), False)], {"postgres": "10.0.0.2"}),
         # a healthy replica wins over an unhealthy one, whatever the ids
         (
             [
-                (Placed("postgres.1", "postgres", 1, "desktop"), False),
-                (Placed("postgres.2", "postgres", 1, "pi2"), True),
+                (Assigned("postgres.1", "postgres", 1, "desktop"), False),
+                (Assigned("postgres.2", "postgres", 1, "pi2"), True),
             ],
             {"postgres": "10.0.0.12"},
         ),
         # a node without a known address (no session) is skipped
-        ([(Placed("postgres.1", "postgres", 1, "gone"), True)], {}),
+        ([(Assigned("postgres.1", "postgres", 1, "gone"), True)], {}),
     ],
 )
-def test_discovery_hosts(replicas: list[tuple[Placed, bool]], expected: dict[str, str]) -> None:
+def test_discovery_hosts(replicas: list[tuple[Assigned, bool]], expected: dict[str, str]) -> None:
     assert discovery_hosts(SPECS["mcp"], replicas, ADDRESSES, SPECS) == expected
 
 
 def test_node_assignments_leave_out_a_replica_whose_secret_is_missing() -> None:
-    placed = [Placed("mcp.1", "mcp", 1, "pi1"), Placed("postgres.1", "postgres", 1, "desktop")]
+    placed = [Assigned("mcp.1", "mcp", 1, "pi1"), Assigned("postgres.1", "postgres", 1, "desktop")]
     specs = {("mcp", 1): SPECS["mcp"], ("postgres", 1): SPECS["postgres"]}
     secrets = {("mcp-secrets", "postgres-password"): "pw"}
     by_node, problems = node_assignments(placed, specs, SPECS, {"postgres.1": True}, secrets, ADDRESSES)

@@ -1,4 +1,4 @@
-"""The reconciler: failover with a grace period, stale replicas, drains, global services, adoption."""
+"""The reconciler: failover with a grace period, stale replicas, drains, global services."""
 
 from dataclasses import replace
 
@@ -14,7 +14,6 @@ from picoord.coordinator.reconcile.reconciler import (
     Replace,
     Start,
     Stop,
-    adopt,
     global_nodes,
     reconcile,
     visible_replicas,
@@ -344,50 +343,3 @@ def test_visible_replicas_hide_lost_and_replaced():
     replicas = [*THREE[:2], replace(THREE[2], replaced=True), rep("r4", "pi4")]
     nodes = [up("pi1"), down("pi2", 2), up("pi3"), down("pi4", 30)]
     assert [r.id for r in visible_replicas(replicas, nodes, NOW)] == ["r1", "r2"]
-
-
-# --- adoption -----------------------------------------------------------------------------
-
-
-def test_adopt_merges_a_report_by_replica_id():
-    known = [
-        rep("r1", "pi3", stopping=True),
-        rep("r2", "pi3", replaced=True),
-        rep("r3", "pi3"),  # no longer running on the agent
-        rep("r4", "pi3", state=PENDING),  # not created yet
-        rep("r5", "pi1"),  # another node: untouched
-    ]
-    reported = [
-        rep("r1", "pi3", health=UNHEALTHY, restarts=2, failure="exit code 137", created=999.0),
-        rep("r2", "pi3", since=500.0),
-        rep("r7", "pi3", revision=1),  # started before the coordinator lost its record
-        rep("r8", "pi1"),  # reported for another node: ignored
-    ]
-    result = adopt(known, reported, "pi3")
-    by_id = {r.id: r for r in result.replicas}
-    assert sorted(by_id) == ["r1", "r2", "r3", "r4", "r7"]
-    assert by_id["r1"].stopping and by_id["r1"].health == UNHEALTHY and by_id["r1"].restarts == 2
-    assert by_id["r1"].created_at == 100.0  # the coordinator's record keeps its own fields
-    assert by_id["r2"].replaced and by_id["r2"].since == 500.0
-    assert by_id["r3"].state == STOPPED
-    assert by_id["r4"].state == PENDING
-    assert result.adopted == ("r7",)
-    assert result.vanished == ("r3",)
-    assert result.resend_starts == ("r4",)  # the start was lost with the old session
-    assert result.resend_stops == ("r1",)  # asked to stop, still running
-
-
-def test_adopt_a_stopping_replica_that_is_gone_is_stopped_without_a_resend():
-    known = [rep("r1", "pi3", stopping=True), rep("r2", "pi3", state=PENDING, stopping=True)]
-    result = adopt(known, [], "pi3")
-    assert [r.state for r in result.replicas] == [STOPPED, STOPPED]
-    assert (result.resend_starts, result.resend_stops) == ((), ())
-
-
-def test_adoption_then_reconcile_never_duplicates():
-    # the coordinator restarted with no records; pi1..pi3 report their replicas on reconnect
-    reported = THREE
-    records = []
-    for node in ("pi1", "pi2", "pi3"):
-        records = [r for r in records if r.node != node] + list(adopt(records, reported, node).replicas)
-    assert reconcile([MCP], records, NODES, NOW).empty

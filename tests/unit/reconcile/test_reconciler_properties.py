@@ -3,8 +3,9 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from picoord.common.limits import DISCONNECT_GRACE as GRACE_SECONDS
 from picoord.coordinator.placement.scheduler import Request
-from picoord.coordinator.reconcile.reconciler import GRACE_SECONDS, DesiredService, NodeStatus, reconcile
+from picoord.coordinator.reconcile.reconciler import DesiredService, NodeStatus, reconcile
 from picoord.coordinator.rollout.policy import START_FIRST, UpdatePolicy, validate_update_policy
 from picoord.coordinator.rollout.replicas import FAILED, HEALTHS, PENDING, RUNNING, STARTING, Replica
 

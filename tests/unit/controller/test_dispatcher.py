@@ -1,0 +1,53 @@
+"""The dispatcher: an unchanged report (an agent's liveness repeat) wakes nothing, and a
+stopped replica counts as gone only once its node reported an assignment without it."""
+
+from __future__ import annotations
+
+from picoord.common.vocabulary import ReplicaState
+from picoord.coordinator.cluster import LiveSession
+from picoord.coordinator.controller.dispatcher import Dispatcher
+from picoord.coordinator.controller.records import ReplicaRecord
+from picoord.v1 import workloads_pb2
+
+
+def report(generation: int, *replicas: str) -> workloads_pb2.ReplicaReports:
+    reports = workloads_pb2.ReplicaReports(generation=generation)
+    for replica in replicas:
+        reports.replicas.add(service="web", revision=1, replica=replica, state=ReplicaState.RUNNING.wire)
+    return reports
+
+
+def test_only_a_report_that_says_something_new_counts() -> None:
+    dispatcher = Dispatcher()
+    assert dispatcher.reported("pi1", report(5, "web.1"))
+    assert not dispatcher.reported("pi1", report(5, "web.1"))
+    assert dispatcher.reported("pi1", report(6, "web.1"))
+    assert dispatcher.reported("pi2", report(6, "web.1"))
+
+
+async def test_a_stop_is_confirmed_by_a_report_at_or_after_the_assignment_without_it() -> None:
+    dispatcher = Dispatcher()
+    session = LiveSession(node="pi1", serial="c1")
+    running = ReplicaRecord("web.1", "web", 1, "pi1", 0.0)
+    stopping = ReplicaRecord("web.1", "web", 1, "pi1", 0.0, stopping=True)
+    assert (
+        await dispatcher.send(
+            {"pi1": [workloads_pb2.ReplicaSpec(replica="web.1")]}, {"pi1": session}, [running], 1.0
+        )
+        == 1
+    )
+    assert (
+        await dispatcher.send(
+            {"pi1": [workloads_pb2.ReplicaSpec(replica="web.1")]}, {"pi1": session}, [running], 2.0
+        )
+        == 0
+    )
+    assert await dispatcher.send({}, {"pi1": session}, [stopping], 3.0) == 1
+    without = session.outbox.get_nowait(), session.outbox.get_nowait()
+    generation = without[1].assignment.generation
+    dispatcher.reported("pi1", report(generation - 1))  # an older assignment applied: not yet
+    assert dispatcher.confirmed_gone([stopping]) == frozenset()
+    dispatcher.reported("pi1", report(generation, "web.1"))  # still running it
+    assert dispatcher.confirmed_gone([stopping]) == frozenset()
+    dispatcher.reported("pi1", report(generation))
+    assert dispatcher.confirmed_gone([stopping]) == {"web.1"}
