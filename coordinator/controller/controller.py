@@ -192,7 +192,8 @@ class WorkloadController:
                 record.labels,
                 ready=self.cluster.status(record.name) is Status.READY,
                 draining=record.name in drained,
-                role=record.labels.get("role", "worker"),
+                role=self.cluster.role(record.name),
+                enrolled=self.cluster.enrolled(record),
             )
         by_key = reports_by_replica(self._reports)
         replicas = {}
