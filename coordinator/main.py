@@ -35,7 +35,7 @@ from picoord.coordinator.servicers.admin import AdminServicer
 from picoord.coordinator.servicers.admins import LOCAL_ONLY_METHODS, AdminCertificatesServicer
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
 from picoord.coordinator.servicers.peers import LOCAL_OPERATORS, AdminGate, restrict_to_operators
-from picoord.coordinator.servicers.session import SessionServicer
+from picoord.coordinator.servicers.session import SessionLimits, SessionServicer
 from picoord.coordinator.servicers.workloads import WorkloadsServicer
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import StateUnavailable, Store
@@ -279,7 +279,10 @@ async def serve(config: CoordinatorConfig) -> None:
     )
     agent_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(cluster, ca, throttle), server)
     agent_pb2_grpc.add_AgentSessionServicer_to_server(
-        SessionServicer(cluster, config.metrics_interval, config.heartbeat_interval, ca, controller), server
+        SessionServicer(
+            cluster, config.metrics_interval, config.heartbeat_interval, ca, controller, SessionLimits()
+        ),
+        server,
     )
     admin_service = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
     workloads_service = services_pb2.DESCRIPTOR.services_by_name["Workloads"]
