@@ -46,6 +46,7 @@ from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2_grpc, services_pb2, 
 log = structlog.get_logger("picoord.coordinator")
 
 FLUSH_INTERVAL = 5.0
+AGENT_CONNECTION_IDLE = 15.0  # seconds an agent-port connection may carry no call
 GRPC_OPTIONS = [
     # Without this, a second coordinator on the same port starts "fine" and the kernel
     # splits connections between two CAs; fail at start-up instead.
@@ -164,6 +165,9 @@ def agent_server_options(config: CoordinatorConfig, open_files: int) -> list[tup
         *GRPC_OPTIONS,
         ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
         ("grpc.max_allowed_incoming_connections", connections_per_port(open_files, config.max_connections)),
+        # A connection carrying no call is closed: one a node's refused extra session left
+        # behind (SessionLimits) holds no slot another node needs.
+        ("grpc.max_connection_idle_ms", round(AGENT_CONNECTION_IDLE * 1000)),
     ]
 
 
