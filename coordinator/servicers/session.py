@@ -55,7 +55,7 @@ class SessionLimits:
 
     streams_per_node: int = 2
     opens: ThrottlePolicy = field(
-        default_factory=lambda: ThrottlePolicy(max_failures=20, window=60.0, ban=30.0)
+        default_factory=lambda: ThrottlePolicy(max_failures=60, window=60.0, ban=30.0)
     )
     messages: ThrottlePolicy = field(
         default_factory=lambda: ThrottlePolicy(max_failures=500, window=10.0, ban=10.0)
