@@ -287,7 +287,7 @@ def test_row2_a_hostname_claim_pulls_no_pinned_service(lab: Lab, tmp_path: Path,
             assert hostile.welcomed()
             service.append("pinned-db")
             refused = roll_out(lab, tmp_path, "pinned-db", "node.hostname == pi1")
-            assert "0/2 nodes available: 1 not ready, 1 node.hostname != pi1" in refused, refused
+            assert "0/2 nodes available: 1 node.hostname != pi1, 1 not ready" in refused, refused
             time.sleep(3)  # a controller tick or two: nothing may reach pi2 meanwhile
             assert placed_on(lab, "pinned-db") == set()
             assert SECRET_VALUE not in hostile.assignment_text()
@@ -338,12 +338,14 @@ def test_row3_join_labels_wait_for_the_operator(lab: Lab, tmp_path: Path, servic
             for name, constraint in (
                 ("wants-manager", "node.role == manager"),
                 ("wants-label", "node.labels.role == manager"),
-                ("wants-pi1", "node.hostname == pi1"),
             ):
                 service.append(name)
                 refused = roll_out(lab, tmp_path, name, constraint)
                 assert f"0/3 nodes available: 3 {constraint.replace('==', '!=')}" in refused, refused
                 assert placed_on(lab, name) == set()
+            service.append("wants-pi1")  # evil's hostname claim does not make it a candidate
+            assert roll_out(lab, tmp_path, "wants-pi1", "node.hostname == pi1") == ""
+            assert wait_for(lambda: placed_on(lab, "wants-pi1") == {"pi1"}, 30)
             assert SECRET_VALUE not in hostile.assignment_text()
             # the token's own label is granted: it selects evil (nothing secret in that)
             assert "zone" not in nodes(lab)["evil"]["pending_labels"]
