@@ -19,7 +19,12 @@ from typing import Any, ParamSpec, TypeVar
 import structlog
 
 from picoord.common.tokens import BootstrapToken
-from picoord.coordinator.placement.inputs import Enrolled, hardware_changes, roles_from_actions
+from picoord.coordinator.placement.inputs import (
+    MEMBERSHIP_KINDS,
+    Enrolled,
+    hardware_changes,
+    roles_from_actions,
+)
 from picoord.coordinator.status import STATUS_TO_WIRE, Status, StatusTimeouts, node_status
 from picoord.coordinator.store import (
     AdminCertificateRecord,
@@ -42,8 +47,6 @@ EXPIRED_TOKEN_RETENTION = 7 * 24 * 3600.0
 # Messages queued for one node: a node that stops reading fills it, and its session ends
 # (it connects again once it reads), instead of the coordinator holding its backlog.
 OUTBOX_SIZE = 256
-# How many action records are read at start-up to learn each node's cluster role.
-ROLE_HISTORY = 100_000
 
 
 def whole(change: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -145,7 +148,7 @@ class Cluster:
         self._recorded: dict[str, tuple[bytes | None, node_pb2.Hardware]] = {}
         # Each node's cluster role is the coordinator's record of the membership actions it ran.
         self._roles = roles_from_actions(
-            admin_pb2.ActionRecord.FromString(row) for row in store.list_actions(None, ROLE_HISTORY)
+            admin_pb2.ActionRecord.FromString(row) for row in store.actions_of_kinds(MEMBERSHIP_KINDS)
         )
         self._summaries: dict[str, tuple[NodeRecord, admin_pb2.NodeSummary]] = {}
         self._pending_actions: dict[str, tuple[str, asyncio.Future[agent_pb2.ActionResult]]] = {}
@@ -436,6 +439,7 @@ class Cluster:
             record.node,
             record.started_at,
             record.SerializeToString(),
+            record.kind,
         )
 
     async def list_actions(self, node: str | None, limit: int) -> list[admin_pb2.ActionRecord]:

@@ -12,7 +12,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +83,7 @@ CREATE INDEX IF NOT EXISTS token_uses_by_token ON token_uses(token_id, used_at);
 _ADDED_COLUMNS = (
     ("nodes", "enrolled_hardware", "BLOB"),
     ("labels", "accepted", "INTEGER NOT NULL DEFAULT 1"),
+    ("actions", "kind", "TEXT"),  # NULL in rows written before it: read those in full
     ("tokens", "labels", "TEXT NOT NULL DEFAULT '{}'"),
 )
 
@@ -496,13 +497,26 @@ class Store:
 
     # action history: one serialized picoord.v1.ActionRecord per action, written at its
     # start and again at its end, so a coordinator crash mid-apply still shows what began.
-    def record_action(self, action_id: str, node: str, started_at: float, record: bytes) -> None:
+    def record_action(
+        self, action_id: str, node: str, started_at: float, record: bytes, kind: str = ""
+    ) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO actions VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(action_id) DO UPDATE SET record = excluded.record",
-                (action_id, record, node, started_at),
+                "INSERT INTO actions(action_id, record, node, started_at, kind) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(action_id) DO UPDATE SET record = excluded.record, kind = excluded.kind",
+                (action_id, record, node, started_at, kind or None),
             )
+
+    def actions_of_kinds(self, kinds: Iterable[str]) -> list[bytes]:
+        """The records of actions of these kinds (and of rows older than the kind column),
+        oldest first: what the coordinator's record of cluster roles is built from."""
+        wanted = sorted(kinds)
+        marks = ", ".join("?" for _ in wanted)
+        rows = self._query(
+            f"SELECT record FROM actions WHERE kind IS NULL OR kind IN ({marks}) ORDER BY started_at",
+            tuple(wanted),
+        )
+        return [row[0] for row in rows]
 
     def list_actions(self, node: str | None, limit: int) -> list[bytes]:
         if node:

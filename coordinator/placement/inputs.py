@@ -27,7 +27,7 @@ from picoord.v1 import admin_pb2, agent_pb2, node_pb2
 MANAGER, WORKER = "manager", "worker"
 # Membership actions that make their node a control-plane node, and those that end that.
 _MANAGER_KINDS = frozenset({"swarm_init", "kubeadm_init", "k3s_server"})
-_MEMBER_KINDS = _MANAGER_KINDS | {
+MEMBERSHIP_KINDS = _MANAGER_KINDS | {
     "swarm_join",
     "kubeadm_join",
     "k3s_agent",
@@ -98,7 +98,7 @@ def roles_from_actions(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, s
     the latest one that took effect (not a dry run) decides. Nodes absent never joined."""
     latest: dict[str, tuple[float, str]] = {}
     for record in records:
-        if record.kind not in _MEMBER_KINDS or record.dry_run or record.outcome not in _TOOK_EFFECT:
+        if record.kind not in MEMBERSHIP_KINDS or record.dry_run or record.outcome not in _TOOK_EFFECT:
             continue
         when = record.finished_at or record.started_at
         if record.node not in latest or when >= latest[record.node][0]:

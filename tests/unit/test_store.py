@@ -308,3 +308,10 @@ def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
     )
     assert upgraded.get_token("abcdef").labels == {}
     upgraded.close()
+
+
+def test_membership_actions_are_read_by_kind(store: Store) -> None:
+    store.record_action("a1", "pi1", 1.0, b"init", "swarm_init")
+    store.record_action("a2", "pi1", 2.0, b"mount", "mount")
+    store.record_action("a3", "pi2", 3.0, b"older row", "")  # written before the kind column
+    assert store.actions_of_kinds({"swarm_init", "swarm_join"}) == [b"init", b"older row"]
