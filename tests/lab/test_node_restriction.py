@@ -415,3 +415,27 @@ def test_rows5_to_7_one_certificate_gets_one_nodes_share(lab: Lab) -> None:
         assert outcomes.get(str(grpc.StatusCode.RESOURCE_EXHAUSTED), 0) >= 20, outcomes
     # the real agent comes back once the pause (30 s) is over
     lab.wait_ready(["pi2"], timeout=120)
+
+
+def test_a_real_join_says_its_labels_wait_and_accept_grants_them(lab: Lab, tmp_path: Path) -> None:
+    """`picoord-agent join --label` as an operator pastes it: the agent says the labels wait,
+    `coordctl node accept` grants them (positive control of the approve verb)."""
+    token = lab.create_token(uses=1)
+    done = lab.exec_in(
+        "pi1",
+        *lab.join_argv(
+            token["ca_cert_hash"], "asker", tmp_path, "--token", token["token"], "--label", "disk=ssd"
+        ),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "labels disk=ssd wait for the operator: coordctl node accept asker" in done.stdout
+    try:
+        assert nodes(lab)["asker"]["pending_labels"] == {"disk": "ssd"}
+        accepted = lab.coordctl("node", "accept", "asker", check=True)
+        assert "node/asker accepted: labels disk=ssd" in accepted.stdout, accepted.stdout
+        listed = nodes(lab)["asker"]
+        assert (listed["labels"], listed["pending_labels"]) == ({"disk": "ssd"}, {})
+        again = lab.coordctl("node", "accept", "asker", check=True)
+        assert "accepted: nothing was held" in again.stdout
+    finally:
+        lab.coordctl("node", "remove", "asker")
