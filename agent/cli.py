@@ -142,6 +142,9 @@ def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
         )
     enrollment = join(files, coordinator, enroll_endpoint, token, ca_hash, node_name, labels)
     print(f"node {enrollment.node_name} enrolled with {enrollment.coordinator}; now start: picoord-agent run")
+    if labels:  # what the node asks for selects nothing until an operator says so
+        asked = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+        print(f"labels {asked} wait for the operator: coordctl node accept {enrollment.node_name}")
     return 0
 
 
@@ -239,7 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     join_parser.add_argument("--token-file", help="read the token from this file instead")
     join_parser.add_argument("--ca-cert-hash", required=True, help="sha256:<hex> pin of the cluster CA")
     join_parser.add_argument("--node-name", help="DNS label naming this node (default: the hostname)")
-    join_parser.add_argument("--label", action="append", default=[], metavar="k=v", help="initial label")
+    join_parser.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="k=v",
+        help="a label to ask for (repeatable); it selects the node once an operator accepts it",
+    )
     join_parser.add_argument("--enroll-port", type=int, help="enrollment port (default: PORT + 1)")
     join_parser.add_argument(
         "--state-dir", help=f"where the key and certificate go ({defaults.AGENT_STATE_DIR})"

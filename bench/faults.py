@@ -22,7 +22,10 @@ Rows (``--only NAME`` runs some of them):
 * ``enroll-storm``: 300 enrollments at once with one valid token;
 * ``image-typo``: a service whose image name has a typo, on three Pis whose agents fail
   every start with the pull error, watched for 60 s (issue 15: attempts per minute and the
-  coordinator's CPU).
+  coordinator's CPU);
+* ``one-certificate``: one node's certificate against a port capped at 16 connections
+  (issue 18): 300 session opens in a row, 16 sessions held while another node's agent
+  restarts, 5,000 events and 30,000 renewal requests on one session.
 
 The firewall row (an agent killed inside a firewall change's confirm window) needs a lab
 Pi with its own netfilter state: it is a lab test in tests/lab/test_firewall_lab.py (the
@@ -635,6 +638,124 @@ async def row_enroll_storm(root: Path, processes: Processes) -> Row:
     )
 
 
+async def burst_of_sessions(coordinator: Coordinator, node: SimNode, count: int) -> Counter[str]:
+    """`count` sessions one after another: hello, the welcome, gone; how each ended."""
+    endings: Counter[str] = Counter()
+    async with session_channel(coordinator, node) as channel:
+        for _ in range(count):
+            call = agent_pb2_grpc.AgentSessionStub(channel).Session()
+            try:
+                await call.write(hello(node))
+                reply = await asyncio.wait_for(call.read(), 10)
+                endings["welcomed" if reply is not grpc.aio.EOF else "closed"] += 1
+            except grpc.aio.AioRpcError as error:
+                endings[error.code().name] += 1
+            call.cancel()
+    return endings
+
+
+async def flood(coordinator: Coordinator, node: SimNode, message: agent_pb2.AgentMessage, count: int) -> str:
+    """Hello, then `count` copies of `message` as fast as the stream takes them; how it ended."""
+    async with session_channel(coordinator, node) as channel:
+        call = agent_pb2_grpc.AgentSessionStub(channel).Session()
+        await call.write(hello(node))
+        await asyncio.wait_for(call.read(), 20)
+        sent = 0
+        with contextlib.suppress(Exception):
+            while sent < count and not call.done():
+                await call.write(message)
+                sent += 1
+        return f"{await ending(call, 30)} after {sent} sent"
+
+
+OVER_LIMIT_SERIES = 'picoord_coordinator_refused_messages_total{kind="session",reason="over_limit"}'
+
+
+def over_limit_count(coordinator: Coordinator) -> float:
+    """Sessions the coordinator ended because their node went past its share. (The
+    client's own status can read INTERNAL: the stream is reset while it still writes.)"""
+    for line in http_get(f"http://{LOOPBACK}:{coordinator.metrics_port}/metrics").decode().splitlines():
+        if line.startswith(OVER_LIMIT_SERIES + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def row_one_certificate(root: Path, processes: Processes) -> Row:
+    config = root / "coordinator.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("max_connections = 16\n")
+    coordinator = Coordinator.start(root, processes, extra=("--config", str(config)))
+    token, ca_hash = new_token(coordinator)
+    hog = await enroll(coordinator, "pi-hog", token, ca_hash)
+    honest = await enroll(coordinator, "pi-honest", token, ca_hash)
+    log_before = log_size(coordinator)
+    burst = await burst_of_sessions(coordinator, hog, 300)
+    burst_log = log_size(coordinator) - log_before
+
+    # 16 sessions held from the hog's certificate (the port's whole cap), then the honest
+    # node's agent (re)connects, as after a restart
+    held = [session_channel(coordinator, hog) for _ in range(16)]
+    calls = []
+    for channel in held:
+        call = agent_pb2_grpc.AgentSessionStub(channel).Session()
+        with contextlib.suppress(Exception):
+            await call.write(hello(hog))
+        calls.append(call)
+    await asyncio.sleep(1)
+    keeper = SessionKeeper(coordinator, [honest])
+    keeper.start()
+    honest_after = await wait_until(lambda: "pi-honest" in keeper.up, 90, step=0.5)
+    await keeper.stop()
+    for call in calls:
+        call.cancel()
+    for channel in held:
+        await channel.close()
+    await asyncio.sleep(31)  # the hog's pause on session opens ends
+
+    log_before, cut_before = log_size(coordinator), over_limit_count(coordinator)
+    event = agent_pb2.AgentMessage(
+        event=agent_pb2.Event(kind="spam", message="x" * 200, timestamp=time.time())
+    )
+    events = await flood(coordinator, hog, event, 5000)
+    events_log = log_size(coordinator) - log_before
+    events_cut = over_limit_count(coordinator) - cut_before
+    await asyncio.sleep(11)  # the pause on its messages ends
+    log_before, cut_before = log_size(coordinator), over_limit_count(coordinator)
+    renew = agent_pb2.AgentMessage(
+        renew=agent_pb2.RenewCertificate(csr_pem=b"-----BEGIN CERTIFICATE REQUEST-----")
+    )
+    renewals = await flood(coordinator, hog, renew, 30_000)
+    renewals_log = log_size(coordinator) - log_before
+    renewals_cut = over_limit_count(coordinator) - cut_before
+    with coordinator.log.open("rb") as log:  # a node that sends but never reads fills its outbox
+        log.seek(log_before)
+        unread = b"it stopped reading" in log.read()
+    renewals_end = (
+        "cut at its share" if renewals_cut else "ended: it stopped reading" if unread else "not cut"
+    )
+    ok = (
+        burst["welcomed"] <= 60
+        and burst["RESOURCE_EXHAUSTED"] >= 200
+        and honest_after is not None
+        and events_cut == 1
+        and (renewals_cut == 1 or unread)
+        and max(burst_log, events_log, renewals_log) < 64 * 1024
+    )
+    return Row(
+        "one certificate: 300 opens, 16 held sessions, 5,000 events, 30,000 renewals",
+        f"opens: {burst['welcomed']} welcomed, {burst['RESOURCE_EXHAUSTED']} RESOURCE_EXHAUSTED; "
+        f"events: {'cut at its share' if events_cut else 'not cut'} ({events}); "
+        f"renewals: {renewals_end} ({renewals})",
+        f"another node's agent Ready {honest_after:.1f} s after the 16 were held"
+        if honest_after is not None
+        else "another node's agent not Ready in 90 s",
+        "no",
+        ok,
+        f"log grew {burst_log // 1024} KiB (opens), {events_log // 1024} KiB (events), "
+        f"{renewals_log // 1024} KiB (renewals)",
+    )
+
+
 def row_firewall_lab() -> Row:
     done = subprocess.run(
         [
@@ -779,6 +900,7 @@ ROWS: dict[str, Callable[[Path, Processes], Awaitable[Row]]] = {
     "sigkill": row_sigkill,
     "enroll-storm": row_enroll_storm,
     "image-typo": row_image_typo,
+    "one-certificate": row_one_certificate,
 }
 
 

@@ -19,6 +19,12 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import structlog
 
 from picoord.common.tokens import BootstrapToken
+from picoord.coordinator.placement.inputs import (
+    MEMBERSHIP_KINDS,
+    Enrolled,
+    hardware_changes,
+    roles_from_actions,
+)
 from picoord.coordinator.status import STATUS_TO_WIRE, Status, StatusTimeouts, node_status
 from picoord.coordinator.store import (
     AdminCertificateRecord,
@@ -38,6 +44,9 @@ R = TypeVar("R")
 
 # Expired tokens are kept this long, so `coordctl token list` can still show why a join failed.
 EXPIRED_TOKEN_RETENTION = 7 * 24 * 3600.0
+# Messages queued for one node: a node that stops reading fills it, and its session ends
+# (it connects again once it reads), instead of the coordinator holding its backlog.
+OUTBOX_SIZE = 256
 
 
 def whole(change: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -56,6 +65,22 @@ class NodeUnavailable(Exception):
     """The node has no open session, or lost it while the action ran."""
 
 
+class Outbox(asyncio.Queue[agent_pb2.CoordinatorMessage]):
+    """What is queued for one node, at most `maxsize`. `put` never waits: a full outbox means
+    the node stopped reading, so the message is dropped and `on_full` (ending the session)
+    called; callers keep writing `await session.outbox.put(message)`."""
+
+    def __init__(self, maxsize: int = OUTBOX_SIZE, on_full: Callable[[], None] = lambda: None) -> None:
+        super().__init__(maxsize)
+        self.on_full = on_full
+
+    async def put(self, item: agent_pb2.CoordinatorMessage) -> None:
+        try:
+            self.put_nowait(item)
+        except asyncio.QueueFull:
+            self.on_full()
+
+
 @dataclass
 class LiveSession:
     """One agent's open stream: what to send it, and how to end it from elsewhere."""
@@ -63,12 +88,18 @@ class LiveSession:
     node: str
     serial: str
     address: str = ""  # the IP the session comes from: how other nodes can reach this one
-    outbox: asyncio.Queue[agent_pb2.CoordinatorMessage] = field(default_factory=asyncio.Queue)
+    outbox: Outbox = field(default_factory=Outbox)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     close_reason: str = ""
 
+    def __post_init__(self) -> None:
+        self.outbox.on_full = lambda: self.close(
+            f"{self.outbox.maxsize} messages wait for this node: it stopped reading (connect again)"
+        )
+
     def close(self, reason: str) -> None:
-        self.close_reason = reason
+        if not self.closed.is_set():
+            self.close_reason = reason
         self.closed.set()
 
 
@@ -117,6 +148,11 @@ class Cluster:
         self._unflushed: dict[str, float] = {}
         self._unflushed_hellos: dict[str, PendingHello] = {}
         self._hardware: dict[str, node_pb2.Hardware] = {}
+        self._recorded: dict[str, tuple[bytes | None, node_pb2.Hardware]] = {}
+        # Each node's cluster role is the coordinator's record of the membership actions it ran.
+        self._roles = roles_from_actions(
+            admin_pb2.ActionRecord.FromString(row) for row in store.actions_of_kinds(MEMBERSHIP_KINDS)
+        )
         self._summaries: dict[str, tuple[NodeRecord, admin_pb2.NodeSummary]] = {}
         self._pending_actions: dict[str, tuple[str, asyncio.Future[agent_pb2.ActionResult]]] = {}
 
@@ -169,7 +205,11 @@ class Cluster:
         record = self._records.get(session.node)
         if record is not None:
             self._records[session.node] = dataclasses.replace(
-                record, agent_version=pending.agent_version, hardware=pending.hardware, last_seen=now
+                record,
+                agent_version=pending.agent_version,
+                hardware=pending.hardware,
+                last_seen=now,
+                enrolled_hardware=record.enrolled_hardware or pending.hardware,  # the first hello's
             )
         try:
             await self._write(
@@ -276,6 +316,32 @@ class Cluster:
             self._hardware[record.name] = cached
         return cached
 
+    def recorded_hardware(self, record: NodeRecord) -> node_pb2.Hardware:
+        """The hardware placement counts: recorded at the first hello, or accepted since."""
+        if record.enrolled_hardware is None:
+            return self.hardware(record)
+        cached = self._recorded.get(record.name)
+        if cached is None or cached[0] is not record.enrolled_hardware:
+            cached = (record.enrolled_hardware, node_pb2.Hardware.FromString(record.enrolled_hardware))
+            self._recorded[record.name] = cached
+        return cached[1]
+
+    def enrolled(self, record: NodeRecord) -> Enrolled:
+        """What placement holds the node's reports against (see placement.inputs.node_from)."""
+        return Enrolled(
+            self.recorded_hardware(record),
+            pending_labels=record.pending_labels,
+            other_names=self._records.keys() - {record.name},
+        )
+
+    def held(self, record: NodeRecord) -> list[str]:
+        """The hardware changes the node reported since enrollment, not yet accepted."""
+        return hardware_changes(self.recorded_hardware(record), self.hardware(record))
+
+    def role(self, name: str) -> str:
+        """manager or worker: what the coordinator's membership actions made the node."""
+        return self._roles.get(name, "worker")
+
     def status(self, name: str) -> Status:
         return node_status(name in self.sessions, self._last_seen.get(name, 0.0), self.clock(), self.timeouts)
 
@@ -299,6 +365,8 @@ class Cluster:
                 agent_version=record.agent_version,
                 labels=record.labels,
                 enrolled_at=record.enrolled_at,
+                pending_labels={key: record.labels[key] for key in record.pending_labels},
+                held=self.held(record),
             )
             static = self._summaries[record.name] = (record, built)
         summary = admin_pb2.NodeSummary()
@@ -306,6 +374,7 @@ class Cluster:
         summary.status = STATUS_TO_WIRE[self.status(record.name)]
         summary.last_seen = self._last_seen.get(record.name, record.last_seen)
         summary.connected = record.name in self.sessions
+        summary.role = self.role(record.name)
         return summary
 
     # changes made by the operator or by enrollment: the store first, then the view
@@ -319,7 +388,7 @@ class Cluster:
 
     @whole
     async def create_token(
-        self, ttl: float, usage_limit: int, description: str
+        self, ttl: float, usage_limit: int, description: str, labels: dict[str, str] | None = None
     ) -> tuple[BootstrapToken, TokenRecord]:
         token = BootstrapToken.generate()
         now = self.clock()
@@ -331,6 +400,7 @@ class Cluster:
             usage_limit=usage_limit,
             uses=0,
             description=description,
+            labels=dict(labels or {}),
         )
         await self._write(self._store.add_token, record)
         return token, record
@@ -365,6 +435,15 @@ class Cluster:
 
         return self._remember(name, await self._write(update_and_read))
 
+    @whole
+    async def accept_node(self, name: str) -> NodeRecord | None:
+        """Accept the node's join labels and its latest hardware; None when it no longer exists."""
+
+        def accept_and_read() -> NodeRecord | None:
+            return self._store.get_node(name) if self._store.accept_node(name) else None
+
+        return self._remember(name, await self._write(accept_and_read))
+
     async def certificates_of(self, name: str) -> list[CertificateRecord]:
         """The node's certificates that are neither revoked nor expired, newest first."""
         return await self._read(self._store.active_certificates, name, self.clock())
@@ -380,12 +459,14 @@ class Cluster:
 
     @whole
     async def record_action(self, record: admin_pb2.ActionRecord) -> None:
+        self._roles.update(roles_from_actions([record]))
         await self._write(
             self._store.record_action,
             record.action_id,
             record.node,
             record.started_at,
             record.SerializeToString(),
+            record.kind,
         )
 
     async def list_actions(self, node: str | None, limit: int) -> list[admin_pb2.ActionRecord]:
@@ -404,6 +485,8 @@ class Cluster:
         self._unflushed.pop(name, None)
         self._unflushed_hellos.pop(name, None)
         self._hardware.pop(name, None)
+        self._recorded.pop(name, None)
+        self._roles.pop(name, None)
         return serials, session is not None
 
     # remote operators' certificates

@@ -312,6 +312,41 @@ def check_series(hardware: node_pb2.Hardware) -> None:
             )
 
 
+# The SoC and disk temperatures a running machine can report, in °C.
+PLAUSIBLE_CELSIUS = (-40.0, 150.0)
+
+
+def _implausible(field: str, why: str) -> MalformedMessage:
+    return MalformedMessage(MALFORMED, f"implausible sample: metrics.{field} {why}", "metrics")
+
+
+def check_plausible(sample: node_pb2.MetricsSample, hardware: node_pb2.Hardware) -> None:
+    """A sample agrees with itself and with the hardware its session's hello reported (which
+    placement in turn holds against the hardware recorded at enrollment): available memory
+    and swap within their totals, the totals those of the hello, no more CPUs than it has
+    cores, temperatures a machine can have. Load and temperature within these remain the
+    node's word (the README's trust section)."""
+    if sample.memory_available_bytes > sample.memory_total_bytes:
+        raise _implausible("memory_available_bytes", "is more than memory_total_bytes")
+    if sample.memory_free_bytes > sample.memory_total_bytes:
+        raise _implausible("memory_free_bytes", "is more than memory_total_bytes")
+    if sample.swap_free_bytes > sample.swap_total_bytes:
+        raise _implausible("swap_free_bytes", "is more than swap_total_bytes")
+    if hardware.memory_total_bytes and sample.memory_total_bytes not in (0, hardware.memory_total_bytes):
+        raise _implausible(
+            "memory_total_bytes",
+            f"is {sample.memory_total_bytes}, the hello reported {hardware.memory_total_bytes}",
+        )
+    if hardware.cpu_cores and len(sample.cpus) > hardware.cpu_cores:
+        raise _implausible(
+            "cpus", f"has {len(sample.cpus)} entries, the hello reported {hardware.cpu_cores} cores"
+        )
+    low, high = PLAUSIBLE_CELSIUS
+    for index, temperature in enumerate(sample.temperatures):
+        if not low <= temperature.celsius <= high:
+            raise _implausible(f"temperatures[{index}].celsius", f"is outside {low:g}..{high:g}")
+
+
 def check_sample(sample: node_pb2.MetricsSample) -> None:
     """The numbers of a sample; its sizes are check_bounds' job."""
     _finite("metrics.timestamp", sample.timestamp, "metrics")
@@ -326,8 +361,9 @@ def check_sample(sample: node_pb2.MetricsSample) -> None:
         _finite(f"metrics.temperatures[{index}].celsius", temperature.celsius, "metrics")
 
 
-def check_followup(message: agent_pb2.AgentMessage) -> str:
-    """Validate a message after hello; return which kind it is."""
+def check_followup(message: agent_pb2.AgentMessage, hardware: node_pb2.Hardware | None = None) -> str:
+    """Validate a message after hello; return which kind it is. With the hello's `hardware`,
+    a sample is also held to it (check_plausible)."""
     kind = message.WhichOneof("body")
     if kind is None:
         raise MalformedMessage(MALFORMED, "empty message")
@@ -338,6 +374,8 @@ def check_followup(message: agent_pb2.AgentMessage) -> str:
     check_bounds(body, kind, kind)
     if kind == "metrics":
         check_sample(message.metrics)
+        if hardware is not None:
+            check_plausible(message.metrics, hardware)
     elif kind == "heartbeat":
         _finite("heartbeat.timestamp", message.heartbeat.timestamp, kind)
     elif kind == "event":

@@ -38,7 +38,7 @@ from picoord.coordinator.servicers.admin_certificates import LOCAL_ONLY_METHODS,
 from picoord.coordinator.servicers.cluster_admin import AdminServicer
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
 from picoord.coordinator.servicers.peers import LOCAL_OPERATORS, AdminGate, restrict_to_operators
-from picoord.coordinator.servicers.session import SessionServicer
+from picoord.coordinator.servicers.session import SessionLimits, SessionServicer
 from picoord.coordinator.servicers.workloads import WorkloadsServicer
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import StateUnavailable, Store
@@ -48,6 +48,7 @@ from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2_grpc, services_pb2, 
 log = structlog.get_logger("picoord.coordinator")
 
 FLUSH_INTERVAL = 5.0
+AGENT_CONNECTION_IDLE = 15.0  # seconds an agent-port connection may carry no call
 GRPC_OPTIONS = [
     # Without this, a second coordinator on the same port starts "fine" and the kernel
     # splits connections between two CAs; fail at start-up instead.
@@ -160,6 +161,9 @@ def agent_server_options(config: CoordinatorConfig, open_files: int) -> list[tup
         *GRPC_OPTIONS,
         ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
         ("grpc.max_allowed_incoming_connections", connections_per_port(open_files, config.max_connections)),
+        # A connection carrying no call is closed: one a node's refused extra session left
+        # behind (SessionLimits) holds no slot another node needs.
+        ("grpc.max_connection_idle_ms", round(AGENT_CONNECTION_IDLE * 1000)),
     ]
 
 
@@ -275,7 +279,10 @@ async def serve(config: CoordinatorConfig) -> None:
     )
     agent_pb2_grpc.add_EnrollmentServicer_to_server(EnrollmentServicer(cluster, ca, throttle), server)
     agent_pb2_grpc.add_AgentSessionServicer_to_server(
-        SessionServicer(cluster, config.metrics_interval, config.heartbeat_interval, ca, controller), server
+        SessionServicer(
+            cluster, config.metrics_interval, config.heartbeat_interval, ca, controller, SessionLimits()
+        ),
+        server,
     )
     admin_service = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
     workloads_service = services_pb2.DESCRIPTOR.services_by_name["Workloads"]

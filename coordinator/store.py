@@ -8,10 +8,11 @@ facts (last seen, metrics) live in memory and are flushed here in batches.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +67,29 @@ CREATE TABLE IF NOT EXISTS admin_certificates (
     issued_by TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS admin_certificates_by_name ON admin_certificates(name);
+CREATE TABLE IF NOT EXISTS token_uses (
+    token_id TEXT NOT NULL,
+    node TEXT NOT NULL,
+    used_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS token_uses_by_token ON token_uses(token_id, used_at);
 """
 
+# Columns added after the first release: (table, column, declaration), added to an older
+# database at open. `enrolled_hardware` is the hardware placement counts (the first hello's,
+# or one an operator accepted); `hardware` stays the latest report. A label with `accepted`
+# 0 is one the node asked for at join: shown, but no placement fact until accepted (labels
+# of an older database were all accepted there, so they stay so).
+_ADDED_COLUMNS = (
+    ("nodes", "enrolled_hardware", "BLOB"),
+    ("labels", "accepted", "INTEGER NOT NULL DEFAULT 1"),
+    ("actions", "kind", "TEXT"),  # NULL in rows written before it: read those in full
+    ("tokens", "labels", "TEXT NOT NULL DEFAULT '{}'"),
+)
+
 _UPSERT_LABEL = (
-    "INSERT INTO labels VALUES (?, ?, ?) ON CONFLICT(node, key) DO UPDATE SET value = excluded.value"
+    "INSERT INTO labels(node, key, value, accepted) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT(node, key) DO UPDATE SET value = excluded.value, accepted = excluded.accepted"
 )
 
 
@@ -132,6 +152,8 @@ class TokenRecord:
     usage_limit: int
     uses: int
     description: str
+    labels: dict[str, str] = field(default_factory=dict)  # granted to the nodes that join with it
+    used_by: tuple[str, ...] = ()  # the nodes that enrolled with it, oldest first
 
 
 @dataclass(frozen=True)
@@ -165,8 +187,10 @@ class NodeRecord:
     enrolled_at: float
     last_seen: float
     agent_version: str
-    hardware: bytes | None  # serialized picoord.v1.Hardware
-    labels: dict[str, str] = field(default_factory=dict)
+    hardware: bytes | None  # serialized picoord.v1.Hardware, as the latest hello reported it
+    labels: dict[str, str] = field(default_factory=dict)  # all of them, pending ones included
+    enrolled_hardware: bytes | None = None  # what placement counts: the first hello's, or accepted
+    pending_labels: frozenset[str] = frozenset()  # keys the node asked for at join, not yet accepted
 
 
 def no_space_left(path: Path) -> bool:
@@ -260,6 +284,10 @@ class Store:
         with self.transaction() as db:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
+            for table, column, declaration in _ADDED_COLUMNS:
+                present = {row["name"] for row in db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
             db.execute(
                 "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
             )
@@ -314,7 +342,8 @@ class Store:
     def add_token(self, record: TokenRecord) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO tokens(token_id, secret_hash, created_at, expires_at, usage_limit, uses, "
+                "description, labels) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.token_id,
                     record.secret_hash,
@@ -323,18 +352,32 @@ class Store:
                     record.usage_limit,
                     record.uses,
                     record.description,
+                    json.dumps(record.labels, sort_keys=True),
                 ),
             )
 
+    def _token(self, row: sqlite3.Row) -> TokenRecord:
+        fields = dict(row)
+        fields["labels"] = json.loads(fields.get("labels") or "{}")
+        uses = self._query(
+            "SELECT node FROM token_uses WHERE token_id = ? ORDER BY used_at", (fields["token_id"],)
+        )
+        return TokenRecord(**fields, used_by=tuple(use["node"] for use in uses))
+
     def get_token(self, token_id: str) -> TokenRecord | None:
         rows = self._query("SELECT * FROM tokens WHERE token_id = ?", (token_id,))
-        return TokenRecord(**dict(rows[0])) if rows else None
+        return self._token(rows[0]) if rows else None
 
     def list_tokens(self) -> list[TokenRecord]:
-        return [TokenRecord(**dict(row)) for row in self._query("SELECT * FROM tokens ORDER BY created_at")]
+        return [self._token(row) for row in self._query("SELECT * FROM tokens ORDER BY created_at")]
 
     def delete_expired_tokens(self, now: float) -> int:
         with self.transaction() as db:
+            db.execute(
+                "DELETE FROM token_uses WHERE token_id IN "
+                "(SELECT token_id FROM tokens WHERE expires_at <= ?)",
+                (now,),
+            )
             return db.execute("DELETE FROM tokens WHERE expires_at <= ?", (now,)).rowcount
 
     # enrollment: one transaction checks and uses the token, creates the node and records
@@ -355,6 +398,9 @@ class Store:
             ).rowcount
             if not used:
                 raise EnrollmentConflict(f"token {token_id} is expired or used up")
+            granted = json.loads(
+                db.execute("SELECT labels FROM tokens WHERE token_id = ?", (token_id,)).fetchone()[0] or "{}"
+            )
             holder = db.execute(
                 "SELECT 1 FROM certificates WHERE node = ? AND revoked_at IS NULL AND not_after > ?",
                 (node, now),
@@ -365,10 +411,17 @@ class Store:
                 )
             db.execute(
                 "INSERT INTO nodes(name, enrolled_at) VALUES (?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET enrolled_at = excluded.enrolled_at",
+                "ON CONFLICT(name) DO UPDATE SET enrolled_at = excluded.enrolled_at, "
+                "enrolled_hardware = NULL",
                 (node, now),
             )
-            db.executemany(_UPSERT_LABEL, [(node, key, value) for key, value in labels.items()])
+            # The token's labels are granted; the ones the node asks for wait for an operator.
+            asked = {key: value for key, value in labels.items() if granted.get(key) != value}
+            db.executemany(_UPSERT_LABEL, [(node, key, value, 0) for key, value in asked.items()])
+            db.executemany(
+                _UPSERT_LABEL, [(node, key, value, 1) for key, value in granted.items() if key not in asked]
+            )
+            db.execute("INSERT INTO token_uses VALUES (?, ?, ?)", (token_id, node, now))
             db.execute(
                 "INSERT INTO certificates VALUES (?, ?, ?, ?, NULL)",
                 (certificate.serial, node, certificate.issued_at, certificate.not_after),
@@ -412,26 +465,38 @@ class Store:
         rows = self._query("SELECT * FROM nodes WHERE name = ?", (name,))
         if not rows:
             return None
-        return NodeRecord(**dict(rows[0]), labels=self._labels(name))
+        labels, pending = self._labels(name).get(name, ({}, set()))
+        return NodeRecord(**dict(rows[0]), labels=labels, pending_labels=frozenset(pending))
 
     def list_nodes(self) -> list[NodeRecord]:
-        labels: dict[str, dict[str, str]] = {}
-        for row in self._query("SELECT node, key, value FROM labels ORDER BY node, key"):
-            labels.setdefault(row["node"], {})[row["key"]] = row["value"]
-        return [
-            NodeRecord(**dict(row), labels=labels.get(row["name"], {}))
-            for row in self._query("SELECT * FROM nodes ORDER BY name")
-        ]
+        found = self._labels()
+        records = []
+        for row in self._query("SELECT * FROM nodes ORDER BY name"):
+            labels, pending = found.get(row["name"], ({}, set()))
+            records.append(NodeRecord(**dict(row), labels=labels, pending_labels=frozenset(pending)))
+        return records
 
-    def _labels(self, node: str) -> dict[str, str]:
-        rows = self._query("SELECT key, value FROM labels WHERE node = ? ORDER BY key", (node,))
-        return {row["key"]: row["value"] for row in rows}
+    def _labels(self, node: str | None = None) -> dict[str, tuple[dict[str, str], set[str]]]:
+        """node -> (its labels, the keys not yet accepted), of one node or of all."""
+        found: dict[str, tuple[dict[str, str], set[str]]] = {}
+        rows = self._query(
+            "SELECT node, key, value, accepted FROM labels WHERE ? IS NULL OR node = ? ORDER BY node, key",
+            (node, node),
+        )
+        for row in rows:
+            labels, pending = found.setdefault(row["node"], ({}, set()))
+            labels[row["key"]] = row["value"]
+            if not row["accepted"]:
+                pending.add(row["key"])
+        return found
 
     def record_hello(self, name: str, agent_version: str, hardware: bytes, now: float) -> None:
+        """The latest report; the first one after enrollment is also the recorded hardware."""
         with self.transaction() as db:
             db.execute(
-                "UPDATE nodes SET agent_version = ?, hardware = ?, last_seen = ? WHERE name = ?",
-                (agent_version, hardware, now, name),
+                "UPDATE nodes SET agent_version = ?, hardware = ?, last_seen = ?, "
+                "enrolled_hardware = COALESCE(enrolled_hardware, ?) WHERE name = ?",
+                (agent_version, hardware, now, hardware, name),
             )
 
     def record_last_seen(
@@ -443,10 +508,10 @@ class Store:
             return
         with self.transaction() as db:
             db.executemany(
-                "UPDATE nodes SET agent_version = ?, hardware = ?, last_seen = MAX(last_seen, ?) "
-                "WHERE name = ?",
+                "UPDATE nodes SET agent_version = ?, hardware = ?, last_seen = MAX(last_seen, ?), "
+                "enrolled_hardware = COALESCE(enrolled_hardware, ?) WHERE name = ?",
                 [
-                    (version, hardware, when, name)
+                    (version, hardware, when, hardware, name)
                     for name, (version, hardware, when) in (hellos or {}).items()
                 ],
             )
@@ -463,19 +528,42 @@ class Store:
             db.executemany("DELETE FROM labels WHERE node = ? AND key = ?", [(name, key) for key in remove])
             db.executemany(
                 _UPSERT_LABEL,
-                [(name, key, value) for key, value in set_labels.items()],
+                [(name, key, value, 1) for key, value in set_labels.items()],  # the operator's word
             )
+        return True
+
+    def accept_node(self, name: str) -> bool:
+        """Accept the labels the node asked for and record its latest hardware as the one
+        placement counts; False (nothing changed) when there is no such node."""
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone() is None:
+                return False
+            db.execute("UPDATE labels SET accepted = 1 WHERE node = ?", (name,))
+            db.execute("UPDATE nodes SET enrolled_hardware = hardware WHERE name = ?", (name,))
         return True
 
     # action history: one serialized picoord.v1.ActionRecord per action, written at its
     # start and again at its end, so a coordinator crash mid-apply still shows what began.
-    def record_action(self, action_id: str, node: str, started_at: float, record: bytes) -> None:
+    def record_action(
+        self, action_id: str, node: str, started_at: float, record: bytes, kind: str = ""
+    ) -> None:
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO actions VALUES (?, ?, ?, ?) "
-                "ON CONFLICT(action_id) DO UPDATE SET record = excluded.record",
-                (action_id, record, node, started_at),
+                "INSERT INTO actions(action_id, record, node, started_at, kind) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT(action_id) DO UPDATE SET record = excluded.record, kind = excluded.kind",
+                (action_id, record, node, started_at, kind or None),
             )
+
+    def actions_of_kinds(self, kinds: Iterable[str]) -> list[bytes]:
+        """The records of actions of these kinds (and of rows older than the kind column),
+        oldest first: what the coordinator's record of cluster roles is built from."""
+        wanted = sorted(kinds)
+        marks = ", ".join("?" for _ in wanted)
+        rows = self._query(
+            f"SELECT record FROM actions WHERE kind IS NULL OR kind IN ({marks}) ORDER BY started_at",
+            tuple(wanted),
+        )
+        return [row[0] for row in rows]
 
     def list_actions(self, node: str | None, limit: int) -> list[bytes]:
         if node:

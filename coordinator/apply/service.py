@@ -18,6 +18,7 @@ from picoord.coordinator.apply.action_planner import NodeView, Step, plan
 from picoord.coordinator.apply.runner import ApplyRun
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
+from picoord.coordinator.placement.inputs import accepted_labels
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
 from picoord.coordinator.workloads.spec import ServiceSpec
 from picoord.v1 import admin_pb2
@@ -67,8 +68,8 @@ class ApplyService:
             views.append(
                 NodeView(
                     name=record.name,
-                    labels=record.labels,
-                    arch=self.cluster.hardware(record).arch,
+                    labels=accepted_labels(record.labels, record.pending_labels),
+                    arch=self.cluster.recorded_hardware(record).arch,
                     address=session.address if session else "",
                 )
             )

@@ -213,7 +213,8 @@ class WorkloadController:
             hardware = self.cluster.hardware(record)
             sample = self.cluster.history.latest(record.name)
             ready = self.cluster.status(record.name) is Status.READY
-            inputs = (record, hardware, sample, ready, record.name in drained)
+            role = self.cluster.role(record.name)
+            inputs = (record, hardware, sample, ready, record.name in drained, role)
             cached = self._node_cache.get(record.name)
             if cached is not None and all(a is b or a == b for a, b in zip(cached[0], inputs, strict=True)):
                 nodes[record.name] = cached[1]
@@ -225,7 +226,8 @@ class WorkloadController:
                 record.labels,
                 ready=ready,
                 draining=record.name in drained,
-                role=record.labels.get("role", "worker"),
+                role=role,
+                enrolled=self.cluster.enrolled(record),
             )
             self._node_cache[record.name] = (inputs, node)
             nodes[record.name] = node

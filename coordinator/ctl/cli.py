@@ -9,6 +9,7 @@ import shlex
 import socket
 import sys
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -61,22 +62,53 @@ def token_view(info: admin_pb2.TokenInfo) -> dict[str, Any]:
         "uses": info.uses,
         "usage_limit": info.usage_limit or None,
         "description": info.description,
+        "labels": dict(sorted(info.labels.items())),
+        "used_by": list(info.used_by),
     }
 
 
-def _labels_text(labels: dict[str, str]) -> str:
-    return ",".join(f"{key}={value}" for key, value in labels.items()) or "-"
+def _labels_text(labels: dict[str, str], pending: Iterable[str] = ()) -> str:
+    """k=v,...; a label the node asked for and no operator accepted yet is marked "(asked)"."""
+    held = set(pending)
+    return (
+        ",".join(f"{key}={value}" + (" (asked)" if key in held else "") for key, value in labels.items())
+        or "-"
+    )
+
+
+def _uses_text(view: dict[str, Any]) -> str:
+    return f"{view['uses']}/{view['usage_limit'] or 'unlimited'}"
+
+
+def _node_state(view: dict[str, Any]) -> str:
+    """STATUS, and what holds the node back: a hardware claim or labels to accept."""
+    notes = []
+    if view["held"]:
+        notes.append("HELD: " + "; ".join(view["held"]))
+    if view["pending_labels"]:
+        notes.append("labels asked")
+    return "; ".join(notes) or "-"
 
 
 def cmd_token_create(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     reply = stub.CreateToken(
         admin_pb2.CreateTokenRequest(
-            ttl_seconds=args.ttl, usage_limit=args.uses, description=args.description
+            ttl_seconds=args.ttl,
+            usage_limit=args.uses,
+            description=args.description,
+            labels=dict(parse_label_assignment(item) for item in args.label),
         ),
         timeout=CALL_TIMEOUT,
     )
     if args.output == "table":
+        info = reply.info
+        uses = f"up to {info.usage_limit} node(s)" if info.usage_limit else "any number of nodes"
+        grants = f"; grants {_labels_text(dict(sorted(info.labels.items())))}" if info.labels else ""
         echo(reply.join_command)
+        echo(
+            f"# token {info.token_id}: {uses} may join until {iso_time(info.expires_at)}{grants}",
+            file=sys.stderr,
+        )
         return 0
     view = {
         "token": reply.token,
@@ -97,7 +129,9 @@ def cmd_token_list(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> 
         [
             ("TOKEN ID", lambda v: v["token_id"]),
             ("EXPIRES", lambda v: v["expires_at"]),
-            ("USES", lambda v: f"{v['uses']}/{v['usage_limit'] or 'unlimited'}"),
+            ("USES", _uses_text),
+            ("USED BY", lambda v: ",".join(v["used_by"]) or "-"),
+            ("GRANTS", lambda v: _labels_text(v["labels"])),
             ("DESCRIPTION", lambda v: v["description"] or "-"),
         ],
     )
@@ -122,7 +156,9 @@ def cmd_nodes(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
             ("OS", lambda v: v["os"] or "-"),
             ("AGENT", lambda v: v["agent_version"] or "-"),
             ("LAST SEEN", lambda v: ago(last_seen[v["name"]], now)),
-            ("LABELS", lambda v: _labels_text(v["labels"])),
+            ("LABELS", lambda v: _labels_text(v["labels"], v["pending_labels"])),
+            ("ROLE", lambda v: v["role"] or "-"),
+            ("HELD", _node_state),
         ],
     )
     return 0
@@ -158,7 +194,9 @@ def cmd_node_show(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> i
         ),
         ("GPUs", ", ".join(f"{g.name} {human_bytes(g.memory_bytes)}" for g in hw.gpus) or "none"),
         ("Agent", detail.summary.agent_version or "-"),
-        ("Labels", _labels_text(dict(sorted(detail.summary.labels.items())))),
+        ("Labels", _labels_text(dict(sorted(detail.summary.labels.items())), detail.summary.pending_labels)),
+        ("Role", detail.summary.role or "-"),
+        ("Held", _node_state(view)),
         ("Certificate", certificate_line(detail, view)),
         ("Last seen", ago(detail.summary.last_seen, time.time())),
     ]
@@ -218,6 +256,17 @@ def cmd_node_label(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> 
         admin_pb2.LabelNodeRequest(name=args.name, set=to_set, remove=to_remove), timeout=CALL_TIMEOUT
     )
     echo(f"node/{summary.name} labelled: {_labels_text(dict(sorted(summary.labels.items())))}")
+    return 0
+
+
+def cmd_node_accept(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    reply = stub.AcceptNode(admin_pb2.AcceptNodeRequest(name=args.name), timeout=CALL_TIMEOUT)
+    accepted = []
+    if reply.accepted_labels:
+        accepted.append("labels " + _labels_text(dict(sorted(reply.accepted_labels.items()))))
+    if reply.accepted_hardware:
+        accepted.append("hardware " + "; ".join(reply.accepted_hardware))
+    echo(f"node/{reply.summary.name} accepted: {', '.join(accepted) or 'nothing was held'}")
     return 0
 
 
@@ -476,8 +525,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--uses", type=int, default=0, help="how many nodes may join with it (default unlimited)"
     )
     create.add_argument("--description", default="")
+    create.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="k=v",
+        help="a label every node joining with it gets (repeatable); labels a node asks for wait for `accept`",
+    )
     create.set_defaults(handler=cmd_token_create)
-    with_output(token.add_parser("list", help="list tokens (ids only)")).set_defaults(handler=cmd_token_list)
+    with_output(
+        token.add_parser("list", help="list tokens (ids only) and the nodes that used each")
+    ).set_defaults(handler=cmd_token_list)
 
     with_output(commands.add_parser("nodes", help="list nodes")).set_defaults(handler=cmd_nodes)
     node = commands.add_parser("node", help="one node").add_subparsers(dest="node_command", required=True)
@@ -489,6 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("name")
     label.add_argument("labels", nargs="+", metavar="k=v|k-")
     label.set_defaults(handler=cmd_node_label)
+    accept = node.add_parser(
+        "accept", help="accept the labels the node asked for at join and its changed hardware report"
+    )
+    accept.add_argument("name")
+    accept.set_defaults(handler=cmd_node_accept)
     remove = node.add_parser("remove", help="revoke the node's certificate and forget it")
     remove.add_argument("name")
     remove.set_defaults(handler=cmd_node_remove)

@@ -93,6 +93,9 @@ def node_view(node: admin_pb2.NodeSummary) -> dict[str, Any]:
         "connected": node.connected,
         "enrolled_at": iso_time(node.enrolled_at),
         "labels": dict(sorted(node.labels.items())),
+        "pending_labels": dict(sorted(node.pending_labels.items())),
+        "held": list(node.held),
+        "role": node.role,
         "certificate_state": CertificateState.from_wire(node.certificate_state).value,
         "certificate_not_after": iso_time(node.certificate_not_after),
     }

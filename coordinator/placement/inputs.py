@@ -4,16 +4,38 @@ session and drain state) to the scheduler's plain data, in one place.
 Pure conversions, so the reconcile loop stays a thin shell and the scheduler never sees
 protobuf. The SoC temperature is picked by telemetry's one rule (`soc_temperature`);
 throttling bits count only when the agent could read them (`throttled_available`).
+
+Node restriction (in the spirit of Kubernetes' NodeRestriction admission plugin): what
+places workloads is the coordinator's record, never a node's later word. The hardware
+that counts is the one recorded at the node's first hello (or accepted by an operator
+since); a hello that reports other arch, cores, memory or GPUs is held from placement
+until `coordctl node accept`. `node.role` comes from the membership actions the
+coordinator ran (`roles_from_actions`), and `node.hostname` never names another node.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
 
+from picoord.coordinator.ctl.output import human_bytes
 from picoord.coordinator.placement.constraints import NodeFacts
 from picoord.coordinator.placement.scheduler import Load, Node
 from picoord.coordinator.telemetry import soc_temperature
-from picoord.v1 import node_pb2
+from picoord.v1 import admin_pb2, agent_pb2, node_pb2
+
+MANAGER, WORKER = "manager", "worker"
+# Membership actions that make their node a control-plane node, and those that end that.
+_MANAGER_KINDS = frozenset({"swarm_init", "kubeadm_init", "k3s_server"})
+MEMBERSHIP_KINDS = _MANAGER_KINDS | {
+    "swarm_join",
+    "kubeadm_join",
+    "k3s_agent",
+    "swarm_leave",
+    "kubeadm_reset",
+    "k3s_uninstall",
+}
+_TOOK_EFFECT = (agent_pb2.ACTION_OUTCOME_SUCCEEDED, agent_pb2.ACTION_OUTCOME_UNCHANGED)
 
 
 def load_from_sample(sample: node_pb2.MetricsSample | None) -> Load:
@@ -28,6 +50,62 @@ def load_from_sample(sample: node_pb2.MetricsSample | None) -> Load:
     )
 
 
+@dataclass(frozen=True)
+class Enrolled:
+    """The coordinator's record of a node, against which its reports are claims.
+
+    `hardware` is what its first hello reported (or what an operator accepted since); None
+    before any hello. `pending_labels` are the keys it asked for at join and no operator or
+    token granted: no placement fact. `other_names` are the other nodes' names: a hostname
+    claiming one of them is no `node.hostname` fact."""
+
+    hardware: node_pb2.Hardware | None
+    pending_labels: Collection[str] = field(default_factory=frozenset)
+    other_names: Collection[str] = field(default_factory=frozenset)
+
+
+def hardware_changes(recorded: node_pb2.Hardware, reported: node_pb2.Hardware) -> list[str]:
+    """What placement would read differently in `reported`: one line per changed fact
+    (arch, cores, memory, GPUs), e.g. "memory 1.0 GiB -> 64.0 GiB"; [] when none did."""
+    changes = []
+    if recorded.arch != reported.arch:
+        changes.append(f"arch {recorded.arch or '-'} -> {reported.arch or '-'}")
+    if recorded.cpu_cores != reported.cpu_cores:
+        changes.append(f"cores {recorded.cpu_cores} -> {reported.cpu_cores}")
+    if recorded.memory_total_bytes != reported.memory_total_bytes:
+        before, after = human_bytes(recorded.memory_total_bytes), human_bytes(reported.memory_total_bytes)
+        changes.append(f"memory {before} -> {after}")
+    gpus = [(gpu.vendor, gpu.name, gpu.memory_bytes) for gpu in recorded.gpus]
+    if gpus != [(gpu.vendor, gpu.name, gpu.memory_bytes) for gpu in reported.gpus]:
+        changes.append(f"gpus {len(recorded.gpus)} -> {len(reported.gpus)}")
+    return changes
+
+
+def accepted_labels(labels: Mapping[str, str], pending: Collection[str]) -> dict[str, str]:
+    """The labels that select nodes (placement, apply selectors): all but those still pending."""
+    return {key: value for key, value in labels.items() if key not in pending}
+
+
+def hostname_fact(name: str, hostname: str, other_names: Collection[str]) -> str:
+    """The hostname `node.hostname` may also match: "" when it names another node (a node
+    cannot pull that node's pinned workloads by calling itself after it)."""
+    taken = {other.casefold() for other in other_names if other != name}
+    return "" if hostname.casefold() in taken else hostname
+
+
+def roles_from_actions(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, str]:
+    """node -> MANAGER or WORKER, from the cluster-membership actions the coordinator ran:
+    the latest one that took effect (not a dry run) decides. Nodes absent never joined."""
+    latest: dict[str, tuple[float, str]] = {}
+    for record in records:
+        if record.kind not in MEMBERSHIP_KINDS or record.dry_run or record.outcome not in _TOOK_EFFECT:
+            continue
+        when = record.finished_at or record.started_at
+        if record.node not in latest or when >= latest[record.node][0]:
+            latest[record.node] = (when, MANAGER if record.kind in _MANAGER_KINDS else WORKER)
+    return {node: role for node, (_, role) in latest.items()}
+
+
 def node_from(
     name: str,
     hardware: node_pb2.Hardware,
@@ -35,9 +113,21 @@ def node_from(
     labels: Mapping[str, str],
     ready: bool,
     draining: bool = False,
-    role: str = "worker",
+    role: str = WORKER,
+    enrolled: Enrolled | None = None,
 ) -> Node:
-    facts = NodeFacts(name, arch=hardware.arch, hostname=hardware.hostname, role=role, labels=dict(labels))
+    """The scheduler's node. With `enrolled`, placement reads the recorded hardware, not
+    `hardware` (the latest hello): a hello that changed it holds the node (`Node.held`);
+    labels still pending are left out."""
+    held: tuple[str, ...] = ()
+    hostname = hardware.hostname
+    if enrolled is not None:
+        recorded = enrolled.hardware if enrolled.hardware is not None else hardware
+        held = tuple(hardware_changes(recorded, hardware))
+        hardware = recorded
+        hostname = hostname_fact(name, recorded.hostname, enrolled.other_names)
+        labels = accepted_labels(labels, enrolled.pending_labels)
+    facts = NodeFacts(name, arch=hardware.arch, hostname=hostname, role=role, labels=dict(labels))
     return Node(
         facts,
         memory_bytes=hardware.memory_total_bytes,
@@ -45,5 +135,6 @@ def node_from(
         gpus=len(hardware.gpus),
         ready=ready,
         draining=draining,
+        held=held,
         load=load_from_sample(sample),
     )

@@ -76,6 +76,8 @@ class Node:
     gpus: int = 0
     ready: bool = True  # a live session
     draining: bool = False
+    # hardware changes the node reported since enrollment, not yet accepted: no new replicas
+    held: tuple[str, ...] = ()
     load: Load = field(default_factory=Load)
 
     @property
@@ -195,6 +197,11 @@ def _reject(node: Node, request: Request, usage: _Usage, config: SchedulerConfig
         return _Rejection("not ready", "not ready")
     if node.draining:
         return _Rejection("draining", "draining")
+    if node.held:
+        return _Rejection(
+            "held (hardware claim)",
+            f"held: it reports {', '.join(node.held)} (coordctl node accept {node.name})",
+        )
     unmet = first_unmet(request.constraints, node.facts)
     if unmet is not None:
         return _Rejection(unmet.unmet(), unmet.unmet())
@@ -356,7 +363,12 @@ def place(
 
 
 def _eligible_for_spread(node: Node, request: Request) -> bool:
-    return node.ready and not node.draining and first_unmet(request.constraints, node.facts) is None
+    return (
+        node.ready
+        and not node.draining
+        and not node.held
+        and first_unmet(request.constraints, node.facts) is None
+    )
 
 
 def _spread_shortfall(nodes: Sequence[Node], request: Request, usage: _Usage) -> str:

@@ -36,6 +36,8 @@ def token_info(record: TokenRecord) -> admin_pb2.TokenInfo:
         usage_limit=record.usage_limit,
         uses=record.uses,
         description=record.description,
+        labels=record.labels,
+        used_by=record.used_by,
     )
 
 
@@ -87,8 +89,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"description is longer than {limits.TOKEN_DESCRIPTION} characters",
             )
-        token, record = await self.cluster.create_token(ttl, request.usage_limit, request.description)
-        log.info("token created", token_id=token.token_id, ttl_seconds=ttl, usage_limit=request.usage_limit)
+        if len(request.labels) > limits.LABELS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"a token grants at most {limits.LABELS} labels"
+            )
+        try:
+            labels = validate_labels(dict(request.labels))
+        except InvalidName as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        token, record = await self.cluster.create_token(ttl, request.usage_limit, request.description, labels)
+        log.info(
+            "token created",
+            token_id=token.token_id,
+            ttl_seconds=ttl,
+            usage_limit=request.usage_limit,
+            labels=labels,
+        )
         command = f"picoord-agent join {self.join_address} --token {token} --ca-cert-hash {self.ca.cert_hash}"
         if self.enroll_port_hint is not None:
             command += f" --enroll-port {self.enroll_port_hint}"
@@ -146,6 +162,24 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         assert updated is not None
         log.info("node labelled", node=record.name, set=to_set, removed=list(request.remove))
         return self.cluster.summary(updated)
+
+    @unavailable_on_store_fault
+    async def AcceptNode(
+        self, request: admin_pb2.AcceptNodeRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AcceptNodeResponse:
+        """What the node claims becomes the coordinator's record: its join labels select it,
+        and its latest hardware report is the one placement counts (the hold ends)."""
+        record = await self._node(request.name, context)
+        labels = {key: record.labels[key] for key in record.pending_labels}
+        changes = self.cluster.held(record)
+        updated = await self.cluster.accept_node(record.name)
+        if updated is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"node {record.name!r} was removed meanwhile")
+        assert updated is not None
+        log.info("node accepted", node=record.name, labels=labels, hardware=changes)
+        return admin_pb2.AcceptNodeResponse(
+            summary=self.cluster.summary(updated), accepted_labels=labels, accepted_hardware=changes
+        )
 
     @unavailable_on_store_fault
     async def RemoveNode(

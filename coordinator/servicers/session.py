@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 import grpc
 import structlog
@@ -24,15 +25,45 @@ from picoord.coordinator.ca import (
 )
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.controller.controller import WorkloadController
+from picoord.coordinator.enrollment_rate_limit import FailureThrottle, ThrottlePolicy, retry_hint
 from picoord.coordinator.inbound import MalformedMessage, check_followup, check_hello
 from picoord.coordinator.servicers.enrollment import MAX_CSR_BYTES
 from picoord.coordinator.servicers.peers import certified_peer
 from picoord.coordinator.store import CertificateRecord, StateUnavailable
-from picoord.v1 import agent_pb2, agent_pb2_grpc
+from picoord.v1 import agent_pb2, agent_pb2_grpc, node_pb2
 
 log = structlog.get_logger("picoord.coordinator.session")
 
 HELLO_TIMEOUT = 15.0
+# A message the node does not take within this long means it stopped reading: the session
+# ends (its agent connects again once it reads), rather than holding the coordinator's side.
+SEND_TIMEOUT = 30.0
+# Per-message log lines (events, unexpected action results, renewals): at most one a
+# second per node and kind, with the count of those held back.
+MESSAGE_LOG_EVERY_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """One node's fair share of the session port, whatever its certificate lets it send.
+
+    At most `streams_per_node` sessions at once (a restarted agent's new one while the old
+    is still being noticed, never a port's worth); session opens and messages counted per
+    node with the enrollment throttle's rule: past `max_failures` within `window` seconds,
+    the node is refused for `ban` seconds. An agent sends a sample every few seconds and a
+    few dozen messages during an apply, far below these."""
+
+    streams_per_node: int = 2
+    opens: ThrottlePolicy = field(
+        default_factory=lambda: ThrottlePolicy(max_failures=60, window=60.0, ban=30.0)
+    )
+    messages: ThrottlePolicy = field(
+        default_factory=lambda: ThrottlePolicy(max_failures=500, window=10.0, ban=10.0)
+    )
+
+
+class OverLimit(Exception):
+    """The node went past its share (SessionLimits): its session ends, RESOURCE_EXHAUSTED."""
 
 
 class _DecodedStream:
@@ -95,8 +126,16 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         heartbeat_interval: float,
         ca: ClusterCA | None = None,  # None: renewals are refused
         workloads: WorkloadController | None = None,
+        limits: SessionLimits | None = None,  # None: no per-node share (in-process tests)
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.workloads = workloads
+        self.limits = limits
+        self.monotonic = monotonic
+        self._streams: dict[str, int] = {}  # open Session calls per node, hello or not
+        self._opens = FailureThrottle(limits.opens) if limits else None
+        self._messages = FailureThrottle(limits.messages) if limits else None
+        self.message_log = LogThrottle(every=MESSAGE_LOG_EVERY_SECONDS)
         self.cluster = cluster
         self.metrics_interval = metrics_interval
         self.heartbeat_interval = heartbeat_interval
@@ -129,8 +168,83 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
 
     async def Session(
         self, request_iterator: AsyncIterator[agent_pb2.AgentMessage], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[agent_pb2.CoordinatorMessage]:
+    ) -> None:
+        """Written with context.write (not yield) so a node that stops reading can be told
+        apart from one that is merely quiet: a write it does not take ends the session."""
         node, serial = await self._authenticate(context)
+        refusal = self._admit(node)
+        if refusal:
+            await self._over_limit(context, node, refusal)
+        self._streams[node] = self._streams.get(node, 0) + 1
+        try:
+            await self._session(node, serial, request_iterator, context)
+        finally:
+            self._streams[node] -= 1
+            if not self._streams[node]:
+                del self._streams[node]
+
+    def _admit(self, node: str) -> str:
+        """Why the node may not open another session now ("" when it may): past its share of
+        concurrent sessions, or of session opens (each counted, refused or not)."""
+        if self.limits is None or self._opens is None:
+            return ""
+        now = self.monotonic()
+        wait = self._opens.retry_after(node, now)
+        if wait > 0:
+            return f"too many sessions opened by node {node!r}; {retry_hint(wait)}"
+        if self._opens.failed(node, now):
+            policy = self.limits.opens
+            return (
+                f"node {node!r} opened {policy.max_failures} sessions in {policy.window:g}s; "
+                f"{retry_hint(policy.ban)}"
+            )
+        if self._streams.get(node, 0) >= self.limits.streams_per_node:
+            return f"node {node!r} already has {self.limits.streams_per_node} sessions open"
+        return ""
+
+    def _count_message(self, node: str) -> None:
+        """Raise OverLimit when the node sends faster than its share."""
+        if self.limits is None or self._messages is None:
+            return
+        now = self.monotonic()
+        wait = self._messages.retry_after(node, now)
+        if wait > 0 or self._messages.failed(node, now):
+            policy = self.limits.messages
+            raise OverLimit(
+                f"node {node!r} sent more than {policy.max_failures} messages in {policy.window:g}s; "
+                f"{retry_hint(wait or policy.ban)}"
+            )
+
+    async def _over_limit(self, context: grpc.aio.ServicerContext, node: str, why: str) -> None:
+        """End the call: counted like a refusal (kind "session", code "over_limit"), logged
+        at most once a minute per node."""
+        counters = self.cluster.counters
+        key = ("session", "over_limit")
+        counters.refused_messages[key] = counters.refused_messages.get(key, 0) + 1
+        admitted, held_back = self.refusal_log.admit(f"limit:{node}", time.monotonic())
+        if admitted:
+            log.warning("node over its share", node=node, reason=why, refusals_not_logged=held_back)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, why)
+
+    async def _send(
+        self, context: grpc.aio.ServicerContext, session: LiveSession, message: agent_pb2.CoordinatorMessage
+    ) -> None:
+        """Write one message; a node that does not take it within SEND_TIMEOUT has its
+        session closed (the caller's loop then ends the call)."""
+        try:
+            await asyncio.wait_for(context.write(message), SEND_TIMEOUT)
+        except TimeoutError:
+            session.close(
+                f"the node took no message for {SEND_TIMEOUT:g}s: it stopped reading (connect again)"
+            )
+
+    async def _session(
+        self,
+        node: str,
+        serial: str,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
         messages = aiter(_decoded(request_iterator))
         try:
             hello = await self._hello(node, messages)
@@ -145,31 +259,37 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         if self.workloads is not None:
             self.workloads.on_session_open(node)
         log.info("session opened", node=node, agent_version=hello.agent_version, peer=context.peer())
-        yield agent_pb2.CoordinatorMessage(
-            welcome=agent_pb2.Welcome(
-                node_name=node,
-                metrics_interval_seconds=self.metrics_interval,
-                heartbeat_interval_seconds=self.heartbeat_interval,
-                coordinator_version=VERSION,
-            )
-        )
-        reader = asyncio.create_task(self._read(node, messages, session))
+        reader = asyncio.create_task(self._read(node, messages, session, hello.hardware))
         closed = asyncio.create_task(session.closed.wait())
         try:
+            await self._send(
+                context,
+                session,
+                agent_pb2.CoordinatorMessage(
+                    welcome=agent_pb2.Welcome(
+                        node_name=node,
+                        metrics_interval_seconds=self.metrics_interval,
+                        heartbeat_interval_seconds=self.heartbeat_interval,
+                        coordinator_version=VERSION,
+                    )
+                ),
+            )
             while True:
                 outgoing = asyncio.create_task(session.outbox.get())
                 done, _ = await asyncio.wait({outgoing, reader, closed}, return_when=asyncio.FIRST_COMPLETED)
-                if outgoing in done:
-                    yield outgoing.result()
+                if outgoing in done and not session.closed.is_set():
+                    await self._send(context, session, outgoing.result())
                     continue
                 outgoing.cancel()
-                if closed in done:
+                if session.closed.is_set():
                     log.info("session closed by coordinator", node=node, reason=session.close_reason)
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, session.close_reason)
                     return
                 error = reader.exception()
                 if isinstance(error, MalformedMessage):
                     await self._reject(context, node, error)
+                elif isinstance(error, OverLimit):
+                    await self._over_limit(context, node, str(error))
                 elif error is not None:
                     raise error
                 return
@@ -181,12 +301,15 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 self.workloads.on_session_closed(node)
             log.info("session ended", node=node)
 
-    async def _read(self, node: str, messages: _DecodedStream, session: LiveSession) -> None:
+    async def _read(
+        self, node: str, messages: _DecodedStream, session: LiveSession, hardware: node_pb2.Hardware
+    ) -> None:
         """Each message checked before it counts as a sign of life or touches any state;
-        node-supplied text is logged only after the check, and clipped."""
+        node-supplied text is logged only after the check, clipped and throttled."""
         async for message in messages:
+            self._count_message(node)
             try:
-                kind = check_followup(message)
+                kind = check_followup(message, hardware)
             except MalformedMessage as error:
                 refusal = _bare(error)
             else:
@@ -199,15 +322,16 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             if kind == "metrics":
                 self.cluster.add_metrics(node, message.metrics)
             elif kind == "action_result" and not self.cluster.action_result(node, message.action_result):
-                log.warning(
+                self._log_message(
                     "action result nobody waits for",
-                    node=node,
+                    node,
+                    warning=True,
                     action_id=clipped(message.action_result.action_id),
                 )
             elif kind == "event":
-                log.info(
+                self._log_message(
                     "agent event",
-                    node=node,
+                    node,
                     kind=clipped(message.event.kind),
                     message=clipped(message.event.message),
                 )
@@ -218,6 +342,13 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 await session.outbox.put(
                     agent_pb2.CoordinatorMessage(certificate=await self._renew(node, message.renew.csr_pem))
                 )
+
+    def _log_message(self, event: str, node: str, warning: bool = False, **fields: object) -> None:
+        """A line about one message, at most one a second per node and event (a flood is
+        one line with the count held back), so a node cannot fill the coordinator's log."""
+        admitted, held_back = self.message_log.admit(f"{event}:{node}", time.monotonic())
+        if admitted:
+            (log.warning if warning else log.info)(event, node=node, not_logged=held_back, **fields)
 
     # ------------------------------------------------------------ certificate renewal
 
@@ -244,7 +375,9 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             return self._renewal_refused(node, "the coordinator cannot record certificates right now")
         if not recorded:
             return self._renewal_refused(node, "the node is no longer enrolled")
-        log.info("certificate renewed", node=node, serial=record.serial, not_after=iso_utc(record.not_after))
+        self._log_message(
+            "certificate renewed", node, serial=record.serial, not_after=iso_utc(record.not_after)
+        )
         return agent_pb2.CertificateRenewal(certificate_pem=pem, ca_certificate_pem=self.ca.certificate_pem)
 
     def _issue_renewal(self, node: str, csr_pem: bytes, now: float) -> tuple[bytes, CertificateRecord]:
@@ -253,9 +386,8 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
         record = certificate_record(certificate, node, now)
         return certificate_pem(certificate), record
 
-    @staticmethod
-    def _renewal_refused(node: str, why: str) -> agent_pb2.CertificateRenewal:
-        log.warning("certificate renewal refused", node=node, reason=why)
+    def _renewal_refused(self, node: str, why: str) -> agent_pb2.CertificateRenewal:
+        self._log_message("certificate renewal refused", node, warning=True, reason=why)
         return agent_pb2.CertificateRenewal(error=why)
 
     async def _hello(self, node: str, messages: _DecodedStream) -> agent_pb2.Hello:

@@ -3,11 +3,11 @@
 import asyncio
 from pathlib import Path
 
-from picoord.coordinator.cluster import Cluster, LiveSession
+from picoord.coordinator.cluster import OUTBOX_SIZE, Cluster, LiveSession, Outbox
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import CertificateRecord, Store
 from picoord.coordinator.telemetry import MetricsHistory
-from picoord.v1 import agent_pb2, node_pb2
+from picoord.v1 import admin_pb2, agent_pb2, node_pb2
 
 
 async def enrolled(tmp_path: Path) -> tuple[Store, Cluster]:
@@ -76,4 +76,46 @@ def test_counts_change_only_through_the_cluster(tmp_path: Path) -> None:
     sample = node_pb2.MetricsSample(timestamp=5.0)
     cluster.add_metrics("pi1", sample)
     assert cluster.history.latest("pi1") == sample
+
+
+async def test_a_full_outbox_ends_the_session_and_never_blocks_the_sender(tmp_path: Path) -> None:
+    """The dispatcher writes `await session.outbox.put(...)`: a node that stops reading must
+    neither hold it nor grow the coordinator's memory; its session is ended instead."""
+    store, _ = await enrolled(tmp_path)
+    session = LiveSession(node="pi1", serial="c1", outbox=Outbox(maxsize=2))
+    message = agent_pb2.CoordinatorMessage()
+    await asyncio.wait_for(session.outbox.put(message), 1)
+    await asyncio.wait_for(session.outbox.put(message), 1)
+    assert not session.closed.is_set()
+    await asyncio.wait_for(session.outbox.put(message), 1)  # full: returns at once
+    assert session.closed.is_set() and "stopped reading" in session.close_reason
+    assert session.outbox.qsize() == 2
+    assert LiveSession(node="pi1", serial="c1").outbox.maxsize == OUTBOX_SIZE
+    store.close()
+
+
+async def test_roles_and_held_hardware_in_the_view(tmp_path: Path) -> None:
+    store, cluster = await enrolled(tmp_path)
+    pi = node_pb2.Hardware(arch="aarch64", cpu_cores=4, memory_total_bytes=1 << 30)
+    await cluster.open_session(LiveSession(node="pi1", serial="c1"), agent_pb2.Hello(hardware=pi))
+    record = cluster.node("pi1")
+    assert (cluster.held(record), cluster.summary(record).role) == ([], "worker")
+    assert dict(cluster.summary(record).pending_labels) == {"role": "a"}  # asked at join
+    bigger = node_pb2.Hardware(arch="aarch64", cpu_cores=4, memory_total_bytes=64 << 30)
+    await cluster.open_session(LiveSession(node="pi1", serial="c1"), agent_pb2.Hello(hardware=bigger))
+    record = cluster.node("pi1")
+    assert cluster.held(record) == ["memory 1.0 GiB -> 64.0 GiB"]
+    assert list(cluster.summary(record).held) == ["memory 1.0 GiB -> 64.0 GiB"]
+    assert cluster.recorded_hardware(record).memory_total_bytes == 1 << 30
+    await cluster.record_action(
+        admin_pb2.ActionRecord(
+            action_id="a1", node="pi1", kind="swarm_init", outcome=agent_pb2.ACTION_OUTCOME_SUCCEEDED
+        )
+    )
+    accepted = await cluster.accept_node("pi1")
+    assert cluster.held(accepted) == [] and cluster.summary(accepted).role == "manager"
+    assert dict(cluster.summary(accepted).pending_labels) == {}
+    # what the coordinator records survives its restart
+    again = Cluster(store, StatusTimeouts(), MetricsHistory(4))
+    assert again.role("pi1") == "manager" and again.recorded_hardware(again.node("pi1")) == bigger
     store.close()

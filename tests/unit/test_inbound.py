@@ -15,6 +15,7 @@ from picoord.coordinator.inbound import (
     check_enroll_request,
     check_followup,
     check_hello,
+    check_plausible,
 )
 from picoord.v1 import actions_pb2, agent_pb2, node_pb2
 
@@ -318,3 +319,56 @@ def test_what_this_machine_reports_fits_every_limit() -> None:
     check_hello(message, "pi1")
     for one in samples:
         assert check_followup(agent_pb2.AgentMessage(metrics=one)) == "metrics"
+
+
+GIB = 1 << 30
+PI_HARDWARE = node_pb2.Hardware(cpu_cores=4, memory_total_bytes=GIB)
+
+
+def pi_sample(**fields: object) -> node_pb2.MetricsSample:
+    temperatures = fields.pop("temperatures", [50.0])
+    cpus = fields.pop("cpus", 4)
+    values = {"timestamp": 1.8e9, "memory_total_bytes": GIB, "memory_available_bytes": GIB // 2, **fields}
+    sample = node_pb2.MetricsSample(**values)
+    for celsius in temperatures:  # type: ignore[attr-defined]
+        sample.temperatures.add(zone="thermal_zone0", type="cpu-thermal", celsius=celsius)
+    for _ in range(cpus):  # type: ignore[call-overload]
+        sample.cpus.add()
+    return sample
+
+
+@pytest.mark.parametrize(
+    ("sample", "refusal"),
+    [
+        (pi_sample(), None),
+        (pi_sample(memory_total_bytes=0, memory_available_bytes=0), None),  # memory unknown
+        (pi_sample(temperatures=[20.0], cpu_percent=0.0), None),  # cool and idle: the node's word
+        (pi_sample(memory_available_bytes=64 * GIB), "metrics.memory_available_bytes is more than"),
+        (pi_sample(memory_free_bytes=2 * GIB), "metrics.memory_free_bytes is more than"),
+        (pi_sample(swap_total_bytes=1, swap_free_bytes=2), "metrics.swap_free_bytes is more than"),
+        (
+            pi_sample(memory_total_bytes=64 * GIB, memory_available_bytes=60 * GIB),
+            f"metrics.memory_total_bytes is {64 * GIB}, the hello reported {GIB}",
+        ),
+        (pi_sample(cpus=64), "metrics.cpus has 64 entries, the hello reported 4 cores"),
+        (pi_sample(temperatures=[-273.0]), "metrics.temperatures[0].celsius is outside -40..150"),
+        (pi_sample(temperatures=[50.0, 900.0]), "metrics.temperatures[1].celsius is outside -40..150"),
+    ],
+)
+def test_samples_are_held_to_themselves_and_their_hello(
+    sample: node_pb2.MetricsSample, refusal: str | None
+) -> None:
+    message = agent_pb2.AgentMessage(metrics=sample)
+    if refusal is None:
+        check_plausible(sample, PI_HARDWARE)
+        assert check_followup(message, PI_HARDWARE) == "metrics"
+        return
+    with pytest.raises(MalformedMessage) as raised:
+        check_followup(message, PI_HARDWARE)
+    assert raised.value.code == "malformed_message" and raised.value.kind == "metrics"
+    assert str(raised.value).startswith("implausible sample: ") and refusal in str(raised.value)
+
+
+def test_a_sample_of_hardware_the_hello_did_not_report_is_not_compared() -> None:
+    unknown = node_pb2.Hardware()  # an agent that could not read its totals
+    check_plausible(pi_sample(memory_total_bytes=64 * GIB, memory_available_bytes=GIB, cpus=64), unknown)

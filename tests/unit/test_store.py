@@ -232,3 +232,86 @@ def test_newest_certificates_include_expired_and_revoked_ones(store: Store) -> N
     assert store.newest_certificates("pi1") == {"pi1": newest["pi1"]}
     store.remove_node("pi2", now=30.0)
     assert store.newest_certificates("pi2")["pi2"].revoked_at == 30.0
+
+
+# --- node restriction: join labels wait, tokens grant, the first hello's hardware is recorded ---
+
+
+def test_join_labels_are_held_and_token_labels_granted(store: Store) -> None:
+    store.add_token(TokenRecord("abcdef", "hash", 0.0, 1000.0, 0, 0, "", labels={"zone": "shelf-a"}))
+    store.enroll("abcdef", "pi1", {"role": "manager", "zone": "shelf-a"}, cert("a1", "pi1"), now=10.0)
+    node = store.get_node("pi1")
+    assert node.labels == {"role": "manager", "zone": "shelf-a"}  # shown, as asked
+    assert node.pending_labels == {"role"}  # the token granted zone; role waits
+    assert store.list_nodes()[0].pending_labels == {"role"}
+    assert store.accept_node("pi1") and store.get_node("pi1").pending_labels == frozenset()
+    assert not store.accept_node("nobody")
+
+
+def test_an_operator_label_is_accepted_at_once(store: Store) -> None:
+    store.add_token(token())
+    store.enroll("abcdef", "pi1", {"role": "manager", "disk": "ssd"}, cert("a1", "pi1"), now=10.0)
+    store.update_labels("pi1", {"disk": "ssd"}, ["role"])
+    node = store.get_node("pi1")
+    assert (node.labels, node.pending_labels) == ({"disk": "ssd"}, frozenset())
+
+
+def test_token_list_shows_which_nodes_used_each_token(store: Store) -> None:
+    store.add_token(TokenRecord("abcdef", "hash", 0.0, 1000.0, 3, 0, "rack", labels={"zone": "a"}))
+    store.add_token(token("ghijkl"))
+    store.enroll("abcdef", "pi1", {}, cert("a1", "pi1"), now=10.0)
+    store.enroll("abcdef", "pi2", {}, cert("a2", "pi2"), now=11.0)
+    first, second = store.list_tokens()
+    assert (first.uses, first.used_by, first.labels) == (2, ("pi1", "pi2"), {"zone": "a"})
+    assert (second.uses, second.used_by) == (0, ())
+    assert store.get_token("abcdef").used_by == ("pi1", "pi2")
+    store.delete_expired_tokens(now=2000.0)
+    assert store.list_tokens() == []
+
+
+def test_the_first_hello_is_the_recorded_hardware_until_accepted(store: Store) -> None:
+    store.add_token(token())
+    store.enroll("abcdef", "pi1", {}, cert("a1", "pi1"), now=10.0)
+    store.record_hello("pi1", "1.0", b"first", 11.0)
+    store.record_hello("pi1", "1.0", b"second", 12.0)
+    node = store.get_node("pi1")
+    assert (node.hardware, node.enrolled_hardware) == (b"second", b"first")
+    store.record_last_seen({}, {"pi1": ("1.0", b"third", 13.0)})
+    assert store.get_node("pi1").enrolled_hardware == b"first"
+    store.accept_node("pi1")
+    assert store.get_node("pi1").enrolled_hardware == b"third"
+
+
+def test_an_older_database_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE nodes (name TEXT PRIMARY KEY, enrolled_at REAL NOT NULL, last_seen REAL NOT NULL "
+        "DEFAULT 0, agent_version TEXT NOT NULL DEFAULT '', hardware BLOB);"
+        "CREATE TABLE labels (node TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, "
+        "PRIMARY KEY (node, key));"
+        "CREATE TABLE tokens (token_id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL, "
+        "created_at REAL NOT NULL, expires_at REAL NOT NULL, usage_limit INTEGER NOT NULL DEFAULT 0, "
+        "uses INTEGER NOT NULL DEFAULT 0, description TEXT NOT NULL DEFAULT '');"
+        "INSERT INTO nodes VALUES ('pi1', 1.0, 2.0, '0.9', x'0a03706931');"
+        "INSERT INTO labels VALUES ('pi1', 'role', 'storage');"
+        "INSERT INTO tokens VALUES ('abcdef', 'hash', 0, 1000, 0, 1, '');"
+    )
+    old.close()
+    upgraded = Store(path)
+    node = upgraded.get_node("pi1")
+    # labels set before the upgrade were accepted there; the hardware is recorded at the next hello
+    assert (node.labels, node.pending_labels, node.enrolled_hardware) == (
+        {"role": "storage"},
+        frozenset(),
+        None,
+    )
+    assert upgraded.get_token("abcdef").labels == {}
+    upgraded.close()
+
+
+def test_membership_actions_are_read_by_kind(store: Store) -> None:
+    store.record_action("a1", "pi1", 1.0, b"init", "swarm_init")
+    store.record_action("a2", "pi1", 2.0, b"mount", "mount")
+    store.record_action("a3", "pi2", 3.0, b"older row", "")  # written before the kind column
+    assert store.actions_of_kinds({"swarm_init", "swarm_join"}) == [b"init", b"older row"]

@@ -73,6 +73,15 @@ def test_discovery_hosts(replicas: list[tuple[Assigned, bool]], expected: dict[s
     assert discovery_hosts(SPECS["mcp"], replicas, ADDRESSES, SPECS) == expected
 
 
+def test_a_health_claim_never_displaces_another_nodes_healthy_replica() -> None:
+    """Issue 18, row 4: health is each node's word about its own replicas only, and among
+    healthy replicas the coordinator's replica ids decide, so a node that calls its replica
+    healthy wins a name lookup only over replicas their own nodes report unhealthy."""
+    honest = (Assigned("postgres.1", "postgres", 1, "desktop"), True)
+    liar = (Assigned("postgres.2", "postgres", 1, "pi2"), True)
+    assert discovery_hosts(SPECS["mcp"], [liar, honest], ADDRESSES, SPECS) == {"postgres": "10.0.0.2"}
+
+
 def test_node_assignments_leave_out_a_replica_whose_secret_is_missing() -> None:
     placed = [Assigned("mcp.1", "mcp", 1, "pi1"), Assigned("postgres.1", "postgres", 1, "desktop")]
     specs = {("mcp", 1): SPECS["mcp"], ("postgres", 1): SPECS["postgres"]}
