@@ -32,8 +32,8 @@ from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.config import ConfigError, CoordinatorConfig, load_settings
 from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.controller.records import WorkloadRecords
-from picoord.coordinator.enrollment_rate_limit import FailureThrottle, ThrottlePolicy
 from picoord.coordinator.prometheus import serve_metrics
+from picoord.coordinator.rate_limit import FailureThrottle, ThrottlePolicy
 from picoord.coordinator.servicers.admin_certificates import LOCAL_ONLY_METHODS, AdminCertificatesServicer
 from picoord.coordinator.servicers.cluster_admin import AdminServicer
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer

@@ -17,7 +17,7 @@ from picoord.common.names import InvalidName, validate_labels, validate_node_nam
 from picoord.common.tokens import BootstrapToken, InvalidToken
 from picoord.coordinator.ca import ClusterCA, CsrRejected, certificate_pem, certificate_record
 from picoord.coordinator.cluster import Cluster
-from picoord.coordinator.enrollment_rate_limit import FailureThrottle, retry_hint, source_of_peer
+from picoord.coordinator.rate_limit import FailureThrottle, retry_hint, source_of_peer
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
 from picoord.coordinator.store import EnrollmentConflict
 from picoord.coordinator.tokens import TokenRefused, check_token

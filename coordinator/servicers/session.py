@@ -25,8 +25,8 @@ from picoord.coordinator.ca import (
 )
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.controller.controller import WorkloadController
-from picoord.coordinator.enrollment_rate_limit import FailureThrottle, ThrottlePolicy, retry_hint
 from picoord.coordinator.inbound import MalformedMessage, check_followup, check_hello
+from picoord.coordinator.rate_limit import FailureThrottle, ThrottlePolicy, retry_hint
 from picoord.coordinator.servicers.enrollment import MAX_CSR_BYTES
 from picoord.coordinator.servicers.peers import certified_peer
 from picoord.coordinator.store import CertificateRecord, StateUnavailable

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from picoord.common.tokens import BootstrapToken
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
-from picoord.coordinator.enrollment_rate_limit import FailureThrottle, ThrottlePolicy
+from picoord.coordinator.rate_limit import FailureThrottle, ThrottlePolicy
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import Store, TokenRecord

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from picoord.coordinator.cluster import Cluster, LiveSession
-from picoord.coordinator.enrollment_rate_limit import ThrottlePolicy
+from picoord.coordinator.rate_limit import ThrottlePolicy
 from picoord.coordinator.servicers import session as session_module
 from picoord.coordinator.servicers.session import OverLimit, SessionLimits, SessionServicer
 from picoord.coordinator.status import StatusTimeouts

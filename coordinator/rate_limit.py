@@ -1,4 +1,5 @@
-"""Failed-enrollment throttling per source address, in the spirit of fail2ban.
+"""Rate limits in the spirit of fail2ban: failed enrollments per source address, and one
+node's session opens and messages (servicers/session.py's SessionLimits).
 
 The enrollment port takes calls from anyone who can reach it. Without a brake, a client
 can try bootstrap tokens as fast as the coordinator answers (1,578 a second on loopback).

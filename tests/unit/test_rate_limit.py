@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from picoord.coordinator.enrollment_rate_limit import (
+from picoord.coordinator.rate_limit import (
     FailureThrottle,
     ThrottlePolicy,
     retry_hint,
