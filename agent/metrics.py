@@ -17,9 +17,10 @@ import resource
 import select
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 import structlog
@@ -162,17 +163,18 @@ CPUFREQ_FILES = by_field("cpufreq")
 HWMON_FILES = by_field("hwmon")
 PRESSURE = ("cpu", "io", "memory", "irq")  # /proc/pressure/<resource>
 NUMBER_FILES = ("sys/", "class/")  # sources of one number per file (the column in field)
+STAT_LINE_BYTES = 4096  # /proc/[pid]/stat: 52 numbers and a name of at most 64 bytes
 COLLECTORS = ("cpu", "load", "memory", "filesystems", "network", "temperatures", "throttled")
 _HWMON_INVALID = re.compile(r"[^a-z0-9:_]")
 
 
-def read_file(path: Path | str) -> str:
+def read_file(path: Path | str, chunk_bytes: int = 65536) -> str:
     """A small kernel file's text: os.read without Python's buffered text layers, which cost
     more than the read itself on a Pi (a sample reads some 30 of these)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = []
-        while chunk := os.read(fd, 65536):
+        while chunk := os.read(fd, chunk_bytes):
             chunks.append(chunk)
         return b"".join(chunks).decode(errors="replace")
     finally:
@@ -309,19 +311,21 @@ def arp_series(text: str) -> Readings:
     return {("node_arp_entries", (device,)): count for device, count in counts.items()}
 
 
-def _socket_lines(text: str) -> list[list[str]]:
-    """The socket rows of /proc/net/tcp, tcp6, udp or udp6 (one or more, each under its header)."""
-    return [
-        parts for parts in (line.split() for line in text.splitlines()) if len(parts) > 4 and parts[0] != "sl"
-    ]
+def _socket_rows(text: str) -> Iterator[tuple[str, str]]:
+    """(st, tx_queue:rx_queue) of each socket row of /proc/net/tcp, tcp6, udp or udp6 (one
+    or more, each under its header), a row at a time: a busy host has thousands."""
+    for line in text.splitlines():
+        parts = line.split(maxsplit=5)
+        if len(parts) > 4 and parts[0] != "sl":
+            yield parts[3], parts[4]
 
 
 def udp_queues_series(text: str, ip: str) -> Readings:
     """/proc/net/udp (ip "v4") or udp6 ("v6"): the bytes queued to send and to receive,
     summed over sockets (the tx_queue:rx_queue column, hex)."""
     tx = rx = 0
-    for parts in _socket_lines(text):
-        queued_tx, _, queued_rx = parts[4].partition(":")
+    for _, queues in _socket_rows(text):
+        queued_tx, _, queued_rx = queues.partition(":")
         tx, rx = tx + int(queued_tx, 16), rx + int(queued_rx, 16)
     return {("node_udp_queues", (ip, "rx")): rx, ("node_udp_queues", (ip, "tx")): tx}
 
@@ -331,23 +335,23 @@ def tcp_states_series(text: str) -> Readings:
     declared (0 when none, so the layout is fixed), and the bytes queued to send and receive."""
     readings: Readings = {("node_tcp_connection_states", (state,)): 0 for state in TCP_STATES.values()}
     tx = rx = 0
-    for parts in _socket_lines(text):
-        state = TCP_STATES.get(parts[3].upper())
+    for st, queues in _socket_rows(text):
+        state = TCP_STATES.get(st.upper())
         if state is not None:
             readings[("node_tcp_connection_states", (state,))] += 1
-        queued_tx, _, queued_rx = parts[4].partition(":")
+        queued_tx, _, queued_rx = queues.partition(":")
         tx, rx = tx + int(queued_tx, 16), rx + int(queued_rx, 16)
     readings[("node_tcp_connection_states", ("rx_queued_bytes",))] = rx
     readings[("node_tcp_connection_states", ("tx_queued_bytes",))] = tx
     return readings
 
 
-def processes_series(text: str) -> Readings:
+def processes_series(lines: Iterable[str]) -> Readings:
     """Every process's /proc/[pid]/stat line: processes per state (those of PROCESS_STATES,
     each declared), processes and threads (num_threads, the 18th field after the name)."""
     states = dict.fromkeys(PROCESS_STATES, 0)
     pids = threads = 0
-    for line in text.splitlines():
+    for line in lines:
         fields = line.rpartition(")")[2].split()  # the name in parentheses may hold spaces
         if len(fields) < 18:
             continue
@@ -383,17 +387,15 @@ def interrupts_series(text: str) -> Readings:
     return readings
 
 
-def read_process_stats(proc: Path) -> str:
-    """Every process's /proc/[pid]/stat, one line each (a process gone meanwhile is skipped):
-    one os.read per process, what node_exporter's processes collector reads too."""
-    lines = []
+def read_process_stats(proc: Path) -> Iterator[str]:
+    """Every process's /proc/[pid]/stat line, one at a time (a process gone meanwhile is
+    skipped): what node_exporter's processes collector reads too. A line is under 1.2 KiB."""
     for name in os.listdir(proc):
         if name.isdigit():
             try:
-                lines.append(read_file(f"{proc}/{name}/stat"))
+                yield read_file(f"{proc}/{name}/stat", STAT_LINE_BYTES)
             except OSError:
                 continue
-    return "".join(lines)
 
 
 def collector_series(outcomes: dict[str, tuple[bool, int]]) -> Readings:
@@ -448,8 +450,8 @@ class SeriesSource:
     turns its text into readings."""
 
     path: Path
-    parse: Callable[[str], Readings]
-    read: Callable[[Path], str] = read_file
+    parse: Callable[[Any], Readings]  # takes what `read` returns: the text, or its lines
+    read: Callable[[Path], Any] = read_file
 
 
 def _single(family: str, labels: tuple[str, ...] = (), field: int = 0) -> Callable[[str], Readings]:
