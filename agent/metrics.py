@@ -552,13 +552,12 @@ def series_sources(proc: Path = Path("/proc"), sys_root: Path = Path("/sys")) ->
 
 def read_series(sources: list[SeriesSource]) -> Readings:
     """Every source's readings now; a file that cannot be read or parsed gives none."""
-    readings: Readings = {}
+    readings = process_series()  # first: the files' last series are the ones within_limits may cut
     for source in sources:
         try:
             readings.update(source.parse(source.read(source.path)))
         except (OSError, ValueError, IndexError):
             continue
-    readings.update(process_series())
     return readings
 
 
@@ -607,7 +606,9 @@ def series_layout() -> SeriesLayout:
 
 def within_limits(keys: list[SeriesKey]) -> list[SeriesKey]:
     """The series the coordinator accepts: a hello over its limits would be refused and the
-    node locked out, so a very large machine declares its first limits.SERIES series only."""
+    node locked out, so a very large machine declares its first limits.SERIES series only,
+    and only as many as fit in limits.SERIES_BYTES of the hello (/proc/interrupts alone has
+    a series per CPU and irq, with long labels)."""
     fitting = [
         (name, labels)
         for name, labels in keys
@@ -615,9 +616,16 @@ def within_limits(keys: list[SeriesKey]) -> list[SeriesKey]:
         and len(labels) <= limits.SERIES_LABELS
         and all(len(value) <= limits.TEXT for value in labels)
     ]
-    if len(fitting) < len(keys) or len(fitting) > limits.SERIES:
-        log.warning("metrics_series_limited", declared=min(len(fitting), limits.SERIES), found=len(keys))
-    return fitting[: limits.SERIES]
+    kept: list[SeriesKey] = []
+    size = 0
+    for name, labels in fitting[: limits.SERIES]:
+        size += node_pb2.Hardware(series=[node_pb2.SeriesKey(name=name, label_values=labels)]).ByteSize()
+        if size > limits.SERIES_BYTES:
+            break
+        kept.append((name, labels))
+    if len(kept) < len(keys):
+        log.warning("metrics_series_limited", declared=len(kept), found=len(keys))
+    return kept
 
 
 NET_DEV_FIELDS = (

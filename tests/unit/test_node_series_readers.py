@@ -22,8 +22,12 @@ from picoord.agent.metrics import (
     series_sources,
     tcp_states_series,
     udp_queues_series,
+    within_limits,
 )
+from picoord.common import limits
 from picoord.common.node_series import FAMILIES, family_of
+from picoord.coordinator.inbound import check_hello
+from picoord.v1 import agent_pb2, node_pb2
 
 TCP_HEADER = (
     "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n"
@@ -198,8 +202,7 @@ def test_the_sources_read_a_tree_into_table_families(tmp_path: Path) -> None:
     assert readings[("node_network_receive_nohandler_total", ("eth0",))] == 9
     assert ("node_network_receive_nohandler_total", ("lo",)) not in readings  # as node_exporter
     assert readings[_interrupt("1", "", "Non-maskable interrupts", "NMI")] == 2
-    files = [name for name, _ in readings if not name.startswith("process_")]
-    assert files[-1] == "node_interrupts_total"  # last of the files, see within_limits
+    assert list(readings)[-1][0] == "node_interrupts_total"  # last, see within_limits
     for name, labels in readings:
         family = family_of(name)
         assert family is not None and family.declared, name
@@ -222,3 +225,29 @@ def test_tcp6_missing_still_reads_tcp(tmp_path: Path) -> None:
     os.unlink(root / "proc/net/tcp6")
     readings = read_series(series_sources(proc=root / "proc", sys_root=root / "sys"))
     assert readings[("node_tcp_connection_states", ("listen",))] == 1
+
+
+def test_a_many_cpu_machines_interrupts_are_cut_to_fit_the_hello(tmp_path: Path) -> None:
+    """64 CPUs and 100 irqs with long labels are 6,400 series, some 500 KiB: the layout keeps
+    every other series and as many interrupts as the hello's budget holds, and the
+    coordinator accepts that hello (its byte budget and every field's limit)."""
+    root = _tree(tmp_path)
+    cpus = 64
+    rows = [" ".join(f"CPU{cpu}" for cpu in range(cpus))]
+    rows += [
+        f"{irq}: {' '.join(['123456'] * cpus)} PCI-MSIX-0000:00:{irq:02x}.0 {irq}-edge nvme0q{irq}-long-name"
+        for irq in range(100)
+    ]
+    (root / "proc/interrupts").write_text("\n".join(rows) + "\n")
+    readings = {
+        **collector_series({}),
+        **read_series(series_sources(proc=root / "proc", sys_root=root / "sys")),
+    }
+    kept = within_limits(list(readings))
+    others = [key for key in readings if key[0] != "node_interrupts_total"]
+    assert kept[: len(others)] == others  # interrupts come last and only they are cut
+    assert 0 < len(kept) - len(others) < cpus * 100
+    hardware = node_pb2.Hardware(series=[node_pb2.SeriesKey(name=n, label_values=v) for n, v in kept])
+    assert hardware.ByteSize() <= limits.SERIES_BYTES
+    hello = agent_pb2.Hello(node_name="pi1", hardware=hardware)
+    check_hello(agent_pb2.AgentMessage(hello=hello), "pi1")  # accepted
