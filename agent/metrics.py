@@ -163,6 +163,10 @@ CPUFREQ_FILES = by_field("cpufreq")
 HWMON_FILES = by_field("hwmon")
 PRESSURE = ("cpu", "io", "memory", "irq")  # /proc/pressure/<resource>
 NUMBER_FILES = ("sys/", "class/")  # sources of one number per file (the column in field)
+# /proc/net/tcp walks the kernel's whole connection hash (13 ms on a 24 GiB host, whatever
+# the number of sockets) and the process scan reads a file per process (7 ms for 150): read
+# at most this often, their gauges repeated in between.
+SLOW_SOURCE_SECONDS = 15.0
 STAT_LINE_BYTES = 4096  # /proc/[pid]/stat: 52 numbers and a name of at most 64 bytes
 COLLECTORS = ("cpu", "load", "memory", "filesystems", "network", "temperatures", "throttled")
 _HWMON_INVALID = re.compile(r"[^a-z0-9:_]")
@@ -452,6 +456,7 @@ class SeriesSource:
     path: Path
     parse: Callable[[Any], Readings]  # takes what `read` returns: the text, or its lines
     read: Callable[[Path], Any] = read_file
+    every: float = 0.0  # seconds between reads; 0: every sample
 
 
 def _single(family: str, labels: tuple[str, ...] = (), field: int = 0) -> Callable[[str], Readings]:
@@ -514,8 +519,8 @@ def series_sources(proc: Path = Path("/proc"), sys_root: Path = Path("/sys")) ->
         SeriesSource(proc / "net/arp", arp_series),
         SeriesSource(proc / "net/udp", functools.partial(udp_queues_series, ip="v4")),
         SeriesSource(proc / "net/udp6", functools.partial(udp_queues_series, ip="v6")),
-        SeriesSource(proc / "net/tcp", tcp_states_series, _with(proc / "net/tcp6")),
-        SeriesSource(proc, processes_series, read_process_stats),
+        SeriesSource(proc / "net/tcp", tcp_states_series, _with(proc / "net/tcp6"), SLOW_SOURCE_SECONDS),
+        SeriesSource(proc, processes_series, read_process_stats, SLOW_SOURCE_SECONDS),
     ]
     cpus = sorted(sys_root.glob("devices/system/cpu/cpu[0-9]*/cpufreq"), key=lambda p: int(p.parent.name[3:]))
     for cpufreq in cpus:
@@ -550,14 +555,29 @@ def series_sources(proc: Path = Path("/proc"), sys_root: Path = Path("/sys")) ->
     return [source for source in sources if source.path.exists()]
 
 
-def read_series(sources: list[SeriesSource]) -> Readings:
-    """Every source's readings now; a file that cannot be read or parsed gives none."""
+def read_source(source: SeriesSource) -> Readings:
+    """One source's readings now; a file that cannot be read or parsed gives none."""
+    try:
+        return source.parse(source.read(source.path))
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+Recent = dict[Path, tuple[float, Readings]]  # a slow source's last readings and when (monotonic)
+
+
+def read_series(sources: list[SeriesSource], recent: Recent | None = None, now: float = 0.0) -> Readings:
+    """Every source's readings. With `recent`, a source with `every` seconds is read again
+    only once its readings there are that old, and they are reused until then."""
     readings = process_series()  # first: the files' last series are the ones within_limits may cut
     for source in sources:
-        try:
-            readings.update(source.parse(source.read(source.path)))
-        except (OSError, ValueError, IndexError):
+        if recent is None or not source.every:
+            readings.update(read_source(source))
             continue
+        last = recent.get(source.path)
+        if last is None or now - last[0] >= source.every:
+            last = recent[source.path] = (now, read_source(source))
+        readings.update(last[1])
     return readings
 
 
@@ -586,10 +606,13 @@ class SeriesLayout:
 
     sources: list[SeriesSource]
     keys: list[SeriesKey] = field(default_factory=list)
+    recent: Recent = field(default_factory=dict)
 
-    def values(self, outcomes: dict[str, tuple[bool, int]] | None = None) -> list[int]:
+    def values(
+        self, outcomes: dict[str, tuple[bool, int]] | None = None, now: float | None = None
+    ) -> list[int]:
         """The numbers now; `outcomes` are the sampler's sections (see collector_series)."""
-        readings = read_series(self.sources)
+        readings = read_series(self.sources, self.recent, time.monotonic() if now is None else now)
         readings.update(collector_series(outcomes or {}))
         return [readings.get(key, 0) for key in self.keys]  # a file gone since: 0
 

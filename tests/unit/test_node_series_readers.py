@@ -13,6 +13,8 @@ import pytest
 from picoord.agent.metrics import (
     COLLECTORS,
     Readings,
+    SeriesLayout,
+    SeriesSource,
     arp_series,
     collector_series,
     interrupts_series,
@@ -251,3 +253,27 @@ def test_a_many_cpu_machines_interrupts_are_cut_to_fit_the_hello(tmp_path: Path)
     assert hardware.ByteSize() <= limits.SERIES_BYTES
     hello = agent_pb2.Hello(node_name="pi1", hardware=hardware)
     check_hello(agent_pb2.AgentMessage(hello=hello), "pi1")  # accepted
+
+
+@pytest.mark.parametrize(
+    ("times", "reads"),
+    [
+        ((0.0,), 1),
+        ((0.0, 5.0, 14.9), 1),  # reused: the gauges repeat
+        ((0.0, 15.0), 2),
+        ((0.0, 5.0, 15.0, 29.0, 30.0), 3),
+    ],
+)
+def test_a_slow_source_is_read_at_most_every_so_often(times: tuple[float, ...], reads: int) -> None:
+    calls: list[Path] = []
+
+    def read(path: Path) -> str:
+        calls.append(path)
+        return str(len(calls))
+
+    slow = SeriesSource(Path("/slow"), lambda text: {("node_processes_pids", ()): int(text)}, read, 15.0)
+    fast = SeriesSource(Path("/fast"), lambda text: {("node_procs_running", ()): 7}, lambda _path: "")
+    layout = SeriesLayout([slow, fast], [("node_processes_pids", ()), ("node_procs_running", ())])
+    values = [layout.values(now=now)[:2] for now in times]
+    assert len(calls) == reads
+    assert values[-1] == [reads, 7]
