@@ -167,7 +167,8 @@ NUMBER_FILES = ("sys/", "class/")  # sources of one number per file (the column 
 # the number of sockets) and the process scan reads a file per process (7 ms for 150): read
 # at most this often, their gauges repeated in between.
 SLOW_SOURCE_SECONDS = 15.0
-STAT_LINE_BYTES = 4096  # /proc/[pid]/stat: 52 numbers and a name of at most 64 bytes
+STAT_LINE_BYTES = 4096
+TABLE_CHUNK_BYTES = 4096  # /proc/[pid]/stat: 52 numbers and a name of at most 64 bytes
 COLLECTORS = ("cpu", "load", "memory", "filesystems", "network", "temperatures", "throttled")
 _HWMON_INVALID = re.compile(r"[^a-z0-9:_]")
 
@@ -315,36 +316,35 @@ def arp_series(text: str) -> Readings:
     return {("node_arp_entries", (device,)): count for device, count in counts.items()}
 
 
-def _socket_rows(text: str) -> Iterator[tuple[str, str]]:
-    """(st, tx_queue:rx_queue) of each socket row of /proc/net/tcp, tcp6, udp or udp6 (one
-    or more, each under its header), a row at a time: a busy host has thousands."""
-    for line in text.splitlines():
+def _socket_rows(lines: Iterable[str]) -> Iterator[tuple[str, int, int]]:
+    """(st, tx_queue, rx_queue) of each socket row of /proc/net/tcp, tcp6, udp or udp6 (one
+    or more tables, each under its header)."""
+    for line in lines:
         parts = line.split(maxsplit=5)
         if len(parts) > 4 and parts[0] != "sl":
-            yield parts[3], parts[4]
+            queued_tx, _, queued_rx = parts[4].partition(":")
+            yield parts[3], int(queued_tx, 16), int(queued_rx, 16)
 
 
-def udp_queues_series(text: str, ip: str) -> Readings:
+def udp_queues_series(lines: Iterable[str], ip: str) -> Readings:
     """/proc/net/udp (ip "v4") or udp6 ("v6"): the bytes queued to send and to receive,
     summed over sockets (the tx_queue:rx_queue column, hex)."""
     tx = rx = 0
-    for _, queues in _socket_rows(text):
-        queued_tx, _, queued_rx = queues.partition(":")
-        tx, rx = tx + int(queued_tx, 16), rx + int(queued_rx, 16)
+    for _, queued_tx, queued_rx in _socket_rows(lines):
+        tx, rx = tx + queued_tx, rx + queued_rx
     return {("node_udp_queues", (ip, "rx")): rx, ("node_udp_queues", (ip, "tx")): tx}
 
 
-def tcp_states_series(text: str) -> Readings:
-    """/proc/net/tcp and tcp6 (one text after the other): sockets per state, every state
+def tcp_states_series(lines: Iterable[str]) -> Readings:
+    """/proc/net/tcp and tcp6 (one's lines after the other's): sockets per state, every state
     declared (0 when none, so the layout is fixed), and the bytes queued to send and receive."""
     readings: Readings = {("node_tcp_connection_states", (state,)): 0 for state in TCP_STATES.values()}
     tx = rx = 0
-    for st, queues in _socket_rows(text):
+    for st, queued_tx, queued_rx in _socket_rows(lines):
         state = TCP_STATES.get(st.upper())
         if state is not None:
             readings[("node_tcp_connection_states", (state,))] += 1
-        queued_tx, _, queued_rx = queues.partition(":")
-        tx, rx = tx + int(queued_tx, 16), rx + int(queued_rx, 16)
+        tx, rx = tx + queued_tx, rx + queued_rx
     readings[("node_tcp_connection_states", ("rx_queued_bytes",))] = rx
     readings[("node_tcp_connection_states", ("tx_queued_bytes",))] = tx
     return readings
@@ -394,12 +394,13 @@ def interrupts_series(text: str) -> Readings:
 def read_process_stats(proc: Path) -> Iterator[str]:
     """Every process's /proc/[pid]/stat line, one at a time (a process gone meanwhile is
     skipped): what node_exporter's processes collector reads too. A line is under 1.2 KiB."""
-    for name in os.listdir(proc):
-        if name.isdigit():
-            try:
-                yield read_file(f"{proc}/{name}/stat", STAT_LINE_BYTES)
-            except OSError:
-                continue
+    with os.scandir(proc) as entries:  # not listdir: no list of every name at once
+        for entry in entries:
+            if entry.name.isdigit():
+                try:
+                    yield read_file(f"{entry.path}/stat", STAT_LINE_BYTES)
+                except OSError:
+                    continue
 
 
 def collector_series(outcomes: dict[str, tuple[bool, int]]) -> Readings:
@@ -474,14 +475,29 @@ def _numbers(*families: tuple[int, str]) -> Callable[[str], Readings]:
     return parse
 
 
-def _with(also: Path) -> Callable[[Path], str]:
-    """A file's text followed by that of `also` when it exists (tcp then tcp6)."""
+def read_lines(path: Path | str) -> Iterator[str]:
+    """A kernel table's lines, read TABLE_CHUNK_BYTES at a time: a busy host's socket tables
+    run to megabytes, and a copy of one whole would stay as the agent's high-water mark."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        rest = b""
+        while chunk := os.read(fd, TABLE_CHUNK_BYTES):
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                yield line.decode(errors="replace")
+        if rest:
+            yield rest.decode(errors="replace")
+    finally:
+        os.close(fd)
 
-    def read(path: Path) -> str:
-        try:
-            return read_file(path) + read_file(also)
-        except FileNotFoundError:
-            return read_file(path)
+
+def _lines_with(also: Path) -> Callable[[Path], Iterator[str]]:
+    """A table's lines followed by those of `also` when it exists (tcp then tcp6)."""
+
+    def read(path: Path) -> Iterator[str]:
+        yield from read_lines(path)
+        if also.exists():
+            yield from read_lines(also)
 
     return read
 
@@ -517,9 +533,11 @@ def series_sources(proc: Path = Path("/proc"), sys_root: Path = Path("/sys")) ->
             for resource in PRESSURE
         ),
         SeriesSource(proc / "net/arp", arp_series),
-        SeriesSource(proc / "net/udp", functools.partial(udp_queues_series, ip="v4")),
-        SeriesSource(proc / "net/udp6", functools.partial(udp_queues_series, ip="v6")),
-        SeriesSource(proc / "net/tcp", tcp_states_series, _with(proc / "net/tcp6"), SLOW_SOURCE_SECONDS),
+        SeriesSource(proc / "net/udp", functools.partial(udp_queues_series, ip="v4"), read_lines),
+        SeriesSource(proc / "net/udp6", functools.partial(udp_queues_series, ip="v6"), read_lines),
+        SeriesSource(
+            proc / "net/tcp", tcp_states_series, _lines_with(proc / "net/tcp6"), SLOW_SOURCE_SECONDS
+        ),
         SeriesSource(proc, processes_series, read_process_stats, SLOW_SOURCE_SECONDS),
     ]
     cpus = sorted(sys_root.glob("devices/system/cpu/cpu[0-9]*/cpufreq"), key=lambda p: int(p.parent.name[3:]))
@@ -627,6 +645,24 @@ def series_layout() -> SeriesLayout:
     return SeriesLayout(sources, within_limits([*collector_series({}), *read_series(sources)]))
 
 
+def _varint_bytes(number: int) -> int:
+    return max(1, (number.bit_length() + 6) // 7)
+
+
+def _field_bytes(text: str) -> int:
+    """A protobuf string field of a small field number: tag, length varint, UTF-8 bytes."""
+    size = len(text.encode())
+    return 1 + _varint_bytes(size) + size
+
+
+def declared_bytes(name: str, labels: tuple[str, ...]) -> int:
+    """What one declared series adds to a hello (an entry of Hardware.series, field 18),
+    counted without building the message: a layout counts some 300 of them. (An empty
+    name is not sent at all; an empty label value is.)"""
+    key = (_field_bytes(name) if name else 0) + sum(_field_bytes(value) for value in labels)
+    return 2 + _varint_bytes(key) + key
+
+
 def within_limits(keys: list[SeriesKey]) -> list[SeriesKey]:
     """The series the coordinator accepts: a hello over its limits would be refused and the
     node locked out, so a very large machine declares its first limits.SERIES series only,
@@ -642,7 +678,7 @@ def within_limits(keys: list[SeriesKey]) -> list[SeriesKey]:
     kept: list[SeriesKey] = []
     size = 0
     for name, labels in fitting[: limits.SERIES]:
-        size += node_pb2.Hardware(series=[node_pb2.SeriesKey(name=name, label_values=labels)]).ByteSize()
+        size += declared_bytes(name, labels)
         if size > limits.SERIES_BYTES:
             break
         kept.append((name, labels))

@@ -24,7 +24,7 @@ malformed one is refused at the door.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 METRIC_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 KIB = 1024
@@ -39,8 +39,10 @@ SAMPLE_NETWORK = "sample.network"  # NetworkCounters fields
 SAMPLE_LINK = "sample.link"  # NetworkCounters' link fields (node_exporter's netclass)
 
 
-@dataclass(frozen=True)
-class SeriesFamily:
+class SeriesFamily(NamedTuple):
+    """A tuple rather than a dataclass: the agent imports this table too, and a dataclass's
+    generated methods cost it more memory."""
+
     name: str  # as exposed (counters end in _total)
     kind: str  # counter, gauge, untyped
     help: str

@@ -17,9 +17,11 @@ from picoord.agent.metrics import (
     SeriesSource,
     arp_series,
     collector_series,
+    declared_bytes,
     interrupts_series,
     pressure_series,
     processes_series,
+    read_lines,
     read_series,
     series_sources,
     tcp_states_series,
@@ -97,11 +99,11 @@ def _interrupt(cpu: str, devices: str, info: str, irq: str) -> tuple[str, tuple[
         ),
         (arp_series("IP address HW type Flags HW address Mask Device\n"), {}),
         (
-            udp_queues_series(UDP, "v4"),
+            udp_queues_series(UDP.splitlines(), "v4"),
             {("node_udp_queues", ("v4", "rx")): 0x200, ("node_udp_queues", ("v4", "tx")): 0x100},
         ),
         (
-            udp_queues_series(UDP.splitlines(keepends=True)[0], "v6"),
+            udp_queues_series(UDP.splitlines()[:1], "v6"),
             {("node_udp_queues", ("v6", "rx")): 0, ("node_udp_queues", ("v6", "tx")): 0},
         ),
         (
@@ -123,7 +125,7 @@ def test_readers(readings: Readings, expected: Readings) -> None:
 
 
 def test_tcp_states_count_v4_and_v6_and_declare_every_state() -> None:
-    readings = tcp_states_series(TCP + TCP6)
+    readings = tcp_states_series((TCP + TCP6).splitlines())
     states = {labels[0]: value for (name, labels), value in readings.items()}
     assert {name for name, _ in readings} == {"node_tcp_connection_states"}
     assert states.pop("listen") == 2
@@ -277,3 +279,29 @@ def test_a_slow_source_is_read_at_most_every_so_often(times: tuple[float, ...], 
     values = [layout.values(now=now)[:2] for now in times]
     assert len(calls) == reads
     assert values[-1] == [reads, 7]
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "one\n", "one\ntwo", "a\n\nb\n", "x" * 5000 + "\n" + "y" * 9000 + "\nz\n"],
+)
+def test_read_lines_gives_the_files_lines_across_chunks(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "table"
+    path.write_text(text)
+    assert list(read_lines(path)) == text.splitlines()
+
+
+@pytest.mark.parametrize(
+    ("name", "labels"),
+    [
+        ("node_load1", ()),
+        ("n", ("",)),
+        ("", ()),
+        ("x" * 200, ("y" * 300, "z", "ü" * 70)),
+        ("node_interrupts_total", ("0", "0-edge virtio0-config", "PCI-MSIX-0000:00:01.0", "28")),
+        ("a" * 127, ("b" * 128,)),
+    ],
+)
+def test_declared_bytes_is_what_the_hello_grows_by(name: str, labels: tuple[str, ...]) -> None:
+    key = node_pb2.SeriesKey(name=name, label_values=labels)
+    assert declared_bytes(name, labels) == node_pb2.Hardware(series=[key]).ByteSize()
