@@ -28,7 +28,17 @@ import structlog
 from picoord.agent.commands import run_command
 from picoord.agent.hardware import bounded_statvfs, list_filesystems
 from picoord.common import limits
-from picoord.common.node_series import FAMILIES, PROCESS_STATES, TCP_STATES, by_field, from_source
+from picoord.common.node_series import (
+    FAMILIES,
+    MEMINFO_PREFIX,
+    NETSTAT_PREFIX,
+    PROCESS_STATES,
+    SOCKSTAT_PREFIX,
+    TCP_STATES,
+    VMSTAT_PREFIX,
+    by_field,
+    from_source,
+)
 from picoord.v1 import node_pb2
 
 log = structlog.get_logger(__name__)
@@ -162,13 +172,18 @@ STAT_FIELDS = by_field("stat")
 CPUFREQ_FILES = by_field("cpufreq")
 HWMON_FILES = by_field("hwmon")
 PRESSURE = ("cpu", "io", "memory", "irq")  # /proc/pressure/<resource>
-NUMBER_FILES = ("sys/", "class/")  # sources of one number per file (the column in field)
+ARP_ENTRIES = by_field("net/arp")["entries"]
+UDP_QUEUES = by_field("net/udp")["queues"]
+TCP_CONNECTIONS = by_field("net/tcp")["states"]
+PROCESSES = by_field("processes")  # state, pids, threads
+INTERRUPTS = by_field("interrupts")["total"]
+COLLECTOR = by_field("agent")  # success, duration, textfile_error
 # /proc/net/tcp walks the kernel's whole connection hash (13 ms on a 24 GiB host, whatever
 # the number of sockets) and the process scan reads a file per process (7 ms for 150): read
 # at most this often, their gauges repeated in between.
 SLOW_SOURCE_SECONDS = 15.0
-STAT_LINE_BYTES = 4096
-TABLE_CHUNK_BYTES = 4096  # /proc/[pid]/stat: 52 numbers and a name of at most 64 bytes
+STAT_LINE_BYTES = 4096  # /proc/[pid]/stat: 52 numbers and a name of at most 64 bytes
+TABLE_CHUNK_BYTES = 4096  # read size for the socket tables
 COLLECTORS = ("cpu", "load", "memory", "filesystems", "network", "temperatures", "throttled")
 _HWMON_INVALID = re.compile(r"[^a-z0-9:_]")
 
@@ -199,7 +214,7 @@ def meminfo_series(text: str) -> Readings:
         if name is None:
             suffix = "_bytes" if unit else ""
             name = _memory_names[(key, unit)] = (
-                f"node_memory_{key.replace('(', '_').replace(')', '')}{suffix}",
+                f"{MEMINFO_PREFIX}{key.replace('(', '_').replace(')', '')}{suffix}",
                 (),
             )
         if key not in FIXED_MEMINFO:
@@ -224,7 +239,7 @@ _VMSTAT_LINE = re.compile(
 
 
 def vmstat_series(text: str) -> Readings:
-    return {(f"node_vmstat_{key}", ()): int(value) for key, value in _VMSTAT_LINE.findall(text)}
+    return {(f"{VMSTAT_PREFIX}{key}", ()): int(value) for key, value in _VMSTAT_LINE.findall(text)}
 
 
 _netstat_columns: dict[str, list[tuple[int, SeriesKey]]] = {}
@@ -241,7 +256,7 @@ def netstat_series(*texts: str) -> Readings:
             if columns is None:
                 protocol, _, names = header.partition(":")
                 columns = _netstat_columns[header] = [
-                    (index, (f"node_netstat_{protocol}_{name}", ()))
+                    (index, (f"{NETSTAT_PREFIX}{protocol}_{name}", ()))
                     for index, name in enumerate(names.split())
                     if NETSTAT_FIELDS.match(f"{protocol}_{name}")
                 ]
@@ -261,11 +276,11 @@ def sockstat_series(text: str, page_size: int) -> Readings:
         parts = rest.split()
         for name, value in zip(parts[::2], parts[1::2], strict=False):
             if protocol == "sockets":
-                readings[(f"node_sockstat_sockets_{name}", ())] = int(value)
+                readings[(f"{SOCKSTAT_PREFIX}sockets_{name}", ())] = int(value)
                 continue
-            readings[(f"node_sockstat_{protocol}_{name}", ())] = int(value)
+            readings[(f"{SOCKSTAT_PREFIX}{protocol}_{name}", ())] = int(value)
             if name == "mem":
-                readings[(f"node_sockstat_{protocol}_mem_bytes", ())] = int(value) * page_size
+                readings[(f"{SOCKSTAT_PREFIX}{protocol}_mem_bytes", ())] = int(value) * page_size
     return readings
 
 
@@ -313,7 +328,7 @@ def arp_series(text: str) -> Readings:
         parts = line.split()
         if len(parts) >= 6:
             counts[parts[5]] = counts.get(parts[5], 0) + 1
-    return {("node_arp_entries", (device,)): count for device, count in counts.items()}
+    return {(ARP_ENTRIES, (device,)): count for device, count in counts.items()}
 
 
 def _socket_rows(lines: Iterable[str]) -> Iterator[tuple[str, int, int]]:
@@ -332,21 +347,21 @@ def udp_queues_series(lines: Iterable[str], ip: str) -> Readings:
     tx = rx = 0
     for _, queued_tx, queued_rx in _socket_rows(lines):
         tx, rx = tx + queued_tx, rx + queued_rx
-    return {("node_udp_queues", (ip, "rx")): rx, ("node_udp_queues", (ip, "tx")): tx}
+    return {(UDP_QUEUES, (ip, "rx")): rx, (UDP_QUEUES, (ip, "tx")): tx}
 
 
 def tcp_states_series(lines: Iterable[str]) -> Readings:
     """/proc/net/tcp and tcp6 (one's lines after the other's): sockets per state, every state
     declared (0 when none, so the layout is fixed), and the bytes queued to send and receive."""
-    readings: Readings = {("node_tcp_connection_states", (state,)): 0 for state in TCP_STATES.values()}
+    readings: Readings = {(TCP_CONNECTIONS, (state,)): 0 for state in TCP_STATES.values()}
     tx = rx = 0
     for st, queued_tx, queued_rx in _socket_rows(lines):
         state = TCP_STATES.get(st.upper())
         if state is not None:
-            readings[("node_tcp_connection_states", (state,))] += 1
+            readings[(TCP_CONNECTIONS, (state,))] += 1
         tx, rx = tx + queued_tx, rx + queued_rx
-    readings[("node_tcp_connection_states", ("rx_queued_bytes",))] = rx
-    readings[("node_tcp_connection_states", ("tx_queued_bytes",))] = tx
+    readings[(TCP_CONNECTIONS, ("rx_queued_bytes",))] = rx
+    readings[(TCP_CONNECTIONS, ("tx_queued_bytes",))] = tx
     return readings
 
 
@@ -363,9 +378,9 @@ def processes_series(lines: Iterable[str]) -> Readings:
         threads += int(fields[17])
         if fields[0] in states:
             states[fields[0]] += 1
-    readings: Readings = {("node_processes_state", (state,)): count for state, count in states.items()}
-    readings[("node_processes_pids", ())] = pids
-    readings[("node_processes_threads", ())] = threads
+    readings: Readings = {(PROCESSES["state"], (state,)): count for state, count in states.items()}
+    readings[(PROCESSES["pids"], ())] = pids
+    readings[(PROCESSES["threads"], ())] = threads
     return readings
 
 
@@ -387,7 +402,7 @@ def interrupts_series(text: str) -> Readings:
         else:
             info, devices = " ".join(parts[cpus + 1 :]), ""
         for cpu, value in enumerate(parts[1 : cpus + 1]):
-            readings[("node_interrupts_total", (str(cpu), devices, info, irq))] = int(value)
+            readings[(INTERRUPTS, (str(cpu), devices, info, irq))] = int(value)
     return readings
 
 
@@ -409,9 +424,9 @@ def collector_series(outcomes: dict[str, tuple[bool, int]]) -> Readings:
     readings: Readings = {}
     for name in COLLECTORS:
         ok, micros = outcomes.get(name, (False, 0))
-        readings[("node_scrape_collector_success", (name,))] = int(ok)
-        readings[("node_scrape_collector_duration_seconds", (name,))] = micros
-    readings[("node_textfile_scrape_error", ())] = 0
+        readings[(COLLECTOR["success"], (name,))] = int(ok)
+        readings[(COLLECTOR["duration"], (name,))] = micros
+    readings[(COLLECTOR["textfile_error"], ())] = 0
     return readings
 
 

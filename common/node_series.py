@@ -624,7 +624,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "statistics/rx_nohandler",
         ),
         # /proc/net/*: sockets and neighbours
-        _family("node_arp_entries", "gauge", "ARP entries by device", ("device",), 1.0, "net/arp"),
+        _family("node_arp_entries", "gauge", "ARP entries by device", ("device",), 1.0, "net/arp", "entries"),
         _family(
             "node_udp_queues",
             "gauge",
@@ -632,9 +632,16 @@ FAMILIES: dict[str, SeriesFamily] = {
             ("ip", "queue"),
             1.0,
             "net/udp",
+            "queues",
         ),
         _family(
-            "node_tcp_connection_states", "gauge", "Number of connection states.", ("state",), 1.0, "net/tcp"
+            "node_tcp_connection_states",
+            "gauge",
+            "Number of connection states.",
+            ("state",),
+            1.0,
+            "net/tcp",
+            "states",
         ),
         # /proc/[pid]/stat of every process, /proc/interrupts
         _family(
@@ -644,6 +651,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             ("state",),
             1.0,
             "processes",
+            "state",
         ),
         _family("node_processes_pids", "gauge", "Number of PIDs", (), 1.0, "processes", "pids"),
         _family(
@@ -656,6 +664,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             ("cpu", "devices", "info", "type"),
             1.0,
             "interrupts",
+            "total",
         ),
         # the agent's own sampling, as node_exporter reports its collectors (duration in microseconds)
         _family(
@@ -665,6 +674,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             ("collector",),
             MICRO,
             "agent",
+            "duration",
         ),
         _family(
             "node_scrape_collector_success",
@@ -673,6 +683,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             ("collector",),
             1.0,
             "agent",
+            "success",
         ),
         _family(
             "node_textfile_scrape_error",
@@ -681,6 +692,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             (),
             1.0,
             "agent",
+            "textfile_error",
         ),
         # the agent's own process, as node_exporter exports its own (cpu in ms)
         _family(
@@ -717,12 +729,16 @@ def by_field(source: str) -> dict[str, str]:
 
 
 # Families named after the file's own keys: (prefix, suffix, kind, help format, scale).
+MEMINFO_PREFIX = "node_memory_"  # /proc/meminfo's keys
+VMSTAT_PREFIX = "node_vmstat_"
+NETSTAT_PREFIX = "node_netstat_"  # /proc/net/netstat and snmp: protocol_field
+SOCKSTAT_PREFIX = "node_sockstat_"
 _KEYED = (
-    ("node_memory_", "_bytes", "gauge", "Memory information field {}_bytes.", KIB),  # /proc/meminfo, kB
-    ("node_memory_", "", "gauge", "Memory information field {}.", 1.0),  # HugePages_Total and the like
-    ("node_vmstat_", "", "untyped", "/proc/vmstat information field {}.", 1.0),
-    ("node_netstat_", "", "untyped", "Statistic {}.", 1.0),
-    ("node_sockstat_", "", "gauge", "Number of {} sockets.", 1.0),
+    (MEMINFO_PREFIX, "_bytes", "gauge", "Memory information field {}_bytes.", KIB),  # kB
+    (MEMINFO_PREFIX, "", "gauge", "Memory information field {}.", 1.0),  # HugePages_Total and the like
+    (VMSTAT_PREFIX, "", "untyped", "/proc/vmstat information field {}.", 1.0),
+    (NETSTAT_PREFIX, "", "untyped", "Statistic {}.", 1.0),
+    (SOCKSTAT_PREFIX, "", "gauge", "Number of {} sockets.", 1.0),
 )
 _KEY = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
@@ -737,11 +753,11 @@ def family_of(name: str) -> SeriesFamily | None:
         if not (name.startswith(prefix) and name.endswith(suffix)):
             continue
         key = name[len(prefix) : len(name) - len(suffix)]
-        if _KEY.match(key) and not (suffix == "" and prefix == "node_memory_" and key.endswith("_bytes")):
+        if _KEY.match(key) and not (suffix == "" and prefix == MEMINFO_PREFIX and key.endswith("_bytes")):
             return SeriesFamily(
                 name,
                 kind,
-                help_format.format(key.replace("_", " ") if prefix == "node_sockstat_" else key),
+                help_format.format(key.replace("_", " ") if prefix == SOCKSTAT_PREFIX else key),
                 (),
                 scale,
             )
