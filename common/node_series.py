@@ -62,18 +62,6 @@ class SeriesFamily(NamedTuple):
         return f"# HELP {self.name} {text}\n# TYPE {self.name} {self.kind}\n"
 
 
-def _family(
-    name: str,
-    kind: str,
-    help_text: str,
-    labels: tuple[str, ...] = (),
-    scale: float = 1.0,
-    source: str = "",
-    field: str = "",
-) -> SeriesFamily:
-    return SeriesFamily(name, kind, help_text, labels, scale, source, field)
-
-
 def _sample(
     name: str, kind: str, help_text: str, labels: tuple[str, ...] = (), field: str = ""
 ) -> SeriesFamily:
@@ -225,7 +213,7 @@ FAMILIES: dict[str, SeriesFamily] = {
         ),
         # --- declared ---
         # /proc/stat
-        _family(
+        SeriesFamily(
             "node_context_switches_total",
             "counter",
             "Total number of context switches.",
@@ -234,11 +222,11 @@ FAMILIES: dict[str, SeriesFamily] = {
             "stat",
             "ctxt",
         ),
-        _family(
+        SeriesFamily(
             "node_intr_total", "counter", "Total number of interrupts serviced.", (), 1.0, "stat", "intr"
         ),
-        _family("node_forks_total", "counter", "Total number of forks.", (), 1.0, "stat", "processes"),
-        _family(
+        SeriesFamily("node_forks_total", "counter", "Total number of forks.", (), 1.0, "stat", "processes"),
+        SeriesFamily(
             "node_procs_running",
             "gauge",
             "Number of processes in runnable state.",
@@ -247,7 +235,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "stat",
             "procs_running",
         ),
-        _family(
+        SeriesFamily(
             "node_procs_blocked",
             "gauge",
             "Number of processes blocked waiting for I/O to complete.",
@@ -257,7 +245,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "procs_blocked",
         ),
         # /proc/sys: one number per file, field is its column
-        _family(
+        SeriesFamily(
             "node_filefd_allocated",
             "gauge",
             "File descriptor statistics: allocated.",
@@ -266,7 +254,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "sys/fs/file-nr",
             "0",
         ),
-        _family(
+        SeriesFamily(
             "node_filefd_maximum",
             "gauge",
             "File descriptor statistics: maximum.",
@@ -275,7 +263,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "sys/fs/file-nr",
             "2",
         ),
-        _family(
+        SeriesFamily(
             "node_entropy_available_bits",
             "gauge",
             "Bits of available entropy.",
@@ -284,7 +272,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "sys/kernel/random/entropy_avail",
             "0",
         ),
-        _family(
+        SeriesFamily(
             "node_entropy_pool_size_bits",
             "gauge",
             "Bits of entropy pool.",
@@ -293,7 +281,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "sys/kernel/random/poolsize",
             "0",
         ),
-        _family(
+        SeriesFamily(
             "node_nf_conntrack_entries",
             "gauge",
             "Number of currently allocated flow entries for connection tracking.",
@@ -302,7 +290,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "sys/net/netfilter/nf_conntrack_count",
             "0",
         ),
-        _family(
+        SeriesFamily(
             "node_nf_conntrack_entries_limit",
             "gauge",
             "Maximum size of connection tracking table.",
@@ -311,7 +299,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "sys/net/netfilter/nf_conntrack_max",
             "0",
         ),
-        _family(
+        SeriesFamily(
             "node_processes_max_processes",
             "gauge",
             "Number of max PIDs limit",
@@ -320,7 +308,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "sys/kernel/pid_max",
             "0",
         ),
-        _family(
+        SeriesFamily(
             "node_processes_max_threads",
             "gauge",
             "Limit of threads in the system",
@@ -331,7 +319,7 @@ FAMILIES: dict[str, SeriesFamily] = {
         ),
         # /proc/diskstats (times in ms, sizes in 512-byte sectors), field: column after the name
         *(
-            _family(name, kind, help_text, _DISK, scale, "diskstats", str(column))
+            SeriesFamily(name, kind, help_text, _DISK, scale, "diskstats", str(column))
             for column, (name, kind, help_text, scale) in enumerate(
                 (
                     (
@@ -420,7 +408,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             )
         ),
         # /sys/devices/system/cpu/cpuN/cpufreq (kHz), field: the file
-        _family(
+        SeriesFamily(
             "node_cpu_scaling_frequency_hertz",
             "gauge",
             "Current scaled CPU thread frequency in hertz.",
@@ -429,7 +417,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "cpufreq",
             "scaling_cur_freq",
         ),
-        _family(
+        SeriesFamily(
             "node_cpu_scaling_frequency_max_hertz",
             "gauge",
             "Maximum scaled CPU thread frequency in hertz.",
@@ -438,7 +426,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "cpufreq",
             "scaling_max_freq",
         ),
-        _family(
+        SeriesFamily(
             "node_cpu_scaling_frequency_min_hertz",
             "gauge",
             "Minimum scaled CPU thread frequency in hertz.",
@@ -448,7 +436,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "scaling_min_freq",
         ),
         # /proc/schedstat (ns), field: the column of a cpuN line
-        _family(
+        SeriesFamily(
             "node_schedstat_running_seconds_total",
             "counter",
             "Number of seconds CPU spent running a process.",
@@ -457,7 +445,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "schedstat",
             "7",
         ),
-        _family(
+        SeriesFamily(
             "node_schedstat_waiting_seconds_total",
             "counter",
             "Number of seconds spent by processing waiting for this CPU.",
@@ -466,7 +454,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "schedstat",
             "8",
         ),
-        _family(
+        SeriesFamily(
             "node_schedstat_timeslices_total",
             "counter",
             "Number of timeslices executed by CPU.",
@@ -476,7 +464,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "9",
         ),
         # /proc/net/softnet_stat, field: the hex column
-        _family(
+        SeriesFamily(
             "node_softnet_processed_total",
             "counter",
             "Number of processed packets",
@@ -485,7 +473,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "net/softnet_stat",
             "0",
         ),
-        _family(
+        SeriesFamily(
             "node_softnet_dropped_total",
             "counter",
             "Number of dropped packets",
@@ -494,7 +482,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "net/softnet_stat",
             "1",
         ),
-        _family(
+        SeriesFamily(
             "node_softnet_times_squeezed_total",
             "counter",
             "Number of times processing packets ran out of quota",
@@ -503,7 +491,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "net/softnet_stat",
             "2",
         ),
-        _family(
+        SeriesFamily(
             "node_softnet_received_rps_total",
             "counter",
             "Number of times cpu woken up received_rps",
@@ -512,7 +500,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "net/softnet_stat",
             "9",
         ),
-        _family(
+        SeriesFamily(
             "node_softnet_flow_limit_count_total",
             "counter",
             "Number of times flow limit has been reached",
@@ -522,7 +510,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "10",
         ),
         # /sys/class/hwmon (millidegrees), field: the file's suffix
-        _family(
+        SeriesFamily(
             "node_hwmon_chip_names",
             "gauge",
             "Annotation metric for human-readable chip names",
@@ -531,7 +519,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "hwmon",
             "name",
         ),
-        _family(
+        SeriesFamily(
             "node_hwmon_temp_celsius",
             "gauge",
             "Hardware monitor for temperature (input)",
@@ -540,7 +528,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "hwmon",
             "input",
         ),
-        _family(
+        SeriesFamily(
             "node_hwmon_temp_crit_celsius",
             "gauge",
             "Hardware monitor for temperature (crit)",
@@ -549,7 +537,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "hwmon",
             "crit",
         ),
-        _family(
+        SeriesFamily(
             "node_hwmon_temp_max_celsius",
             "gauge",
             "Hardware monitor for temperature (max)",
@@ -559,7 +547,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "max",
         ),
         # /proc/pressure/* (microseconds), field: the line (some, full)
-        _family(
+        SeriesFamily(
             "node_pressure_cpu_waiting_seconds_total",
             "counter",
             "Total time in seconds that processes have waited for CPU time",
@@ -568,7 +556,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "pressure/cpu",
             "some",
         ),
-        _family(
+        SeriesFamily(
             "node_pressure_io_waiting_seconds_total",
             "counter",
             "Total time in seconds that processes have waited due to IO congestion",
@@ -577,7 +565,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "pressure/io",
             "some",
         ),
-        _family(
+        SeriesFamily(
             "node_pressure_io_stalled_seconds_total",
             "counter",
             "Total time in seconds no process could make progress due to IO congestion",
@@ -586,7 +574,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "pressure/io",
             "full",
         ),
-        _family(
+        SeriesFamily(
             "node_pressure_memory_waiting_seconds_total",
             "counter",
             "Total time in seconds that processes have waited for memory",
@@ -595,7 +583,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "pressure/memory",
             "some",
         ),
-        _family(
+        SeriesFamily(
             "node_pressure_memory_stalled_seconds_total",
             "counter",
             "Total time in seconds no process could make progress due to memory congestion",
@@ -604,7 +592,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "pressure/memory",
             "full",
         ),
-        _family(
+        SeriesFamily(
             "node_pressure_irq_stalled_seconds_total",
             "counter",
             "Total time in seconds no process could make progress due to IRQ congestion",
@@ -614,7 +602,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "full",
         ),
         # /sys/class/net/<device>, field: the file
-        _family(
+        SeriesFamily(
             "node_network_receive_nohandler_total",
             "counter",
             "Network device statistic receive_nohandler.",
@@ -624,8 +612,10 @@ FAMILIES: dict[str, SeriesFamily] = {
             "statistics/rx_nohandler",
         ),
         # /proc/net/*: sockets and neighbours
-        _family("node_arp_entries", "gauge", "ARP entries by device", ("device",), 1.0, "net/arp", "entries"),
-        _family(
+        SeriesFamily(
+            "node_arp_entries", "gauge", "ARP entries by device", ("device",), 1.0, "net/arp", "entries"
+        ),
+        SeriesFamily(
             "node_udp_queues",
             "gauge",
             "Number of allocated memory in the kernel for UDP datagrams in bytes.",
@@ -634,7 +624,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "net/udp",
             "queues",
         ),
-        _family(
+        SeriesFamily(
             "node_tcp_connection_states",
             "gauge",
             "Number of connection states.",
@@ -644,7 +634,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "states",
         ),
         # /proc/[pid]/stat of every process, /proc/interrupts
-        _family(
+        SeriesFamily(
             "node_processes_state",
             "gauge",
             "Number of processes in each state.",
@@ -653,11 +643,11 @@ FAMILIES: dict[str, SeriesFamily] = {
             "processes",
             "state",
         ),
-        _family("node_processes_pids", "gauge", "Number of PIDs", (), 1.0, "processes", "pids"),
-        _family(
+        SeriesFamily("node_processes_pids", "gauge", "Number of PIDs", (), 1.0, "processes", "pids"),
+        SeriesFamily(
             "node_processes_threads", "gauge", "Allocated threads in system", (), 1.0, "processes", "threads"
         ),
-        _family(
+        SeriesFamily(
             "node_interrupts_total",
             "counter",
             "Interrupt details.",
@@ -667,7 +657,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "total",
         ),
         # the agent's own sampling, as node_exporter reports its collectors (duration in microseconds)
-        _family(
+        SeriesFamily(
             "node_scrape_collector_duration_seconds",
             "gauge",
             "node_exporter: Duration of a collector scrape.",
@@ -676,7 +666,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "agent",
             "duration",
         ),
-        _family(
+        SeriesFamily(
             "node_scrape_collector_success",
             "gauge",
             "node_exporter: Whether a collector succeeded.",
@@ -685,7 +675,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "agent",
             "success",
         ),
-        _family(
+        SeriesFamily(
             "node_textfile_scrape_error",
             "gauge",
             "1 if there was an error opening or reading a file, 0 otherwise",
@@ -695,7 +685,7 @@ FAMILIES: dict[str, SeriesFamily] = {
             "textfile_error",
         ),
         # the agent's own process, as node_exporter exports its own (cpu in ms)
-        _family(
+        SeriesFamily(
             "process_cpu_seconds_total",
             "counter",
             "Total user and system CPU time spent in seconds.",
@@ -703,8 +693,10 @@ FAMILIES: dict[str, SeriesFamily] = {
             MILLI,
             "process",
         ),
-        _family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", (), 1.0, "process"),
-        _family(
+        SeriesFamily(
+            "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", (), 1.0, "process"
+        ),
+        SeriesFamily(
             "process_virtual_memory_max_bytes",
             "gauge",
             "Maximum amount of virtual memory available in bytes.",
@@ -712,8 +704,10 @@ FAMILIES: dict[str, SeriesFamily] = {
             1.0,
             "process",
         ),
-        _family("process_max_fds", "gauge", "Maximum number of open file descriptors.", (), 1.0, "process"),
-        _family("process_open_fds", "gauge", "Number of open file descriptors.", (), 1.0, "process"),
+        SeriesFamily(
+            "process_max_fds", "gauge", "Maximum number of open file descriptors.", (), 1.0, "process"
+        ),
+        SeriesFamily("process_open_fds", "gauge", "Number of open file descriptors.", (), 1.0, "process"),
     )
 }
 
