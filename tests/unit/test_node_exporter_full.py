@@ -58,7 +58,9 @@ def pi_hardware(name: str, layout: SeriesLayout) -> node_pb2.Hardware:
         machine="aarch64",
         domainname="(none)",
     )
-    return node_pb2.Hardware(hostname=name, arch="aarch64", uname=uname, series=layout.declared())
+    hardware = node_pb2.Hardware(hostname=name, arch="aarch64", uname=uname)
+    layout.declare(hardware.series)
+    return hardware
 
 
 def pi_sample(layout: SeriesLayout) -> node_pb2.MetricsSample:
