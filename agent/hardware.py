@@ -418,7 +418,7 @@ def collect_hardware(
     hardware.uname.CopyFrom(_probe("uname", read_uname, node_pb2.Uname()))
     from picoord.agent.metrics import series_layout  # metrics imports this module
 
-    hardware.series.extend(_probe("series", lambda: series_layout().declared(), []))
+    _probe("series", lambda: series_layout().declare(hardware.series), None)
     return hardware
 
 

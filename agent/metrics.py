@@ -17,9 +17,10 @@ import resource
 import select
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import structlog
@@ -27,7 +28,21 @@ import structlog
 from picoord.agent.commands import run_command
 from picoord.agent.hardware import bounded_statvfs, list_filesystems
 from picoord.common import limits
+from picoord.common.node_series import (
+    FAMILIES,
+    MEMINFO_PREFIX,
+    NETSTAT_PREFIX,
+    PROCESS_STATES,
+    SOCKSTAT_PREFIX,
+    TCP_STATES,
+    VMSTAT_PREFIX,
+    by_field,
+    from_source,
+)
 from picoord.v1 import node_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 log = structlog.get_logger(__name__)
 
@@ -152,49 +167,37 @@ NETSTAT_FIELDS = re.compile(
     r"|Udp_(InDatagrams|OutDatagrams|NoPorts|RcvbufErrors|SndbufErrors))$"
 )
 FIXED_MEMINFO = frozenset({"MemTotal", "MemAvailable", "MemFree", "SwapTotal", "SwapFree"})  # own fields
-DISKSTATS_FAMILIES = (
-    "node_disk_reads_completed_total",
-    "node_disk_reads_merged_total",
-    "node_disk_read_bytes_total",
-    "node_disk_read_time_seconds_total",
-    "node_disk_writes_completed_total",
-    "node_disk_writes_merged_total",
-    "node_disk_written_bytes_total",
-    "node_disk_write_time_seconds_total",
-    "node_disk_io_now",
-    "node_disk_io_time_seconds_total",
-    "node_disk_io_time_weighted_seconds_total",
-    "node_disk_discards_completed_total",
-    "node_disk_discards_merged_total",
-    "node_disk_discarded_sectors_total",
-    "node_disk_discard_time_seconds_total",
-    "node_disk_flush_requests_total",
-    "node_disk_flush_requests_time_seconds_total",
-)
-SOFTNET_COLUMNS = (
-    (0, "node_softnet_processed_total"),
-    (1, "node_softnet_dropped_total"),
-    (2, "node_softnet_times_squeezed_total"),
-    (9, "node_softnet_received_rps_total"),
-    (10, "node_softnet_flow_limit_count_total"),
-)
-STAT_FIELDS = {
-    "ctxt": "node_context_switches_total",
-    "intr": "node_intr_total",
-    "processes": "node_forks_total",
-    "procs_running": "node_procs_running",
-    "procs_blocked": "node_procs_blocked",
-}
+# Where each reader finds its families' names: common/node_series.py's table.
+DISKSTATS_FAMILIES = tuple(family.name for family in from_source("diskstats"))  # by column
+SOFTNET_COLUMNS = tuple((int(family.field), family.name) for family in from_source("net/softnet_stat"))
+SCHEDSTAT_COLUMNS = tuple((int(family.field), family.name) for family in from_source("schedstat"))
+STAT_FIELDS = by_field("stat")
+CPUFREQ_FILES = by_field("cpufreq")
+HWMON_FILES = by_field("hwmon")
+PRESSURE = ("cpu", "io", "memory", "irq")  # /proc/pressure/<resource>
+ARP_ENTRIES = by_field("net/arp")["entries"]
+UDP_QUEUES = by_field("net/udp")["queues"]
+TCP_CONNECTIONS = by_field("net/tcp")["states"]
+PROCESSES = by_field("processes")  # state, pids, threads
+INTERRUPTS = by_field("interrupts")["total"]
+COLLECTOR = by_field("agent")  # success, duration, textfile_error
+# /proc/net/tcp walks the kernel's whole connection hash (13 ms on a 24 GiB host, whatever
+# the number of sockets) and the process scan reads a file per process (7 ms for 150): read
+# at most this often, their gauges repeated in between.
+SLOW_SOURCE_SECONDS = 15.0
+STAT_LINE_BYTES = 4096  # /proc/[pid]/stat: 52 numbers and a name of at most 64 bytes
+TABLE_CHUNK_BYTES = 4096  # read size for the socket tables
+COLLECTORS = ("cpu", "load", "memory", "filesystems", "network", "temperatures", "throttled")
 _HWMON_INVALID = re.compile(r"[^a-z0-9:_]")
 
 
-def read_file(path: Path | str) -> str:
+def read_file(path: Path | str, chunk_bytes: int = 65536) -> str:
     """A small kernel file's text: os.read without Python's buffered text layers, which cost
     more than the read itself on a Pi (a sample reads some 30 of these)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         chunks = []
-        while chunk := os.read(fd, 65536):
+        while chunk := os.read(fd, chunk_bytes):
             chunks.append(chunk)
         return b"".join(chunks).decode(errors="replace")
     finally:
@@ -214,7 +217,7 @@ def meminfo_series(text: str) -> Readings:
         if name is None:
             suffix = "_bytes" if unit else ""
             name = _memory_names[(key, unit)] = (
-                f"node_memory_{key.replace('(', '_').replace(')', '')}{suffix}",
+                f"{MEMINFO_PREFIX}{key.replace('(', '_').replace(')', '')}{suffix}",
                 (),
             )
         if key not in FIXED_MEMINFO:
@@ -239,7 +242,7 @@ _VMSTAT_LINE = re.compile(
 
 
 def vmstat_series(text: str) -> Readings:
-    return {(f"node_vmstat_{key}", ()): int(value) for key, value in _VMSTAT_LINE.findall(text)}
+    return {(f"{VMSTAT_PREFIX}{key}", ()): int(value) for key, value in _VMSTAT_LINE.findall(text)}
 
 
 _netstat_columns: dict[str, list[tuple[int, SeriesKey]]] = {}
@@ -256,7 +259,7 @@ def netstat_series(*texts: str) -> Readings:
             if columns is None:
                 protocol, _, names = header.partition(":")
                 columns = _netstat_columns[header] = [
-                    (index, (f"node_netstat_{protocol}_{name}", ()))
+                    (index, (f"{NETSTAT_PREFIX}{protocol}_{name}", ()))
                     for index, name in enumerate(names.split())
                     if NETSTAT_FIELDS.match(f"{protocol}_{name}")
                 ]
@@ -276,11 +279,11 @@ def sockstat_series(text: str, page_size: int) -> Readings:
         parts = rest.split()
         for name, value in zip(parts[::2], parts[1::2], strict=False):
             if protocol == "sockets":
-                readings[(f"node_sockstat_sockets_{name}", ())] = int(value)
+                readings[(f"{SOCKSTAT_PREFIX}sockets_{name}", ())] = int(value)
                 continue
-            readings[(f"node_sockstat_{protocol}_{name}", ())] = int(value)
+            readings[(f"{SOCKSTAT_PREFIX}{protocol}_{name}", ())] = int(value)
             if name == "mem":
-                readings[(f"node_sockstat_{protocol}_mem_bytes", ())] = int(value) * page_size
+                readings[(f"{SOCKSTAT_PREFIX}{protocol}_mem_bytes", ())] = int(value) * page_size
     return readings
 
 
@@ -303,10 +306,130 @@ def schedstat_series(text: str) -> Readings:
         if len(parts) < 10 or not parts[0].startswith("cpu") or not parts[0][3:].isdigit():
             continue
         cpu = (parts[0][3:],)
-        running, waiting, timeslices = parts[7:10]
-        readings[("node_schedstat_running_seconds_total", cpu)] = int(running)
-        readings[("node_schedstat_waiting_seconds_total", cpu)] = int(waiting)
-        readings[("node_schedstat_timeslices_total", cpu)] = int(timeslices)
+        for column, family in SCHEDSTAT_COLUMNS:
+            readings[(family, cpu)] = int(parts[column])
+    return readings
+
+
+def pressure_series(text: str, resource: str) -> Readings:
+    """/proc/pressure/<resource>: "some avg10=0.00 avg60=0.00 avg300=0.00 total=87565989"
+    -> the total (microseconds) of each line node_exporter exports for that resource."""
+    families = by_field(f"pressure/{resource}")
+    readings: Readings = {}
+    for line in text.splitlines():
+        kind, _, rest = line.partition(" ")
+        family = families.get(kind)
+        if family is not None:
+            readings[(family, ())] = int(rest.rpartition("total=")[2])
+    return readings
+
+
+def arp_series(text: str) -> Readings:
+    """/proc/net/arp: the entries of each device (the last column), under a header line."""
+    counts: dict[str, int] = {}
+    for line in text.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) >= 6:
+            counts[parts[5]] = counts.get(parts[5], 0) + 1
+    return {(ARP_ENTRIES, (device,)): count for device, count in counts.items()}
+
+
+def _socket_rows(lines: Iterable[str]) -> Iterator[tuple[str, int, int]]:
+    """(st, tx_queue, rx_queue) of each socket row of /proc/net/tcp, tcp6, udp or udp6 (one
+    or more tables, each under its header)."""
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) > 4 and parts[0] != "sl":
+            queued_tx, _, queued_rx = parts[4].partition(":")
+            yield parts[3], int(queued_tx, 16), int(queued_rx, 16)
+
+
+def udp_queues_series(lines: Iterable[str], ip: str) -> Readings:
+    """/proc/net/udp (ip "v4") or udp6 ("v6"): the bytes queued to send and to receive,
+    summed over sockets (the tx_queue:rx_queue column, hex)."""
+    tx = rx = 0
+    for _, queued_tx, queued_rx in _socket_rows(lines):
+        tx, rx = tx + queued_tx, rx + queued_rx
+    return {(UDP_QUEUES, (ip, "rx")): rx, (UDP_QUEUES, (ip, "tx")): tx}
+
+
+def tcp_states_series(lines: Iterable[str]) -> Readings:
+    """/proc/net/tcp and tcp6 (one's lines after the other's): sockets per state, every state
+    declared (0 when none, so the layout is fixed), and the bytes queued to send and receive."""
+    readings: Readings = {(TCP_CONNECTIONS, (state,)): 0 for state in TCP_STATES.values()}
+    tx = rx = 0
+    for st, queued_tx, queued_rx in _socket_rows(lines):
+        state = TCP_STATES.get(st.upper())
+        if state is not None:
+            readings[(TCP_CONNECTIONS, (state,))] += 1
+        tx, rx = tx + queued_tx, rx + queued_rx
+    readings[(TCP_CONNECTIONS, ("rx_queued_bytes",))] = rx
+    readings[(TCP_CONNECTIONS, ("tx_queued_bytes",))] = tx
+    return readings
+
+
+def processes_series(lines: Iterable[str]) -> Readings:
+    """Every process's /proc/[pid]/stat line: processes per state (those of PROCESS_STATES,
+    each declared), processes and threads (num_threads, the 18th field after the name)."""
+    states = dict.fromkeys(PROCESS_STATES, 0)
+    pids = threads = 0
+    for line in lines:
+        fields = line.rpartition(")")[2].split()  # the name in parentheses may hold spaces
+        if len(fields) < 18:
+            continue
+        pids += 1
+        threads += int(fields[17])
+        if fields[0] in states:
+            states[fields[0]] += 1
+    readings: Readings = {(PROCESSES["state"], (state,)): count for state, count in states.items()}
+    readings[(PROCESSES["pids"], ())] = pids
+    readings[(PROCESSES["threads"], ())] = threads
+    return readings
+
+
+def interrupts_series(text: str) -> Readings:
+    """/proc/interrupts as node_exporter labels it: per CPU, the irq as type; for a numbered
+    irq its chip as info and the rest as devices, for a named one its description as info."""
+    lines = text.splitlines()
+    if not lines:
+        return {}
+    cpus = len(lines[0].split())
+    readings: Readings = {}
+    for line in lines[1:]:
+        parts = line.split()
+        if len(parts) < cpus + 2:
+            continue  # ERR and MIS: one total, no CPUs
+        irq = parts[0].removesuffix(":")
+        if irq.isdigit():
+            info, devices = parts[cpus + 1], " ".join(parts[cpus + 2 :])
+        else:
+            info, devices = " ".join(parts[cpus + 1 :]), ""
+        for cpu, value in enumerate(parts[1 : cpus + 1]):
+            readings[(INTERRUPTS, (str(cpu), devices, info, irq))] = int(value)
+    return readings
+
+
+def read_process_stats(proc: Path) -> Iterator[str]:
+    """Every process's /proc/[pid]/stat line, one at a time (a process gone meanwhile is
+    skipped): what node_exporter's processes collector reads too. A line is under 1.2 KiB."""
+    with os.scandir(proc) as entries:  # not listdir: no list of every name at once
+        for entry in entries:
+            if entry.name.isdigit():
+                try:
+                    yield read_file(f"{entry.path}/stat", STAT_LINE_BYTES)
+                except OSError:
+                    continue
+
+
+def collector_series(outcomes: dict[str, tuple[bool, int]]) -> Readings:
+    """The sampler's sections as node_exporter reports its collectors: success and duration
+    (microseconds) per section; picoord reads no text files, so no textfile error."""
+    readings: Readings = {}
+    for name in COLLECTORS:
+        ok, micros = outcomes.get(name, (False, 0))
+        readings[(COLLECTOR["success"], (name,))] = int(ok)
+        readings[(COLLECTOR["duration"], (name,))] = micros
+    readings[(COLLECTOR["textfile_error"], ())] = 0
     return readings
 
 
@@ -346,10 +469,13 @@ def hwmon_chip_name(path: Path) -> str:
 
 @dataclass(frozen=True)
 class SeriesSource:
-    """One file read per sample and the function that turns its text into readings."""
+    """One file (or, with `read`, a set of them) read per sample and the function that
+    turns its text into readings."""
 
     path: Path
-    parse: Callable[[str], Readings]
+    parse: Callable[[Any], Readings]  # takes what `read` returns: the text, or its lines
+    read: Callable[[Path], Any] = read_file
+    every: float = 0.0  # seconds between reads; 0: every sample
 
 
 def _single(family: str, labels: tuple[str, ...] = (), field: int = 0) -> Callable[[str], Readings]:
@@ -367,8 +493,47 @@ def _numbers(*families: tuple[int, str]) -> Callable[[str], Readings]:
     return parse
 
 
+def read_lines(path: Path | str) -> Iterator[str]:
+    """A kernel table's lines, read TABLE_CHUNK_BYTES at a time: a busy host's socket tables
+    run to megabytes, and a copy of one whole would stay as the agent's high-water mark."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        rest = b""
+        while chunk := os.read(fd, TABLE_CHUNK_BYTES):
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                yield line.decode(errors="replace")
+        if rest:
+            yield rest.decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def _lines_with(also: Path) -> Callable[[Path], Iterator[str]]:
+    """A table's lines followed by those of `also` when it exists (tcp then tcp6)."""
+
+    def read(path: Path) -> Iterator[str]:
+        yield from read_lines(path)
+        if also.exists():
+            yield from read_lines(also)
+
+    return read
+
+
+def _proc_numbers(proc: Path) -> list[SeriesSource]:
+    """The files under /proc/sys holding numbers, one source per file with its families'
+    columns, from the table."""
+    columns: dict[str, list[tuple[int, str]]] = {}
+    for family in FAMILIES.values():
+        if family.source.startswith("sys/"):
+            columns.setdefault(family.source, []).append((int(family.field), family.name))
+    return [SeriesSource(proc / file, _numbers(*numbers)) for file, numbers in columns.items()]
+
+
 def series_sources(proc: Path = Path("/proc"), sys_root: Path = Path("/sys")) -> list[SeriesSource]:
-    """The files to read, those that exist here (conntrack only once its module is loaded)."""
+    """The files to read, those that exist here (conntrack only once its module is loaded).
+    /proc/interrupts comes last: on a machine with very many CPUs its series are the ones
+    `within_limits` leaves out."""
     page_size = os.sysconf("SC_PAGE_SIZE")
     sources = [
         SeriesSource(proc / "meminfo", meminfo_series),
@@ -378,24 +543,25 @@ def series_sources(proc: Path = Path("/proc"), sys_root: Path = Path("/sys")) ->
         SeriesSource(proc / "net/netstat", netstat_series),
         SeriesSource(proc / "net/snmp", netstat_series),
         SeriesSource(proc / "net/sockstat", lambda text: sockstat_series(text, page_size)),
-        SeriesSource(
-            proc / "sys/fs/file-nr", _numbers((0, "node_filefd_allocated"), (2, "node_filefd_maximum"))
-        ),
-        SeriesSource(proc / "sys/kernel/random/entropy_avail", _single("node_entropy_available_bits")),
-        SeriesSource(proc / "sys/kernel/random/poolsize", _single("node_entropy_pool_size_bits")),
-        SeriesSource(proc / "sys/net/netfilter/nf_conntrack_count", _single("node_nf_conntrack_entries")),
-        SeriesSource(proc / "sys/net/netfilter/nf_conntrack_max", _single("node_nf_conntrack_entries_limit")),
+        *_proc_numbers(proc),
         SeriesSource(proc / "schedstat", schedstat_series),
         SeriesSource(proc / "net/softnet_stat", softnet_series),
+        *(
+            SeriesSource(proc / "pressure" / resource, functools.partial(pressure_series, resource=resource))
+            for resource in PRESSURE
+        ),
+        SeriesSource(proc / "net/arp", arp_series),
+        SeriesSource(proc / "net/udp", functools.partial(udp_queues_series, ip="v4"), read_lines),
+        SeriesSource(proc / "net/udp6", functools.partial(udp_queues_series, ip="v6"), read_lines),
+        SeriesSource(
+            proc / "net/tcp", tcp_states_series, _lines_with(proc / "net/tcp6"), SLOW_SOURCE_SECONDS
+        ),
+        SeriesSource(proc, processes_series, read_process_stats, SLOW_SOURCE_SECONDS),
     ]
     cpus = sorted(sys_root.glob("devices/system/cpu/cpu[0-9]*/cpufreq"), key=lambda p: int(p.parent.name[3:]))
     for cpufreq in cpus:
         cpu = (cpufreq.parent.name[3:],)
-        for file, family in (
-            ("scaling_cur_freq", "node_cpu_scaling_frequency_hertz"),
-            ("scaling_max_freq", "node_cpu_scaling_frequency_max_hertz"),
-            ("scaling_min_freq", "node_cpu_scaling_frequency_min_hertz"),
-        ):
+        for file, family in CPUFREQ_FILES.items():
             sources.append(SeriesSource(cpufreq / file, _single(family, cpu)))
     for hwmon in sorted(sys_root.glob("class/hwmon/hwmon*")):
         chip = hwmon_chip_name(hwmon)
@@ -404,32 +570,50 @@ def series_sources(proc: Path = Path("/proc"), sys_root: Path = Path("/sys")) ->
         except OSError:
             chip_name = ""
         if chip_name:
+            key = (chip, chip_name)
             sources.append(
-                SeriesSource(
-                    hwmon / "name", lambda _text, key=(chip, chip_name): {("node_hwmon_chip_names", key): 1}
-                )
+                SeriesSource(hwmon / "name", lambda _text, key=key: {(HWMON_FILES["name"], key): 1})
             )
         for temp in sorted(hwmon.glob("temp*_input")):
             sensor = temp.name.removesuffix("_input")
-            sources.append(SeriesSource(temp, _single("node_hwmon_temp_celsius", (chip, sensor))))
-            for file, family in (
-                ("crit", "node_hwmon_temp_crit_celsius"),
-                ("max", "node_hwmon_temp_max_celsius"),
-            ):
-                if (hwmon / f"{sensor}_{file}").exists():
-                    sources.append(SeriesSource(hwmon / f"{sensor}_{file}", _single(family, (chip, sensor))))
+            for suffix, family in HWMON_FILES.items():
+                if suffix != "name":
+                    sources.append(
+                        SeriesSource(hwmon / f"{sensor}_{suffix}", _single(family, (chip, sensor)))
+                    )
+    for device in sorted(path.name for path in sys_root.glob("class/net/*")):
+        if device != "lo":
+            for file, family in by_field("class/net").items():
+                sources.append(
+                    SeriesSource(sys_root / "class/net" / device / file, _single(family, (device,)))
+                )
+    sources.append(SeriesSource(proc / "interrupts", interrupts_series))
     return [source for source in sources if source.path.exists()]
 
 
-def read_series(sources: list[SeriesSource]) -> Readings:
-    """Every source's readings now; a file that cannot be read or parsed gives none."""
-    readings: Readings = {}
+def read_source(source: SeriesSource) -> Readings:
+    """One source's readings now; a file that cannot be read or parsed gives none."""
+    try:
+        return source.parse(source.read(source.path))
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
+Recent = dict[Path, tuple[float, Readings]]  # a slow source's last readings and when (monotonic)
+
+
+def read_series(sources: list[SeriesSource], recent: Recent | None = None, now: float = 0.0) -> Readings:
+    """Every source's readings. With `recent`, a source with `every` seconds is read again
+    only once its readings there are that old, and they are reused until then."""
+    readings = process_series()  # first: the files' last series are the ones within_limits may cut
     for source in sources:
-        try:
-            readings.update(source.parse(read_file(source.path)))
-        except (OSError, ValueError, IndexError):
+        if recent is None or not source.every:
+            readings.update(read_source(source))
             continue
-    readings.update(process_series())
+        last = recent.get(source.path)
+        if last is None or now - last[0] >= source.every:
+            last = recent[source.path] = (now, read_source(source))
+        readings.update(last[1])
     return readings
 
 
@@ -442,12 +626,13 @@ def process_series() -> Readings:
         vms = int(read_file("/proc/self/statm").split()[0]) * resource.getpagesize()
     except (OSError, ValueError, IndexError):
         return {}
+    cpu, virtual, virtual_max, max_fds, fds = (family.name for family in from_source("process"))
     return {
-        ("process_cpu_seconds_total", ()): round((times.user + times.system) * 1000),
-        ("process_virtual_memory_bytes", ()): vms,
-        ("process_virtual_memory_max_bytes", ()): limit,  # -1: unlimited
-        ("process_max_fds", ()): resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-        ("process_open_fds", ()): open_fds,
+        (cpu, ()): round((times.user + times.system) * 1000),
+        (virtual, ()): vms,
+        (virtual_max, ()): limit,  # -1: unlimited
+        (max_fds, ()): resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+        (fds, ()): open_fds,
     }
 
 
@@ -457,25 +642,53 @@ class SeriesLayout:
 
     sources: list[SeriesSource]
     keys: list[SeriesKey] = field(default_factory=list)
+    recent: Recent = field(default_factory=dict)
 
-    def values(self) -> list[int]:
-        readings = read_series(self.sources)
+    def values(
+        self, outcomes: dict[str, tuple[bool, int]] | None = None, now: float | None = None
+    ) -> list[int]:
+        """The numbers now; `outcomes` are the sampler's sections (see collector_series)."""
+        readings = read_series(self.sources, self.recent, time.monotonic() if now is None else now)
+        readings.update(collector_series(outcomes or {}))
         return [readings.get(key, 0) for key in self.keys]  # a file gone since: 0
 
-    def declared(self) -> list[node_pb2.SeriesKey]:
-        return [node_pb2.SeriesKey(name=name, label_values=labels) for name, labels in self.keys]
+    def declare(self, series: RepeatedCompositeFieldContainer[node_pb2.SeriesKey]) -> None:
+        """Add the series to a hello's `Hardware.series`, in place: a list of messages to copy
+        from would cost the agent some 300 messages more at its peak."""
+        for name, labels in self.keys:
+            series.add(name=name, label_values=labels)
 
 
 @functools.cache
 def series_layout() -> SeriesLayout:
     """Taken once per process, so the hello of every session declares what the sampler sends."""
     sources = series_sources()
-    return SeriesLayout(sources, within_limits(list(read_series(sources))))
+    return SeriesLayout(sources, within_limits([*collector_series({}), *read_series(sources)]))
+
+
+def _varint_bytes(number: int) -> int:
+    return max(1, (number.bit_length() + 6) // 7)
+
+
+def _field_bytes(text: str) -> int:
+    """A protobuf string field of a small field number: tag, length varint, UTF-8 bytes."""
+    size = len(text.encode())
+    return 1 + _varint_bytes(size) + size
+
+
+def declared_bytes(name: str, labels: tuple[str, ...]) -> int:
+    """What one declared series adds to a hello (an entry of Hardware.series, field 18),
+    counted without building the message: a layout counts some 300 of them. (An empty
+    name is not sent at all; an empty label value is.)"""
+    key = (_field_bytes(name) if name else 0) + sum(_field_bytes(value) for value in labels)
+    return 2 + _varint_bytes(key) + key
 
 
 def within_limits(keys: list[SeriesKey]) -> list[SeriesKey]:
     """The series the coordinator accepts: a hello over its limits would be refused and the
-    node locked out, so a very large machine declares its first limits.SERIES series only."""
+    node locked out, so a very large machine declares its first limits.SERIES series only,
+    and only as many as fit in limits.SERIES_BYTES of the hello (/proc/interrupts alone has
+    a series per CPU and irq, with long labels)."""
     fitting = [
         (name, labels)
         for name, labels in keys
@@ -483,9 +696,16 @@ def within_limits(keys: list[SeriesKey]) -> list[SeriesKey]:
         and len(labels) <= limits.SERIES_LABELS
         and all(len(value) <= limits.TEXT for value in labels)
     ]
-    if len(fitting) < len(keys) or len(fitting) > limits.SERIES:
-        log.warning("metrics_series_limited", declared=min(len(fitting), limits.SERIES), found=len(keys))
-    return fitting[: limits.SERIES]
+    kept: list[SeriesKey] = []
+    size = 0
+    for name, labels in fitting[: limits.SERIES]:
+        size += declared_bytes(name, labels)
+        if size > limits.SERIES_BYTES:
+            break
+        kept.append((name, labels))
+    if len(kept) < len(keys):
+        log.warning("metrics_series_limited", declared=len(kept), found=len(keys))
+    return kept
 
 
 NET_DEV_FIELDS = (
@@ -624,6 +844,7 @@ class MetricsSampler:
         self._previous_cpu = (0.0, 0.0)
         self._failed_sections: set[str] = set()
         self._series = series_layout()
+        self._outcomes: dict[str, tuple[bool, int]] = {}
         self._proc = Path("/proc")
         self._links = _Links(sys_root)
 
@@ -640,30 +861,40 @@ class MetricsSampler:
     def sample(self) -> node_pb2.MetricsSample:
         """One sample now. A failing section is left empty so the stream keeps flowing."""
         sample = node_pb2.MetricsSample(timestamp=time.time(), boot_time=self._boot_time)
-        for name, section in (
-            ("cpu", self._sample_cpu),
-            ("load", self._sample_load),
-            ("memory", self._sample_memory),
-            ("filesystems", self._sample_filesystems),
-            ("network", self._sample_network),
-            ("temperatures", self._sample_temperatures),
-            ("throttled", self._sample_throttled),
-            ("series", self._sample_series),
+        outcomes: dict[str, tuple[bool, int]] = {}
+        for name, section in zip(
+            COLLECTORS,
+            (
+                self._sample_cpu,
+                self._sample_load,
+                self._sample_memory,
+                self._sample_filesystems,
+                self._sample_network,
+                self._sample_temperatures,
+                self._sample_throttled,
+            ),
+            strict=True,
         ):
-            self._run_section(name, section, sample)
+            started = time.monotonic_ns()
+            ok = self._run_section(name, section, sample)
+            outcomes[name] = (ok, (time.monotonic_ns() - started) // 1000)
+        self._outcomes = outcomes
+        self._run_section("series", self._sample_series, sample)
         return sample
 
     def _run_section(
         self, name: str, section: Callable[[node_pb2.MetricsSample], None], sample: node_pb2.MetricsSample
-    ) -> None:
+    ) -> bool:
+        """Run one section; False when it failed."""
         try:
             section(sample)
         except Exception as error:  # one broken probe must not stop the stream
             if name not in self._failed_sections:  # once, not every second
                 self._failed_sections.add(name)
                 log.warning("metrics_section_failed", section=name, error=repr(error))
-        else:
-            self._failed_sections.discard(name)
+            return False
+        self._failed_sections.discard(name)
+        return True
 
     def _sample_cpu(self, sample: node_pb2.MetricsSample) -> None:
         # The aggregate line stays monotonic across CPU hotplug, unlike a sum of per-CPU lines.
@@ -728,7 +959,7 @@ class MetricsSampler:
         self._links.forget_except(set(devices))
 
     def _sample_series(self, sample: node_pb2.MetricsSample) -> None:
-        sample.series_values.extend(self._series.values())
+        sample.series_values.extend(self._series.values(self._outcomes))
 
     def _sample_temperatures(self, sample: node_pb2.MetricsSample) -> None:
         now = time.monotonic()

@@ -45,11 +45,12 @@ from _common import (
     table,
     verdict,
 )
+from _prometheus_client_anchor import ClusterCollector
 from fanin import pi_hardware, pi_sample
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 
 from picoord.coordinator.cluster import Cluster, LiveSession
-from picoord.coordinator.prometheus import RENDER_INTERVAL, ClusterCollector, MetricsEndpoint, serve_metrics
+from picoord.coordinator.prometheus import RENDER_INTERVAL, MetricsEndpoint, serve_metrics
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import CertificateRecord, Store, TokenRecord
 from picoord.coordinator.telemetry import MetricsHistory

@@ -56,6 +56,9 @@ SPEC_LIST = 512  # entries of any other list in a spec document (nodes, bricks, 
 
 # --- Bytes --------------------------------------------------------------------------------
 CSR_BYTES = 16 * KIB
+# A hello's declared series (Hardware.series): most of its "hello" budget, the rest left for
+# disks, interfaces and the like. 1,024 series with one short label take about 43 KiB.
+SERIES_BYTES = 48 * KIB
 SPEC_BYTES = 1 * MIB
 SECRET_BYTES = 64 * KIB  # one secret's value: coordctl refuses it before sending, the coordinator on receipt
 GRPC_RECEIVE_BYTES = 4 * MIB  # the servers' transport limit; every budget below is far under it

@@ -6,8 +6,10 @@ A scrape never renders. A background thread renders the whole exposition at most
 `interval` seconds while someone scrapes (a thousand Pis are about 300,000 series: each
 declares some 200 of node_exporter's, see common/node_series.py), and the
 HTTP handler returns the latest complete bytes. The node section is written by a small
-hand-made formatter over a snapshot taken on the event loop; the coordinator's own
-figures still go through prometheus_client (`ClusterCollector._coordinator_metrics`).
+hand-made formatter over a snapshot taken on the event loop, from the families of
+common/node_series.py; the coordinator's own figures still go through prometheus_client
+(`CoordinatorCollector`). The prometheus_client rendering of the node section that this
+formatter replaced is bench/_prometheus_client_anchor.py, the anchor of bench/metrics_scrape.py.
 """
 
 from __future__ import annotations
@@ -26,11 +28,20 @@ from typing import TYPE_CHECKING, TypeVar
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, UnknownMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from picoord.common.node_series import SeriesFamily, family_of
+from picoord.common.node_series import (
+    FAMILIES,
+    SAMPLE_FILESYSTEMS,
+    SAMPLE_LINK,
+    SAMPLE_MEMORY,
+    SAMPLE_NETWORK,
+    SeriesFamily,
+    family_of,
+    from_source,
+)
 from picoord.common.vocabulary import RolloutStatus
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.status import Status
@@ -55,16 +66,12 @@ log = structlog.get_logger("picoord.coordinator.metrics")
 T = TypeVar("T")
 
 
-class ClusterCollector(Collector):
-    """The prometheus_client way. The coordinator serves only its own section through it
-    (`include_nodes=False`); the node section below is the reference that `render_nodes`
-    is tested and benchmarked against (bench/metrics_scrape.py)."""
+class CoordinatorCollector(Collector):
+    """The coordinator's own figures, the prometheus_client way (a few series, rendered at
+    every scrape). The node section is written by hand below."""
 
-    def __init__(
-        self, cluster: Cluster, include_nodes: bool = True, workloads: Workloads | None = None
-    ) -> None:
+    def __init__(self, cluster: Cluster, workloads: Workloads | None = None) -> None:
         self.cluster = cluster
-        self.include_nodes = include_nodes
         self.workloads = workloads
         self._message_counts: deque[tuple[float, int]] = deque(maxlen=64)
 
@@ -77,100 +84,7 @@ class ClusterCollector(Collector):
         return (after - before) / (now - then) if now > then else 0.0
 
     def collect(self) -> Iterator[Metric]:
-        if self.include_nodes:
-            yield from self._node_metrics()
         yield from self._coordinator_metrics()
-
-    def _node_metrics(self) -> Iterator[Metric]:
-        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, labels=("instance", *labels))
-
-        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, labels=("instance", *labels))
-
-        cpu = counter("node_cpu_seconds", "Seconds the CPUs spent in each mode.", ("cpu", "mode"))
-        guest = counter(GUEST.name.removesuffix("_total"), GUEST.help, ("cpu", "mode"))
-        load = {n: gauge(f"node_load{n}", f"{n}m load average.") for n in ("1", "5", "15")}
-        memory = {
-            field: gauge(f"node_memory_{name}_bytes", f"Memory information field {name}_bytes.")
-            for field, name in (
-                ("memory_total_bytes", "MemTotal"),
-                ("memory_available_bytes", "MemAvailable"),
-                ("memory_free_bytes", "MemFree"),
-                ("swap_total_bytes", "SwapTotal"),
-                ("swap_free_bytes", "SwapFree"),
-            )
-        }
-        fs_labels = ("device", "mountpoint", "fstype")
-        filesystem = {
-            field: gauge(f"node_filesystem_{field}", f"Filesystem {field.replace('_', ' ')}.", fs_labels)
-            for field in FILESYSTEM_FIELDS
-        }
-        network = {
-            field: counter(f"node_network_{name}", f"Network device statistic {name}.", ("device",))
-            for field, name in NETWORK_FIELDS
-        }
-        thermal = gauge("node_thermal_zone_temp", "Zone temperature in Celsius.", ("zone", "type"))
-        boot = gauge("node_boot_time_seconds", "Node boot time, in unixtime.")
-        throttled = gauge(
-            "picoord_node_throttled", "Raspberry Pi firmware throttling bits (vcgencmd get_throttled)."
-        )
-        up = gauge("picoord_node_up", "1 when the node is Ready.")
-        status = gauge(
-            "picoord_node_status", "The node's status, one series per possible value.", ("status",)
-        )
-        uname = gauge(UNAME.name, UNAME.help, UNAME_LABELS)
-        clock = gauge(TIME.name, TIME.help)
-        link = {family.name: gauge(family.name, family.help, ("device",)) for family in NETWORK_LINK}
-        device_error = gauge(DEVICE_ERROR.name, DEVICE_ERROR.help, fs_labels)
-        declared: dict[str, Metric] = {}
-
-        for record in self.cluster.nodes():
-            node = record.name
-            node_status = self.cluster.status(node)
-            up.add_metric([node], 1.0 if node_status is Status.READY else 0.0)
-            for value in Status:
-                status.add_metric([node, value.value], 1.0 if value is node_status else 0.0)
-            sample = self.cluster.history.latest(node)
-            if sample is None:
-                continue
-            for times in sample.cpus:
-                for mode in CPU_MODES:
-                    cpu.add_metric([node, str(times.cpu), mode], getattr(times, mode))
-                for field, mode in GUEST_MODES:
-                    guest.add_metric([node, str(times.cpu), mode], getattr(times, field))
-            load["1"].add_metric([node], sample.load1)
-            load["5"].add_metric([node], sample.load5)
-            load["15"].add_metric([node], sample.load15)
-            for field, family in memory.items():
-                family.add_metric([node], float(getattr(sample, field)))
-            for fs in sample.filesystems:
-                for field, family in filesystem.items():
-                    family.add_metric([node, fs.device, fs.mountpoint, fs.fstype], float(getattr(fs, field)))
-                device_error.add_metric([node, fs.device, fs.mountpoint, fs.fstype], 0.0)
-            for counters in sample.network:
-                for field, family in network.items():
-                    family.add_metric([node, counters.device], float(getattr(counters, field)))
-            for temperature in sample.temperatures:
-                thermal.add_metric([node, temperature.zone, temperature.type], temperature.celsius)
-            boot.add_metric([node], sample.boot_time)
-            if sample.throttled_available:
-                throttled.add_metric([node], float(sample.throttled))
-            hardware = self.cluster.hardware(record)
-            uname.add_metric([node, *uname_values(hardware, node)], 1.0)
-            clock.add_metric([node], sample.timestamp)
-            for counters in sample.network:
-                for name, value in link_values(counters):
-                    link[name].add_metric([node, counters.device], value)
-            for family, labels, value in declared_series(hardware, sample):
-                metric = declared.get(family.name)
-                if metric is None:
-                    metric = declared[family.name] = _prometheus_family(family)
-                metric.add_metric([node, *labels], value)
-
-        yield from (cpu, *load.values(), *memory.values(), *filesystem.values(), *network.values())
-        yield from (thermal, boot, throttled, up, status, uname, clock, *link.values(), guest, device_error)
-        yield from (declared[name] for name in sorted(declared))
 
     def _coordinator_metrics(self) -> Iterator[Metric]:
         counters = self.cluster.counters
@@ -290,10 +204,6 @@ def escape_label_value(value: str) -> str:
     return value
 
 
-def _escape_help(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("\n", "\\n")
-
-
 _SPECIAL_VALUES = {"inf": "+Inf", "-inf": "-Inf", "nan": "NaN"}
 
 
@@ -306,105 +216,29 @@ def _value(number: float) -> str:
     return text
 
 
-@dataclass(frozen=True)
-class Family:
-    name: str  # as exposed: counters end in _total
-    kind: str
-    help: str
-
-    def header(self) -> str:
-        return f"# HELP {self.name} {_escape_help(self.help)}\n# TYPE {self.name} {self.kind}\n"
-
-
-def _gauge(name: str, help_text: str) -> Family:
-    return Family(name, "gauge", help_text)
-
-
-def _counter(name: str, help_text: str) -> Family:
-    return Family(f"{name}_total", "counter", help_text)
-
-
-MEMORY_FIELDS = (
-    ("memory_total_bytes", "MemTotal"),
-    ("memory_available_bytes", "MemAvailable"),
-    ("memory_free_bytes", "MemFree"),
-    ("swap_total_bytes", "SwapTotal"),
-    ("swap_free_bytes", "SwapFree"),
-)
-FILESYSTEM_FIELDS = ("size_bytes", "free_bytes", "avail_bytes", "files", "files_free", "readonly")
-NETWORK_FIELDS = (
-    ("receive_bytes", "receive_bytes"),
-    ("transmit_bytes", "transmit_bytes"),
-    ("receive_packets", "receive_packets"),
-    ("transmit_packets", "transmit_packets"),
-    ("receive_errors", "receive_errs"),
-    ("transmit_errors", "transmit_errs"),
-    ("receive_drop", "receive_drop"),
-    ("transmit_drop", "transmit_drop"),
-    ("receive_fifo", "receive_fifo"),
-    ("transmit_fifo", "transmit_fifo"),
-    ("receive_frame", "receive_frame"),
-    ("receive_compressed", "receive_compressed"),
-    ("transmit_compressed", "transmit_compressed"),
-    ("receive_multicast", "receive_multicast"),
-    ("transmit_colls", "transmit_colls"),
-    ("transmit_carrier", "transmit_carrier"),
-)
-UNAME_LABELS = ("domainname", "machine", "nodename", "release", "sysname", "version")  # sorted
-# The node families in exposition order, with the same names, help and types as
-# node_exporter's (and as ClusterCollector._node_metrics).
-CPU = _counter("node_cpu_seconds", "Seconds the CPUs spent in each mode.")
-LOAD = tuple(_gauge(f"node_load{n}", f"{n}m load average.") for n in ("1", "5", "15"))
-MEMORY = tuple(
-    _gauge(f"node_memory_{name}_bytes", f"Memory information field {name}_bytes.")
-    for _, name in MEMORY_FIELDS
-)
-FILESYSTEM = tuple(
-    _gauge(f"node_filesystem_{field}", f"Filesystem {field.replace('_', ' ')}.")
-    for field in FILESYSTEM_FIELDS
-)
-NETWORK = tuple(
-    _counter(f"node_network_{name}", f"Network device statistic {name}.") for _, name in NETWORK_FIELDS
-)
-THERMAL = _gauge("node_thermal_zone_temp", "Zone temperature in Celsius.")
-BOOT = _gauge("node_boot_time_seconds", "Node boot time, in unixtime.")
-THROTTLED = _gauge(
-    "picoord_node_throttled", "Raspberry Pi firmware throttling bits (vcgencmd get_throttled)."
-)
-UP = _gauge("picoord_node_up", "1 when the node is Ready.")
-STATUS = _gauge("picoord_node_status", "The node's status, one series per possible value.")
-UNAME = _gauge("node_uname_info", "Labeled system information as provided by the uname system call.")
-TIME = _gauge("node_time_seconds", "System time in seconds since epoch (1970), when the sample was taken.")
-NETWORK_LINK = (
-    _gauge("node_network_up", "Value is 1 if operstate is 'up', 0 otherwise."),
-    _gauge("node_network_carrier", "Network device property: carrier"),
-    _gauge("node_network_mtu_bytes", "Network device property: mtu_bytes"),
-    _gauge("node_network_speed_bytes", "Network device property: speed_bytes"),
-)
-GUEST = _counter("node_cpu_guest_seconds", "Seconds the CPUs spent in guests (VMs) for each mode.")
-GUEST_MODES = (("guest", "user"), ("guest_nice", "nice"))
-# A filesystem the agent could not stat is left out of the sample, so those it reports had no error.
-DEVICE_ERROR = _gauge(
-    "node_filesystem_device_error", "Whether an error occurred while getting statistics for the given device."
-)
-NODE_FAMILIES = (
-    CPU,
-    *LOAD,
-    *MEMORY,
-    *FILESYSTEM,
-    *NETWORK,
-    THERMAL,
-    BOOT,
-    THROTTLED,
-    UP,
-    STATUS,
-    UNAME,
-    TIME,
-    *NETWORK_LINK,
-    GUEST,
-    DEVICE_ERROR,
-)
+# The node families the sample's own fields feed, in exposition order, from the one table.
+NODE_FAMILIES = tuple(family for family in FAMILIES.values() if not family.declared)
 FIXED_NAMES = frozenset(family.name for family in NODE_FAMILIES)
+CPU = FAMILIES["node_cpu_seconds_total"]
+LOAD = tuple(FAMILIES[f"node_load{n}"] for n in ("1", "5", "15"))
+MEMORY = from_source(SAMPLE_MEMORY)
+FILESYSTEM = from_source(SAMPLE_FILESYSTEMS)
+NETWORK = from_source(SAMPLE_NETWORK)
+MEMORY_FIELDS = tuple(family.field for family in MEMORY)  # MetricsSample's
+FILESYSTEM_FIELDS = tuple(family.field for family in FILESYSTEM)  # FilesystemUsage's
+NETWORK_FIELDS = tuple(family.field for family in NETWORK)  # NetworkCounters'
+THERMAL = FAMILIES["node_thermal_zone_temp"]
+BOOT = FAMILIES["node_boot_time_seconds"]
+THROTTLED = FAMILIES["picoord_node_throttled"]
+UP = FAMILIES["picoord_node_up"]
+STATUS = FAMILIES["picoord_node_status"]
+UNAME = FAMILIES["node_uname_info"]
+UNAME_LABELS = UNAME.labels  # sorted
+TIME = FAMILIES["node_time_seconds"]
+NETWORK_LINK = from_source(SAMPLE_LINK)
+GUEST = FAMILIES["node_cpu_guest_seconds_total"]
+GUEST_MODES = (("guest", "user"), ("guest_nice", "nice"))
+DEVICE_ERROR = FAMILIES["node_filesystem_device_error"]
 
 
 def uname_values(hardware: node_pb2.Hardware, node: str) -> tuple[str, ...]:
@@ -421,13 +255,14 @@ def link_values(counters: node_pb2.NetworkCounters) -> list[tuple[str, float]]:
     """node_exporter's netclass gauges for one device, in NETWORK_LINK order; speed only when known."""
     if not counters.link_known:
         return []
+    up, carrier, mtu, speed = NETWORK_LINK
     values = [
-        ("node_network_up", 1.0 if counters.up else 0.0),
-        ("node_network_carrier", 1.0 if counters.carrier else 0.0),
-        ("node_network_mtu_bytes", float(counters.mtu)),
+        (up.name, 1.0 if counters.up else 0.0),
+        (carrier.name, 1.0 if counters.carrier else 0.0),
+        (mtu.name, float(counters.mtu)),
     ]
     if counters.speed_mbps:
-        values.append(("node_network_speed_bytes", counters.speed_mbps * 125000.0))
+        values.append((speed.name, counters.speed_mbps * speed.scale))
     return values
 
 
@@ -457,28 +292,7 @@ def declared_layout(hardware: node_pb2.Hardware) -> list[DeclaredSeries]:
     return layout
 
 
-def declared_series(
-    hardware: node_pb2.Hardware, sample: node_pb2.MetricsSample
-) -> Iterator[tuple[SeriesFamily, tuple[str, ...], float]]:
-    """(family, label values, value in node_exporter's unit) of every declared series the
-    sample carries; none when the sample's values do not match the declaration."""
-    values = sample.series_values
-    if len(values) != len(hardware.series):
-        return
-    for entry in declared_layout(hardware):
-        yield entry.family, entry.labels, values[entry.index] * entry.family.scale
-
-
-def _prometheus_family(family: SeriesFamily) -> Metric:
-    labels = ("instance", *family.labels)
-    if family.kind == "counter":
-        return CounterMetricFamily(family.name.removesuffix("_total"), family.help, labels=labels)
-    if family.kind == "gauge":
-        return GaugeMetricFamily(family.name, family.help, labels=labels)
-    return UnknownMetricFamily(family.name, family.help, labels=labels)
-
-
-NodeLines = dict[Family, list[str]]
+NodeLines = dict[SeriesFamily, list[str]]
 
 
 def render_nodes(nodes: list[NodeState]) -> str:
@@ -505,7 +319,7 @@ def join_lines(lines: NodeLines) -> str:
 @dataclass(frozen=True)
 class _DeclaredLine:
     index: int
-    family: Family
+    family: SeriesFamily
     prefix: str  # name{labels} with the instance, ready for the value
     scale: float
 
@@ -528,7 +342,7 @@ def _declared_lines(node: str, instance: str, hardware: node_pb2.Hardware) -> li
             for name, value in zip(entry.family.labels, entry.labels, strict=True)
         ]
         labels.sort(key=lambda label: label.partition("=")[0])
-        family = Family(entry.family.name, entry.family.kind, entry.family.help)
+        family = entry.family
         lines.append(
             _DeclaredLine(entry.index, family, f"{family.name}{{{','.join(labels)}}} ", entry.family.scale)
         )
@@ -543,9 +357,9 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
     order, as prometheus_client does."""
     cpu, up, status = lines[CPU], lines[UP], lines[STATUS]
     by_name = {family.name: series for family, series in lines.items()}  # str keys hash faster
-    memory = [(lines[family], field) for family, (field, _) in zip(MEMORY, MEMORY_FIELDS, strict=True)]
-    filesystem = [(lines[family], field) for family, field in zip(FILESYSTEM, FILESYSTEM_FIELDS, strict=True)]
-    network = [(lines[family], field) for family, (field, _) in zip(NETWORK, NETWORK_FIELDS, strict=True)]
+    memory = [(lines[family], family.field) for family in MEMORY]
+    filesystem = [(lines[family], family.field) for family in FILESYSTEM]
+    network = [(lines[family], family.field) for family in NETWORK]
     thermal, boot, throttled = lines[THERMAL], lines[BOOT], lines[THROTTLED]
     for node in nodes:
         instance = f'instance="{escape_label_value(node.name)}"'
@@ -671,7 +485,7 @@ class MetricsExposition:
         self.idle_after = max(idle_after, interval)
         self.loop = loop
         self._registry = CollectorRegistry(auto_describe=False)
-        self._registry.register(ClusterCollector(cluster, include_nodes=False, workloads=workloads))
+        self._registry.register(CoordinatorCollector(cluster, workloads))
         self._registry_lock = threading.Lock()  # the collector keeps a message-rate window
         self._latest: Rendered | None = None
         self._gzipped: tuple[Rendered, bytes] | None = None

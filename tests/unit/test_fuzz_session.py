@@ -28,7 +28,7 @@ from picoord.agent.enroll import new_key_and_csr
 from picoord.coordinator.ca import ClusterCA, certificate_pem
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.main import GRPC_OPTIONS
-from picoord.coordinator.prometheus import ClusterCollector
+from picoord.coordinator.prometheus import CoordinatorCollector
 from picoord.coordinator.servicers.peers import certificate_serial
 from picoord.coordinator.servicers.session import SessionServicer
 from picoord.coordinator.status import StatusTimeouts
@@ -206,7 +206,7 @@ def test_a_four_megabyte_sample_is_refused_counted_and_changes_nothing(coordinat
     assert [node.name for node in coordinator.cluster.nodes()] == ["pi1"]
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ClusterCollector(coordinator.cluster))
+    registry.register(CoordinatorCollector(coordinator.cluster))
     exposition = generate_latest(registry).decode()
     series = 'picoord_coordinator_refused_messages_total{kind="metrics",reason="message_too_large"}'
     assert f"{series} {counted + 1}.0" in exposition

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from picoord.common.node_series import FAMILIES, family_of
 from picoord.coordinator.controller.controller import ServiceFigures
 from picoord.coordinator.prometheus import MetricsExposition
 from tests.promql import metric_names
@@ -86,3 +87,13 @@ def test_the_dashboard_covers_fleet_services_and_rollouts() -> None:
     for panel in panels(dashboard):
         if panel["type"] != "row":
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+
+
+def test_every_node_series_the_dashboard_reads_is_in_the_table() -> None:
+    """The node series come from common/node_series.py's table (the coordinator's own
+    picoord_coordinator_, picoord_service_ and picoord_rollout_ series do not)."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    used = set().union(*(metric_names(expr) for _, expr in queries(dashboard)))
+    node = {name for name in used if name.startswith(("node_", "picoord_node_", "process_"))}
+    assert node
+    assert sorted(name for name in node if FAMILIES.get(name) is None and family_of(name) is None) == []

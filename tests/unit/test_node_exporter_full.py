@@ -1,7 +1,9 @@
 """Node Exporter Full on picoord's series: its node selector finds every node, and at least
 90 of its 122 panels find every metric they query, for a cluster of Raspberry Pis whose
 agents read real Pi kernel files (tests/data/pi4_kernel_files.json) with the agent's own
-readers. The panels' metric names come from tests/data/node_exporter_full_panels.json."""
+readers. The panels' metric names come from tests/data/node_exporter_full_panels.json; what
+each family is (type, labels) comes from the one table, common/node_series.py, checked here
+against node_exporter's own output (tests/data/node_exporter_1.5_families.json)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from picoord.agent.metrics import SeriesLayout, read_series, series_sources
+from picoord.common.node_series import FAMILIES, SeriesFamily, family_of
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.prometheus import render_nodes, snapshot
 from picoord.coordinator.status import StatusTimeouts
@@ -24,6 +27,7 @@ from picoord.v1 import agent_pb2, node_pb2
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 PANELS = json.loads((DATA / "node_exporter_full_panels.json").read_text())
+NODE_EXPORTER = json.loads((DATA / "node_exporter_1.5_families.json").read_text())["families"]
 PANELS_WANTED = 90
 NODES = 3
 
@@ -54,7 +58,9 @@ def pi_hardware(name: str, layout: SeriesLayout) -> node_pb2.Hardware:
         machine="aarch64",
         domainname="(none)",
     )
-    return node_pb2.Hardware(hostname=name, arch="aarch64", uname=uname, series=layout.declared())
+    hardware = node_pb2.Hardware(hostname=name, arch="aarch64", uname=uname)
+    layout.declare(hardware.series)
+    return hardware
 
 
 def pi_sample(layout: SeriesLayout) -> node_pb2.MetricsSample:
@@ -212,3 +218,29 @@ def test_every_panel_metric_picoord_exports_has_node_exporters_unit_and_labels(e
         "node_disk_reads_completed_total",
         (("device", "ram0"), pi0),
     ) not in values  # node_exporter's exclusions
+
+
+def table_family(name: str) -> SeriesFamily | None:
+    """The table's family of an exposed name, sample-fed or declared."""
+    return FAMILIES.get(name) or family_of(name)
+
+
+def test_the_table_types_and_labels_families_as_node_exporter_does() -> None:
+    assert len(NODE_EXPORTER) >= 200
+    for name, expected in NODE_EXPORTER.items():
+        family = table_family(name)
+        assert family is not None, name
+        assert (family.kind, sorted(family.labels)) == (expected["type"], expected["labels"]), name
+
+
+def test_every_family_exported_is_the_tables(exposition: str) -> None:
+    """Each family on /metrics has the type and labels (with instance) the table gives it."""
+    exported = list(text_string_to_metric_families(exposition))
+    assert len(exported) > 150
+    for exposed in exported:
+        name = exposed.name + ("_total" if exposed.type == "counter" else "")
+        family = table_family(name)
+        assert family is not None, name
+        assert exposed.type == {"untyped": "unknown"}.get(family.kind, family.kind), name
+        for sample in exposed.samples:
+            assert set(sample.labels) == {"instance", *family.labels}, name

@@ -17,11 +17,11 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bench._prometheus_client_anchor import ClusterCollector
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.prometheus import (
     CONTENT_TYPE,
     NODE_FAMILIES,
-    ClusterCollector,
     MetricsEndpoint,
     MetricsExposition,
     escape_label_value,
