@@ -477,7 +477,9 @@ class WorkloadController:
             service = facts.services.get(name)
             if service is None:
                 raise WorkloadRefused(
-                    "NOT_FOUND", f"no service {name!r}: apply its spec first (coordctl apply -f)"
+                    "NOT_FOUND",
+                    f"no service or stack {name!r}: apply its spec first "
+                    "(coordctl apply -f FILE [--stack NAME])",
                 )
             spec = service.spec
             if image:

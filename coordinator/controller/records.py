@@ -73,7 +73,10 @@ CREATE TABLE IF NOT EXISTS backoffs (
 );
 """
 # Columns added after the first release: added to an older store when it is opened.
-_ADDED_COLUMNS = (("replicas", "slot", "TEXT NOT NULL DEFAULT ''"),)
+_ADDED_COLUMNS = (
+    ("replicas", "slot", "TEXT NOT NULL DEFAULT ''"),
+    ("services", "stack", "TEXT NOT NULL DEFAULT ''"),  # '' for a file applied without --stack
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,7 @@ class ServiceRecord:
     source: str
     rollout: Rollout | None
     next_replica: int
+    stack: str = ""  # the stack it was applied in (coordinator/workloads/stacks.py), or ''
 
 
 class WorkloadRecords:
@@ -180,8 +184,9 @@ class WorkloadRecords:
             db.execute("DELETE FROM backoffs WHERE service = ?", (service,))
 
     # services
-    def apply(self, specs: list[ServiceSpec], now: float, source: str) -> list[bool]:
-        """Record the applied specs of services, all or none; for each, whether it changed."""
+    def apply(self, specs: list[ServiceSpec], now: float, source: str, stack: str = "") -> list[bool]:
+        """Record the applied specs of services, all or none, as members of `stack` ('' for
+        none); for each, whether it changed."""
         changed = []
         with self.store.transaction() as db:
             for spec in specs:
@@ -189,10 +194,10 @@ class WorkloadRecords:
                 row = db.execute("SELECT spec FROM services WHERE name = ?", (spec.name,)).fetchone()
                 changed.append(row is None or row[0] != text)
                 db.execute(
-                    "INSERT INTO services(name, spec, applied_at, source) VALUES (?, ?, ?, ?) "
+                    "INSERT INTO services(name, spec, applied_at, source, stack) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, "
-                    "applied_at = excluded.applied_at, source = excluded.source",
-                    (spec.name, text, now, source),
+                    "applied_at = excluded.applied_at, source = excluded.source, stack = excluded.stack",
+                    (spec.name, text, now, source, stack),
                 )
         self._changed()
         return changed
@@ -207,6 +212,7 @@ class WorkloadRecords:
                 source=row["source"],
                 rollout=from_plain(Rollout, json.loads(row["rollout"])) if row["rollout"] else None,
                 next_replica=row["next_replica"],
+                stack=row["stack"],
             )
             for row in rows
         ]

@@ -23,6 +23,7 @@ from picoord.common.vocabulary import ReplicaHealth, ReplicaState, RolloutStatus
 from picoord.coordinator.ctl.client import CALL_TIMEOUT
 from picoord.coordinator.ctl.output import ago, echo, emit, iso_time, literal
 from picoord.coordinator.ctl.output import console as output_console
+from picoord.coordinator.workloads import stacks
 from picoord.v1 import services_pb2, services_pb2_grpc
 
 ROLLOUT_TIMEOUT = 3600.0
@@ -138,6 +139,10 @@ def _conclude(info: services_pb2.RolloutInfo, detached: bool = False) -> None:
 
 def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
     verb, name = _rollout_words(args.words)
+    if verb == "start" and not args.image and not args.detach:
+        members = stack_members(stub, name)
+        if members:
+            return rollout_stack(stub, name, members, args.output)
     if verb == "start":
         request = services_pb2.RolloutRequest(name=name, image=args.image or "", detach=args.detach)
         return follow(stub.Rollout(request, timeout=ROLLOUT_TIMEOUT), args.output, args.detach)
@@ -179,6 +184,42 @@ def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace)
             ("CAUSE", lambda v: v["cause"] or "-"),
         ],
     )
+    return 0
+
+
+def stack_members(stub: services_pb2_grpc.WorkloadsStub, name: str) -> dict[str, list[str]]:
+    """The services of stack `name` and what each depends on; empty when `name` is a service
+    (a service's own name wins) or no stack."""
+    reply = stub.ListServices(services_pb2.ListServicesRequest(), timeout=CALL_TIMEOUT)
+    if any(service.name == name for service in reply.services):
+        return {}
+    return {s.name: list(s.dependencies) for s in reply.services if s.stack == name}
+
+
+def rollout_stack(
+    stub: services_pb2_grpc.WorkloadsStub, stack: str, members: dict[str, list[str]], output: str
+) -> int:
+    """Roll every service of the stack, those it depends on first; each starts once the one
+    before is healthy at its new revision (a rollout ends only then). The first that fails
+    is rolled back by its own rollout, and the stack stops there, naming it."""
+    try:
+        order = stacks.rollout_order(members)
+    except stacks.StackError as error:
+        raise UsageError(f"stack/{stack}: {error}") from None
+    if output == "table":
+        echo(f"stack/{stack}: rolling {', '.join(order)} in this order", flush=True)
+    for index, name in enumerate(order):
+        request = services_pb2.RolloutRequest(name=name)
+        if follow(stub.Rollout(request, timeout=ROLLOUT_TIMEOUT), output) != 0:
+            left = order[index + 1 :]
+            echo(
+                f"stack/{stack}: stopped at service/{name}"
+                + (f"; not rolled: {', '.join(left)}" if left else ""),
+                file=sys.stderr,
+            )
+            return 1
+    if output == "table":
+        echo(f"stack/{stack}: {len(order)} services healthy")
     return 0
 
 

@@ -1,0 +1,103 @@
+"""`coordctl rollout STACK` without a coordinator: the stack's services roll one by one,
+dependencies first, each only after the one before ended healthy; the first failure stops
+the stack there, naming it; a service's own name wins over a stack's."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from picoord.common.vocabulary import RolloutStatus
+from picoord.coordinator.ctl.workloads import cmd_rollout
+from picoord.v1 import services_pb2
+
+FAILED = "mcp-server.2 on pi2: check http failed"
+
+
+def _done(name: str, status: RolloutStatus, rolling_back: bool = False) -> list[services_pb2.RolloutEvent]:
+    return [
+        services_pb2.RolloutEvent(note=f"rolling out revision 1 of {name}"),
+        services_pb2.RolloutEvent(
+            progress=services_pb2.RolloutInfo(
+                service=name,
+                revision=1,
+                desired=1,
+                healthy=1,
+                status=status.wire,
+                rolling_back=rolling_back,
+                message="" if status == RolloutStatus.COMPLETE else FAILED,
+                failures=[] if status == RolloutStatus.COMPLETE else [FAILED],
+            )
+        ),
+    ]
+
+
+class _Stub:
+    def __init__(self, services: list[services_pb2.ServiceInfo], failing: str = "") -> None:
+        self.services = services
+        self.failing = failing
+        self.rolled: list[str] = []
+
+    def ListServices(self, request, timeout):
+        return services_pb2.ListServicesResponse(services=self.services)
+
+    def Rollout(self, request, timeout):
+        self.rolled.append(request.name)
+        if request.name == self.failing:
+            return iter(_done(request.name, RolloutStatus.ROLLED_BACK, rolling_back=True))
+        return iter(_done(request.name, RolloutStatus.COMPLETE))
+
+
+def _args(*words: str, image: str = "") -> argparse.Namespace:
+    return argparse.Namespace(
+        words=list(words), image=image, detach=False, output="table", watch=False, to_revision=0
+    )
+
+
+MCP = [
+    services_pb2.ServiceInfo(name="mcp-server", stack="mcp", dependencies=["postgres"]),
+    services_pb2.ServiceInfo(name="postgres", stack="mcp"),
+    services_pb2.ServiceInfo(name="other", stack="elsewhere"),
+]
+
+
+def test_a_stack_rolls_dependencies_first_and_exits_zero_when_all_are_healthy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stub = _Stub(MCP)
+    assert cmd_rollout(stub, _args("mcp")) == 0
+    assert stub.rolled == ["postgres", "mcp-server"]
+    out = capsys.readouterr().out
+    assert "stack/mcp: rolling postgres, mcp-server in this order" in out
+    assert "stack/mcp: 2 services healthy" in out
+
+
+def test_a_failure_stops_the_stack_there_naming_the_service_and_check(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    three = [*MCP, services_pb2.ServiceInfo(name="web", stack="mcp", dependencies=["mcp-server"])]
+    stub = _Stub(three, failing="mcp-server")
+    assert cmd_rollout(stub, _args("mcp")) == 1
+    assert stub.rolled == ["postgres", "mcp-server"]  # web never started
+    err = capsys.readouterr().err
+    assert "failed: mcp-server.2 on pi2: check http failed" in err
+    assert "stack/mcp: stopped at service/mcp-server; not rolled: web" in err
+
+
+def test_a_service_named_like_a_stack_is_rolled_alone() -> None:
+    stub = _Stub([*MCP, services_pb2.ServiceInfo(name="mcp", stack="")])
+    assert cmd_rollout(stub, _args("mcp")) == 0
+    assert stub.rolled == ["mcp"]
+
+
+def test_one_service_of_a_stack_rolls_alone_with_its_image() -> None:
+    stub = _Stub(MCP)
+    assert cmd_rollout(stub, _args("mcp-server", image="mcp:2")) == 0
+    assert stub.rolled == ["mcp-server"]
+
+
+def test_a_name_that_is_neither_is_sent_as_a_service_for_the_coordinator_to_refuse() -> None:
+    stub = _Stub(MCP)
+    assert cmd_rollout(stub, _args("nothing")) == 0  # the stand-in completes any service
+    assert stub.rolled == ["nothing"]
