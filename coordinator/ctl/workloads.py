@@ -270,12 +270,29 @@ def cmd_services(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace
     return 0
 
 
+def ps_services(services: Iterable[services_pb2.ServiceInfo], name: str | None) -> list[str]:
+    """Whose replicas `ps NAME` lists: the service NAME (its own name wins), else the stack
+    NAME's services, else NAME for the coordinator to refuse; every service without NAME."""
+    services = list(services)
+    if name is None:
+        return [service.name for service in services]
+    if any(service.name == name for service in services):
+        return [name]
+    return [service.name for service in services if service.stack == name] or [name]
+
+
 def cmd_ps(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
-    reply = stub.ListReplicas(services_pb2.ServiceRef(name=args.name), timeout=CALL_TIMEOUT)
+    listed = stub.ListServices(services_pb2.ListServicesRequest(), timeout=CALL_TIMEOUT).services
+    replicas = [
+        replica
+        for service in ps_services(listed, args.name)
+        for replica in stub.ListReplicas(services_pb2.ServiceRef(name=service), timeout=CALL_TIMEOUT).replicas
+    ]
     now = time.time()
     views = [
         {
             "replica": replica.replica,
+            "service": replica.service,
             "node": replica.node or None,
             "revision": replica.revision,
             "image": replica.image,
@@ -288,9 +305,9 @@ def cmd_ps(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> i
             "desired": replica.desired,
             "message": replica.message,
         }
-        for replica in reply.replicas
+        for replica in replicas
     ]
-    since = {replica.replica + str(replica.revision): replica.since for replica in reply.replicas}
+    since = {replica.replica + str(replica.revision): replica.since for replica in replicas}
     emit(
         views,
         args.output,
@@ -388,8 +405,12 @@ def add_commands(commands: Any, with_output: Any) -> None:
     with_output(commands.add_parser("services", help="list services")).set_defaults(
         handler=cmd_services, api="workloads"
     )
-    ps = with_output(commands.add_parser("ps", help="a service's replicas: node, revision, state, health"))
-    ps.add_argument("name")
+    ps = with_output(
+        commands.add_parser(
+            "ps", help="replicas of a service, of a stack, or (no NAME) all: node, state, health"
+        )
+    )
+    ps.add_argument("name", nargs="?", help="a service or a stack; every replica without it")
     ps.set_defaults(handler=cmd_ps, api="workloads")
 
     secret = commands.add_parser("secret", help="the secret store").add_subparsers(

@@ -5,11 +5,12 @@ the stack there, naming it; a service's own name wins over a stack's."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 
 from picoord.common.vocabulary import RolloutStatus
-from picoord.coordinator.ctl.workloads import cmd_rollout
+from picoord.coordinator.ctl.workloads import cmd_ps, cmd_rollout, ps_services
 from picoord.v1 import services_pb2
 
 FAILED = "mcp-server.2 on pi2: check http failed"
@@ -101,3 +102,41 @@ def test_a_name_that_is_neither_is_sent_as_a_service_for_the_coordinator_to_refu
     stub = _Stub(MCP)
     assert cmd_rollout(stub, _args("nothing")) == 0  # the stand-in completes any service
     assert stub.rolled == ["nothing"]
+
+
+@pytest.mark.parametrize(
+    ("name", "listed"),
+    [
+        ("mcp", ["mcp-server", "postgres"]),  # a stack: its services
+        ("postgres", ["postgres"]),  # a service of a stack: itself
+        (None, ["mcp-server", "postgres", "other"]),  # every service
+        ("nothing", ["nothing"]),  # neither: sent, for the coordinator to refuse
+        ("elsewhere", ["other"]),
+    ],
+)
+def test_ps_lists_a_service_a_stack_or_everything(name: str | None, listed: list[str]) -> None:
+    assert ps_services(MCP, name) == listed
+
+
+def test_ps_of_a_service_named_like_a_stack_lists_the_service() -> None:
+    assert ps_services([*MCP, services_pb2.ServiceInfo(name="mcp")], "mcp") == ["mcp"]
+
+
+class _PsStub(_Stub):
+    def ListReplicas(self, request, timeout):
+        return services_pb2.ListReplicasResponse(
+            replicas=[
+                services_pb2.ReplicaInfo(
+                    replica=f"{request.name}.1", service=request.name, node="pi1", revision=1
+                )
+            ]
+        )
+
+
+def test_ps_of_a_stack_prints_every_replica_of_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cmd_ps(_PsStub(MCP), argparse.Namespace(output="json", name="mcp")) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [(r["replica"], r["service"], r["node"]) for r in printed] == [
+        ("mcp-server.1", "mcp-server", "pi1"),
+        ("postgres.1", "postgres", "pi1"),
+    ]
