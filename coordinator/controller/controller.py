@@ -39,7 +39,15 @@ from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller import views
 from picoord.coordinator.controller.assignments import Assigned, node_assignments
 from picoord.coordinator.controller.backoff import Backoff
-from picoord.coordinator.controller.decide import Decisions, Facts, decide, global_targets, refusal
+from picoord.coordinator.controller.decide import (
+    Decisions,
+    Facts,
+    decide,
+    global_targets,
+    refusal,
+    scale_refusal,
+    scaled,
+)
 from picoord.coordinator.controller.dispatcher import Dispatcher
 from picoord.coordinator.controller.observed import Seen, observe, replica_view, reports_by_replica
 from picoord.coordinator.controller.records import (
@@ -569,6 +577,22 @@ class WorkloadController:
             self.wake()
             replicas = list(self._snapshot.replicas.values())
             return self.info(dataclasses.replace(service, rollout=rollout), replicas)
+
+    async def scale(self, name: str, count: int) -> services_pb2.ServiceInfo:
+        """Hold the service to `count` replicas (decide.scale_refusal); the service as the
+        next tick sees it, with why replicas cannot be placed, if so."""
+        async with self._lock:
+            service = await asyncio.to_thread(self.records.service, name)
+            if service is None:
+                raise WorkloadRefused("NOT_FOUND", f"no service {name!r}")
+            why = scale_refusal(service, count)
+            if why is not None:
+                raise WorkloadRefused("FAILED_PRECONDITION", why)
+            assert service.rollout is not None
+            await self.cluster.write(self.records.save_rollout, name, scaled(service.rollout, count))
+            self._note(name, f"scaled to {count} replicas")
+            self.wake()
+        return next(info for info in await self.services_view() if info.name == name)
 
     async def services_view(self) -> list[services_pb2.ServiceInfo]:
         return views.services_view(await self._fresh())

@@ -325,6 +325,37 @@ def cmd_ps(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> i
     return 0
 
 
+def scale_words(words: list[str]) -> list[tuple[str, int]]:
+    """`scale NAME=COUNT ...` as (name, count) pairs; UsageError for anything else."""
+    pairs = []
+    for word in words:
+        name, equals, count = word.partition("=")
+        if not equals or not name or not count.isdigit():
+            raise UsageError(f"`coordctl scale {word}`: use `scale SERVICE=COUNT`, e.g. mcp-server=5")
+        pairs.append((name, int(count)))
+    return pairs
+
+
+def scale_line(info: services_pb2.ServiceInfo) -> str:
+    line = f"service/{info.name} scaled to {info.desired}: {info.running} running, {info.healthy} healthy"
+    return line + (f"; cannot place all: {info.unplaced}" if info.unplaced else "")
+
+
+def cmd_scale(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    """Each service's new count; 1 when some of them cannot all be placed (the reason says why)."""
+    code = 0
+    views = []
+    for name, count in scale_words(args.pairs):
+        info = stub.Scale(services_pb2.ScaleRequest(name=name, replicas=count), timeout=CALL_TIMEOUT)
+        code = 1 if info.unplaced else code
+        views.append({"service": info.name, "desired": info.desired, "unplaced": info.unplaced})
+        if args.output == "table":
+            echo(scale_line(info), file=sys.stderr if info.unplaced else sys.stdout)
+    if args.output != "table":
+        emit(views, args.output, [])
+    return code
+
+
 def read_secret_value(args: argparse.Namespace) -> bytes:
     """From --from-file (- for standard input) or --from-literal, bounded in size."""
     if args.from_file is not None:
@@ -412,6 +443,12 @@ def add_commands(commands: Any, with_output: Any) -> None:
     )
     ps.add_argument("name", nargs="?", help="a service or a stack; every replica without it")
     ps.set_defaults(handler=cmd_ps, api="workloads")
+
+    scale = with_output(
+        commands.add_parser("scale", help="change services' replica counts (no new revision): NAME=COUNT ...")
+    )
+    scale.add_argument("pairs", nargs="+", metavar="NAME=COUNT")
+    scale.set_defaults(handler=cmd_scale, api="workloads", check=lambda args: scale_words(args.pairs))
 
     secret = commands.add_parser("secret", help="the secret store").add_subparsers(
         dest="secret_command", required=True

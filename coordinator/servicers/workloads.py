@@ -129,6 +129,19 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
         return services_pb2.ListServicesResponse(services=await self.controller.services_view())
 
     @unavailable_on_store_fault
+    async def Scale(
+        self, request: services_pb2.ScaleRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.ServiceInfo:
+        name = await self._name(request.name, context)
+        try:
+            info = await self.controller.scale(name, request.replicas)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+            raise AssertionError("unreachable") from None
+        log.info("service scaled", service=name, replicas=request.replicas)
+        return info
+
+    @unavailable_on_store_fault
     async def ListReplicas(
         self, request: services_pb2.ServiceRef, context: grpc.aio.ServicerContext
     ) -> services_pb2.ListReplicasResponse:

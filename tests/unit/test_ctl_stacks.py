@@ -10,7 +10,14 @@ import json
 import pytest
 
 from picoord.common.vocabulary import RolloutStatus
-from picoord.coordinator.ctl.workloads import cmd_ps, cmd_rollout, ps_services
+from picoord.coordinator.ctl.workloads import (
+    UsageError,
+    cmd_ps,
+    cmd_rollout,
+    cmd_scale,
+    ps_services,
+    scale_words,
+)
 from picoord.v1 import services_pb2
 
 FAILED = "mcp-server.2 on pi2: check http failed"
@@ -140,3 +147,34 @@ def test_ps_of_a_stack_prints_every_replica_of_it(capsys: pytest.CaptureFixture[
         ("mcp-server.1", "mcp-server", "pi1"),
         ("postgres.1", "postgres", "pi1"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("words", "pairs"),
+    [(["mcp-server=5"], [("mcp-server", 5)]), (["a=0", "b=12"], [("a", 0), ("b", 12)])],
+)
+def test_scale_words(words: list[str], pairs: list[tuple[str, int]]) -> None:
+    assert scale_words(words) == pairs
+
+
+@pytest.mark.parametrize("word", ["mcp-server", "mcp-server=", "=5", "mcp-server=-1", "mcp-server=five"])
+def test_scale_words_refused(word: str) -> None:
+    with pytest.raises(UsageError, match="use `scale SERVICE=COUNT`"):
+        scale_words([word])
+
+
+class _ScaleStub:
+    def Scale(self, request, timeout):
+        unplaced = "2 replica(s) not placed: insufficient memory" if request.replicas > 3 else ""
+        return services_pb2.ServiceInfo(
+            name=request.name, desired=request.replicas, running=3, healthy=3, unplaced=unplaced
+        )
+
+
+def test_scale_exits_one_with_the_reason_when_the_count_cannot_be_placed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cmd_scale(_ScaleStub(), argparse.Namespace(pairs=["mcp-server=3"], output="table")) == 0
+    assert capsys.readouterr().out == "service/mcp-server scaled to 3: 3 running, 3 healthy\n"
+    assert cmd_scale(_ScaleStub(), argparse.Namespace(pairs=["mcp-server=5"], output="table")) == 1
+    assert "cannot place all: 2 replica(s) not placed: insufficient memory" in capsys.readouterr().err
