@@ -463,10 +463,10 @@ def _staged_line(service: admin_pb2.ServiceStaged, dry_run: bool) -> str:
         return f"{where}service/{service.name} is no longer in the file: {verb}"
     if not service.changed:
         return f"{where}service/{service.name} unchanged ({what})"
-    verb = "would be " if dry_run else ""
-    verb += "added" if service.change == "added" else "changed" if service.change == "changed" else "recorded"
-    rollout = service.stack or service.name
-    return f"{where}service/{service.name} {verb} ({what}): roll it out with `coordctl rollout {rollout}`"
+    verb = "would be recorded" if dry_run else "recorded"
+    change = {"added": "new, ", "changed": "changed, "}.get(service.change, "")
+    rollout = f"coordctl rollout {service.stack or service.name}"
+    return f"{where}service/{service.name} {verb} ({change}{what}): roll it out with `{rollout}`"
 
 
 def cmd_actions(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:

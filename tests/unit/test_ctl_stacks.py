@@ -10,6 +10,7 @@ import json
 import pytest
 
 from picoord.common.vocabulary import RolloutStatus
+from picoord.coordinator.ctl.cli import _staged_line
 from picoord.coordinator.ctl.workloads import (
     UsageError,
     cmd_ps,
@@ -18,7 +19,7 @@ from picoord.coordinator.ctl.workloads import (
     ps_services,
     scale_words,
 )
-from picoord.v1 import services_pb2
+from picoord.v1 import admin_pb2, services_pb2
 
 FAILED = "mcp-server.2 on pi2: check http failed"
 
@@ -178,3 +179,42 @@ def test_scale_exits_one_with_the_reason_when_the_count_cannot_be_placed(
     assert capsys.readouterr().out == "service/mcp-server scaled to 3: 3 running, 3 healthy\n"
     assert cmd_scale(_ScaleStub(), argparse.Namespace(pairs=["mcp-server=5"], output="table")) == 1
     assert "cannot place all: 2 replica(s) not placed: insufficient memory" in capsys.readouterr().err
+
+
+def _staged(change: str, stack: str = "mcp") -> admin_pb2.ServiceStaged:
+    changed = change in ("added", "changed")
+    return admin_pb2.ServiceStaged(
+        name="postgres",
+        changed=changed,
+        image="postgres:15",
+        mode="replicated",
+        replicas=1,
+        stack=stack,
+        change=change,
+    )
+
+
+@pytest.mark.parametrize(
+    ("staged", "dry_run", "line"),
+    [
+        (
+            _staged("added"),
+            False,
+            "stack/mcp service/postgres recorded (new, 1 x postgres:15): roll it out with `coordctl rollout mcp`",
+        ),
+        (
+            _staged("changed", stack=""),
+            True,
+            "service/postgres would be recorded (changed, 1 x postgres:15): "
+            "roll it out with `coordctl rollout postgres`",
+        ),
+        (_staged("unchanged"), False, "stack/mcp service/postgres unchanged (1 x postgres:15)"),
+        (
+            _staged("dropped"),
+            True,
+            "stack/mcp service/postgres is no longer in the file: kept (--prune removes it)",
+        ),
+    ],
+)
+def test_what_apply_says_of_each_service(staged: admin_pb2.ServiceStaged, dry_run: bool, line: str) -> None:
+    assert _staged_line(staged, dry_run) == line
