@@ -200,7 +200,8 @@ def _staged(change: str, stack: str = "mcp") -> admin_pb2.ServiceStaged:
         (
             _staged("added"),
             False,
-            "stack/mcp service/postgres recorded (new, 1 x postgres:15): roll it out with `coordctl rollout mcp`",
+            "stack/mcp service/postgres recorded (new, 1 x postgres:15): "
+            "roll it out with `coordctl rollout mcp`",
         ),
         (
             _staged("changed", stack=""),
