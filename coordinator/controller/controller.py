@@ -486,7 +486,7 @@ class WorkloadController:
             if service is None:
                 raise WorkloadRefused(
                     "NOT_FOUND",
-                    f"no service or stack {name!r}: apply its spec first "
+                    f"no service {name!r} and no stack of that name: apply its spec first "
                     "(coordctl apply -f FILE [--stack NAME])",
                 )
             spec = service.spec

@@ -250,6 +250,7 @@ def cmd_services(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace
             "staged": service.staged,
             "ports": list(service.ports),
             "unplaced": service.unplaced,
+            "stack": service.stack or None,
         }
         for service in reply.services
     ]
@@ -258,6 +259,7 @@ def cmd_services(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace
         args.output,
         [
             ("NAME", lambda v: v["name"]),
+            ("STACK", lambda v: v["stack"] or "-"),
             ("MODE", lambda v: v["mode"]),
             ("REPLICAS", lambda v: f"{v['healthy']}/{v['desired']}"),
             ("REVISION", lambda v: f"{v['revision']}{' (staged change)' if v['staged'] else ''}"),
