@@ -42,9 +42,11 @@ from picoord.coordinator.controller.backoff import Backoff
 from picoord.coordinator.controller.decide import (
     Decisions,
     Facts,
+    Removal,
     decide,
     global_targets,
     refusal,
+    removal,
     scale_refusal,
     scaled,
 )
@@ -593,6 +595,23 @@ class WorkloadController:
             self._note(name, f"scaled to {count} replicas")
             self.wake()
         return next(info for info in await self.services_view() if info.name == name)
+
+    async def remove(self, kind: str, name: str, dry_run: bool) -> Removal:
+        """Remove a service or a stack (decide.removal); with `dry_run`, only say what would go."""
+        async with self._lock:
+            facts = await self._operator_facts()
+            try:
+                gone = removal(kind, name, facts.services, facts.replicas.values())
+            except LookupError as error:
+                raise WorkloadRefused("NOT_FOUND", str(error.args[0])) from None
+            except ValueError as error:
+                raise WorkloadRefused("INVALID_ARGUMENT", str(error)) from None
+            if not dry_run:
+                await self.cluster.write(self.records.remove, list(gone.services), facts.now)
+                for service in gone.services:
+                    self._note(service, f"{service} removed: stopping its replicas")
+                self.wake()
+            return gone
 
     async def services_view(self) -> list[services_pb2.ServiceInfo]:
         return views.services_view(await self._fresh())

@@ -41,6 +41,7 @@ from picoord.coordinator.rollout.replicas import FAILED, UNHEALTHY, Replica
 from picoord.coordinator.workloads.spec import (
     GLOBAL,
     MAX_REPLICAS,
+    VOLUME,
     ServiceSpec,
     check_secrets,
     placement_request,
@@ -411,3 +412,45 @@ def scale_refusal(service: ServiceRecord, count: int) -> str | None:
 def scaled(rollout: Rollout, count: int) -> Rollout:
     """The same rollout, holding `count` replicas (scale_refusal said it may)."""
     return dataclasses.replace(rollout, replicas=count)
+
+
+SERVICE = "service"
+STACK = "stack"
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What `coordctl rm` takes away: the services, and their replicas (id, node), which
+    stop within their stop grace; named volumes the services mount are kept."""
+
+    services: tuple[str, ...]
+    replicas: tuple[tuple[str, str], ...]
+    volumes_kept: tuple[str, ...]
+
+
+def removal(
+    kind: str, name: str, services: Mapping[str, ServiceRecord], replicas: Iterable[Replica]
+) -> Removal:
+    """The removal of service or stack `name`; ValueError (LookupError when there is no such
+    service or stack) for what cannot be removed. Nothing here waits for a node: a replica on
+    a node that is away is stopped, and its container removed, when the node returns."""
+    if kind == SERVICE:
+        if name not in services:
+            raise LookupError(f"no service {name!r}")
+        names = [name]
+    elif kind == STACK:
+        names = sorted(s.name for s in services.values() if s.stack == name)
+        if not names:
+            raise LookupError(f"no stack {name!r}")
+    else:
+        raise ValueError(f"{kind!r}: remove a service or a stack")
+    gone = tuple(sorted((r.id, r.node) for r in replicas if r.service in names))
+    volumes = sorted(
+        {
+            volume.source
+            for n in names
+            for volume in services[n].spec.volumes
+            if volume.type == VOLUME and volume.source
+        }
+    )
+    return Removal(tuple(names), gone, tuple(volumes))

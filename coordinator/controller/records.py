@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS backoffs (
 _ADDED_COLUMNS = (
     ("replicas", "slot", "TEXT NOT NULL DEFAULT ''"),
     ("services", "stack", "TEXT NOT NULL DEFAULT ''"),  # '' for a file applied without --stack
+    # `coordctl rm`: set when removed. The row stays so replica ids are never reused (a
+    # container of the old replica may still be on a node that is away); apply revives it.
+    ("services", "removed_at", "REAL"),
 )
 
 
@@ -191,19 +194,22 @@ class WorkloadRecords:
         with self.store.transaction() as db:
             for spec in specs:
                 text = spec_to_json(spec)
-                row = db.execute("SELECT spec FROM services WHERE name = ?", (spec.name,)).fetchone()
-                changed.append(row is None or row[0] != text)
+                row = db.execute(
+                    "SELECT spec, removed_at FROM services WHERE name = ?", (spec.name,)
+                ).fetchone()
+                changed.append(row is None or row[1] is not None or row[0] != text)
                 db.execute(
                     "INSERT INTO services(name, spec, applied_at, source, stack) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, "
-                    "applied_at = excluded.applied_at, source = excluded.source, stack = excluded.stack",
+                    "applied_at = excluded.applied_at, source = excluded.source, stack = excluded.stack, "
+                    "removed_at = NULL",
                     (spec.name, text, now, source, stack),
                 )
         self._changed()
         return changed
 
     def services(self) -> list[ServiceRecord]:
-        rows = self.store.query("SELECT * FROM services ORDER BY name")
+        rows = self.store.query("SELECT * FROM services WHERE removed_at IS NULL ORDER BY name")
         return [
             ServiceRecord(
                 name=row["name"],
@@ -219,6 +225,16 @@ class WorkloadRecords:
 
     def service(self, name: str) -> ServiceRecord | None:
         return next((record for record in self.services() if record.name == name), None)
+
+    def remove(self, services: list[str], now: float) -> None:
+        """Forget the services, all or none: no spec, no rollout, no backoff. Their replicas
+        stay until stopped (the reconciler stops a replica whose service no longer exists,
+        on a node that is away once it returns); revision history and replica numbering stay."""
+        with self.store.transaction() as db:
+            for name in services:
+                db.execute("UPDATE services SET removed_at = ?, rollout = NULL WHERE name = ?", (now, name))
+                db.execute("DELETE FROM backoffs WHERE service = ?", (name,))
+        self._changed()
 
     def save_rollout(self, service: str, rollout: Rollout) -> None:
         with self.store.transaction() as db:

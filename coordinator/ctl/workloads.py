@@ -358,6 +358,34 @@ def cmd_scale(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -
     return code
 
 
+def cmd_rm(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    """`rm service NAME` / `rm stack NAME`: what goes (or, --dry-run, would go)."""
+    reply = stub.Remove(
+        services_pb2.RemoveRequest(kind=args.kind, name=args.target, dry_run=args.dry_run),
+        timeout=CALL_TIMEOUT,
+    )
+    view = {
+        "services": list(reply.services),
+        "replicas": list(reply.replicas),
+        "volumes_kept": list(reply.volumes_kept),
+        "dry_run": args.dry_run,
+    }
+    if args.output != "table":
+        emit(view, args.output, [])
+        return 0
+    verb = "would be removed" if args.dry_run else "removed"
+    for service in reply.services:
+        echo(f"service/{service} {verb}")
+    stops = "would stop" if args.dry_run else "stops"
+    for replica in reply.replicas:
+        echo(f"  replica {replica} {stops} within its grace; its container goes")
+    for volume in reply.volumes_kept:
+        echo(f"  volume {volume} kept (named volumes are never removed; docker volume rm on the node)")
+    if not args.dry_run:
+        echo("revision history kept; a node that is away removes its containers when it returns")
+    return 0
+
+
 def read_secret_value(args: argparse.Namespace) -> bytes:
     """From --from-file (- for standard input) or --from-literal, bounded in size."""
     if args.from_file is not None:
@@ -451,6 +479,14 @@ def add_commands(commands: Any, with_output: Any) -> None:
     )
     scale.add_argument("pairs", nargs="+", metavar="NAME=COUNT")
     scale.set_defaults(handler=cmd_scale, api="workloads", check=lambda args: scale_words(args.pairs))
+
+    rm = with_output(
+        commands.add_parser("rm", help="remove a service or a stack: rm service NAME | rm stack NAME")
+    )
+    rm.add_argument("kind", choices=("service", "stack"))
+    rm.add_argument("target", metavar="NAME")
+    rm.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    rm.set_defaults(handler=cmd_rm, api="workloads")
 
     secret = commands.add_parser("secret", help="the secret store").add_subparsers(
         dest="secret_command", required=True

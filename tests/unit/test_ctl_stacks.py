@@ -14,6 +14,7 @@ from picoord.coordinator.ctl.cli import _staged_line
 from picoord.coordinator.ctl.workloads import (
     UsageError,
     cmd_ps,
+    cmd_rm,
     cmd_rollout,
     cmd_scale,
     ps_services,
@@ -219,3 +220,30 @@ def _staged(change: str, stack: str = "mcp") -> admin_pb2.ServiceStaged:
 )
 def test_what_apply_says_of_each_service(staged: admin_pb2.ServiceStaged, dry_run: bool, line: str) -> None:
     assert _staged_line(staged, dry_run) == line
+
+
+class _RmStub:
+    def __init__(self) -> None:
+        self.asked: list[services_pb2.RemoveRequest] = []
+
+    def Remove(self, request, timeout):
+        self.asked.append(request)
+        return services_pb2.RemoveResponse(
+            services=["mcp-server", "postgres"],
+            replicas=["mcp-server.1@pi1", "postgres.1@ubuntu-desktop"],
+            volumes_kept=["postgres_data"],
+        )
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_rm_says_what_goes_and_what_is_kept(dry_run: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    stub = _RmStub()
+    args = argparse.Namespace(kind="stack", target="mcp", dry_run=dry_run, output="table")
+    assert cmd_rm(stub, args) == 0
+    assert [(r.kind, r.name, r.dry_run) for r in stub.asked] == [("stack", "mcp", dry_run)]
+    out = capsys.readouterr().out
+    verb = "would be removed" if dry_run else "removed"
+    assert f"service/mcp-server {verb}\nservice/postgres {verb}\n" in out
+    assert "replica postgres.1@ubuntu-desktop " + ("would stop" if dry_run else "stops") in out
+    assert "volume postgres_data kept" in out
+    assert ("revision history kept" in out) is not dry_run
