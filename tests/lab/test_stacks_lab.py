@@ -19,7 +19,7 @@ import pytest
 
 from picoord.lab.cluster import Lab
 from tests.conftest import require_root_or_fail
-from tests.lab.test_workloads_lab import ctl, ok, services, settle, spec_file, words
+from tests.lab.test_workloads_lab import containers, ctl, ok, services, settle, spec_file, wait_until, words
 
 pytestmark = pytest.mark.lab
 
@@ -152,3 +152,44 @@ def test_a_name_another_stack_holds_is_refused(lab: Lab, stack_file: Path) -> No
     assert done.returncode != 0, words(done)
     assert "already belongs to stack 'mcp'" in words(done), words(done)
     assert services(lab) == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [(("rm", "stack", "nosuch"), "no stack 'nosuch'"), (("rm", "service", "nosuch"), "no service 'nosuch'")],
+)
+def test_removing_an_unknown_stack_or_service_is_refused(lab: Lab, argv: tuple[str, ...], says: str) -> None:
+    before = services(lab)
+    done = ctl(lab, *argv, timeout=30)
+    assert done.returncode != 0 and says in words(done), words(done)
+    assert services(lab) == before
+
+
+# --------------------------------------------------------------------------- last: rm stack mcp
+
+
+def _left(lab: Lab) -> dict[str, list[dict[str, str]]]:
+    """Every container (any state) of the stack's services, per node that has one."""
+    found: dict[str, list[dict[str, str]]] = {}
+    for service in ("mcp-server", "postgres"):
+        for node, items in containers(lab, service, every=True).items():
+            if items:
+                found.setdefault(node, []).extend(items)
+    return found
+
+
+def test_rm_stack_mcp_leaves_no_container_on_any_pi_and_keeps_history(lab: Lab, stack_file: Path) -> None:
+    said = ok(lab, "rm", "stack", "mcp", "--dry-run")
+    assert "service/mcp-server would be removed" in said and "service/postgres would be removed" in said, said
+    assert "volume postgres_data kept" in said, said
+    assert sorted(services(lab)) == ["mcp-server", "postgres"]  # the dry run removed nothing
+    assert _left(lab)
+
+    said = ok(lab, "rm", "stack", "mcp")
+    assert "service/mcp-server removed" in said and "revision history kept" in said, said
+    assert services(lab) == {}
+    wait_until("no container of the stack on any Pi", lambda: not _left(lab), 60, explain=lambda: _left(lab))
+
+    # applied again, it starts from its kept history: no revision is lost, none repeated
+    ok(lab, "stack", "deploy", "-c", str(stack_file), "mcp")
+    assert _revisions(lab, "mcp-server") == [1]
