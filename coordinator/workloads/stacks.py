@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from picoord.common.validation import FieldError
-from picoord.coordinator.workloads.spec import ServiceSpec, service_name
+from picoord.coordinator.workloads.spec import DependencyCycle, ServiceSpec, dependency_order, service_name
 
 
 class StackError(ValueError):
@@ -83,25 +83,8 @@ def dependencies(spec: ServiceSpec) -> tuple[str, ...]:
 
 
 def rollout_order(depends: Mapping[str, Sequence[str]]) -> list[str]:
-    """The names of `depends` (name -> what it depends on) with those each depends on first,
-    in the given order otherwise; StackError naming the cycle when they depend on each other.
-    Dependencies outside `depends` are not waited for (they are not of the stack)."""
-    order: list[str] = []
-    visiting: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in order:
-            return
-        if name in visiting:
-            cycle = " -> ".join((*visiting[visiting.index(name) :], name))
-            raise StackError(f"dependency cycle: {cycle}")
-        visiting.append(name)
-        for dependency in depends[name]:
-            if dependency in depends:
-                visit(dependency)
-        visiting.pop()
-        order.append(name)
-
-    for name in depends:
-        visit(name)
-    return order
+    """spec.dependency_order, with a cycle as a StackError (it is refused at apply)."""
+    try:
+        return dependency_order(depends)
+    except DependencyCycle as error:
+        raise StackError(str(error)) from None
