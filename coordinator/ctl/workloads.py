@@ -139,8 +139,10 @@ def _conclude(info: services_pb2.RolloutInfo, detached: bool = False) -> None:
 
 def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
     verb, name = _rollout_words(args.words)
-    if verb == "start" and not args.image and not args.detach:
+    if verb == "start":
         members = stack_members(stub, name)
+        if members and (args.image or args.detach):
+            raise UsageError(f"--image and --detach go with one service; {name} is a stack")
         if members:
             return rollout_stack(stub, name, members, args.output)
     if verb == "start":

@@ -247,3 +247,14 @@ def test_rm_says_what_goes_and_what_is_kept(dry_run: bool, capsys: pytest.Captur
     assert "replica postgres.1@ubuntu-desktop " + ("would stop" if dry_run else "stops") in out
     assert "volume postgres_data kept" in out
     assert ("revision history kept" in out) is not dry_run
+
+
+@pytest.mark.parametrize("option", [{"image": "mcp:2"}, {"detach": True}])
+def test_image_and_detach_go_with_one_service_not_a_stack(option: dict[str, object]) -> None:
+    stub = _Stub(MCP)
+    args = _args("mcp")
+    for key, value in option.items():
+        setattr(args, key, value)
+    with pytest.raises(UsageError, match="mcp is a stack"):
+        cmd_rollout(stub, args)
+    assert stub.rolled == []
