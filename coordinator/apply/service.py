@@ -136,14 +136,9 @@ class ApplyService:
         }
         changes = stacks.plan_stack(existing, specs, stack, prune)
         pruned = [change.name for change in changes if change.change == stacks.PRUNED]
-        if pruned:
-            # Removal (coordctl rm) is not built yet: refuse rather than pretend.
-            raise StackError(
-                f"--prune would remove {', '.join(pruned)} from stack {stack!r}, "
-                "but removing services is not supported yet; nothing was recorded"
-            )
-        if not dry_run and specs:
-            await asyncio.to_thread(self.workloads.apply, specs, self.cluster.clock(), source, stack)
+        if not dry_run and (specs or pruned):
+            # one transaction; the reconciler stops the pruned services' replicas (as coordctl rm)
+            await asyncio.to_thread(self.workloads.apply, specs, self.cluster.clock(), source, stack, pruned)
         by_name = {spec.name: spec for spec in specs}
         events = []
         for change in changes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 
 from picoord.common.plaindata import from_plain, to_plain
@@ -187,11 +187,15 @@ class WorkloadRecords:
             db.execute("DELETE FROM backoffs WHERE service = ?", (service,))
 
     # services
-    def apply(self, specs: list[ServiceSpec], now: float, source: str, stack: str = "") -> list[bool]:
+    def apply(
+        self, specs: list[ServiceSpec], now: float, source: str, stack: str = "", prune: Sequence[str] = ()
+    ) -> list[bool]:
         """Record the applied specs of services, all or none, as members of `stack` ('' for
-        none); for each, whether it changed."""
+        none), and remove the services `prune` names (apply --prune) in the same transaction;
+        for each spec, whether it changed."""
         changed = []
         with self.store.transaction() as db:
+            _remove(db, prune, now)
             for spec in specs:
                 text = spec_to_json(spec)
                 row = db.execute(
@@ -231,9 +235,7 @@ class WorkloadRecords:
         stay until stopped (the reconciler stops a replica whose service no longer exists,
         on a node that is away once it returns); revision history and replica numbering stay."""
         with self.store.transaction() as db:
-            for name in services:
-                db.execute("UPDATE services SET removed_at = ?, rollout = NULL WHERE name = ?", (now, name))
-                db.execute("DELETE FROM backoffs WHERE service = ?", (name,))
+            _remove(db, services, now)
         self._changed()
 
     def save_rollout(self, service: str, rollout: Rollout) -> None:
@@ -410,6 +412,12 @@ def _add_replicas(db: sqlite3.Connection, new: list[NewReplica], now: float) -> 
         [(r.id, r.service, r.revision, r.node, r.created_at, r.slot) for r in made],
     )
     return made
+
+
+def _remove(db: sqlite3.Connection, services: Iterable[str], now: float) -> None:
+    for name in services:
+        db.execute("UPDATE services SET removed_at = ?, rollout = NULL WHERE name = ?", (now, name))
+        db.execute("DELETE FROM backoffs WHERE service = ?", (name,))
 
 
 def _replace_history(db: sqlite3.Connection, service: str, history: list[Revision]) -> None:

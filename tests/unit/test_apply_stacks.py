@@ -1,6 +1,6 @@
 """Applying a file as a stack through the coordinator's apply service and its real store:
 the services are recorded with their stack, re-applying says what changed and dropped, and
-a refused apply (another stack's name, a cycle, --prune) records nothing."""
+a refused apply (another stack's name, a cycle) records nothing; --prune removes."""
 
 from __future__ import annotations
 
@@ -116,11 +116,18 @@ async def test_a_dependency_cycle_is_refused_at_apply_naming_it(service: ApplySe
     assert _stacks(service) == {}
 
 
-async def test_prune_is_refused_until_removal_exists(service: ApplyService) -> None:
+async def test_prune_removes_what_the_file_no_longer_names_and_its_dry_run_says_so(
+    service: ApplyService,
+) -> None:
     await _apply(service, WITH_CACHE, stack="mcp")
-    with pytest.raises(StackError, match="--prune would remove cache"):
-        await _apply(service, SEED, stack="mcp", prune=True)
+    assert await _apply(service, SEED, stack="mcp", prune=True, dry_run=True) == [
+        ("mcp", "mcp-server", "unchanged"),
+        ("mcp", "postgres", "unchanged"),
+        ("mcp", "cache", "pruned"),
+    ]
     assert _stacks(service) == {"cache": "mcp", "mcp-server": "mcp", "postgres": "mcp"}
+    assert (await _apply(service, SEED, stack="mcp", prune=True))[-1] == ("mcp", "cache", "pruned")
+    assert _stacks(service) == {"mcp-server": "mcp", "postgres": "mcp"}
     with pytest.raises(StackError, match="give --stack"):
         await _apply(service, SEED, prune=True)
 
