@@ -19,8 +19,10 @@ from picoord.coordinator.apply.runner import ApplyRun
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.placement.inputs import accepted_labels
+from picoord.coordinator.workloads import stacks
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
 from picoord.coordinator.workloads.spec import ServiceSpec
+from picoord.coordinator.workloads.stacks import StackError
 from picoord.v1 import admin_pb2
 
 log = structlog.get_logger("picoord.coordinator.apply")
@@ -75,13 +77,25 @@ class ApplyService:
             )
         return views
 
-    async def start(self, documents: str, dry_run: bool, requested_by: str, source: str = "") -> StartedApply:
+    async def start(
+        self,
+        documents: str,
+        dry_run: bool,
+        requested_by: str,
+        source: str = "",
+        stack: str = "",
+        prune: bool = False,
+    ) -> StartedApply:
         """Plan and start an apply. WorkloadError or PlanError for a bad spec, ApplyBusy
         while another runs; either way nothing is recorded or sent.
 
         Services in the file are recorded as their desired spec, all at once, before the
-        node actions run; `coordctl rollout NAME` rolls them out."""
+        node actions run; `coordctl rollout NAME` rolls them out. With `stack` (or a
+        Kubernetes metadata.namespace) they are recorded as that stack (stacks.py)."""
         workloads = await asyncio.to_thread(read_workloads, documents, source)
+        stack = stacks.stack_name(stack) if stack else workloads.namespace
+        if prune and not stack:
+            raise StackError("--prune removes what a stack's file no longer names: give --stack")
         steps = plan(list(workloads.cluster), self.inventory())
         if workloads.services and self.workloads is None:
             raise WorkloadError("services need the coordinator's workload store, which is not set up")
@@ -100,7 +114,7 @@ class ApplyService:
         self.running = run
         try:
             preface = [admin_pb2.ApplyEvent(warning=line) for line in workloads.warning_lines()]
-            preface += await self._stage(list(workloads.services), dry_run, source)
+            preface += await self._stage(list(workloads.services), dry_run, source, stack, prune)
         except BaseException:
             self.running = None
             raise
@@ -111,26 +125,38 @@ class ApplyService:
         return StartedApply(run, steps, events, task, preface)
 
     async def _stage(
-        self, specs: list[ServiceSpec], dry_run: bool, source: str
+        self, specs: list[ServiceSpec], dry_run: bool, source: str, stack: str = "", prune: bool = False
     ) -> list[admin_pb2.ApplyEvent]:
-        if not specs:
+        if not specs and not stack:
             return []
         assert self.workloads is not None
-        if dry_run:
-            existing = {
-                record.name: record.spec for record in await asyncio.to_thread(self.workloads.services)
-            }
-            changed = [existing.get(spec.name) != spec for spec in specs]
-        else:
-            changed = await asyncio.to_thread(self.workloads.apply, specs, self.cluster.clock(), source)
-        return [
-            admin_pb2.ApplyEvent(
-                service=admin_pb2.ServiceStaged(
-                    name=spec.name, changed=change, image=spec.image, mode=spec.mode, replicas=spec.replicas
+        existing = {
+            record.name: stacks.Applied(record.stack, record.spec)
+            for record in await asyncio.to_thread(self.workloads.services)
+        }
+        changes = stacks.plan_stack(existing, specs, stack, prune)
+        pruned = [change.name for change in changes if change.change == stacks.PRUNED]
+        if not dry_run and (specs or pruned):
+            # one transaction; the reconciler stops the pruned services' replicas (as coordctl rm)
+            await asyncio.to_thread(self.workloads.apply, specs, self.cluster.clock(), source, stack, pruned)
+        by_name = {spec.name: spec for spec in specs}
+        events = []
+        for change in changes:
+            spec = by_name.get(change.name) or existing[change.name].spec
+            events.append(
+                admin_pb2.ApplyEvent(
+                    service=admin_pb2.ServiceStaged(
+                        name=spec.name,
+                        changed=change.change in (stacks.ADDED, stacks.CHANGED),
+                        image=spec.image,
+                        mode=spec.mode,
+                        replicas=spec.replicas,
+                        stack=stack,
+                        change=change.change,
+                    )
                 )
             )
-            for spec, change in zip(specs, changed, strict=True)
-        ]
+        return events
 
     async def _carry_out(
         self, run: ApplyRun, steps: list[Step], events: asyncio.Queue[admin_pb2.ApplyEvent | None]

@@ -39,7 +39,17 @@ from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller import views
 from picoord.coordinator.controller.assignments import Assigned, node_assignments
 from picoord.coordinator.controller.backoff import Backoff
-from picoord.coordinator.controller.decide import Decisions, Facts, decide, global_targets, refusal
+from picoord.coordinator.controller.decide import (
+    Decisions,
+    Facts,
+    Removal,
+    decide,
+    global_targets,
+    refusal,
+    removal,
+    scale_refusal,
+    scaled,
+)
 from picoord.coordinator.controller.dispatcher import Dispatcher
 from picoord.coordinator.controller.observed import Seen, observe, replica_view, reports_by_replica
 from picoord.coordinator.controller.records import (
@@ -477,7 +487,9 @@ class WorkloadController:
             service = facts.services.get(name)
             if service is None:
                 raise WorkloadRefused(
-                    "NOT_FOUND", f"no service {name!r}: apply its spec first (coordctl apply -f)"
+                    "NOT_FOUND",
+                    f"no service {name!r} and no stack of that name: apply its spec first "
+                    "(coordctl apply -f FILE [--stack NAME])",
                 )
             spec = service.spec
             if image:
@@ -567,6 +579,39 @@ class WorkloadController:
             self.wake()
             replicas = list(self._snapshot.replicas.values())
             return self.info(dataclasses.replace(service, rollout=rollout), replicas)
+
+    async def scale(self, name: str, count: int) -> services_pb2.ServiceInfo:
+        """Hold the service to `count` replicas (decide.scale_refusal); the service as the
+        next tick sees it, with why replicas cannot be placed, if so."""
+        async with self._lock:
+            service = await asyncio.to_thread(self.records.service, name)
+            if service is None:
+                raise WorkloadRefused("NOT_FOUND", f"no service {name!r}")
+            why = scale_refusal(service, count)
+            if why is not None:
+                raise WorkloadRefused("FAILED_PRECONDITION", why)
+            assert service.rollout is not None
+            await self.cluster.write(self.records.save_rollout, name, scaled(service.rollout, count))
+            self._note(name, f"scaled to {count} replicas")
+            self.wake()
+        return next(info for info in await self.services_view() if info.name == name)
+
+    async def remove(self, kind: str, name: str, dry_run: bool) -> Removal:
+        """Remove a service or a stack (decide.removal); with `dry_run`, only say what would go."""
+        async with self._lock:
+            facts = await self._operator_facts()
+            try:
+                gone = removal(kind, name, facts.services, facts.replicas.values())
+            except LookupError as error:
+                raise WorkloadRefused("NOT_FOUND", str(error.args[0])) from None
+            except ValueError as error:
+                raise WorkloadRefused("INVALID_ARGUMENT", str(error)) from None
+            if not dry_run:
+                await self.cluster.write(self.records.remove, list(gone.services), facts.now)
+                for service in gone.services:
+                    self._note(service, f"{service} removed: stopping its replicas")
+                self.wake()
+            return gone
 
     async def services_view(self) -> list[services_pb2.ServiceInfo]:
         return views.services_view(await self._fresh())

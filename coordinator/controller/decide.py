@@ -38,7 +38,14 @@ from picoord.coordinator.reconcile.reconciler import DesiredService, NodeStatus,
 from picoord.coordinator.rollout import planner
 from picoord.coordinator.rollout.planner import Rollout
 from picoord.coordinator.rollout.replicas import FAILED, UNHEALTHY, Replica
-from picoord.coordinator.workloads.spec import GLOBAL, ServiceSpec, check_secrets, placement_request
+from picoord.coordinator.workloads.spec import (
+    GLOBAL,
+    MAX_REPLICAS,
+    VOLUME,
+    ServiceSpec,
+    check_secrets,
+    placement_request,
+)
 
 
 @dataclass(frozen=True)
@@ -386,3 +393,64 @@ def global_targets(spec: ServiceSpec, facts: Facts) -> tuple[str, ...] | None:
         return None
     ready = [node for node in facts.nodes.values() if node.ready]
     return place(ready, [], placement_request(spec, 0)).assignments
+
+
+def scale_refusal(service: ServiceRecord, count: int) -> str | None:
+    """Why `coordctl scale NAME=count` is refused, or None. Scaling changes the running
+    rollout's count only (no new revision, nothing rolls); the reconciler then starts or
+    stops replicas, and says where they cannot be placed. The next rollout of the service
+    takes the applied file's count again, as `docker stack deploy` and `kubectl apply` do."""
+    if service.spec.mode == GLOBAL:
+        return f"{service.name} is global: it runs one replica on every matching node, it has no count"
+    if not 0 <= count <= MAX_REPLICAS:
+        return f"{count} is not a replica count (0-{MAX_REPLICAS})"
+    if service.rollout is None:
+        return f"{service.name} is not rolled out yet: `coordctl rollout {service.name}` first"
+    return None
+
+
+def scaled(rollout: Rollout, count: int) -> Rollout:
+    """The same rollout, holding `count` replicas (scale_refusal said it may)."""
+    return dataclasses.replace(rollout, replicas=count)
+
+
+SERVICE = "service"
+STACK = "stack"
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What `coordctl rm` takes away: the services, and their replicas (id, node), which
+    stop within their stop grace; named volumes the services mount are kept."""
+
+    services: tuple[str, ...]
+    replicas: tuple[tuple[str, str], ...]
+    volumes_kept: tuple[str, ...]
+
+
+def removal(
+    kind: str, name: str, services: Mapping[str, ServiceRecord], replicas: Iterable[Replica]
+) -> Removal:
+    """The removal of service or stack `name`; ValueError (LookupError when there is no such
+    service or stack) for what cannot be removed. Nothing here waits for a node: a replica on
+    a node that is away is stopped, and its container removed, when the node returns."""
+    if kind == SERVICE:
+        if name not in services:
+            raise LookupError(f"no service {name!r}")
+        names = [name]
+    elif kind == STACK:
+        names = sorted(s.name for s in services.values() if s.stack == name)
+        if not names:
+            raise LookupError(f"no stack {name!r}")
+    else:
+        raise ValueError(f"{kind!r}: remove a service or a stack")
+    gone = tuple(sorted((r.id, r.node) for r in replicas if r.service in names))
+    volumes = sorted(
+        {
+            volume.source
+            for n in names
+            for volume in services[n].spec.volumes
+            if volume.type == VOLUME and volume.source
+        }
+    )
+    return Removal(tuple(names), gone, tuple(volumes))

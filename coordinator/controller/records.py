@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 
 from picoord.common.plaindata import from_plain, to_plain
@@ -73,7 +73,13 @@ CREATE TABLE IF NOT EXISTS backoffs (
 );
 """
 # Columns added after the first release: added to an older store when it is opened.
-_ADDED_COLUMNS = (("replicas", "slot", "TEXT NOT NULL DEFAULT ''"),)
+_ADDED_COLUMNS = (
+    ("replicas", "slot", "TEXT NOT NULL DEFAULT ''"),
+    ("services", "stack", "TEXT NOT NULL DEFAULT ''"),  # '' for a file applied without --stack
+    # `coordctl rm`: set when removed. The row stays so replica ids are never reused (a
+    # container of the old replica may still be on a node that is away); apply revives it.
+    ("services", "removed_at", "REAL"),
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,7 @@ class ServiceRecord:
     source: str
     rollout: Rollout | None
     next_replica: int
+    stack: str = ""  # the stack it was applied in (coordinator/workloads/stacks.py), or ''
 
 
 class WorkloadRecords:
@@ -180,25 +187,33 @@ class WorkloadRecords:
             db.execute("DELETE FROM backoffs WHERE service = ?", (service,))
 
     # services
-    def apply(self, specs: list[ServiceSpec], now: float, source: str) -> list[bool]:
-        """Record the applied specs of services, all or none; for each, whether it changed."""
+    def apply(
+        self, specs: list[ServiceSpec], now: float, source: str, stack: str = "", prune: Sequence[str] = ()
+    ) -> list[bool]:
+        """Record the applied specs of services, all or none, as members of `stack` ('' for
+        none), and remove the services `prune` names (apply --prune) in the same transaction;
+        for each spec, whether it changed."""
         changed = []
         with self.store.transaction() as db:
+            _remove(db, prune, now)
             for spec in specs:
                 text = spec_to_json(spec)
-                row = db.execute("SELECT spec FROM services WHERE name = ?", (spec.name,)).fetchone()
-                changed.append(row is None or row[0] != text)
+                row = db.execute(
+                    "SELECT spec, removed_at FROM services WHERE name = ?", (spec.name,)
+                ).fetchone()
+                changed.append(row is None or row[1] is not None or row[0] != text)
                 db.execute(
-                    "INSERT INTO services(name, spec, applied_at, source) VALUES (?, ?, ?, ?) "
+                    "INSERT INTO services(name, spec, applied_at, source, stack) VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT(name) DO UPDATE SET spec = excluded.spec, "
-                    "applied_at = excluded.applied_at, source = excluded.source",
-                    (spec.name, text, now, source),
+                    "applied_at = excluded.applied_at, source = excluded.source, stack = excluded.stack, "
+                    "removed_at = NULL",
+                    (spec.name, text, now, source, stack),
                 )
         self._changed()
         return changed
 
     def services(self) -> list[ServiceRecord]:
-        rows = self.store.query("SELECT * FROM services ORDER BY name")
+        rows = self.store.query("SELECT * FROM services WHERE removed_at IS NULL ORDER BY name")
         return [
             ServiceRecord(
                 name=row["name"],
@@ -207,12 +222,21 @@ class WorkloadRecords:
                 source=row["source"],
                 rollout=from_plain(Rollout, json.loads(row["rollout"])) if row["rollout"] else None,
                 next_replica=row["next_replica"],
+                stack=row["stack"],
             )
             for row in rows
         ]
 
     def service(self, name: str) -> ServiceRecord | None:
         return next((record for record in self.services() if record.name == name), None)
+
+    def remove(self, services: list[str], now: float) -> None:
+        """Forget the services, all or none: no spec, no rollout, no backoff. Their replicas
+        stay until stopped (the reconciler stops a replica whose service no longer exists,
+        on a node that is away once it returns); revision history and replica numbering stay."""
+        with self.store.transaction() as db:
+            _remove(db, services, now)
+        self._changed()
 
     def save_rollout(self, service: str, rollout: Rollout) -> None:
         with self.store.transaction() as db:
@@ -388,6 +412,12 @@ def _add_replicas(db: sqlite3.Connection, new: list[NewReplica], now: float) -> 
         [(r.id, r.service, r.revision, r.node, r.created_at, r.slot) for r in made],
     )
     return made
+
+
+def _remove(db: sqlite3.Connection, services: Iterable[str], now: float) -> None:
+    for name in services:
+        db.execute("UPDATE services SET removed_at = ?, rollout = NULL WHERE name = ?", (now, name))
+        db.execute("DELETE FROM backoffs WHERE service = ?", (name,))
 
 
 def _replace_history(db: sqlite3.Connection, service: str, history: list[Revision]) -> None:

@@ -15,6 +15,7 @@ from picoord.coordinator.controller.backoff import Backoff, describe
 from picoord.coordinator.controller.records import ReplicaRecord, ServiceRecord, stored
 from picoord.coordinator.rollout.replicas import RUNNING, Replica
 from picoord.coordinator.workloads.spec import ServiceSpec
+from picoord.coordinator.workloads.stacks import dependencies
 from picoord.v1 import services_pb2, workloads_pb2
 
 
@@ -154,6 +155,8 @@ def services_view(snapshot: Snapshot) -> list[services_pb2.ServiceInfo]:
                 or spec.replicas != service.spec.replicas,
                 ports=[f"{p.published or '-'}:{p.target}/{p.protocol}" for p in service.spec.ports],
                 unplaced=snapshot.unplaced.get(name, ""),
+                stack=service.stack,
+                dependencies=list(dependencies(service.spec)),
             )
         )
     return views

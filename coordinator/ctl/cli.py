@@ -404,7 +404,12 @@ def cmd_apply(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     text = read_spec_file(args.file)
     read_workloads(text, args.file)  # the same checks the coordinator makes: fail early, before sending
     request = admin_pb2.ApplyRequest(
-        documents=text, dry_run=args.dry_run, requested_by=operator_name(), source=args.file
+        documents=text,
+        dry_run=args.dry_run,
+        requested_by=operator_name(),
+        source=args.file,
+        stack=args.stack or "",
+        prune=args.prune,
     )
     records: list[admin_pb2.ActionRecord] = []
     services: list[admin_pb2.ServiceStaged] = []
@@ -450,10 +455,18 @@ def _staged_line(service: admin_pb2.ServiceStaged, dry_run: bool) -> str:
     what = (
         f"{service.replicas} x {service.image}" if service.mode == "replicated" else f"global {service.image}"
     )
+    where = f"stack/{service.stack} " if service.stack else ""
+    if service.change == "dropped":
+        return f"{where}service/{service.name} is no longer in the file: kept (--prune removes it)"
+    if service.change == "pruned":
+        verb = "would be removed" if dry_run else "removed"
+        return f"{where}service/{service.name} is no longer in the file: {verb}"
     if not service.changed:
-        return f"service/{service.name} unchanged ({what})"
+        return f"{where}service/{service.name} unchanged ({what})"
     verb = "would be recorded" if dry_run else "recorded"
-    return f"service/{service.name} {verb} ({what}): roll it out with `coordctl rollout {service.name}`"
+    change = {"added": "new, ", "changed": "changed, "}.get(service.change, "")
+    rollout = f"coordctl rollout {service.stack or service.name}"
+    return f"{where}service/{service.name} {verb} ({change}{what}): roll it out with `{rollout}`"
 
 
 def cmd_actions(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
@@ -562,7 +575,20 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument(
         "--dry-run", action="store_true", help="show what would run on each node; change nothing"
     )
+    apply.add_argument("--stack", help="record the file's services as this stack (docker stack deploy)")
+    apply.add_argument(
+        "--prune", action="store_true", help="with --stack: remove its services the file no longer names"
+    )
     apply.set_defaults(handler=cmd_apply)
+    stack = commands.add_parser("stack", help="stacks: docker stack deploy's spelling").add_subparsers(
+        dest="stack_command", required=True
+    )
+    deploy = with_output(stack.add_parser("deploy", help="apply -f FILE --stack NAME"))
+    deploy.add_argument("-c", "--compose-file", dest="file", required=True, help="- for stdin")
+    deploy.add_argument("stack", metavar="NAME")
+    deploy.add_argument("--prune", action="store_true", help="remove its services the file no longer names")
+    deploy.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
+    deploy.set_defaults(handler=cmd_apply)
     actions = with_output(commands.add_parser("actions", help="history of node actions"))
     actions.add_argument("node", nargs="?", help="only this node")
     actions.add_argument("--limit", type=int, default=50)

@@ -23,6 +23,7 @@ from picoord.common.vocabulary import ReplicaHealth, ReplicaState, RolloutStatus
 from picoord.coordinator.ctl.client import CALL_TIMEOUT
 from picoord.coordinator.ctl.output import ago, echo, emit, iso_time, literal
 from picoord.coordinator.ctl.output import console as output_console
+from picoord.coordinator.workloads import stacks
 from picoord.v1 import services_pb2, services_pb2_grpc
 
 ROLLOUT_TIMEOUT = 3600.0
@@ -139,6 +140,12 @@ def _conclude(info: services_pb2.RolloutInfo, detached: bool = False) -> None:
 def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
     verb, name = _rollout_words(args.words)
     if verb == "start":
+        members = stack_members(stub, name)
+        if members and (args.image or args.detach):
+            raise UsageError(f"--image and --detach go with one service; {name} is a stack")
+        if members:
+            return rollout_stack(stub, name, members, args.output)
+    if verb == "start":
         request = services_pb2.RolloutRequest(name=name, image=args.image or "", detach=args.detach)
         return follow(stub.Rollout(request, timeout=ROLLOUT_TIMEOUT), args.output, args.detach)
     if args.image:
@@ -182,6 +189,42 @@ def cmd_rollout(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace)
     return 0
 
 
+def stack_members(stub: services_pb2_grpc.WorkloadsStub, name: str) -> dict[str, list[str]]:
+    """The services of stack `name` and what each depends on; empty when `name` is a service
+    (a service's own name wins) or no stack."""
+    reply = stub.ListServices(services_pb2.ListServicesRequest(), timeout=CALL_TIMEOUT)
+    if any(service.name == name for service in reply.services):
+        return {}
+    return {s.name: list(s.dependencies) for s in reply.services if s.stack == name}
+
+
+def rollout_stack(
+    stub: services_pb2_grpc.WorkloadsStub, stack: str, members: dict[str, list[str]], output: str
+) -> int:
+    """Roll every service of the stack, those it depends on first; each starts once the one
+    before is healthy at its new revision (a rollout ends only then). The first that fails
+    is rolled back by its own rollout, and the stack stops there, naming it."""
+    try:
+        order = stacks.rollout_order(members)
+    except stacks.StackError as error:
+        raise UsageError(f"stack/{stack}: {error}") from None
+    if output == "table":
+        echo(f"stack/{stack}: rolling {', '.join(order)} in this order", flush=True)
+    for index, name in enumerate(order):
+        request = services_pb2.RolloutRequest(name=name)
+        if follow(stub.Rollout(request, timeout=ROLLOUT_TIMEOUT), output) != 0:
+            left = order[index + 1 :]
+            echo(
+                f"stack/{stack}: stopped at service/{name}"
+                + (f"; not rolled: {', '.join(left)}" if left else ""),
+                file=sys.stderr,
+            )
+            return 1
+    if output == "table":
+        echo(f"stack/{stack}: {len(order)} services healthy")
+    return 0
+
+
 def _rollout_words(words: list[str]) -> tuple[str, str]:
     """`rollout NAME` rolls NAME; `rollout VERB NAME` reads or steers its rollout."""
     if len(words) == 1:
@@ -209,6 +252,7 @@ def cmd_services(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace
             "staged": service.staged,
             "ports": list(service.ports),
             "unplaced": service.unplaced,
+            "stack": service.stack or None,
         }
         for service in reply.services
     ]
@@ -217,6 +261,7 @@ def cmd_services(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace
         args.output,
         [
             ("NAME", lambda v: v["name"]),
+            ("STACK", lambda v: v["stack"] or "-"),
             ("MODE", lambda v: v["mode"]),
             ("REPLICAS", lambda v: f"{v['healthy']}/{v['desired']}"),
             ("REVISION", lambda v: f"{v['revision']}{' (staged change)' if v['staged'] else ''}"),
@@ -229,12 +274,29 @@ def cmd_services(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace
     return 0
 
 
+def ps_services(services: Iterable[services_pb2.ServiceInfo], name: str | None) -> list[str]:
+    """Whose replicas `ps NAME` lists: the service NAME (its own name wins), else the stack
+    NAME's services, else NAME for the coordinator to refuse; every service without NAME."""
+    services = list(services)
+    if name is None:
+        return [service.name for service in services]
+    if any(service.name == name for service in services):
+        return [name]
+    return [service.name for service in services if service.stack == name] or [name]
+
+
 def cmd_ps(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
-    reply = stub.ListReplicas(services_pb2.ServiceRef(name=args.name), timeout=CALL_TIMEOUT)
+    listed = stub.ListServices(services_pb2.ListServicesRequest(), timeout=CALL_TIMEOUT).services
+    replicas = [
+        replica
+        for service in ps_services(listed, args.name)
+        for replica in stub.ListReplicas(services_pb2.ServiceRef(name=service), timeout=CALL_TIMEOUT).replicas
+    ]
     now = time.time()
     views = [
         {
             "replica": replica.replica,
+            "service": replica.service,
             "node": replica.node or None,
             "revision": replica.revision,
             "image": replica.image,
@@ -247,9 +309,9 @@ def cmd_ps(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> i
             "desired": replica.desired,
             "message": replica.message,
         }
-        for replica in reply.replicas
+        for replica in replicas
     ]
-    since = {replica.replica + str(replica.revision): replica.since for replica in reply.replicas}
+    since = {replica.replica + str(replica.revision): replica.since for replica in replicas}
     emit(
         views,
         args.output,
@@ -264,6 +326,65 @@ def cmd_ps(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> i
             ("MESSAGE", lambda v: v["message"][:60] or "-"),
         ],
     )
+    return 0
+
+
+def scale_words(words: list[str]) -> list[tuple[str, int]]:
+    """`scale NAME=COUNT ...` as (name, count) pairs; UsageError for anything else."""
+    pairs = []
+    for word in words:
+        name, equals, count = word.partition("=")
+        if not equals or not name or not count.isdigit():
+            raise UsageError(f"`coordctl scale {word}`: use `scale SERVICE=COUNT`, e.g. mcp-server=5")
+        pairs.append((name, int(count)))
+    return pairs
+
+
+def scale_line(info: services_pb2.ServiceInfo) -> str:
+    line = f"service/{info.name} scaled to {info.desired}: {info.running} running, {info.healthy} healthy"
+    return line + (f"; cannot place all: {info.unplaced}" if info.unplaced else "")
+
+
+def cmd_scale(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    """Each service's new count; 1 when some of them cannot all be placed (the reason says why)."""
+    code = 0
+    views = []
+    for name, count in scale_words(args.pairs):
+        info = stub.Scale(services_pb2.ScaleRequest(name=name, replicas=count), timeout=CALL_TIMEOUT)
+        code = 1 if info.unplaced else code
+        views.append({"service": info.name, "desired": info.desired, "unplaced": info.unplaced})
+        if args.output == "table":
+            echo(scale_line(info), file=sys.stderr if info.unplaced else sys.stdout)
+    if args.output != "table":
+        emit(views, args.output, [])
+    return code
+
+
+def cmd_rm(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    """`rm service NAME` / `rm stack NAME`: what goes (or, --dry-run, would go)."""
+    reply = stub.Remove(
+        services_pb2.RemoveRequest(kind=args.kind, name=args.target, dry_run=args.dry_run),
+        timeout=CALL_TIMEOUT,
+    )
+    view = {
+        "services": list(reply.services),
+        "replicas": list(reply.replicas),
+        "volumes_kept": list(reply.volumes_kept),
+        "dry_run": args.dry_run,
+    }
+    if args.output != "table":
+        emit(view, args.output, [])
+        return 0
+    verb = "would be removed" if args.dry_run else "removed"
+    for service in reply.services:
+        echo(f"service/{service} {verb}")
+    stops = "would stop" if args.dry_run else "stops"
+    for replica in reply.replicas:
+        echo(f"  replica {replica} {stops} within its grace; its container goes")
+    for volume in reply.volumes_kept:
+        echo(f"  volume {volume} kept (named volumes are never removed; docker volume rm on the node)")
+    if not args.dry_run:
+        echo("revision history kept; a node that is away removes its containers when it returns")
     return 0
 
 
@@ -347,9 +468,27 @@ def add_commands(commands: Any, with_output: Any) -> None:
     with_output(commands.add_parser("services", help="list services")).set_defaults(
         handler=cmd_services, api="workloads"
     )
-    ps = with_output(commands.add_parser("ps", help="a service's replicas: node, revision, state, health"))
-    ps.add_argument("name")
+    ps = with_output(
+        commands.add_parser(
+            "ps", help="replicas of a service, of a stack, or (no NAME) all: node, state, health"
+        )
+    )
+    ps.add_argument("name", nargs="?", help="a service or a stack; every replica without it")
     ps.set_defaults(handler=cmd_ps, api="workloads")
+
+    scale = with_output(
+        commands.add_parser("scale", help="change services' replica counts (no new revision): NAME=COUNT ...")
+    )
+    scale.add_argument("pairs", nargs="+", metavar="NAME=COUNT")
+    scale.set_defaults(handler=cmd_scale, api="workloads", check=lambda args: scale_words(args.pairs))
+
+    rm = with_output(
+        commands.add_parser("rm", help="remove a service or a stack: rm service NAME | rm stack NAME")
+    )
+    rm.add_argument("kind", choices=("service", "stack"))
+    rm.add_argument("target", metavar="NAME")
+    rm.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    rm.set_defaults(handler=cmd_rm, api="workloads")
 
     secret = commands.add_parser("secret", help="the secret store").add_subparsers(
         dest="secret_command", required=True

@@ -20,6 +20,7 @@ from picoord.coordinator.servicers.peers import operator_identity
 from picoord.coordinator.status import STATUS_TO_WIRE
 from picoord.coordinator.store import CertificateRecord, NodeRecord, TokenRecord
 from picoord.coordinator.workloads.reader import WorkloadError
+from picoord.coordinator.workloads.stacks import StackError
 from picoord.v1 import admin_pb2, admin_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator.admin")
@@ -201,8 +202,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 request.dry_run,
                 operator_identity(context),  # the kernel's word, not the client's
                 request.source[:256],
+                request.stack,
+                request.prune,
             )
-        except (WorkloadError, PlanError) as error:
+        except (WorkloadError, PlanError, StackError) as error:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except ApplyBusy as error:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))

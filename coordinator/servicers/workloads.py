@@ -129,6 +129,37 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
         return services_pb2.ListServicesResponse(services=await self.controller.services_view())
 
     @unavailable_on_store_fault
+    async def Scale(
+        self, request: services_pb2.ScaleRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.ServiceInfo:
+        name = await self._name(request.name, context)
+        try:
+            info = await self.controller.scale(name, request.replicas)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+            raise AssertionError("unreachable") from None
+        log.info("service scaled", service=name, replicas=request.replicas)
+        return info
+
+    @unavailable_on_store_fault
+    async def Remove(
+        self, request: services_pb2.RemoveRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.RemoveResponse:
+        name = await self._name(request.name, context)
+        try:
+            gone = await self.controller.remove(request.kind, name, request.dry_run)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+            raise AssertionError("unreachable") from None
+        if not request.dry_run:
+            log.info(f"{request.kind} removed", name=name, services=list(gone.services))
+        return services_pb2.RemoveResponse(
+            services=gone.services,
+            replicas=[f"{replica}@{node}" for replica, node in gone.replicas],
+            volumes_kept=gone.volumes_kept,
+        )
+
+    @unavailable_on_store_fault
     async def ListReplicas(
         self, request: services_pb2.ServiceRef, context: grpc.aio.ServicerContext
     ) -> services_pb2.ListReplicasResponse:

@@ -30,6 +30,7 @@ class Workloads:
     warnings: tuple[SpecWarning, ...]
     cluster: tuple[cluster_spec.Document, ...] = ()  # for the apply planner, untouched
     source: str = ""
+    namespace: str = ""  # the Kubernetes documents' metadata.namespace: their stack
 
     def warning_lines(self) -> list[str]:
         prefix = f"{self.source}: " if self.source else ""
@@ -84,6 +85,7 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
                     f"(services:), a Kubernetes Deployment, DaemonSet or Service, or one of "
                     f"{', '.join(cluster_spec.READERS)}",
                 )
+        namespace = _namespace(kubernetes_documents)
         if kubernetes_documents:
             services.extend(kubernetes.read_kubernetes(kubernetes_documents, warnings))
         services = _linked(services)
@@ -91,7 +93,23 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
             warnings.extend(SpecWarning(where, why) for where, why in s.plaintext_secrets(spec))
     except (FieldError, cluster_spec.SpecError) as error:
         raise WorkloadError(f"{prefix}{error}") from None
-    return Workloads(tuple(services), tuple(warnings), tuple(cluster), source)
+    return Workloads(tuple(services), tuple(warnings), tuple(cluster), source, namespace)
+
+
+def _namespace(documents: list[dict[str, Any]]) -> str:
+    """The one metadata.namespace the Kubernetes documents give (a file is one stack)."""
+    found: dict[str, int] = {}
+    for index, document in enumerate(documents):
+        metadata = document.get("metadata")
+        value = metadata.get("namespace") if isinstance(metadata, dict) else None
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise FieldError("metadata.namespace", f"must be a string, not {type(value).__name__}")
+        found.setdefault(s.service_name("metadata.namespace", value), index)
+    if len(found) > 1:
+        raise FieldError("metadata.namespace", f"one file is one stack; it names {', '.join(sorted(found))}")
+    return next(iter(found), "")
 
 
 def _linked(services: list[s.ServiceSpec]) -> list[s.ServiceSpec]:

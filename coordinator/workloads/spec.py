@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -287,40 +287,50 @@ def check_references(specs: Iterable[ServiceSpec], depends_paths: Mapping[str, s
                     depends_paths.get(spec.name, f"{spec.origin}.depends_on"),
                     f"{name!r} is not a service of this file",
                 )
-    visiting: set[str] = set()
-    done: set[str] = set()
+    try:
+        dependency_order({name: spec.depends_on for name, spec in by_name.items()})
+    except DependencyCycle as error:
+        name = error.cycle[0]
+        raise FieldError(
+            depends_paths.get(name, f"{by_name[name].origin}.depends_on"), f"cycle {' -> '.join(error.cycle)}"
+        ) from None
 
-    def visit(name: str, trail: tuple[str, ...]) -> None:
-        if name in done:
+
+class DependencyCycle(ValueError):
+    """Services that depend on each other in a circle; the message names the circle."""
+
+    def __init__(self, cycle: tuple[str, ...]) -> None:
+        super().__init__(f"dependency cycle: {' -> '.join(cycle)}")
+        self.cycle = cycle
+
+
+def dependency_order(depends: Mapping[str, Sequence[str]]) -> list[str]:
+    """The names of `depends` (name -> what it depends on) with those each depends on first,
+    in the given order otherwise; DependencyCycle naming the cycle when they depend on each
+    other. Dependencies outside `depends` are not ordered (they are not of the group)."""
+    order: list[str] = []
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
             return
         if name in visiting:
-            cycle = " -> ".join((*trail, name))
-            raise FieldError(depends_paths.get(name, f"{by_name[name].origin}.depends_on"), f"cycle {cycle}")
-        visiting.add(name)
-        for dependency in by_name[name].depends_on:
-            visit(dependency, (*trail, name))
-        visiting.discard(name)
-        done.add(name)
+            raise DependencyCycle((*visiting[visiting.index(name) :], name))
+        visiting.append(name)
+        for dependency in depends[name]:
+            if dependency in depends:
+                visit(dependency)
+        visiting.pop()
+        order.append(name)
 
-    for name in by_name:
-        visit(name, ())
+    for name in depends:
+        visit(name)
+    return order
 
 
 def placement_order(specs: Iterable[ServiceSpec]) -> list[str]:
     """Service names with each one's depends_on before it (file order otherwise)."""
-    by_name = {spec.name: spec for spec in specs}
-    order: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in order or name not in by_name:
-            return
-        for dependency in by_name[name].depends_on:
-            visit(dependency)
-        order.append(name)
-
-    for name in by_name:
-        visit(name)
-    return order
+    return dependency_order({spec.name: spec.depends_on for spec in specs})
 
 
 def host_path(field_name: str, value: str) -> str:

@@ -31,8 +31,8 @@ WARN = "warn"
 ERROR = "error"
 _PRIVILEGE = "changes the container's privileges or isolation, which picoord does not do"
 
+# metadata.namespace is not in this table: the reader takes it as the stack (stacks.py).
 METADATA_KEYS = {
-    "namespace": (WARN, "picoord has one namespace"),
     "annotations": (WARN, "annotations are not used"),
     "generateName": (ERROR, "give metadata.name"),
     "uid": (WARN, "set by Kubernetes"),
@@ -186,6 +186,7 @@ def _header(raw: dict[str, Any], warnings: list[SpecWarning]) -> tuple[Fields, s
     if version != wanted:
         raise FieldError(doc.at("apiVersion"), f"{version!r}: picoord reads {kind} as {wanted}")
     meta.apply_table(METADATA_KEYS)
+    meta.get("namespace")  # the stack: reader.py takes it from every document
     doc.warn("status", "set by Kubernetes")
     return doc, name, meta
 

@@ -1,0 +1,195 @@
+"""Stacks end to end: the seed's docker-stack.yml applied as stack `mcp` on three Pis with
+dockerd, rolled out in dependency order, listed, scaled; and the bad inputs (an unknown
+stack or service, a dependency cycle, a name another stack holds), through `coordctl` only.
+
+The lab's Pis are this machine's architecture, so the file's one constraint on the Pis'
+arch (aarch64) is given this machine's; its postgres constraint (node.hostname ==
+ubuntu-desktop) is met as written by naming the third Pi ubuntu-desktop, as the seed's
+layout does. One lab serves the module; the tests run in file order (the stack is applied,
+then rolled out, then listed and scaled).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from picoord.lab.cluster import Lab
+from tests.conftest import require_root_or_fail
+from tests.lab.test_workloads_lab import containers, ctl, ok, services, settle, spec_file, wait_until, words
+
+pytestmark = pytest.mark.lab
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SEED_STACK = (REPO_ROOT / "examples" / "seed-docker-stack.yml").read_text()
+NODES = ["pi1", "pi2", "ubuntu-desktop"]
+ROLLOUT_TIMEOUT = 240.0
+
+
+def lab_stack() -> str:
+    """The seed's file with the arch of this machine's Pis in place of aarch64; nothing else."""
+    assert "node.platform.arch == aarch64" in SEED_STACK
+    return SEED_STACK.replace("node.platform.arch == aarch64", f"node.platform.arch == {platform.machine()}")
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    require_root_or_fail()
+    work = tmp_path_factory.mktemp("stacks")
+    lab = Lab(work, sandboxes=True, services=["dockerd"], registry=True, node_names=NODES)
+    try:
+        lab.up(len(NODES))
+        yield lab
+    finally:
+        lab.down()
+
+
+@pytest.fixture(scope="module")
+def stack_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return spec_file(tmp_path_factory.mktemp("files"), "docker-stack", lab_stack())
+
+
+def test_the_seed_file_applies_as_stack_mcp_under_its_short_names(lab: Lab, stack_file: Path) -> None:
+    said = ok(lab, "apply", "-f", str(stack_file), "--stack", "mcp", "--dry-run")
+    assert "stack/mcp service/postgres would be recorded (new, " in said, said
+    assert services(lab) == {}  # the dry run recorded nothing
+    said = ok(lab, "stack", "deploy", "-c", str(stack_file), "mcp")
+    assert "stack/mcp service/mcp-server recorded (new, 3 x mcp-modules-rust:latest)" in said, said
+    assert "roll it out with `coordctl rollout mcp`" in said, said
+    listed = services(lab)
+    assert sorted(listed) == ["mcp-server", "postgres"]
+    assert {view["stack"] for view in listed.values()} == {"mcp"}
+    said = ok(lab, "apply", "-f", str(stack_file), "--stack", "mcp")
+    assert "stack/mcp service/postgres unchanged" in said and "stack/mcp service/mcp-server unchanged" in said
+
+
+def test_rollout_mcp_rolls_postgres_first_then_mcp_server(lab: Lab) -> None:
+    said = ok(lab, "rollout", "mcp", timeout=ROLLOUT_TIMEOUT)
+    assert "stack/mcp: rolling postgres, mcp-server in this order" in said, said
+    postgres_done = said.index("service/postgres revision 1: 1/1 healthy")
+    assert postgres_done < said.index("rolling out revision 1 of mcp-server"), said
+    assert "stack/mcp: 2 services healthy" in said, said
+    settle(lab, "postgres settled", "postgres", 1)
+    placed = settle(lab, "mcp-server settled", "mcp-server", 3)
+    assert sorted(r["node"] for r in placed) == sorted(NODES)
+    [postgres] = settle(lab, "postgres settled", "postgres", 1)
+    assert postgres["node"] == "ubuntu-desktop"  # the file's own constraint
+
+
+def test_ps_of_the_stack_and_of_everything(lab: Lab) -> None:
+    stack = lab.coordctl_json("ps", "mcp")
+    assert sorted(r["service"] for r in stack if r["desired"] == "running") == [
+        "mcp-server",
+        "mcp-server",
+        "mcp-server",
+        "postgres",
+    ]
+    every = lab.coordctl_json("ps")
+    assert {r["replica"] for r in stack} <= {r["replica"] for r in every}
+    table = ok(lab, "ps")
+    assert "NODE" in table and "ubuntu-desktop" in table
+
+
+def _revisions(lab: Lab, service: str) -> list[int]:
+    return [view["revision"] for view in lab.coordctl_json("rollout", "history", service)]
+
+
+def test_scale_changes_the_count_without_a_new_revision(lab: Lab) -> None:
+    said = ok(lab, "scale", "mcp-server=2")
+    assert "service/mcp-server scaled to 2" in said, said
+    settle(lab, "mcp-server at 2", "mcp-server", 2, revision=1)
+    assert _revisions(lab, "mcp-server") == [1]
+    ok(lab, "scale", "mcp-server=3")
+    settle(lab, "mcp-server at 3", "mcp-server", 3, revision=1)
+    assert _revisions(lab, "mcp-server") == [1]
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (("rollout", "nosuch"), "no service 'nosuch' and no stack of that name"),
+        (("ps", "nosuch"), "no service 'nosuch'"),
+        (("scale", "nosuch=2"), "no service 'nosuch'"),
+        (("scale", "mcp-server"), "use `scale SERVICE=COUNT`"),
+    ],
+)
+def test_an_unknown_stack_or_service_is_refused(lab: Lab, argv: tuple[str, ...], says: str) -> None:
+    before = services(lab)
+    done = ctl(lab, *argv, timeout=30)
+    assert done.returncode != 0, words(done)
+    assert says in words(done), words(done)
+    assert services(lab) == before
+
+
+CYCLE = """services:
+  web:
+    image: mcp:1
+    depends_on: [api]
+  api:
+    image: mcp:1
+    environment:
+      UPSTREAM: http://web:8080
+"""
+
+
+def test_a_dependency_cycle_is_refused_at_apply_naming_it(lab: Lab, tmp_path: Path) -> None:
+    before = services(lab)
+    done = ctl(lab, "apply", "-f", str(spec_file(tmp_path, "cycle", CYCLE)), "--stack", "loop", timeout=30)
+    assert done.returncode != 0, words(done)
+    assert "dependency cycle: web -> api -> web" in words(done), words(done)
+    assert services(lab) == before
+
+
+def test_a_name_another_stack_holds_is_refused(lab: Lab, stack_file: Path) -> None:
+    before = services(lab)
+    done = ctl(lab, "stack", "deploy", "-c", str(stack_file), "other", timeout=30)
+    assert done.returncode != 0, words(done)
+    assert "already belongs to stack 'mcp'" in words(done), words(done)
+    assert services(lab) == before
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [(("rm", "stack", "nosuch"), "no stack 'nosuch'"), (("rm", "service", "nosuch"), "no service 'nosuch'")],
+)
+def test_removing_an_unknown_stack_or_service_is_refused(lab: Lab, argv: tuple[str, ...], says: str) -> None:
+    before = services(lab)
+    done = ctl(lab, *argv, timeout=30)
+    assert done.returncode != 0 and says in words(done), words(done)
+    assert services(lab) == before
+
+
+# --------------------------------------------------------------------------- last: rm stack mcp
+
+
+def _left(lab: Lab) -> dict[str, list[dict[str, str]]]:
+    """Every container (any state) of the stack's services, per node that has one."""
+    found: dict[str, list[dict[str, str]]] = {}
+    for service in ("mcp-server", "postgres"):
+        for node, items in containers(lab, service, every=True).items():
+            if items:
+                found.setdefault(node, []).extend(items)
+    return found
+
+
+def test_rm_stack_mcp_leaves_no_container_on_any_pi_and_keeps_history(lab: Lab, stack_file: Path) -> None:
+    said = ok(lab, "rm", "stack", "mcp", "--dry-run")
+    assert "service/mcp-server would be removed" in said and "service/postgres would be removed" in said, said
+    assert "volume postgres_data kept" in said, said
+    assert sorted(services(lab)) == ["mcp-server", "postgres"]  # the dry run removed nothing
+    assert _left(lab)
+
+    said = ok(lab, "rm", "stack", "mcp")
+    assert "service/mcp-server removed" in said and "revision history kept" in said, said
+    assert services(lab) == {}
+    wait_until("no container of the stack on any Pi", lambda: not _left(lab), 60, explain=lambda: _left(lab))
+
+    # applied again, it starts from its kept history: no revision is lost, none repeated
+    ok(lab, "stack", "deploy", "-c", str(stack_file), "mcp")
+    assert _revisions(lab, "mcp-server") == [1]
