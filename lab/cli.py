@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from picoord.agent.runtime.model import LABEL_SERVICE
 from picoord.lab import arm64, netns
 from picoord.lab.cluster import INDEX_DIR, Lab, known_labs, sweep_orphans
 from picoord.lab.netns import LabError
@@ -306,6 +307,8 @@ SEED_STACK = arm64.REPO_ROOT / "examples" / "seed-docker-stack.yml"  # the seed'
 SEED_PIS = ("pi1", "pi2", "pi3")  # arm64, as the seed's Pis
 SEED_DESKTOP = "ubuntu-desktop"  # amd64, where the seed keeps postgres
 SEED_SERVICE = "mcp-server"
+SEED_STACK_NAME = "mcp"  # as the seed deploys it: docker stack deploy -c docker-stack.yml mcp
+STACK_GONE_WAIT = 120.0  # seconds for every node to stop and remove the stack's containers
 SEED_SERVICE_LABEL = f"label=org.picoord.service={SEED_SERVICE}"
 
 
@@ -344,6 +347,31 @@ class _Demo:
         print("\n$ curl -s http://<pi>:8080/version   # from the host, on each Pi")
         for node in nodes:
             print(f"{node}: {_http_text(f'http://{self.lab.address(node)}:8080/version')}")
+
+    def gone(self, stack: str, nodes: Sequence[str]) -> None:
+        """Wait until no node has a replica container left (the demo runs only this stack's
+        services); say what is left when the wait ends first."""
+        print(
+            f"\n$ docker ps -a --filter label={LABEL_SERVICE}   # on each node, until stack {stack} is gone"
+        )
+        deadline = time.monotonic() + STACK_GONE_WAIT
+        while True:
+            left = {node: names for node in nodes if (names := self._replica_containers(node))}
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(2.0)
+        if left:
+            self.failed = True
+            print(f"containers of stack {stack} still there: {left}", file=sys.stderr)
+        else:
+            print(f"no container of stack {stack} on {', '.join(nodes)}")
+
+    def _replica_containers(self, node: str) -> list[str]:
+        listed = self.lab.sandbox(node).run(
+            ["docker", "ps", "-a", "--filter", f"label={LABEL_SERVICE}", "--format", "{{.Names}}"],
+            timeout=60,
+        )
+        return listed.stdout.split()
 
     def metrics(self, node: str) -> None:
         print(f"\n$ curl -s {self.lab.metrics_url} | grep 'instance=\"{node}\"' | head -5")
@@ -397,9 +425,8 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
     demo.show("node", "label", "pi1", "role=storage")
     demo.apply_cluster(SEED_CLUSTER, SEED_DESKTOP, "pi2")
     demo.metrics("pi1")
-    demo.show("apply", "-f", str(SEED_STACK), timeout=120)
-    demo.show("rollout", "postgres", timeout=600)
-    demo.show("rollout", SEED_SERVICE, timeout=900)
+    demo.show("stack", "deploy", "-c", str(SEED_STACK), SEED_STACK_NAME, timeout=120)
+    demo.show("rollout", SEED_STACK_NAME, timeout=1500)  # postgres first, then mcp-server
     demo.show("ps", SEED_SERVICE)
     demo.show("ps", "postgres")
     for node in SEED_PIS:
@@ -420,7 +447,10 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
     demo.show("ps", SEED_SERVICE)
     demo.versions(SEED_PIS)
     demo.show("rollout", "history", SEED_SERVICE)
+    demo.show("scale", f"{SEED_SERVICE}=2", timeout=300)
     demo.show("services")
+    demo.show("rm", "stack", SEED_STACK_NAME)
+    demo.gone(SEED_STACK_NAME, (*SEED_PIS, SEED_DESKTOP))
     demo.show("node", "remove", SEED_PIS[-1])
     demo.show("nodes")
 

@@ -109,9 +109,10 @@ def test_the_demo_rolls_the_seed_stack_out_on_arm64_pis(tmp_path: Path) -> None:
     assert applied[1].endswith("nothing to change: every node is already as the file says"), applied
     swarm = table(outputs(found, "docker node ls")[0])
     assert sorted(row["HOSTNAME"] for row in swarm) == sorted([*PIS, DESKTOP]), swarm
-    assert (
-        "service/mcp-server recorded" in outputs(found, "coordctl apply -f examples/seed-docker-stack.yml")[0]
-    )
+    deployed = outputs(found, "coordctl stack deploy -c examples/seed-docker-stack.yml mcp")[0]
+    assert "service/mcp-server recorded" in deployed and "service/postgres recorded" in deployed, deployed
+    rolled = outputs(found, "coordctl rollout mcp")[0]
+    assert rolled.index("postgres") < rolled.index("mcp-server"), rolled  # dependencies first
 
     first, after_rollback = (table(text) for text in outputs(found, "coordctl ps mcp-server"))
     assert sorted(row["NODE"] for row in first) == PIS, first
@@ -133,5 +134,9 @@ def test_the_demo_rolls_the_seed_stack_out_on_arm64_pis(tmp_path: Path) -> None:
         ("2 *", "mcp:2"),
         ("3", "mcp:4"),
     ], history
+    scaled = table(outputs(found, "coordctl services")[0])
+    assert {row["NAME"]: row["REPLICAS"] for row in scaled}["mcp-server"].endswith("/2"), scaled
+    gone = outputs(found, "docker ps -a --filter label=org.picoord.service")[0]
+    assert gone == f"no container of stack mcp on {', '.join([*PIS, DESKTOP])}", gone
     remaining = table(outputs(found, "coordctl nodes")[-1])
     assert sorted(row["NAME"] for row in remaining) == sorted(["pi1", "pi2", DESKTOP]), remaining
