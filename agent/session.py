@@ -22,6 +22,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
 
 from picoord.agent.channel import channel_options
+from picoord.agent.clock import RETRIES_BY_ITSELF, clock_message, presented_window
 from picoord.agent.hardware import collect_hardware
 from picoord.agent.metrics import MetricsSampler
 from picoord.agent.state import ASSIGNMENT_FILE, AgentFiles, BadCredentials, Enrollment, NodeCredentials
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("picoord.agent")
 
 WELCOME_TIMEOUT = 20.0
+CLOCK_PROBE_TIMEOUT = 5.0
 HEALTHY_SESSION = 60.0  # a session that lasted this long resets the backoff
 MAX_INTERVAL = 3600.0
 
@@ -171,7 +173,7 @@ class AgentRunner:
             log.error(str(error))
             reason = str(error)
         except grpc.aio.AioRpcError as error:
-            reason = _explain(error)
+            reason = await self._clock_reason(error) or _explain(error)
             self._report_revocation(error)
         except (OSError, ValueError, RuntimeError) as error:
             # Unreadable key files, a bad message, a bug: log it with its traceback and try
@@ -230,6 +232,17 @@ class AgentRunner:
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
+
+    async def _clock_reason(self, error: grpc.aio.AioRpcError) -> str | None:
+        """When the connection failed, whether this node's clock is why: the coordinator's
+        certificates are read (not trusted) and their window compared with the clock."""
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return None
+        host, port = split_host_port(self.enrollment.coordinator, "coordinator")
+        window = await asyncio.to_thread(presented_window, host, port, CLOCK_PROBE_TIMEOUT)
+        if window is None:
+            return None
+        return clock_message(time.time(), *window, RETRIES_BY_ITSELF)
 
     def _interval(self, welcome: agent_pb2.Welcome) -> float:
         if self.settings.metrics_interval is not None:
