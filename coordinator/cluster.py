@@ -202,6 +202,7 @@ class Cluster:
         now = self.clock()
         self._hardware[session.node] = hello.hardware
         self._last_seen[session.node] = now
+        self.clocks.forget(session.node)  # a new session may follow a reboot or a clock set right
         self.counters.sessions_opened += 1
         pending = PendingHello(hello.agent_version, hello.hardware.SerializeToString(), now)
         record = self._records.get(session.node)
