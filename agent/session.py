@@ -236,7 +236,9 @@ class AgentRunner:
     async def _clock_reason(self, error: grpc.aio.AioRpcError) -> str | None:
         """When the connection failed, whether this node's clock is why: the coordinator's
         certificates are read (not trusted) and their window compared with the clock."""
-        if error.code() != grpc.StatusCode.UNAVAILABLE:
+        # Both gRPC 1.51 (Debian, system OpenSSL: "certificate verify failed" only) and newer
+        # ones say "handshake failed"; a refused or unanswered dial is not worth a probe.
+        if error.code() != grpc.StatusCode.UNAVAILABLE or "handshake" not in (error.details() or "").lower():
             return None
         host, port = split_host_port(self.enrollment.coordinator, "coordinator")
         window = await asyncio.to_thread(presented_window, host, port, CLOCK_PROBE_TIMEOUT)
