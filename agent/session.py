@@ -56,6 +56,10 @@ class CertificateUnusable(SessionLost):
     """This node's certificate has ended or cannot be read: dialing would only fail."""
 
 
+class CertificateEnded(CertificateUnusable):
+    """This node's certificate has ended by this node's clock."""
+
+
 RENEWAL_REPLY_TIMEOUT = 30.0
 REJOIN_FIX = (
     "Fix: on the coordinator run `coordctl token create`, then run the `picoord-agent join ...` "
@@ -170,10 +174,18 @@ class AgentRunner:
             await self._stream()
             reason = "the coordinator closed the session"
         except CertificateUnusable as error:
-            log.error(str(error))
-            reason = str(error)
+            # A node certificate that looks ended may be a clock far ahead: then say so.
+            reason = (await self._clock_reason() if isinstance(error, CertificateEnded) else None) or str(
+                error
+            )
+            log.error(reason)
         except grpc.aio.AioRpcError as error:
-            reason = await self._clock_reason(error) or _explain(error)
+            # Both gRPC 1.51 (Debian, system OpenSSL: "certificate verify failed" only) and newer
+            # ones say "handshake failed"; a refused or unanswered dial is not worth a probe.
+            handshake = (
+                error.code() == grpc.StatusCode.UNAVAILABLE and "handshake" in (error.details() or "").lower()
+            )
+            reason = (await self._clock_reason() if handshake else None) or _explain(error)
             self._report_revocation(error)
         except (OSError, ValueError, RuntimeError) as error:
             # Unreadable key files, a bad message, a bug: log it with its traceback and try
@@ -233,13 +245,9 @@ class AgentRunner:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
 
-    async def _clock_reason(self, error: grpc.aio.AioRpcError) -> str | None:
-        """When the connection failed, whether this node's clock is why: the coordinator's
-        certificates are read (not trusted) and their window compared with the clock."""
-        # Both gRPC 1.51 (Debian, system OpenSSL: "certificate verify failed" only) and newer
-        # ones say "handshake failed"; a refused or unanswered dial is not worth a probe.
-        if error.code() != grpc.StatusCode.UNAVAILABLE or "handshake" not in (error.details() or "").lower():
-            return None
+    async def _clock_reason(self) -> str | None:
+        """Whether this node's clock is why it cannot connect: the coordinator's certificates
+        are read (not trusted) and their window compared with the clock."""
         host, port = split_host_port(self.enrollment.coordinator, "coordinator")
         window = await asyncio.to_thread(presented_window, host, port, CLOCK_PROBE_TIMEOUT)
         if window is None:
@@ -334,7 +342,7 @@ class AgentRunner:
                 f"this node's credentials are unusable: {error}. {REJOIN_FIX}"
             ) from None
         if time.time() >= current.not_after:
-            raise CertificateUnusable(
+            raise CertificateEnded(
                 f"this node's certificate expired at {iso_utc(current.not_after)}; it can no longer "
                 f"connect to {self.enrollment.coordinator}. {REJOIN_FIX}"
             )

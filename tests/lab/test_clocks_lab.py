@@ -141,6 +141,21 @@ def test_days_ahead_sees_the_server_certificate_expired_then_back_by_itself(lab:
     assert lab.processes["pi1"].pid == pid and lab.is_running("pi1")
 
 
+def test_a_year_ahead_is_named_a_clock_not_an_ended_certificate(lab: Lab) -> None:
+    """Past the node certificate's end by its own clock: the coordinator's certificates are
+    past theirs too, so the fix is the clock, not a new join."""
+    pid, after = restart_with_clock(lab, "pi1", "+400d")
+    found = wait_for_clock_line(lab, "pi1", after)
+    assert found.group(1).startswith(day(400))
+    assert found.group(2) == "expired at"
+    log = lab.log_path("pi1").read_text(errors="replace")[after:]
+    assert "join" not in log.replace("start: ", ""), log[-3000:]  # no advice to join again
+
+    lab.set_clock("pi1", "+0")
+    lab.wait_ready(["pi1"], timeout=RECOVERY)
+    assert lab.processes["pi1"].pid == pid and lab.is_running("pi1")
+
+
 def test_minutes_behind_connects_and_the_offset_is_measured(lab: Lab) -> None:
     restart_with_clock(lab, "pi3", "-3m")
     lab.wait_ready(["pi3"], timeout=30)
