@@ -7,8 +7,6 @@ the token sent, over TLS verified against that CA.
 
 from __future__ import annotations
 
-import socket
-import ssl
 import time
 from dataclasses import dataclass
 
@@ -20,11 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from picoord.agent.channel import channel_options
+from picoord.agent.clock import JOIN_AGAIN, certificate_der, clock_message, presented_certificates
 from picoord.agent.errors import JoinError
 from picoord.agent.state import AgentFiles, BadCredentials, Enrollment
 from picoord.common.addresses import InvalidAddress, join_host_port, split_host_port
-from picoord.common.defaults import COORDINATOR_SERVER_NAME
-from picoord.common.pki import ca_cert_hash
+from picoord.common.pki import ca_cert_hash, certificate_not_after, certificate_not_before
 from picoord.common.tokens import BootstrapToken
 from picoord.v1 import agent_pb2, agent_pb2_grpc
 
@@ -51,25 +49,14 @@ class Endpoint:
         return cls(host, port)
 
 
-def _unverified_chain(tls: ssl.SSLSocket) -> list[bytes]:
-    """DER certificates the server sent, leaf first (public in Python 3.13, private before)."""
-    getter = getattr(tls, "get_unverified_chain", None) or tls._sslobj.get_unverified_chain  # type: ignore[union-attr]
-    return [certificate.public_bytes(ssl._ssl.ENCODING_DER) for certificate in getter()]  # type: ignore[attr-defined]
-
-
 def fetch_pinned_ca(endpoint: Endpoint, ca_hash: str, timeout: float = CONNECT_TIMEOUT) -> bytes:
     """Return the CA certificate (PEM) the coordinator presents, if and only if it matches the pin."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # nothing is trusted yet: the pin decides below
-    context.set_alpn_protocols(["h2"])
-    try:
-        with (
-            socket.create_connection((endpoint.host, endpoint.port), timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=COORDINATOR_SERVER_NAME) as tls,
-        ):
-            chain = [x509.load_der_x509_certificate(der) for der in _unverified_chain(tls)]
-    except (OSError, ssl.SSLError) as error:
+    try:  # nothing is trusted yet: the pin decides below
+        chain = [
+            x509.load_der_x509_certificate(certificate_der(certificate))
+            for certificate in presented_certificates(endpoint.host, endpoint.port, timeout)
+        ]
+    except OSError as error:
         raise JoinError(f"cannot reach the coordinator's enrollment endpoint {endpoint}: {error}") from None
     if not chain:
         raise JoinError(f"{endpoint} presented no certificate")
@@ -78,11 +65,22 @@ def fetch_pinned_ca(endpoint: Endpoint, ca_hash: str, timeout: float = CONNECT_T
         digest = ca_cert_hash(candidate)
         seen.append(digest)
         if digest == ca_hash and _is_issuer_of(candidate, leaf):
+            _check_clock(leaf, candidate)
             return candidate.public_bytes(serialization.Encoding.PEM)
     raise JoinError(
         f"CA certificate hash mismatch: expected {ca_hash}, the coordinator at {endpoint} presented "
         f"{', '.join(seen) or 'no CA'}. Refusing to send the token. Check --ca-cert-hash and the address."
     )
+
+
+def _check_clock(*chain: x509.Certificate) -> None:
+    """Before the token is sent: a clock outside the pinned chain's window would only fail the
+    TLS handshake with "certificate is not yet valid"; name the clock instead."""
+    not_before = max(certificate_not_before(certificate).timestamp() for certificate in chain)
+    not_after = min(certificate_not_after(certificate).timestamp() for certificate in chain)
+    message = clock_message(time.time(), not_before, not_after, JOIN_AGAIN)
+    if message is not None:
+        raise JoinError(message)
 
 
 def _is_issuer_of(ca: x509.Certificate, leaf: x509.Certificate) -> bool:

@@ -22,6 +22,7 @@ import structlog
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
 
 from picoord.agent.channel import channel_options
+from picoord.agent.clock import RETRIES_BY_ITSELF, clock_message, presented_window
 from picoord.agent.hardware import collect_hardware
 from picoord.agent.metrics import MetricsSampler
 from picoord.agent.state import ASSIGNMENT_FILE, AgentFiles, BadCredentials, Enrollment, NodeCredentials
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger("picoord.agent")
 
 WELCOME_TIMEOUT = 20.0
+CLOCK_PROBE_TIMEOUT = 5.0
 HEALTHY_SESSION = 60.0  # a session that lasted this long resets the backoff
 MAX_INTERVAL = 3600.0
 
@@ -52,6 +54,10 @@ class HealthySessionEnded(Exception):
 
 class CertificateUnusable(SessionLost):
     """This node's certificate has ended or cannot be read: dialing would only fail."""
+
+
+class CertificateEnded(CertificateUnusable):
+    """This node's certificate has ended by this node's clock."""
 
 
 RENEWAL_REPLY_TIMEOUT = 30.0
@@ -168,10 +174,18 @@ class AgentRunner:
             await self._stream()
             reason = "the coordinator closed the session"
         except CertificateUnusable as error:
-            log.error(str(error))
-            reason = str(error)
+            # A node certificate that looks ended may be a clock far ahead: then say so.
+            reason = (await self._clock_reason() if isinstance(error, CertificateEnded) else None) or str(
+                error
+            )
+            log.error(reason)
         except grpc.aio.AioRpcError as error:
-            reason = _explain(error)
+            # Both gRPC 1.51 (Debian, system OpenSSL: "certificate verify failed" only) and newer
+            # ones say "handshake failed"; a refused or unanswered dial is not worth a probe.
+            handshake = (
+                error.code() == grpc.StatusCode.UNAVAILABLE and "handshake" in (error.details() or "").lower()
+            )
+            reason = (await self._clock_reason() if handshake else None) or _explain(error)
             self._report_revocation(error)
         except (OSError, ValueError, RuntimeError) as error:
             # Unreadable key files, a bad message, a bug: log it with its traceback and try
@@ -230,6 +244,15 @@ class AgentRunner:
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
+
+    async def _clock_reason(self) -> str | None:
+        """Whether this node's clock is why it cannot connect: the coordinator's certificates
+        are read (not trusted) and their window compared with the clock."""
+        host, port = split_host_port(self.enrollment.coordinator, "coordinator")
+        window = await asyncio.to_thread(presented_window, host, port, CLOCK_PROBE_TIMEOUT)
+        if window is None:
+            return None
+        return clock_message(time.time(), *window, RETRIES_BY_ITSELF)
 
     def _interval(self, welcome: agent_pb2.Welcome) -> float:
         if self.settings.metrics_interval is not None:
@@ -319,7 +342,7 @@ class AgentRunner:
                 f"this node's credentials are unusable: {error}. {REJOIN_FIX}"
             ) from None
         if time.time() >= current.not_after:
-            raise CertificateUnusable(
+            raise CertificateEnded(
                 f"this node's certificate expired at {iso_utc(current.not_after)}; it can no longer "
                 f"connect to {self.enrollment.coordinator}. {REJOIN_FIX}"
             )

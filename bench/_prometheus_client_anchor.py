@@ -32,6 +32,7 @@ from picoord.coordinator.prometheus import (
     THERMAL,
     THROTTLED,
     TIME,
+    TIMEX_OFFSET,
     UNAME,
     UP,
     CoordinatorCollector,
@@ -95,6 +96,7 @@ class ClusterCollector(CoordinatorCollector):
         thermal = metric_family(THERMAL, ("zone", "type"))
         boot, throttled, up = metric_family(BOOT), metric_family(THROTTLED), metric_family(UP)
         status, uname, clock = metric_family(STATUS), metric_family(UNAME), metric_family(TIME)
+        offset = metric_family(TIMEX_OFFSET)
         link = {family.name: metric_family(family) for family in NETWORK_LINK}
         device_error = metric_family(DEVICE_ERROR, fs_labels)
         declared: dict[str, Metric] = {}
@@ -105,6 +107,9 @@ class ClusterCollector(CoordinatorCollector):
             up.add_metric([node], 1.0 if node_status is Status.READY else 0.0)
             for value in Status:
                 status.add_metric([node, value.value], 1.0 if value is node_status else 0.0)
+            measured = self.cluster.clock_offset(node)
+            if measured is not None:
+                offset.add_metric([node], measured)
             sample = self.cluster.history.latest(node)
             if sample is None:
                 continue
@@ -143,5 +148,17 @@ class ClusterCollector(CoordinatorCollector):
 
         yield from (cpu, *load, *(family for family, _ in memory), *(family for family, _ in filesystem))
         yield from (family for family, _ in network)
-        yield from (thermal, boot, throttled, up, status, uname, clock, *link.values(), guest, device_error)
+        yield from (
+            thermal,
+            boot,
+            throttled,
+            up,
+            status,
+            uname,
+            clock,
+            offset,
+            *link.values(),
+            guest,
+            device_error,
+        )
         yield from (declared[name] for name in sorted(declared))

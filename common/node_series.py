@@ -171,6 +171,11 @@ FAMILIES: dict[str, SeriesFamily] = {
             "gauge",
             "System time in seconds since epoch (1970), when the sample was taken.",
         ),
+        _sample(  # measured by the coordinator (coordinator/clock_offsets.py), not read on the node
+            "node_timex_offset_seconds",
+            "gauge",
+            "Time offset in between local system and reference clock (the coordinator's).",
+        ),
         SeriesFamily(
             "node_network_up",
             "gauge",

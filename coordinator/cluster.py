@@ -19,6 +19,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 import structlog
 
 from picoord.common.tokens import BootstrapToken
+from picoord.coordinator.clock_offsets import ClockOffsets
 from picoord.coordinator.placement.inputs import (
     MEMBERSHIP_KINDS,
     Enrolled,
@@ -155,6 +156,7 @@ class Cluster:
         )
         self._summaries: dict[str, tuple[NodeRecord, admin_pb2.NodeSummary]] = {}
         self._pending_actions: dict[str, tuple[str, asyncio.Future[agent_pb2.ActionResult]]] = {}
+        self.clocks = ClockOffsets()
 
     @property
     def store_dir(self) -> Path:
@@ -200,6 +202,7 @@ class Cluster:
         now = self.clock()
         self._hardware[session.node] = hello.hardware
         self._last_seen[session.node] = now
+        self.clocks.forget(session.node)  # a new session may follow a reboot or a clock set right
         self.counters.sessions_opened += 1
         pending = PendingHello(hello.agent_version, hello.hardware.SerializeToString(), now)
         record = self._records.get(session.node)
@@ -262,6 +265,14 @@ class Cluster:
         self._last_seen[node] = now
         self._unflushed[node] = now
         self.counters.messages_received += 1
+
+    def observe_clock(self, node: str, agent_time: float) -> None:
+        """A checked message's send time by the node's clock, against its arrival by ours."""
+        self.clocks.observe(node, agent_time, self.clock())
+
+    def clock_offset(self, name: str) -> float | None:
+        """Seconds the node's clock is ahead of the coordinator's (None: not measured lately)."""
+        return self.clocks.offset(name, self.clock())
 
     def add_metrics(self, node: str, sample: node_pb2.MetricsSample) -> None:
         """Keep a checked metrics sample of the node (for `coordctl top` and /metrics)."""
@@ -375,6 +386,10 @@ class Cluster:
         summary.last_seen = self._last_seen.get(record.name, record.last_seen)
         summary.connected = record.name in self.sessions
         summary.role = self.role(record.name)
+        offset = self.clock_offset(record.name)
+        if offset is not None:
+            summary.clock_offset_seconds = offset
+            summary.clock_offset_measured = True
         return summary
 
     # changes made by the operator or by enrollment: the store first, then the view
@@ -482,6 +497,7 @@ class Cluster:
             session.close("node removed: its certificate is revoked")
         self.history.forget(name)
         self._last_seen.pop(name, None)
+        self.clocks.forget(name)
         self._unflushed.pop(name, None)
         self._unflushed_hellos.pop(name, None)
         self._hardware.pop(name, None)

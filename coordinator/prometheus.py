@@ -183,6 +183,7 @@ class NodeState:
     status: Status
     sample: node_pb2.MetricsSample | None
     hardware: node_pb2.Hardware | None = None
+    clock_offset: float | None = None  # None: not measured lately
 
 
 def snapshot(cluster: Cluster, names: list[str] | None = None) -> list[NodeState]:
@@ -193,7 +194,11 @@ def snapshot(cluster: Cluster, names: list[str] | None = None) -> list[NodeState
     for name in names:
         record = cluster.node(name)
         hardware = cluster.hardware(record) if record is not None else None
-        states.append(NodeState(name, cluster.status(name), cluster.history.latest(name), hardware))
+        states.append(
+            NodeState(
+                name, cluster.status(name), cluster.history.latest(name), hardware, cluster.clock_offset(name)
+            )
+        )
     return states
 
 
@@ -235,6 +240,7 @@ STATUS = FAMILIES["picoord_node_status"]
 UNAME = FAMILIES["node_uname_info"]
 UNAME_LABELS = UNAME.labels  # sorted
 TIME = FAMILIES["node_time_seconds"]
+TIMEX_OFFSET = FAMILIES["node_timex_offset_seconds"]
 NETWORK_LINK = from_source(SAMPLE_LINK)
 GUEST = FAMILIES["node_cpu_guest_seconds_total"]
 GUEST_MODES = (("guest", "user"), ("guest_nice", "nice"))
@@ -367,6 +373,8 @@ def add_node_lines(nodes: list[NodeState], lines: NodeLines) -> None:
         for value in Status:
             on = "1.0" if value is node.status else "0.0"
             status.append(f'{STATUS.name}{{{instance},status="{value.value}"}} {on}')
+        if node.clock_offset is not None:
+            lines[TIMEX_OFFSET].append(f"{TIMEX_OFFSET.name}{{{instance}}} {_value(node.clock_offset)}")
         sample = node.sample
         if sample is None:
             continue

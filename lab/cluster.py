@@ -81,6 +81,7 @@ class LabConfig:
     node_names: list[str] = field(default_factory=list)  # in place of pi1..piN
     arm64_nodes: list[str] = field(default_factory=list)  # Pis whose agent runs in the arm64 root
     arm64_root: list[str] = field(default_factory=list)  # its overlay lower dirs, top first
+    faked_clocks: list[str] = field(default_factory=list)  # Pis whose agent runs under libfaketime
 
 
 def executable(name: str, bin_dir: Path | None = None) -> Path:
@@ -89,6 +90,25 @@ def executable(name: str, bin_dir: Path | None = None) -> Path:
     if not os.access(path, os.X_OK):
         raise LabError(f"{name} not found at {path}: install the project into this venv (pip install -e .)")
     return path
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")  # Debian's faketime
+
+
+def faketime_argv(spec_file: Path, argv: Sequence[str]) -> list[str]:
+    """argv run under libfaketime with the offset in `spec_file` (e.g. "-3d"), read again every
+    second so a test moves a running process's clock. Only the wall clock moves: asyncio and
+    gRPC's timers use the monotonic one."""
+    if not LIBFAKETIME.exists():
+        raise LabError(f"{LIBFAKETIME} not found: apt-get install faketime")
+    return [
+        "env",
+        f"LD_PRELOAD={LIBFAKETIME}",
+        f"FAKETIME_TIMESTAMP_FILE={spec_file}",
+        "FAKETIME_CACHE_DURATION=1",
+        "FAKETIME_DONT_FAKE_MONOTONIC=1",
+        *argv,
+    ]
 
 
 def _proc_starttime(pid: int) -> int | None:
@@ -163,11 +183,15 @@ class Lab:
         node_names: Sequence[str] = (),
         arm64_nodes: Sequence[str] = (),
         arm64_root: Sequence[Path | str] = (),
+        faked_clocks: Sequence[str] = (),
     ) -> None:
         """`node_names` names the Pis (default pi1..piN; up() then takes as many Pis);
         `arm64_nodes` are Pis whose agent is the arm64 `picoord-agent` deb in a Debian arm64
         root (`arm64_root`: its overlay lower dirs, top first, see arm64.agent_root()), run
-        chrooted in the Pi through qemu-user; they need sandboxes=True."""
+        chrooted in the Pi through qemu-user; they need sandboxes=True. `faked_clocks` are Pis
+        whose agent (join and run) sees the time libfaketime gives it: see set_clock()."""
+        if set(faked_clocks) & set(arm64_nodes):
+            raise LabError("a faked clock is for the venv's agent, not an arm64 Pi's")
         unknown = [name for name in services if name not in SERVICES]
         if unknown:
             raise LabError(f"unknown lab service(s) {unknown}: known are {sorted(SERVICES)}")
@@ -195,6 +219,7 @@ class Lab:
             node_names=list(node_names),
             arm64_nodes=list(arm64_nodes),
             arm64_root=[str(path) for path in arm64_root],
+            faked_clocks=list(faked_clocks),
         )
         self.rack: PiRack | None = None
         self.ready_timeout = ready_timeout
@@ -701,6 +726,19 @@ class Lab:
             settings["docker_socket"] = PiSandbox.docker_socket
         return settings
 
+    def clock_file(self, node: str) -> Path:
+        """libfaketime's spec for the Pi's agent, read again every second (FAKETIME_TIMESTAMP_FILE)."""
+        return self.work_dir / "clocks" / node
+
+    def set_clock(self, node: str, offset: str) -> None:
+        """Move a faked Pi's clock, also under a running agent: "-3d", "+10m", "+0" (right).
+        Lab Pis share the machine's one clock; only the agent's own view of it moves."""
+        if node not in self.config.faked_clocks:
+            raise LabError(f"{node} has no faked clock: list it in faked_clocks")
+        path = self.clock_file(node)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{offset}\n")
+
     def _agent(self, node: str | None = None) -> list[str]:
         """The agent executable with the lab's own settings file: the venv's, or on an arm64
         Pi the arm64 deb's /usr/bin/picoord-agent, chrooted in the Pi's root."""
@@ -710,7 +748,12 @@ class Lab:
             return arm64.chroot_argv(
                 self.arm64_pi_dir(node), ["/usr/bin/picoord-agent", "--config", str(self.agent_config_path)]
             )
-        return [str(executable("picoord-agent", self.bin_dir)), "--config", str(self.agent_config_path)]
+        agent = [str(executable("picoord-agent", self.bin_dir)), "--config", str(self.agent_config_path)]
+        if node is not None and node in self.config.faked_clocks:
+            if not self.clock_file(node).exists():
+                self.set_clock(node, "+0")
+            return faketime_argv(self.clock_file(node), agent)
+        return agent
 
     def join_argv(self, ca_cert_hash: str, node_name: str, state_dir: Path | str, *extra: str) -> list[str]:
         """`picoord-agent join` against this lab's coordinator, without the token: pass that in

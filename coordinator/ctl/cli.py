@@ -21,6 +21,7 @@ from picoord.common.durations import parse_duration
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
 from picoord.common.pi_throttled_flags import describe_throttled
 from picoord.coordinator.apply.cluster_spec import MAX_SPEC_BYTES, SpecError
+from picoord.coordinator.clock_offsets import CLOCK_OFFSET_WARNING_SECONDS
 from picoord.coordinator.ctl import workloads
 from picoord.coordinator.ctl.certs import add_certs_parser, certificate_line, status_with_certificate
 from picoord.coordinator.ctl.client import (
@@ -36,6 +37,7 @@ from picoord.coordinator.ctl.contexts import BundleError, expiry_refusal
 from picoord.coordinator.ctl.output import (
     FORMATS,
     ago,
+    clock_offset_text,
     echo,
     emit,
     human_bytes,
@@ -88,6 +90,13 @@ def _node_state(view: dict[str, Any]) -> str:
     if view["pending_labels"]:
         notes.append("labels asked")
     return "; ".join(notes) or "-"
+
+
+def _clock_line(offset: float | None) -> str:
+    """`node show`: the node's clock against the coordinator's, measured from its messages."""
+    if offset is None:
+        return "not measured (no heartbeat or sample in the last minute)"
+    return f"{offset:+.3f}s against the coordinator ({clock_offset_text(offset) if offset else 'in step'})"
 
 
 def cmd_token_create(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
@@ -156,6 +165,7 @@ def cmd_nodes(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
             ("OS", lambda v: v["os"] or "-"),
             ("AGENT", lambda v: v["agent_version"] or "-"),
             ("LAST SEEN", lambda v: ago(last_seen[v["name"]], now)),
+            ("CLOCK", lambda v: clock_offset_text(v["clock_offset_seconds"], CLOCK_OFFSET_WARNING_SECONDS)),
             ("LABELS", lambda v: _labels_text(v["labels"], v["pending_labels"])),
             ("ROLE", lambda v: v["role"] or "-"),
             ("HELD", _node_state),
@@ -199,6 +209,7 @@ def cmd_node_show(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> i
         ("Held", _node_state(view)),
         ("Certificate", certificate_line(detail, view)),
         ("Last seen", ago(detail.summary.last_seen, time.time())),
+        ("Clock", _clock_line(view["clock_offset_seconds"])),
     ]
     console.print(
         table([{"k": k, "v": v} for k, v in summary], [("", lambda r: r["k"]), ("", lambda r: r["v"])])

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from picoord.common.durations import format_duration
 from picoord.common.vocabulary import CertificateState
 from picoord.coordinator.status import STATUS_NAMES
 from picoord.v1 import admin_pb2
@@ -98,7 +99,18 @@ def node_view(node: admin_pb2.NodeSummary) -> dict[str, Any]:
         "role": node.role,
         "certificate_state": CertificateState.from_wire(node.certificate_state).value,
         "certificate_not_after": iso_time(node.certificate_not_after),
+        "clock_offset_seconds": node.clock_offset_seconds if node.clock_offset_measured else None,
     }
+
+
+def clock_offset_text(offset: float | None, threshold: float = 0.0) -> str:
+    """3d behind, 2.5s ahead: the node's clock against the coordinator's; "-" when not
+    measured or within `threshold` seconds."""
+    if offset is None or abs(offset) <= threshold:
+        return "-"
+    size = abs(offset)
+    amount = f"{size:.3g}s" if size < 60 else format_duration(size)
+    return f"{amount} {'ahead' if offset > 0 else 'behind'}"
 
 
 Column = tuple[str, Callable[[dict[str, Any]], str]]

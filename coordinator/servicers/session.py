@@ -319,7 +319,10 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 await messages.drop()
                 raise refusal
             self.cluster.heard_from(node)
-            if kind == "metrics":
+            if kind == "heartbeat":
+                self.cluster.observe_clock(node, message.heartbeat.timestamp)
+            elif kind == "metrics":
+                self.cluster.observe_clock(node, message.metrics.timestamp)
                 self.cluster.add_metrics(node, message.metrics)
             elif kind == "action_result" and not self.cluster.action_result(node, message.action_result):
                 self._log_message(

@@ -141,6 +141,7 @@ def make_cluster(tmp_path: Path, count: int = len(HOSTILE_LABELS) + 2) -> Cluste
         asyncio.run(cluster.open_session(LiveSession(name, f"s{index}"), hello))
         if index < len(HOSTILE_LABELS):
             cluster.history.add(name, sample(index, HOSTILE_LABELS[index]))
+            cluster.observe_clock(name, cluster.clock() - 0.25 * index)  # node_timex_offset_seconds
     cluster.counters.messages_received = 41
     cluster.counters.enrollments = count
     return cluster
@@ -219,6 +220,7 @@ def test_the_node_families_keep_their_names_help_and_types() -> None:
         ("picoord_node_status", "gauge"),
         ("node_uname_info", "gauge"),
         ("node_time_seconds", "gauge"),
+        ("node_timex_offset_seconds", "gauge"),
         ("node_network_up", "gauge"),
         ("node_network_carrier", "gauge"),
         ("node_network_mtu_bytes", "gauge"),
