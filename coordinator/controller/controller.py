@@ -50,6 +50,7 @@ from picoord.coordinator.controller.records import (
     stored,
 )
 from picoord.coordinator.controller.views import ServiceFigures, Snapshot
+from picoord.coordinator.logs import LogHub
 from picoord.coordinator.placement.inputs import node_from
 from picoord.coordinator.placement.scheduler import Node
 from picoord.coordinator.reconcile.reconciler import NodeStatus
@@ -119,6 +120,7 @@ class WorkloadController:
         self.grace = grace
         self.clock = clock
         self.dispatcher = Dispatcher()
+        self.logs = LogHub(cluster)  # `coordctl logs`: the streams from the nodes' sessions
         self.ticks = 0  # how many ticks ran: what the controller bench counts
         self._disconnected_since: dict[str, float] = {}
         self._connected_since: dict[str, float] = {}

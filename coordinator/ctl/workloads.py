@@ -19,9 +19,10 @@ from rich.console import Group
 from rich.live import Live
 
 from picoord.common import limits
+from picoord.common.durations import parse_duration
 from picoord.common.vocabulary import ReplicaHealth, ReplicaState, RolloutStatus
 from picoord.coordinator.ctl.client import CALL_TIMEOUT
-from picoord.coordinator.ctl.output import ago, echo, emit, iso_time, literal
+from picoord.coordinator.ctl.output import ago, echo, emit, escape_control, iso_time, literal
 from picoord.coordinator.ctl.output import console as output_console
 from picoord.v1 import services_pb2, services_pb2_grpc
 
@@ -31,6 +32,13 @@ ROLLOUT_VERBS = ("status", "history", "undo", "pause", "resume")
 
 class UsageError(ValueError):
     """A command line that cannot be right; nothing was sent."""
+
+
+def _count(text: str) -> int:
+    """--tail's N: a whole number from 0 (all) to 2^31."""
+    if not text.isdigit() or int(text) >= 2**31:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: a whole number, 0 for all")
+    return int(text)
 
 
 def rollout_view(info: services_pb2.RolloutInfo) -> dict[str, Any]:
@@ -313,6 +321,35 @@ def cmd_secret_list(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namesp
     return 0
 
 
+def log_prefix(replica: str, node: str) -> str:
+    """`mcp.2@pi3 | `, as `docker service logs` prefixes a task's lines."""
+    return f"{replica}@{node} | "
+
+
+def log_line(entry: services_pb2.LogEntry, timestamps: bool = False) -> str:
+    """One line of a replica's output for the terminal: prefixed, and escaped so that no
+    byte the container wrote (an escape sequence, a carriage return) acts on the terminal."""
+    text = entry.text.decode("utf-8", errors="replace")
+    stamp = f"{iso_time(entry.timestamp) or '-'} " if timestamps else ""
+    return escape_control(f"{log_prefix(entry.replica, entry.node)}{stamp}{text}")
+
+
+def cmd_logs(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    request = services_pb2.LogsRequest(
+        service=args.name, follow=args.follow, tail=args.tail, since_seconds=args.since or 0.0
+    )
+    events = stub.Logs(request, timeout=None if args.follow else ROLLOUT_TIMEOUT)
+    try:
+        for event in events:
+            if event.WhichOneof("event") == "line":
+                print(log_line(event.line, args.timestamps), flush=args.follow)
+            else:
+                echo(event.note, file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # -f ends when the operator says so
+        events.cancel()
+    return 0
+
+
 def cmd_node_drain(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
     undo = args.node_command == "undrain"
     events = stub.DrainNode(services_pb2.DrainRequest(node=args.name, undo=undo), timeout=ROLLOUT_TIMEOUT)
@@ -350,6 +387,16 @@ def add_commands(commands: Any, with_output: Any) -> None:
     ps = with_output(commands.add_parser("ps", help="a service's replicas: node, revision, state, health"))
     ps.add_argument("name")
     ps.set_defaults(handler=cmd_ps, api="workloads")
+
+    logs = commands.add_parser(
+        "logs", help="every replica's output, prefixed with replica and node, in time order"
+    )
+    logs.add_argument("name", help="the service")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    logs.add_argument("--tail", type=_count, default=0, help="only the last N lines of each replica")
+    logs.add_argument("--since", type=parse_duration, help="only output newer than this (10m, 2h)")
+    logs.add_argument("-t", "--timestamps", action="store_true", help="show each line's time")
+    logs.set_defaults(handler=cmd_logs, api="workloads")
 
     secret = commands.add_parser("secret", help="the secret store").add_subparsers(
         dest="secret_command", required=True
