@@ -9,6 +9,7 @@ revision it rolled to; a rollback, a pause or a failure exits 1 with what happen
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import time
 from collections.abc import Iterable
@@ -305,7 +306,13 @@ def cmd_secret_create(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Name
 def cmd_secret_list(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
     reply = stub.ListSecrets(services_pb2.ListSecretsRequest(), timeout=CALL_TIMEOUT)
     views = [
-        {"name": s.name, "key": s.key, "size": s.size, "updated_at": iso_time(s.updated_at)}
+        {
+            "name": s.name,
+            "key": s.key,
+            "size": s.size,
+            "updated_at": iso_time(s.updated_at),
+            "used_by": list(s.used_by),
+        }
         for s in reply.secrets
     ]
     emit(
@@ -316,8 +323,23 @@ def cmd_secret_list(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namesp
             ("KEY", lambda v: v["key"]),
             ("SIZE", lambda v: str(v["size"])),
             ("UPDATED", lambda v: v["updated_at"] or "-"),
+            ("USED BY", lambda v: ",".join(v["used_by"]) or "-"),
         ],
     )
+    return 0
+
+
+def cmd_secret_rm(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    reply = stub.RemoveSecret(
+        services_pb2.RemoveSecretRequest(name=args.name, force=args.force), timeout=CALL_TIMEOUT
+    )
+    echo(f"secret/{reply.name} removed ({reply.keys} keys)")
+    if reply.used_by:
+        echo(
+            f"coordctl: warning: {', '.join(reply.used_by)} read it: their replicas cannot be built "
+            "without it and stop until the secret is created again",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -330,7 +352,8 @@ def log_line(entry: services_pb2.LogEntry, timestamps: bool = False) -> str:
     """One line of a replica's output for the terminal: prefixed, and escaped so that no
     byte the container wrote (an escape sequence, a carriage return) acts on the terminal."""
     text = entry.text.decode("utf-8", errors="replace")
-    stamp = f"{iso_time(entry.timestamp) or '-'} " if timestamps else ""
+    when = dt.datetime.fromtimestamp(entry.timestamp, dt.UTC).isoformat(timespec="microseconds")
+    stamp = f"{when.replace('+00:00', 'Z') if entry.timestamp else '-'} " if timestamps else ""
     return escape_control(f"{log_prefix(entry.replica, entry.node)}{stamp}{text}")
 
 
@@ -408,9 +431,13 @@ def add_commands(commands: Any, with_output: Any) -> None:
     source.add_argument("--from-literal", metavar="VALUE")
     source.add_argument("--from-file", metavar="FILE", help="a file, or - for standard input")
     create.set_defaults(handler=cmd_secret_create, api="workloads")
-    with_output(secret.add_parser("list", help="names and keys (never values)")).set_defaults(
-        handler=cmd_secret_list, api="workloads"
-    )
+    with_output(
+        secret.add_parser("list", help="names, keys and the services that use them (never values)")
+    ).set_defaults(handler=cmd_secret_list, api="workloads")
+    remove = secret.add_parser("rm", help="remove a secret (refused while a service uses it)")
+    remove.add_argument("name")
+    remove.add_argument("--force", action="store_true", help="remove it even while services use it")
+    remove.set_defaults(handler=cmd_secret_rm, api="workloads")
 
 
 def add_node_commands(node: Any) -> None:

@@ -175,11 +175,29 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
         self, request: services_pb2.ListSecretsRequest, context: grpc.aio.ServicerContext
     ) -> services_pb2.ListSecretsResponse:
         rows = await self.controller.secret_names()
+        users = await self.controller.secret_users()
         return services_pb2.ListSecretsResponse(
             secrets=[
-                services_pb2.SecretInfo(name=n, key=k, size=size, updated_at=at) for n, k, size, at in rows
+                services_pb2.SecretInfo(name=n, key=k, size=size, updated_at=at, used_by=users.get(n, []))
+                for n, k, size, at in rows
             ]
         )
+
+    @unavailable_on_store_fault
+    async def RemoveSecret(
+        self, request: services_pb2.RemoveSecretRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.RemoveSecretResponse:
+        try:
+            service_name("name", request.name)
+        except FieldError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:
+            keys, users = await self.controller.remove_secret(request.name, request.force)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+            raise AssertionError("unreachable") from None
+        log.info("secret removed", name=request.name, keys=keys, forced_past=users)
+        return services_pb2.RemoveSecretResponse(name=request.name, keys=keys, used_by=users)
 
     @unavailable_on_store_fault
     async def Logs(
