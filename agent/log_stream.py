@@ -32,6 +32,7 @@ ROOM_WAIT = 60.0  # the longest a stream waits for room on the session before it
 # between goes up in one chunk, so a node's streams send a few messages a second, far
 # below the coordinator's per-node message share (SessionLimits.messages).
 CHUNK_SPACING = 0.25
+DROPPED_EVERY = 1.0  # a flood past the budget: its dropped count goes up at most this often
 
 
 def chunk_message(
@@ -117,6 +118,9 @@ class _Stream:
         self.stopped = threading.Event()
         self.reply: Reply | None = None
         self.bucket = ByteBucket(limits.LOG_STREAM_RATE, limits.LOG_STREAM_BURST)
+        self.dropped = 0  # bytes dropped and not said yet
+        self.cut = False  # the log was longer than the budget: its rest was not read
+        self.dropped_said = 0.0
 
     def stop(self) -> None:
         self.stopped.set()
@@ -134,6 +138,11 @@ class _Stream:
             error = "the coordinator took no log chunk for a minute"
         finally:
             self.owner._done(self.request.request_id)
+        if self.cut:
+            error = (
+                f"the log is longer than one stream's budget ({limits.LOG_STREAM_BURST // 2**20} MiB): "
+                "the rest was not read; see the latest with --tail N or --since"
+            )
         if not self.stopped.is_set():
             try:
                 self.send(chunk_message(self.request.request_id, [], end=True, error=error))
@@ -164,19 +173,30 @@ class _Stream:
                 pieces = [(1, data)] if tty else frames.feed(data)
                 lines = [line for kind, payload in pieces for line in splitter.feed(kind == STDERR, payload)]
                 self._send(lines, splitter)
-                self.stopped.wait(CHUNK_SPACING)
+                if self.dropped and not request.follow:
+                    # Past the budget without follow: the rest would only be read to be
+                    # dropped (a 50 MB log is a minute of dockerd's time on a Pi).
+                    self.cut = True
+                    break
             if not self.stopped.is_set():
-                self._send(splitter.flush(), splitter)
+                self._send([] if self.cut else splitter.flush(), splitter, last=True)
         finally:
             self.reply.close()
 
-    def _send(self, lines: list[Line], splitter: LineSplitter) -> None:
-        """Admit the lines through the buckets and send them; report drops as they happen."""
-        kept, dropped = admit(lines, (self.bucket, self.owner.node_bucket), time.monotonic())
-        dropped += splitter.dropped
+    def _send(self, lines: list[Line], splitter: LineSplitter, last: bool = False) -> None:
+        """Admit the lines through the buckets and send them. Dropped bytes are added up and
+        said with the next lines, or on their own at most every DROPPED_EVERY seconds (a
+        flood past the budget costs no message per read). A small chunk is followed by a
+        pause of CHUNK_SPACING: what arrives meanwhile goes up in one message."""
+        now = time.monotonic()
+        kept, dropped = admit(lines, (self.bucket, self.owner.node_bucket), now)
+        self.dropped += dropped + splitter.dropped
         splitter.dropped = 0
         runs = list(chunks(kept))
-        if dropped and not runs:
+        if not runs and self.dropped and (last or now - self.dropped_said >= DROPPED_EVERY):
             runs = [[]]
-        for index, run in enumerate(runs):
-            self.send(chunk_message(self.request.request_id, run, dropped if index == 0 else 0))
+        for run in runs:
+            self.send(chunk_message(self.request.request_id, run, self.dropped))
+            self.dropped, self.dropped_said = 0, now
+        if runs and sum(len(line.text) for line in runs[-1]) < limits.LOG_CHUNK_BYTES // 2 and not last:
+            self.stopped.wait(CHUNK_SPACING)

@@ -35,7 +35,7 @@ CHATTY = (
 HOSTILE_SCRIPT = (
     "printf 'before \\033]0;owned\\007\\033[2Jcleared\\r\\n'; "
     "s=xxxxxxxxxx; s=$s$s$s$s$s$s$s$s$s$s; s=$s$s$s$s$s$s$s$s$s$s; s=$s$s$s$s$s$s$s$s$s$s; "
-    "i=0; while [ $i -lt 50000 ]; do echo \"$s\"; i=$((i+1)); done; echo done-printing; "
+    'i=0; while [ $i -lt 50000 ]; do echo "$s"; i=$((i+1)); done; echo done-printing; '
     "while true; do sleep 60; done"
 )
 HOSTILE = (
@@ -140,8 +140,24 @@ def test_escapes_printed_literally_and_a_flood_bounded_with_the_dropped_line(lab
     printed = len(done.stdout.encode())
     assert printed < limits.LOG_STREAM_BURST * 1.5, f"{printed} bytes printed: not bounded"
     assert printed > limits.LOG_STREAM_BURST // 2
-    assert re.search(r"hostile\.\d+ on pi\d+: \d+ bytes of output dropped", done.stderr), done.stderr[-2000:]
-    print(f"50 MB flood: {printed} bytes printed in {took:.1f} s")
+    said = done.stderr
+    assert re.search(r"hostile\.1 on pi\d+: \d+ bytes of output dropped", said), said[-2000:]
+    assert "the log is longer than one stream's budget" in said and "--tail N" in said
+    print(f"50 MB log: {printed} bytes printed in {took:.1f} s")
+
+    latest = ctl(lab, "logs", "hostile", "--tail", "3", timeout=60)  # the end of it, as the note says
+    assert latest.returncode == 0 and latest.stdout.rstrip().endswith("done-printing"), latest.stdout[-300:]
+
+    follower = subprocess.Popen(
+        [*lab_coordctl_argv(lab), "logs", "hostile", "-f"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        time.sleep(8.0)
+    finally:
+        follower.send_signal(signal.SIGINT)
+        out, err = follower.communicate(timeout=30)
+    assert len(out) < limits.LOG_STREAM_BURST * 1.5 + 8 * limits.LOG_STREAM_RATE
+    assert b"bytes of output dropped" in err, err[-2000:]
 
 
 def test_logs_when_a_node_is_away_says_so_and_prints_the_others(lab: Lab) -> None:

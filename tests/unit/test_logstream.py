@@ -233,3 +233,28 @@ def test_the_hub_drops_past_the_node_budget_and_ends_streams_of_a_gone_node() ->
         assert cancel.cancel and cancel.request_id == other.request_id
 
     asyncio.run(scenario())
+
+
+def test_a_flood_past_the_budget_costs_few_messages_and_every_dropped_byte_is_said() -> None:
+    from picoord.agent.log_stream import LogStreams, _Stream
+
+    sent: list[agent_pb2.AgentMessage] = []
+    stream = _Stream(
+        agent_pb2.LogRequest(request_id="r1", replica="w.1"), LogStreams("/nonexistent"), sent.append
+    )
+    stream.stopped.set()  # no pauses between small chunks in a test
+    splitter = LineSplitter()
+    line = STAMP + b"y" * 999 + b"\n"
+    stream.bucket = ByteBucket(0, 64 * 1024)
+    total = 0
+    for _ in range(50):  # 5 MB in reads of 100 lines: far past a 64 KiB budget
+        lines = splitter.feed(False, line * 100)
+        total += sum(len(item.text) for item in lines)
+        stream._send(lines, splitter)
+    stream._send([], splitter, last=True)
+    chunks_sent = [message.log_chunk for message in sent]
+    shown = sum(len(item.text) for chunk in chunks_sent for item in chunk.lines)
+    dropped = sum(chunk.dropped_bytes for chunk in chunks_sent)
+    assert shown + dropped == total
+    assert shown <= 64 * 1024
+    assert len(sent) <= 5  # a few lines' chunks and the dropped count at the end, not one per read
