@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import select
 import socket
 import struct
 import urllib.parse
@@ -208,6 +209,14 @@ class Reply:
     def close(self) -> None:
         self._file.close()
         self._sock.close()
+
+    def readable(self, timeout: float) -> bool:
+        """Whether more of the body arrives on the socket within `timeout` s; False means
+        the stream paused (or what came is in the reader's small buffer: then the caller
+        merely acts a little early)."""
+        if self._buffer:
+            return True
+        return bool(select.select([self._sock], [], [], timeout)[0])
 
     def abort(self) -> None:
         """From another thread: end a read that waits on a followed stream (it then ends)."""

@@ -28,9 +28,10 @@ from picoord.v1 import agent_pb2
 log = structlog.get_logger("picoord.agent.logs")
 
 ROOM_WAIT = 60.0  # the longest a stream waits for room on the session before it gives up
-# After a chunk, a stream reads again this much later at the earliest: output arriving in
-# between goes up in one chunk, so a node's streams send a few messages a second, far
-# below the coordinator's per-node message share (SessionLimits.messages).
+# Lines are held while more of dockerd's stream is on its way (it sends each line as its own
+# piece) and sent when the stream pauses, when half a chunk is held, or at the latest this
+# long after the last chunk: a burst goes up in few large chunks, a trickle in a few
+# messages a second, far below the coordinator's per-node message share (SessionLimits).
 CHUNK_SPACING = 0.25
 DROPPED_EVERY = 1.0  # a flood past the budget: its dropped count goes up at most this often
 
@@ -65,6 +66,7 @@ class LogStreams:
     def __init__(self, docker_socket: str) -> None:
         self.docker_socket = docker_socket
         self.node_bucket = ByteBucket(limits.LOG_NODE_RATE, limits.LOG_NODE_BURST)
+        self.messages = ByteBucket(limits.LOG_NODE_MESSAGES, limits.LOG_NODE_MESSAGE_BURST)
         self._lock = threading.Lock()
         self._open: dict[str, _Stream] = {}
 
@@ -100,6 +102,15 @@ class LogStreams:
         for stream in streams:
             stream.stop()
 
+    def turn(self, stopped: threading.Event) -> bool:
+        """Wait until the node may send another log chunk; False when the stream stopped."""
+        while True:
+            with self._lock:
+                if self.messages.take(1, time.monotonic()):
+                    return True
+            if stopped.wait(1.0 / limits.LOG_NODE_MESSAGES):
+                return False
+
     def _done(self, request_id: str) -> None:
         with self._lock:
             self._open.pop(request_id, None)
@@ -121,6 +132,7 @@ class _Stream:
         self.dropped = 0  # bytes dropped and not said yet
         self.cut = False  # the log was longer than the budget: its rest was not read
         self.dropped_said = 0.0
+        self.sent_at = 0.0
 
     def stop(self) -> None:
         self.stopped.set()
@@ -168,27 +180,41 @@ class _Stream:
         if self.stopped.is_set():
             self.reply.abort()
         frames, splitter = FrameReader(), LineSplitter()
+        held: list[Line] = []
         try:
-            while not self.stopped.is_set() and (data := self.reply.read_some()):
-                pieces = [(1, data)] if tty else frames.feed(data)
-                lines = [line for kind, payload in pieces for line in splitter.feed(kind == STDERR, payload)]
-                self._send(lines, splitter)
-                if self.dropped and not request.follow:
-                    # Past the budget without follow: the rest would only be read to be
-                    # dropped (a 50 MB log is a minute of dockerd's time on a Pi).
-                    self.cut = True
+            while not self.stopped.is_set():
+                if held and not self._more_soon(held):
+                    over_budget = self._send(held, splitter)
+                    held = []
+                    if over_budget and not request.follow:
+                        # Past the budget without follow: the rest would only be read to be
+                        # dropped (a 50 MB log is a minute of dockerd's time on a Pi).
+                        self.cut = True
+                        break
+                data = self.reply.read_some()
+                if not data:
                     break
+                pieces = [(1, data)] if tty else frames.feed(data)
+                held += [line for kind, payload in pieces for line in splitter.feed(kind == STDERR, payload)]
             if not self.stopped.is_set():
-                self._send([] if self.cut else splitter.flush(), splitter, last=True)
+                self._send([] if self.cut else held + splitter.flush(), splitter, last=True)
         finally:
             self.reply.close()
 
-    def _send(self, lines: list[Line], splitter: LineSplitter, last: bool = False) -> None:
-        """Admit the lines through the buckets and send them. Dropped bytes are added up and
-        said with the next lines, or on their own at most every DROPPED_EVERY seconds (a
-        flood past the budget costs no message per read). A small chunk is followed by a
-        pause of CHUNK_SPACING: what arrives meanwhile goes up in one message."""
+    def _more_soon(self, held: list[Line]) -> bool:
+        """Whether to keep holding `held` for more: room for a line in its chunk, and dockerd
+        sends more before CHUNK_SPACING since the last chunk is up."""
+        if sum(len(line.text) for line in held) >= limits.LOG_CHUNK_BYTES - limits.LOG_LINE_BYTES:
+            return False
+        assert self.reply is not None
+        return self.reply.readable(max(0.0, self.sent_at + CHUNK_SPACING - time.monotonic()))
+
+    def _send(self, lines: list[Line], splitter: LineSplitter, last: bool = False) -> bool:
+        """Admit the lines through the buckets and send them; whether a bucket refused some.
+        Dropped bytes are added up and said with the next lines, or on their own at most
+        every DROPPED_EVERY seconds (a flood past the budget costs no message per read)."""
         now = time.monotonic()
+        self.sent_at = now
         kept, dropped = admit(lines, (self.bucket, self.owner.node_bucket), now)
         self.dropped += dropped + splitter.dropped
         splitter.dropped = 0
@@ -196,7 +222,8 @@ class _Stream:
         if not runs and self.dropped and (last or now - self.dropped_said >= DROPPED_EVERY):
             runs = [[]]
         for run in runs:
+            if not self.owner.turn(self.stopped):
+                break
             self.send(chunk_message(self.request.request_id, run, self.dropped))
             self.dropped, self.dropped_said = 0, now
-        if runs and sum(len(line.text) for line in runs[-1]) < limits.LOG_CHUNK_BYTES // 2 and not last:
-            self.stopped.wait(CHUNK_SPACING)
+        return dropped > 0

@@ -108,8 +108,13 @@ LOG_STREAM_RATE = 256 * KIB
 LOG_STREAM_BURST = 4 * MIB
 LOG_NODE_RATE = 1 * MIB
 LOG_NODE_BURST = 8 * MIB
+# Log chunks one node sends: at most this many a second, this many at once; a stream waits
+# for its turn (its dockerd stream waits with it). Far below the coordinator's per-node
+# share of messages (SessionLimits.messages: 500 in 10 s), which would end the session.
+LOG_NODE_MESSAGES = 20
+LOG_NODE_MESSAGE_BURST = 100
 LOG_STREAMS_PER_NODE = 8  # log streams one node serves at once (each sends at most 4 chunks a second)
-LOG_PENDING_CHUNKS = 64  # chunks the coordinator holds for one operator before dropping
+LOG_PENDING_BYTES = LOG_NODE_BURST  # line bytes the coordinator holds for one stream
 
 # --- Memory -------------------------------------------------------------------------------
 HISTORY_SAMPLES = 120  # per node, by count

@@ -2,8 +2,9 @@
 sessions and hand each operator's call the chunks that come back.
 
 Bounded at each step: a node's chunks spend from its byte bucket here too (whatever its
-agent does), each operator's call holds at most LOG_PENDING_CHUNKS chunks (a slow reader
-makes the rest dropped, counted and said so, never queued), and a chunk for a request the
+agent does), each stream holds at most LOG_PENDING_BYTES of lines for its operator's call
+(a slow reader makes the rest dropped, counted and said so, never queued; the session's
+reader never waits for an operator), and a chunk for a request the
 node was not asked (or another node's) is ignored.
 """
 
@@ -36,14 +37,15 @@ class LogStream:
     request_id: str
     replica: str
     node: str
-    queue: asyncio.Queue[agent_pb2.LogChunk] = field(
-        default_factory=lambda: asyncio.Queue(limits.LOG_PENDING_CHUNKS)
-    )
+    queue: asyncio.Queue[agent_pb2.LogChunk] = field(default_factory=asyncio.Queue)
+    held: int = 0  # line bytes in the queue
     dropped: int = 0
     ended: bool = False
     error: str = ""
 
     def entries(self, chunk: agent_pb2.LogChunk) -> list[Entry]:
+        """The chunk's lines (taken off the queue: their bytes are no longer held)."""
+        self.held -= chunk_bytes(chunk)
         return [
             Entry(line.timestamp, self.replica, self.node, line.stderr, line.text) for line in chunk.lines
         ]
@@ -101,10 +103,10 @@ class LogHub:
                 log.info("ignoring a log chunk nobody asked this node for", node=node)
             return
         bucket = self._buckets.setdefault(node, ByteBucket(limits.LOG_NODE_RATE, limits.LOG_NODE_BURST))
-        size = sum(len(line.text) for line in chunk.lines)
+        size = chunk_bytes(chunk)
         if chunk.end:
             stream.ended = True
-        if not bucket.take(size, self.monotonic()) or stream.queue.qsize() >= limits.LOG_PENDING_CHUNKS - 1:
+        if stream.held + size > limits.LOG_PENDING_BYTES or not bucket.take(size, self.monotonic()):
             stream.dropped += size
             if not chunk.end:
                 return
@@ -122,11 +124,12 @@ class LogHub:
 
     @staticmethod
     def _put(stream: LogStream, chunk: agent_pb2.LogChunk) -> None:
-        """Queue the chunk (deliver keeps one place free for the end)."""
-        if stream.queue.full():
-            stream.dropped += sum(len(line.text) for line in chunk.lines)
-            return
+        stream.held += chunk_bytes(chunk)
         stream.queue.put_nowait(chunk)
+
+
+def chunk_bytes(chunk: agent_pb2.LogChunk) -> int:
+    return sum(len(line.text) for line in chunk.lines)
 
 
 def log_targets(

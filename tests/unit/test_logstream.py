@@ -198,12 +198,14 @@ def test_the_hub_asks_the_node_and_bounds_what_it_holds() -> None:
         assert (sent.replica, sent.follow, sent.tail) == ("w.1", True, 5)
         hub.deliver("pi2", chunk(stream.request_id))  # another node's word for it: ignored
         assert stream.queue.empty()
-        for _ in range(limits.LOG_PENDING_CHUNKS * 2):
-            hub.deliver("pi1", chunk(stream.request_id))
-        assert stream.queue.qsize() == limits.LOG_PENDING_CHUNKS - 1
-        assert stream.dropped == 10 * (limits.LOG_PENDING_CHUNKS + 1)
-        hub.deliver("pi1", chunk(stream.request_id, end=True))  # the end always finds room
-        assert stream.queue.qsize() == limits.LOG_PENDING_CHUNKS
+        hub.deliver("pi1", chunk(stream.request_id, limits.LOG_PENDING_BYTES - 10))
+        hub.deliver("pi1", chunk(stream.request_id, 10))
+        hub.deliver("pi1", chunk(stream.request_id, 1))  # nobody read them yet: no room
+        assert (stream.queue.qsize(), stream.held, stream.dropped) == (2, limits.LOG_PENDING_BYTES, 1)
+        stream.entries(stream.queue.get_nowait())  # the operator's call takes one
+        hub.deliver("pi1", chunk(stream.request_id, 20, end=True))  # the node's burst is spent:
+        assert (stream.queue.qsize(), stream.held, stream.dropped) == (2, 10, 21)  # its lines dropped,
+        assert stream.queue.get_nowait().lines and stream.queue.get_nowait().end  # the end kept
         assert stream.ended
         await hub.close(stream)
         assert cluster.sessions["pi1"].outbox.empty()  # ended on its own: no cancel sent
