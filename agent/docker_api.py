@@ -18,7 +18,9 @@ bounded and has the call's timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import select
 import socket
 import struct
 import urllib.parse
@@ -76,16 +78,41 @@ def error_message(body: bytes) -> str:
     return str(message or body[:500].decode(errors="replace").strip() or "no message")
 
 
+STDERR = 2  # the stream type of stderr frames (0 stdin, 1 stdout)
+
+
+class FrameReader:
+    """Docker's multiplexed stdout/stderr stream (8-byte frame headers) read as it arrives:
+    feed() takes bytes in any pieces and returns the (stream type, payload) pieces they
+    complete. A frame's payload may come out in several pieces (never held whole in memory)."""
+
+    def __init__(self) -> None:
+        self._header = b""
+        self._stream = 0
+        self._left = 0  # payload bytes of the current frame still to come
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        view = memoryview(data)
+        while view:
+            if self._left:
+                piece, view = view[: self._left], view[self._left :]
+                self._left -= len(piece)
+                out.append((self._stream, bytes(piece)))
+                continue
+            need = STREAM_HEADER.size - len(self._header)
+            self._header += bytes(view[:need])
+            view = view[need:]
+            if len(self._header) == STREAM_HEADER.size:
+                self._stream, self._left = STREAM_HEADER.unpack(self._header)
+                self._header = b""
+        return out
+
+
 def demultiplex(stream: bytes) -> bytes:
     """The payloads of Docker's multiplexed stdout/stderr stream (8-byte frame headers), in
     order, as docker-py's exec_start gave them; a truncated last frame keeps what arrived."""
-    output, offset = bytearray(), 0
-    while offset + STREAM_HEADER.size <= len(stream):
-        _, length = STREAM_HEADER.unpack_from(stream, offset)
-        offset += STREAM_HEADER.size
-        output += stream[offset : offset + length]
-        offset += length
-    return bytes(output)
+    return b"".join(payload for _, payload in FrameReader().feed(stream))
 
 
 def request_bytes(method: str, target: str, body: bytes | None, headers: Mapping[str, str]) -> bytes:
@@ -151,6 +178,13 @@ class Reply:
             left -= len(data) if left > 0 else 0
             yield data
 
+    def read_some(self) -> bytes:
+        """The body's next piece as it arrived (b"" at its end): for streams read as they come."""
+        if self._buffer:
+            data, self._buffer = self._buffer, b""
+            return data
+        return next(self._pieces, b"")
+
     def read(self, limit: int) -> bytes:
         """The rest of the body, at most `limit` bytes of it."""
         for piece in self._pieces:
@@ -175,6 +209,19 @@ class Reply:
     def close(self) -> None:
         self._file.close()
         self._sock.close()
+
+    def readable(self, timeout: float) -> bool:
+        """Whether more of the body arrives on the socket within `timeout` s; False means
+        the stream paused (or what came is in the reader's small buffer: then the caller
+        merely acts a little early)."""
+        if self._buffer:
+            return True
+        return bool(select.select([self._sock], [], [], timeout)[0])
+
+    def abort(self) -> None:
+        """From another thread: end a read that waits on a followed stream (it then ends)."""
+        with contextlib.suppress(OSError):  # already closed
+            self._sock.shutdown(socket.SHUT_RDWR)
 
 
 def exchange(
@@ -372,6 +419,22 @@ class DockerAPI:
             return demultiplex(reply.read(EXEC_OUTPUT_LIMIT))
         finally:
             reply.close()
+
+    def logs(
+        self, container_id: str, follow: bool, tail: int = 0, since: float = 0.0, timeout: float | None = None
+    ) -> Reply:
+        """GET /containers/{id}/logs with timestamps: the open reply, read as it streams
+        (multiplexed unless the container has a tty); the caller closes it."""
+        query = {
+            "stdout": "1",
+            "stderr": "1",
+            "timestamps": "1",
+            "follow": "1" if follow else "0",
+            "tail": str(tail) if tail else "all",
+        }
+        if since:
+            query["since"] = f"{since:.6f}"
+        return self._open("GET", f"/containers/{container_id}/logs", query, timeout=timeout)
 
     def exec_inspect(self, exec_id: str) -> dict[str, Any]:
         return dict(self._json("GET", f"/exec/{exec_id}/json"))

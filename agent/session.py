@@ -34,6 +34,7 @@ from picoord.common.sd_notify import notify
 from picoord.v1 import agent_pb2, agent_pb2_grpc, workloads_pb2
 
 if TYPE_CHECKING:
+    from picoord.agent.log_stream import LogStreams
     from picoord.agent.runtime.supervisor import Supervisor
 
 log = structlog.get_logger("picoord.agent")
@@ -98,6 +99,7 @@ class AgentRunner:
         self.supervisor: Supervisor | None = None
         self._session_outbox: tuple[asyncio.AbstractEventLoop, asyncio.Queue] | None = None
         self._stop_supervisor = threading.Event()
+        self._logs: LogStreams | None = None  # `coordctl logs`: loaded on the first request
 
     def _credentials(self) -> grpc.ChannelCredentials:
         # Read at every attempt, so a renewal or a re-join while running takes effect on reconnect.
@@ -240,6 +242,8 @@ class AgentRunner:
                     await self._handle(message, outbox)
             finally:
                 self._session_outbox = None
+                if self._logs is not None:
+                    self._logs.stop_all()  # their chunks would go to a closed session
                 renewer.cancel()
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -293,6 +297,12 @@ class AgentRunner:
             self._assign(message.assignment)
         elif kind == "certificate":
             self._renewal_answered(message.certificate)
+        elif kind == "logs":
+            if self._logs is None:
+                from picoord.agent.log_stream import LogStreams
+
+                self._logs = LogStreams(self.settings.docker_socket)
+            self._logs.handle(message.logs, asyncio.get_running_loop(), outbox)
         elif kind == "error":
             log.error("coordinator reported an error", code=message.error.code, message=message.error.message)
         else:

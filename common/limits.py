@@ -79,6 +79,7 @@ MESSAGE_BYTES: dict[str, int] = {
     "enroll": 32 * KIB,
     "renew": 32 * KIB,
     "replicas": 128 * KIB,
+    "log_chunk": 96 * KIB,
 }
 # How a message kind is named in errors and logs.
 MESSAGE_NAMES: dict[str, str] = {
@@ -90,11 +91,30 @@ MESSAGE_NAMES: dict[str, str] = {
     "enroll": "enroll request",
     "renew": "certificate renewal request",
     "replicas": "replica report",
+    "log_chunk": "log chunk",
 }
 
 # --- Workloads ----------------------------------------------------------------------------
 REPLICAS_PER_NODE = 256  # replicas one node may be assigned or report
 REPLICA_MESSAGE = 1024  # a replica's last probe output or error, as reported
+# `coordctl logs`: a replica's output travels up the node's session in chunks. A line longer
+# than LOG_LINE_BYTES is cut (the rest counted as dropped). Each stream (one replica) and
+# each node spends from a byte bucket (rate per second, burst): output past it is dropped
+# and said so, so a chatty container cannot flood its node's session or the coordinator.
+LOG_LINE_BYTES = 16 * KIB
+LOG_CHUNK_BYTES = 64 * KIB  # line bytes in one LogChunk (its budget above leaves room for framing)
+LOG_CHUNK_LINES = 2048
+LOG_STREAM_RATE = 256 * KIB
+LOG_STREAM_BURST = 4 * MIB
+LOG_NODE_RATE = 1 * MIB
+LOG_NODE_BURST = 8 * MIB
+# Log chunks one node sends: at most this many a second, this many at once; a stream waits
+# for its turn (its dockerd stream waits with it). Far below the coordinator's per-node
+# share of messages (SessionLimits.messages: 500 in 10 s), which would end the session.
+LOG_NODE_MESSAGES = 20
+LOG_NODE_MESSAGE_BURST = 100
+LOG_STREAMS_PER_NODE = 8  # log streams one node serves at once (each sends at most 4 chunks a second)
+LOG_PENDING_BYTES = LOG_NODE_BURST  # line bytes the coordinator holds for one stream
 
 # --- Memory -------------------------------------------------------------------------------
 HISTORY_SAMPLES = 120  # per node, by count

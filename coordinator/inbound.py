@@ -81,6 +81,9 @@ TEXT_LIMITS: dict[str, int] = {
         for name in ("service", "replica", "container_id", "state_word", "address")
     },
     "ReplicaReport.message": limits.REPLICA_MESSAGE,
+    "LogChunk.request_id": limits.TEXT,
+    "LogChunk.error": limits.REPLICA_MESSAGE,
+    "LogLine.text": limits.LOG_LINE_BYTES,
 }
 
 # Most entries of each repeated or map field, keyed "Message.field".
@@ -102,6 +105,7 @@ COUNT_LIMITS: dict[str, int] = {
     "Event.attributes": limits.EVENT_ATTRIBUTES,
     "EnrollRequest.labels": limits.LABELS,
     "ReplicaReports.replicas": limits.REPLICAS_PER_NODE,
+    "LogChunk.lines": limits.LOG_CHUNK_LINES,
 }
 
 # What a field missing from the tables gets: the strictest sensible bound.
@@ -380,6 +384,9 @@ def check_followup(message: agent_pb2.AgentMessage, hardware: node_pb2.Hardware 
         _finite("heartbeat.timestamp", message.heartbeat.timestamp, kind)
     elif kind == "event":
         _finite("event.timestamp", message.event.timestamp, kind)
+    elif kind == "log_chunk":
+        for index, line in enumerate(message.log_chunk.lines):
+            _finite(f"log_chunk.lines[{index}].timestamp", line.timestamp, kind)
     elif kind == "replicas":
         try:
             check_reports(message.replicas)

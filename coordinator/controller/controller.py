@@ -60,6 +60,7 @@ from picoord.coordinator.controller.records import (
     stored,
 )
 from picoord.coordinator.controller.views import ServiceFigures, Snapshot
+from picoord.coordinator.logs import LogHub
 from picoord.coordinator.placement.inputs import node_from
 from picoord.coordinator.placement.scheduler import Node
 from picoord.coordinator.reconcile.reconciler import NodeStatus
@@ -67,7 +68,7 @@ from picoord.coordinator.rollout import history as revisions
 from picoord.coordinator.rollout import planner
 from picoord.coordinator.rollout.replicas import Replica
 from picoord.coordinator.status import Status
-from picoord.coordinator.workloads.spec import ServiceSpec
+from picoord.coordinator.workloads.spec import ServiceSpec, secret_stamp, secret_users, secrets_set_since
 from picoord.v1 import services_pb2, workloads_pb2
 
 __all__ = ["ServiceFigures", "WorkloadController", "WorkloadRefused", "located"]
@@ -129,6 +130,7 @@ class WorkloadController:
         self.grace = grace
         self.clock = clock
         self.dispatcher = Dispatcher()
+        self.logs = LogHub(cluster)  # `coordctl logs`: the streams from the nodes' sessions
         self.ticks = 0  # how many ticks ran: what the controller bench counts
         self._disconnected_since: dict[str, float] = {}
         self._connected_since: dict[str, float] = {}
@@ -516,7 +518,8 @@ class WorkloadController:
         self, service: ServiceRecord, spec: ServiceSpec, cause: str, facts: Facts
     ) -> str:
         history = await asyncio.to_thread(self.records.history, service.name)
-        updated, revision, _new = revisions.record(history, stored(spec), facts.now, cause)
+        stamp = secret_stamp(spec, await self._secrets_updated())
+        updated, revision, _new = revisions.record(history, stored(spec, stamp), facts.now, cause)
         return await self._begin(service, spec, revision.number, updated, facts)
 
     async def undo(self, name: str, to_revision: int | None) -> list[str]:
@@ -614,7 +617,54 @@ class WorkloadController:
             return gone
 
     async def services_view(self) -> list[services_pb2.ServiceInfo]:
-        return views.services_view(await self._fresh())
+        """The services; one whose secret got a new value since its revision shows staged."""
+        listed = views.services_view(await self._fresh())
+        updated = await self._secrets_updated()
+        for info in listed:
+            if info.staged or not info.revision:
+                continue
+            history = await asyncio.to_thread(self.records.history, info.name)
+            current = next((r for r in history if r.number == info.revision), None)
+            if current is not None and secrets_set_since(current.spec.spec, updated, current.created_at):
+                info.staged = True
+        return listed
+
+    async def _secrets_updated(self) -> dict[tuple[str, str], float]:
+        return {(name, key): at for name, key, _, at in await asyncio.to_thread(self.records.secret_names)}
+
+    async def secret_users(self) -> dict[str, list[str]]:
+        """Secret name -> the services that read it: in their applied spec or in the revision
+        their replicas run."""
+        read = await self._read()
+        specs = [service.spec for service in read.services.values()]
+        specs += [
+            read.specs[(name, service.rollout.target)]
+            for name, service in read.services.items()
+            if service.rollout is not None and (name, service.rollout.target) in read.specs
+        ]
+        return secret_users(specs)
+
+    async def remove_secret(self, name: str, force: bool) -> tuple[int, list[str]]:
+        """Remove every key of the secret: refused while a service reads it, unless `force`
+        (then their replicas stop: an assignment cannot be built without it). Returns how
+        many keys went and the services that read it."""
+        async with self._lock:
+            users = (await self.secret_users()).get(name, [])
+            keys = [
+                key
+                for secret, key, _, _ in await asyncio.to_thread(self.records.secret_names)
+                if secret == name
+            ]
+            if not keys:
+                raise WorkloadRefused("NOT_FOUND", f"no secret {name!r}")
+            if users and not force:
+                raise WorkloadRefused(
+                    "FAILED_PRECONDITION",
+                    f"secret {name!r} is used by {', '.join(users)}: remove it from their specs and apply, "
+                    "or use --force (their replicas would stop: they cannot be built without it)",
+                )
+            removed = await self.cluster.write(self.records.delete_secret, name)
+            return int(removed), users
 
     async def replicas_view(self, name: str) -> list[services_pb2.ReplicaInfo]:
         snapshot = await self._fresh()

@@ -96,8 +96,9 @@ class StoredSpec:
         return hash(self.key)
 
 
-def stored(spec: ServiceSpec) -> StoredSpec:
-    return StoredSpec(revision_key(spec), spec)
+def stored(spec: ServiceSpec, secrets: str = "") -> StoredSpec:
+    """`secrets`: the spec's secret_stamp, when the values it reads count (a rollout)."""
+    return StoredSpec(revision_key(spec) + (f"+{secrets}" if secrets else ""), spec)
 
 
 @dataclass(frozen=True)
@@ -367,6 +368,13 @@ class WorkloadRecords:
     def secret_names(self) -> list[tuple[str, str, int, float]]:
         rows = self.store.query("SELECT name, key, length(value), updated_at FROM secrets ORDER BY name, key")
         return [(row[0], row[1], row[2], row[3]) for row in rows]
+
+    def delete_secret(self, name: str) -> int:
+        """Remove every key of the secret; how many there were."""
+        with self.store.transaction() as db:
+            removed = db.execute("DELETE FROM secrets WHERE name = ?", (name,)).rowcount
+        self._changed()
+        return int(removed)
 
     def secret_values(self) -> dict[tuple[str, str], str]:
         rows = self.store.query("SELECT name, key, value FROM secrets")

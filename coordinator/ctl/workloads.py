@@ -9,6 +9,7 @@ revision it rolled to; a rollback, a pause or a failure exits 1 with what happen
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import sys
 import time
 from collections.abc import Iterable
@@ -19,9 +20,10 @@ from rich.console import Group
 from rich.live import Live
 
 from picoord.common import limits
+from picoord.common.durations import parse_duration
 from picoord.common.vocabulary import ReplicaHealth, ReplicaState, RolloutStatus
 from picoord.coordinator.ctl.client import CALL_TIMEOUT
-from picoord.coordinator.ctl.output import ago, echo, emit, iso_time, literal
+from picoord.coordinator.ctl.output import ago, echo, emit, escape_control, iso_time, literal
 from picoord.coordinator.ctl.output import console as output_console
 from picoord.coordinator.workloads import stacks
 from picoord.v1 import services_pb2, services_pb2_grpc
@@ -32,6 +34,13 @@ ROLLOUT_VERBS = ("status", "history", "undo", "pause", "resume")
 
 class UsageError(ValueError):
     """A command line that cannot be right; nothing was sent."""
+
+
+def _count(text: str) -> int:
+    """--tail's N: a whole number from 0 (all) to 2^31."""
+    if not text.isdigit() or int(text) >= 2**31:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: a whole number, 0 for all")
+    return int(text)
 
 
 def rollout_view(info: services_pb2.RolloutInfo) -> dict[str, Any]:
@@ -418,7 +427,13 @@ def cmd_secret_create(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Name
 def cmd_secret_list(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
     reply = stub.ListSecrets(services_pb2.ListSecretsRequest(), timeout=CALL_TIMEOUT)
     views = [
-        {"name": s.name, "key": s.key, "size": s.size, "updated_at": iso_time(s.updated_at)}
+        {
+            "name": s.name,
+            "key": s.key,
+            "size": s.size,
+            "updated_at": iso_time(s.updated_at),
+            "used_by": list(s.used_by),
+        }
         for s in reply.secrets
     ]
     emit(
@@ -429,8 +444,53 @@ def cmd_secret_list(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namesp
             ("KEY", lambda v: v["key"]),
             ("SIZE", lambda v: str(v["size"])),
             ("UPDATED", lambda v: v["updated_at"] or "-"),
+            ("USED BY", lambda v: ",".join(v["used_by"]) or "-"),
         ],
     )
+    return 0
+
+
+def cmd_secret_rm(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    reply = stub.RemoveSecret(
+        services_pb2.RemoveSecretRequest(name=args.name, force=args.force), timeout=CALL_TIMEOUT
+    )
+    echo(f"secret/{reply.name} removed ({reply.keys} keys)")
+    if reply.used_by:
+        echo(
+            f"coordctl: warning: {', '.join(reply.used_by)} read it: their replicas cannot be built "
+            "without it and stop until the secret is created again",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def log_prefix(replica: str, node: str) -> str:
+    """`mcp.2@pi3 | `, as `docker service logs` prefixes a task's lines."""
+    return f"{replica}@{node} | "
+
+
+def log_line(entry: services_pb2.LogEntry, timestamps: bool = False) -> str:
+    """One line of a replica's output for the terminal: prefixed, and escaped so that no
+    byte the container wrote (an escape sequence, a carriage return) acts on the terminal."""
+    text = entry.text.decode("utf-8", errors="replace")
+    when = dt.datetime.fromtimestamp(entry.timestamp, dt.UTC).isoformat(timespec="microseconds")
+    stamp = f"{when.replace('+00:00', 'Z') if entry.timestamp else '-'} " if timestamps else ""
+    return escape_control(f"{log_prefix(entry.replica, entry.node)}{stamp}{text}")
+
+
+def cmd_logs(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
+    request = services_pb2.LogsRequest(
+        service=args.name, follow=args.follow, tail=args.tail, since_seconds=args.since or 0.0
+    )
+    events = stub.Logs(request, timeout=None if args.follow else ROLLOUT_TIMEOUT)
+    try:
+        for event in events:
+            if event.WhichOneof("event") == "line":
+                print(log_line(event.line, args.timestamps), flush=args.follow)
+            else:
+                echo(event.note, file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # -f ends when the operator says so
+        events.cancel()
     return 0
 
 
@@ -490,6 +550,16 @@ def add_commands(commands: Any, with_output: Any) -> None:
     rm.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
     rm.set_defaults(handler=cmd_rm, api="workloads")
 
+    logs = commands.add_parser(
+        "logs", help="every replica's output, prefixed with replica and node, in time order"
+    )
+    logs.add_argument("name", help="the service")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
+    logs.add_argument("--tail", type=_count, default=0, help="only the last N lines of each replica")
+    logs.add_argument("--since", type=parse_duration, help="only output newer than this (10m, 2h)")
+    logs.add_argument("-t", "--timestamps", action="store_true", help="show each line's time")
+    logs.set_defaults(handler=cmd_logs, api="workloads")
+
     secret = commands.add_parser("secret", help="the secret store").add_subparsers(
         dest="secret_command", required=True
     )
@@ -500,9 +570,13 @@ def add_commands(commands: Any, with_output: Any) -> None:
     source.add_argument("--from-literal", metavar="VALUE")
     source.add_argument("--from-file", metavar="FILE", help="a file, or - for standard input")
     create.set_defaults(handler=cmd_secret_create, api="workloads")
-    with_output(secret.add_parser("list", help="names and keys (never values)")).set_defaults(
-        handler=cmd_secret_list, api="workloads"
-    )
+    with_output(
+        secret.add_parser("list", help="names, keys and the services that use them (never values)")
+    ).set_defaults(handler=cmd_secret_list, api="workloads")
+    remove = secret.add_parser("rm", help="remove a secret (refused while a service uses it)")
+    remove.add_argument("name")
+    remove.add_argument("--force", action="store_true", help="remove it even while services use it")
+    remove.set_defaults(handler=cmd_secret_rm, api="workloads")
 
 
 def add_node_commands(node: Any) -> None:

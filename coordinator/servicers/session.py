@@ -299,6 +299,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             self.cluster.close_session(session)
             if self.workloads is not None and node not in self.cluster.sessions:
                 self.workloads.on_session_closed(node)
+                self.workloads.logs.node_gone(node)
             log.info("session ended", node=node)
 
     async def _read(
@@ -341,6 +342,8 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
 
             elif kind == "replicas" and self.workloads is not None:
                 self.workloads.on_reports(node, message.replicas)
+            elif kind == "log_chunk" and self.workloads is not None:
+                self.workloads.logs.deliver(node, message.log_chunk)
             elif kind == "renew":
                 await session.outbox.put(
                     agent_pb2.CoordinatorMessage(certificate=await self._renew(node, message.renew.csr_pem))

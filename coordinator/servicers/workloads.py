@@ -15,6 +15,7 @@ from picoord.common import limits
 from picoord.common.names import InvalidName, validate_node_name
 from picoord.common.validation import FieldError, image_reference
 from picoord.coordinator.controller.controller import WorkloadController, WorkloadRefused
+from picoord.coordinator.logs import log_targets, relay
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
 from picoord.coordinator.workloads.spec import service_name
 from picoord.v1 import services_pb2, services_pb2_grpc
@@ -22,6 +23,7 @@ from picoord.v1 import services_pb2, services_pb2_grpc
 log = structlog.get_logger("picoord.coordinator.workloads")
 
 DRAIN_POLL = 1.0
+LOGS_WAIT = 60.0  # without follow: how long the nodes have to send what they have
 
 
 class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
@@ -204,11 +206,64 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
         self, request: services_pb2.ListSecretsRequest, context: grpc.aio.ServicerContext
     ) -> services_pb2.ListSecretsResponse:
         rows = await self.controller.secret_names()
+        users = await self.controller.secret_users()
         return services_pb2.ListSecretsResponse(
             secrets=[
-                services_pb2.SecretInfo(name=n, key=k, size=size, updated_at=at) for n, k, size, at in rows
+                services_pb2.SecretInfo(name=n, key=k, size=size, updated_at=at, used_by=users.get(n, []))
+                for n, k, size, at in rows
             ]
         )
+
+    @unavailable_on_store_fault
+    async def RemoveSecret(
+        self, request: services_pb2.RemoveSecretRequest, context: grpc.aio.ServicerContext
+    ) -> services_pb2.RemoveSecretResponse:
+        try:
+            service_name("name", request.name)
+        except FieldError as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        try:
+            keys, users = await self.controller.remove_secret(request.name, request.force)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+            raise AssertionError("unreachable") from None
+        log.info("secret removed", name=request.name, keys=keys, forced_past=users)
+        return services_pb2.RemoveSecretResponse(name=request.name, keys=keys, used_by=users)
+
+    @unavailable_on_store_fault
+    async def Logs(
+        self, request: services_pb2.LogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[services_pb2.LogsEvent]:
+        name = await self._name(request.service, context)
+        if not 0 <= request.since_seconds < 100 * 365 * 86400:  # NaN fails too
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "since_seconds: a duration from 0 to 100 years"
+            )
+        try:
+            replicas = await self.controller.replicas_view(name)
+        except WorkloadRefused as error:
+            await self._refused(context, error)
+            raise AssertionError("unreachable") from None
+        hub = self.controller.logs
+        targets, notes = log_targets(replicas, set(hub.cluster.sessions))
+        if not replicas:
+            notes.append(f"-- {name} has no replicas: roll it out first (coordctl rollout {name}) --")
+        for note in notes:
+            yield services_pb2.LogsEvent(note=note)
+        since = time.time() - request.since_seconds if request.since_seconds else 0.0
+        streams = []
+        try:
+            for replica, node in targets:
+                stream = await hub.open(node, replica, request.follow, request.tail, since)
+                if stream is None:
+                    yield services_pb2.LogsEvent(note=f"-- {replica} on {node}: the node is away --")
+                else:
+                    streams.append(stream)
+            async for event in relay(streams, request.follow, time.monotonic() + LOGS_WAIT):
+                yield event
+        finally:
+            for stream in streams:
+                await hub.close(stream)
 
     @unavailable_on_store_fault
     async def DrainNode(

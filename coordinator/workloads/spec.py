@@ -277,6 +277,33 @@ def check_secrets(spec: ServiceSpec, known: Iterable[tuple[str, str]]) -> None:
             )
 
 
+def secret_users(specs: Iterable[ServiceSpec]) -> dict[str, list[str]]:
+    """Secret name -> the services whose specs read a key of it (each once, sorted): what
+    `secret list` shows and what `secret rm` refuses to break."""
+    users: dict[str, set[str]] = {}
+    for spec in specs:
+        for ref in spec.secrets:
+            users.setdefault(ref.secret, set()).add(spec.name)
+    return {name: sorted(services) for name, services in sorted(users.items())}
+
+
+def secret_stamp(spec: ServiceSpec, updated: Mapping[tuple[str, str], float]) -> str:
+    """A short hash of when each secret key the spec reads was last set ("" without secrets):
+    part of a revision's key, so a replaced value makes the next rollout a new revision."""
+    if not spec.secrets:
+        return ""
+    stamps = sorted((ref.secret, ref.key, updated.get((ref.secret, ref.key), 0.0)) for ref in spec.secrets)
+    return hashlib.sha256(json.dumps(stamps).encode()).hexdigest()[:8]
+
+
+def secrets_set_since(spec: ServiceSpec, updated: Mapping[tuple[str, str], float], since: float) -> list[str]:
+    """The spec's secret keys ("name/key") whose value was set after `since` (a revision's
+    creation): the running replicas still have the old value, a rollout gives the new."""
+    return sorted(
+        {f"{ref.secret}/{ref.key}" for ref in spec.secrets if updated.get((ref.secret, ref.key), 0.0) > since}
+    )
+
+
 def check_references(specs: Iterable[ServiceSpec], depends_paths: Mapping[str, str]) -> None:
     """depends_on names services of the same file, without a cycle."""
     by_name = {spec.name: spec for spec in specs}

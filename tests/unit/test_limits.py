@@ -38,3 +38,13 @@ def test_history_bounds_hold_two_of_the_largest_samples() -> None:
     """Rates need two samples: the per-node byte bound must fit two at their budget."""
     assert 2 * limits.MESSAGE_BYTES["metrics"] <= limits.HISTORY_NODE_BYTES
     assert limits.HISTORY_TOTAL_BYTES >= limits.HISTORY_NODE_BYTES
+
+
+def test_a_nodes_log_chunks_stay_far_below_its_message_share() -> None:
+    """Log chunks count against the session's per-node message share: a node streaming logs
+    at its most must leave room for its samples and reports, or its session would end."""
+    from picoord.coordinator.servicers.session import SessionLimits
+
+    share = SessionLimits().messages
+    most = limits.LOG_NODE_MESSAGE_BURST + share.window * limits.LOG_NODE_MESSAGES
+    assert most <= share.max_failures * 0.75
