@@ -38,6 +38,8 @@ EXECUTORS: dict[str, str] = {
     "mount": "picoord.agent.actions.mount:mount",
     "unmount": "picoord.agent.actions.mount:unmount",
     "firewall": "picoord.agent.actions.firewall:firewall",
+    "time_server": "picoord.agent.actions.chrony:time_server",
+    "time_client": "picoord.agent.actions.chrony:time_client",
 }
 
 

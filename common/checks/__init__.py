@@ -1,5 +1,5 @@
 """Whole-message checks of node actions, one module per family (membership, storage,
-firewall), built from the field validators in common/validation.py.
+firewall, time), built from the field validators in common/validation.py.
 
 Both ends run the same checks: the coordinator's planner on every action it builds from a
 spec file (so a bad document fails before anything is sent), and the agent's executors on
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from picoord.common.checks import firewall, membership, storage
+from picoord.common.checks import firewall, membership, storage, time
 from picoord.v1 import actions_pb2
 
 CHECKS: dict[str, Callable[..., None]] = {
@@ -27,6 +27,8 @@ CHECKS: dict[str, Callable[..., None]] = {
     "mount": storage.check_mount,
     "unmount": storage.check_unmount,
     "firewall": firewall.check_firewall,
+    "time_server": time.check_time_server,
+    "time_client": time.check_time_client,
 }
 
 

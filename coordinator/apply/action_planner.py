@@ -23,6 +23,7 @@ from picoord.coordinator.apply.cluster_spec import (
     Mount,
     NodeSet,
     Rule,
+    TimeSource,
 )
 from picoord.v1 import actions_pb2
 
@@ -258,6 +259,18 @@ class _Planner:
             before = tuple(step.id for step in self.steps if step.node == node)
             self.add(name, "firewall", node, actions_pb2.Action(firewall=policy), after=before)
 
+    def time_source(self, doc: TimeSource) -> None:
+        name = f"TimeSource/{doc.name}"
+        server = self.node(f"{name}.server", doc.server).name
+        address = doc.address or self.address(f"{name}.server", server)
+        clients = [c for c in self.select(f"{name}.clients", doc.clients) if c != server]
+        serve = actions_pb2.TimeServer(allow=list(doc.allow), stratum=doc.stratum)
+        served = self.add(name, "serve", server, actions_pb2.Action(time_server=serve))
+        for client in clients:
+            take = actions_pb2.TimeClient(servers=[address])
+            # after, not requires: a client pointed at a server that failed is still right.
+            self.add(name, "client", client, actions_pb2.Action(time_client=take), after=(served,))
+
 
 def _verdict(text: str) -> int:
     return actions_pb2.FIREWALL_VERDICT_ALLOW if text == "allow" else actions_pb2.FIREWALL_VERDICT_DENY
@@ -279,7 +292,7 @@ def plan(documents: Sequence[Document], inventory: Sequence[NodeView]) -> list[S
     """The steps for these documents, in an order that respects every dependency.
 
     Membership first, then storage (peers before volumes, volumes before their mounts),
-    firewalls last on each node."""
+    then time (the server before its clients), firewalls last on each node."""
     planner = _Planner(inventory)
     for doc in documents:
         if isinstance(doc, ClusterMembership):
@@ -288,6 +301,9 @@ def plan(documents: Sequence[Document], inventory: Sequence[NodeView]) -> list[S
     for doc in documents:
         if isinstance(doc, Mount):
             planner.mount(doc, volumes)
+    for doc in documents:
+        if isinstance(doc, TimeSource):
+            planner.time_source(doc)
     for doc in documents:
         if isinstance(doc, FirewallPolicy):
             planner.firewall(doc)
@@ -302,13 +318,16 @@ def plan(documents: Sequence[Document], inventory: Sequence[NodeView]) -> list[S
 
 
 def _check_conflicts(steps: Sequence[Step]) -> None:
-    """One firewall policy per node, one mount per target per node, one membership role."""
+    """One firewall policy per node, one mount per target per node, one membership role,
+    one time role (chrony's one drop-in)."""
     claimed: dict[tuple[str, str], str] = {}
     for step in steps:
         if step.kind == "firewall":
             key = (step.node, "firewall")
         elif step.kind == "mount":
             key = (step.node, f"mount {step.action.mount.target}")
+        elif step.kind in ("time_server", "time_client"):
+            key = (step.node, "time source")
         elif step.kind in (
             "swarm_init",
             "swarm_join",

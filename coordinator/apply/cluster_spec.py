@@ -1,7 +1,7 @@
 """cluster.yaml: the documents `coordctl apply` takes, read into plain, validated data.
 
-A file holds YAML documents of four kinds: ClusterMembership, GlusterVolume, Mount and
-FirewallPolicy (see README). Reading is all-or-nothing: the first invalid field stops it
+A file holds YAML documents of five kinds: ClusterMembership, GlusterVolume, Mount,
+FirewallPolicy and TimeSource (see README). Reading is all-or-nothing: the first invalid field stops it
 with an error naming the document and the field, so a rejected file changes nothing.
 Node names and selectors are checked against the inventory later, by the planner.
 """
@@ -17,6 +17,7 @@ import yaml
 from picoord.common import limits
 from picoord.common import validation as v
 from picoord.common.checks import firewall as firewall_checks
+from picoord.common.checks import time as time_checks
 from picoord.common.names import InvalidName, validate_label_key, validate_label_value, validate_node_name
 from picoord.common.validation import FieldError
 
@@ -100,7 +101,19 @@ class FirewallPolicy:
     confirm_within_seconds: float = 10.0
 
 
-Document = ClusterMembership | GlusterVolume | Mount | FirewallPolicy
+@dataclass(frozen=True)
+class TimeSource:
+    """One node (the desktop) serves time to `allow`; `clients` take it from `address`."""
+
+    name: str
+    server: str
+    clients: NodeSet
+    allow: tuple[str, ...]
+    stratum: int = time_checks.DEFAULT_STRATUM
+    address: str = ""  # what clients dial; default: the server's address as the coordinator sees it
+
+
+Document = ClusterMembership | GlusterVolume | Mount | FirewallPolicy | TimeSource
 
 
 @dataclass
@@ -330,11 +343,40 @@ def _firewall(doc: _Fields, name: str) -> FirewallPolicy:
     )
 
 
+def _time_source(doc: _Fields, name: str) -> TimeSource:
+    networks = []
+    for index, item in enumerate(
+        _list(doc.at("allow"), doc.get("allow", required=True), time_checks.MAX_NETWORKS)
+    ):
+        if not isinstance(item, str):
+            raise FieldError(f"{doc.at('allow')}[{index}]", "must be a CIDR string")
+        networks.append(v.cidr(f"{doc.at('allow')}[{index}]", item))
+    allow = tuple(networks)
+    if not allow:
+        raise FieldError(doc.at("allow"), "names no network (the server would answer no one)")
+    if len(set(allow)) != len(allow):
+        raise FieldError(doc.at("allow"), "names a network twice")
+    stratum = doc.get("stratum", time_checks.DEFAULT_STRATUM)
+    low, high = time_checks.STRATUM_RANGE
+    if isinstance(stratum, bool) or not isinstance(stratum, int) or not low <= stratum <= high:
+        raise FieldError(doc.at("stratum"), f"{stratum!r} is not a stratum ({low}-{high})")
+    address = doc.text("address", "")
+    return TimeSource(
+        name=name,
+        server=_node_name(doc.at("server"), doc.get("server", required=True)),
+        clients=_node_set(doc.at("clients"), doc.get("clients", required=True)),
+        allow=allow,
+        stratum=stratum,
+        address=v.ip_address(doc.at("address"), address) if address else "",
+    )
+
+
 READERS: dict[str, Callable[[_Fields, str], Document]] = {
     "ClusterMembership": _membership,
     "GlusterVolume": _gluster_volume,
     "Mount": _mount,
     "FirewallPolicy": _firewall,
+    "TimeSource": _time_source,
 }
 
 
