@@ -10,7 +10,7 @@ PiSandbox adds, on top of the Pi's network namespace:
   no process has to stay alive to hold it) in which the paths in PRIVATE_DIRS and
   PRIVATE_FILES are bind mounts of per-Pi copies under `root/fs/<path>`:
     - /etc/ufw, /etc/default/ufw (ufw's default policies), /etc/fstab, /etc/systemd/system,
-      /etc/docker: configuration the actions edit; seeded with a copy of the host's, as a
+      /etc/docker, /etc/chrony: configuration the actions edit; seeded with a copy of the host's, as a
       freshly installed Pi would have it (never /etc/docker/key.json: it carries the engine
       ID, which must differ per Pi). Single files are bind mounts too, so they can be
       rewritten in place (cp, open "w") but not replaced by rename (EBUSY);
@@ -73,6 +73,7 @@ PRIVATE_DIRS: tuple[tuple[str, bool], ...] = (
     ("/etc/ufw", True),
     ("/etc/systemd/system", True),
     ("/etc/docker", True),
+    ("/etc/chrony", True),  # the time-source drop-in (conf.d/picoord-time.conf)
     ("/var/lib/docker", False),
     ("/var/lib/containerd", False),
     ("/run/docker", False),
