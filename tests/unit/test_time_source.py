@@ -287,3 +287,15 @@ def test_refusals_change_nothing(etc: Path) -> None:
         chrony.time_server(SERVER, _context(False, []))
     with pytest.raises(FieldError, match="stratum"):
         chrony.time_server(actions_pb2.TimeServer(allow=["10.0.0.0/8"], stratum=99), _context(False, []))
+
+
+def test_the_example_file_reads_and_plans() -> None:
+    text = (Path(__file__).parents[2] / "examples" / "timesource.yaml").read_text()
+    inventory = [NodeView("ubuntu-desktop", {}, "x86_64", "192.168.10.2")] + [
+        NodeView(f"pi{i}", {}, "aarch64", f"192.168.20.{10 + i}") for i in (1, 2, 3)
+    ]
+    steps = plan(parse_spec(text), inventory)
+    assert [(s.node, s.kind) for s in steps] == [("ubuntu-desktop", "time_server")] + [
+        (f"pi{i}", "time_client") for i in (1, 2, 3)
+    ]
+    assert {tuple(s.action.time_client.servers) for s in steps[1:]} == {("192.168.10.2",)}
