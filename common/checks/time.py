@@ -7,6 +7,8 @@ values the executor writes, so what was checked is exactly what lands in chrony'
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from picoord.common.validation import FieldError, cidr, ip_address
 from picoord.v1 import actions_pb2
 
@@ -16,35 +18,48 @@ STRATUM_RANGE = (1, 15)  # NTP's 16 means unsynchronised
 DEFAULT_STRATUM = 10  # well below any real upstream, so a real one wins when reachable
 
 
+def _unique(
+    field: str, values: Sequence[str], limit: int, validate: Callable[[str, str], str], empty: str
+) -> list[str]:
+    """One to `limit` values, each validated and normalised, none twice."""
+    if not values:
+        raise FieldError(field, empty)
+    if len(values) > limit:
+        raise FieldError(field, f"has more than {limit} entries")
+    normalised = [validate(f"{field}[{i}]", value) for i, value in enumerate(values)]
+    if len(set(normalised)) != len(normalised):
+        raise FieldError(field, "names one twice")
+    return normalised
+
+
+def networks(field: str, values: Sequence[str]) -> list[str]:
+    """CIDRs that may ask for time (chrony serves no one without an `allow`)."""
+    return _unique(field, values, MAX_NETWORKS, cidr, "names no network (the server would answer no one)")
+
+
+def addresses(field: str, values: Sequence[str]) -> list[str]:
+    """The servers a client asks, as IP addresses."""
+    return _unique(field, values, MAX_SERVERS, ip_address, "names no server")
+
+
+def stratum(field: str, value: int) -> int:
+    low, high = STRATUM_RANGE
+    if not low <= value <= high:
+        raise FieldError(field, f"{value} is not a stratum ({low}-{high})")
+    return value
+
+
 def allowed_networks(request: actions_pb2.TimeServer) -> list[str]:
-    """The CIDRs, normalised; at least one (chrony serves no one without an `allow`)."""
-    if not request.allow:
-        raise FieldError("time_server.allow", "names no network (the server would answer no one)")
-    if len(request.allow) > MAX_NETWORKS:
-        raise FieldError("time_server.allow", f"has more than {MAX_NETWORKS} networks")
-    networks = [cidr(f"time_server.allow[{i}]", value) for i, value in enumerate(request.allow)]
-    if len(set(networks)) != len(networks):
-        raise FieldError("time_server.allow", "names a network twice")
-    return networks
+    return networks("time_server.allow", request.allow)
 
 
 def check_time_server(request: actions_pb2.TimeServer) -> None:
     allowed_networks(request)
-    low, high = STRATUM_RANGE
-    if not low <= request.stratum <= high:
-        raise FieldError("time_server.stratum", f"{request.stratum} is outside {low}-{high}")
+    stratum("time_server.stratum", request.stratum)
 
 
 def server_addresses(request: actions_pb2.TimeClient) -> list[str]:
-    """The servers' addresses, normalised; one to MAX_SERVERS, none twice."""
-    if not request.servers:
-        raise FieldError("time_client.servers", "names no server")
-    if len(request.servers) > MAX_SERVERS:
-        raise FieldError("time_client.servers", f"has more than {MAX_SERVERS} servers")
-    addresses = [ip_address(f"time_client.servers[{i}]", value) for i, value in enumerate(request.servers)]
-    if len(set(addresses)) != len(addresses):
-        raise FieldError("time_client.servers", "names a server twice")
-    return addresses
+    return addresses("time_client.servers", request.servers)
 
 
 def check_time_client(request: actions_pb2.TimeClient) -> None:

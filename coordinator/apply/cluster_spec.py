@@ -344,22 +344,15 @@ def _firewall(doc: _Fields, name: str) -> FirewallPolicy:
 
 
 def _time_source(doc: _Fields, name: str) -> TimeSource:
-    networks = []
-    for index, item in enumerate(
-        _list(doc.at("allow"), doc.get("allow", required=True), time_checks.MAX_NETWORKS)
-    ):
+    raw = _list(doc.at("allow"), doc.get("allow", required=True), time_checks.MAX_NETWORKS)
+    for index, item in enumerate(raw):
         if not isinstance(item, str):
             raise FieldError(f"{doc.at('allow')}[{index}]", "must be a CIDR string")
-        networks.append(v.cidr(f"{doc.at('allow')}[{index}]", item))
-    allow = tuple(networks)
-    if not allow:
-        raise FieldError(doc.at("allow"), "names no network (the server would answer no one)")
-    if len(set(allow)) != len(allow):
-        raise FieldError(doc.at("allow"), "names a network twice")
+    allow = tuple(time_checks.networks(doc.at("allow"), raw))
     stratum = doc.get("stratum", time_checks.DEFAULT_STRATUM)
-    low, high = time_checks.STRATUM_RANGE
-    if isinstance(stratum, bool) or not isinstance(stratum, int) or not low <= stratum <= high:
-        raise FieldError(doc.at("stratum"), f"{stratum!r} is not a stratum ({low}-{high})")
+    if isinstance(stratum, bool) or not isinstance(stratum, int):
+        raise FieldError(doc.at("stratum"), f"{stratum!r} is not a stratum (a whole number)")
+    time_checks.stratum(doc.at("stratum"), stratum)
     address = doc.text("address", "")
     return TimeSource(
         name=name,

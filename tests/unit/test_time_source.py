@@ -57,11 +57,14 @@ def test_a_time_source_reads_with_defaults() -> None:
             "TimeSource/lab-time.allow: names no network",
         ),
         (("192.168.50.0/24", "192.168.50.1/24"), "allow[0]: '192.168.50.1/24' is not a valid CIDR"),
-        (("10.20.0.0/16", "192.168.50.0/24"), "TimeSource/lab-time.allow: names a network twice"),
+        (("10.20.0.0/16", "192.168.50.0/24"), "TimeSource/lab-time.allow: names one twice"),
         (("allow: [192.168.50.0/24, 10.20.0.0/16]", "allow: [5]"), "allow[0]: must be a CIDR string"),
         (("server: desktop", "server: desktop\nstratum: 16"), "stratum: 16 is not a stratum (1-15)"),
         (("server: desktop", "server: desktop\nstratum: 0"), "stratum: 0 is not a stratum (1-15)"),
-        (("server: desktop", "server: desktop\nstratum: true"), "stratum: True is not a stratum"),
+        (
+            ("server: desktop", "server: desktop\nstratum: true"),
+            "stratum: True is not a stratum (a whole number)",
+        ),
         (
             ("server: desktop", "server: desktop\naddress: time.lan"),
             "address: 'time.lan' is not an IP address",
@@ -130,7 +133,10 @@ def test_time_plan_errors(text: str, message: str) -> None:
     [
         (actions_pb2.Action(time_server=actions_pb2.TimeServer(allow=["10.0.0.0/8"], stratum=10)), None),
         (actions_pb2.Action(time_server=actions_pb2.TimeServer(allow=[], stratum=10)), "names no network"),
-        (actions_pb2.Action(time_server=actions_pb2.TimeServer(allow=["10.0.0.0/8"])), "0 is outside 1-15"),
+        (
+            actions_pb2.Action(time_server=actions_pb2.TimeServer(allow=["10.0.0.0/8"])),
+            "time_server.stratum: 0 is not a stratum (1-15)",
+        ),
         (
             actions_pb2.Action(
                 time_server=actions_pb2.TimeServer(allow=["10.0.0.0/8\nallow all"], stratum=3)
@@ -139,7 +145,7 @@ def test_time_plan_errors(text: str, message: str) -> None:
         ),
         (
             actions_pb2.Action(time_server=actions_pb2.TimeServer(allow=["10.0.0.0/8"] * 33, stratum=3)),
-            "more than 32",
+            "has more than 32 entries",
         ),
         (actions_pb2.Action(time_client=actions_pb2.TimeClient(servers=["10.0.0.1", "fd00::1"])), None),
         (actions_pb2.Action(time_client=actions_pb2.TimeClient()), "names no server"),
@@ -149,7 +155,7 @@ def test_time_plan_errors(text: str, message: str) -> None:
         ),
         (
             actions_pb2.Action(time_client=actions_pb2.TimeClient(servers=["10.0.0.1"] * 2)),
-            "names a server twice",
+            "time_client.servers: names one twice",
         ),
     ],
 )
