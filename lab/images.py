@@ -203,7 +203,8 @@ def _mcp(version: int, healthy: bool) -> StandIn:
         "mcp",
         str(version),
         files,
-        ("/bin/httpd", "-f", "-p", str(MCP_PORT), "-h", "/www"),
+        # -v: a line per request on stderr, so `coordctl logs` has output to show
+        ("/bin/httpd", "-f", "-v", "-p", str(MCP_PORT), "-h", "/www"),
         MCP_PORT,
         (f"MCP_VERSION={version}",),
     )
