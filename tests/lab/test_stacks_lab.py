@@ -19,7 +19,17 @@ import pytest
 
 from picoord.lab.cluster import Lab
 from tests.conftest import require_root_or_fail
-from tests.lab.test_workloads_lab import containers, ctl, ok, services, settle, spec_file, wait_until, words
+from tests.lab.test_workloads_lab import (
+    containers,
+    ctl,
+    ok,
+    services,
+    set_link,
+    settle,
+    spec_file,
+    wait_until,
+    words,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -193,3 +203,45 @@ def test_rm_stack_mcp_leaves_no_container_on_any_pi_and_keeps_history(lab: Lab, 
     # applied again, it starts from its kept history: no revision is lost, none repeated
     ok(lab, "stack", "deploy", "-c", str(stack_file), "mcp")
     assert _revisions(lab, "mcp-server") == [1]
+
+
+# --------------------------------------------------------------------------- after it: removal
+# while a Pi is away (the stack was applied again by the test above, not rolled out)
+
+
+def _status(lab: Lab, node: str) -> str:
+    return next(view["status"] for view in lab.coordctl_json("nodes") if view["name"] == node)
+
+
+def test_rm_while_a_pi_is_away_goes_on_the_others_at_once_and_on_it_when_it_returns(lab: Lab) -> None:
+    ok(lab, "rollout", "mcp-server", timeout=ROLLOUT_TIMEOUT)
+    placed = settle(lab, "mcp-server settled", "mcp-server", 3)
+    victim = "pi1"
+    others = [node for node in NODES if node != victim]
+    assert victim in {r["node"] for r in placed}, placed
+    try:
+        lab.kill_agent(victim)
+        set_link(lab, victim, up=False)
+        wait_until(f"{victim} away", lambda: _status(lab, victim) != "Ready", 60)
+        said = ok(lab, "rm", "stack", "mcp", "--dry-run")
+        assert f"would stop when {victim} returns ({victim} is away)" in said, said
+        said = ok(lab, "rm", "stack", "mcp")
+        assert "service/mcp-server removed" in said, said
+        assert f"stops when {victim} returns ({victim} is away); its container goes then" in said, said
+        for node in others:
+            assert f"@{node} stops within its grace" in said, said
+        wait_until(
+            "no container of the stack on the reachable Pis",
+            lambda: not any(_left(lab).get(node) for node in others),
+            60,
+            explain=lambda: _left(lab),
+        )
+        assert _left(lab).get(victim), "the away Pi's container went before it returned"
+    finally:
+        set_link(lab, victim, up=True)
+        if not lab.is_running(victim):
+            lab.start_agent(victim)
+    lab.wait_ready()
+    wait_until(
+        f"{victim}'s container gone after it returned", lambda: not _left(lab), 90, explain=lambda: _left(lab)
+    )
