@@ -22,6 +22,7 @@ from tests.conftest import require_root_or_fail
 from tests.lab.test_workloads_lab import (
     containers,
     ctl,
+    docker,
     ok,
     services,
     set_link,
@@ -245,3 +246,45 @@ def test_rm_while_a_pi_is_away_goes_on_the_others_at_once_and_on_it_when_it_retu
     wait_until(
         f"{victim}'s container gone after it returned", lambda: not _left(lab), 90, explain=lambda: _left(lab)
     )
+
+
+def _volumes(lab: Lab, node: str) -> list[str]:
+    return docker(lab, node, "volume", "ls", "-q").split()
+
+
+def test_rm_volumes_removes_the_named_volume_where_its_replica_ran_and_without_it_keeps_it(
+    lab: Lab, stack_file: Path
+) -> None:
+    ok(lab, "stack", "deploy", "-c", str(stack_file), "mcp")
+    ok(lab, "rollout", "postgres", timeout=ROLLOUT_TIMEOUT)
+    [postgres] = settle(lab, "postgres settled", "postgres", 1)
+    node = postgres["node"]
+    assert "postgres_data" in _volumes(lab, node)
+    # a volume of the same name on a Pi where no replica of it ran is not the removal's
+    elsewhere = next(n for n in NODES if n != node)
+    docker(lab, elsewhere, "volume", "create", "postgres_data")
+
+    said = ok(lab, "rm", "service", "postgres")  # without --volumes: kept
+    assert "volume postgres_data kept" in said, said
+    wait_until(
+        "postgres's container gone", lambda: not any(containers(lab, "postgres", every=True).values()), 60
+    )
+    assert "postgres_data" in _volumes(lab, node)
+
+    ok(lab, "stack", "deploy", "-c", str(stack_file), "mcp")
+    ok(lab, "rollout", "postgres", timeout=ROLLOUT_TIMEOUT)
+    settle(lab, "postgres settled again", "postgres", 1)
+    said = ok(lab, "rm", "stack", "mcp", "--volumes", "--dry-run")
+    assert f"volume postgres_data@{node} would be removed once no container uses it" in said, said
+    assert "postgres_data" in _volumes(lab, node)  # the dry run removed nothing
+    said = ok(lab, "rm", "stack", "mcp", "--volumes")
+    assert f"volume postgres_data@{node} removed once no container uses it" in said, said
+    wait_until(
+        f"postgres_data gone on {node}",
+        lambda: "postgres_data" not in _volumes(lab, node),
+        90,
+        explain=lambda: (_volumes(lab, node), _left(lab)),
+    )
+    assert not _left(lab)
+    assert "postgres_data" in _volumes(lab, elsewhere)
+    docker(lab, elsewhere, "volume", "rm", "postgres_data")

@@ -223,17 +223,21 @@ def test_what_apply_says_of_each_service(staged: admin_pb2.ServiceStaged, dry_ru
     assert _staged_line(staged, dry_run) == line
 
 
+KEPT = services_pb2.RemoveResponse(
+    services=["mcp-server", "postgres"],
+    replicas=["mcp-server.1@pi1", "postgres.1@ubuntu-desktop"],
+    volumes_kept=["postgres_data"],
+)
+
+
 class _RmStub:
-    def __init__(self) -> None:
+    def __init__(self, reply: services_pb2.RemoveResponse = KEPT) -> None:
         self.asked: list[services_pb2.RemoveRequest] = []
+        self.reply = reply
 
     def Remove(self, request, timeout):
         self.asked.append(request)
-        return services_pb2.RemoveResponse(
-            services=["mcp-server", "postgres"],
-            replicas=["mcp-server.1@pi1", "postgres.1@ubuntu-desktop"],
-            volumes_kept=["postgres_data"],
-        )
+        return self.reply
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
@@ -250,22 +254,15 @@ def test_rm_says_what_goes_and_what_is_kept(dry_run: bool, capsys: pytest.Captur
     assert ("revision history kept" in out) is not dry_run
 
 
-class _RmVolumesStub:
-    def __init__(self) -> None:
-        self.asked: list[services_pb2.RemoveRequest] = []
-
-    def Remove(self, request, timeout):
-        self.asked.append(request)
-        return services_pb2.RemoveResponse(
-            services=["postgres"], replicas=["postgres.1@pi3"], volumes_removed=["postgres_data@pi3"]
-        )
-
-
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_rm_with_volumes_asks_for_them_and_says_which_go(
     dry_run: bool, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    stub = _RmVolumesStub()
+    stub = _RmStub(
+        services_pb2.RemoveResponse(
+            services=["postgres"], replicas=["postgres.1@pi3"], volumes_removed=["postgres_data@pi3"]
+        )
+    )
     args = argparse.Namespace(
         kind="service", target="postgres", dry_run=dry_run, volumes=True, output="table"
     )
