@@ -288,3 +288,33 @@ def test_rm_volumes_removes_the_named_volume_where_its_replica_ran_and_without_i
     assert not _left(lab)
     assert "postgres_data" in _volumes(lab, elsewhere)
     docker(lab, elsewhere, "volume", "rm", "postgres_data")
+
+
+def test_rm_volumes_while_the_pi_is_away_removes_the_volume_when_it_returns(
+    lab: Lab, stack_file: Path
+) -> None:
+    ok(lab, "stack", "deploy", "-c", str(stack_file), "mcp")
+    ok(lab, "rollout", "postgres", timeout=ROLLOUT_TIMEOUT)
+    [postgres] = settle(lab, "postgres settled", "postgres", 1)
+    node = postgres["node"]
+    assert "postgres_data" in _volumes(lab, node)
+    try:
+        lab.kill_agent(node)
+        set_link(lab, node, up=False)
+        wait_until(f"{node} away", lambda: _status(lab, node) != "Ready", 60)
+        said = ok(lab, "rm", "stack", "mcp", "--volumes")
+        assert f"stops when {node} returns ({node} is away)" in said, said
+        assert f"volume postgres_data@{node} removed once no container uses it" in said, said
+        assert "postgres_data" in _volumes(lab, node)  # nothing reaches a node that is away
+    finally:
+        set_link(lab, node, up=True)
+        if not lab.is_running(node):
+            lab.start_agent(node)
+    lab.wait_ready()
+    wait_until(
+        f"postgres_data gone on {node} after it returned",
+        lambda: "postgres_data" not in _volumes(lab, node),
+        90,
+        explain=lambda: (_volumes(lab, node), _left(lab)),
+    )
+    assert not _left(lab)
