@@ -397,6 +397,18 @@ class DockerAPI:
     def remove_container(self, container_id: str, force: bool = False) -> None:
         self._json("DELETE", f"/containers/{container_id}", {"force": "1" if force else "0"})
 
+    # volumes
+    def volumes(self, filters: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """GET /volumes: the volumes (docker-py's `volumes()['Volumes']`); `dangling` filters
+        to those no container uses."""
+        query = {"filters": wire_filters(filters)} if filters else None
+        listing = self._json("GET", "/volumes", query) or {}
+        return list(listing.get("Volumes") or [])
+
+    def remove_volume(self, name: str, force: bool = False) -> None:
+        """DELETE /volumes/{name}; dockerd refuses (409) while a container uses it."""
+        self._json("DELETE", f"/volumes/{name}", {"force": "1" if force else "0"})
+
     # exec
     def exec_create(self, container_id: str, cmd: list[str]) -> dict[str, Any]:
         body = {

@@ -96,6 +96,7 @@ MESSAGE_NAMES: dict[str, str] = {
 
 # --- Workloads ----------------------------------------------------------------------------
 REPLICAS_PER_NODE = 256  # replicas one node may be assigned or report
+VOLUME_REMOVALS = 256  # named volumes one node is asked to remove at once, or reports removed (rm --volumes)
 REPLICA_MESSAGE = 1024  # a replica's last probe output or error, as reported
 # `coordctl logs`: a replica's output travels up the node's session in chunks. A line longer
 # than LOG_LINE_BYTES is cut (the rest counted as dropped). Each stream (one replica) and

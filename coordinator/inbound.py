@@ -81,6 +81,7 @@ TEXT_LIMITS: dict[str, int] = {
         for name in ("service", "replica", "container_id", "state_word", "address")
     },
     "ReplicaReport.message": limits.REPLICA_MESSAGE,
+    "ReplicaReports.volumes_removed[]": limits.TEXT,
     "LogChunk.request_id": limits.TEXT,
     "LogChunk.error": limits.REPLICA_MESSAGE,
     "LogLine.text": limits.LOG_LINE_BYTES,
@@ -105,6 +106,7 @@ COUNT_LIMITS: dict[str, int] = {
     "Event.attributes": limits.EVENT_ATTRIBUTES,
     "EnrollRequest.labels": limits.LABELS,
     "ReplicaReports.replicas": limits.REPLICAS_PER_NODE,
+    "ReplicaReports.volumes_removed": limits.VOLUME_REMOVALS,
     "LogChunk.lines": limits.LOG_CHUNK_LINES,
 }
 

@@ -291,6 +291,23 @@ class Engine:
                 found.append(state)
         return sorted(found, key=lambda state: (state.service, state.replica, state.revision))
 
+    def volumes(self) -> tuple[set[str], set[str]]:
+        """The node's volume names: all of them, and those no container uses (dangling)."""
+        try:
+            every = {str(v.get("Name", "")) for v in self.client.volumes()}
+            unused = {str(v.get("Name", "")) for v in self.client.volumes(filters={"dangling": ["true"]})}
+        except CALL_ERRORS as error:
+            raise RuntimeFailure(f"cannot list volumes: {explain(error)}") from None
+        return every, unused
+
+    def remove_volume(self, name: str) -> None:
+        """Remove a named volume no container uses (dockerd refuses one in use: never forced)."""
+        try:
+            self.client.remove_volume(name)
+        except CALL_ERRORS as error:
+            if "no such volume" not in explain(error).lower():
+                raise RuntimeFailure(f"cannot remove volume {name}: {explain(error)}") from None
+
     def address(self, container_id: str) -> str:
         """The container's address on its bridge network (what the node's probes dial)."""
         networks = self.client.inspect_container(container_id)["NetworkSettings"]["Networks"] or {}

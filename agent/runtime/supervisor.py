@@ -101,6 +101,20 @@ def plan_node(desired: Sequence[ContainerSpec], actual: Sequence[ReplicaState]) 
     return NodePlan(stop, start)
 
 
+@dataclass(frozen=True)
+class VolumePlan:
+    remove: tuple[str, ...]  # asked for, on the node, and no container uses it
+    gone: tuple[str, ...]  # asked for and not on the node: reported, so the coordinator forgets it
+
+
+def plan_volumes(asked: Sequence[str], present: set[str], unused: set[str]) -> VolumePlan:
+    """Which of the named volumes the coordinator asked to remove (coordctl rm --volumes) go
+    now: only one no container uses (a volume another container still mounts waits, and
+    dockerd would refuse it anyway); one already absent is reported gone."""
+    wanted = set(asked)
+    return VolumePlan(tuple(sorted(wanted & present & unused)), tuple(sorted(wanted - present)))
+
+
 def exit_code_to_report(state: ReplicaState, remembered: int) -> int:
     """dockerd's exit code of the container; once its restart policy has started it again
     (which clears dockerd's), the code of the run that ended, as remembered."""
@@ -142,6 +156,7 @@ class Supervisor:
         self._tracked: dict[tuple[str, int], Tracked] = {}
         self._last_sent: bytes = b""
         self._last_sent_at = 0.0
+        self._volumes_gone: tuple[str, ...] = ()
 
     # the assignment
     def _load(self) -> workloads_pb2.NodeAssignment:
@@ -218,8 +233,29 @@ class Supervisor:
             self._start(engine, spec)
         if plan.stop or plan.start:
             actual = engine.replicas()  # type: ignore[attr-defined]
+        self._remove_volumes(engine)
         self._probe(engine, desired, actual)
         self._send(desired, actual)
+
+    def _remove_volumes(self, engine: object) -> None:
+        """Remove the named volumes asked for that no container uses (after this tick's stops)."""
+        from picoord.agent.runtime.engine import RuntimeFailure
+
+        with self._lock:
+            asked = list(self._assignment.remove_volumes)
+        if not asked:
+            self._volumes_gone = ()
+            return
+        present, unused = engine.volumes()  # type: ignore[attr-defined]
+        plan = plan_volumes(asked, present, unused)
+        for name in plan.remove:
+            try:
+                engine.remove_volume(name)  # type: ignore[attr-defined]
+                log.info("removed volume", volume=name)
+                present.discard(name)
+            except RuntimeFailure as error:
+                log.warning("volume not removed", volume=name, error=str(error)[:300])
+        self._volumes_gone = plan_volumes(asked, present, set()).gone
 
     def _grace(self, state: ReplicaState) -> float:
         """The grace the container was created with (a replica being stopped has usually left
@@ -312,7 +348,7 @@ class Supervisor:
         self, desired: list[ContainerSpec], actual: list[ReplicaState]
     ) -> workloads_pb2.ReplicaReports:
         by_key = {(state.replica, state.revision): state for state in actual}
-        reports = workloads_pb2.ReplicaReports(generation=self.generation)
+        reports = workloads_pb2.ReplicaReports(generation=self.generation, volumes_removed=self._volumes_gone)
         for spec in desired:
             tracked = self._track(spec)
             state = by_key.get((spec.replica, spec.revision))

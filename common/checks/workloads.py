@@ -9,6 +9,7 @@ buggy coordinator message cannot mount /etc into a container or smuggle an optio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from picoord.common import limits
@@ -35,6 +36,7 @@ MAX_ARG = 4096
 MAX_PORTS = 64
 MAX_VOLUMES = 64
 MAX_HOSTS = 256
+MAX_VOLUME_REMOVALS = limits.VOLUME_REMOVALS
 MAX_REPORT_TEXT = limits.REPLICA_MESSAGE
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
 PROBE_KINDS = ("http", "tcp", "exec", "none", "")
@@ -151,6 +153,7 @@ def check_assignment(assignment: workloads_pb2.NodeAssignment, node: NodeMounts 
         if spec.replica in seen:
             raise FieldError(f"assignment.replicas[{index}].replica", f"{spec.replica!r} appears twice")
         seen.add(spec.replica)
+    _volume_names("assignment.remove_volumes", assignment.remove_volumes)
 
 
 def check_reports(reports: workloads_pb2.ReplicaReports) -> None:
@@ -165,6 +168,13 @@ def check_reports(reports: workloads_pb2.ReplicaReports) -> None:
                 raise FieldError(f"{where}.{name}", "is longer than 128 characters")
         if len(report.message) > MAX_REPORT_TEXT:
             raise FieldError(f"{where}.message", f"is longer than {MAX_REPORT_TEXT} characters")
+    _volume_names("volumes_removed", reports.volumes_removed)
+
+
+def _volume_names(field: str, names: Sequence[str]) -> None:
+    _count(field, names, MAX_VOLUME_REMOVALS)
+    for index, name in enumerate(names):
+        volume_name(f"{field}[{index}]", name)
 
 
 def read_older_agents_states(reports: workloads_pb2.ReplicaReports) -> None:

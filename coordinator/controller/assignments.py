@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from picoord.common import limits
 from picoord.coordinator.workloads.spec import EXEC, HTTP, TCP, TMPFS, ServiceSpec
 from picoord.v1 import workloads_pb2
 
@@ -155,3 +156,16 @@ def node_assignments(
             continue
         by_node.setdefault(entry.node, []).append(message)
     return by_node, problems
+
+
+def volume_requests(
+    pending: Sequence[str], assigned: Sequence[workloads_pb2.ReplicaSpec], reported_gone: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Of the named volumes a node is to remove (coordctl rm --volumes): those to ask it for,
+    and those it reported gone (done: forget them). A volume a replica assigned to the node
+    mounts is not asked for: the service came back, or another one shares it. At most
+    limits.VOLUME_REMOVALS at once (the agent's bound); the rest once those are done."""
+    mounted = {volume.source for spec in assigned for volume in spec.volumes if volume.source}
+    done = sorted(set(pending) & set(reported_gone))
+    ask = sorted(set(pending) - set(done) - mounted)
+    return ask[: limits.VOLUME_REMOVALS], done

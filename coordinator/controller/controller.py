@@ -28,7 +28,7 @@ import contextlib
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -37,7 +37,7 @@ from picoord.common.limits import DISCONNECT_GRACE
 from picoord.common.vocabulary import RolloutStatus
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller import views
-from picoord.coordinator.controller.assignments import Assigned, node_assignments
+from picoord.coordinator.controller.assignments import Assigned, node_assignments, volume_requests
 from picoord.coordinator.controller.backoff import Backoff
 from picoord.coordinator.controller.decide import (
     Decisions,
@@ -397,7 +397,23 @@ class WorkloadController:
         self._problems = defaultdict(list)
         for problem in problems:
             self._problems[problem.split(".", 1)[0]].append(problem)
-        await self.dispatcher.send(by_node, self.cluster.sessions, records, facts.now)
+        await self.dispatcher.send(
+            by_node, self.cluster.sessions, records, facts.now, await self._volume_requests(by_node)
+        )
+
+    async def _volume_requests(
+        self, by_node: Mapping[str, list[workloads_pb2.ReplicaSpec]]
+    ) -> dict[str, list[str]]:
+        """node -> the named volumes to ask it to remove; those it reported gone are forgotten."""
+        asks: dict[str, list[str]] = {}
+        reports = self.dispatcher.reports()
+        for node, pending in (await asyncio.to_thread(self.records.volume_removals)).items():
+            report = reports.get(node)
+            gone = list(report.volumes_removed) if report is not None else []
+            asks[node], done = volume_requests(pending, by_node.get(node, []), gone)
+            if done:
+                await self.cluster.write(self.records.volumes_removed, node, done)
+        return asks
 
     # --- what operators see -------------------------------------------------------------------------
     def _note(self, service: str, text: str) -> None:
@@ -599,18 +615,24 @@ class WorkloadController:
             self.wake()
         return next(info for info in await self.services_view() if info.name == name)
 
-    async def remove(self, kind: str, name: str, dry_run: bool) -> Removal:
-        """Remove a service or a stack (decide.removal); with `dry_run`, only say what would go."""
+    async def remove(self, kind: str, name: str, dry_run: bool, volumes: bool = False) -> Removal:
+        """Remove a service or a stack (decide.removal), with `volumes` its named volumes too;
+        with `dry_run`, only say what would go."""
         async with self._lock:
             facts = await self._operator_facts()
             try:
-                gone = removal(kind, name, facts.services, facts.replicas.values())
+                away = {node.name for node in facts.nodes.values() if not node.ready}
+                gone = removal(
+                    kind, name, facts.services, facts.replicas.values(), away, facts.specs, volumes
+                )
             except LookupError as error:
                 raise WorkloadRefused("NOT_FOUND", str(error.args[0])) from None
             except ValueError as error:
                 raise WorkloadRefused("INVALID_ARGUMENT", str(error)) from None
             if not dry_run:
-                await self.cluster.write(self.records.remove, list(gone.services), facts.now)
+                await self.cluster.write(
+                    self.records.remove, list(gone.services), facts.now, gone.volumes_removed
+                )
                 for service in gone.services:
                     self._note(service, f"{service} removed: stopping its replicas")
                 self.wake()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from picoord.common.limits import DISCONNECT_GRACE, START_BACKOFF_RESET_AFTER
@@ -41,7 +41,6 @@ from picoord.coordinator.rollout.replicas import FAILED, UNHEALTHY, Replica
 from picoord.coordinator.workloads.spec import (
     GLOBAL,
     MAX_REPLICAS,
-    VOLUME,
     ServiceSpec,
     check_secrets,
     placement_request,
@@ -421,19 +420,34 @@ STACK = "stack"
 @dataclass(frozen=True)
 class Removal:
     """What `coordctl rm` takes away: the services, and their replicas (id, node), which
-    stop within their stop grace; named volumes the services mount are kept."""
+    stop within their stop grace. Named volumes the services mount are kept
+    (`volumes_kept`), or with --volumes removed (`volumes_removed`: (node, volume) for each
+    named volume a removed replica declared, on the node it ran on; the agent removes it
+    once no container uses it). `away`: the nodes of those replicas that cannot be reached
+    now, where both are done when they return (the operator is told so, rather than left to
+    wonder why a container is still there)."""
 
     services: tuple[str, ...]
     replicas: tuple[tuple[str, str], ...]
     volumes_kept: tuple[str, ...]
+    away: tuple[str, ...] = ()
+    volumes_removed: tuple[tuple[str, str], ...] = ()
 
 
 def removal(
-    kind: str, name: str, services: Mapping[str, ServiceRecord], replicas: Iterable[Replica]
+    kind: str,
+    name: str,
+    services: Mapping[str, ServiceRecord],
+    replicas: Iterable[Replica],
+    away_nodes: Collection[str] = (),
+    specs: Mapping[tuple[str, int], ServiceSpec] | None = None,
+    volumes: bool = False,
 ) -> Removal:
     """The removal of service or stack `name`; ValueError (LookupError when there is no such
     service or stack) for what cannot be removed. Nothing here waits for a node: a replica on
-    a node that is away is stopped, and its container removed, when the node returns."""
+    a node that is away is stopped, and its container (and with `volumes` its named volumes)
+    removed, when the node returns. A replica declares the volumes of the revision it runs
+    (`specs`), else of its service's applied spec."""
     if kind == SERVICE:
         if name not in services:
             raise LookupError(f"no service {name!r}")
@@ -444,13 +458,18 @@ def removal(
             raise LookupError(f"no stack {name!r}")
     else:
         raise ValueError(f"{kind!r}: remove a service or a stack")
-    gone = tuple(sorted((r.id, r.node) for r in replicas if r.service in names))
-    volumes = sorted(
-        {
-            volume.source
-            for n in names
-            for volume in services[n].spec.volumes
-            if volume.type == VOLUME and volume.source
-        }
-    )
-    return Removal(tuple(names), gone, tuple(volumes))
+    taken = [r for r in replicas if r.service in names]
+    gone = tuple(sorted((r.id, r.node) for r in taken))
+    declared = sorted({volume for n in names for volume in services[n].spec.named_volumes})
+    away = tuple(sorted({node for _, node in gone if node in away_nodes}))
+    if not volumes:
+        return Removal(tuple(names), gone, tuple(declared), away)
+    revisions = specs or {}
+    on_nodes = {
+        (replica.node, volume)
+        for replica in taken
+        for volume in revisions.get(
+            (replica.service, replica.revision), services[replica.service].spec
+        ).named_volumes
+    }
+    return Removal(tuple(names), gone, (), away, tuple(sorted(on_nodes)))

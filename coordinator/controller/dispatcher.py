@@ -65,19 +65,25 @@ class Dispatcher:
         sessions: Mapping[str, LiveSession],
         records: Iterable[ReplicaRecord],
         now: float,
+        volumes: Mapping[str, list[str]] | None = None,
     ) -> int:
-        """Send each connected node its assignment if it changed; return how many were sent."""
+        """Send each connected node its assignment (its replicas, and the named volumes to
+        remove) if it changed; return how many were sent."""
         on_node: dict[str, list[str]] = {}
         for record in records:
             on_node.setdefault(record.node, []).append(record.id)
         sent = 0
         for node, session in list(sessions.items()):
             replicas = by_node.get(node, [])
-            data = b"".join(spec.SerializeToString(deterministic=True) for spec in replicas)
+            remove = (volumes or {}).get(node, [])
+            unsent = workloads_pb2.NodeAssignment(replicas=replicas, remove_volumes=remove)
+            data = unsent.SerializeToString(deterministic=True)
             if self._sent.get(node) == data:
                 continue
             self._generation = max(self._generation + 1, int(now * 1000))
-            assignment = workloads_pb2.NodeAssignment(generation=self._generation, replicas=replicas)
+            assignment = workloads_pb2.NodeAssignment(
+                generation=self._generation, replicas=replicas, remove_volumes=remove
+            )
             await session.outbox.put(agent_pb2.CoordinatorMessage(assignment=assignment))
             self._sent[node] = data
             sent += 1

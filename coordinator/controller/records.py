@@ -71,6 +71,14 @@ CREATE TABLE IF NOT EXISTS backoffs (
     attempts TEXT NOT NULL DEFAULT '[]',   -- the replica ids tried, at most SLOT_HISTORY
     PRIMARY KEY (service, slot)
 );
+-- `coordctl rm --volumes`: named volumes a node must remove (once no container uses them);
+-- a row goes when the node reports the volume gone, or a service that mounts it is applied
+CREATE TABLE IF NOT EXISTS volume_removals (
+    node TEXT NOT NULL,
+    volume TEXT NOT NULL,
+    asked_at REAL NOT NULL,
+    PRIMARY KEY (node, volume)
+);
 """
 # Columns added after the first release: added to an older store when it is opened.
 _ADDED_COLUMNS = (
@@ -210,6 +218,9 @@ class WorkloadRecords:
                     "removed_at = NULL",
                     (spec.name, text, now, source, stack),
                 )
+                db.executemany(  # a service mounts it again: it is no longer to be removed
+                    "DELETE FROM volume_removals WHERE volume = ?", [(v,) for v in spec.named_volumes]
+                )
         self._changed()
         return changed
 
@@ -231,13 +242,32 @@ class WorkloadRecords:
     def service(self, name: str) -> ServiceRecord | None:
         return next((record for record in self.services() if record.name == name), None)
 
-    def remove(self, services: list[str], now: float) -> None:
+    def remove(self, services: list[str], now: float, volumes: Iterable[tuple[str, str]] = ()) -> None:
         """Forget the services, all or none: no spec, no rollout, no backoff. Their replicas
         stay until stopped (the reconciler stops a replica whose service no longer exists,
-        on a node that is away once it returns); revision history and replica numbering stay."""
+        on a node that is away once it returns); revision history and replica numbering stay.
+        `volumes`: (node, volume) pairs each node is to remove (coordctl rm --volumes)."""
         with self.store.transaction() as db:
             _remove(db, services, now)
+            db.executemany(
+                "INSERT OR REPLACE INTO volume_removals(node, volume, asked_at) VALUES (?, ?, ?)",
+                [(node, volume, now) for node, volume in volumes],
+            )
         self._changed()
+
+    def volume_removals(self) -> dict[str, list[str]]:
+        """node -> the named volumes it is to remove."""
+        found: dict[str, list[str]] = {}
+        for row in self.store.query("SELECT node, volume FROM volume_removals ORDER BY node, volume"):
+            found.setdefault(row["node"], []).append(row["volume"])
+        return found
+
+    def volumes_removed(self, node: str, volumes: Iterable[str]) -> None:
+        """The node reports these volumes gone: nothing more to ask of it."""
+        with self.store.transaction() as db:
+            db.executemany(
+                "DELETE FROM volume_removals WHERE node = ? AND volume = ?", [(node, v) for v in volumes]
+            )
 
     def save_rollout(self, service: str, rollout: Rollout) -> None:
         with self.store.transaction() as db:

@@ -283,22 +283,11 @@ def cmd_services(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace
     return 0
 
 
-def ps_services(services: Iterable[services_pb2.ServiceInfo], name: str | None) -> list[str]:
-    """Whose replicas `ps NAME` lists: the service NAME (its own name wins), else the stack
-    NAME's services, else NAME for the coordinator to refuse; every service without NAME."""
-    services = list(services)
-    if name is None:
-        return [service.name for service in services]
-    if any(service.name == name for service in services):
-        return [name]
-    return [service.name for service in services if service.stack == name] or [name]
-
-
 def cmd_ps(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
     listed = stub.ListServices(services_pb2.ListServicesRequest(), timeout=CALL_TIMEOUT).services
     replicas = [
         replica
-        for service in ps_services(listed, args.name)
+        for service in stacks.services_of(listed, args.name)
         for replica in stub.ListReplicas(services_pb2.ServiceRef(name=service), timeout=CALL_TIMEOUT).replicas
     ]
     now = time.time()
@@ -369,16 +358,28 @@ def cmd_scale(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -
     return code
 
 
+def removal_line(replica: str, stops: str, away: set[str]) -> str:
+    """One replica of `coordctl rm` ("id@node"): on a node that is away, it goes when the node returns."""
+    node = replica.rpartition("@")[2]
+    if node in away:
+        return f"  replica {replica} {stops} when {node} returns ({node} is away); its container goes then"
+    return f"  replica {replica} {stops} within its grace; its container goes"
+
+
 def cmd_rm(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> int:
     """`rm service NAME` / `rm stack NAME`: what goes (or, --dry-run, would go)."""
     reply = stub.Remove(
-        services_pb2.RemoveRequest(kind=args.kind, name=args.target, dry_run=args.dry_run),
+        services_pb2.RemoveRequest(
+            kind=args.kind, name=args.target, dry_run=args.dry_run, volumes=args.volumes
+        ),
         timeout=CALL_TIMEOUT,
     )
     view = {
         "services": list(reply.services),
         "replicas": list(reply.replicas),
         "volumes_kept": list(reply.volumes_kept),
+        "away": list(reply.away),
+        "volumes_removed": list(reply.volumes_removed),
         "dry_run": args.dry_run,
     }
     if args.output != "table":
@@ -389,9 +390,12 @@ def cmd_rm(stub: services_pb2_grpc.WorkloadsStub, args: argparse.Namespace) -> i
         echo(f"service/{service} {verb}")
     stops = "would stop" if args.dry_run else "stops"
     for replica in reply.replicas:
-        echo(f"  replica {replica} {stops} within its grace; its container goes")
+        echo(removal_line(replica, stops, set(reply.away)))
     for volume in reply.volumes_kept:
-        echo(f"  volume {volume} kept (named volumes are never removed; docker volume rm on the node)")
+        echo(f"  volume {volume} kept (named volumes are kept unless --volumes)")
+    goes = "would be removed" if args.dry_run else "removed"
+    for volume in reply.volumes_removed:
+        echo(f"  volume {volume} {goes} once no container uses it")
     if not args.dry_run:
         echo("revision history kept; a node that is away removes its containers when it returns")
     return 0
@@ -548,12 +552,17 @@ def add_commands(commands: Any, with_output: Any) -> None:
     rm.add_argument("kind", choices=("service", "stack"))
     rm.add_argument("target", metavar="NAME")
     rm.add_argument("--dry-run", action="store_true", help="list what would go; change nothing")
+    rm.add_argument(
+        "--volumes",
+        action="store_true",
+        help="also remove the named volumes its replicas mounted, on each node once no container uses them",
+    )
     rm.set_defaults(handler=cmd_rm, api="workloads")
 
     logs = commands.add_parser(
         "logs", help="every replica's output, prefixed with replica and node, in time order"
     )
-    logs.add_argument("name", help="the service")
+    logs.add_argument("name", help="the service, or a stack (every service of it)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new output")
     logs.add_argument("--tail", type=_count, default=0, help="only the last N lines of each replica")
     logs.add_argument("--since", type=parse_duration, help="only output newer than this (10m, 2h)")

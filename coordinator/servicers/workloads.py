@@ -18,6 +18,7 @@ from picoord.coordinator.controller.controller import WorkloadController, Worklo
 from picoord.coordinator.logs import log_targets, relay
 from picoord.coordinator.servicers.faults import unavailable_on_store_fault
 from picoord.coordinator.workloads.spec import service_name
+from picoord.coordinator.workloads.stacks import services_of
 from picoord.v1 import services_pb2, services_pb2_grpc
 
 log = structlog.get_logger("picoord.coordinator.workloads")
@@ -149,7 +150,7 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
     ) -> services_pb2.RemoveResponse:
         name = await self._name(request.name, context)
         try:
-            gone = await self.controller.remove(request.kind, name, request.dry_run)
+            gone = await self.controller.remove(request.kind, name, request.dry_run, request.volumes)
         except WorkloadRefused as error:
             await self._refused(context, error)
             raise AssertionError("unreachable") from None
@@ -159,6 +160,8 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
             services=gone.services,
             replicas=[f"{replica}@{node}" for replica, node in gone.replicas],
             volumes_kept=gone.volumes_kept,
+            away=gone.away,
+            volumes_removed=[f"{volume}@{node}" for node, volume in gone.volumes_removed],
         )
 
     @unavailable_on_store_fault
@@ -239,8 +242,12 @@ class WorkloadsServicer(services_pb2_grpc.WorkloadsServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "since_seconds: a duration from 0 to 100 years"
             )
-        try:
-            replicas = await self.controller.replicas_view(name)
+        try:  # a service, or every service of a stack (the service's own name wins)
+            replicas = [
+                replica
+                for service in services_of(await self.controller.services_view(), name)
+                for replica in await self.controller.replicas_view(service)
+            ]
         except WorkloadRefused as error:
             await self._refused(context, error)
             raise AssertionError("unreachable") from None

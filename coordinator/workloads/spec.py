@@ -177,6 +177,11 @@ class ServiceSpec:
     stop_grace_period: float = 10.0
     origin: str = field(default="", compare=False)  # e.g. "Service/mcp", "services.postgres"
 
+    @property
+    def named_volumes(self) -> frozenset[str]:
+        """The named volumes it mounts (not host paths, not tmpfs): what `rm --volumes` takes."""
+        return frozenset(volume.source for volume in self.volumes if volume.type == VOLUME and volume.source)
+
 
 # What a replica runs: a change here is a new revision, rolled out replica by replica.
 # The rest changes how many run and how updates go, not what each runs (as Kubernetes'

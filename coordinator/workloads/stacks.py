@@ -11,8 +11,9 @@ file applied without --stack) already holds; it is refused at apply, naming the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from picoord.common.validation import FieldError
 from picoord.coordinator.workloads.spec import DependencyCycle, ServiceSpec, dependency_order, service_name
@@ -41,6 +42,28 @@ class Applied:
 class StackChange:
     name: str
     change: str  # ADDED | CHANGED | UNCHANGED | DROPPED | PRUNED
+
+
+class Listed(Protocol):
+    """A service as listed (services_pb2.ServiceInfo): its name and its stack, if any."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stack(self) -> str: ...
+
+
+def services_of(services: Iterable[Listed], name: str | None) -> list[str]:
+    """The services `ps NAME` or `logs NAME` covers: the service NAME (its own name wins),
+    else the stack NAME's services, else NAME for the coordinator to refuse; every service
+    without NAME."""
+    services = list(services)
+    if name is None:
+        return [service.name for service in services]
+    if any(service.name == name for service in services):
+        return [name]
+    return [service.name for service in services if service.stack == name] or [name]
 
 
 def stack_name(name: str) -> str:

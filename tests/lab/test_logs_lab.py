@@ -50,6 +50,17 @@ USES_SECRET = (
     "command: [/bin/sh, -c, 'while true; do sleep 60; done']\n"
     "secrets: [{env: TOKEN, secret: keeper-secrets, key: token}]\n"
 )
+# a stack of two services (compose, as `docker stack deploy` takes it), for `coordctl logs STACK`
+TALK = """services:
+  ping:
+    image: mcp:1
+    entrypoint: [/bin/sh, -c, 'while true; do echo "ping says hi"; sleep 0.5; done']
+    deploy: {resources: {reservations: {memory: 8M}}}
+  pong:
+    image: mcp:1
+    entrypoint: [/bin/sh, -c, 'while true; do echo "pong says hi"; sleep 0.5; done']
+    deploy: {resources: {reservations: {memory: 8M}}}
+"""
 PREFIX = re.compile(r"^(chatty\.\d+)@(pi\d+) \| (?:(\S+) )?chatty line (\d+)$")
 
 
@@ -200,6 +211,24 @@ def test_logs_when_a_node_is_away_says_so_and_prints_the_others(lab: Lab) -> Non
         timeout=60,
         every=1,
     )
+
+
+def test_logs_of_a_stack_print_every_service_of_it(lab: Lab, tmp_path: Path) -> None:
+    ok(lab, "stack", "deploy", "-c", str(spec_file(tmp_path, "talk", TALK)), "talk")
+    ok(lab, "rollout", "talk")
+    said = re.compile(r"^((ping|pong)\.\d+)@pi\d+ \| (ping|pong) says hi$")
+
+    def both() -> set[tuple[str, str]] | None:
+        done = ctl(lab, "logs", "talk", "--tail", "2", timeout=60)
+        assert done.returncode == 0, words(done)
+        assert "chatty" not in done.stdout, done.stdout  # only the stack's services
+        found = {(m.group(2), m.group(3)) for line in done.stdout.splitlines() if (m := said.match(line))}
+        return found if found == {("ping", "ping"), ("pong", "pong")} else None
+
+    try:
+        wait_until("logs talk prints ping's and pong's lines", both, timeout=60, every=1)
+    finally:
+        ok(lab, "rm", "stack", "talk")
 
 
 def test_unknown_service(lab: Lab) -> None:

@@ -11,6 +11,7 @@ then rolled out, then listed and scaled).
 
 from __future__ import annotations
 
+import contextlib
 import platform
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,18 @@ import pytest
 
 from picoord.lab.cluster import Lab
 from tests.conftest import require_root_or_fail
-from tests.lab.test_workloads_lab import containers, ctl, ok, services, settle, spec_file, wait_until, words
+from tests.lab.test_workloads_lab import (
+    containers,
+    ctl,
+    docker,
+    ok,
+    services,
+    set_link,
+    settle,
+    spec_file,
+    wait_until,
+    words,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -193,3 +205,115 @@ def test_rm_stack_mcp_leaves_no_container_on_any_pi_and_keeps_history(lab: Lab, 
     # applied again, it starts from its kept history: no revision is lost, none repeated
     ok(lab, "stack", "deploy", "-c", str(stack_file), "mcp")
     assert _revisions(lab, "mcp-server") == [1]
+
+
+# --------------------------------------------------------------------------- after it: removal
+# while a Pi is away (the stack was applied again by the test above, not rolled out)
+
+
+def _status(lab: Lab, node: str) -> str:
+    return next(view["status"] for view in lab.coordctl_json("nodes") if view["name"] == node)
+
+
+@contextlib.contextmanager
+def _away(lab: Lab, node: str) -> Iterator[None]:
+    """The Pi away (agent killed, link down) until the block ends; then back, and every Pi Ready."""
+    try:
+        lab.kill_agent(node)
+        set_link(lab, node, up=False)
+        wait_until(f"{node} away", lambda: _status(lab, node) != "Ready", 60)
+        yield
+    finally:
+        set_link(lab, node, up=True)
+        if not lab.is_running(node):
+            lab.start_agent(node)
+    lab.wait_ready()
+
+
+def _stack_with_postgres(lab: Lab, stack_file: Path) -> str:
+    """Stack mcp applied and postgres rolled out; the node that holds postgres_data."""
+    ok(lab, "stack", "deploy", "-c", str(stack_file), "mcp")
+    ok(lab, "rollout", "postgres", timeout=ROLLOUT_TIMEOUT)
+    [postgres] = settle(lab, "postgres settled", "postgres", 1)
+    assert "postgres_data" in _volumes(lab, postgres["node"])
+    return str(postgres["node"])
+
+
+def test_rm_while_a_pi_is_away_goes_on_the_others_at_once_and_on_it_when_it_returns(lab: Lab) -> None:
+    ok(lab, "rollout", "mcp-server", timeout=ROLLOUT_TIMEOUT)
+    placed = settle(lab, "mcp-server settled", "mcp-server", 3)
+    victim = "pi1"
+    others = [node for node in NODES if node != victim]
+    assert victim in {r["node"] for r in placed}, placed
+    with _away(lab, victim):
+        said = ok(lab, "rm", "stack", "mcp", "--dry-run")
+        assert f"would stop when {victim} returns ({victim} is away)" in said, said
+        said = ok(lab, "rm", "stack", "mcp")
+        assert "service/mcp-server removed" in said, said
+        assert f"stops when {victim} returns ({victim} is away); its container goes then" in said, said
+        for node in others:
+            assert f"@{node} stops within its grace" in said, said
+        wait_until(
+            "no container of the stack on the reachable Pis",
+            lambda: not any(_left(lab).get(node) for node in others),
+            60,
+            explain=lambda: _left(lab),
+        )
+        assert _left(lab).get(victim), "the away Pi's container went before it returned"
+    wait_until(
+        f"{victim}'s container gone after it returned", lambda: not _left(lab), 90, explain=lambda: _left(lab)
+    )
+
+
+def _volumes(lab: Lab, node: str) -> list[str]:
+    return docker(lab, node, "volume", "ls", "-q").split()
+
+
+def test_rm_volumes_removes_the_named_volume_where_its_replica_ran_and_without_it_keeps_it(
+    lab: Lab, stack_file: Path
+) -> None:
+    node = _stack_with_postgres(lab, stack_file)
+    # a volume of the same name on a Pi where no replica of it ran is not the removal's
+    elsewhere = next(n for n in NODES if n != node)
+    docker(lab, elsewhere, "volume", "create", "postgres_data")
+
+    said = ok(lab, "rm", "service", "postgres")  # without --volumes: kept
+    assert "volume postgres_data kept" in said, said
+    wait_until(
+        "postgres's container gone", lambda: not any(containers(lab, "postgres", every=True).values()), 60
+    )
+    assert "postgres_data" in _volumes(lab, node)
+
+    assert _stack_with_postgres(lab, stack_file) == node  # its file's constraint
+    said = ok(lab, "rm", "stack", "mcp", "--volumes", "--dry-run")
+    assert f"volume postgres_data@{node} would be removed once no container uses it" in said, said
+    assert "postgres_data" in _volumes(lab, node)  # the dry run removed nothing
+    said = ok(lab, "rm", "stack", "mcp", "--volumes")
+    assert f"volume postgres_data@{node} removed once no container uses it" in said, said
+    wait_until(
+        f"postgres_data gone on {node}",
+        lambda: "postgres_data" not in _volumes(lab, node),
+        90,
+        explain=lambda: (_volumes(lab, node), _left(lab)),
+    )
+    assert not _left(lab)
+    assert "postgres_data" in _volumes(lab, elsewhere)
+    docker(lab, elsewhere, "volume", "rm", "postgres_data")
+
+
+def test_rm_volumes_while_the_pi_is_away_removes_the_volume_when_it_returns(
+    lab: Lab, stack_file: Path
+) -> None:
+    node = _stack_with_postgres(lab, stack_file)
+    with _away(lab, node):
+        said = ok(lab, "rm", "stack", "mcp", "--volumes")
+        assert f"stops when {node} returns ({node} is away)" in said, said
+        assert f"volume postgres_data@{node} removed once no container uses it" in said, said
+        assert "postgres_data" in _volumes(lab, node)  # nothing reaches a node that is away
+    wait_until(
+        f"postgres_data gone on {node} after it returned",
+        lambda: "postgres_data" not in _volumes(lab, node),
+        90,
+        explain=lambda: (_volumes(lab, node), _left(lab)),
+    )
+    assert not _left(lab)

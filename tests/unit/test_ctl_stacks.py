@@ -17,9 +17,10 @@ from picoord.coordinator.ctl.workloads import (
     cmd_rm,
     cmd_rollout,
     cmd_scale,
-    ps_services,
+    removal_line,
     scale_words,
 )
+from picoord.coordinator.workloads.stacks import services_of
 from picoord.v1 import admin_pb2, services_pb2
 
 FAILED = "mcp-server.2 on pi2: check http failed"
@@ -124,11 +125,11 @@ def test_a_name_that_is_neither_is_sent_as_a_service_for_the_coordinator_to_refu
     ],
 )
 def test_ps_lists_a_service_a_stack_or_everything(name: str | None, listed: list[str]) -> None:
-    assert ps_services(MCP, name) == listed
+    assert services_of(MCP, name) == listed
 
 
 def test_ps_of_a_service_named_like_a_stack_lists_the_service() -> None:
-    assert ps_services([*MCP, services_pb2.ServiceInfo(name="mcp")], "mcp") == ["mcp"]
+    assert services_of([*MCP, services_pb2.ServiceInfo(name="mcp")], "mcp") == ["mcp"]
 
 
 class _PsStub(_Stub):
@@ -222,31 +223,74 @@ def test_what_apply_says_of_each_service(staged: admin_pb2.ServiceStaged, dry_ru
     assert _staged_line(staged, dry_run) == line
 
 
+KEPT = services_pb2.RemoveResponse(
+    services=["mcp-server", "postgres"],
+    replicas=["mcp-server.1@pi1", "postgres.1@ubuntu-desktop"],
+    volumes_kept=["postgres_data"],
+)
+
+
 class _RmStub:
-    def __init__(self) -> None:
+    def __init__(self, reply: services_pb2.RemoveResponse = KEPT) -> None:
         self.asked: list[services_pb2.RemoveRequest] = []
+        self.reply = reply
 
     def Remove(self, request, timeout):
         self.asked.append(request)
-        return services_pb2.RemoveResponse(
-            services=["mcp-server", "postgres"],
-            replicas=["mcp-server.1@pi1", "postgres.1@ubuntu-desktop"],
-            volumes_kept=["postgres_data"],
-        )
+        return self.reply
 
 
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_rm_says_what_goes_and_what_is_kept(dry_run: bool, capsys: pytest.CaptureFixture[str]) -> None:
     stub = _RmStub()
-    args = argparse.Namespace(kind="stack", target="mcp", dry_run=dry_run, output="table")
+    args = argparse.Namespace(kind="stack", target="mcp", dry_run=dry_run, volumes=False, output="table")
     assert cmd_rm(stub, args) == 0
-    assert [(r.kind, r.name, r.dry_run) for r in stub.asked] == [("stack", "mcp", dry_run)]
+    assert [(r.kind, r.name, r.dry_run, r.volumes) for r in stub.asked] == [("stack", "mcp", dry_run, False)]
     out = capsys.readouterr().out
     verb = "would be removed" if dry_run else "removed"
     assert f"service/mcp-server {verb}\nservice/postgres {verb}\n" in out
     assert "replica postgres.1@ubuntu-desktop " + ("would stop" if dry_run else "stops") in out
     assert "volume postgres_data kept" in out
     assert ("revision history kept" in out) is not dry_run
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_rm_with_volumes_asks_for_them_and_says_which_go(
+    dry_run: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stub = _RmStub(
+        services_pb2.RemoveResponse(
+            services=["postgres"], replicas=["postgres.1@pi3"], volumes_removed=["postgres_data@pi3"]
+        )
+    )
+    args = argparse.Namespace(
+        kind="service", target="postgres", dry_run=dry_run, volumes=True, output="table"
+    )
+    assert cmd_rm(stub, args) == 0
+    assert [r.volumes for r in stub.asked] == [True]
+    out = capsys.readouterr().out
+    verb = "would be removed" if dry_run else "removed"
+    assert f"  volume postgres_data@pi3 {verb} once no container uses it\n" in out
+    assert "kept" not in out.replace("revision history kept", "")
+
+
+@pytest.mark.parametrize(
+    ("replica", "stops", "away", "line"),
+    [
+        ("web.1@pi1", "stops", set(), "  replica web.1@pi1 stops within its grace; its container goes"),
+        ("web.1@pi1", "stops", {"pi2"}, "  replica web.1@pi1 stops within its grace; its container goes"),
+        (
+            "web.1@pi1",
+            "would stop",
+            {"pi1"},
+            "  replica web.1@pi1 would stop when pi1 returns (pi1 is away); its container goes then",
+        ),
+    ],
+)
+def test_rm_says_when_a_replica_on_an_away_node_goes(
+    replica: str, stops: str, away: set[str], line: str
+) -> None:
+    assert removal_line(replica, stops, away) == line
 
 
 @pytest.mark.parametrize("option", [{"image": "mcp:2"}, {"detach": True}])

@@ -213,3 +213,23 @@ def test_wire_filters(filters: dict[str, object], wire: dict[str, list[str]]) ->
 )
 def test_error_message(body: bytes, message: str) -> None:
     assert error_message(body) == message
+
+
+def test_volume_calls_send_what_docker_py_sent(dockerd: tuple[FakeDockerd, str]) -> None:
+    fake, api = client(
+        dockerd,
+        sized(200, b'{"Volumes": [{"Name": "pg"}, {"Name": "cache"}], "Warnings": null}'),
+        sized(200, b'{"Volumes": null}'),
+        sized(204, b"", "No Content"),
+        sized(409, b'{"message": "remove pg: volume is in use - [abc]"}', "Conflict"),
+    )
+    assert [v["Name"] for v in api.volumes()] == ["pg", "cache"]
+    assert api.volumes(filters={"dangling": ["true"]}) == []
+    api.remove_volume("pg")
+    with pytest.raises(DockerAPIError, match="volume is in use") as raised:
+        api.remove_volume("pg")
+    assert raised.value.status == 409
+    [every, dangling, remove, _] = fake.requests[1:]
+    assert every[0] == "GET /v1.41/volumes HTTP/1.1"
+    assert dangling[0] == "GET /v1.41/volumes?filters=%7B%22dangling%22%3A+%5B%22true%22%5D%7D HTTP/1.1"
+    assert remove[0] == "DELETE /v1.41/volumes/pg?force=0 HTTP/1.1"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from picoord.agent.runtime.model import ContainerSpec, ReplicaState
-from picoord.agent.runtime.supervisor import plan_node, retry_delay, spec_from_wire
+from picoord.agent.runtime.supervisor import plan_node, plan_volumes, retry_delay, spec_from_wire
 from picoord.v1 import workloads_pb2
 
 
@@ -60,3 +60,18 @@ def test_spec_from_wire_fills_docker_defaults() -> None:
 )
 def test_a_failed_start_backs_off_up_to_a_minute(previous: float, delay: float) -> None:
     assert retry_delay(previous) == delay
+
+
+@pytest.mark.parametrize(
+    ("asked", "present", "unused", "remove", "gone"),
+    [
+        ([], {"pg"}, {"pg"}, (), ()),  # nothing asked: nothing removed, even a dangling one
+        (["pg"], {"pg", "cache"}, {"pg", "cache"}, ("pg",), ()),  # only what was asked for
+        (["pg"], {"pg"}, set(), (), ()),  # a container still uses it: it waits
+        (["pg"], set(), set(), (), ("pg",)),  # already gone: reported, so it is forgotten
+        (["pg", "old"], {"pg"}, {"pg"}, ("pg",), ("old",)),
+    ],
+)
+def test_plan_volumes(asked, present, unused, remove, gone) -> None:
+    plan = plan_volumes(asked, present, unused)
+    assert (plan.remove, plan.gone) == (remove, gone)

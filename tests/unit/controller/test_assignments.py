@@ -13,6 +13,7 @@ from picoord.coordinator.controller.assignments import (
     discovery_hosts,
     node_assignments,
     replica_spec,
+    volume_requests,
 )
 from picoord.coordinator.workloads.reader import read_workloads
 from picoord.v1 import workloads_pb2
@@ -94,3 +95,23 @@ def test_node_assignments_leave_out_a_replica_whose_secret_is_missing() -> None:
         "coordctl secret create mcp-secrets database-url ..."
     ]
     assert isinstance(by_node["desktop"][0], workloads_pb2.ReplicaSpec)
+
+
+def _mounting(*sources: str) -> workloads_pb2.ReplicaSpec:
+    spec = workloads_pb2.ReplicaSpec(replica="db.1")
+    for source in sources:
+        spec.volumes.add(source=source, target="/data")
+    return spec
+
+
+@pytest.mark.parametrize(
+    ("pending", "assigned", "reported_gone", "ask", "done"),
+    [
+        (["pg"], [], [], ["pg"], []),
+        (["pg"], [], ["pg"], [], ["pg"]),  # the node says it is gone: forgotten
+        (["pg"], [_mounting("pg")], [], [], []),  # a replica there mounts it again: not asked
+        (["pg", "old"], [_mounting("/srv/old", "pg")], ["x"], ["old"], []),  # a bind is no volume
+    ],
+)
+def test_volume_requests(pending, assigned, reported_gone, ask, done) -> None:
+    assert volume_requests(pending, assigned, reported_gone) == (ask, done)

@@ -51,3 +51,13 @@ async def test_a_stop_is_confirmed_by_a_report_at_or_after_the_assignment_withou
     assert dispatcher.confirmed_gone([stopping]) == frozenset()
     dispatcher.reported("pi1", report(generation))
     assert dispatcher.confirmed_gone([stopping]) == {"web.1"}
+
+
+async def test_volumes_to_remove_ride_with_the_assignment_and_a_change_of_them_is_sent() -> None:
+    dispatcher = Dispatcher()
+    session = LiveSession(node="pi1", serial="c1")
+    assert await dispatcher.send({}, {"pi1": session}, [], 1.0, {"pi1": ["pg"]}) == 1
+    assert list(session.outbox.get_nowait().assignment.remove_volumes) == ["pg"]
+    assert await dispatcher.send({}, {"pi1": session}, [], 2.0, {"pi1": ["pg"]}) == 0  # unchanged
+    assert await dispatcher.send({}, {"pi1": session}, [], 3.0, {}) == 1  # done: asked no more
+    assert list(session.outbox.get_nowait().assignment.remove_volumes) == []

@@ -65,6 +65,56 @@ def test_what_a_removal_takes(kind, name, services, replicas, volumes) -> None:
 
 
 @pytest.mark.parametrize(
+    ("kind", "name", "away_nodes", "away"),
+    [
+        (STACK, "mcp", {"pi1"}, ("pi1",)),
+        (STACK, "mcp", {"pi1", "pi3", "pi9"}, ("pi1", "pi3")),  # pi9 holds none of them
+        (SERVICE, "postgres", {"pi1"}, ()),  # postgres runs on pi3
+        (SERVICE, "typo", set(), ()),
+    ],
+)
+def test_a_removal_names_the_away_nodes_that_hold_its_replicas(kind, name, away_nodes, away) -> None:
+    gone = removal(kind, name, SERVICES, REPLICAS, away_nodes)
+    assert gone.away == away
+    assert removal(kind, name, SERVICES, REPLICAS).replicas == gone.replicas  # the same replicas go
+
+
+OLD_DB = dataclasses.replace(
+    DB.spec, volumes=(VolumeMount("volume", "/data", "pg_old"), VolumeMount("tmpfs", "/tmp"))
+)
+ROLLING = [  # postgres mid-rollout: revision 1 on pi3 mounts pg_old, revision 2 on pi2 postgres_data
+    dataclasses.replace(replica("postgres.1", "1", node="pi3", revision=1), service="postgres"),
+    dataclasses.replace(replica("postgres.2", "1", node="pi2", revision=2), service="postgres"),
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "name", "replicas", "specs", "removed"),
+    [
+        (STACK, "mcp", REPLICAS, None, (("pi3", "postgres_data"),)),  # only where a replica ran
+        (SERVICE, "postgres", REPLICAS, None, (("pi3", "postgres_data"),)),
+        (SERVICE, "typo", REPLICAS, None, ()),  # no named volume (a bind is never one)
+        (SERVICE, "postgres", [], None, ()),  # never ran anywhere: no node holds it
+        (  # each replica declares the volumes of the revision it runs
+            SERVICE,
+            "postgres",
+            ROLLING,
+            {("postgres", 1): OLD_DB},
+            (("pi2", "postgres_data"), ("pi3", "pg_old")),
+        ),
+    ],
+)
+def test_with_volumes_a_removal_takes_the_named_volumes_its_replicas_declared(
+    kind, name, replicas, specs, removed
+) -> None:
+    gone = removal(kind, name, SERVICES, replicas, specs=specs, volumes=True)
+    assert gone.volumes_removed == removed
+    assert gone.volumes_kept == ()
+    kept = removal(kind, name, SERVICES, replicas, specs=specs)
+    assert kept.volumes_removed == () and kept.replicas == gone.replicas
+
+
+@pytest.mark.parametrize(
     ("kind", "name", "error", "says"),
     [
         (STACK, "nosuch", LookupError, "no stack 'nosuch'"),
