@@ -75,9 +75,13 @@ def lab_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[.
         _down_all(labs)
 
 
-def _module_lab(tmp_path_factory: pytest.TempPathFactory, nodes: int) -> Iterator[Lab]:
+def _module_lab(
+    tmp_path_factory: pytest.TempPathFactory, nodes: int, name: str = "", **kwargs: Any
+) -> Iterator[Lab]:
+    """A lab brought up for one test module (`yield from` it in a module-scoped fixture),
+    always downed after, a teardown failure failing the module."""
     require_root_or_fail()
-    lab = Lab(tmp_path_factory.mktemp(f"lab{nodes}"))
+    lab = Lab(tmp_path_factory.mktemp(name or f"lab{nodes}"), **kwargs)
     try:
         lab.up(nodes)
         yield lab

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from picoord.lab.cluster import Lab
-from tests.conftest import require_root_or_fail
+from tests.conftest import _module_lab
 from tests.lab.test_workloads_lab import (
     containers,
     ctl,
@@ -49,14 +49,15 @@ def lab_stack() -> str:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    require_root_or_fail()
-    work = tmp_path_factory.mktemp("stacks")
-    lab = Lab(work, sandboxes=True, services=["dockerd"], registry=True, node_names=NODES)
-    try:
-        lab.up(len(NODES))
-        yield lab
-    finally:
-        lab.down()
+    yield from _module_lab(
+        tmp_path_factory,
+        len(NODES),
+        "stacks",
+        sandboxes=True,
+        services=["dockerd"],
+        registry=True,
+        node_names=NODES,
+    )
 
 
 @pytest.fixture(scope="module")

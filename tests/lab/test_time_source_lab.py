@@ -27,7 +27,7 @@ import pytest
 
 from picoord.agent.actions.chrony import DROP_IN
 from picoord.lab.cluster import Lab
-from tests.conftest import _down_all, require_root_or_fail
+from tests.conftest import _module_lab
 
 SPEC = """
 kind: TimeSource
@@ -43,13 +43,7 @@ OFFSET = re.compile(r"System clock wrong by (-?\d+\.\d+) seconds \(ignored\)")
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
-    require_root_or_fail()
-    made = Lab(tmp_path_factory.mktemp("timesource-lab"), sandboxes=True)
-    try:
-        made.up(3)
-        yield made
-    finally:
-        _down_all([made])
+    yield from _module_lab(tmp_path_factory, 3, "timesource-lab", sandboxes=True)
 
 
 @pytest.fixture(scope="module")
