@@ -1,6 +1,7 @@
 """The README and docs/ say only what exists: every relative link points at a file (and,
-into a Markdown file, at a heading) that is there, and every `coordctl SUBCOMMAND` the
-README names is a command of coordctl's own parser."""
+into a Markdown file, at a heading) that is there, every `coordctl SUBCOMMAND` the
+README names is a command of coordctl's own parser, and the README's seed table names
+every command of the seed document (examples/seed.md)."""
 
 from __future__ import annotations
 
@@ -238,3 +239,67 @@ def test_broken_links_are_named(tmp_path: Path, text: str, problems: list[str]) 
 def test_heading_slugs_follow_github() -> None:
     text = "# Quick start: the lab, on one machine\n## `coordctl apply`\n## Notes\n## Notes\n"
     assert heading_slugs(text) == {"quick-start-the-lab-on-one-machine", "coordctl-apply", "notes", "notes-1"}
+
+
+SEED_TABLE_HEADING = "## The seed, command by command"
+
+
+def seed_commands(seed: str) -> list[str]:
+    """Each command of the seed's bash blocks: comments dropped, continued lines joined,
+    a leading sudo dropped, spaces collapsed."""
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", seed, re.MULTILINE | re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = re.sub(r"(^|\s)#.*$", "", line)
+            line = " ".join(line.split())
+            if line:
+                commands.append(line.removeprefix("sudo "))
+    return commands
+
+
+def seed_table_patterns(readme: str) -> list[re.Pattern[str]]:
+    """The commands written in the first column of the README's seed table, as patterns:
+    `…` stands for any text, `a; b` is two commands, a leading sudo is optional."""
+    section = readme.split(SEED_TABLE_HEADING, 1)[1].split("\n## ", 1)[0]
+    patterns = []
+    for row in re.findall(r"^\|(.*?[^\\])\|", section, re.MULTILINE):
+        for code in re.findall(r"`([^`]+)`", row):
+            for command in code.replace("\\|", "|").split("; "):
+                command = " ".join(command.split()).removeprefix("sudo ")
+                parts = [re.escape(part.strip()) for part in command.split("…")]
+                patterns.append(re.compile(r"\s*.*?\s*".join(parts)))
+    return patterns
+
+
+def uncovered_seed_commands(seed: str, readme: str) -> list[str]:
+    patterns = seed_table_patterns(readme)
+    return [c for c in seed_commands(seed) if not any(p.fullmatch(c) for p in patterns)]
+
+
+def test_the_readme_seed_table_names_every_seed_command() -> None:
+    seed = (REPO_ROOT / "examples" / "seed.md").read_text()
+    assert len(seed_commands(seed)) >= 30, "the seed's commands were not found: the extractor is broken"
+    assert uncovered_seed_commands(seed, (REPO_ROOT / "README.md").read_text()) == []
+
+
+@pytest.mark.parametrize(
+    ("seed", "table", "uncovered"),
+    [
+        ("```bash\n# a comment\nsudo apt update\n```\n", "| `apt update` | x |", []),
+        ("```bash\nsudo apt update\n```\n", "| `apt upgrade` | x |", ["apt update"]),
+        ("```bash\ndocker tag a:1 reg/a:1  # tag it\n```\n", "| `docker tag … reg/…` | x |", []),
+        (
+            "```bash\ngluster volume create v \\\n  p1:/b \\\n  force\n```\n",
+            "| `gluster volume create v … force` | x |",
+            [],
+        ),
+        ("```bash\nmkdir -p d\ncp a b\n```\n", "| `mkdir -p d; sudo cp …` | x |", []),
+        ("```bash\ncurl -sSL x | sh\n```\n", "| `curl -sSL x \\| sh` | x |", []),
+        ("```bash\nufw allow 22/tcp\n```\n", "| `22/tcp` | x |", ["ufw allow 22/tcp"]),
+        ("```yaml\nkind: Deployment\n```\n", "| nothing | x |", []),
+    ],
+)
+def test_uncovered_seed_commands_are_named(seed: str, table: str, uncovered: list[str]) -> None:
+    header = f"{SEED_TABLE_HEADING}\n\n| the seed | picoord |\n|---|---|\n"
+    readme = f"{header}{table}\n\n## Next\n| `apt update` | x |\n"  # a later table does not count
+    assert uncovered_seed_commands(seed, readme) == uncovered
