@@ -1,8 +1,8 @@
 """cluster.yaml: the documents `coordctl apply` takes, read into plain, validated data.
 
 A file holds YAML documents of five kinds: ClusterMembership, GlusterVolume, Mount,
-FirewallPolicy and TimeSource (see docs/cluster.md). Reading is all-or-nothing: the first
-invalid field stops it with an error naming the document and the field, so a rejected file changes nothing.
+FirewallPolicy and TimeSource (see README). Reading is all-or-nothing: the first invalid field stops it
+with an error naming the document and the field, so a rejected file changes nothing.
 Node names and selectors are checked against the inventory later, by the planner.
 """
 
