@@ -129,7 +129,8 @@ def parse_first_boot(data: bytes) -> JoinParameters:
     if len(data) > FIRST_BOOT_MAX_BYTES:
         raise InvalidJoinFile(f"larger than {FIRST_BOOT_MAX_BYTES} bytes: not a first-boot file")
     try:
-        values = tomllib.loads(data.decode("utf-8"))
+        # utf-8-sig: Windows editors (the card is often written from any computer) add a BOM
+        values = tomllib.loads(data.decode("utf-8-sig"))
     except UnicodeDecodeError:
         raise InvalidJoinFile("not UTF-8 text") from None
     except tomllib.TOMLDecodeError as error:  # names line and column, never the content

@@ -142,3 +142,8 @@ def test_coordctl_token_create_first_boot_prints_a_file_the_agent_reads(
     with pytest.raises(SystemExit):
         cli.main(["token", "create", "--node-name", "pi-4"])  # --node-name only with --first-boot
     assert "--node-name goes with --first-boot" in capsys.readouterr().err
+
+
+def test_a_file_saved_by_a_windows_editor_reads_the_same() -> None:
+    windows = b"\xef\xbb\xbf" + GOOD.replace("\n", "\r\n").encode()
+    assert parse_first_boot(windows) == parse_first_boot(GOOD.encode())
