@@ -162,11 +162,9 @@ def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
         token=_read_token(args),
         ca_cert_hash=parse_ca_hash(args.ca_cert_hash),
         enroll_port=args.enroll_port,
-        node_name=args.node_name,
+        node_name=validate_node_name(args.node_name) if args.node_name else None,
         labels=dict(parse_label_assignment(item) for item in args.label),
     )
-    if args.node_name:
-        validate_node_name(args.node_name)
     files = _state_files(args, settings)
     check_state_dir(files.state_dir)
     if files.enrollment_path.exists() and not args.force:
@@ -175,10 +173,9 @@ def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
             "`coordctl node remove` and re-run join with --force to enroll again"
         )
     enrollment = _enroll(files, parameters)
-    labels = parameters.labels
     print(f"node {enrollment.node_name} enrolled with {enrollment.coordinator}; now start: picoord-agent run")
-    if labels:  # what the node asks for selects nothing until an operator says so
-        asked = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+    if parameters.labels:  # what the node asks for selects nothing until an operator says so
+        asked = ",".join(f"{key}={value}" for key, value in sorted(parameters.labels.items()))
         print(f"labels {asked} wait for the operator: coordctl node accept {enrollment.node_name}")
     return 0
 
@@ -215,14 +212,8 @@ def cmd_first_boot(args: argparse.Namespace, settings: dict[str, object]) -> int
             token_id=parameters.token.token_id,
         )
         enrollment = _enroll(files, parameters)
-    except (InvalidJoinFile, InvalidName, InvalidAddress, JoinError, OSError) as error:
-        return finish(
-            path,
-            disposition(
-                path,
-                InvalidJoinFile(str(error)) if isinstance(error, (InvalidName, InvalidAddress)) else error,
-            ),
-        )
+    except (InvalidJoinFile, InvalidName, JoinError, OSError) as error:  # InvalidName: the hostname
+        return finish(path, disposition(path, error))
     log.info("enrolled", node=enrollment.node_name, coordinator=enrollment.coordinator)
     return finish(path, disposition(path, None))
 

@@ -74,8 +74,10 @@ def disposition(path: Path, outcome: BaseException | str | None) -> Disposition:
         return Disposition(
             False, EXIT_RETRY, "warning", f"first-boot join not done yet, {outcome}; {path} kept, retrying"
         )
-    if isinstance(outcome, OSError):  # the card unreadable for now: try again
-        return Disposition(False, EXIT_RETRY, "warning", f"cannot read {path}: {outcome}; retrying")
+    if isinstance(outcome, OSError):  # the card unreadable or the state disk full, for now
+        return Disposition(
+            False, EXIT_RETRY, "warning", f"first-boot join with {path} not done: {outcome}; kept, retrying"
+        )
     return Disposition(
         True,
         EXIT_REFUSED,

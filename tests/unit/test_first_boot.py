@@ -242,3 +242,14 @@ def test_the_first_boot_file_setting_and_its_defaults(monkeypatch: pytest.Monkey
     assert cli.first_boot_file({"first_boot_file": "/srv/join.toml"}) == Path("/srv/join.toml")
     monkeypatch.setattr(Path, "is_dir", lambda self: str(self) == "/boot/firmware")
     assert cli.first_boot_file({}) == Path("/boot/firmware/picoord-join.toml")
+
+
+def test_a_hostname_that_is_no_node_name_deletes_the_file_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, captured_log: io.StringIO
+) -> None:
+    from picoord.common.names import InvalidName
+
+    text = GOOD.replace('node_name = "pi-1"\n', "")
+    status, path, _ = _first_boot(tmp_path, text, monkeypatch, InvalidName("invalid node name 'Pi_1'"))
+    assert (status, path.exists()) == (EXIT_REFUSED, False)
+    assert "invalid node name 'Pi_1'" in captured_log.getvalue()
