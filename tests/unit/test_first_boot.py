@@ -253,3 +253,16 @@ def test_a_hostname_that_is_no_node_name_deletes_the_file_and_says_so(
     status, path, _ = _first_boot(tmp_path, text, monkeypatch, InvalidName("invalid node name 'Pi_1'"))
     assert (status, path.exists()) == (EXIT_REFUSED, False)
     assert "invalid node name 'Pi_1'" in captured_log.getvalue()
+
+
+def test_the_running_agents_first_boot_side_never_loads_cryptography() -> None:
+    """The join (and cryptography, ~10 MiB) happens in the child; the waiting agent only
+    looks for the file and starts it."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, picoord.agent.cli, picoord.agent.first_boot, picoord.common.joining; "
+        "sys.exit('cryptography' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", probe], timeout=60, check=False).returncode == 0
