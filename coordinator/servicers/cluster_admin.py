@@ -8,6 +8,7 @@ import grpc
 import structlog
 
 from picoord.common import defaults, limits
+from picoord.common.joining import join_command
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
 from picoord.coordinator.apply.action_planner import PlanError
@@ -106,9 +107,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             usage_limit=request.usage_limit,
             labels=labels,
         )
-        command = f"picoord-agent join {self.join_address} --token {token} --ca-cert-hash {self.ca.cert_hash}"
-        if self.enroll_port_hint is not None:
-            command += f" --enroll-port {self.enroll_port_hint}"
+        command = join_command(self.join_address, token, self.ca.cert_hash, self.enroll_port_hint)
         return admin_pb2.CreateTokenResponse(
             token=str(token), info=token_info(record), ca_cert_hash=self.ca.cert_hash, join_command=command
         )
