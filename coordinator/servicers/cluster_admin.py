@@ -11,7 +11,7 @@ from picoord.common import defaults, limits
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
 from picoord.coordinator.apply.action_planner import PlanError
-from picoord.coordinator.apply.service import ApplyBusy, ApplyService
+from picoord.coordinator.apply.service import ApplyBusy, ApplyService, registry_tls
 from picoord.coordinator.ca import ClusterCA, certificate_serial, certificate_state
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
@@ -65,7 +65,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.ca = ca
         self.join_address = join_address
         self.enroll_port_hint = enroll_port_hint
-        self.applies = ApplyService(cluster, workloads)
+        self.applies = ApplyService(cluster, workloads, registry_tls(ca))
 
     async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
         try:
