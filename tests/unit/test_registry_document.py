@@ -357,3 +357,18 @@ def test_a_registry_that_is_down_is_said_so(tmp_path: Path) -> None:
         RegistryUnreachable, match=r"127.0.0.1:9/mcp:1 .*did not answer over verified TLS: .*refused"
     ):
         resolve_digest("127.0.0.1:9/mcp:1", ca.certificate_pem.decode(), timeout=2)
+
+
+def test_the_example_reads_and_plans() -> None:
+    (doc,) = parse_spec((Path(__file__).parents[2] / "examples" / "registry.yaml").read_text())
+    inventory = [
+        NodeView("ubuntu-desktop", {}, "x86_64", "192.168.10.5"),
+        NodeView("pi1", {}, "aarch64", "192.168.20.11"),
+    ]
+    steps = plan([doc], inventory, fake_tls([]))
+    assert [s.id for s in steps] == ["Registry/cluster:serve@ubuntu-desktop", "Registry/cluster:trust@pi1"]
+    assert list(steps[1].action.registry_trust.addresses) == [
+        "192.168.10.5:5000",
+        "ubuntu-desktop:5000",
+        "desktop.lan:5000",
+    ]
