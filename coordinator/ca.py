@@ -306,6 +306,18 @@ class ClusterCA:
             write_atomically(cert_path, identity.certificate_pem, 0o644)
             return self._chained(identity)
 
+    def registry_certificates(self) -> list[tuple[str, ServerIdentity]]:
+        """(registry name, identity) of every cluster registry certificate issued, for
+        `coordctl certs check-expiration` (a re-apply of its document renews one)."""
+        found = []
+        for cert_path in sorted((self.state_dir / "registry").glob("*.crt")):
+            key_path = cert_path.with_suffix(".key")
+            if key_path.exists():
+                identity = server_identity(key_path.read_bytes(), cert_path.read_bytes())
+                if identity is not None:
+                    found.append((cert_path.stem, identity))
+        return found
+
     def _chained(self, identity: ServerIdentity) -> ServerIdentity:
         return dataclasses.replace(identity, certificate_pem=identity.certificate_pem + self.certificate_pem)
 

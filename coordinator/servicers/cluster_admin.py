@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -256,6 +257,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 not_after=server.not_after,
             ),
         ]
+        for name, registry in await asyncio.to_thread(self.ca.registry_certificates):
+            listed.append(
+                admin_pb2.CertificateExpiration(
+                    name=f"registry/{name}",
+                    kind="registry",
+                    serial=registry.serial,
+                    not_before=registry.not_before,
+                    not_after=registry.not_after,
+                )
+            )
         for listing in listed:
             listing.state = certificate_state(listing.not_after, None, now).wire
         for node, record in (await self.cluster.newest_certificates()).items():
