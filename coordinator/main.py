@@ -34,6 +34,7 @@ from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.prometheus import serve_metrics
 from picoord.coordinator.rate_limit import FailureThrottle, ThrottlePolicy
+from picoord.coordinator.registry_client import ImagePinner
 from picoord.coordinator.servicers.admin_certificates import LOCAL_ONLY_METHODS, AdminCertificatesServicer
 from picoord.coordinator.servicers.cluster_admin import AdminServicer
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
@@ -270,7 +271,10 @@ async def serve(config: CoordinatorConfig) -> None:
         MetricsHistory(config.metrics_history),
     )
     records = WorkloadRecords(store)
-    controller = WorkloadController(cluster, records, grace=config.disconnect_grace)
+    pinner = ImagePinner(store.cluster_registries, ca.certificate_pem.decode())
+    controller = WorkloadController(
+        cluster, records, grace=config.disconnect_grace, pin_image=pinner.digest_for
+    )
     enroll_address = config.enroll_address()
     _, enroll_port = split_host_port(enroll_address, "enroll_listen")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,7 +13,7 @@ from picoord.common.joining import join_command
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
 from picoord.coordinator.apply.action_planner import PlanError
-from picoord.coordinator.apply.service import ApplyBusy, ApplyService
+from picoord.coordinator.apply.service import ApplyBusy, ApplyService, registry_tls
 from picoord.coordinator.ca import ClusterCA, certificate_serial, certificate_state
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
@@ -66,7 +67,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.ca = ca
         self.join_address = join_address
         self.enroll_port_hint = enroll_port_hint
-        self.applies = ApplyService(cluster, workloads)
+        self.applies = ApplyService(cluster, workloads, registry_tls(ca))
 
     async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
         try:
@@ -255,6 +256,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 not_after=server.not_after,
             ),
         ]
+        for name, registry in await asyncio.to_thread(self.ca.registry_certificates):
+            listed.append(
+                admin_pb2.CertificateExpiration(
+                    name=f"registry/{name}",
+                    kind="registry",
+                    serial=registry.serial,
+                    not_before=registry.not_before,
+                    not_after=registry.not_after,
+                )
+            )
         for listing in listed:
             listing.state = certificate_state(listing.not_after, None, now).wire
         for node, record in (await self.cluster.newest_certificates()).items():
