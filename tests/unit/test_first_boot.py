@@ -13,6 +13,7 @@ import pytest
 import structlog
 
 import picoord.agent.cli as cli
+import picoord.agent.first_boot as first_boot
 from picoord.agent.errors import JoinError
 from picoord.agent.first_boot import (
     EXIT_INVALID,
@@ -94,8 +95,13 @@ def test_transient_grpc_answers_are_retried_and_refusals_are_not() -> None:
 
 
 @pytest.fixture
-def captured_log() -> io.StringIO:
+def captured_log(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:
+    """The log lines of the CLI and first_boot. Their loggers are replaced by fresh ones: an
+    earlier test in the run may have configured logging with cache_logger_on_first_use,
+    which would keep them writing where that test configured them."""
     stream = io.StringIO()
+    monkeypatch.setattr(first_boot, "log", structlog.get_logger("picoord.agent.first_boot"))
+    monkeypatch.setattr(cli, "log", structlog.get_logger("picoord.agent"))
     structlog.configure(
         processors=[structlog.processors.KeyValueRenderer()],
         logger_factory=structlog.PrintLoggerFactory(stream),
