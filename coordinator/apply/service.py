@@ -18,8 +18,9 @@ from picoord.coordinator.apply.action_planner import NodeView, Step, plan
 from picoord.coordinator.apply.runner import ApplyRun
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
-from picoord.coordinator.placement.inputs import accepted_labels
-from picoord.coordinator.workloads import stacks
+from picoord.coordinator.placement.constraints import NodeFacts
+from picoord.coordinator.placement.inputs import accepted_labels, node_from
+from picoord.coordinator.workloads import networks, stacks
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
 from picoord.coordinator.workloads.spec import ServiceSpec
 from picoord.coordinator.workloads.stacks import StackError
@@ -77,6 +78,22 @@ class ApplyService:
             )
         return views
 
+    def node_facts(self) -> list[NodeFacts]:
+        """Every node as placement constraints see it (where a stack's services could go)."""
+        facts = []
+        for record in self.cluster.nodes():
+            node = node_from(
+                record.name,
+                self.cluster.hardware(record),
+                None,
+                record.labels,
+                ready=True,
+                role=self.cluster.role(record.name),
+                enrolled=self.cluster.enrolled(record),
+            )
+            facts.append(node.facts)
+        return facts
+
     async def start(
         self,
         documents: str,
@@ -114,7 +131,11 @@ class ApplyService:
         self.running = run
         try:
             preface = [admin_pb2.ApplyEvent(warning=line) for line in workloads.warning_lines()]
-            preface += await self._stage(list(workloads.services), dry_run, source, stack, prune)
+            specs = networks.stack_networks(workloads.services, stack, workloads.network_mode)
+            refusal = networks.overlay_refusal(specs, stack, self.node_facts(), self.cluster.swarm())
+            if refusal:
+                raise StackError(refusal)
+            preface += await self._stage(specs, dry_run, source, stack, prune)
         except BaseException:
             self.running = None
             raise
