@@ -132,9 +132,6 @@ class ApplyService:
         try:
             preface = [admin_pb2.ApplyEvent(warning=line) for line in workloads.warning_lines()]
             specs = networks.stack_networks(workloads.services, stack, workloads.network_mode)
-            refusal = networks.overlay_refusal(specs, stack, self.node_facts(), self.cluster.swarm())
-            if refusal:
-                raise StackError(refusal)
             preface += await self._stage(specs, dry_run, source, stack, prune)
         except BaseException:
             self.running = None
@@ -156,6 +153,10 @@ class ApplyService:
             for record in await asyncio.to_thread(self.workloads.services)
         }
         changes = stacks.plan_stack(existing, specs, stack, prune)
+        # the file's own errors first; then whether its nodes can carry its networks
+        refusal = networks.overlay_refusal(specs, stack, self.node_facts(), self.cluster.swarm())
+        if refusal:
+            raise StackError(refusal)
         pruned = [change.name for change in changes if change.change == stacks.PRUNED]
         if not dry_run and (specs or pruned):
             # one transaction; the reconciler stops the pruned services' replicas (as coordctl rm)
