@@ -91,6 +91,8 @@ class Dispatcher:
             self._sent[node] = data
             sent += 1
             named = {spec.replica for spec in replicas}
+            for replica in named:  # sent again (it had waited, e.g. for its network): not removed
+                self._removed_at.pop(replica, None)
             for replica in on_node.get(node, ()):
                 if replica not in named and replica not in self._removed_at:
                     self._removed_at[replica] = self._generation

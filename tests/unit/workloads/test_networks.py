@@ -259,3 +259,17 @@ def test_the_agent_refuses_a_bad_network_in_an_assignment() -> None:
     with pytest.raises(FieldError) as raised:
         check_replica_spec(bad_alias)
     assert raised.value.field == "replica.networks[0].aliases[0]"
+
+
+def test_a_kubernetes_namespace_is_one_default_network_and_service_names_are_aliases() -> None:
+    text = (
+        (EXAMPLES / "seed-mcp-deployment.yaml")
+        .read_text()
+        .replace("  name: mcp-server\n", "  name: mcp-server\n  namespace: mcp\n", 1)
+    )
+    workloads = read_workloads(text)
+    assert workloads.namespace == "mcp"
+    [server] = networks.stack_networks(workloads.services, workloads.namespace, workloads.network_mode)
+    assert [item.network for item in server.networks] == ["mcp_default"]
+    [attach] = networks.attachments(server)
+    assert attach.aliases == ("mcp-server", "mcp-service")  # the Deployment's and its Service's names
