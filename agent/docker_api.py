@@ -409,6 +409,28 @@ class DockerAPI:
         """DELETE /volumes/{name}; dockerd refuses (409) while a container uses it."""
         self._json("DELETE", f"/volumes/{name}", {"force": "1" if force else "0"})
 
+    # networks
+    def networks(self, filters: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        """GET /networks, as dockerd lists them (`label`, `driver`, `name` filters)."""
+        query = {"filters": wire_filters(filters)} if filters else None
+        return list(self._json("GET", "/networks", query) or [])
+
+    def inspect_network(self, name: str) -> dict[str, Any]:
+        return dict(self._json("GET", f"/networks/{name}"))
+
+    def create_network(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """POST /networks/create (on a Swarm manager, an overlay network is cluster-wide)."""
+        return dict(self._json("POST", "/networks/create", None, body) or {})
+
+    def remove_network(self, name: str) -> None:
+        """DELETE /networks/{name}; dockerd refuses one in use."""
+        self._json("DELETE", f"/networks/{name}")
+
+    def connect_network(self, name: str, container_id: str, aliases: list[str]) -> None:
+        """POST /networks/{name}/connect: the container joins it, answering to `aliases`."""
+        body = {"Container": container_id, "EndpointConfig": {"Aliases": aliases}}
+        self._json("POST", f"/networks/{name}/connect", None, body)
+
     # exec
     def exec_create(self, container_id: str, cmd: list[str]) -> dict[str, Any]:
         body = {

@@ -310,8 +310,8 @@ class AgentRunner:
 
     def _assign(self, assignment: workloads_pb2.NodeAssignment) -> None:
         """A new assignment replaces the old one only if all of it is acceptable."""
-        if self.supervisor is None and not assignment.replicas:
-            return  # nothing to run, nothing ran: the runtime stays unloaded
+        if self.supervisor is None and not assignment.replicas and not assignment.networks:
+            return  # nothing to run or keep, nothing ran: the runtime stays unloaded
         from picoord.common.checks.workloads import NodeMounts, check_assignment
         from picoord.common.validation import FieldError
 
@@ -321,7 +321,12 @@ class AgentRunner:
         except FieldError as error:
             log.error("refusing an assignment from the coordinator", error=str(error)[:300])
             return
-        log.info("assignment received", generation=assignment.generation, replicas=len(assignment.replicas))
+        log.info(
+            "assignment received",
+            generation=assignment.generation,
+            replicas=len(assignment.replicas),
+            networks=len(assignment.networks),
+        )
         self._start_supervisor().assign(assignment)
 
     async def _run_action(self, request: agent_pb2.ActionRequest, outbox: asyncio.Queue) -> None:

@@ -98,6 +98,11 @@ MESSAGE_NAMES: dict[str, str] = {
 REPLICAS_PER_NODE = 256  # replicas one node may be assigned or report
 VOLUME_REMOVALS = 256  # named volumes one node is asked to remove at once, or reports removed (rm --volumes)
 REPLICA_MESSAGE = 1024  # a replica's last probe output or error, as reported
+# Overlay networks (docs/networking.md): a name is "<stack>_<network>", two DNS labels and a _
+NETWORK_NAME = 127
+NETWORKS_PER_REPLICA = 16  # networks one replica joins
+NETWORK_ALIASES = 32  # names one replica answers to on one network
+OVERLAY_NETWORKS = 256  # networks a manager is told to keep, or reports present
 # `coordctl logs`: a replica's output travels up the node's session in chunks. A line longer
 # than LOG_LINE_BYTES is cut (the rest counted as dropped). Each stream (one replica) and
 # each node spends from a byte bucket (rate per second, burst): output past it is dropped

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import socket
 import sys
 import tempfile
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from picoord.agent.runtime.model import LABEL_SERVICE
 from picoord.lab import arm64, netns
 from picoord.lab.cluster import INDEX_DIR, Lab, known_labs, sweep_orphans
+from picoord.lab.images import MCP_PORT, POSTGRES_PORT
 from picoord.lab.netns import LabError
 
 DEMO_SAMPLE_WAIT = 3.0
@@ -348,6 +350,19 @@ class _Demo:
         for node in nodes:
             print(f"{node}: {_http_text(f'http://{self.lab.address(node)}:8080/version')}")
 
+    def closed(self, nodes: Sequence[str], port: int) -> None:
+        """Say, for each node's address, that `port` is closed there (open: the step fails)."""
+        print(f"\n$ nc -w 3 <node> {port}   # from the host, each node's own address")
+        for node in nodes:
+            address = self.lab.address(node)
+            try:
+                with socket.create_connection((address, port), timeout=3):
+                    opened = True
+            except OSError:
+                opened = False
+            self.failed = self.failed or opened
+            print(f"{node} ({address}): {port} {'OPEN' if opened else 'closed'}")
+
     def gone(self, stack: str, nodes: Sequence[str]) -> None:
         """Wait until no node has a replica container left (the demo runs only this stack's
         services); say what is left when the wait ends first."""
@@ -440,6 +455,22 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
                 ["docker", "exec", container, "busybox", "uname", "-m"],
                 f"the {SEED_SERVICE} replica on {node}",
             )
+            said = demo.on_node(
+                node,
+                [
+                    "docker",
+                    "exec",
+                    container,
+                    "busybox",
+                    "wget",
+                    "-qO-",
+                    f"http://127.0.0.1:{MCP_PORT}/cgi-bin/db",
+                ],
+                f"the {SEED_SERVICE} replica on {node} opens DATABASE_URL's postgres:5432, by name",
+            )
+            if not said.startswith("db: reached postgres:5432"):
+                demo.failed = True
+    demo.closed((*SEED_PIS, SEED_DESKTOP), POSTGRES_PORT)  # the overlay carries it; no node publishes it
     demo.versions(SEED_PIS)
     demo.show("rollout", SEED_SERVICE, "--image", "mcp:2", timeout=900)
     demo.versions(SEED_PIS)

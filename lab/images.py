@@ -2,8 +2,9 @@
 
 No public registry is reachable here, so the lab makes its own small images from a static
 busybox: `mcp:1` and `mcp:2` serve `/version` and `/health` over HTTP on 8080 (they differ
-in what `/version` says), `mcp:3` serves `/version` but has no `/health` (its HTTP health
-check fails), `mcp:4` exits at start (broken without any health check), and a `postgres`
+in what `/version` says), and mcp:1 to mcp:3 `/cgi-bin/db` (whether DATABASE_URL's host
+and port answer); `mcp:3` serves `/version` but has no `/health` (its HTTP health check
+fails), `mcp:4` exits at start (broken without any health check), and a `postgres`
 stand-in accepts TCP on 5432. The seed's own image names
 (`mcp-modules-rust:latest`, `postgres:15-alpine`) are the same images under those names.
 
@@ -31,7 +32,21 @@ MANIFEST_LIST_TYPE = "application/vnd.docker.distribution.manifest.list.v2+json"
 CONFIG_TYPE = "application/vnd.docker.container.image.v1+json"
 LAYER_TYPE = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 BUSYBOX = Path("/bin/busybox")  # Debian's busybox-static: one static binary
-APPLETS = ("sh", "httpd", "nc", "wget", "sleep", "cat", "echo", "env", "ls", "true", "false", "kill")
+APPLETS = (
+    "sh",
+    "httpd",
+    "nc",
+    "wget",
+    "sleep",
+    "cat",
+    "echo",
+    "env",
+    "ls",
+    "true",
+    "false",
+    "kill",
+    "hostname",
+)
 MCP_PORT = 8080
 POSTGRES_PORT = 5432
 
@@ -165,7 +180,10 @@ def busybox_layer(busybox: bytes) -> tuple[Blob, str]:
 
 def build_image(stand_in: StandIn, busybox: bytes, architecture: str) -> Image:
     base, base_id = busybox_layer(busybox)
-    app, app_id = _layer(_tar([(path, content, 0o644) for path, content in sorted(stand_in.files.items())]))
+    files = sorted(stand_in.files.items())
+    app, app_id = _layer(
+        _tar([(path, content, 0o755 if "/cgi-bin/" in path else 0o644) for path, content in files])
+    )
     config = {
         "architecture": architecture,
         "os": "linux",
@@ -195,8 +213,36 @@ def docker_archive(image: Image) -> bytes:
     return _tar(entries)
 
 
+# GET /db: can this replica reach its database? Opens DATABASE_URL's host and port (busybox
+# nc: exit 0 once connected, -e runs `true` on the connection) and says so, with the
+# replica's host name, so a client sees which replica answered. httpd runs it as CGI with
+# the container's environment.
+DB_CGI = b"""#!/bin/sh
+printf 'Content-Type: text/plain\\r\\n\\r\\n'
+if [ -z "$DATABASE_URL" ]; then
+  echo "db: DATABASE_URL is not set on $(hostname)"
+  exit 0
+fi
+rest="${DATABASE_URL#*://}"
+rest="${rest#*@}"
+where="${rest%%/*}"
+host="${where%:*}"
+port="${where##*:}"
+[ "$port" = "$where" ] && port=5432
+if nc -w 3 "$host" "$port" -e /bin/true 2>/dev/null; then
+  echo "db: reached $host:$port from $(hostname)"
+else
+  echo "db: cannot reach $host:$port from $(hostname)"
+fi
+"""
+
+
 def _mcp(version: int, healthy: bool) -> StandIn:
-    files = {"www/version": f"mcp {version}\n".encode(), "www/index.html": b"mcp stand-in\n"}
+    files = {
+        "www/version": f"mcp {version}\n".encode(),
+        "www/index.html": b"mcp stand-in\n",
+        "www/cgi-bin/db": DB_CGI,
+    }
     if healthy:
         files["www/health"] = b"ok\n"
     return StandIn(

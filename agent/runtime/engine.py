@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import os
 import time
@@ -78,6 +79,7 @@ HOST_CONFIG_FIELDS: dict[str, tuple[str, Any]] = {
     "mem_reservation": ("MemoryReservation", int),
     "nano_cpus": ("NanoCpus", int),
     "device_requests": ("DeviceRequests", _device_requests),
+    "network_mode": ("NetworkMode", str),
 }
 
 
@@ -117,7 +119,26 @@ def create_request(spec: ContainerSpec) -> tuple[str, dict[str, Any]]:
         body["Cmd"] = list(arguments["command"])
     if "stop_timeout" in arguments:
         body["StopTimeout"] = int(arguments["stop_timeout"])
+    if "networking_config" in arguments:
+        body["NetworkingConfig"] = arguments["networking_config"]
     return str(arguments["name"]), body
+
+
+GATEWAY_BRIDGE = "docker_gwbridge"  # what a container on overlay networks only is reached by
+
+
+def overlay_network_request(name: str, encrypted: bool) -> dict[str, Any]:
+    """The body of POST /networks/create for a stack's network: a Swarm-wide overlay that
+    standalone containers may join (attachable), labelled as picoord's; `encrypted` asks
+    Docker for IPsec between nodes."""
+    return {
+        "Name": name,
+        "CheckDuplicate": True,
+        "Driver": "overlay",
+        "Attachable": True,
+        "Labels": {LABEL_MANAGED: "true"},
+        "Options": {"encrypted": ""} if encrypted else {},
+    }
 
 
 # --- pure: registry credentials ----------------------------------------------------------------
@@ -239,8 +260,21 @@ class Engine:
             raise RuntimeFailure(
                 f"cannot create {spec.container_name} from {spec.image}: {explain(error)}"
             ) from None
+        for network in spec.networks[1:]:  # the Engine API of Docker 20.10 joins one at create
+            try:
+                self.client.connect_network(network.name, created["Id"], list(network.aliases))
+            except CALL_ERRORS as error:
+                self._discard(created["Id"])
+                raise RuntimeFailure(
+                    f"cannot attach {spec.container_name} to network {network.name}: {explain(error)}"
+                ) from None
         self._start(created["Id"], spec)
         return str(created["Id"])
+
+    def _discard(self, container_id: str) -> None:
+        """Remove a container that could not be set up (so the next try creates it whole)."""
+        with contextlib.suppress(CALL_ERRORS):
+            self.client.remove_container(container_id, force=True)
 
     def _start(self, container_id: str, spec: ContainerSpec) -> None:
         try:
@@ -311,20 +345,58 @@ class Engine:
             if "no such volume" not in explain(error).lower():
                 raise RuntimeFailure(f"cannot remove volume {name}: {explain(error)}") from None
 
-    def address(self, container_id: str) -> str:
-        """The container's address on its bridge network (what the node's probes dial)."""
-        networks = self.client.inspect_container(container_id)["NetworkSettings"]["Networks"] or {}
+    def address(self, container_id: str, overlay: bool = False) -> str:
+        """The container's address on its bridge network (what the node's probes dial). A
+        container on overlay networks (`overlay`) is reached from the node through
+        docker_gwbridge, where Docker gives it an address too: its overlay address lives in
+        the overlay's own namespace, out of the node's reach."""
+        inspect = self.client.inspect_container(container_id)
+        if overlay:
+            try:
+                bridge = self.client.inspect_network(GATEWAY_BRIDGE)
+            except CALL_ERRORS:
+                return ""
+            endpoint = (bridge.get("Containers") or {}).get(str(inspect.get("Id", container_id))) or {}
+            return str(endpoint.get("IPv4Address", "")).partition("/")[0]
+        networks = inspect["NetworkSettings"]["Networks"] or {}
         for network in networks.values():
             if network.get("IPAddress"):
                 return str(network["IPAddress"])
         return ""
+
+    # --- a Swarm manager's overlay networks ------------------------------------------------------
+
+    def overlay_networks(self) -> dict[str, bool]:
+        """picoord's overlay networks on this node: name -> encrypted."""
+        try:
+            listed = self.client.networks(filters={"label": [f"{LABEL_MANAGED}=true"], "driver": ["overlay"]})
+        except CALL_ERRORS as error:
+            raise RuntimeFailure(f"cannot list networks: {explain(error)}") from None
+        return {
+            str(item.get("Name", "")): "encrypted" in (item.get("Options") or {})
+            for item in listed
+            if item.get("Name")
+        }
+
+    def create_network(self, name: str, encrypted: bool) -> None:
+        try:
+            self.client.create_network(overlay_network_request(name, encrypted))
+        except CALL_ERRORS as error:
+            raise RuntimeFailure(f"cannot create network {name}: {explain(error)}") from None
+
+    def remove_network(self, name: str) -> None:
+        """Remove one of picoord's networks; dockerd refuses while anything uses it."""
+        try:
+            self.client.remove_network(name)
+        except CALL_ERRORS as error:
+            raise RuntimeFailure(f"network {name} not removed: {explain(error)}") from None
 
     def probe(self, container_id: str, spec: ContainerSpec) -> tuple[bool, str]:
         """Run the spec's health probe once against the running container."""
         check = spec.health
         if check.kind == "exec":
             return self._probe_exec(container_id, check.argv, check.timeout)
-        address = self.address(container_id)
+        address = self.address(container_id, overlay=bool(spec.networks))
         if not address:
             return False, "the container has no address (not running?)"
         if check.kind == "http":

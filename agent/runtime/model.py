@@ -41,6 +41,14 @@ class VolumeMount:
 
 
 @dataclass(frozen=True)
+class NetworkJoin:
+    """A Swarm overlay network the container joins, and the names it answers to on it."""
+
+    name: str
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class HealthCheck:
     """One probe, and how often and how patiently to run it (Docker's HEALTHCHECK terms)."""
 
@@ -76,6 +84,7 @@ class ContainerSpec:
     hosts: Mapping[str, str] = field(default_factory=dict)  # name -> address, for discovery
     health: HealthCheck = field(default_factory=lambda: HealthCheck("none"))
     stop_grace: float = 10.0
+    networks: tuple[NetworkJoin, ...] = ()  # the first at create, the others connected before start
 
     @property
     def container_name(self) -> str:
@@ -109,6 +118,8 @@ def host_config(spec: ContainerSpec) -> dict[str, Any]:
         "restart_policy": restart,
         "extra_hosts": dict(spec.hosts),
     }
+    if spec.networks:
+        config["network_mode"] = spec.networks[0].name
     tmpfs = {volume.target: "ro" if volume.read_only else "" for volume in spec.volumes if volume.tmpfs}
     if tmpfs:
         config["tmpfs"] = tmpfs
@@ -136,6 +147,9 @@ def create_arguments(spec: ContainerSpec) -> dict[str, Any]:
         # usually after it has left the assignment that named its spec.
         "stop_timeout": int(max(0.0, spec.stop_grace)),
     }
+    if spec.networks:
+        first = spec.networks[0]
+        arguments["networking_config"] = {"EndpointsConfig": {first.name: {"Aliases": list(first.aliases)}}}
     if spec.command:
         arguments["entrypoint"] = list(spec.command)
     if spec.args:

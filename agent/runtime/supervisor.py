@@ -16,14 +16,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
 from picoord.agent.runtime.health import Health, observe
-from picoord.agent.runtime.model import ContainerSpec, HealthCheck, Port, ReplicaState, VolumeMount
+from picoord.agent.runtime.model import (
+    ContainerSpec,
+    HealthCheck,
+    NetworkJoin,
+    Port,
+    ReplicaState,
+    VolumeMount,
+)
 from picoord.agent.state import ASSIGNMENT_FILE
 from picoord.common.checks.workloads import check_assignment
 from picoord.common.files import write_atomically
@@ -69,6 +76,7 @@ def spec_from_wire(spec: workloads_pb2.ReplicaSpec) -> ContainerSpec:
             start_period=probe.start_period_seconds,
         ),
         stop_grace=spec.stop_grace_seconds or 10.0,
+        networks=tuple(NetworkJoin(item.name, tuple(item.aliases)) for item in spec.networks),
     )
 
 
@@ -116,6 +124,24 @@ def plan_volumes(asked: Sequence[str], present: set[str], unused: set[str]) -> V
     return VolumePlan(tuple(sorted(wanted & present & unused)), tuple(sorted(wanted - present)))
 
 
+@dataclass(frozen=True)
+class NetworkPlan:
+    create: tuple[tuple[str, bool], ...]  # (name, encrypted) wanted and missing
+    remove: tuple[str, ...]  # picoord's, no longer wanted (dockerd refuses while in use)
+    mismatched: tuple[str, ...]  # present with the other `encrypted`: Docker cannot change it
+
+
+def plan_networks(wanted: Mapping[str, bool], present: Mapping[str, bool]) -> NetworkPlan:
+    """What a Swarm manager does so picoord's overlay networks are those wanted."""
+    return NetworkPlan(
+        create=tuple((name, on) for name, on in sorted(wanted.items()) if name not in present),
+        remove=tuple(sorted(set(present) - set(wanted))),
+        mismatched=tuple(
+            sorted(name for name, on in wanted.items() if name in present and present[name] != on)
+        ),
+    )
+
+
 def exit_code_to_report(state: ReplicaState, remembered: int) -> int:
     """dockerd's exit code of the container; once its restart policy has started it again
     (which clears dockerd's), the code of the run that ended, as remembered."""
@@ -158,6 +184,9 @@ class Supervisor:
         self._last_sent: bytes = b""
         self._last_sent_at = 0.0
         self._volumes_gone: tuple[str, ...] = ()
+        self._networks_present: tuple[str, ...] = ()
+        self._keeps_networks = bool(self._assignment.networks)  # told networks once: a manager
+        self._network_failures: dict[str, str] = {}  # name -> the last error logged for it
 
     # the assignment
     def _load(self) -> workloads_pb2.NodeAssignment:
@@ -178,7 +207,7 @@ class Supervisor:
             if assignment.generation and assignment.generation < self._assignment.generation:
                 return
             self._assignment = assignment
-        if not assignment.replicas and not self.path.exists():
+        if not assignment.replicas and not assignment.networks and not self.path.exists():
             self._wake.set()
             return  # a node that never ran workloads keeps no file (and never opens the engine)
         try:
@@ -212,7 +241,7 @@ class Supervisor:
             self._wake.clear()
 
     def _engine_or_none(self, desired: list[ContainerSpec]) -> object | None:
-        if self._engine is None and (desired or self.path.exists()):
+        if self._engine is None and (desired or self._assignment.networks or self.path.exists()):
             if self._engine_factory is None:
                 from picoord.agent.runtime.engine import Engine  # only when needed
 
@@ -235,6 +264,7 @@ class Supervisor:
         if plan.stop or plan.start:
             actual = engine.replicas()  # type: ignore[attr-defined]
         self._remove_volumes(engine)
+        self._keep_networks(engine)
         self._probe(engine, desired, actual)
         self._send(desired, actual)
 
@@ -257,6 +287,47 @@ class Supervisor:
             except RuntimeFailure as error:
                 log.warning("volume not removed", volume=name, error=str(error)[:300])
         self._volumes_gone = plan_volumes(asked, present, set()).gone
+
+    def _keep_networks(self, engine: object) -> None:
+        """On the Swarm manager (a node told networks): create the wanted overlay networks,
+        remove picoord's others (dockerd refuses one still in use: tried again next tick),
+        and report those present. A node never told any leaves networks alone."""
+        from picoord.agent.runtime.engine import RuntimeFailure
+
+        with self._lock:
+            wanted = {network.name: network.encrypted for network in self._assignment.networks}
+        self._keeps_networks = self._keeps_networks or bool(wanted)
+        if not self._keeps_networks:
+            return
+        try:
+            present = engine.overlay_networks()  # type: ignore[attr-defined]
+        except RuntimeFailure as error:
+            log.warning("cannot list networks", error=str(error)[:300])
+            return
+        plan = plan_networks(wanted, present)
+        for name, encrypted in plan.create:
+            try:
+                engine.create_network(name, encrypted)  # type: ignore[attr-defined]
+                log.info("created overlay network", network=name, encrypted=encrypted)
+                present[name] = encrypted
+            except RuntimeFailure as error:
+                self._failed_once(name, "overlay network not created", str(error))
+        for name in plan.remove:
+            try:
+                engine.remove_network(name)  # type: ignore[attr-defined]
+                log.info("removed overlay network", network=name)
+                present.pop(name, None)
+            except RuntimeFailure as error:
+                self._failed_once(name, "overlay network kept", str(error))
+        for name in plan.mismatched:
+            self._failed_once(name, "overlay network's encryption differs; remove the stack to change it", "")
+        self._networks_present = tuple(sorted(present))
+
+    def _failed_once(self, name: str, what: str, error: str) -> None:
+        """Log a network's failure when it differs from the last one logged for it."""
+        if self._network_failures.get(name) != what + error:
+            self._network_failures[name] = what + error
+            log.warning(what, network=name, error=error[:300])
 
     def _grace(self, state: ReplicaState) -> float:
         """The grace the container was created with (a replica being stopped has usually left
@@ -349,7 +420,11 @@ class Supervisor:
         self, desired: list[ContainerSpec], actual: list[ReplicaState]
     ) -> workloads_pb2.ReplicaReports:
         by_key = {(state.replica, state.revision): state for state in actual}
-        reports = workloads_pb2.ReplicaReports(generation=self.generation, volumes_removed=self._volumes_gone)
+        reports = workloads_pb2.ReplicaReports(
+            generation=self.generation,
+            volumes_removed=self._volumes_gone,
+            networks_present=self._networks_present,
+        )
         for spec in desired:
             tracked = self._track(spec)
             state = by_key.get((spec.replica, spec.revision))

@@ -9,6 +9,7 @@ buggy coordinator message cannot mount /etc into a container or smuggle an optio
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -42,6 +43,8 @@ MAX_REPORT_TEXT = limits.REPLICA_MESSAGE
 RESTART_POLICIES = ("no", "on-failure", "always", "unless-stopped")
 PROBE_KINDS = ("http", "tcp", "exec", "none", "")
 PROTOCOLS = ("tcp", "udp")
+# Docker's network names: a letter or digit, then letters, digits, '_', '.', '-'
+_NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def _count(field: str, values: object, limit: int) -> None:
@@ -120,6 +123,35 @@ def check_replica_spec(
         ip_address(f"{field}.hosts.{name}", address)
     check_probe(spec.health, f"{field}.health")
     _seconds(f"{field}.stop_grace_seconds", spec.stop_grace_seconds, 3600)
+    _count(f"{field}.networks", spec.networks, limits.NETWORKS_PER_REPLICA)
+    names = set()
+    for index, attachment in enumerate(spec.networks):
+        where = f"{field}.networks[{index}]"
+        network_name(f"{where}.name", attachment.name)
+        if attachment.name in names:
+            raise FieldError(f"{where}.name", f"{attachment.name!r} appears twice")
+        names.add(attachment.name)
+        _count(f"{where}.aliases", attachment.aliases, limits.NETWORK_ALIASES)
+        for number, alias in enumerate(attachment.aliases):
+            hostname(f"{where}.aliases[{number}]", alias)
+
+
+def network_name(field: str, value: str) -> str:
+    """A Docker network name as picoord makes them ("<stack>_<network>"): it reaches the
+    Engine API as data, but is still held to Docker's own spelling and a length."""
+    if not isinstance(value, str) or len(value) > limits.NETWORK_NAME or not _NETWORK_NAME.fullmatch(value):
+        raise FieldError(
+            field,
+            f"{value!r} is not a network name (letters, digits, '_', '.', '-'; "
+            f"at most {limits.NETWORK_NAME} characters)",
+        )
+    return value
+
+
+def _network_names(field: str, names: Sequence[str]) -> None:
+    _count(field, names, limits.OVERLAY_NETWORKS)
+    for index, name in enumerate(names):
+        network_name(f"{field}[{index}]", name)
 
 
 def check_probe(probe: workloads_pb2.HealthProbe, field: str) -> None:
@@ -157,6 +189,9 @@ def check_assignment(assignment: workloads_pb2.NodeAssignment, node: NodeMounts 
             raise FieldError(f"assignment.replicas[{index}].replica", f"{spec.replica!r} appears twice")
         seen.add(spec.replica)
     _volume_names("assignment.remove_volumes", assignment.remove_volumes)
+    _network_names("assignment.networks", [network.name for network in assignment.networks])
+    if len({network.name for network in assignment.networks}) != len(assignment.networks):
+        raise FieldError("assignment.networks", "names a network twice")
 
 
 def check_reports(reports: workloads_pb2.ReplicaReports) -> None:
@@ -172,6 +207,7 @@ def check_reports(reports: workloads_pb2.ReplicaReports) -> None:
         if len(report.message) > MAX_REPORT_TEXT:
             raise FieldError(f"{where}.message", f"is longer than {MAX_REPORT_TEXT} characters")
     _volume_names("volumes_removed", reports.volumes_removed)
+    _network_names("networks_present", reports.networks_present)
 
 
 def _volume_names(field: str, names: Sequence[str]) -> None:

@@ -19,8 +19,9 @@ from picoord.coordinator.apply.runner import ApplyRun
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
-from picoord.coordinator.placement.inputs import accepted_labels
-from picoord.coordinator.workloads import stacks
+from picoord.coordinator.placement.constraints import NodeFacts
+from picoord.coordinator.placement.inputs import accepted_labels, node_from
+from picoord.coordinator.workloads import networks, stacks
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
 from picoord.coordinator.workloads.spec import ServiceSpec
 from picoord.coordinator.workloads.stacks import StackError
@@ -105,6 +106,22 @@ class ApplyService:
             )
         return views
 
+    def node_facts(self) -> list[NodeFacts]:
+        """Every node as placement constraints see it (where a stack's services could go)."""
+        facts = []
+        for record in self.cluster.nodes():
+            node = node_from(
+                record.name,
+                self.cluster.hardware(record),
+                None,
+                record.labels,
+                ready=True,
+                role=self.cluster.role(record.name),
+                enrolled=self.cluster.enrolled(record),
+            )
+            facts.append(node.facts)
+        return facts
+
     async def start(
         self,
         documents: str,
@@ -143,7 +160,8 @@ class ApplyService:
         self.running = run
         try:
             preface = [admin_pb2.ApplyEvent(warning=line) for line in workloads.warning_lines()]
-            preface += await self._stage(list(workloads.services), dry_run, source, stack, prune)
+            specs = networks.stack_networks(workloads.services, stack, workloads.network_mode)
+            preface += await self._stage(specs, dry_run, source, stack, prune)
             if not dry_run:
                 for name, addresses in registries(steps).items():
                     await self.cluster.record_registry(name, addresses)
@@ -167,6 +185,10 @@ class ApplyService:
             for record in await asyncio.to_thread(self.workloads.services)
         }
         changes = stacks.plan_stack(existing, specs, stack, prune)
+        # the file's own errors first; then whether its nodes can carry its networks
+        refusal = networks.overlay_refusal(specs, stack, self.node_facts(), self.cluster.swarm())
+        if refusal:
+            raise StackError(refusal)
         pruned = [change.name for change in changes if change.change == stacks.PRUNED]
         if not dry_run and (specs or pruned):
             # one transaction; the reconciler stops the pruned services' replicas (as coordctl rm)

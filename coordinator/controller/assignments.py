@@ -1,7 +1,13 @@
 """What each node must run, built from the coordinator's replica records: pure functions
 from (revision specs, records, secrets, addresses) to one NodeAssignment per node.
 
-Service discovery works without an overlay network: a replica reaches another service of
+A stack's services (overlay mode, workloads/networks.py) join their Swarm overlay networks
+with their names as aliases: Docker's embedded DNS does discovery, nothing is published for
+it, and a replica waits (is left out of its node's assignment) until the Swarm manager
+reports its networks present.
+
+In published-ports mode (chosen explicitly, or a service without a stack), discovery works
+without an overlay network: a replica reaches another service of
 its file by name through an /etc/hosts entry (Docker's extra_hosts) naming the node that
 runs a replica of that service, healthy ones first, and a service that others name has
 its container ports published on its node at the same numbers (so `postgres:5432` in the
@@ -13,10 +19,11 @@ updated), and a named service can run one replica per node (its ports are taken)
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from picoord.common import limits
+from picoord.coordinator.workloads import networks
 from picoord.coordinator.workloads.spec import EXEC, HTTP, TCP, TMPFS, ServiceSpec
 from picoord.v1 import workloads_pb2
 
@@ -71,6 +78,8 @@ def replica_spec(
         hosts=dict(hosts),
         stop_grace_seconds=spec.stop_grace_period,
     )
+    for attach in networks.attachments(spec):
+        message.networks.add(name=attach.network, aliases=list(attach.aliases))
     for port in spec.ports:
         published = port.published or (port.target if publish_targets else 0)
         message.ports.add(target=port.target, published=published, protocol=port.protocol)
@@ -137,10 +146,12 @@ def node_assignments(
     health: Mapping[str, bool],
     secrets: Mapping[tuple[str, str], str],
     addresses: Mapping[str, str],
+    networks_present: Collection[str] = (),
 ) -> tuple[dict[str, list[workloads_pb2.ReplicaSpec]], list[str]]:
     """Every node's replicas, and a line per replica that cannot be built (a missing
-    secret): that replica is left out, the others go ahead."""
-    referenced = {name for spec in current.values() for name in spec.references}
+    secret) or waits (a network the Swarm manager has not reported present): that replica
+    is left out, the others go ahead."""
+    referenced = {name for spec in current.values() if not spec.networks for name in spec.references}
     pairs = [(entry, health.get(entry.replica, False)) for entry in placed]
     by_node: dict[str, list[workloads_pb2.ReplicaSpec]] = {}
     problems: list[str] = []
@@ -149,9 +160,16 @@ def node_assignments(
         if spec is None:
             problems.append(f"{entry.replica}: revision {entry.revision} of {entry.service} is not stored")
             continue
-        hosts = discovery_hosts(spec, pairs, addresses, current)
+        missing = networks.missing_networks(spec, networks_present)
+        if missing:
+            problems.append(
+                f"{entry.replica}: waits for network {', '.join(missing)} (the Swarm manager creates it)"
+            )
+            continue
+        overlay = bool(spec.networks)
+        hosts = {} if overlay else discovery_hosts(spec, pairs, addresses, current)
         try:
-            message = replica_spec(spec, entry, secrets, hosts, entry.service in referenced)
+            message = replica_spec(spec, entry, secrets, hosts, not overlay and entry.service in referenced)
         except MissingSecret as error:
             problems.append(f"{entry.replica}: {error}")
             continue

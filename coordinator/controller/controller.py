@@ -69,6 +69,7 @@ from picoord.coordinator.rollout import history as revisions
 from picoord.coordinator.rollout import planner
 from picoord.coordinator.rollout.replicas import Replica
 from picoord.coordinator.status import Status
+from picoord.coordinator.workloads import networks
 from picoord.coordinator.workloads.spec import ServiceSpec, secret_stamp, secret_users, secrets_set_since
 from picoord.v1 import services_pb2, workloads_pb2
 
@@ -226,12 +227,13 @@ class WorkloadController:
         built). A node whose inputs are the same objects as last tick keeps its Node: with a
         thousand nodes, only those with a new sample or status are built again."""
         nodes = {}
+        swarm = self.cluster.swarm()
         for record in self.cluster.nodes():
             hardware = self.cluster.hardware(record)
             sample = self.cluster.history.latest(record.name)
             ready = self.cluster.status(record.name) is Status.READY
             role = self.cluster.role(record.name)
-            inputs = (record, hardware, sample, ready, record.name in drained, role)
+            inputs = (record, hardware, sample, ready, record.name in drained, role, record.name in swarm)
             cached = self._node_cache.get(record.name)
             if cached is not None and all(a is b or a == b for a, b in zip(cached[0], inputs, strict=True)):
                 nodes[record.name] = cached[1]
@@ -245,6 +247,7 @@ class WorkloadController:
                 draining=record.name in drained,
                 role=role,
                 enrolled=self.cluster.enrolled(record),
+                swarm=record.name in swarm,
             )
             self._node_cache[record.name] = (inputs, node)
             nodes[record.name] = node
@@ -387,6 +390,8 @@ class WorkloadController:
         addresses = {node: session.address for node, session in self.cluster.sessions.items()}
         healthy = {rid: replica.available(True) for rid, replica in replicas.items()}
         current = {name: service.spec for name, service in read.services.items()}
+        manager = networks.swarm_manager(self.cluster.swarm())
+        manager_report = self.dispatcher.reports().get(manager)
         by_node, problems = node_assignments(
             [Assigned(r.id, r.service, r.revision, r.node) for r in live],
             read.specs,
@@ -394,6 +399,14 @@ class WorkloadController:
             healthy,
             secrets,
             addresses,
+            manager_report.networks_present if manager_report is not None else (),
+        )
+        in_use = [read.specs[key] for key in {(r.service, r.revision) for r in records} if key in read.specs]
+        wanted = networks.wanted_networks([*current.values(), *in_use])
+        keep = (
+            {manager: [workloads_pb2.OverlayNetwork(name=name, encrypted=on) for name, on in wanted.items()]}
+            if manager
+            else {}
         )
         for problem in problems:
             service = problem.split(".", 1)[0]
@@ -403,7 +416,7 @@ class WorkloadController:
         for problem in problems:
             self._problems[problem.split(".", 1)[0]].append(problem)
         await self.dispatcher.send(
-            by_node, self.cluster.sessions, records, facts.now, await self._volume_requests(by_node)
+            by_node, self.cluster.sessions, records, facts.now, await self._volume_requests(by_node), keep
         )
 
     async def _volume_requests(

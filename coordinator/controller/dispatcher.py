@@ -66,9 +66,11 @@ class Dispatcher:
         records: Iterable[ReplicaRecord],
         now: float,
         volumes: Mapping[str, list[str]] | None = None,
+        networks: Mapping[str, list[workloads_pb2.OverlayNetwork]] | None = None,
     ) -> int:
-        """Send each connected node its assignment (its replicas, and the named volumes to
-        remove) if it changed; return how many were sent."""
+        """Send each connected node its assignment (its replicas, the named volumes to
+        remove, and for the Swarm manager the overlay networks to keep) if it changed;
+        return how many were sent."""
         on_node: dict[str, list[str]] = {}
         for record in records:
             on_node.setdefault(record.node, []).append(record.id)
@@ -76,18 +78,21 @@ class Dispatcher:
         for node, session in list(sessions.items()):
             replicas = by_node.get(node, [])
             remove = (volumes or {}).get(node, [])
-            unsent = workloads_pb2.NodeAssignment(replicas=replicas, remove_volumes=remove)
+            keep = (networks or {}).get(node, [])
+            unsent = workloads_pb2.NodeAssignment(replicas=replicas, remove_volumes=remove, networks=keep)
             data = unsent.SerializeToString(deterministic=True)
             if self._sent.get(node) == data:
                 continue
             self._generation = max(self._generation + 1, int(now * 1000))
             assignment = workloads_pb2.NodeAssignment(
-                generation=self._generation, replicas=replicas, remove_volumes=remove
+                generation=self._generation, replicas=replicas, remove_volumes=remove, networks=keep
             )
             await session.outbox.put(agent_pb2.CoordinatorMessage(assignment=assignment))
             self._sent[node] = data
             sent += 1
             named = {spec.replica for spec in replicas}
+            for replica in named:  # sent again (it had waited, e.g. for its network): not removed
+                self._removed_at.pop(replica, None)
             for replica in on_node.get(node, ()):
                 if replica not in named and replica not in self._removed_at:
                     self._removed_at[replica] = self._generation

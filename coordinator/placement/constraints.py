@@ -66,6 +66,7 @@ class NodeFacts:
     role: str = "worker"
     os: str = "linux"
     labels: Mapping[str, str] = field(default_factory=dict)
+    swarm: bool = False  # in the Swarm picoord's membership actions made (overlay stacks need it)
 
 
 @dataclass(frozen=True)

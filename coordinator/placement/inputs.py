@@ -106,6 +106,20 @@ def roles_from_actions(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, s
     return {node: role for node, (_, role) in latest.items()}
 
 
+def swarm_members(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, str]:
+    """node -> MANAGER or WORKER for the nodes in the Swarm: their latest Swarm membership
+    action that took effect was an init or a join (a leave takes them out)."""
+    latest: dict[str, tuple[float, str]] = {}
+    for record in records:
+        if not record.kind.startswith("swarm_") or record.dry_run or record.outcome not in _TOOK_EFFECT:
+            continue
+        when = record.finished_at or record.started_at
+        if record.node not in latest or when >= latest[record.node][0]:
+            latest[record.node] = (when, record.kind)
+    roles = {"swarm_init": MANAGER, "swarm_join": WORKER}
+    return {node: roles[kind] for node, (_, kind) in sorted(latest.items()) if kind in roles}
+
+
 def node_from(
     name: str,
     hardware: node_pb2.Hardware,
@@ -115,6 +129,7 @@ def node_from(
     draining: bool = False,
     role: str = WORKER,
     enrolled: Enrolled | None = None,
+    swarm: bool = False,
 ) -> Node:
     """The scheduler's node. With `enrolled`, placement reads the recorded hardware, not
     `hardware` (the latest hello): a hello that changed it holds the node (`Node.held`);
@@ -127,7 +142,9 @@ def node_from(
         hardware = recorded
         hostname = hostname_fact(name, recorded.hostname, enrolled.other_names)
         labels = accepted_labels(labels, enrolled.pending_labels)
-    facts = NodeFacts(name, arch=hardware.arch, hostname=hostname, role=role, labels=dict(labels))
+    facts = NodeFacts(
+        name, arch=hardware.arch, hostname=hostname, role=role, labels=dict(labels), swarm=swarm
+    )
     return Node(
         facts,
         memory_bytes=hardware.memory_total_bytes,

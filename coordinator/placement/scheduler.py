@@ -108,6 +108,7 @@ class Request:
     gpus: int = 0  # ALL_GPUS for every GPU of the node
     constraints: tuple[Constraint, ...] = ()
     spread: Spread = field(default_factory=Spread)
+    swarm_only: bool = False  # a stack's service on Swarm overlay networks: Swarm nodes only
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,8 @@ def _reject(node: Node, request: Request, usage: _Usage, config: SchedulerConfig
     unmet = first_unmet(request.constraints, node.facts)
     if unmet is not None:
         return _Rejection(unmet.unmet(), unmet.unmet())
+    if request.swarm_only and not node.facts.swarm:
+        return _Rejection("not in the Swarm", "not in the Swarm (the stack's overlay networks need it)")
     limit = request.spread.max_per_node
     if limit and usage.of_service[node.name] >= limit:
         text = f"already running {request.service} (max {limit} per node)"

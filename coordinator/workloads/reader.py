@@ -15,6 +15,7 @@ from typing import Any
 
 from picoord.common.validation import FieldError
 from picoord.coordinator.apply import cluster_spec
+from picoord.coordinator.workloads import networks
 from picoord.coordinator.workloads import spec as s
 from picoord.coordinator.workloads.fields import SpecWarning
 from picoord.coordinator.workloads.importers import compose, kubernetes, native
@@ -31,6 +32,7 @@ class Workloads:
     cluster: tuple[cluster_spec.Document, ...] = ()  # for the apply planner, untouched
     source: str = ""
     namespace: str = ""  # the Kubernetes documents' metadata.namespace: their stack
+    network_mode: str = networks.OVERLAY  # a Compose file's x-picoord.network_mode (networks.py)
 
     def warning_lines(self) -> list[str]:
         prefix = f"{self.source}: " if self.source else ""
@@ -61,6 +63,7 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
     cluster: list[cluster_spec.Document] = []
     kubernetes_documents: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
+    modes: set[str] = set()
     try:
         for index, raw in enumerate(raw_documents):
             if not isinstance(raw, dict):
@@ -71,6 +74,7 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
             kind = _format(raw)
             if kind == "compose":
                 services.extend(compose.read_compose(raw, warnings))
+                modes.add(compose.network_mode(raw))
             elif kind == "kubernetes":
                 kubernetes_documents.append(raw)
             elif kind == "picoord":
@@ -93,7 +97,10 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
             warnings.extend(SpecWarning(where, why) for where, why in s.plaintext_secrets(spec))
     except (FieldError, cluster_spec.SpecError) as error:
         raise WorkloadError(f"{prefix}{error}") from None
-    return Workloads(tuple(services), tuple(warnings), tuple(cluster), source, namespace)
+    if len(modes) > 1:
+        raise WorkloadError(f"{prefix}x-picoord.network_mode: one file is one stack; its documents differ")
+    mode = next(iter(modes), networks.OVERLAY)
+    return Workloads(tuple(services), tuple(warnings), tuple(cluster), source, namespace, mode)
 
 
 def _namespace(documents: list[dict[str, Any]]) -> str:

@@ -91,6 +91,18 @@ class VolumeMount:
 
 
 @dataclass(frozen=True)
+class NetworkAttachment:
+    """A network the service joins, as its file names it (`mcp-network`) until the stack is
+    known, then as Swarm names it (`mcp_mcp-network`, networks.stack_networks). `encrypted`
+    is the network's own option (the same on every service of the file); `aliases` are the
+    extra names the service answers to on it (Compose's per-network aliases)."""
+
+    network: str
+    encrypted: bool = False
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DeviceRequest:
     """GPUs and the like, as Docker's device requests: count -1 means all of them."""
 
@@ -171,6 +183,8 @@ class ServiceSpec:
     depends_on: tuple[str, ...] = ()  # placed first on a first deployment
     references: tuple[str, ...] = ()  # services of the same file it names (depends_on too)
     aliases: tuple[str, ...] = ()  # more names it is reachable by (a Kubernetes Service's)
+    # Swarm overlay networks it joins; none: published-ports mode (docs/networking.md)
+    networks: tuple[NetworkAttachment, ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
     user: str = ""
     working_dir: str = ""
@@ -469,4 +483,5 @@ def placement_request(spec: ServiceSpec, replicas: int | None = None) -> Request
         gpus=spec.resources.gpu_count,
         constraints=spec.placement.constraints,
         spread=spec.placement.spread,
+        swarm_only=bool(spec.networks),
     )

@@ -50,8 +50,10 @@ USES_SECRET = (
     "command: [/bin/sh, -c, 'while true; do sleep 60; done']\n"
     "secrets: [{env: TOKEN, secret: keeper-secrets, key: token}]\n"
 )
-# a stack of two services (compose, as `docker stack deploy` takes it), for `coordctl logs STACK`
-TALK = """services:
+# a stack of two services (compose, as `docker stack deploy` takes it), for `coordctl logs STACK`;
+# this lab's Pis are in no Swarm, so the file chooses published-ports mode (docs/networking.md)
+TALK = """x-picoord: {network_mode: published-ports}
+services:
   ping:
     image: mcp:1
     entrypoint: [/bin/sh, -c, 'while true; do echo "ping says hi"; sleep 0.5; done']

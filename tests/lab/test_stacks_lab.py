@@ -5,8 +5,10 @@ stack or service, a dependency cycle, a name another stack holds), through `coor
 The lab's Pis are this machine's architecture, so the file's one constraint on the Pis'
 arch (aarch64) is given this machine's; its postgres constraint (node.hostname ==
 ubuntu-desktop) is met as written by naming the third Pi ubuntu-desktop, as the seed's
-layout does. One lab serves the module; the tests run in file order (the stack is applied,
-then rolled out, then listed and scaled).
+layout does. The Pis are in no Swarm, so the file also chooses published-ports mode
+(`x-picoord`); overlay networks are tests/lab/test_overlay_lab.py's. One lab serves the
+module; the tests run in file order (the stack is applied, then rolled out, then listed
+and scaled).
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ ROLLOUT_TIMEOUT = 240.0
 
 
 def lab_stack() -> str:
-    """The seed's file with the arch of this machine's Pis in place of aarch64; nothing else."""
+    """The seed's file with the arch of this machine's Pis in place of aarch64, in
+    published-ports mode (the Pis are in no Swarm); nothing else."""
     assert "node.platform.arch == aarch64" in SEED_STACK
-    return SEED_STACK.replace("node.platform.arch == aarch64", f"node.platform.arch == {platform.machine()}")
+    arch = SEED_STACK.replace("node.platform.arch == aarch64", f"node.platform.arch == {platform.machine()}")
+    return arch + "\nx-picoord:\n  network_mode: published-ports\n"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 FILES_BEING_WRITTEN_IN_PARALLEL = frozenset(
     {
         "docs/install.md",
-        "docs/networking.md",
         "docs/firewall.md",
     }
 )

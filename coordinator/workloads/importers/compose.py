@@ -29,19 +29,17 @@ from picoord.coordinator.placement.constraints import (
     parse_spread,
 )
 from picoord.coordinator.rollout.policy import UpdatePolicy, validate_update_policy
+from picoord.coordinator.workloads import networks
 from picoord.coordinator.workloads import spec as s
 from picoord.coordinator.workloads.fields import Fields, SpecWarning, argv, as_list, mapping, scalar_text
 from picoord.coordinator.workloads.importers.native import device_request
 from picoord.coordinator.workloads.quantities import DOCKER, cpu_millicores, duration_seconds, memory_bytes
 
+EXTENSION = "x-picoord"  # picoord's own top-level settings of a file (network_mode)
 WARN = "warn"
 ERROR = "error"
 MAX_PORT_RANGE = 100
 
-_NO_NETWORKS = (
-    "picoord has no overlay networks: services of one file reach each other by service name "
-    "on the nodes' own network (docs/workloads.md, service discovery)"
-)
 _LIMITS = "sets a container limit picoord does not apply; use deploy.resources"
 _PRIVILEGE = "changes the container's privileges or isolation, which picoord does not do"
 
@@ -66,7 +64,6 @@ SERVICE_KEYS: dict[str, tuple[str, str]] = {
     "links": (WARN, "services reach each other by name; links are not needed"),
     "logging": (WARN, "containers log through dockerd's default log driver"),
     "mac_address": (WARN, "the container's MAC address is not set"),
-    "networks": (WARN, _NO_NETWORKS),
     "profiles": (WARN, "every service of the file is deployed, as docker stack deploy does"),
     "pull_policy": (WARN, "picoord pulls an image when the node lacks it"),
     "stdin_open": (WARN, "containers run without stdin"),
@@ -130,7 +127,7 @@ SERVICE_KEYS: dict[str, tuple[str, str]] = {
     "volumes_from": (ERROR, "sharing another container's volumes is not supported"),
 }
 DEPLOY_KEYS: dict[str, tuple[str, str]] = {
-    "endpoint_mode": (WARN, "no virtual IP: a service name leads to the nodes that run its replicas"),
+    "endpoint_mode": (WARN, "no virtual IP: a service name resolves to the address of each replica (dnsrr)"),
 }
 TOP_LEVEL_KEYS: dict[str, tuple[str, str]] = {
     "name": (WARN, "picoord names services by their keys under services:"),
@@ -171,13 +168,13 @@ def read_compose(raw: dict[str, Any], warnings: list[SpecWarning]) -> list[s.Ser
         warnings.append(SpecWarning("version", f"{version!r}: read as a version 3 (stack) file"))
     top.apply_table(TOP_LEVEL_KEYS)
     volumes = _declared_volumes(top.mapping("volumes"))
-    networks = top.mapping("networks")
-    if networks is not None:
-        _networks(networks)
+    declared = _networks(top.mapping("networks"))
+    top.used.add(EXTENSION)
+    network_mode(raw)
     services = top.mapping("services")
     if services is None or not services.data:
         raise FieldError("services", "names no service")
-    specs = [_service(services, name, volumes) for name in services.data]
+    specs = [_service(services, name, volumes, declared) for name in services.data]
     names = [spec.name for spec in specs]
     specs = [_with_references(spec, names) for spec in specs]
     s.check_references(specs, {spec.name: f"services.{spec.name}.depends_on" for spec in specs})
@@ -230,29 +227,102 @@ def _declared_volumes(table: Fields | None) -> set[str]:
     return set(table.data)
 
 
-def _networks(table: Fields) -> None:
+def network_mode(raw: dict[str, Any]) -> str:
+    """The file's choice between Swarm overlay networks (the default) and today's
+    published-ports mode: `x-picoord: {network_mode: published-ports}` (docs/networking.md)."""
+    extension = raw.get(EXTENSION)
+    if extension is None:
+        return networks.OVERLAY
+    table = mapping(EXTENSION, extension, [])
+    mode = table.text("network_mode", networks.OVERLAY, choices=networks.NETWORK_MODES)
+    table.finish()
+    return mode
+
+
+def _networks(table: Fields | None) -> dict[str, bool]:
+    """The file's networks: name -> encrypted. Each becomes a Swarm attachable overlay
+    network `<stack>_<name>` (the `default` one too, when a service names none)."""
+    declared: dict[str, bool] = {networks.DEFAULT_NETWORK: False}
+    if table is None:
+        return declared
     for name in table.data:
+        s.service_name(table.at(name), name)
         item = table.mapping(name)
         if item is None:
-            table.warnings.append(SpecWarning(table.at(name), _NO_NETWORKS))
+            declared[name] = False
             continue
+        driver = item.text("driver", "overlay")
+        if driver != "overlay":
+            raise FieldError(
+                item.at("driver"),
+                f"driver {driver!r}: a stack's networks are Swarm overlay networks (driver: overlay)",
+            )
         item.refuse(
             "internal", "an internal network (no way out) is not supported; removing it would open one", False
         )
-        driver = item.get("driver", "default")
-        item.warnings.append(SpecWarning(item.path, f"driver {driver}: {_NO_NETWORKS}"))
-        for key in (
-            "driver",
-            "attachable",
-            "driver_opts",
-            "ipam",
-            "external",
-            "labels",
-            "name",
-            "enable_ipv6",
-        ):
-            item.used.add(key)
+        item.refuse(
+            "external", "picoord creates the networks of its stacks; an external one is not supported", False
+        )
+        item.refuse("name", "a network is named <stack>_<key>, as docker stack deploy names it")
+        encrypted = item.boolean("encrypted", False)  # picoord's spelling of the option
+        options = item.mapping("driver_opts")
+        if options is not None:
+            for key, value in options.data.items():
+                if key != "encrypted":
+                    raise FieldError(options.at(key), "the only network driver option supported is encrypted")
+                if value not in ("", True, "true", None):
+                    raise FieldError(options.at(key), f'{value!r}: give encrypted: "" (Docker\'s spelling)')
+                options.used.add(key)
+                encrypted = True
+        item.warn("attachable", "picoord's networks are always attachable (agents attach their containers)")
+        item.warn("ipam", "Swarm chooses the network's subnet")
+        item.warn("labels", "picoord labels the network as its own")
+        item.warn("enable_ipv6", "IPv6 on overlay networks is not set")
         item.finish(extensions_warn=True)
+        declared[name] = encrypted
+    return declared
+
+
+def _service_networks(doc: Fields, declared: dict[str, bool]) -> tuple[s.NetworkAttachment, ...]:
+    """The networks a service joins (the file's `default` one when it names none), each with
+    the aliases it gives there."""
+    raw = doc.get("networks")
+    path = doc.at("networks")
+    if raw is None:
+        return (s.NetworkAttachment(networks.DEFAULT_NETWORK, declared[networks.DEFAULT_NETWORK]),)
+    if isinstance(raw, list):
+        entries: dict[str, Any] = {}
+        for index, name in enumerate(as_list(path, raw)):
+            if not isinstance(name, str):
+                raise FieldError(f"{path}[{index}]", "must be a network name")
+            entries[name] = None
+    else:
+        entries = mapping(path, raw, doc.warnings).data
+    attached = []
+    for name, value in entries.items():
+        where = f"{path}.{name}"
+        if name not in declared:
+            raise FieldError(where, f"network {name!r} is not declared under the top-level networks:")
+        aliases: tuple[str, ...] = ()
+        if value is not None:
+            item = mapping(where, value, doc.warnings)
+            aliases = tuple(
+                s.service_name(f"{item.at('aliases')}[{i}]", a) for i, a in enumerate(item.items("aliases"))
+            )
+            for key in (
+                "ipv4_address",
+                "ipv6_address",
+                "link_local_ips",
+                "mac_address",
+                "priority",
+                "driver_opts",
+            ):
+                item.warn(key, "Swarm chooses the replica's address on the network")
+            item.finish(extensions_warn=True)
+        attached.append(s.NetworkAttachment(name, declared[name], aliases))
+    if not attached:
+        raise FieldError(path, "names no network")
+    return tuple(attached)
 
 
 def _words(path: str, value: Any) -> tuple[str, ...]:
@@ -264,7 +334,7 @@ def _words(path: str, value: Any) -> tuple[str, ...]:
     return argv(path, value)
 
 
-def _service(services: Fields, name: str, volumes: set[str]) -> s.ServiceSpec:
+def _service(services: Fields, name: str, volumes: set[str], declared: dict[str, bool]) -> s.ServiceSpec:
     s.service_name(services.at(name), name)
     doc = services.mapping(name)
     if doc is None:
@@ -305,6 +375,7 @@ def _service(services: Fields, name: str, volumes: set[str]) -> s.ServiceSpec:
         update=_update(deploy, "update_config") or UpdatePolicy(),
         rollback=_update(deploy, "rollback_config"),
         depends_on=_depends_on(doc),
+        networks=_service_networks(doc, declared),
         labels=_labels(doc, deploy),
         user=s.user_spec(doc.at("user"), doc.text("user", "")),
         working_dir=s.working_dir(doc.at("working_dir"), doc.text("working_dir", "")),

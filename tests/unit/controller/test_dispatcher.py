@@ -61,3 +61,20 @@ async def test_volumes_to_remove_ride_with_the_assignment_and_a_change_of_them_i
     assert await dispatcher.send({}, {"pi1": session}, [], 2.0, {"pi1": ["pg"]}) == 0  # unchanged
     assert await dispatcher.send({}, {"pi1": session}, [], 3.0, {}) == 1  # done: asked no more
     assert list(session.outbox.get_nowait().assignment.remove_volumes) == []
+
+
+async def test_a_replica_left_out_while_it_waits_is_not_gone_once_it_is_sent() -> None:
+    """A replica that waited (its overlay network not yet there) and was then sent counts as
+    removed only from the assignment that leaves it out after that."""
+    dispatcher = Dispatcher()
+    session = LiveSession(node="pi1", serial="c1")
+    running = ReplicaRecord("web.1", "web", 1, "pi1", 0.0)
+    stopping = ReplicaRecord("web.1", "web", 1, "pi1", 0.0, stopping=True)
+    await dispatcher.send({}, {"pi1": session}, [running], 1.0)  # waits: left out
+    waited = session.outbox.get_nowait().assignment.generation
+    await dispatcher.send(
+        {"pi1": [workloads_pb2.ReplicaSpec(replica="web.1")]}, {"pi1": session}, [running], 2.0
+    )
+    await dispatcher.send({}, {"pi1": session}, [stopping], 3.0)
+    dispatcher.reported("pi1", report(waited))  # the agent had not yet applied the one that sent it
+    assert dispatcher.confirmed_gone([stopping]) == frozenset()
