@@ -25,6 +25,7 @@ from picoord.coordinator.placement.inputs import (
     Enrolled,
     hardware_changes,
     roles_from_actions,
+    swarm_roles_from_actions,
 )
 from picoord.coordinator.status import STATUS_TO_WIRE, Status, StatusTimeouts, node_status
 from picoord.coordinator.store import (
@@ -151,9 +152,11 @@ class Cluster:
         self._hardware: dict[str, node_pb2.Hardware] = {}
         self._recorded: dict[str, tuple[bytes | None, node_pb2.Hardware]] = {}
         # Each node's cluster role is the coordinator's record of the membership actions it ran.
-        self._roles = roles_from_actions(
+        membership = [
             admin_pb2.ActionRecord.FromString(row) for row in store.actions_of_kinds(MEMBERSHIP_KINDS)
-        )
+        ]
+        self._roles = roles_from_actions(membership)
+        self._swarm_roles = swarm_roles_from_actions(membership)
         self._summaries: dict[str, tuple[NodeRecord, admin_pb2.NodeSummary]] = {}
         self._pending_actions: dict[str, tuple[str, asyncio.Future[agent_pb2.ActionResult]]] = {}
         self.clocks = ClockOffsets()
@@ -353,6 +356,10 @@ class Cluster:
         """manager or worker: what the coordinator's membership actions made the node."""
         return self._roles.get(name, "worker")
 
+    def swarm_role(self, name: str) -> str:
+        """manager, worker, or "" when the node is in no Swarm the coordinator made."""
+        return self._swarm_roles.get(name, "")
+
     def status(self, name: str) -> Status:
         return node_status(name in self.sessions, self._last_seen.get(name, 0.0), self.clock(), self.timeouts)
 
@@ -475,6 +482,7 @@ class Cluster:
     @whole
     async def record_action(self, record: admin_pb2.ActionRecord) -> None:
         self._roles.update(roles_from_actions([record]))
+        self._swarm_roles.update(swarm_roles_from_actions([record]))
         await self._write(
             self._store.record_action,
             record.action_id,
@@ -503,6 +511,7 @@ class Cluster:
         self._hardware.pop(name, None)
         self._recorded.pop(name, None)
         self._roles.pop(name, None)
+        self._swarm_roles.pop(name, None)
         return serials, session is not None
 
     # remote operators' certificates

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from picoord.common.checks import check_action
 from picoord.common.names import normalise_arch
 from picoord.common.validation import FieldError
+from picoord.coordinator.apply import cluster_ports
 from picoord.coordinator.apply.cluster_spec import (
     ClusterMembership,
     Document,
@@ -53,6 +54,8 @@ class NodeView:
     labels: Mapping[str, str] = field(default_factory=dict)
     arch: str = ""
     address: str = ""  # where the coordinator sees the node's session come from; "" when offline
+    swarm_role: str = ""  # "manager" or "worker" in the Swarm the coordinator made; "" in none
+    virtual_addresses: bool = False  # may announce a virtual address (runs VRRP)
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,8 @@ class _Planner:
                 default_incoming=_verdict(doc.default_incoming),
                 rules=[_rule(rule) for rule in doc.rules],
                 confirm_within_seconds=doc.confirm_within_seconds,
+                no_keep_ssh=not doc.keep_ssh,
+                ssh_port=doc.ssh_port,
             )
             # Last on the node: everything else must be in place before its ports close.
             before = tuple(step.id for step in self.steps if step.node == node)
@@ -277,7 +282,11 @@ def _verdict(text: str) -> int:
 
 
 def _rule(rule: Rule) -> actions_pb2.FirewallRule:
-    protocol = {"tcp": actions_pb2.PROTOCOL_TCP, "udp": actions_pb2.PROTOCOL_UDP}.get(rule.protocol, 0)
+    protocol = {
+        "tcp": actions_pb2.PROTOCOL_TCP,
+        "udp": actions_pb2.PROTOCOL_UDP,
+        "vrrp": actions_pb2.PROTOCOL_VRRP,
+    }.get(rule.protocol, actions_pb2.PROTOCOL_ANY)
     return actions_pb2.FirewallRule(
         verdict=_verdict(rule.verdict),
         from_cidr=rule.from_cidr,
@@ -314,7 +323,29 @@ def plan(documents: Sequence[Document], inventory: Sequence[NodeView]) -> list[S
                 check_action(step.action)
             except FieldError as error:
                 raise PlanError(f"{step.document} on {step.node}: {error}") from None
+    _check_cluster_ports(planner.steps, inventory)
     return planner.steps
+
+
+def _check_cluster_ports(steps: Sequence[Step], inventory: Sequence[NodeView]) -> None:
+    """Refuse a plan whose firewall policies would drop what Swarm and VRRP need between
+    the nodes (cluster_ports.py), judged on the nodes' Swarm roles after this plan."""
+    roles = cluster_ports.swarm_roles_after(
+        {node.name: node.swarm_role for node in inventory if node.swarm_role},
+        [(step.node, step.kind) for step in steps],
+    )
+    members = [
+        cluster_ports.Member(node.name, roles.get(node.name, ""), node.virtual_addresses, node.address)
+        for node in inventory
+    ]
+    policies = [
+        cluster_ports.PlannedPolicy(step.document, step.node, step.action.firewall)
+        for step in steps
+        if step.kind == "firewall"
+    ]
+    missing = cluster_ports.missing_rules(policies, members)
+    if missing:
+        raise PlanError(cluster_ports.refusal(missing))
 
 
 def _check_conflicts(steps: Sequence[Step]) -> None:

@@ -106,6 +106,23 @@ def roles_from_actions(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, s
     return {node: role for node, (_, role) in latest.items()}
 
 
+_SWARM_ROLE = {"swarm_init": MANAGER, "swarm_join": WORKER, "swarm_leave": ""}
+
+
+def swarm_roles_from_actions(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, str]:
+    """node -> MANAGER, WORKER or "" (left) in the Docker Swarm the coordinator made, from
+    its swarm init/join/leave actions: the latest that took effect (not a dry run) decides.
+    Unlike roles_from_actions, a node that left is in no swarm, not a worker."""
+    latest: dict[str, tuple[float, str]] = {}
+    for record in records:
+        if record.kind not in _SWARM_ROLE or record.dry_run or record.outcome not in _TOOK_EFFECT:
+            continue
+        when = record.finished_at or record.started_at
+        if record.node not in latest or when >= latest[record.node][0]:
+            latest[record.node] = (when, _SWARM_ROLE[record.kind])
+    return {node: role for node, (_, role) in latest.items()}
+
+
 def node_from(
     name: str,
     hardware: node_pb2.Hardware,
