@@ -199,3 +199,16 @@ def test_a_dry_run_shows_the_kept_session_in_its_message_facts_and_rules(
     message, facts = run(seed_policy(no_keep_ssh=True))
     assert "keep_ssh: false" in message and ssh.FACT_KEPT_OPEN not in facts
     assert "10.9.8.7" not in facts[f"file {ufw.USER_RULES}"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "sources", "says"),
+    [
+        (spec(), ["10.0.0.5"], "keeping 22/tcp open for the source of each live SSH session: 10.0.0.5 ("),
+        (spec(Rule("allow", "10.0.0.0/24")), ["10.0.0.5"], "the policy itself lets every live SSH session's"),
+        (spec(), [], "no live SSH session to 22/tcp to keep open"),
+        (spec(keep=False), [], "keep_ssh: false: live SSH sessions get no rule of their own"),
+    ],
+)
+def test_what_the_result_says_about_ssh(policy: PolicySpec, sources: list[str], says: str) -> None:
+    assert ssh.describe(ssh.keep_ssh_rules(policy, sources), policy, len(sources)).startswith(says)

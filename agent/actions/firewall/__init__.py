@@ -23,11 +23,12 @@ def firewall(request: actions_pb2.FirewallPolicy, context: ActionContext) -> Out
     """Validate the whole policy, then hand it to its backend (UNSPECIFIED means ufw)."""
     spec = policy_spec(request)
     endpoints = guard.coordinator_endpoints(spec, context)
-    kept_ssh = ssh.keep_ssh_rules(spec, ssh.live_sources(spec.ssh_port) if spec.keep_ssh else ())
+    sessions = ssh.live_sources(spec.ssh_port) if spec.keep_ssh else []
+    kept_ssh = ssh.keep_ssh_rules(spec, sessions)
     keep_open = (*guard.keep_open_rules(endpoints), *kept_ssh)
     backend = nftables if spec.backend == "nftables" else ufw
     outcome = backend.apply(spec, keep_open, endpoints, context)
-    outcome.message += "; " + ssh.describe(kept_ssh, spec)
+    outcome.message += "; " + ssh.describe(kept_ssh, spec, len(sessions))
     if kept_ssh:  # one fact, however many sessions: a result holds at most limits.FACTS
         outcome.facts.append(
             actions_pb2.Fact(key=ssh.FACT_KEPT_OPEN, value=" ".join(rule.source for rule in kept_ssh))

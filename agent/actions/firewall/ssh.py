@@ -83,12 +83,14 @@ def keep_ssh_rules(spec: PolicySpec, sources: Iterable[str]) -> tuple[Rule, ...]
     return tuple(rules)
 
 
-def describe(rules: Sequence[Rule], spec: PolicySpec) -> str:
-    """The line a dry run and the result show about SSH."""
+def describe(rules: Sequence[Rule], spec: PolicySpec, sessions: int) -> str:
+    """The line a dry run and the result show about SSH (`sessions`: how many sources)."""
     if not spec.keep_ssh:
         return "keep_ssh: false: live SSH sessions get no rule of their own"
+    if not sessions:
+        return f"no live SSH session to {spec.ssh_port}/tcp to keep open"
     if not rules:
-        return f"SSH ({spec.ssh_port}/tcp): every live session's source is let in by the policy itself"
+        return f"the policy itself lets every live SSH session's source in on {spec.ssh_port}/tcp"
     sources = ", ".join(ipaddress.ip_network(rule.source).network_address.compressed for rule in rules)
     return (
         f"keeping {spec.ssh_port}/tcp open for the source of each live SSH session: {sources} "
