@@ -694,3 +694,70 @@ def test_an_agent_restarted_with_a_pending_revert_on_disk_rearms_or_restores_it(
     record = watchdog.last_record(pis.state_dir, pending.id)
     assert record is not None and record["ok"], record
     wait_for(lambda: not watchdog_pids(pis.state_dir), 5)
+
+
+# ---------------------------------------------------------------- the operator's SSH session
+
+# A stand-in sshd that greets and keeps each connection open, and a session that stays.
+_SSHD = r"""
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", 22))
+server.listen(16)
+print("LISTEN" + "ING", flush=True)
+held = []
+while True:
+    connection, _ = server.accept()
+    connection.sendall(b"hello\n")
+    held.append(connection)
+"""
+_SESSION = r"""
+import socket, sys, time
+session = socket.create_connection((sys.argv[1], 22), timeout=10)
+print("SESSION", session.recv(16).decode().strip(), flush=True)
+time.sleep(3600)
+"""
+
+
+def start_logged(pis: Pis, node: str, argv: list[str], name: str, ready: str) -> None:
+    log = pis.logs / f"{node}-{name}.log"
+    process = pis[node].popen(argv, log)
+    pis.processes.append(process)
+    wait_for(lambda: ready in (log.read_text() if log.exists() else ""), 10, 0.05)
+    assert process.poll() is None, log.read_text()
+
+
+@pytest.mark.parametrize("backend", ["ufw", "nftables"])
+def test_a_default_deny_policy_keeps_a_live_ssh_sessions_source_able_to_connect_anew(
+    pis: Pis, coordinator: Listener, backend: str
+) -> None:
+    """Applied while pi3 has an SSH session to pi1 (established before any firewall): pi3
+    may still open new connections to pi1's 22, pi2 (no session) may not; with
+    no_keep_ssh (the document's keep_ssh: false) pi3 is shut out as well."""
+    start_logged(pis, "pi1", [sys.executable, "-c", _SSHD], "sshd", "LISTENING")
+    start_logged(pis, "pi3", [sys.executable, "-c", _SESSION, pis.address("pi1")], "session", "SESSION hello")
+    where = (coordinator.address, coordinator.port)
+    request = policy(backend, allow_service(pis.address("pi2")), confirm_within_seconds=3)
+
+    def ssh_from(node: str) -> str:
+        done = pis[node].run([sys.executable, "-c", _CLIENT, pis.address("pi1"), "22", "2"], timeout=30)
+        return done.stdout.strip() or done.stderr.strip()[-300:]
+
+    planned = apply(pis, request, where, dry_run=True)
+    assert (
+        f"keeping 22/tcp open for the source of each live SSH session: {pis.address('pi3')}"
+        in (planned["message"])
+    ), planned
+    applied = apply(pis, request, where)
+    assert applied["outcome"] == "SUCCEEDED", applied
+    assert argvs(applied) == argvs(planned)
+    assert {f["key"]: f["value"] for f in applied["facts"]}[
+        "firewall.ssh_kept_open"
+    ] == f"{pis.address('pi3')}/32"
+    assert (ssh_from("pi3"), ssh_from("pi2")) == ("connected", "timeout")
+
+    shut = policy(backend, allow_service(pis.address("pi2")), confirm_within_seconds=3, no_keep_ssh=True)
+    closed = apply(pis, shut, where)
+    assert closed["outcome"] == "SUCCEEDED" and "keep_ssh: false" in closed["message"], closed
+    assert (ssh_from("pi3"), ssh_from("pi2")) == ("timeout", "timeout")
