@@ -11,7 +11,8 @@ in file order:
    and the line to add, and nothing changes (no swarm, no firewall);
 2. the same file with the lines the refusal gave goes through: the Swarm forms behind a
    default-deny nftables policy, a container on pi2 reaches a name on pi1 over an
-   attachable overlay, and pi3 (no Swarm member) cannot reach pi1's gossip port;
+   attachable overlay (and, with the VXLAN rules deleted by hand, cannot: the policy is
+   on the data path), and pi3 (no Swarm member) cannot reach pi1's gossip port;
 3. the SSH session's source can still connect anew to pi1's port 22 (pi2, without a
    session, cannot); with `keep_ssh: false` the same policy shuts pi3 out too.
 """
@@ -171,6 +172,28 @@ def picoord_table(lab: Lab, node: str) -> str:
     return done.stdout if done.returncode == 0 else ""
 
 
+def fetch_over_overlay(lab: Lab) -> str:
+    """From a container on pi2, GET /version from `web` over the overlay (3 s at most)."""
+    done = lab.sandbox("pi2").run(
+        [
+            "docker", "run", "--rm", "--network", NETWORK, "mcp:1", "sh", "-c",
+            f"printf 'GET /version HTTP/1.0\\r\\n\\r\\n' | nc -w 3 web {MCP_PORT}",
+        ],
+        timeout=60,
+    )  # fmt: skip
+    return done.stdout + done.stderr
+
+
+def drop_rules(lab: Lab, node: str, match: str) -> None:
+    """Delete the picoord table's rules whose listing contains `match` (by handle)."""
+    sandbox = lab.sandbox(node)
+    listing = sandbox.run(["nft", "-a", "list", "chain", "inet", "picoord", "input"], check=True).stdout
+    handles = [line.rsplit("# handle", 1)[1].strip() for line in listing.splitlines() if match in line]
+    assert handles, listing
+    for handle in handles:
+        sandbox.run(["nft", "delete", "rule", "inet", "picoord", "input", "handle", handle], check=True)
+
+
 def test_a_policy_without_the_swarm_ports_is_refused_naming_them_and_changes_nothing(
     lab: Lab, files: Path, ssh_session: str, refusal_lines: list[str]
 ) -> None:
@@ -228,15 +251,13 @@ def test_with_the_swarm_ports_a_default_deny_swarm_keeps_its_overlay_working(
         reply = ""
         deadline = time.monotonic() + 60  # the worker learns the network and the name by gossip
         while "mcp 1" not in reply and time.monotonic() < deadline:
-            done = lab.sandbox("pi2").run(
-                [
-                    "docker", "run", "--rm", "--network", NETWORK, "mcp:1", "sh", "-c",
-                    f"printf 'GET /version HTTP/1.0\\r\\n\\r\\n' | nc -w 3 web {MCP_PORT}",
-                ],
-                timeout=60,
-            )  # fmt: skip
-            reply = done.stdout + done.stderr
+            reply = fetch_over_overlay(lab)
         assert "200 OK" in reply and "mcp 1" in reply, reply
+        # The rules are on the data path: without the VXLAN ones the same request fails.
+        for node in ("pi1", "pi2"):
+            drop_rules(lab, node, "udp dport 4789")
+        reply = fetch_over_overlay(lab)
+        assert "mcp 1" not in reply and "timed out" in reply, reply
     finally:
         with contextlib.suppress(AssertionError):
             docker(lab, "pi1", "rm", "-f", "fw-web")
