@@ -260,6 +260,15 @@ class _Planner:
                 no_keep_ssh=not doc.keep_ssh,
                 ssh_port=doc.ssh_port,
             )
+            if doc.cluster_ports == "allow":  # what the cluster needs and the rules would drop, first
+                members = _members(self.steps, list(self.nodes.values()))
+                needed = cluster_ports.missing_rules(
+                    [cluster_ports.PlannedPolicy(name, node, policy)], members
+                )
+                policy.ClearField("rules")
+                policy.rules.extend(
+                    [*cluster_ports.allow_rules(needed), *(_rule(rule) for rule in doc.rules)]
+                )
             # Last on the node: everything else must be in place before its ports close.
             before = tuple(step.id for step in self.steps if step.node == node)
             self.add(name, "firewall", node, actions_pb2.Action(firewall=policy), after=before)
@@ -327,17 +336,22 @@ def plan(documents: Sequence[Document], inventory: Sequence[NodeView]) -> list[S
     return planner.steps
 
 
-def _check_cluster_ports(steps: Sequence[Step], inventory: Sequence[NodeView]) -> None:
-    """Refuse a plan whose firewall policies would drop what Swarm and VRRP need between
-    the nodes (cluster_ports.py), judged on the nodes' Swarm roles after this plan."""
+def _members(steps: Sequence[Step], inventory: Sequence[NodeView]) -> list[cluster_ports.Member]:
+    """The nodes as the cluster-port check sees them, with their Swarm roles after `steps`."""
     roles = cluster_ports.swarm_roles_after(
         {node.name: node.swarm_role for node in inventory if node.swarm_role},
         [(step.node, step.kind) for step in steps],
     )
-    members = [
+    return [
         cluster_ports.Member(node.name, roles.get(node.name, ""), node.virtual_addresses, node.address)
         for node in inventory
     ]
+
+
+def _check_cluster_ports(steps: Sequence[Step], inventory: Sequence[NodeView]) -> None:
+    """Refuse a plan whose firewall policies would drop what Swarm and VRRP need between
+    the nodes (cluster_ports.py), judged on the nodes' Swarm roles after this plan."""
+    members = _members(steps, inventory)
     policies = [
         cluster_ports.PlannedPolicy(step.document, step.node, step.action.firewall)
         for step in steps

@@ -16,6 +16,11 @@ membership (NodeView.swarm_role) changed by this plan's init, join and leave ste
 policy is evaluated the way the backends load it (common/checks/firewall.py
 `verdict_for`: first matching rule, else the default), so a rule allowing the whole LAN
 counts, and so does a deny placed before the allow.
+
+With `cluster_ports: allow` in the document, the planner adds what is missing instead
+(`allow_rules`: one rule per peer address and need, ahead of the document's rules), from
+the addresses the nodes have at this apply; a node whose address changes needs the file
+applied again.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from picoord.common.checks.firewall import policy_spec, verdict_for
 from picoord.v1 import actions_pb2
 
 MANAGER, WORKER = "manager", "worker"
+ADDED_COMMENT = "picoord cluster ports"
+_PROTOCOLS = {
+    "tcp": actions_pb2.PROTOCOL_TCP,
+    "udp": actions_pb2.PROTOCOL_UDP,
+    "vrrp": actions_pb2.PROTOCOL_VRRP,
+}
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,21 @@ def missing_rules(policies: Sequence[PlannedPolicy], members: Sequence[Member]) 
     return missing
 
 
+def allow_rules(missing: Sequence[Missing]) -> list[actions_pb2.FirewallRule]:
+    """The rules that let in what `missing` lists, each (source, port, protocol) once."""
+    wanted = dict.fromkeys((item.address, item.need.port, item.need.protocol) for item in missing)
+    return [
+        actions_pb2.FirewallRule(
+            verdict=actions_pb2.FIREWALL_VERDICT_ALLOW,
+            from_cidr=str(ipaddress.ip_network(address)),
+            port_from=port,
+            protocol=_PROTOCOLS[protocol],
+            comment=ADDED_COMMENT,
+        )
+        for address, port, protocol in wanted
+    ]
+
+
 def refusal(missing: Sequence[Missing]) -> str:
     """The message `apply` refuses with: each missing rule, then the lines to add per document."""
     lines = ["a firewall policy would cut the cluster's own traffic between its nodes; nothing was changed:"]
@@ -142,5 +168,8 @@ def refusal(missing: Sequence[Missing]) -> str:
         mine = [item for item in missing if item.document == document]
         lines.append(f"add to {document}'s rules (before any rule that denies them):")
         lines += [f"  {text}" for text in dict.fromkeys(item.suggestion() for item in mine)]
-    lines.append("or allow the nodes' whole network, e.g. `- {action: allow, from: 192.168.1.0/24}`")
+    lines.append(
+        "or allow the nodes' whole network, e.g. `- {action: allow, from: 192.168.1.0/24}`, "
+        "or say `cluster_ports: allow` in the policy to have these rules added from the nodes' addresses"
+    )
     return "\n".join(lines)

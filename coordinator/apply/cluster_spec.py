@@ -32,6 +32,7 @@ BACKENDS = ("ufw", "nftables")
 VERDICTS = ("allow", "deny")
 PROTOCOLS = ("tcp", "udp", "any", "vrrp")
 PORTLESS = firewall_checks.PORTLESS
+CLUSTER_PORTS = ("check", "allow")  # what a policy does about the cluster's own ports
 # Example files mark what the reader must fill in as YOUR_SOMETHING (YOUR_LAN/24).
 PLACEHOLDER = "YOUR_"
 
@@ -103,6 +104,7 @@ class FirewallPolicy:
     rules: tuple[Rule, ...] = ()
     confirm_within_seconds: float = 10.0
     keep_ssh: bool = True  # false: live SSH sessions' sources get no rule of their own
+    cluster_ports: str = "check"  # check: refuse a policy that cuts them; allow: add the rules
     ssh_port: int = firewall_checks.DEFAULT_SSH_PORT
 
 
@@ -357,6 +359,7 @@ def _firewall(doc: _Fields, name: str) -> FirewallPolicy:
         rules=rules,
         confirm_within_seconds=float(confirm),
         keep_ssh=keep_ssh,
+        cluster_ports=doc.text("cluster_ports", "check", choices=CLUSTER_PORTS),
         ssh_port=v.port(doc.at("ssh_port"), doc.get("ssh_port", firewall_checks.DEFAULT_SSH_PORT)),
     )
 

@@ -198,3 +198,37 @@ def test_virtual_address_nodes_need_vrrp_between_them() -> None:
     assert "- {action: allow, from: 10.0.0.5, protocol: vrrp, comment: vrrp}" in said
     vrrp = POLICY.replace("rules:\n", "rules:\n  - {action: allow, from: 10.0.0.0/24, protocol: vrrp}\n")
     assert plan(parse_spec(vrrp), inventory)
+
+
+def test_cluster_ports_allow_adds_just_the_missing_rules_ahead_of_the_documents() -> None:
+    steps = plan(parse_spec(SWARM + "---" + POLICY + "cluster_ports: allow\n"), INVENTORY)
+    policies = {step.node: step.action.firewall for step in steps if step.kind == "firewall"}
+    added = [
+        (r.from_cidr, r.port_from, r.protocol)
+        for r in policies["pi1"].rules
+        if r.comment == "picoord cluster ports"
+    ]
+    assert added == [
+        (f"{address}/32", port, protocol)
+        for address in ("10.0.0.5", "10.0.0.12")
+        for port, protocol in ((7946, TCP), (7946, UDP), (4789, UDP))
+    ]
+    assert [r.port_from for r in policies["pi1"].rules][len(added) :] == [22]  # the document's, after
+    # what the document already allows gets no rule of its own
+    lan = POLICY.replace("rules:\n", "rules:\n  - {action: allow, from: 10.0.0.0/24}\n")
+    steps = plan(parse_spec(SWARM + "---" + lan + "cluster_ports: allow\n"), INVENTORY)
+    assert all(
+        r.comment != "picoord cluster ports"
+        for step in steps
+        if step.kind == "firewall"
+        for r in step.action.firewall.rules
+    )
+
+
+def test_cluster_ports_takes_check_or_allow() -> None:
+    from picoord.coordinator.apply.cluster_spec import SpecError
+
+    with pytest.raises(
+        SpecError, match=r"FirewallPolicy/pis.cluster_ports: 'open' is not one of check, allow"
+    ):
+        parse_spec(POLICY + "cluster_ports: open\n")
