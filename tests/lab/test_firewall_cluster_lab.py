@@ -15,6 +15,7 @@ in file order:
    on the data path), and pi3 (no Swarm member) cannot reach pi1's gossip port;
 3. the SSH session's source can still connect anew to pi1's port 22 (pi2, without a
    session, cannot); with `keep_ssh: false` the same policy shuts pi3 out too.
+4. `cluster_ports: allow` writes Swarm's rules from the nodes' addresses itself.
 """
 
 from __future__ import annotations
@@ -283,3 +284,20 @@ def test_the_ssh_sessions_source_connects_anew_unless_keep_ssh_is_false(
     assert "keep_ssh: false" in said, said
     assert "picoord ssh session" not in picoord_table(lab, "pi1")
     assert connect(lab, "pi3", "pi1", SSH_PORT) == "timeout"
+
+
+def test_cluster_ports_allow_writes_the_swarm_rules_from_the_nodes_addresses(lab: Lab, files: Path) -> None:
+    path = spec_file(files, "added", policy("[pi1, pi2]", [], extra="cluster_ports: allow\n"))
+    said = ok(lab, "apply", "-f", str(path), timeout=APPLY_TIMEOUT)
+    table = picoord_table(lab, "pi1")
+    pi2 = lab.address("pi2")
+    for match in (
+        "tcp dport 2377",
+        f"tcp dport {GOSSIP_PORT}",
+        f"udp dport {GOSSIP_PORT}",
+        "udp dport 4789",
+    ):
+        assert f'ip saddr {pi2} {match} accept comment "picoord cluster ports"' in table, (table, said)
+    assert "2377" not in picoord_table(lab, "pi2")  # a worker: gossip and VXLAN only
+    assert connect(lab, "pi2", "pi1", GOSSIP_PORT) == "connected"
+    assert connect(lab, "pi3", "pi1", GOSSIP_PORT) == "timeout"
