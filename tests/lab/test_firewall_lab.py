@@ -489,6 +489,28 @@ GOLDEN = [
         Rule("deny", "10.9.0.0/16", 8000, 8100, "tcp"),
         ["deny", "proto", "tcp", "from", "10.9.0.0/16", "to", "any", "port", "8000:8100"],
     ),
+    # what a live SSH session's source gets, and VRRP for virtual addresses
+    (
+        Rule("allow", "10.213.0.7/32", 22, 22, "tcp", "picoord ssh session"),
+        [
+            "allow",
+            "proto",
+            "tcp",
+            "from",
+            "10.213.0.7",
+            "to",
+            "any",
+            "port",
+            "22",
+            "comment",
+            "picoord ssh session",
+        ],
+    ),
+    (
+        Rule("allow", "10.213.0.0/24", protocol="vrrp", comment="vrrp"),
+        ["allow", "proto", "vrrp", "from", "10.213.0.0/24", "comment", "vrrp"],
+    ),
+    (Rule("allow", "fd00::/8", protocol="vrrp"), ["allow", "proto", "vrrp", "from", "fd00::/8"]),
 ]
 
 
@@ -509,6 +531,22 @@ def test_ufw_itself_writes_the_rules_exactly_as_the_executor_renders_them(pis: P
         written = sb.run(["cat", path], check=True).stdout
         assert _section(written) == ufw.render_rules_section(rules, family), path
         assert ufw.parse_tuples(written) == ufw.wanted_tuples(rules, family)
+
+
+def test_nft_lists_the_vrrp_and_ssh_session_rules_as_rendered(pis: Pis) -> None:
+    """A re-apply of such a policy is UNCHANGED only if nft lists them back as planned."""
+    keep = guard.keep_open_rules([guard.Endpoint("10.213.0.1", 7443, ("10.213.0.1",))])
+    session = Rule("allow", "10.213.0.7/32", 22, 22, "tcp", "picoord ssh session")
+    rules = (
+        Rule("allow", "10.213.0.0/24", protocol="vrrp", comment="vrrp"),
+        Rule("allow", "fd00::/8", protocol="vrrp"),
+    )
+    table = nftables.render_table("deny", (*keep, session), rules)
+    sb = pis["pi1"]
+    sb.run(["nft", "-f", "-"], input=nftables.load_file(table), check=True)
+    assert sb.run(["nft", "list", "table", "inet", "picoord"], check=True).stdout == table
+    listed = sb.run(["nft", "-j", "list", "table", "inet", "picoord"], check=True).stdout
+    assert nftables.parse_listing(listed) == nftables.desired_table("deny", (*keep, session), rules)
 
 
 # ---------------------------------------------------------------- the revert outlives the agent
