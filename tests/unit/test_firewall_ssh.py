@@ -86,6 +86,7 @@ def kept(source: str, port: int = 22) -> Rule:
         (spec(), ["fd00::7", "fd00::7", "10.0.0.5"], (kept("fd00::7/128"), kept("10.0.0.5/32"))),
         (spec(port=2022), ["10.0.0.5"], (kept("10.0.0.5/32", 2022),)),
         (spec(), [], ()),
+        (spec(), ["127.0.0.1", "::1"], ()),  # from the node itself: loopback is always let in
     ],
 )
 def test_keep_ssh_rules_are_for_sources_the_policy_would_shut_out(

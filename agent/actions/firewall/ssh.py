@@ -59,23 +59,27 @@ def session_sources(text: str, family: int, local_port: int) -> list[str]:
 
 
 def live_sources(local_port: int) -> list[str]:
-    """Who has an SSH session to this node now, as the kernel sees it (deduplicated)."""
+    """Who has an SSH session to this node from elsewhere now, as the kernel sees it
+    (deduplicated; loopback left out)."""
     found: list[str] = []
     for family, path in PROC_NET_TCP.items():
         text = read_file(Path(path))
         if text is None and family == 4:
             raise ActionFailed(f"{path} is missing: cannot see this node's SSH sessions")
         found += session_sources(text or "", family, local_port)
-    return list(dict.fromkeys(found))
+    return [source for source in dict.fromkeys(found) if not ipaddress.ip_address(source).is_loopback]
 
 
 def keep_ssh_rules(spec: PolicySpec, sources: Iterable[str]) -> tuple[Rule, ...]:
     """An allow rule on the SSH port for each session source the policy would not let in
-    anew (none when the document says `keep_ssh: false`)."""
+    anew (none when the document says `keep_ssh: false`; none for loopback, which both
+    backends always accept)."""
     if not spec.keep_ssh:
         return ()
     rules = []
     for source in dict.fromkeys(sources):
+        if ipaddress.ip_address(source).is_loopback:
+            continue  # a session from the node itself: loopback is never filtered
         verdict, _ = verdict_for(spec.rules, spec.default_incoming, source, spec.ssh_port, "tcp")
         if verdict != "allow":
             network = str(ipaddress.ip_network(source))
