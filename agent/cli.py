@@ -8,7 +8,8 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,14 @@ from picoord.common import VERSION, defaults
 from picoord.common.addresses import InvalidAddress
 from picoord.common.configfile import ConfigFileError, fix_hint, read_settings, where
 from picoord.common.files import UnsafeStateDir, check_state_dir
+from picoord.common.joining import (
+    FIRST_BOOT_DIRS,
+    FIRST_BOOT_MAX_BYTES,
+    InvalidJoinFile,
+    JoinParameters,
+    first_boot_path,
+    parse_first_boot,
+)
 from picoord.common.logs import configure_logging
 from picoord.common.names import InvalidName, parse_label_assignment, validate_node_name
 from picoord.common.pki import InvalidCaHash, parse_ca_hash
@@ -78,6 +87,7 @@ AGENT_SETTINGS: dict[str, Callable[[object], object]] = {
     "log_level": _log_level,
     "docker_socket": _absolute_path,
     "allow_mount_paths": _allowed_paths,
+    "first_boot_file": _absolute_path,
 }
 
 
@@ -124,28 +134,99 @@ def _read_token(args: argparse.Namespace) -> BootstrapToken:
     return BootstrapToken.parse(text)
 
 
-def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
-    from picoord.agent.enroll import Endpoint, join  # cryptography: only `join` needs it
+def _state_files(args: argparse.Namespace, settings: dict[str, object]) -> AgentFiles:
+    return AgentFiles(Path(args.state_dir or settings.get("state_dir") or defaults.AGENT_STATE_DIR))
 
-    token = _read_token(args)
-    ca_hash = parse_ca_hash(args.ca_cert_hash)
-    node_name = validate_node_name(args.node_name or socket.gethostname().split(".")[0].lower())
-    labels = dict(parse_label_assignment(item) for item in args.label)
-    coordinator = Endpoint.parse(args.coordinator)
-    enroll_endpoint = Endpoint(coordinator.host, args.enroll_port or coordinator.port + 1)
-    files = AgentFiles(Path(args.state_dir or settings.get("state_dir") or defaults.AGENT_STATE_DIR))
+
+def _enroll(files: AgentFiles, parameters: JoinParameters) -> Enrollment:
+    """Join with checked parameters (the command line's or a first-boot file's)."""
+    from picoord.agent.enroll import Endpoint, join  # cryptography: only a join needs it
+
+    node_name = validate_node_name(parameters.node_name or socket.gethostname().split(".")[0].lower())
+    coordinator = Endpoint.parse(parameters.coordinator)
+    enroll_endpoint = Endpoint(coordinator.host, parameters.enroll_port or coordinator.port + 1)
+    return join(
+        files,
+        coordinator,
+        enroll_endpoint,
+        parameters.token,
+        parameters.ca_cert_hash,
+        node_name,
+        parameters.labels,
+    )
+
+
+def cmd_join(args: argparse.Namespace, settings: dict[str, object]) -> int:
+    parameters = JoinParameters(
+        coordinator=args.coordinator,
+        token=_read_token(args),
+        ca_cert_hash=parse_ca_hash(args.ca_cert_hash),
+        enroll_port=args.enroll_port,
+        node_name=validate_node_name(args.node_name) if args.node_name else None,
+        labels=dict(parse_label_assignment(item) for item in args.label),
+    )
+    files = _state_files(args, settings)
     check_state_dir(files.state_dir)
     if files.enrollment_path.exists() and not args.force:
         raise UsageError(
             f"already enrolled ({files.enrollment_path} exists): remove the node with "
             "`coordctl node remove` and re-run join with --force to enroll again"
         )
-    enrollment = join(files, coordinator, enroll_endpoint, token, ca_hash, node_name, labels)
+    enrollment = _enroll(files, parameters)
     print(f"node {enrollment.node_name} enrolled with {enrollment.coordinator}; now start: picoord-agent run")
-    if labels:  # what the node asks for selects nothing until an operator says so
-        asked = ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+    if parameters.labels:  # what the node asks for selects nothing until an operator says so
+        asked = ",".join(f"{key}={value}" for key, value in sorted(parameters.labels.items()))
         print(f"labels {asked} wait for the operator: coordctl node accept {enrollment.node_name}")
     return 0
+
+
+def first_boot_file(settings: dict[str, object]) -> Path:
+    """agent.toml's first_boot_file, else /boot/firmware/picoord-join.toml where the node
+    has /boot/firmware (Raspberry Pi OS bookworm, Ubuntu on a Pi), else /boot/picoord-join.toml."""
+    if "first_boot_file" in settings:
+        return Path(str(settings["first_boot_file"]))
+    return first_boot_path({directory for directory in FIRST_BOOT_DIRS if directory.is_dir()})
+
+
+def cmd_first_boot(args: argparse.Namespace, settings: dict[str, object]) -> int:
+    """Join once with the first-boot file, then delete it (agent/first_boot.py decides
+    when). What the running agent starts when it finds the file; runnable by hand too."""
+    from picoord.agent.first_boot import disposition, finish
+
+    path = Path(args.file) if args.file else first_boot_file(settings)
+    files = _state_files(args, settings)
+    check_state_dir(files.state_dir)
+    if not path.exists():
+        print(f"picoord-agent: no first-boot file at {path}: nothing to do", file=sys.stderr)
+        return 0
+    if files.enrollment_path.exists():
+        return finish(path, disposition(path, "enrolled"))
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(FIRST_BOOT_MAX_BYTES + 1)
+        parameters = parse_first_boot(data)
+        log.info(
+            "first-boot join",
+            file=str(path),
+            coordinator=parameters.coordinator,
+            token_id=parameters.token.token_id,
+        )
+        enrollment = _enroll(files, parameters)
+    except (InvalidJoinFile, InvalidName, JoinError, OSError) as error:  # InvalidName: the hostname
+        return finish(path, disposition(path, error))
+    log.info("enrolled", node=enrollment.node_name, coordinator=enrollment.coordinator)
+    return finish(path, disposition(path, None))
+
+
+def cmd_check(args: argparse.Namespace, settings: dict[str, object]) -> int:
+    """Preflight: what this node lacks (agent/preflight.py); 1 when a required part is missing."""
+    import json
+
+    from picoord.agent.preflight import as_dicts, evaluate, exit_status, gather, render
+
+    checks = evaluate(gather(str(settings.get("docker_socket", defaults.DOCKER_SOCKET))))
+    print(json.dumps(as_dicts(checks), indent=2) if args.output == "json" else render(checks))
+    return exit_status(checks)
 
 
 def run_settings(args: argparse.Namespace, settings: dict[str, object]) -> tuple[AgentFiles, RunSettings]:
@@ -168,17 +249,36 @@ def run_settings(args: argparse.Namespace, settings: dict[str, object]) -> tuple
     return files, run
 
 
-async def wait_for_join(files: AgentFiles, poll: float = JOIN_POLL_SECONDS) -> Enrollment:
-    """The enrollment, once `picoord-agent join` has written it. Meanwhile the unit is
-    active (READY=1, the watchdog fed) and its status line says what to do, so an agent
-    installed and enabled before its join neither fails nor restarts in a loop; the join
-    needs no restart after it."""
+FirstBootAttempt = Callable[[Path], Awaitable[int]]
+
+
+async def wait_for_join(
+    files: AgentFiles,
+    poll: float = JOIN_POLL_SECONDS,
+    first_boot: Path | None = None,
+    attempt: FirstBootAttempt | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Enrollment:
+    """The enrollment, once `picoord-agent join` has written it, or a first-boot file
+    (`first_boot`, tried with `attempt`) has been used. Meanwhile the unit is active
+    (READY=1, the watchdog fed) and its status line says what to do, so an agent installed
+    and enabled before its join neither fails nor restarts in a loop; the join needs no
+    restart after it."""
+    from picoord.agent.first_boot import EXIT_RETRY, next_retry_delay
+
     said = ""
+    retry_at, delay = 0.0, None
     while True:
         try:
             return files.load()
         except NotEnrolled as error:
             message = str(error)
+        if first_boot is not None and attempt is not None and clock() >= retry_at and first_boot.exists():
+            status = await attempt(first_boot)
+            # A kept file waits with backoff; a file that could not be deleted is not retried hot.
+            delay = next_retry_delay(delay if status == EXIT_RETRY else None)
+            retry_at = clock() + delay
+            continue
         if message != said:  # once per new reason, not every poll
             log.warning("waiting for join", reason=message)
             notify(f"STATUS={message}")
@@ -201,8 +301,14 @@ def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
         done = rearm_on_start(files.state_dir)
         if done:
             log.warning("firewall revert", detail=done)
-    if not args.wait_for_join:
+    first_boot = first_boot_file(settings)
+    if not args.wait_for_join and not first_boot.exists():
         files.load()  # not enrolled: exits 1 with the fix, before anything starts
+
+    async def attempt(path: Path) -> int:
+        from picoord.agent.first_boot import attempt_in_child
+
+        return await attempt_in_child(path, files.state_dir, args.config, args.log_level)
 
     async def main() -> None:
         watchdog = asyncio.create_task(feed_watchdog())  # systemd's WatchdogSec=: the loop is alive
@@ -212,7 +318,7 @@ def cmd_run(args: argparse.Namespace, settings: dict[str, object]) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, current.cancel)
         try:
-            enrollment = await wait_for_join(files)
+            enrollment = await wait_for_join(files, first_boot=first_boot, attempt=attempt)
             runner = AgentRunner(files, run)
             node, coordinator = enrollment.node_name, enrollment.coordinator
             log.info("agent starting", version=VERSION, node=node, coordinator=coordinator)
@@ -255,6 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     join_parser.add_argument("--force", action="store_true", help="replace an existing enrollment")
     join_parser.set_defaults(handler=cmd_join)
+
+    first_boot_parser = commands.add_parser(
+        "first-boot",
+        help="join once with the first-boot file (picoord-join.toml on the boot partition), then delete it",
+    )
+    first_boot_parser.add_argument(
+        "--file",
+        help="the file (default: agent.toml's first_boot_file, else /boot/firmware/picoord-join.toml)",
+    )
+    first_boot_parser.add_argument(
+        "--state-dir", help=f"where the key and certificate go ({defaults.AGENT_STATE_DIR})"
+    )
+    first_boot_parser.set_defaults(handler=cmd_first_boot)
+
+    check_parser = commands.add_parser("check", help="list what this node lacks to run workloads and actions")
+    check_parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    check_parser.set_defaults(handler=cmd_check)
 
     run_parser = commands.add_parser("run", help="run the agent (what the systemd unit starts)")
     run_parser.add_argument("--state-dir", help=f"enrollment state ({defaults.AGENT_STATE_DIR})")

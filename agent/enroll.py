@@ -57,7 +57,9 @@ def fetch_pinned_ca(endpoint: Endpoint, ca_hash: str, timeout: float = CONNECT_T
             for certificate in presented_certificates(endpoint.host, endpoint.port, timeout)
         ]
     except OSError as error:
-        raise JoinError(f"cannot reach the coordinator's enrollment endpoint {endpoint}: {error}") from None
+        raise JoinError(
+            f"cannot reach the coordinator's enrollment endpoint {endpoint}: {error}", transient=True
+        ) from None
     if not chain:
         raise JoinError(f"{endpoint} presented no certificate")
     leaf, seen = chain[0], []
@@ -79,8 +81,8 @@ def _check_clock(*chain: x509.Certificate) -> None:
     not_before = max(certificate_not_before(certificate).timestamp() for certificate in chain)
     not_after = min(certificate_not_after(certificate).timestamp() for certificate in chain)
     message = clock_message(time.time(), not_before, not_after, JOIN_AGAIN)
-    if message is not None:
-        raise JoinError(message)
+    if message is not None:  # NTP sets it, usually within a minute of boot
+        raise JoinError(message, transient=True)
 
 
 def _is_issuer_of(ca: x509.Certificate, leaf: x509.Certificate) -> bool:
@@ -112,6 +114,11 @@ def new_key_and_csr(node_name: str) -> tuple[bytes, bytes]:
     return key_pem, csr.public_bytes(serialization.Encoding.PEM)
 
 
+# Answers that may change by themselves: the coordinator restarting or busy, the source
+# address throttled after failures (rate_limit.py). Anything else is a refusal.
+TRANSIENT_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 _REFUSALS = {
     grpc.StatusCode.UNAUTHENTICATED: "the coordinator refused the token",
     grpc.StatusCode.ALREADY_EXISTS: "the coordinator refused the node name",
@@ -141,7 +148,7 @@ def join(
             )
         except grpc.RpcError as error:
             what = _REFUSALS.get(error.code(), f"enrollment failed ({error.code().name.lower()})")
-            raise JoinError(f"{what}: {error.details()}") from None
+            raise JoinError(f"{what}: {error.details()}", transient=error.code() in TRANSIENT_CODES) from None
     if reply.ca_certificate_pem.strip() != ca_pem.strip() or reply.node_name != node_name:
         raise JoinError("the coordinator's reply does not match the pinned CA or the requested name")
     enrollment = Enrollment(node_name=node_name, coordinator=str(coordinator), enrolled_at=time.time())

@@ -128,7 +128,8 @@ class AgentFiles:
         if len(missing) == 3:
             raise NotEnrolled(
                 f"not joined (nothing in {self.state_dir}): run `picoord-agent join HOST:7443 --token ... "
-                "--ca-cert-hash sha256:...`, the command `coordctl token create` prints on the coordinator"
+                "--ca-cert-hash sha256:...`, the command `coordctl token create` prints on the coordinator "
+                "(or put the file `coordctl token create --first-boot` prints on the boot partition)"
             )
         rejoin = (
             "remove the node on the coordinator (`coordctl node remove NAME`), then run the "

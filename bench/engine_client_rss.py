@@ -8,7 +8,7 @@ running agent has loaded docker_api already, for its hardware report's Docker ve
 
     .venv/bin/python bench/engine_client_rss.py --debian-tree DIR [--runs 3] [--json out.json]
 
-The README's "One small Docker Engine client" figures come from this script.
+The "One small Docker Engine client" figures in docs/architecture.md come from this script.
 """
 
 from __future__ import annotations

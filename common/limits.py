@@ -139,3 +139,8 @@ START_BACKOFF_MAX = 300.0
 START_BACKOFF_RESET_AFTER = 60.0
 # Attempts remembered per replica slot, as Swarm's task history limit (5 by default).
 SLOT_HISTORY = 5
+
+# The cluster registry's actions (Registry document): PEM text of one certificate chain or
+# one key, and the HOST:PORT names one registry is pulled by.
+REGISTRY_PEM = 16 * 1024
+REGISTRY_ADDRESSES = 8

@@ -10,6 +10,7 @@ Node and server certificates rotate, as kubelet's do: at about two thirds of the
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import ipaddress
 import socket
@@ -271,6 +272,54 @@ class ClusterCA:
             )
             .sign(self.key, hashes.SHA256())
         )
+
+    def registry_identity(self, name: str, names: list[str], now: float | None = None) -> ServerIdentity:
+        """The TLS identity of the cluster registry `name` (a Registry document), valid for
+        `names` (its address and host names): the one kept in the state dir while it
+        covers them and is not due (so a second apply changes nothing), else a new one.
+        Its certificate_pem is the chain (certificate, then the CA)."""
+        validate_node_name(name)
+        now = _now().timestamp() if now is None else now
+        directory = self.state_dir / "registry"
+        key_path, cert_path = directory / f"{name}.key", directory / f"{name}.crt"
+        with self._lock:
+            if key_path.exists() and cert_path.exists():
+                current = server_identity(key_path.read_bytes(), cert_path.read_bytes())
+                if current is not None and not server_renewal_due(
+                    _covers(x509.load_pem_x509_certificate(current.certificate_pem), names),
+                    current.not_before,
+                    current.not_after,
+                    now,
+                ):
+                    return self._chained(current)
+            key = new_private_key()
+            builder = (
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"registry {name}")]))
+                .add_extension(x509.SubjectAlternativeName(_san_entries(names)), critical=False)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            )
+            certificate = self._sign(builder, key.public_key(), self.server_validity)
+            identity = _server_identity(private_key_pem(key), certificate)
+            directory.mkdir(mode=0o700, exist_ok=True)
+            write_atomically(key_path, identity.key_pem, 0o600)
+            write_atomically(cert_path, identity.certificate_pem, 0o644)
+            return self._chained(identity)
+
+    def registry_certificates(self) -> list[tuple[str, ServerIdentity]]:
+        """(registry name, identity) of every cluster registry certificate issued, for
+        `coordctl certs check-expiration` (a re-apply of its document renews one)."""
+        found = []
+        for cert_path in sorted((self.state_dir / "registry").glob("*.crt")):
+            key_path = cert_path.with_suffix(".key")
+            if key_path.exists():
+                identity = server_identity(key_path.read_bytes(), cert_path.read_bytes())
+                if identity is not None:
+                    found.append((cert_path.stem, identity))
+        return found
+
+    def _chained(self, identity: ServerIdentity) -> ServerIdentity:
+        return dataclasses.replace(identity, certificate_pem=identity.certificate_pem + self.certificate_pem)
 
     def sign_node_csr(self, csr_pem: bytes, node_name: str) -> x509.Certificate:
         """Issue a client certificate whose only identity is `node_name`, whatever the CSR asks."""

@@ -480,6 +480,10 @@ class Cluster:
         return await self._write(self._store.add_certificate, record)
 
     @whole
+    async def record_registry(self, name: str, addresses: list[str]) -> None:
+        """A Registry document's HOST:PORT names: images pulled by them are pinned at rollout."""
+        await self._write(self._store.record_registry, name, addresses)
+
     async def record_action(self, record: admin_pb2.ActionRecord) -> None:
         self._roles.update(roles_from_actions([record]))
         self._swarm_roles.update(swarm_roles_from_actions([record]))

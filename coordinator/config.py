@@ -10,6 +10,7 @@ from picoord.common.addresses import InvalidAddress, join_host_port, split_host_
 from picoord.common.configfile import ConfigFileError, fix_hint, read_settings, where
 from picoord.common.durations import InvalidDuration, parse_duration
 from picoord.common.logs import LEVELS as LOG_LEVELS
+from picoord.coordinator.advertise import InvalidAdvertiseAddress, check_advertise_syntax
 
 SERVICE = "picoord-coordinator"
 
@@ -46,7 +47,9 @@ class CoordinatorConfig:
     admin_listen: str = ""
     metrics_listen: str = defaults.METRICS_LISTEN
     state_dir: str = str(defaults.COORDINATOR_STATE_DIR)
-    advertise_address: str = ""  # what join commands name; empty: this host's name
+    # What join commands name: empty, the listen address if specific, else the address of
+    # the default-route interface (coordinator/advertise.py, docs/join.md).
+    advertise_address: str = ""
     heartbeat_timeout: float = 3.0  # with the 5 s disconnect grace: replicas of a silent Pi move within ~9 s
     down_timeout: float = 60.0
     metrics_interval: float = defaults.METRICS_INTERVAL_SECONDS
@@ -129,6 +132,11 @@ class CoordinatorConfig:
                 split_host_port(self.admin_listen, "admin_listen")
         except InvalidAddress as error:
             raise ConfigError(str(error)) from None
+        if self.advertise_address:
+            try:
+                check_advertise_syntax(self.advertise_address)
+            except InvalidAdvertiseAddress as error:
+                raise ConfigError(str(error)) from None
         if self.log_level.strip().lower() not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if not self.metrics_interval >= defaults.MIN_METRICS_INTERVAL_SECONDS:

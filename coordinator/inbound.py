@@ -331,7 +331,7 @@ def check_plausible(sample: node_pb2.MetricsSample, hardware: node_pb2.Hardware)
     placement in turn holds against the hardware recorded at enrollment): available memory
     and swap within their totals, the totals those of the hello, no more CPUs than it has
     cores, temperatures a machine can have. Load and temperature within these remain the
-    node's word (the README's trust section)."""
+    node's word (docs/architecture.md, "What a node can and cannot claim")."""
     if sample.memory_available_bytes > sample.memory_total_bytes:
         raise _implausible("memory_available_bytes", "is more than memory_total_bytes")
     if sample.memory_free_bytes > sample.memory_total_bytes:

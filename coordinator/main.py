@@ -12,7 +12,6 @@ import gc
 import os
 import resource
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from picoord.common.logs import configure_logging
 from picoord.common.sd_notify import notify, watchdog_period
 from picoord.coordinator import backup
 from picoord.coordinator.admin_relay import AdminRelay
+from picoord.coordinator.advertise import advertise
 from picoord.coordinator.ca import CAUnavailable, ClusterCA, new_cluster_hint
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.config import ConfigError, CoordinatorConfig, load_settings
@@ -34,6 +34,7 @@ from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.prometheus import serve_metrics
 from picoord.coordinator.rate_limit import FailureThrottle, ThrottlePolicy
+from picoord.coordinator.registry_client import ImagePinner
 from picoord.coordinator.servicers.admin_certificates import LOCAL_ONLY_METHODS, AdminCertificatesServicer
 from picoord.coordinator.servicers.cluster_admin import AdminServicer
 from picoord.coordinator.servicers.enrollment import EnrollmentServicer
@@ -87,7 +88,11 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
     parser.add_argument(
         "--state-dir", help=f"CA, keys and database (default {defaults.COORDINATOR_STATE_DIR})"
     )
-    parser.add_argument("--advertise-address", help="host agents dial, as printed in join commands")
+    parser.add_argument(
+        "--advertise-address",
+        help="host name or IP the Pis dial, as printed in join commands (default: a specific --listen "
+        "address, else this host's address on its default-route interface)",
+    )
     parser.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before NotReady (3)")
     parser.add_argument("--down-timeout", type=float, help="seconds of silence before Down (60)")
     parser.add_argument(
@@ -122,12 +127,6 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
     )
     config = load_settings(args.config, {name: getattr(args, name) for name in names})
     return config, args
-
-
-def advertised_host(listen_host: str) -> str:
-    """What join commands name when --advertise-address is not given: the listen address
-    if it is a specific one, else this machine's hostname."""
-    return socket.gethostname() if listen_host in ("0.0.0.0", "::", "") else listen_host
 
 
 def raise_open_files_limit() -> int:
@@ -200,14 +199,14 @@ async def start_admin_server(
     return server, relay
 
 
-def admin_dial_address(admin_listen: str, advertise_address: str) -> str:
+def admin_dial_address(admin_listen: str, advertise_host: str) -> str:
     """What admin bundles name to dial: a specific listen host as is, else the host agents
-    are told (advertise_address, or this machine's name); empty when the listener is off."""
+    are told (coordinator/advertise.py); empty when the listener is off."""
     if not admin_listen:
         return ""
     host, port = split_host_port(admin_listen, "admin_listen")
     if host in ("0.0.0.0", "::", ""):
-        host = advertise_address or advertised_host(host)
+        host = advertise_host
     return join_host_port(host, port)
 
 
@@ -259,7 +258,11 @@ async def serve(config: CoordinatorConfig) -> None:
     check_state_dir(state_dir)  # keys in a directory others can write: refuse, naming the fix
     state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     listen_host, listen_port = split_host_port(config.listen, "listen")
-    advertise_host = config.advertise_address or advertised_host(listen_host)
+    advertised, warnings = await asyncio.to_thread(advertise, config.advertise_address, listen_host)
+    advertise_host = advertised.host
+    log.info("join commands name this address", address=advertise_host, chosen_from=advertised.source)
+    for warning in warnings:
+        log.warning("the Pis may not reach the advertised address", detail=warning)
     ca = load_cluster_ca(config, state_dir, advertise_host)
     store = Store(state_dir / "state.db")
     cluster = Cluster(
@@ -268,7 +271,10 @@ async def serve(config: CoordinatorConfig) -> None:
         MetricsHistory(config.metrics_history),
     )
     records = WorkloadRecords(store)
-    controller = WorkloadController(cluster, records, grace=config.disconnect_grace)
+    pinner = ImagePinner(store.cluster_registries, ca.certificate_pem.decode())
+    controller = WorkloadController(
+        cluster, records, grace=config.disconnect_grace, pin_image=pinner.digest_for
+    )
     enroll_address = config.enroll_address()
     _, enroll_port = split_host_port(enroll_address, "enroll_listen")
 
@@ -306,9 +312,7 @@ async def serve(config: CoordinatorConfig) -> None:
     admin = restrict_to_operators(raw_admin, admin_service, gate)
     workloads = restrict_to_operators(raw_workloads, workloads_service, gate)
     identities = restrict_to_operators(
-        AdminCertificatesServicer(
-            cluster, ca, admin_dial_address(config.admin_listen, config.advertise_address)
-        ),
+        AdminCertificatesServicer(cluster, ca, admin_dial_address(config.admin_listen, advertise_host)),
         admin_pb2.DESCRIPTOR.services_by_name["AdminCertificates"],
         gate,
         LOCAL_ONLY_METHODS,

@@ -12,12 +12,13 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 SCHEMA_VERSION = 1
+REGISTRY_KEY = "registry:"  # meta rows: a Registry document's names, as JSON
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -553,6 +554,24 @@ class Store:
                 "ON CONFLICT(action_id) DO UPDATE SET record = excluded.record, kind = excluded.kind",
                 (action_id, record, node, started_at, kind or None),
             )
+
+    # the cluster's own container registries, by Registry document: the HOST:PORT names
+    # each is pulled by, which rollouts pin to digests (coordinator/registry_client.py)
+    def record_registry(self, name: str, addresses: Sequence[str]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO meta(key, value) VALUES (?, ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (f"{REGISTRY_KEY}{name}", json.dumps(list(addresses))),
+            )
+
+    def cluster_registries(self) -> list[str]:
+        rows = self._query("SELECT value FROM meta WHERE key LIKE ?", (f"{REGISTRY_KEY}%",))
+        found: list[str] = []
+        for row in rows:
+            with suppress(ValueError, TypeError):
+                found += [str(address) for address in json.loads(row[0])]
+        return sorted(set(found))
 
     def actions_of_kinds(self, kinds: Iterable[str]) -> list[bytes]:
         """The records of actions of these kinds (and of rows older than the kind column),

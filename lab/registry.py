@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -44,9 +45,15 @@ def dockerd_registry_args(address: str, mirror: str | None = None) -> list[str]:
     return [*args, "--registry-mirror", f"http://{mirror or address}"]
 
 
-def _request(method: str, url: str, data: bytes | None = None, headers: dict[str, str] | None = None):
+def _request(
+    method: str,
+    url: str,
+    data: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+):
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT)
+    return urllib.request.urlopen(request, timeout=HTTP_TIMEOUT, context=context)
 
 
 @dataclass
@@ -57,10 +64,16 @@ class Registry:
     address: str
     log_path: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    # HTTPS verified by this CA (the cluster registry a Registry document set up), else HTTP
+    ca_pem: str = field(default="", repr=False)
 
     @property
     def url(self) -> str:
-        return f"http://{self.address}"
+        return f"https://{self.address}" if self.ca_pem else f"http://{self.address}"
+
+    def _open(self, method: str, url: str, data: bytes | None = None, headers: dict[str, str] | None = None):
+        context = ssl.create_default_context(cadata=self.ca_pem) if self.ca_pem else None
+        return _request(method, url, data, headers, context)
 
     def argv(self) -> list[str]:
         """The command that serves this registry, its config file written first."""
@@ -89,7 +102,7 @@ class Registry:
 
     def answers(self) -> bool:
         try:
-            with _request("GET", f"{self.url}/v2/") as reply:
+            with self._open("GET", f"{self.url}/v2/") as reply:
                 return reply.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -115,7 +128,7 @@ class Registry:
     # pushing
     def has_blob(self, repository: str, blob: Blob) -> bool:
         try:
-            with _request("HEAD", f"{self.url}/v2/{repository}/blobs/{blob.digest}") as reply:
+            with self._open("HEAD", f"{self.url}/v2/{repository}/blobs/{blob.digest}") as reply:
                 return reply.status == 200
         except urllib.error.HTTPError as error:
             if error.code == 404:
@@ -125,13 +138,13 @@ class Registry:
     def push_blob(self, repository: str, blob: Blob) -> None:
         if self.has_blob(repository, blob):
             return
-        with _request("POST", f"{self.url}/v2/{repository}/blobs/uploads/", b"") as reply:
+        with self._open("POST", f"{self.url}/v2/{repository}/blobs/uploads/", b"") as reply:
             location = reply.headers["Location"]
         if location.startswith("/"):
             location = self.url + location
         separator = "&" if "?" in location else "?"
         headers = {"Content-Type": "application/octet-stream", "Content-Length": str(len(blob.data))}
-        with _request("PUT", f"{location}{separator}digest={blob.digest}", blob.data, headers) as reply:
+        with self._open("PUT", f"{location}{separator}digest={blob.digest}", blob.data, headers) as reply:
             if reply.status != 201:
                 raise LabError(f"registry refused blob {blob.digest} for {repository}: HTTP {reply.status}")
 
@@ -153,11 +166,11 @@ class Registry:
 
     def _put_manifest(self, repository: str, reference: str, manifest: bytes, media_type: str) -> str:
         url = f"{self.url}/v2/{repository}/manifests/{reference}"
-        with _request("PUT", url, manifest, {"Content-Type": media_type}) as reply:
+        with self._open("PUT", url, manifest, {"Content-Type": media_type}) as reply:
             if reply.status != 201:
                 raise LabError(f"registry refused the manifest {repository}:{reference}: HTTP {reply.status}")
             return reply.headers.get("Docker-Content-Digest", "")
 
     def tags(self, repository: str) -> list[str]:
-        with contextlib.closing(_request("GET", f"{self.url}/v2/{repository}/tags/list")) as reply:
+        with contextlib.closing(self._open("GET", f"{self.url}/v2/{repository}/tags/list")) as reply:
             return list(json.loads(reply.read()).get("tags") or [])

@@ -128,3 +128,45 @@ async def test_of_two_applies_sent_at_once_exactly_one_runs(coordinator: Coordin
     agent = asyncio.create_task(answer_actions(coordinator.cluster, coordinator.session, 0.0))
     assert (await apply_events(coordinator.admin, MOUNT))[-1].summary.converged
     assert await agent == 1
+
+
+async def test_a_registry_document_sends_its_key_once_records_its_names_and_lists_its_certificate(
+    coordinator: Coordinator, tmp_path: Path
+) -> None:
+    """The shell around the planner: the CA issues the certificate, the key reaches only the
+    server's action (never a record), the names are kept for pinning, and the certificate
+    shows in check-expiration."""
+    sent: list[agent_pb2.ActionRequest] = []
+
+    async def agent() -> None:
+        while True:
+            try:
+                message = await asyncio.wait_for(coordinator.session.outbox.get(), 3.0)
+            except TimeoutError:
+                return
+            sent.append(message.action)
+            result = agent_pb2.ActionResult(
+                action_id=message.action.action_id, outcome=agent_pb2.ACTION_OUTCOME_SUCCEEDED, message="ok"
+            )
+            assert coordinator.cluster.action_result("pi1", result)
+
+    playing = asyncio.create_task(agent())
+    events = await apply_events(
+        coordinator.admin, "kind: Registry\nname: cluster\nserver: pi1\nnodes: [pi1]\n"
+    )
+    await playing
+    assert events[-1].summary.converged and events[-1].summary.changed == 2
+    serve, trust = (request.action for request in sent)
+    key = serve.registry_server.key_pem
+    assert (
+        key.startswith("-----BEGIN") and serve.registry_server.certificate_pem.count("BEGIN CERTIFICATE") == 2
+    )
+    assert list(trust.registry_trust.addresses) == ["10.0.0.11:5000", "pi1:5000"]
+    assert (tmp_path / "registry" / "cluster.key").read_text() == key  # the coordinator's copy, 0600
+    assert (tmp_path / "registry" / "cluster.key").stat().st_mode & 0o777 == 0o600
+    stored = coordinator.cluster._store.query("SELECT record FROM actions")
+    assert stored and all(key.encode() not in row[0] for row in stored)
+    assert coordinator.cluster._store.cluster_registries() == ["10.0.0.11:5000", "pi1:5000"]
+    listed = await coordinator.admin.CheckCertificateExpiration(admin_pb2.CheckCertificateExpirationRequest())
+    (registry,) = [c for c in listed.certificates if c.kind == "registry"]
+    assert registry.name == "registry/cluster" and registry.not_after > listed.now

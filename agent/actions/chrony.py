@@ -67,15 +67,16 @@ def reads_conf_dir(chrony_conf: str) -> bool:
     return False
 
 
-def daemon_commands(systemd: bool, written: bool, active: bool) -> list[list[str]]:
-    """What brings chronyd in line with the drop-in: nothing without systemd (never set the
-    clock from here), start an inactive chrony, restart a running one on a change."""
+def daemon_commands(systemd: bool, written: bool, active: bool, service: str = SERVICE) -> list[list[str]]:
+    """What brings a daemon (chronyd; the registry too) in line with its config: nothing
+    without systemd (never set the clock from here), start an inactive one, restart a
+    running one on a change."""
     if not systemd:
         return []
     if not active:
-        return [["systemctl", "enable", "--now", SERVICE]]
+        return [["systemctl", "enable", "--now", service]]
     if written:
-        return [["systemctl", "restart", SERVICE]]
+        return [["systemctl", "restart", service]]
     return []
 
 

@@ -40,6 +40,8 @@ EXECUTORS: dict[str, str] = {
     "firewall": "picoord.agent.actions.firewall:firewall",
     "time_server": "picoord.agent.actions.chrony:time_server",
     "time_client": "picoord.agent.actions.chrony:time_client",
+    "registry_server": "picoord.agent.actions.container_registry:registry_server",
+    "registry_trust": "picoord.agent.actions.container_registry:registry_trust",
 }
 
 

@@ -37,6 +37,7 @@ from picoord.agent.runtime.model import (
     replica_state,
 )
 from picoord.agent.runtime.model import ReplicaState as ReplicaState  # re-exported for callers
+from picoord.common.images import registry_of
 
 DOCKER_HUB = "docker.io"
 DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
@@ -122,13 +123,17 @@ def create_request(spec: ContainerSpec) -> tuple[str, dict[str, Any]]:
 # --- pure: registry credentials ----------------------------------------------------------------
 
 
-def image_registry(image: str) -> str:
-    """The registry an image reference pulls from (Docker's rule: a first component with a
-    dot or a port, or `localhost`, names a registry; anything else is Docker Hub)."""
-    first, slash, _ = image.partition("/")
-    if slash and ("." in first or ":" in first or first == "localhost"):
-        return first
-    return DOCKER_HUB
+image_registry = registry_of  # one definition: common/images.py
+
+
+def pull_arguments(image: str) -> tuple[str, str]:
+    """(fromImage, tag) of POST /images/create: a digest goes in `tag` (the Engine API takes
+    "tag or digest"), a reference without either means :latest."""
+    name, at, digest = image.partition("@")
+    if at:
+        return name, digest
+    repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
+    return repository, tag or "latest"
 
 
 def _registry_host(key: str) -> str:
@@ -205,12 +210,10 @@ class Engine:
                 raise RuntimeFailure(f"cannot inspect {image}: {explain(error)}") from None
         except CALL_ERRORS as error:
             raise RuntimeFailure(f"cannot inspect {image}: {explain(error)}") from None
-        repository, _, tag = image.rpartition(":") if ":" in image.rsplit("/", 1)[-1] else (image, "", "")
+        repository, tag = pull_arguments(image)
         deadline = time.monotonic() + timeout
         try:
-            for event in self.client.pull(
-                repository, tag or "latest", timeout=timeout, auth=pull_auth(image)
-            ):
+            for event in self.client.pull(repository, tag, timeout=timeout, auth=pull_auth(image)):
                 if "error" in event:
                     raise RuntimeFailure(f"cannot pull {image}: {event['error']}")
                 if time.monotonic() > deadline:

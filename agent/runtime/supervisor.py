@@ -27,6 +27,7 @@ from picoord.agent.runtime.model import ContainerSpec, HealthCheck, Port, Replic
 from picoord.agent.state import ASSIGNMENT_FILE
 from picoord.common.checks.workloads import check_assignment
 from picoord.common.files import write_atomically
+from picoord.common.images import pinned_reference
 from picoord.common.vocabulary import ReplicaHealth
 from picoord.common.vocabulary import ReplicaState as Reported  # model.ReplicaState is a container
 from picoord.v1 import workloads_pb2
@@ -44,7 +45,7 @@ def spec_from_wire(spec: workloads_pb2.ReplicaSpec) -> ContainerSpec:
         service=spec.service,
         revision=spec.revision,
         replica=spec.replica,
-        image=spec.image,
+        image=pinned_reference(spec.image, spec.image_digest),  # the bytes the rollout chose
         command=tuple(spec.command),
         args=tuple(spec.args),
         env=dict(spec.env),

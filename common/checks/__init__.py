@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from picoord.common.checks import firewall, membership, storage, time
+from picoord.common.checks import firewall, membership, registry, storage, time
 from picoord.v1 import actions_pb2
 
 CHECKS: dict[str, Callable[..., None]] = {
@@ -29,6 +29,8 @@ CHECKS: dict[str, Callable[..., None]] = {
     "firewall": firewall.check_firewall,
     "time_server": time.check_time_server,
     "time_client": time.check_time_client,
+    "registry_server": registry.check_registry_server,
+    "registry_trust": registry.check_registry_trust,
 }
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from picoord.common import limits
+from picoord.common.images import DIGEST
 from picoord.common.validation import (
     FieldError,
     absolute_path,
@@ -72,6 +73,8 @@ def check_replica_spec(
     if spec.revision < 1:
         raise FieldError(f"{field}.revision", "must be 1 or more")
     image_reference(f"{field}.image", spec.image)
+    if spec.image_digest and not DIGEST.fullmatch(spec.image_digest):
+        raise FieldError(f"{field}.image_digest", "is not sha256:<64 hex digits>")
     for name, values in (("command", spec.command), ("args", spec.args)):
         _count(f"{field}.{name}", values, MAX_ARGV)
         for index, value in enumerate(values):

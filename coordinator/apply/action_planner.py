@@ -9,7 +9,7 @@ facts of an earlier step and filled in by the runner.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from picoord.common.checks import check_action
@@ -23,6 +23,7 @@ from picoord.coordinator.apply.cluster_spec import (
     GlusterVolume,
     Mount,
     NodeSet,
+    Registry,
     Rule,
     TimeSource,
 )
@@ -42,6 +43,20 @@ FACT_K3S_SERVER_URL = "k3s.server_url"
 
 _NAME_KEYS = ("hostname", "name", "kubernetes.io/hostname", "node.hostname")
 _ARCH_KEYS = ("arch", "kubernetes.io/arch", "node.platform.arch")
+
+
+@dataclass(frozen=True)
+class RegistryTls:
+    """A cluster registry's TLS identity, issued by the coordinator from the cluster CA."""
+
+    certificate_pem: str  # the server certificate, then the CA
+    key_pem: str
+    ca_pem: str
+
+
+# (registry name, names its certificate must cover) -> its identity: the shell passes the
+# CA's registry_identity in; the planner stays pure.
+IssueRegistryTls = Callable[[str, list[str]], RegistryTls]
 
 
 class PlanError(ValueError):
@@ -96,9 +111,10 @@ def matches(node: NodeView, selector: Sequence[tuple[str, str]]) -> bool:
 
 
 class _Planner:
-    def __init__(self, inventory: Sequence[NodeView]) -> None:
+    def __init__(self, inventory: Sequence[NodeView], issue_tls: IssueRegistryTls | None = None) -> None:
         self.nodes = {node.name: node for node in inventory}
         self.steps: list[Step] = []
+        self.issue_tls = issue_tls
 
     def node(self, where: str, name: str) -> NodeView:
         if name not in self.nodes:
@@ -285,6 +301,29 @@ class _Planner:
             # after, not requires: a client pointed at a server that failed is still right.
             self.add(name, "client", client, actions_pb2.Action(time_client=take), after=(served,))
 
+    def registry(self, doc: Registry) -> None:
+        name = f"Registry/{doc.name}"
+        server = self.node(f"{name}.server", doc.server).name
+        address = doc.address or self.address(f"{name}.server", server)
+        hosts = list(dict.fromkeys([address, server, *doc.names]))
+        if self.issue_tls is None:
+            raise PlanError(f"{name}: this coordinator cannot issue registry certificates")
+        tls = self.issue_tls(doc.name, hosts)
+        serve = actions_pb2.RegistryServer(
+            port=doc.port, storage=doc.storage, certificate_pem=tls.certificate_pem, key_pem=tls.key_pem
+        )
+        served = self.add(name, "serve", server, actions_pb2.Action(registry_server=serve))
+        trust = actions_pb2.RegistryTrust(addresses=registry_addresses(hosts, doc.port), ca_pem=tls.ca_pem)
+        for node in self.select(f"{name}.nodes", doc.nodes):
+            # after, not requires: trusting the CA is right whether or not the server started.
+            self.add(name, "trust", node, actions_pb2.Action(registry_trust=trust), after=(served,))
+
+
+def registry_addresses(hosts: Sequence[str], port: int) -> list[str]:
+    """HOST:PORT for each name a registry is pulled by: the certs.d directories, and the
+    registry part of the image references rollouts pin."""
+    return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}" for host in hosts]
+
 
 def _verdict(text: str) -> int:
     return actions_pb2.FIREWALL_VERDICT_ALLOW if text == "allow" else actions_pb2.FIREWALL_VERDICT_DENY
@@ -306,12 +345,16 @@ def _rule(rule: Rule) -> actions_pb2.FirewallRule:
     )
 
 
-def plan(documents: Sequence[Document], inventory: Sequence[NodeView]) -> list[Step]:
+def plan(
+    documents: Sequence[Document], inventory: Sequence[NodeView], issue_tls: IssueRegistryTls | None = None
+) -> list[Step]:
     """The steps for these documents, in an order that respects every dependency.
 
     Membership first, then storage (peers before volumes, volumes before their mounts),
-    then time (the server before its clients), firewalls last on each node."""
-    planner = _Planner(inventory)
+    then time (the server before its clients), registries (the server before the nodes
+    that trust it), firewalls last on each node. `issue_tls` issues a Registry's
+    certificate (the coordinator's CA)."""
+    planner = _Planner(inventory, issue_tls)
     for doc in documents:
         if isinstance(doc, ClusterMembership):
             planner.membership(doc)
@@ -322,6 +365,9 @@ def plan(documents: Sequence[Document], inventory: Sequence[NodeView]) -> list[S
     for doc in documents:
         if isinstance(doc, TimeSource):
             planner.time_source(doc)
+    for doc in documents:
+        if isinstance(doc, Registry):
+            planner.registry(doc)
     for doc in documents:
         if isinstance(doc, FirewallPolicy):
             planner.firewall(doc)
@@ -364,7 +410,7 @@ def _check_cluster_ports(steps: Sequence[Step], inventory: Sequence[NodeView]) -
 
 def _check_conflicts(steps: Sequence[Step]) -> None:
     """One firewall policy per node, one mount per target per node, one membership role,
-    one time role (chrony's one drop-in)."""
+    one time role (chrony's one drop-in), one registry served per node (its one config)."""
     claimed: dict[tuple[str, str], str] = {}
     for step in steps:
         if step.kind == "firewall":
@@ -373,6 +419,8 @@ def _check_conflicts(steps: Sequence[Step]) -> None:
             key = (step.node, f"mount {step.action.mount.target}")
         elif step.kind in ("time_server", "time_client"):
             key = (step.node, "time source")
+        elif step.kind == "registry_server":
+            key = (step.node, "registry server")
         elif step.kind in (
             "swarm_init",
             "swarm_join",

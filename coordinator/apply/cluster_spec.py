@@ -1,8 +1,9 @@
 """cluster.yaml: the documents `coordctl apply` takes, read into plain, validated data.
 
-A file holds YAML documents of five kinds: ClusterMembership, GlusterVolume, Mount,
-FirewallPolicy and TimeSource (see README). Reading is all-or-nothing: the first invalid field stops it
-with an error naming the document and the field, so a rejected file changes nothing.
+A file holds YAML documents of six kinds: ClusterMembership, GlusterVolume, Mount,
+FirewallPolicy, TimeSource and Registry (see README, docs/images.md). Reading is
+all-or-nothing: the first invalid field stops it with an error naming the document and the
+field, so a rejected file changes nothing.
 Node names and selectors are checked against the inventory later, by the planner.
 """
 
@@ -17,6 +18,7 @@ import yaml
 from picoord.common import limits
 from picoord.common import validation as v
 from picoord.common.checks import firewall as firewall_checks
+from picoord.common.checks import registry as registry_checks
 from picoord.common.checks import time as time_checks
 from picoord.common.names import InvalidName, validate_label_key, validate_label_value, validate_node_name
 from picoord.common.validation import FieldError
@@ -120,7 +122,21 @@ class TimeSource:
     address: str = ""  # what clients dial; default: the server's address as the coordinator sees it
 
 
-Document = ClusterMembership | GlusterVolume | Mount | FirewallPolicy | TimeSource
+@dataclass(frozen=True)
+class Registry:
+    """One node (the desktop) serves the cluster's container registry over TLS with a
+    certificate from the cluster CA; `nodes`' dockerd trust it by that CA."""
+
+    name: str
+    server: str
+    nodes: NodeSet
+    port: int = 5000
+    storage: str = "/var/lib/docker-registry"  # Debian's docker-registry keeps images here
+    names: tuple[str, ...] = ()  # more host names nodes pull it by (the node name always is one)
+    address: str = ""  # what nodes dial; default: the server's address as the coordinator sees it
+
+
+Document = ClusterMembership | GlusterVolume | Mount | FirewallPolicy | TimeSource | Registry
 
 
 @dataclass
@@ -385,12 +401,46 @@ def _time_source(doc: _Fields, name: str) -> TimeSource:
     )
 
 
+def _registry(doc: _Fields, name: str) -> Registry:
+    port = doc.get("port", 5000)
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise FieldError(doc.at("port"), f"{port!r} is not a port number")
+    v.port(doc.at("port"), port)
+    raw = _list(doc.at("names"), doc.get("names", []), registry_checks.MAX_ADDRESSES - 2)
+    names = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, str):
+            raise FieldError(f"{doc.at('names')}[{index}]", "must be a host name")
+        names.append(v.hostname(f"{doc.at('names')}[{index}]", item))
+    if len(set(names)) != len(names):
+        raise FieldError(doc.at("names"), "names one twice")
+    address = doc.text("address", "")
+    return Registry(
+        name=_registry_name(doc.at("name"), name),
+        server=_node_name(doc.at("server"), doc.get("server", required=True)),
+        nodes=_node_set(doc.at("nodes"), doc.get("nodes", required=True)),
+        port=port,
+        storage=v.absolute_path(doc.at("storage"), doc.text("storage", "/var/lib/docker-registry")),
+        names=tuple(names),
+        address=v.ip_address(doc.at("address"), address) if address else "",
+    )
+
+
+def _registry_name(field: str, name: str) -> str:
+    """A Registry's name also names its key and certificate files: a DNS label."""
+    try:
+        return validate_node_name(name)
+    except InvalidName as error:
+        raise FieldError(field, str(error)) from None
+
+
 READERS: dict[str, Callable[[_Fields, str], Document]] = {
     "ClusterMembership": _membership,
     "GlusterVolume": _gluster_volume,
     "Mount": _mount,
     "FirewallPolicy": _firewall,
     "TimeSource": _time_source,
+    "Registry": _registry,
 }
 
 

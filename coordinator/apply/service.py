@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from picoord.coordinator.apply.action_planner import NodeView, Step, plan
+from picoord.coordinator.apply.action_planner import IssueRegistryTls, NodeView, RegistryTls, Step, plan
 from picoord.coordinator.apply.runner import ApplyRun
+from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
 from picoord.coordinator.placement.inputs import accepted_labels
@@ -55,10 +56,37 @@ class StartedApply:
         await self.task
 
 
+def registry_tls(ca: ClusterCA) -> IssueRegistryTls:
+    """The planner's way to a Registry's certificate: the CA's, kept in its state dir."""
+
+    def issue(name: str, hosts: list[str]) -> RegistryTls:
+        identity = ca.registry_identity(name, hosts)
+        return RegistryTls(
+            identity.certificate_pem.decode(), identity.key_pem.decode(), ca.certificate_pem.decode()
+        )
+
+    return issue
+
+
+def registries(steps: list[Step]) -> dict[str, list[str]]:
+    """Registry name -> the HOST:PORT names it is pulled by, from the planned trust steps."""
+    found: dict[str, list[str]] = {}
+    for step in steps:
+        if step.kind == "registry_trust":
+            found[step.document.partition("/")[2]] = list(step.action.registry_trust.addresses)
+    return found
+
+
 class ApplyService:
-    def __init__(self, cluster: Cluster, workloads: WorkloadRecords | None = None) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        workloads: WorkloadRecords | None = None,
+        issue_tls: IssueRegistryTls | None = None,
+    ) -> None:
         self.cluster = cluster
         self.workloads = workloads
+        self.issue_tls = issue_tls
         self.running: ApplyRun | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -99,7 +127,8 @@ class ApplyService:
         stack = stacks.stack_name(stack) if stack else workloads.namespace
         if prune and not stack:
             raise StackError("--prune removes what a stack's file no longer names: give --stack")
-        steps = plan(list(workloads.cluster), self.inventory())
+        # plan() issues a Registry's certificate (files in the state dir): off the event loop
+        steps = await asyncio.to_thread(plan, list(workloads.cluster), self.inventory(), self.issue_tls)
         if workloads.services and self.workloads is None:
             raise WorkloadError("services need the coordinator's workload store, which is not set up")
         # No await from this check to the claim below: of two applies, exactly one runs.
@@ -118,6 +147,9 @@ class ApplyService:
         try:
             preface = [admin_pb2.ApplyEvent(warning=line) for line in workloads.warning_lines()]
             preface += await self._stage(list(workloads.services), dry_run, source, stack, prune)
+            if not dry_run:
+                for name, addresses in registries(steps).items():
+                    await self.cluster.record_registry(name, addresses)
         except BaseException:
             self.running = None
             raise

@@ -58,6 +58,7 @@ def replica_spec(
         revision=placed.revision,
         replica=placed.replica,
         image=spec.image,
+        image_digest=spec.image_digest,
         command=list(spec.command or ()),
         args=list(spec.args or ()),
         env=env,

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from picoord.common.images import ManifestError
 from picoord.common.limits import DISCONNECT_GRACE
 from picoord.common.vocabulary import RolloutStatus
 from picoord.coordinator.cluster import Cluster
@@ -124,11 +125,15 @@ class WorkloadController:
         records: WorkloadRecords,
         grace: float = DISCONNECT_GRACE,
         clock: Callable[[], float] = time.time,
+        pin_image: Callable[[str], str] | None = None,
     ) -> None:
         self.cluster = cluster
         self.records = records
         self.grace = grace
         self.clock = clock
+        # image -> the digest to run ("" to run by tag); blocking (an HTTP call), so it
+        # runs in a thread. None: nothing is pinned (tests without a registry).
+        self.pin_image = pin_image
         self.dispatcher = Dispatcher()
         self.logs = LogHub(cluster)  # `coordctl logs`: the streams from the nodes' sessions
         self.ticks = 0  # how many ticks ran: what the controller bench counts
@@ -500,6 +505,7 @@ class WorkloadController:
     async def start_rollout(self, name: str, image: str = "", cause: str = "") -> list[str]:
         """Make the applied spec (with `image`, if given) the target of a new rollout;
         return what was started, as lines for the operator."""
+        digests = await self._resolve_ahead(name, image)  # outside the lock: the ticks go on
         async with self._lock:
             facts = await self._operator_facts()
             service = facts.services.get(name)
@@ -521,14 +527,54 @@ class WorkloadController:
             ]
             for dependency in first:
                 await self._preflight(located(dependency.spec, dependency.source), facts)
+            # Every tag resolved before anything is recorded: a registry that does not answer
+            # refuses the whole rollout, and nothing changes.
+            spec = await self._pinned(spec, digests)
+            pinned_first = [await self._pinned(dependency.spec, digests) for dependency in first]
             lines = []
-            for dependency in first:
+            for dependency, dependency_spec in zip(first, pinned_first, strict=True):
                 lines.append(
-                    await self._record_and_begin(dependency, dependency.spec, f"dependency of {name}", facts)
+                    await self._record_and_begin(dependency, dependency_spec, f"dependency of {name}", facts)
                 )
                 lines.append(f"{name} depends on {dependency.name}: it is placed first")
             lines.append(await self._record_and_begin(service, spec, cause or "rollout", facts))
             return lines
+
+    async def _digest(self, service: str, image: str) -> str:
+        assert self.pin_image is not None
+        try:
+            return await asyncio.to_thread(self.pin_image, image)
+        except ManifestError as error:
+            raise WorkloadRefused(
+                "FAILED_PRECONDITION", f"{service}: cannot pin {error}; nothing was changed"
+            ) from None
+
+    async def _resolve_ahead(self, name: str, image: str) -> dict[str, str]:
+        """The digests of the service's image and its dependencies' (image -> digest), asked
+        before the controller's lock is taken: a slow registry must not hold up the ticks."""
+        if self.pin_image is None:
+            return {}
+        digests: dict[str, str] = {}
+        service = await asyncio.to_thread(self.records.service, name)
+        if service is None:
+            return digests
+        wanted = [(name, image or service.spec.image)]
+        for dependency in service.spec.depends_on:
+            record = await asyncio.to_thread(self.records.service, dependency)
+            if record is not None and record.rollout is None:
+                wanted.append((dependency, record.spec.image))
+        for owner, each in wanted:
+            if each not in digests:
+                digests[each] = await self._digest(owner, each)
+        return digests
+
+    async def _pinned(self, spec: ServiceSpec, digests: dict[str, str]) -> ServiceSpec:
+        """`spec` with the digest its image's tag names now, when it comes from a cluster
+        registry (common/images.py); WorkloadRefused when that registry cannot say."""
+        if self.pin_image is None:
+            return spec
+        digest = digests[spec.image] if spec.image in digests else await self._digest(spec.name, spec.image)
+        return dataclasses.replace(spec, image_digest=digest)
 
     async def _record_and_begin(
         self, service: ServiceRecord, spec: ServiceSpec, cause: str, facts: Facts
@@ -583,7 +629,8 @@ class WorkloadController:
         await self.cluster.write(self.records.begin_rollout, service.name, history, rollout)
         self._last_info.pop(service.name, None)
         self._waiting.pop(service.name, None)
-        line = f"rolling out revision {revision} of {service.name} ({spec.image})"
+        pinned = f" at {spec.image_digest}" if spec.image_digest else ""
+        line = f"rolling out revision {revision} of {service.name} ({spec.image}{pinned})"
         self._note(service.name, line)
         self.wake()
         return line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pwd
 import shlex
@@ -18,6 +19,7 @@ from rich.live import Live
 
 from picoord.common import VERSION
 from picoord.common.durations import parse_duration
+from picoord.common.joining import InvalidJoinFile, parse_join_command, render_first_boot
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
 from picoord.common.pi_throttled_flags import describe_throttled
 from picoord.coordinator.apply.cluster_spec import MAX_SPEC_BYTES, SpecError
@@ -109,11 +111,15 @@ def cmd_token_create(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -
         ),
         timeout=CALL_TIMEOUT,
     )
-    if args.output == "table":
+    if args.first_boot or args.output == "table":
         info = reply.info
         uses = f"up to {info.usage_limit} node(s)" if info.usage_limit else "any number of nodes"
         grants = f"; grants {_labels_text(dict(sorted(info.labels.items())))}" if info.labels else ""
-        echo(reply.join_command)
+        if args.first_boot:  # the file for a Pi's boot partition (docs/join.md)
+            parameters = dataclasses.replace(parse_join_command(reply.join_command), node_name=args.node_name)
+            echo(render_first_boot(parameters).rstrip("\n"))
+        else:
+            echo(reply.join_command)
         echo(
             f"# token {info.token_id}: {uses} may join until {iso_time(info.expires_at)}{grants}",
             file=sys.stderr,
@@ -556,6 +562,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="k=v",
         help="a label every node joining with it gets (repeatable); labels a node asks for wait for `accept`",
     )
+    create.add_argument(
+        "--first-boot",
+        action="store_true",
+        help="print a first-boot file (picoord-join.toml for a Pi's boot partition) instead of the command",
+    )
+    create.add_argument(
+        "--node-name", help="with --first-boot: the name the node joins as (default: its hostname)"
+    )
     create.set_defaults(handler=cmd_token_create)
     with_output(
         token.add_parser("list", help="list tokens (ids only) and the nodes that used each")
@@ -651,9 +665,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if getattr(args, "uses", 0) < 0:
         parser.error("--uses must be 0 (unlimited) or more")
+    if getattr(args, "node_name", None) and not getattr(args, "first_boot", False):
+        parser.error("--node-name goes with --first-boot (the join command takes its own --node-name)")
     context: str | None = None
     try:
-        for field in ("name", "node"):
+        for field in ("name", "node", "node_name"):
             if getattr(args, field, None):
                 validate_node_name(getattr(args, field))
         if getattr(args, "check", None):
@@ -665,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     except (InvalidName, SpecError, WorkloadError, workloads.UsageError, ConnectionChoiceError) as error:
         echo(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except BundleError as error:
+    except (BundleError, InvalidJoinFile) as error:
         echo(f"coordctl: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     except (OSError, UnicodeDecodeError) as error:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 import structlog
 
 from picoord.common import defaults, limits
+from picoord.common.joining import join_command
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
 from picoord.coordinator.apply.action_planner import PlanError
-from picoord.coordinator.apply.service import ApplyBusy, ApplyService
+from picoord.coordinator.apply.service import ApplyBusy, ApplyService, registry_tls
 from picoord.coordinator.ca import ClusterCA, certificate_serial, certificate_state
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
@@ -65,7 +67,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.ca = ca
         self.join_address = join_address
         self.enroll_port_hint = enroll_port_hint
-        self.applies = ApplyService(cluster, workloads)
+        self.applies = ApplyService(cluster, workloads, registry_tls(ca))
 
     async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
         try:
@@ -106,9 +108,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             usage_limit=request.usage_limit,
             labels=labels,
         )
-        command = f"picoord-agent join {self.join_address} --token {token} --ca-cert-hash {self.ca.cert_hash}"
-        if self.enroll_port_hint is not None:
-            command += f" --enroll-port {self.enroll_port_hint}"
+        command = join_command(self.join_address, token, self.ca.cert_hash, self.enroll_port_hint)
         return admin_pb2.CreateTokenResponse(
             token=str(token), info=token_info(record), ca_cert_hash=self.ca.cert_hash, join_command=command
         )
@@ -256,6 +256,16 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 not_after=server.not_after,
             ),
         ]
+        for name, registry in await asyncio.to_thread(self.ca.registry_certificates):
+            listed.append(
+                admin_pb2.CertificateExpiration(
+                    name=f"registry/{name}",
+                    kind="registry",
+                    serial=registry.serial,
+                    not_before=registry.not_before,
+                    not_after=registry.not_after,
+                )
+            )
         for listing in listed:
             listing.state = certificate_state(listing.not_after, None, now).wire
         for node, record in (await self.cluster.newest_certificates()).items():

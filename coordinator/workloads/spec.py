@@ -175,6 +175,9 @@ class ServiceSpec:
     user: str = ""
     working_dir: str = ""
     stop_grace_period: float = 10.0
+    # sha256:... that `image`'s tag named when the rollout began (common/images.py); set by
+    # the coordinator, never read from a file: a re-pushed tag is a new digest, a new revision
+    image_digest: str = ""
     origin: str = field(default="", compare=False)  # e.g. "Service/mcp", "services.postgres"
 
     @property
@@ -209,6 +212,8 @@ def revision_key(spec: ServiceSpec) -> str:
     assert isinstance(data, dict)
     for name in NOT_IN_REVISION:
         data.pop(name, None)
+    if not data.get("image_digest"):  # unpinned: the same key as before pinning existed
+        data.pop("image_digest", None)
     text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -96,14 +96,12 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("listen_host", "expected"),
-    [("10.213.0.1", "10.213.0.1"), ("::1", "::1"), ("0.0.0.0", None), ("::", None)],
+    [("10.213.0.1", "10.213.0.1"), ("::1", "::1"), ("0.0.0.0", "192.168.1.10"), ("::", "192.168.1.10")],
 )
-def test_join_commands_name_a_specific_listen_address(listen_host: str, expected: str | None) -> None:
-    import socket
+def test_join_commands_name_a_specific_listen_address(listen_host: str, expected: str) -> None:
+    from picoord.coordinator.advertise import choose_advertised
 
-    from picoord.coordinator.main import advertised_host
-
-    assert advertised_host(listen_host) == (expected or socket.gethostname())
+    assert choose_advertised("", listen_host, "192.168.1.10", "desktop").host == expected
 
 
 @pytest.mark.parametrize(

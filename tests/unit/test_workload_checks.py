@@ -51,10 +51,18 @@ def test_image_references_refused(value: str) -> None:
         image_reference("image", value)
 
 
+def test_a_pinned_digest_is_accepted() -> None:
+    spec = good()
+    spec.image_digest = "sha256:" + "0f" * 32
+    check_replica_spec(spec)
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
         (lambda s: setattr(s, "image", "mcp 1"), "replica.image"),
+        (lambda s: setattr(s, "image_digest", "sha256:" + "a" * 63), "replica.image_digest"),
+        (lambda s: setattr(s, "image_digest", "latest"), "replica.image_digest"),
         (lambda s: setattr(s, "service", "mcp;x"), "replica.service"),
         (lambda s: setattr(s, "revision", 0), "replica.revision"),
         (lambda s: s.env.update({"1BAD": "x"}), "replica.env"),

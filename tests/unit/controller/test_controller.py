@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from picoord.common.images import ManifestError
 from picoord.common.vocabulary import ReplicaState, RolloutStatus
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.controller.controller import WorkloadController, WorkloadRefused
 from picoord.coordinator.controller.records import WorkloadRecords
+from picoord.coordinator.registry_client import RegistryUnreachable
 from picoord.coordinator.status import StatusTimeouts
 from picoord.coordinator.store import CertificateRecord, Store
 from picoord.coordinator.telemetry import MetricsHistory
@@ -198,3 +200,88 @@ async def test_a_lost_node_is_replaced_after_the_grace_period_only(rig: Rig) -> 
     await rig.settle(6)  # past it: replaced elsewhere
     live = [r for r in rig.records.replicas("mcp") if not r.replaced and not r.stopping]
     assert len(live) == 2 and lost not in {r.node for r in live}
+
+
+# --- digest pinning at rollout ----------------------------------------------------------
+# The tag is resolved once per rollout, every replica gets that digest, a re-pushed tag
+# rolls the new one, and a registry that cannot answer refuses the rollout, nothing changed.
+
+FIRST = "sha256:" + "1" * 64
+SECOND = "sha256:" + "2" * 64
+
+
+class Registry:
+    """Stands in for the HTTP call only: which digest each image's tag names now."""
+
+    def __init__(self) -> None:
+        self.tags: dict[str, str] = {}
+        self.asked: list[str] = []
+        self.down = False
+
+    def __call__(self, image: str) -> str:
+        self.asked.append(image)
+        if self.down:
+            raise RegistryUnreachable(f"{image}: the registry did not answer over verified TLS: refused")
+        return self.tags.get(image, "")
+
+
+def digests(rig: Rig, service: str) -> set[str]:
+    return {
+        spec.image_digest
+        for replicas in rig.running.values()
+        for spec in replicas.values()
+        if spec.service == service
+    }
+
+
+@pytest.fixture
+def registry(rig: Rig) -> Registry:
+    fake = Registry()
+    rig.controller.pin_image = fake
+    rig.records.put_secret("mcp-secrets", "database-url", b"x", rig.clock.now)
+    return fake
+
+
+async def test_every_replica_runs_the_digest_resolved_once_and_a_repush_rolls_the_new_one(
+    rig: Rig,
+    registry: Registry,
+) -> None:
+    registry.tags = {"mcp:1": FIRST}  # postgres comes from elsewhere: by tag ("")
+    lines = await rig.controller.start_rollout("mcp")
+    assert registry.asked == ["mcp:1", "postgres:15-alpine"]  # once each, not per replica
+    assert any(FIRST in line for line in lines)
+    await rig.settle(8)
+    assert digests(rig, "mcp") == {FIRST} and len(rig.images("mcp")) == len(NODES)
+    assert digests(rig, "postgres") == {""}
+    assert set(rig.images("mcp").values()) == {"mcp:1"}  # the tag is kept for display
+
+    # the same tag again, nothing re-pushed: the same revision
+    again = await rig.controller.start_rollout("mcp")
+    assert again == [f"rolling out revision 1 of mcp (mcp:1 at {FIRST})"]
+
+    registry.tags["mcp:1"] = SECOND  # re-pushed under the same tag
+    lines = await rig.controller.start_rollout("mcp")
+    assert lines == [f"rolling out revision 2 of mcp (mcp:1 at {SECOND})"]
+    await rig.settle(12)
+    assert digests(rig, "mcp") == {SECOND}  # every replica, on every node
+
+
+async def test_a_registry_that_cannot_answer_refuses_the_rollout_and_changes_nothing(
+    rig: Rig,
+    registry: Registry,
+) -> None:
+    registry.down = True
+    with pytest.raises(WorkloadRefused, match=r"did not answer.*nothing was changed"):
+        await rig.controller.start_rollout("mcp")
+    await rig.settle(2)
+    assert rig.records.replicas() == []
+    assert rig.records.history("mcp") == []
+
+
+async def test_an_unknown_tag_is_refused_by_name(rig: Rig, registry: Registry) -> None:
+    def missing(image: str) -> str:
+        raise ManifestError(f"{image} (10.0.0.1:5000): the registry has no such image (HTTP 404)")
+
+    rig.controller.pin_image = missing
+    with pytest.raises(WorkloadRefused, match=r"mcp: cannot pin mcp:1 .*HTTP 404"):
+        await rig.controller.start_rollout("mcp")
