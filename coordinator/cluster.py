@@ -361,6 +361,10 @@ class Cluster:
         """node -> manager | worker for the nodes in the Swarm (the membership actions run)."""
         return dict(self._swarm)
 
+    def swarm_role(self, name: str) -> str:
+        """manager, worker, or "" when the node is in no Swarm the coordinator made."""
+        return self._swarm.get(name, "")
+
     def status(self, name: str) -> Status:
         return node_status(name in self.sessions, self._last_seen.get(name, 0.0), self.clock(), self.timeouts)
 

@@ -16,6 +16,8 @@ Choices worth knowing:
 - A comment is free text for people, but it ends up inside an nft ruleset file between
   double quotes, so it is limited to letters, digits, single spaces and `_ . , : / + = @ -`.
 - Two rules matching the same traffic are rejected: the second could never apply.
+- Protocol vrrp (IP protocol 112, what keepalived's virtual addresses speak) takes no port.
+- `ssh_port` 0 means 22; `no_keep_ssh` is the document's `keep_ssh: false` (see ssh.py).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from picoord.common import limits
@@ -50,7 +53,10 @@ PROTOCOLS = {
     actions_pb2.PROTOCOL_ANY: "any",
     actions_pb2.PROTOCOL_TCP: "tcp",
     actions_pb2.PROTOCOL_UDP: "udp",
+    actions_pb2.PROTOCOL_VRRP: "vrrp",
 }
+PORTLESS = ("vrrp",)  # protocols without ports (ufw's "portless_protocols")
+DEFAULT_SSH_PORT = 22
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ class Rule:
     source: str = ""
     port_from: int = 0
     port_to: int = 0
-    protocol: str = "any"  # "any" | "tcp" | "udp"
+    protocol: str = "any"  # "any" | "tcp" | "udp" | "vrrp"
     comment: str = ""
     source_port: int = 0
     direction: str = "in"  # "in" | "out"
@@ -108,6 +114,8 @@ class PolicySpec:
     coordinator_address: str  # as given in the policy ("" when the coordinator did not fill it)
     coordinator_port: int
     confirm_within: float  # seconds; DEFAULT_CONFIRM_SECONDS when the policy says 0
+    keep_ssh: bool = True  # keep the sources of live SSH sessions allowed (ssh.py)
+    ssh_port: int = DEFAULT_SSH_PORT
 
 
 def comment(field: str, value: str) -> str:
@@ -128,6 +136,8 @@ def _rule(index: int, rule: actions_pb2.FirewallRule, backend: str) -> Rule:
     if rule.protocol not in PROTOCOLS:
         raise FieldError(f"{at}.protocol", f"unknown protocol {rule.protocol} (use any, tcp or udp)")
     protocol = PROTOCOLS[rule.protocol]
+    if protocol in PORTLESS and (rule.port_from or rule.port_to):
+        raise FieldError(f"{at}.port_from", f"{protocol} has no ports; leave port_from and port_to 0")
     source = cidr(f"{at}.from_cidr", rule.from_cidr) if rule.from_cidr else ""
     if rule.port_from == 0 and rule.port_to == 0:
         low = high = 0
@@ -184,9 +194,37 @@ def policy_spec(policy: actions_pb2.FirewallPolicy) -> PolicySpec:
         coordinator_address=address,
         coordinator_port=policy.coordinator_port if address else 0,
         confirm_within=seconds or DEFAULT_CONFIRM_SECONDS,
+        keep_ssh=not policy.no_keep_ssh,
+        ssh_port=port("ssh_port", policy.ssh_port) if policy.ssh_port else DEFAULT_SSH_PORT,
     )
 
 
 def check_firewall(policy: actions_pb2.FirewallPolicy) -> None:
     """Raise FieldError naming the first invalid field; return None when the policy is valid."""
     policy_spec(policy)
+
+
+def rule_matches(rule: Rule, source: str, port_number: int, protocol: str) -> bool:
+    """Whether an incoming rule matches a new connection (or datagram) from the address
+    `source` to local port `port_number` (0 for portless protocols) over `protocol`
+    ("tcp", "udp" or "vrrp"), as ufw and the nftables table evaluate it: "any" with a port
+    means tcp or udp, "any" without one every protocol."""
+    if rule.direction != "in" or rule.established or rule.source_port or rule.destination:
+        return False
+    if rule.source and ipaddress.ip_address(source) not in ipaddress.ip_network(rule.source):
+        return False
+    if rule.port_from and not (protocol in ("tcp", "udp") and rule.port_from <= port_number <= rule.port_to):
+        return False
+    return rule.protocol in (protocol, "any")
+
+
+def verdict_for(
+    rules: Sequence[Rule], default_incoming: str, source: str, port_number: int, protocol: str
+) -> tuple[str, int | None]:
+    """What a policy does with a new connection: (verdict, index of the first rule that
+    matches it, or None when the default decides). Rules are evaluated in order, first
+    match wins, as in ufw's user chain and the nftables table."""
+    for index, rule in enumerate(rules):
+        if rule_matches(rule, source, port_number, protocol):
+            return rule.verdict, index
+    return default_incoming, None

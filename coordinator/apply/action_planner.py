@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from picoord.common.checks import check_action
 from picoord.common.names import normalise_arch
 from picoord.common.validation import FieldError
+from picoord.coordinator.apply import cluster_ports
 from picoord.coordinator.apply.cluster_spec import (
     ClusterMembership,
     Document,
@@ -68,6 +69,8 @@ class NodeView:
     labels: Mapping[str, str] = field(default_factory=dict)
     arch: str = ""
     address: str = ""  # where the coordinator sees the node's session come from; "" when offline
+    swarm_role: str = ""  # "manager" or "worker" in the Swarm the coordinator made; "" in none
+    virtual_addresses: bool = False  # may announce a virtual address (runs VRRP)
 
 
 @dataclass(frozen=True)
@@ -270,7 +273,18 @@ class _Planner:
                 default_incoming=_verdict(doc.default_incoming),
                 rules=[_rule(rule) for rule in doc.rules],
                 confirm_within_seconds=doc.confirm_within_seconds,
+                no_keep_ssh=not doc.keep_ssh,
+                ssh_port=doc.ssh_port,
             )
+            if doc.cluster_ports == "allow":  # what the cluster needs and the rules would drop, first
+                members = _members(self.steps, list(self.nodes.values()))
+                needed = cluster_ports.missing_rules(
+                    [cluster_ports.PlannedPolicy(name, node, policy)], members
+                )
+                policy.ClearField("rules")
+                policy.rules.extend(
+                    [*cluster_ports.allow_rules(needed), *(_rule(rule) for rule in doc.rules)]
+                )
             # Last on the node: everything else must be in place before its ports close.
             before = tuple(step.id for step in self.steps if step.node == node)
             self.add(name, "firewall", node, actions_pb2.Action(firewall=policy), after=before)
@@ -316,7 +330,11 @@ def _verdict(text: str) -> int:
 
 
 def _rule(rule: Rule) -> actions_pb2.FirewallRule:
-    protocol = {"tcp": actions_pb2.PROTOCOL_TCP, "udp": actions_pb2.PROTOCOL_UDP}.get(rule.protocol, 0)
+    protocol = {
+        "tcp": actions_pb2.PROTOCOL_TCP,
+        "udp": actions_pb2.PROTOCOL_UDP,
+        "vrrp": actions_pb2.PROTOCOL_VRRP,
+    }.get(rule.protocol, actions_pb2.PROTOCOL_ANY)
     return actions_pb2.FirewallRule(
         verdict=_verdict(rule.verdict),
         from_cidr=rule.from_cidr,
@@ -360,7 +378,34 @@ def plan(
                 check_action(step.action)
             except FieldError as error:
                 raise PlanError(f"{step.document} on {step.node}: {error}") from None
+    _check_cluster_ports(planner.steps, inventory)
     return planner.steps
+
+
+def _members(steps: Sequence[Step], inventory: Sequence[NodeView]) -> list[cluster_ports.Member]:
+    """The nodes as the cluster-port check sees them, with their Swarm roles after `steps`."""
+    roles = cluster_ports.swarm_roles_after(
+        {node.name: node.swarm_role for node in inventory if node.swarm_role},
+        [(step.node, step.kind) for step in steps],
+    )
+    return [
+        cluster_ports.Member(node.name, roles.get(node.name, ""), node.virtual_addresses, node.address)
+        for node in inventory
+    ]
+
+
+def _check_cluster_ports(steps: Sequence[Step], inventory: Sequence[NodeView]) -> None:
+    """Refuse a plan whose firewall policies would drop what Swarm and VRRP need between
+    the nodes (cluster_ports.py), judged on the nodes' Swarm roles after this plan."""
+    members = _members(steps, inventory)
+    policies = [
+        cluster_ports.PlannedPolicy(step.document, step.node, step.action.firewall)
+        for step in steps
+        if step.kind == "firewall"
+    ]
+    missing = cluster_ports.missing_rules(policies, members)
+    if missing:
+        raise PlanError(cluster_ports.refusal(missing))
 
 
 def _check_conflicts(steps: Sequence[Step]) -> None:

@@ -32,7 +32,11 @@ MOUNT_TYPES = ("glusterfs", "nfs", "bind", "tmpfs")
 PERSISTENCE = {False: "none", True: "fstab", "none": "none", "fstab": "fstab", "systemd": "systemd"}
 BACKENDS = ("ufw", "nftables")
 VERDICTS = ("allow", "deny")
-PROTOCOLS = ("tcp", "udp", "any")
+PROTOCOLS = ("tcp", "udp", "any", "vrrp")
+PORTLESS = firewall_checks.PORTLESS
+CLUSTER_PORTS = ("check", "allow")  # what a policy does about the cluster's own ports
+# Example files mark what the reader must fill in as YOUR_SOMETHING (YOUR_LAN/24).
+PLACEHOLDER = "YOUR_"
 
 
 class SpecError(ValueError):
@@ -101,6 +105,9 @@ class FirewallPolicy:
     default_incoming: str = "deny"
     rules: tuple[Rule, ...] = ()
     confirm_within_seconds: float = 10.0
+    keep_ssh: bool = True  # false: live SSH sessions' sources get no rule of their own
+    cluster_ports: str = "check"  # check: refuse a policy that cuts them; allow: add the rules
+    ssh_port: int = firewall_checks.DEFAULT_SSH_PORT
 
 
 @dataclass(frozen=True)
@@ -327,15 +334,23 @@ def _rule(path: str, raw: Any) -> Rule:
     source = fields.get("from", "")
     if not isinstance(source, str):
         raise FieldError(fields.at("from"), "must be a CIDR string")
+    if PLACEHOLDER in source.upper():
+        raise FieldError(
+            fields.at("from"),
+            f"{source!r} is a placeholder: put your own network there (e.g. 192.168.1.0/24, as "
+            "`ip -4 addr` shows it on a node), then run `coordctl apply --dry-run -f FILE` first",
+        )
     from_cidr = "" if source in ("", "any") else v.cidr(fields.at("from"), source)
     port_from, port_to = _ports(fields.at("port"), fields.get("port"))
     protocol = fields.text("protocol", "any", choices=PROTOCOLS)
+    if protocol in PORTLESS and port_from:
+        raise FieldError(fields.at("port"), f"{protocol} has no ports; leave `port` out")
     if port_from != port_to and protocol == "any":
         raise FieldError(fields.at("protocol"), "a port range needs tcp or udp")
     comment = fields.text("comment", "")
     if comment:
         firewall_checks.comment(fields.at("comment"), comment)
-    if not from_cidr and not port_from:
+    if not from_cidr and not port_from and protocol not in PORTLESS:
         raise FieldError(path, "a rule needs `from`, `port`, or both")
     fields.finish()
     return Rule(verdict, from_cidr, port_from, port_to if port_to != port_from else 0, protocol, comment)
@@ -349,6 +364,9 @@ def _firewall(doc: _Fields, name: str) -> FirewallPolicy:
     confirm = doc.get("confirm_within_seconds", 10.0)
     if isinstance(confirm, bool) or not isinstance(confirm, int | float) or not 1 <= confirm <= 300:
         raise FieldError(doc.at("confirm_within_seconds"), "must be a number of seconds between 1 and 300")
+    keep_ssh = doc.get("keep_ssh", True)
+    if not isinstance(keep_ssh, bool):
+        raise FieldError(doc.at("keep_ssh"), "must be true or false")
     return FirewallPolicy(
         name=name,
         nodes=_node_set(doc.at("nodes"), doc.get("nodes", required=True)),
@@ -356,6 +374,9 @@ def _firewall(doc: _Fields, name: str) -> FirewallPolicy:
         default_incoming=doc.text("default_incoming", "deny", choices=VERDICTS),
         rules=rules,
         confirm_within_seconds=float(confirm),
+        keep_ssh=keep_ssh,
+        cluster_ports=doc.text("cluster_ports", "check", choices=CLUSTER_PORTS),
+        ssh_port=v.port(doc.at("ssh_port"), doc.get("ssh_port", firewall_checks.DEFAULT_SSH_PORT)),
     )
 
 

@@ -92,7 +92,9 @@ class ApplyService:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def inventory(self) -> list[NodeView]:
-        """The nodes as the planner sees them: labels, arch, and where each session comes from."""
+        """The nodes as the planner sees them: labels, arch, where each session comes from,
+        and its Swarm role (the firewall check keeps Swarm's ports open between members).
+        `virtual_addresses` stays False until a node can be assigned a virtual address."""
         views = []
         for record in self.cluster.nodes():
             session = self.cluster.sessions.get(record.name)
@@ -102,6 +104,7 @@ class ApplyService:
                     labels=accepted_labels(record.labels, record.pending_labels),
                     arch=self.cluster.recorded_hardware(record).arch,
                     address=session.address if session else "",
+                    swarm_role=self.cluster.swarm_role(record.name),
                 )
             )
         return views

@@ -106,18 +106,21 @@ def roles_from_actions(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, s
     return {node: role for node, (_, role) in latest.items()}
 
 
+_SWARM_ROLE = {"swarm_init": MANAGER, "swarm_join": WORKER, "swarm_leave": ""}
+
+
 def swarm_members(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, str]:
-    """node -> MANAGER or WORKER for the nodes in the Swarm: their latest Swarm membership
-    action that took effect was an init or a join (a leave takes them out)."""
+    """node -> MANAGER or WORKER for the nodes in the Docker Swarm the coordinator made: their
+    latest swarm init/join/leave action that took effect (not a dry run) decides, and a node
+    whose latest was a leave is in no Swarm (unlike roles_from_actions, which says worker)."""
     latest: dict[str, tuple[float, str]] = {}
     for record in records:
-        if not record.kind.startswith("swarm_") or record.dry_run or record.outcome not in _TOOK_EFFECT:
+        if record.kind not in _SWARM_ROLE or record.dry_run or record.outcome not in _TOOK_EFFECT:
             continue
         when = record.finished_at or record.started_at
         if record.node not in latest or when >= latest[record.node][0]:
-            latest[record.node] = (when, record.kind)
-    roles = {"swarm_init": MANAGER, "swarm_join": WORKER}
-    return {node: roles[kind] for node, (_, kind) in sorted(latest.items()) if kind in roles}
+            latest[record.node] = (when, _SWARM_ROLE[record.kind])
+    return {node: role for node, (_, role) in sorted(latest.items()) if role}
 
 
 def node_from(

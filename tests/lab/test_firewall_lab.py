@@ -489,6 +489,28 @@ GOLDEN = [
         Rule("deny", "10.9.0.0/16", 8000, 8100, "tcp"),
         ["deny", "proto", "tcp", "from", "10.9.0.0/16", "to", "any", "port", "8000:8100"],
     ),
+    # what a live SSH session's source gets, and VRRP for virtual addresses
+    (
+        Rule("allow", "10.213.0.7/32", 22, 22, "tcp", "picoord ssh session"),
+        [
+            "allow",
+            "proto",
+            "tcp",
+            "from",
+            "10.213.0.7",
+            "to",
+            "any",
+            "port",
+            "22",
+            "comment",
+            "picoord ssh session",
+        ],
+    ),
+    (
+        Rule("allow", "10.213.0.0/24", protocol="vrrp", comment="vrrp"),
+        ["allow", "proto", "vrrp", "from", "10.213.0.0/24", "comment", "vrrp"],
+    ),
+    (Rule("allow", "fd00::/8", protocol="vrrp"), ["allow", "proto", "vrrp", "from", "fd00::/8"]),
 ]
 
 
@@ -509,6 +531,22 @@ def test_ufw_itself_writes_the_rules_exactly_as_the_executor_renders_them(pis: P
         written = sb.run(["cat", path], check=True).stdout
         assert _section(written) == ufw.render_rules_section(rules, family), path
         assert ufw.parse_tuples(written) == ufw.wanted_tuples(rules, family)
+
+
+def test_nft_lists_the_vrrp_and_ssh_session_rules_as_rendered(pis: Pis) -> None:
+    """A re-apply of such a policy is UNCHANGED only if nft lists them back as planned."""
+    keep = guard.keep_open_rules([guard.Endpoint("10.213.0.1", 7443, ("10.213.0.1",))])
+    session = Rule("allow", "10.213.0.7/32", 22, 22, "tcp", "picoord ssh session")
+    rules = (
+        Rule("allow", "10.213.0.0/24", protocol="vrrp", comment="vrrp"),
+        Rule("allow", "fd00::/8", protocol="vrrp"),
+    )
+    table = nftables.render_table("deny", (*keep, session), rules)
+    sb = pis["pi1"]
+    sb.run(["nft", "-f", "-"], input=nftables.load_file(table), check=True)
+    assert sb.run(["nft", "list", "table", "inet", "picoord"], check=True).stdout == table
+    listed = sb.run(["nft", "-j", "list", "table", "inet", "picoord"], check=True).stdout
+    assert nftables.parse_listing(listed) == nftables.desired_table("deny", (*keep, session), rules)
 
 
 # ---------------------------------------------------------------- the revert outlives the agent
@@ -694,3 +732,70 @@ def test_an_agent_restarted_with_a_pending_revert_on_disk_rearms_or_restores_it(
     record = watchdog.last_record(pis.state_dir, pending.id)
     assert record is not None and record["ok"], record
     wait_for(lambda: not watchdog_pids(pis.state_dir), 5)
+
+
+# ---------------------------------------------------------------- the operator's SSH session
+
+# A stand-in sshd that greets and keeps each connection open, and a session that stays.
+_SSHD = r"""
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("0.0.0.0", 22))
+server.listen(16)
+print("LISTEN" + "ING", flush=True)
+held = []
+while True:
+    connection, _ = server.accept()
+    connection.sendall(b"hello\n")
+    held.append(connection)
+"""
+_SESSION = r"""
+import socket, sys, time
+session = socket.create_connection((sys.argv[1], 22), timeout=10)
+print("SESSION", session.recv(16).decode().strip(), flush=True)
+time.sleep(3600)
+"""
+
+
+def start_logged(pis: Pis, node: str, argv: list[str], name: str, ready: str) -> None:
+    log = pis.logs / f"{node}-{name}.log"
+    process = pis[node].popen(argv, log)
+    pis.processes.append(process)
+    wait_for(lambda: ready in (log.read_text() if log.exists() else ""), 10, 0.05)
+    assert process.poll() is None, log.read_text()
+
+
+@pytest.mark.parametrize("backend", ["ufw", "nftables"])
+def test_a_default_deny_policy_keeps_a_live_ssh_sessions_source_able_to_connect_anew(
+    pis: Pis, coordinator: Listener, backend: str
+) -> None:
+    """Applied while pi3 has an SSH session to pi1 (established before any firewall): pi3
+    may still open new connections to pi1's 22, pi2 (no session) may not; with
+    no_keep_ssh (the document's keep_ssh: false) pi3 is shut out as well."""
+    start_logged(pis, "pi1", [sys.executable, "-c", _SSHD], "sshd", "LISTENING")
+    start_logged(pis, "pi3", [sys.executable, "-c", _SESSION, pis.address("pi1")], "session", "SESSION hello")
+    where = (coordinator.address, coordinator.port)
+    request = policy(backend, allow_service(pis.address("pi2")), confirm_within_seconds=3)
+
+    def ssh_from(node: str) -> str:
+        done = pis[node].run([sys.executable, "-c", _CLIENT, pis.address("pi1"), "22", "2"], timeout=30)
+        return done.stdout.strip() or done.stderr.strip()[-300:]
+
+    planned = apply(pis, request, where, dry_run=True)
+    assert (
+        f"keeping 22/tcp open for the source of each live SSH session: {pis.address('pi3')}"
+        in (planned["message"])
+    ), planned
+    applied = apply(pis, request, where)
+    assert applied["outcome"] == "SUCCEEDED", applied
+    assert argvs(applied) == argvs(planned)
+    assert {f["key"]: f["value"] for f in applied["facts"]}[
+        "firewall.ssh_kept_open"
+    ] == f"{pis.address('pi3')}/32"
+    assert (ssh_from("pi3"), ssh_from("pi2")) == ("connected", "timeout")
+
+    shut = policy(backend, allow_service(pis.address("pi2")), confirm_within_seconds=3, no_keep_ssh=True)
+    closed = apply(pis, shut, where)
+    assert closed["outcome"] == "SUCCEEDED" and "keep_ssh: false" in closed["message"], closed
+    assert (ssh_from("pi3"), ssh_from("pi2")) == ("timeout", "timeout")

@@ -1,6 +1,8 @@
 """cluster.yaml reading: every document kind, the seed's firewall one-to-one, and bad input
 rejected with the document and field named."""
 
+from pathlib import Path
+
 import pytest
 
 from picoord.coordinator.apply.cluster_spec import (
@@ -14,6 +16,7 @@ from picoord.coordinator.apply.cluster_spec import (
     SpecError,
     parse_spec,
 )
+from tests.examples import cluster_example
 
 SEED_FIREWALL = """
 kind: FirewallPolicy
@@ -196,17 +199,89 @@ def test_yaml_tags_cannot_construct_objects() -> None:
         parse_spec("kind: !!python/object/apply:os.system ['true']\n")
 
 
-def test_the_example_file_reads() -> None:
-    from pathlib import Path
+EXAMPLE = (Path(__file__).parents[2] / "examples" / "cluster.yaml").read_text()
 
-    documents = parse_spec((Path(__file__).parents[2] / "examples" / "cluster.yaml").read_text())
+
+def test_the_example_file_is_refused_until_its_placeholder_is_filled_in() -> None:
+    with pytest.raises(SpecError) as raised:
+        parse_spec(EXAMPLE)
+    said = str(raised.value)
+    assert said.startswith("FirewallPolicy/cluster.rules[0].from: 'YOUR_LAN/24' is a placeholder"), said
+    assert "coordctl apply --dry-run" in said
+    documents = parse_spec(cluster_example())
     assert [type(doc).__name__ for doc in documents] == [
         "ClusterMembership",
         "GlusterVolume",
         "Mount",
         "FirewallPolicy",
     ]
-    assert len(documents[3].rules) == 7
+    assert documents[3].keep_ssh is True
+    assert documents[3].rules == (
+        Rule("allow", "192.168.1.0/24", comment="your LAN"),
+        Rule("allow", "", 8080, 0, "tcp", "mcp-server"),
+    )
+
+
+def test_the_example_plans_on_a_flat_lan_where_the_seeds_vlans_would_cut_the_swarm() -> None:
+    """The README finding: on 192.168.1.0/24 the seed's VLAN rules shut the nodes out of
+    each other; the example, filled in, keeps Swarm's ports (and the app's) open."""
+    from picoord.coordinator.apply.action_planner import NodeView, PlanError, plan
+
+    inventory = [NodeView("ubuntu-desktop", {}, "x86_64", "192.168.1.10")] + [
+        NodeView(f"pi{i}", {}, "aarch64", f"192.168.1.{20 + i}") for i in (1, 2, 3)
+    ]
+    filled = cluster_example()
+    steps = plan(parse_spec(filled), inventory)
+    assert sorted(step.node for step in steps if step.kind == "firewall") == ["pi1", "pi2", "pi3"]
+    seed_vlans = filled.replace(
+        "  - {action: allow, from: 192.168.1.0/24, comment: your LAN}",
+        "  - {action: allow, from: 192.168.10.0/24}\n  - {action: allow, from: 192.168.20.0/24}",
+    )
+    with pytest.raises(PlanError) as refused:
+        plan(parse_spec(seed_vlans), inventory)
+    assert "FirewallPolicy/cluster on pi1 (swarm worker): 7946/tcp from ubuntu-desktop (192.168.1.10)" in str(
+        refused.value
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "value"),
+    [
+        ("", "keep_ssh", True),
+        ("keep_ssh: false\n", "keep_ssh", False),
+        ("", "ssh_port", 22),
+        ("ssh_port: 2022\n", "ssh_port", 2022),
+    ],
+)
+def test_keep_ssh_and_ssh_port(extra: str, field: str, value: object) -> None:
+    [policy] = parse_spec(FIREWALL.format(rule="{action: allow, port: 22}") + extra)
+    assert getattr(policy, field) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            FIREWALL.format(rule="{action: allow, port: 22}") + "keep_ssh: no-thanks\n",
+            "keep_ssh: must be true",
+        ),
+        (FIREWALL.format(rule="{action: allow, port: 22}") + "ssh_port: 0\n", "ssh_port: port 0 is outside"),
+        (
+            FIREWALL.format(rule="{action: allow, port: 112, protocol: vrrp}"),
+            "rules[0].port: vrrp has no ports",
+        ),
+        (FIREWALL.format(rule="{action: allow, from: your_lan/24}"), "is a placeholder"),
+    ],
+)
+def test_bad_firewall_fields(text: str, message: str) -> None:
+    with pytest.raises(SpecError) as raised:
+        parse_spec(text)
+    assert message in str(raised.value)
+
+
+def test_vrrp_rules_need_no_port_or_source() -> None:
+    [policy] = parse_spec(FIREWALL.format(rule="{action: allow, protocol: vrrp}"))
+    assert policy.rules == (Rule("allow", "", 0, 0, "vrrp"),)
 
 
 def test_the_lab_demo_spec_reads_and_plans_for_three_pis() -> None:

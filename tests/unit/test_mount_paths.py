@@ -104,10 +104,9 @@ def test_the_coordinators_check_refuses_the_floor(target: str, source: str, fiel
 
 
 def test_the_lab_and_example_documents_stay_valid() -> None:
-    from pathlib import Path
 
     from picoord.coordinator.apply.cluster_spec import parse_spec
+    from tests.examples import ROOT, cluster_example
 
-    root = Path(__file__).resolve().parents[2]
-    for name in ("lab/demo-cluster.yaml", "examples/cluster.yaml"):
-        assert parse_spec((root / name).read_text()), name
+    assert parse_spec((ROOT / "lab" / "demo-cluster.yaml").read_text())
+    assert parse_spec(cluster_example())

@@ -37,7 +37,7 @@ nodes: [pi2]
 kind: FirewallPolicy
 name: fw
 nodes: [pi2]
-rules: [{action: allow, port: 22, protocol: tcp}]
+rules: [{action: allow, port: 22, protocol: tcp}, {action: allow, from: 10.0.0.0/24, comment: the swarm}]
 """
 
 

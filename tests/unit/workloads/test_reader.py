@@ -15,6 +15,7 @@ from picoord.coordinator.apply.cluster_spec import ClusterMembership, Mount, par
 from picoord.coordinator.placement.constraints import ARCH, HOSTNAME
 from picoord.coordinator.workloads import spec as s
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
+from tests.examples import cluster_example
 from tests.unit.workloads.documents import EXAMPLES, RICH_COMPOSE, RICH_KUBERNETES
 
 SEED = Path("/work/shared/seed/000_bfb93579e45f142f.txt")
@@ -122,7 +123,7 @@ def test_stack_update_policy_is_swarms_with_rollback() -> None:
 
 
 def test_a_mixed_file_hands_cluster_documents_to_the_apply_parser() -> None:
-    cluster_text = (EXAMPLES / "cluster.yaml").read_text()
+    cluster_text = cluster_example()
     text = cluster_text + "\n---\n" + (EXAMPLES / "mcp.yaml").read_text()
     workloads = read_workloads(text, "all.yaml")
     assert [spec.name for spec in workloads.services] == ["mcp", "postgres"]
