@@ -132,3 +132,12 @@ def test_the_unit_serves_the_default_repository_on_the_documented_port() -> None
     assert exec_start.split("=", 1)[1].split() == [
         "/usr/bin/python3", "-I", "-m", "http.server", "--directory", str(repo.DEFAULT_REPO), str(repo.PORT),
     ]  # fmt: skip
+
+
+def test_docs_give_the_lines_build_repo_prints() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "install.md").read_text()
+    curl, check, source, install = repo.node_setup_lines(f"http://DESKTOP:{repo.PORT}", "0" * 64)
+    for line in (curl, source, install):
+        assert f"    {line}\n" in docs, line
+    assert check.split("#")[0] in docs
+    assert str(repo.DEFAULT_KEY_DIR) in docs and str(repo.DEFAULT_REPO) in docs
