@@ -172,6 +172,11 @@ def test_a_rebuild_of_a_version_already_served_is_refused_and_changes_nothing(
         bad_url.returncode == 1 and "--url 'ftp://desktop' must look like http://HOST:PORT" in bad_url.stderr
     )
     assert not (tmp_path / "other").exists() and not (tmp_path / "other-key").exists()
+    stranger = tmp_path / "docker.io_20.10_all.deb"
+    stranger.write_bytes(b"not ours")
+    named = make_repo(tmp_path / "other", tmp_path / "other-key", [stranger])
+    assert named.returncode == 1 and "'docker.io' is not one of" in named.stderr
+    assert not (tmp_path / "other").exists() and not (tmp_path / "other-key").exists()
     inside = make_repo(repo, repo / "key", list(debs.values()))
     assert inside.returncode == 1 and "inside the repository, which is served to everyone" in inside.stderr
 
