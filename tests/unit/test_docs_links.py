@@ -15,15 +15,6 @@ from picoord.coordinator.ctl.cli import build_parser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# Docs pages other engineers are writing in parallel (issue 17): the README links to them
-# already. Empty this set once they are merged; a listed file that exists fails the test,
-# so the list cannot go stale.
-FILES_BEING_WRITTEN_IN_PARALLEL = frozenset(
-    {
-        "docs/install.md",
-    }
-)
-
 FENCE = re.compile(r"^(```|~~~).*?^\1[^\n]*$", re.MULTILINE | re.DOTALL)
 INLINE_CODE = re.compile(r"`[^`]+`")
 LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -77,13 +68,6 @@ def broken_links(page: Path, root: Path = REPO_ROOT) -> list[str]:
     for target in relative_links(text):
         path_part, _, anchor = target.partition("#")
         resolved = (page.parent / path_part).resolve()
-        in_repo = (
-            resolved.relative_to(root.resolve()).as_posix()
-            if resolved.is_relative_to(root.resolve())
-            else None
-        )
-        if in_repo in FILES_BEING_WRITTEN_IN_PARALLEL:
-            continue
         if not resolved.exists():
             problems.append(f"{target}: no such file")
         elif anchor and resolved.suffix == ".md" and anchor not in heading_slugs(resolved.read_text()):
@@ -152,11 +136,6 @@ def test_every_relative_link_points_at_something_that_exists(page: Path) -> None
     assert broken_links(page) == []
 
 
-def test_files_being_written_in_parallel_are_not_there_yet() -> None:
-    there = sorted(name for name in FILES_BEING_WRITTEN_IN_PARALLEL if (REPO_ROOT / name).exists())
-    assert there == [], f"merged: remove {there} from FILES_BEING_WRITTEN_IN_PARALLEL"
-
-
 def test_every_coordctl_command_in_the_readme_exists() -> None:
     commands = coordctl_commands((REPO_ROOT / "README.md").read_text())
     assert len(commands) > 20, "the README's coordctl commands were not found: the extractor is broken"
@@ -218,7 +197,6 @@ def test_unknown_subcommands_are_named(words: list[str], refused: bool) -> None:
             "[a](docs/lab.md#no-such-heading)",
             ["docs/lab.md#no-such-heading: no heading #no-such-heading there"],
         ),
-        ("[a](docs/install.md)", []),  # being written in parallel
         ("`[a](docs/nowhere.md)` and\n```\n[b](nowhere.md)\n```\n", []),  # code, not links
         ("[a](#missing)", ["#missing: no such heading"]),
         ("![a](grafana/missing.png)", ["grafana/missing.png: no such file"]),
