@@ -96,7 +96,7 @@ def render_first_boot(parameters: JoinParameters) -> str:
     lines = [
         "# picoord first-boot join. Put this file on the Pi's boot partition as",
         f"# /boot/firmware/{FIRST_BOOT_FILE_NAME} (Raspberry Pi OS bookworm, Ubuntu)",
-        f"# or /boot/{FIRST_BOOT_FILE_NAME}; the installed picoord-agent (enabled) reads it once,",
+        f"# or /boot/{FIRST_BOOT_FILE_NAME}; once picoord-agent is installed it starts, reads it once,",
         "# joins, and deletes it. It holds a secret: keep it off shared places.",
         f'coordinator = "{parameters.coordinator}"',
         f'token = "{parameters.token}"',

@@ -5,8 +5,9 @@ import): both packages installed with apt, the coordinator told to advertise 127
 container has loopback only), and a simulated boot partition at /boot/firmware. Then:
 - the coordinator's start-up check warns that a loopback address is advertised while the
   agent port listens on all addresses;
-- a first-boot file with a wrong token: the enabled agent tries it, the journal says the
-  token was refused (never the token), the file is gone, the agent keeps waiting;
+- a first-boot file with a wrong token: its presence enables and starts the agent (the
+  package's first-boot path unit), the agent tries it, the journal says the token was
+  refused (never the token), the file is gone, the agent keeps waiting;
 - a first-boot file from `coordctl token create --first-boot` while the coordinator is
   down: kept and retried; once the coordinator is back, the node enrolls (Ready under the
   file's name) and the file is gone;
@@ -83,9 +84,10 @@ def test_first_boot_join_from_the_boot_partition(booted: Container) -> None:
     # A wrong token: tried, refused, deleted; the agent keeps waiting, the secret unlogged.
     good = parse_first_boot(first_boot_file(booted, "--node-name", NODE).encode())
     wrong_secret = "wrongsecret00000"
+    assert booted.sh("systemctl", "is-enabled", "picoord-agent", check=False).stdout.strip() == "disabled"
     boot_file.write_text(_with_secret(first_boot_file(booted), wrong_secret))
-    booted.sh("systemctl", "enable", "--now", "picoord-agent")
-    booted.wait_active("picoord-agent")
+    booted.wait_active("picoord-agent")  # started by picoord-agent-first-boot.path
+    assert booted.sh("systemctl", "is-enabled", "picoord-agent", check=False).stdout.strip() == "enabled"
     wait_for("the refused file was not deleted", lambda: not boot_file.exists(), 60, booted)
     journal = agent_journal(booted)
     assert "the coordinator refused the token" in journal, journal[-2000:]

@@ -18,14 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from picoord.agent.state import ENROLLMENT_FILE
 from picoord.common import defaults
+from picoord.common.joining import FIRST_BOOT_DIRS, FIRST_BOOT_FILE_NAME
 from tests.systemd_verify import make_unit_root, verify
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 UNITS_DIR = REPO_ROOT / "systemd"
 AGENT_UNIT = "picoord-agent.service"
 COORDINATOR_UNIT = "picoord-coordinator.service"
-EXECUTABLES = ("/usr/bin/picoord-agent", "/usr/bin/picoord-coordinator")
+FIRST_BOOT_UNITS = ("picoord-agent-first-boot.path", "picoord-agent-first-boot.service")
+EXECUTABLES = ("/usr/bin/picoord-agent", "/usr/bin/picoord-coordinator", "/bin/systemctl")
 # Each daemon's watch on what only the operator can fix (the exit-78 faults).
 CONFIG_PATHS = {AGENT_UNIT: "picoord-agent-config.path", COORDINATOR_UNIT: "picoord-coordinator-config.path"}
 # systemd-analyze security: 0 (locked down) .. 10 (unsafe). Measured: coordinator 1.4, agent
@@ -122,7 +125,7 @@ def unit_root(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.parametrize("name", [AGENT_UNIT, COORDINATOR_UNIT])
+@pytest.mark.parametrize("name", [AGENT_UNIT, COORDINATOR_UNIT, *FIRST_BOOT_UNITS])
 def test_unit_verifies_without_any_warning(unit_root: Path, name: str) -> None:
     """`systemd-analyze verify` accepts the unit as shipped, silently."""
     code, output = verify(unit_root, name, (UNITS_DIR / name).read_text())
@@ -258,6 +261,19 @@ def test_units_match_the_default_paths_and_do_not_clash() -> None:
     # Both run as root and agree on the mode, so neither re-owns or re-modes the other's state.
     assert "User" not in coordinator and "DynamicUser" not in coordinator
     assert agent["StateDirectoryMode"] == coordinator["StateDirectoryMode"] == ["0700"]
+
+
+def test_first_boot_units_watch_the_agents_own_first_boot_files() -> None:
+    """The path unit watches exactly where the agent looks (common/joining.py), and what it
+    starts only enables the agent of a node not enrolled yet."""
+    watched = load("picoord-agent-first-boot.path")["Path"]
+    expected = [str(directory / FIRST_BOOT_FILE_NAME) for directory in FIRST_BOOT_DIRS]
+    assert watched["PathExists"] == expected
+    assert watched["Unit"] == ["picoord-agent-first-boot.service"]
+    service = load("picoord-agent-first-boot.service")
+    enrolled = defaults.AGENT_STATE_DIR / ENROLLMENT_FILE
+    assert service["Unit"]["ConditionPathExists"] == [f"!{enrolled}"]
+    assert service["Service"]["ExecStart"] == [f"/bin/systemctl enable --now {AGENT_UNIT}"]
 
 
 @pytest.mark.parametrize("name", [AGENT_UNIT, COORDINATOR_UNIT])
