@@ -98,6 +98,11 @@ MESSAGE_NAMES: dict[str, str] = {
 REPLICAS_PER_NODE = 256  # replicas one node may be assigned or report
 VOLUME_REMOVALS = 256  # named volumes one node is asked to remove at once, or reports removed (rm --volumes)
 REPLICA_MESSAGE = 1024  # a replica's last probe output or error, as reported
+# LoadBalancer virtual addresses one node announces or reports holding: VRRP has 255 router ids
+VIRTUAL_ADDRESSES = 255
+VIRTUAL_ADDRESS_PEERS = 256  # other nodes of one VRRP instance
+VIRTUAL_ADDRESS_SERVICES = 64  # services one virtual address leads to
+IP_ADDRESS = 64  # an IP address as text (IPv6 with a zone at most)
 # `coordctl logs`: a replica's output travels up the node's session in chunks. A line longer
 # than LOG_LINE_BYTES is cut (the rest counted as dropped). Each stream (one replica) and
 # each node spends from a byte bucket (rate per second, burst): output past it is dropped

@@ -82,6 +82,7 @@ TEXT_LIMITS: dict[str, int] = {
     },
     "ReplicaReport.message": limits.REPLICA_MESSAGE,
     "ReplicaReports.volumes_removed[]": limits.TEXT,
+    "ReplicaReports.virtual_addresses_held[]": limits.IP_ADDRESS,
     "LogChunk.request_id": limits.TEXT,
     "LogChunk.error": limits.REPLICA_MESSAGE,
     "LogLine.text": limits.LOG_LINE_BYTES,
@@ -107,6 +108,7 @@ COUNT_LIMITS: dict[str, int] = {
     "EnrollRequest.labels": limits.LABELS,
     "ReplicaReports.replicas": limits.REPLICAS_PER_NODE,
     "ReplicaReports.volumes_removed": limits.VOLUME_REMOVALS,
+    "ReplicaReports.virtual_addresses_held": limits.VIRTUAL_ADDRESSES,
     "LogChunk.lines": limits.LOG_CHUNK_LINES,
 }
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import structlog
 
+from picoord.agent.networking.virtual_addresses import Keepalived, held_addresses
 from picoord.agent.runtime.health import Health, observe
 from picoord.agent.runtime.model import ContainerSpec, HealthCheck, Port, ReplicaState, VolumeMount
 from picoord.agent.state import ASSIGNMENT_FILE
@@ -157,6 +158,7 @@ class Supervisor:
         self._last_sent: bytes = b""
         self._last_sent_at = 0.0
         self._volumes_gone: tuple[str, ...] = ()
+        self.keepalived = Keepalived(state_dir / "keepalived")
 
     # the assignment
     def _load(self) -> workloads_pb2.NodeAssignment:
@@ -195,6 +197,10 @@ class Supervisor:
     def generation(self) -> int:
         return self._assignment.generation
 
+    def virtual_addresses(self) -> list[workloads_pb2.VirtualAddress]:
+        with self._lock:
+            return list(self._assignment.virtual_addresses)
+
     def desired(self) -> list[ContainerSpec]:
         with self._lock:
             return [spec_from_wire(spec) for spec in self._assignment.replicas]
@@ -202,13 +208,26 @@ class Supervisor:
     # the loop
     def run(self, stop: threading.Event) -> None:
         """The supervisor thread: converge, probe, report, until `stop` is set."""
-        while not stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("supervisor tick failed; retrying")
-            self._wake.wait(TICK)
-            self._wake.clear()
+        try:
+            while not stop.is_set():
+                try:
+                    self.tick()
+                except Exception:
+                    log.exception("supervisor tick failed; retrying")
+                self._wake.wait(TICK)
+                self._wake.clear()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The agent exits: its keepalived goes with it (the addresses move to the peers)."""
+        self.keepalived.close()
+
+    def _virtual_addresses(self) -> None:
+        try:
+            self.keepalived.converge(self.virtual_addresses())
+        except Exception as error:  # replicas go on; the addresses are tried again next tick
+            log.error("virtual addresses not applied", error=str(error)[:300])
 
     def _engine_or_none(self, desired: list[ContainerSpec]) -> object | None:
         if self._engine is None and (desired or self.path.exists()):
@@ -220,6 +239,7 @@ class Supervisor:
         return self._engine
 
     def tick(self) -> None:
+        self._virtual_addresses()
         desired = self.desired()
         engine = self._engine_or_none(desired)
         if engine is None:
@@ -348,7 +368,11 @@ class Supervisor:
         self, desired: list[ContainerSpec], actual: list[ReplicaState]
     ) -> workloads_pb2.ReplicaReports:
         by_key = {(state.replica, state.revision): state for state in actual}
-        reports = workloads_pb2.ReplicaReports(generation=self.generation, volumes_removed=self._volumes_gone)
+        reports = workloads_pb2.ReplicaReports(
+            generation=self.generation,
+            volumes_removed=self._volumes_gone,
+            virtual_addresses_held=held_addresses(self.virtual_addresses()),
+        )
         for spec in desired:
             tracked = self._track(spec)
             state = by_key.get((spec.replica, spec.revision))

@@ -1,0 +1,186 @@
+"""LoadBalancer virtual addresses (VIPs): which nodes announce each one, as MetalLB's layer 2
+mode does, with keepalived's VRRP on the nodes. Pure functions over plain data.
+
+A VIP leads to one or more services (a Kubernetes `type: LoadBalancer` Service, or the
+services of a stack deployed with `--address`). Only nodes that are Ready, sit in the VIP's
+subnet and run a healthy replica of one of its services take part: each runs one VRRP
+instance for it, and VRRP elects one holder among them. A node whose replicas all turn
+unhealthy, or that is lost, drops out (its instance goes, or its adverts stop) and another
+takes the address within about three advert intervals.
+
+The holder a node reports is given the highest priority, so a new assignment never moves
+the address away from a node that still serves (no flapping); the others are ranked by how
+many healthy replicas they run, then by name. Every instance is `nopreempt`: a node that
+joins with a higher priority does not take the address from a working holder.
+
+virtual_router_id: VRRP tells instances on one LAN apart by it (1-255). Each VIP takes its
+address modulo 255, plus 1, which is distinct for any 255 consecutive addresses (a /24 never
+collides); a collision goes to the next free id, in address order.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from picoord.common.addresses import interface_holding
+from picoord.common.validation import FieldError
+
+HOLDER_PRIORITY = 200  # the node that holds the address now
+FIRST_PRIORITY = 100  # the best-ranked of the others; each next one a step lower
+LOWEST_PRIORITY = 1
+ROUTER_IDS = 255
+
+
+@dataclass(frozen=True)
+class NodeNetwork:
+    """A node as VIPs see it: Ready or not, and its cluster address with the prefix of the
+    interface that holds it ("10.213.0.3/24"; '' when the node did not report it)."""
+
+    name: str
+    ready: bool
+    interface: str  # the cluster address with its prefix, e.g. "10.213.0.3/24"; '' unknown
+
+    @property
+    def address(self) -> str:
+        return self.interface.split("/")[0] if self.interface else ""
+
+    def network(self) -> ipaddress.IPv4Network | None:
+        if not self.interface:
+            return None
+        try:
+            found = ipaddress.ip_interface(self.interface)
+        except ValueError:
+            return None
+        return found.network if isinstance(found.network, ipaddress.IPv4Network) else None
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """One node's VRRP instance for one VIP (the wire's VirtualAddress)."""
+
+    address: str
+    prefix_length: int
+    router_id: int
+    priority: int
+    source: str  # the node's own cluster address
+    peers: tuple[str, ...]  # the other taking-part nodes' cluster addresses
+    services: tuple[str, ...]
+
+
+def node_interface(address: str, interfaces: Iterable[tuple[str, Iterable[str]]]) -> str:
+    """The cluster address with the prefix of the interface holding it, from a hardware
+    report's (interface name, ["10.0.0.5/24", ...]) pairs; '' when no interface holds it."""
+    found = interface_holding(address, interfaces)
+    return f"{address}/{found[1]}" if found else ""
+
+
+def router_ids(addresses: Iterable[str]) -> dict[str, int]:
+    """address -> virtual_router_id: int(address) % 255 + 1, or the next free id on a
+    collision (addresses taken in order). More than 255 VIPs cannot all get one: the rest
+    are left out (check_virtual_address refuses the 256th)."""
+    ids: dict[str, int] = {}
+    used: set[int] = set()
+    for address in sorted(set(addresses), key=lambda text: int(ipaddress.IPv4Address(text))):
+        wanted = int(ipaddress.IPv4Address(address)) % ROUTER_IDS
+        for step in range(ROUTER_IDS):
+            candidate = (wanted + step) % ROUTER_IDS + 1
+            if candidate not in used:
+                used.add(candidate)
+                ids[address] = candidate
+                break
+    return ids
+
+
+def plan_announcements(
+    vips: Mapping[str, Sequence[str]],
+    nodes: Sequence[NodeNetwork],
+    healthy: Iterable[tuple[str, str]],
+    held: Mapping[str, Collection[str]],
+) -> dict[str, list[Announcement]]:
+    """node -> its VRRP instances. `vips`: address -> the services it leads to; `healthy`:
+    (service, node) for each healthy replica; `held`: node -> the VIPs it reports holding."""
+    count: dict[tuple[str, str], int] = {}
+    for service, node in healthy:
+        count[(service, node)] = count.get((service, node), 0) + 1
+    ids = router_ids(vips)
+    plan: dict[str, list[Announcement]] = {}
+    for address in sorted(vips, key=lambda text: int(ipaddress.IPv4Address(text))):
+        services = tuple(sorted(set(vips[address])))
+        ip = ipaddress.IPv4Address(address)
+        taking_part = []
+        for node in nodes:
+            network = node.network()
+            replicas = sum(count.get((service, node.name), 0) for service in services)
+            if node.ready and network is not None and ip in network and replicas and node.address != address:
+                taking_part.append((node, replicas))
+        holders = sorted(node.name for node, _ in taking_part if address in held.get(node.name, ()))
+        holder = holders[0] if holders else ""
+        ranked = sorted(taking_part, key=lambda pair: (pair[0].name != holder, -pair[1], pair[0].name))
+        for rank, (node, _) in enumerate(ranked):
+            if node.name == holder:
+                priority = HOLDER_PRIORITY
+            else:
+                priority = max(LOWEST_PRIORITY, FIRST_PRIORITY - (rank - (1 if holder else 0)))
+            network = node.network()
+            assert network is not None
+            plan.setdefault(node.name, []).append(
+                Announcement(
+                    address=address,
+                    prefix_length=network.prefixlen,
+                    router_id=ids[address],
+                    priority=priority,
+                    source=node.address,
+                    peers=tuple(other.address for other, _ in ranked if other.name != node.name),
+                    services=services,
+                )
+            )
+    return plan
+
+
+def holders(vips: Iterable[str], held: Mapping[str, Collection[str]]) -> dict[str, list[str]]:
+    """address -> the nodes that report holding it (one, unless VRRP is still settling)."""
+    return {address: sorted(node for node, items in held.items() if address in items) for address in vips}
+
+
+def check_virtual_address(
+    field: str,
+    address: str,
+    owner: str,
+    nodes: Sequence[NodeNetwork],
+    taken: Mapping[str, str],
+) -> str:
+    """The VIP `owner` (a stack or service, as "stack mcp") asks for, or FieldError naming
+    `field`: an IPv4 address inside a node's subnet, not a node's own address, and not the
+    VIP of another owner (`taken`: address -> owner). With no node's subnet known yet
+    (no node reported), only the form is checked."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise FieldError(field, f"{address!r} is not an IP address") from None
+    if not isinstance(ip, ipaddress.IPv4Address):
+        raise FieldError(field, f"{address}: virtual addresses are IPv4 (VRRP version 2)")
+    if ip.is_loopback or ip.is_multicast or ip.is_unspecified or ip.is_link_local:
+        raise FieldError(field, f"{address} is not an address a LAN can route to a node")
+    for node in nodes:
+        if node.address == str(ip):
+            raise FieldError(field, f"{address} is node {node.name}'s own address; pick an unused one")
+    networks = {str(node.network()): node.network() for node in nodes if node.network() is not None}
+    if networks:
+        inside = [network for network in networks.values() if network is not None and ip in network]
+        if not inside:
+            listed = ", ".join(sorted(networks))
+            raise FieldError(
+                field, f"{address} is outside the nodes' subnets ({listed}): no node could announce it"
+            )
+        for network in inside:
+            assert network is not None
+            if ip in (network.network_address, network.broadcast_address):
+                raise FieldError(field, f"{address} is the network or broadcast address of {network}")
+    other = taken.get(str(ip))
+    if other and other != owner:
+        raise FieldError(field, f"{address} is already the virtual address of {other}")
+    if len(set(taken) | {str(ip)}) > ROUTER_IDS:
+        raise FieldError(field, f"at most {ROUTER_IDS} virtual addresses (VRRP router ids) in one cluster")
+    return str(ip)

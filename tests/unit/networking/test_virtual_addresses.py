@@ -1,0 +1,141 @@
+"""The agent's keepalived.conf, from the assignment's virtual addresses; what an agent
+accepts in them; and Debian's keepalived reading the file (`keepalived --config-test`)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from picoord.agent.networking.virtual_addresses import (
+    NoInterface,
+    held,
+    keepalived_argv,
+    local_interfaces,
+    render_config,
+)
+from picoord.common.checks.workloads import check_assignment
+from picoord.common.validation import FieldError
+from picoord.v1 import workloads_pb2
+
+INTERFACES = [("lo", ["127.0.0.1/8"]), ("eth0", ["10.213.0.11/24"]), ("docker0", ["172.17.0.1/16"])]
+
+
+def _vip(**fields: object) -> workloads_pb2.VirtualAddress:
+    values: dict[str, object] = {
+        "address": "10.213.0.200",
+        "prefix_length": 24,
+        "router_id": 201,
+        "priority": 100,
+        "source": "10.213.0.11",
+        "peers": ["10.213.0.13", "10.213.0.12"],
+        "services": ["mcp-server"],
+    }
+    values.update(fields)
+    return workloads_pb2.VirtualAddress(**values)  # type: ignore[arg-type]
+
+
+def _instance(text: str, router_id: int) -> list[str]:
+    start = text.index(f"vrrp_instance vip_{router_id} {{")
+    block = text[start : text.index("\n}\n", start)]
+    return [line.strip() for line in block.splitlines()]
+
+
+def test_one_instance_per_address_on_the_cluster_interface() -> None:
+    alone = _vip(address="10.213.0.201", router_id=202, priority=200, peers=[])
+    text = render_config([_vip(), alone], INTERFACES)
+    first = _instance(text, 201)
+    assert "interface eth0" in first
+    assert "virtual_router_id 201" in first and "priority 100" in first
+    assert "advert_int 1" in first and "nopreempt" in first and "state BACKUP" in first
+    assert "unicast_src_ip 10.213.0.11" in first
+    peers = first[first.index("unicast_peer {") + 1 : first.index("unicast_peer {") + 3]
+    assert peers == ["10.213.0.12", "10.213.0.13"]  # sorted: the same assignment, the same file
+    assert "10.213.0.200/24 dev eth0" in first
+    second = _instance(text, 202)
+    assert "priority 200" in second
+    assert not any(line.startswith("unicast") for line in second)  # alone: no peers to name
+    assert text.count("vrrp_instance") == 2
+
+
+def test_the_same_addresses_give_the_same_file() -> None:
+    a = render_config([_vip(), _vip(address="10.213.0.201", router_id=5)], INTERFACES)
+    b = render_config([_vip(address="10.213.0.201", router_id=5), _vip()], INTERFACES)
+    assert a == b
+
+
+def test_a_source_no_interface_holds_is_refused() -> None:
+    with pytest.raises(NoInterface, match=r"10\.9\.9\.9"):
+        render_config([_vip(source="10.9.9.9")], INTERFACES)
+
+
+def test_held_lists_the_assigned_addresses_on_an_interface() -> None:
+    interfaces = [*INTERFACES, ("eth1", ["10.213.0.200/24"])]
+    assert held(["10.213.0.200", "10.213.0.201"], interfaces) == ["10.213.0.200"]
+    assert held(["10.213.0.201"], interfaces) == []
+
+
+def test_keepalived_runs_vrrp_only_in_the_foreground_with_files_in_the_state_dir() -> None:
+    argv = keepalived_argv("/usr/sbin/keepalived", Path("/var/lib/picoord/keepalived"))
+    assert argv[:5] == ["/usr/sbin/keepalived", "-n", "-l", "-D", "-P"]
+    assert argv[argv.index("-f") + 1] == "/var/lib/picoord/keepalived/keepalived.conf"
+    assert argv[argv.index("-p") + 1] == "/var/lib/picoord/keepalived/keepalived.pid"
+    assert argv[argv.index("-r") + 1] == "/var/lib/picoord/keepalived/vrrp.pid"
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"address": "10.213.0.200/24"}, "virtual_addresses[0].address"),
+        ({"address": "fd00::1"}, "virtual_addresses[0].address"),
+        ({"address": "10.213.0.200\n}"}, "virtual_addresses[0].address"),
+        ({"source": "eth0"}, "virtual_addresses[0].source"),
+        ({"peers": ["10.213.0.12", "x; y"]}, "virtual_addresses[0].peers[1]"),
+        ({"router_id": 0}, "virtual_addresses[0].router_id"),
+        ({"router_id": 256}, "virtual_addresses[0].router_id"),
+        ({"priority": 255}, "virtual_addresses[0].priority"),
+        ({"priority": 0}, "virtual_addresses[0].priority"),
+        ({"prefix_length": 33}, "virtual_addresses[0].prefix_length"),
+        ({"services": ["bad name"]}, "virtual_addresses[0].services[0]"),
+    ],
+)
+def test_an_agent_refuses_addresses_that_could_break_the_file(fields: dict, field: str) -> None:
+    assignment = workloads_pb2.NodeAssignment(generation=1, virtual_addresses=[_vip(**fields)])
+    with pytest.raises(FieldError) as raised:
+        check_assignment(assignment)
+    assert raised.value.field == f"assignment.{field}"
+
+
+def test_an_agent_refuses_one_router_id_twice() -> None:
+    assignment = workloads_pb2.NodeAssignment(
+        generation=1, virtual_addresses=[_vip(), _vip(address="10.213.0.201")]
+    )
+    with pytest.raises(FieldError, match="appears twice"):
+        check_assignment(assignment)
+
+
+def test_a_good_assignment_passes() -> None:
+    check_assignment(workloads_pb2.NodeAssignment(generation=1, virtual_addresses=[_vip()]))
+
+
+def test_debians_keepalived_reads_the_file(tmp_path: Path) -> None:
+    program = shutil.which("keepalived") or "/usr/sbin/keepalived"
+    if not Path(program).exists():
+        pytest.fail("keepalived is not installed: run scripts/bootstrap (scripts/system-packages.txt)")
+    interfaces = [(name, items) for name, items in local_interfaces() if name != "lo" and items]
+    assert interfaces, "this machine has no IPv4 interface but lo (keepalived refuses lo for VRRP)"
+    source = interfaces[0][1][0].split("/")[0]
+    conf = tmp_path / "keepalived.conf"
+    conf.write_text(render_config([_vip(source=source, peers=["192.0.2.7"])], interfaces))
+    done = subprocess.run(
+        [program, "--config-test", "-f", str(conf), "-l"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    broken = tmp_path / "broken.conf"
+    broken.write_text(conf.read_text().replace("advert_int 1", "advert_int one"))
+    done = subprocess.run(
+        [program, "--config-test", "-f", str(broken), "-l"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode != 0, "keepalived's config test accepts anything: it cannot tell a good file"
