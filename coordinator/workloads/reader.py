@@ -31,6 +31,8 @@ class Workloads:
     cluster: tuple[cluster_spec.Document, ...] = ()  # for the apply planner, untouched
     source: str = ""
     namespace: str = ""  # the Kubernetes documents' metadata.namespace: their stack
+    # a Compose file without x-picoord.address: a re-deploy keeps the stack's virtual address
+    keeps_address: bool = False
 
     def warning_lines(self) -> list[str]:
         prefix = f"{self.source}: " if self.source else ""
@@ -61,6 +63,7 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
     cluster: list[cluster_spec.Document] = []
     kubernetes_documents: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
+    keeps_address = False
     try:
         for index, raw in enumerate(raw_documents):
             if not isinstance(raw, dict):
@@ -71,6 +74,8 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
             kind = _format(raw)
             if kind == "compose":
                 services.extend(compose.read_compose(raw, warnings))
+                extension = raw.get(compose.EXTENSION)
+                keeps_address = not isinstance(extension, dict) or extension.get("address") is None
             elif kind == "kubernetes":
                 kubernetes_documents.append(raw)
             elif kind == "picoord":
@@ -93,7 +98,7 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
             warnings.extend(SpecWarning(where, why) for where, why in s.plaintext_secrets(spec))
     except (FieldError, cluster_spec.SpecError) as error:
         raise WorkloadError(f"{prefix}{error}") from None
-    return Workloads(tuple(services), tuple(warnings), tuple(cluster), source, namespace)
+    return Workloads(tuple(services), tuple(warnings), tuple(cluster), source, namespace, keeps_address)
 
 
 def _namespace(documents: list[dict[str, Any]]) -> str:

@@ -19,7 +19,15 @@ from dataclasses import replace
 from typing import Any
 
 from picoord.common.names import normalise_arch
-from picoord.common.validation import FieldError, absolute_path, env_name, image_reference, port, volume_name
+from picoord.common.validation import (
+    FieldError,
+    absolute_path,
+    env_name,
+    image_reference,
+    ip_address,
+    port,
+    volume_name,
+)
 from picoord.coordinator.placement.constraints import (
     ARCH,
     EQUAL,
@@ -181,8 +189,62 @@ def read_compose(raw: dict[str, Any], warnings: list[SpecWarning]) -> list[s.Ser
     names = [spec.name for spec in specs]
     specs = [_with_references(spec, names) for spec in specs]
     s.check_references(specs, {spec.name: f"services.{spec.name}.depends_on" for spec in specs})
+    address = stack_address(top)
+    if address:
+        if not any(s.publishes(spec) for spec in specs):
+            raise FieldError(
+                f"{EXTENSION}.address",
+                "no service of the file publishes a port, so a virtual address would lead nowhere",
+            )
+        specs = [
+            replace(spec, address=address, address_field=f"{EXTENSION}.address")
+            if s.publishes(spec)
+            else spec
+            for spec in specs
+        ]
     top.finish(extensions_warn=True)
     return specs
+
+
+EXTENSION = "x-picoord"
+NO_ADDRESS = "none"  # `--address none`: the stack gives its virtual address up
+
+
+def stack_address(top: Fields) -> str | None:
+    """The file's `x-picoord: {address: ADDR}`: the stack's LoadBalancer virtual address,
+    on every service that publishes a port. None when the file says nothing (a re-deploy
+    keeps the stack's address); '' for `none` (it gives the address up)."""
+    table = top.mapping(EXTENSION)
+    if table is None:
+        return None
+    raw = table.get("address")
+    address = None
+    if raw is not None:
+        text = scalar_text(table.at("address"), raw).strip()
+        address = "" if text == NO_ADDRESS else ip_address(table.at("address"), text)
+    table.finish()
+    return address
+
+
+def with_stack_address(text: str, address: str) -> str:
+    """A Compose file's text with `x-picoord.address` set (`stack deploy --address`): the
+    same checks then apply as to an address written in the file. A file that already names
+    another address is refused."""
+    import yaml
+
+    document = yaml.safe_load(text)
+    if not is_compose(document):
+        raise FieldError(
+            "--address", "is for Compose/stack files; a Kubernetes Service sets spec.loadBalancerIP"
+        )
+    extension = document.setdefault(EXTENSION, {})
+    if not isinstance(extension, dict):
+        raise FieldError(EXTENSION, "must be a mapping")
+    written = extension.get("address")
+    if written is not None and str(written) != address:
+        raise FieldError(f"{EXTENSION}.address", f"the file says {written}, --address says {address}")
+    extension["address"] = address
+    return yaml.safe_dump(document, sort_keys=False)
 
 
 def _with_references(spec: s.ServiceSpec, names: list[str]) -> s.ServiceSpec:
