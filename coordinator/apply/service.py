@@ -14,10 +14,13 @@ from dataclasses import dataclass
 
 import structlog
 
+from picoord.common.validation import FieldError
 from picoord.coordinator.apply.action_planner import NodeView, Step, plan
 from picoord.coordinator.apply.runner import ApplyRun
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
+from picoord.coordinator.networking import virtual_ips
+from picoord.coordinator.networking.nodes import node_networks
 from picoord.coordinator.placement.inputs import accepted_labels
 from picoord.coordinator.workloads import stacks
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
@@ -114,7 +117,9 @@ class ApplyService:
         self.running = run
         try:
             preface = [admin_pb2.ApplyEvent(warning=line) for line in workloads.warning_lines()]
-            preface += await self._stage(list(workloads.services), dry_run, source, stack, prune)
+            preface += await self._stage(
+                list(workloads.services), dry_run, source, stack, prune, workloads.keeps_address
+            )
         except BaseException:
             self.running = None
             raise
@@ -125,7 +130,13 @@ class ApplyService:
         return StartedApply(run, steps, events, task, preface)
 
     async def _stage(
-        self, specs: list[ServiceSpec], dry_run: bool, source: str, stack: str = "", prune: bool = False
+        self,
+        specs: list[ServiceSpec],
+        dry_run: bool,
+        source: str,
+        stack: str = "",
+        prune: bool = False,
+        keeps_address: bool = False,
     ) -> list[admin_pb2.ApplyEvent]:
         if not specs and not stack:
             return []
@@ -134,6 +145,12 @@ class ApplyService:
             record.name: stacks.Applied(record.stack, record.spec)
             for record in await asyncio.to_thread(self.workloads.services)
         }
+        try:
+            specs = virtual_ips.stack_addresses(
+                specs, existing, stack, keeps_address, node_networks(self.cluster)
+            )
+        except FieldError as error:
+            raise WorkloadError(f"{source}: {error}" if source else str(error)) from None
         changes = stacks.plan_stack(existing, specs, stack, prune)
         pruned = [change.name for change in changes if change.change == stacks.PRUNED]
         if not dry_run and (specs or pruned):

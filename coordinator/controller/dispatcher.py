@@ -66,9 +66,10 @@ class Dispatcher:
         records: Iterable[ReplicaRecord],
         now: float,
         volumes: Mapping[str, list[str]] | None = None,
+        virtual: Mapping[str, list[workloads_pb2.VirtualAddress]] | None = None,
     ) -> int:
-        """Send each connected node its assignment (its replicas, and the named volumes to
-        remove) if it changed; return how many were sent."""
+        """Send each connected node its assignment (its replicas, the named volumes to
+        remove, the virtual addresses it announces) if it changed; return how many were sent."""
         on_node: dict[str, list[str]] = {}
         for record in records:
             on_node.setdefault(record.node, []).append(record.id)
@@ -76,13 +77,19 @@ class Dispatcher:
         for node, session in list(sessions.items()):
             replicas = by_node.get(node, [])
             remove = (volumes or {}).get(node, [])
-            unsent = workloads_pb2.NodeAssignment(replicas=replicas, remove_volumes=remove)
+            announce = (virtual or {}).get(node, [])
+            unsent = workloads_pb2.NodeAssignment(
+                replicas=replicas, remove_volumes=remove, virtual_addresses=announce
+            )
             data = unsent.SerializeToString(deterministic=True)
             if self._sent.get(node) == data:
                 continue
             self._generation = max(self._generation + 1, int(now * 1000))
             assignment = workloads_pb2.NodeAssignment(
-                generation=self._generation, replicas=replicas, remove_volumes=remove
+                generation=self._generation,
+                replicas=replicas,
+                remove_volumes=remove,
+                virtual_addresses=announce,
             )
             await session.outbox.put(agent_pb2.CoordinatorMessage(assignment=assignment))
             self._sent[node] = data

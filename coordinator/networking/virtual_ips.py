@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from picoord.common.addresses import interface_holding
 from picoord.common.validation import FieldError
+from picoord.coordinator.workloads.spec import ServiceSpec, publishes
+from picoord.coordinator.workloads.stacks import Applied
 
 HOLDER_PRIORITY = 200  # the node that holds the address now
 FIRST_PRIORITY = 100  # the best-ranked of the others; each next one a step lower
@@ -184,3 +186,46 @@ def check_virtual_address(
     if len(set(taken) | {str(ip)}) > ROUTER_IDS:
         raise FieldError(field, f"at most {ROUTER_IDS} virtual addresses (VRRP router ids) in one cluster")
     return str(ip)
+
+
+def stack_addresses(
+    specs: Sequence[ServiceSpec],
+    existing: Mapping[str, Applied],
+    stack: str,
+    keeps_address: bool,
+    nodes: Sequence[NodeNetwork],
+) -> list[ServiceSpec]:
+    """The file's specs with their virtual addresses settled and checked (FieldError naming
+    where the file gave the address): a stack re-deployed without an address keeps the one
+    its services have; every address must pass check_virtual_address against the addresses
+    of services outside this apply."""
+    if keeps_address and stack:
+        kept = sorted(
+            {held.spec.address for held in existing.values() if held.stack == stack and held.spec.address}
+        )
+        if len(kept) == 1:
+            specs = [
+                replace(spec, address=kept[0], address_field="the stack's address (kept)")
+                if publishes(spec) and not spec.address
+                else spec
+                for spec in specs
+            ]
+    named = {spec.name for spec in specs}
+    taken = {
+        held.spec.address: _owner(name, held.stack)
+        for name, held in sorted(existing.items())
+        if held.spec.address and name not in named
+    }
+    checked = []
+    for spec in specs:
+        if spec.address:
+            owner = _owner(spec.name, stack)
+            field = spec.address_field or f"{spec.origin}.address"
+            address = check_virtual_address(field, spec.address, owner, nodes, taken)
+            taken.setdefault(address, owner)
+        checked.append(spec)
+    return checked
+
+
+def _owner(service: str, stack: str) -> str:
+    return f"stack {stack}" if stack else f"service {service}"

@@ -3,6 +3,8 @@ ids; what an operator may ask for. Table tests over plain data."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from picoord.common.validation import FieldError
@@ -15,7 +17,10 @@ from picoord.coordinator.networking.virtual_ips import (
     node_interface,
     plan_announcements,
     router_ids,
+    stack_addresses,
 )
+from picoord.coordinator.workloads.spec import PortMapping, ServiceSpec
+from picoord.coordinator.workloads.stacks import Applied
 
 VIP = "10.213.0.200"
 NODES = (
@@ -170,3 +175,57 @@ def test_what_an_operator_may_ask_for(address: str, taken: dict, error: str | No
 
 def test_without_any_node_report_only_the_form_is_checked() -> None:
     assert check_virtual_address("f", "192.168.7.7", "stack mcp", [], {}) == "192.168.7.7"
+
+
+def _spec(name: str, address: str = "", published: int = 8080) -> ServiceSpec:
+    ports = (PortMapping(8080, published),)
+    return ServiceSpec(name=name, image="mcp:1", ports=ports, address=address, origin=f"services.{name}")
+
+
+@pytest.mark.parametrize(
+    ("existing", "specs", "keeps", "stack", "expected"),
+    [
+        # a re-deploy that says nothing keeps the stack's address, on its publishing services
+        (
+            {"mcp": Applied("s", _spec("mcp", VIP))},
+            [_spec("mcp"), _spec("db", published=0)],
+            True,
+            "s",
+            {"mcp": VIP, "db": ""},
+        ),
+        # `none` (keeps False): given up
+        ({"mcp": Applied("s", _spec("mcp", VIP))}, [_spec("mcp")], False, "s", {"mcp": ""}),
+        # another stack's address is not kept
+        ({"web": Applied("t", _spec("web", VIP))}, [_spec("mcp")], True, "s", {"mcp": ""}),
+        # its own address again, and an address a removed-from-file service of the stack had
+        ({"mcp": Applied("s", _spec("mcp", VIP))}, [_spec("mcp", VIP)], False, "s", {"mcp": VIP}),
+    ],
+)
+def test_stack_addresses_settle_what_a_deploy_means(
+    existing: dict, specs: list, keeps: bool, stack: str, expected: dict
+) -> None:
+    settled = stack_addresses(specs, existing, stack, keeps, NODES)
+    assert {spec.name: spec.address for spec in settled} == expected
+
+
+def test_another_stacks_address_is_refused_naming_the_field() -> None:
+    existing = {"web": Applied("t", _spec("web", VIP))}
+    spec = replace(_spec("mcp", VIP), address_field="x-picoord.address")
+    with pytest.raises(FieldError, match="already the virtual address of stack t") as raised:
+        stack_addresses([spec], existing, "s", False, NODES)
+    assert raised.value.field == "x-picoord.address"
+
+
+def test_two_services_without_a_stack_cannot_share_an_address() -> None:
+    with pytest.raises(FieldError, match="already the virtual address of service a"):
+        stack_addresses([_spec("a", VIP), _spec("b", VIP)], {}, "", False, NODES)
+
+
+def test_a_stacks_services_share_its_address() -> None:
+    settled = stack_addresses([_spec("a", VIP), _spec("b", VIP)], {}, "s", False, NODES)
+    assert [spec.address for spec in settled] == [VIP, VIP]
+
+
+def test_a_node_address_is_refused_at_apply() -> None:
+    with pytest.raises(FieldError, match="node pi1's own address"):
+        stack_addresses([_spec("a", "10.213.0.11")], {}, "s", False, NODES)
