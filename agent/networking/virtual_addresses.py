@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -36,6 +37,7 @@ CONFIG = "keepalived.conf"
 PID = "keepalived.pid"
 VRRP_PID = "vrrp.pid"
 STOP_TIMEOUT = 5.0
+RESTART_AFTER = 10.0  # a keepalived that exits is started again at most this often
 
 
 class NoInterface(LookupError):
@@ -135,6 +137,8 @@ class Keepalived:
         self._written = ""
         self._checked_leftover = False
         self._closed = False
+        self._failed = False  # keepalived would not start (not installed)
+        self._restart_at = 0.0
 
     @property
     def running(self) -> bool:
@@ -150,23 +154,31 @@ class Keepalived:
             self.stop()
             return
         text = render_config(addresses, local_interfaces())
-        if text == self._written and self.running:
-            return
+        if text == self._written and (self.running or self._failed):
+            return  # as it should be, or keepalived would not start with this file: said once
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomically(self.directory / CONFIG, text.encode(), 0o600)
         self._written = text
+        self._failed = False
         if self.running:
             assert self._process is not None
             log.info("reloading keepalived", addresses=[a.address for a in addresses])
             self._process.send_signal(signal.SIGHUP)
             return
+        if self._process is not None:  # it exited on its own: said, then started again a while later
+            if time.monotonic() < self._restart_at:
+                self._written = ""
+                return
+            log.error("keepalived exited; starting it again", exit_code=self._process.returncode)
+        self._restart_at = time.monotonic() + RESTART_AFTER
         log.info("starting keepalived", addresses=[a.address for a in addresses])
         try:
             self._process = subprocess.Popen(
                 keepalived_argv(self.program, self.directory), stdin=subprocess.DEVNULL
             )
         except OSError as error:
-            self._written = ""
+            self._process = None
+            self._failed = True
             log.error("cannot start keepalived (apt install keepalived)", error=str(error)[:200])
 
     def close(self) -> None:

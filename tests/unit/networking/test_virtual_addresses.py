@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from picoord.agent.networking.virtual_addresses import (
+    Keepalived,
     NoInterface,
     held,
     keepalived_argv,
@@ -139,3 +140,76 @@ def test_debians_keepalived_reads_the_file(tmp_path: Path) -> None:
         [program, "--config-test", "-f", str(broken), "-l"], capture_output=True, text=True, timeout=30
     )
     assert done.returncode != 0, "keepalived's config test accepts anything: it cannot tell a good file"
+
+
+STAND_IN = """#!/usr/bin/env python3
+import signal, sys, time
+log = open(sys.argv[sys.argv.index("-f") + 1] + ".events", "a", buffering=1)
+log.write("start\\n")
+signal.signal(signal.SIGHUP, lambda *_: log.write("reload\\n"))
+def stop(*_):
+    log.write("stop\\n")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _events(directory: Path) -> list[str]:
+    path = directory / "keepalived.conf.events"
+    return path.read_text().split() if path.exists() else []
+
+
+def _wait_for(directory: Path, count: int) -> list[str]:
+    import time
+
+    deadline = time.monotonic() + 10
+    while len(_events(directory)) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _events(directory)
+
+
+def test_one_keepalived_started_reloaded_on_change_and_stopped_without_addresses(tmp_path: Path) -> None:
+    """The shell around render_config, with a stand-in for keepalived that records signals."""
+    program = tmp_path / "keepalived"
+    program.write_text(STAND_IN)
+    program.chmod(0o755)
+    interfaces = [(name, items) for name, items in local_interfaces() if name != "lo" and items]
+    assert interfaces, "this machine has no IPv4 interface but lo"
+    source = interfaces[0][1][0].split("/")[0]
+    directory = tmp_path / "state" / "keepalived"
+    daemon = Keepalived(directory, str(program))
+    try:
+        daemon.converge([_vip(source=source)])
+        assert _wait_for(directory, 1) == ["start"]
+        assert (directory / "keepalived.conf").stat().st_mode & 0o777 == 0o600
+        daemon.converge([_vip(source=source)])  # unchanged: nothing to do
+        daemon.converge([_vip(source=source, priority=200)])
+        assert _wait_for(directory, 2) == ["start", "reload"]
+        assert "priority 200" in (directory / "keepalived.conf").read_text()
+        daemon.converge([])
+        assert _wait_for(directory, 3) == ["start", "reload", "stop"]
+        assert not daemon.running
+        daemon.converge([_vip(source=source)])
+        assert _wait_for(directory, 4) == ["start", "reload", "stop", "start"]
+        daemon.close()
+        assert _wait_for(directory, 5)[-1] == "stop"
+        daemon.converge([_vip(source=source)])  # closed: the agent is exiting
+        assert not daemon.running and len(_events(directory)) == 5
+    finally:
+        daemon.close()
+
+
+def test_a_missing_keepalived_is_said_once_and_replicas_go_on(tmp_path: Path) -> None:
+    from structlog.testing import capture_logs
+
+    interfaces = [(name, items) for name, items in local_interfaces() if name != "lo" and items]
+    source = interfaces[0][1][0].split("/")[0]
+    daemon = Keepalived(tmp_path / "keepalived", str(tmp_path / "no-such-keepalived"))
+    with capture_logs() as logs:
+        for _ in range(3):
+            daemon.converge([_vip(source=source)])  # raises nothing: the supervisor goes on
+    assert not daemon.running
+    said = [entry["event"] for entry in logs if entry["log_level"] == "error"]
+    assert said == ["cannot start keepalived (apt install keepalived)"]
