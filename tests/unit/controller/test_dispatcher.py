@@ -61,3 +61,18 @@ async def test_volumes_to_remove_ride_with_the_assignment_and_a_change_of_them_i
     assert await dispatcher.send({}, {"pi1": session}, [], 2.0, {"pi1": ["pg"]}) == 0  # unchanged
     assert await dispatcher.send({}, {"pi1": session}, [], 3.0, {}) == 1  # done: asked no more
     assert list(session.outbox.get_nowait().assignment.remove_volumes) == []
+
+
+async def test_virtual_addresses_ride_with_the_assignment_and_a_change_of_them_is_sent() -> None:
+    dispatcher = Dispatcher()
+    session = LiveSession(node="pi1", serial="c1")
+    replicas = {"pi1": [workloads_pb2.ReplicaSpec(replica="web.1")]}
+    vip = workloads_pb2.VirtualAddress(address="10.0.0.200", router_id=201, priority=100)
+    assert await dispatcher.send(replicas, {"pi1": session}, [], 1.0, {}, {"pi1": [vip]}) == 1
+    assert [a.address for a in session.outbox.get_nowait().assignment.virtual_addresses] == ["10.0.0.200"]
+    assert await dispatcher.send(replicas, {"pi1": session}, [], 2.0, {}, {"pi1": [vip]}) == 0
+    holder = workloads_pb2.VirtualAddress(address="10.0.0.200", router_id=201, priority=200)
+    assert await dispatcher.send(replicas, {"pi1": session}, [], 3.0, {}, {"pi1": [holder]}) == 1
+    assert session.outbox.get_nowait().assignment.virtual_addresses[0].priority == 200
+    assert await dispatcher.send(replicas, {"pi1": session}, [], 4.0, {}, {}) == 1  # given up
+    assert not session.outbox.get_nowait().assignment.virtual_addresses
