@@ -159,6 +159,7 @@ class Supervisor:
         self._last_sent_at = 0.0
         self._volumes_gone: tuple[str, ...] = ()
         self.keepalived = Keepalived(state_dir / "keepalived")
+        self._address_error = ""
 
     # the assignment
     def _load(self) -> workloads_pb2.NodeAssignment:
@@ -226,8 +227,11 @@ class Supervisor:
     def _virtual_addresses(self) -> None:
         try:
             self.keepalived.converge(self.virtual_addresses())
-        except Exception as error:  # replicas go on; the addresses are tried again next tick
-            log.error("virtual addresses not applied", error=str(error)[:300])
+            self._address_error = ""
+        except Exception as error:  # replicas go on; tried again next tick, said once per cause
+            if str(error) != self._address_error:
+                log.error("virtual addresses not applied", error=str(error)[:300])
+            self._address_error = str(error)
 
     def _engine_or_none(self, desired: list[ContainerSpec]) -> object | None:
         if self._engine is None and (desired or self.path.exists()):

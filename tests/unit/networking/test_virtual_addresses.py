@@ -213,3 +213,17 @@ def test_a_missing_keepalived_is_said_once_and_replicas_go_on(tmp_path: Path) ->
     assert not daemon.running
     said = [entry["event"] for entry in logs if entry["log_level"] == "error"]
     assert said == ["cannot start keepalived (apt install keepalived)"]
+
+
+def test_the_supervisor_reports_the_assigned_addresses_this_node_holds(tmp_path: Path) -> None:
+    from picoord.agent.runtime.supervisor import Supervisor
+
+    interfaces = [(name, items) for name, items in local_interfaces() if name != "lo" and items]
+    mine = interfaces[0][1][0].split("/")[0]  # an address this machine has: "held"
+    supervisor = Supervisor(tmp_path, "/nonexistent/docker.sock", lambda _: None)
+    held_here = _vip(address=mine, source=mine, router_id=7)
+    elsewhere = _vip(address="192.0.2.200", source=mine, router_id=8)
+    supervisor.assign(workloads_pb2.NodeAssignment(generation=2, virtual_addresses=[held_here, elsewhere]))
+    assert list(supervisor.reports([], []).virtual_addresses_held) == [mine]
+    supervisor.assign(workloads_pb2.NodeAssignment(generation=3))
+    assert list(supervisor.reports([], []).virtual_addresses_held) == []
