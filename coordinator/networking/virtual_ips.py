@@ -4,7 +4,8 @@ mode does, with keepalived's VRRP on the nodes. Pure functions over plain data.
 A VIP leads to one or more services (a Kubernetes `type: LoadBalancer` Service, or the
 services of a stack deployed with `--address`). Only nodes that are Ready, sit in the VIP's
 subnet and run a healthy replica of one of its services take part: each runs one VRRP
-instance for it, and VRRP elects one holder among them. A node whose replicas all turn
+instance for it, and VRRP elects one holder among them. Adverts go by unicast to every
+other node of the subnet (those without an instance ignore them). A node whose replicas all turn
 unhealthy, or that is lost, drops out (its instance goes, or its adverts stop) and another
 takes the address within about three advert intervals.
 
@@ -134,11 +135,23 @@ def plan_announcements(
                     router_id=ids[address],
                     priority=priority,
                     source=node.address,
-                    peers=tuple(other.address for other, _ in ranked if other.name != node.name),
+                    peers=_peers(node, ip, nodes),
                     services=services,
                 )
             )
     return plan
+
+
+def _peers(node: NodeNetwork, ip: ipaddress.IPv4Address, nodes: Sequence[NodeNetwork]) -> tuple[str, ...]:
+    """Every other node in the VIP's subnet, taking part or not: adverts go to them all, so
+    the list (and keepalived's unicast mode) stays put while nodes join and leave the
+    election. keepalived re-initialises an instance that switches between unicast and
+    multicast (an empty list), dropping the address for about 3 s: measured here."""
+    return tuple(
+        other.address
+        for other in sorted(nodes, key=lambda item: item.name)
+        if other.name != node.name and other.address and (net := other.network()) is not None and ip in net
+    )
 
 
 def holders(vips: Iterable[str], held: Mapping[str, Collection[str]]) -> dict[str, list[str]]:

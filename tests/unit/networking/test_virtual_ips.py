@@ -74,11 +74,11 @@ def test_instances_carry_the_subnet_router_id_source_and_peers() -> None:
     [one] = plan["pi1"]
     assert one.prefix_length == 24
     assert one.source == "10.213.0.11"
-    assert one.peers == ("10.213.0.13",)
+    assert one.peers == ("10.213.0.12", "10.213.0.13")  # every other node of the subnet
     assert one.services == ("mcp",)
     assert one.router_id == router_ids([VIP])[VIP]
     [three] = plan["pi3"]
-    assert three.peers == ("10.213.0.11",) and three.router_id == one.router_id
+    assert three.peers == ("10.213.0.11", "10.213.0.12") and three.router_id == one.router_id
 
 
 @pytest.mark.parametrize(
@@ -92,7 +92,16 @@ def test_instances_carry_the_subnet_router_id_source_and_peers() -> None:
 def test_nodes_that_cannot_announce_it_take_no_part(node: NodeNetwork, why: str) -> None:
     plan = plan_announcements({VIP: ["mcp"]}, [node, NODES[1]], [("mcp", "pi1"), ("mcp", "pi2")], {})
     assert set(plan) == {"pi2"}, why
-    assert plan["pi2"][0].peers == ()
+    # a node of the subnet stays a peer while it is away: keepalived keeps its unicast mode
+    assert plan["pi2"][0].peers == (("10.213.0.11",) if node.ready is False else ()), why
+
+
+def test_peers_stay_put_while_nodes_join_and_leave_the_election() -> None:
+    """keepalived drops the address for about 3 s when an instance switches between unicast
+    and multicast (an empty peer list): a lone holder keeps its peers."""
+    alone = plan_announcements({VIP: ["mcp"]}, NODES, [("mcp", "pi1")], {})
+    both = plan_announcements({VIP: ["mcp"]}, NODES, [("mcp", "pi1"), ("mcp", "pi2")], {})
+    assert alone["pi1"][0].peers == both["pi1"][0].peers == ("10.213.0.12", "10.213.0.13")
 
 
 def test_priorities_stay_within_vrrp_range_with_many_nodes() -> None:
