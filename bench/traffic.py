@@ -11,8 +11,8 @@ system after the other (both publish 8080):
 picoord: a stack of one service, 2 replicas of mcp:1 at most one per Pi, port 8080
 published, `healthcheck: wget /health` every 1 s (3 retries), stop-first updates with a 5 s
 monitor, deployed with `coordctl stack deploy --address VIP`:
-1. **steady**: `--steady` seconds against a replica addressed directly (its Pi's
-   address), then as long against the VIP: p50/p99 latency and answered requests/s;
+1. **steady**: `--steady` seconds against a replica addressed directly (the VIP holder's
+   own address) and, at the same time, against the VIP: p50/p99 latency, answered/s;
 2. **rollout**: the client on the VIP during `coordctl rollout mcp --image mcp:2`: failed
    requests;
 3. **failover**: the Pi holding the VIP taken away (link down, agent, dockerd and
@@ -20,7 +20,8 @@ monitor, deployed with `coordctl stack deploy --address VIP`:
 
 Swarm: `docker service create` of the same workload (`--publish 8080`, ingress mode: the
 routing mesh), the same health check run by `wget` in the container; the client on the
-manager Pi's address, which is never taken away:
+manager Pi's address, which is never taken away (the mesh needs IPVS in the kernel; without
+it the Swarm half says so and is not measured):
 1. **steady** through the mesh; 2. `docker service update --image mcp:2`: failed
 requests; 3. a Pi with a task (not the manager) taken away the same way.
 
@@ -163,12 +164,20 @@ def failed_seconds(samples: list[Sample], start: float) -> int:
     return len({int(s.at - start) for s in samples if not s.ok})
 
 
-def measure(address: str, rate: float, seconds: float) -> Steady:
-    with SteadyClient(address, rate) as client:
-        start = time.monotonic()
+def measure(addresses: list[str], rate: float, seconds: float) -> list[Steady]:
+    """Steady figures for each address, measured at once (a client each, in the same window,
+    so a busy machine weighs on both alike)."""
+    clients = [SteadyClient(address, rate) for address in addresses]
+    for client in clients:
+        client.__enter__()
+    start = time.monotonic()
+    try:
         time.sleep(seconds)
+    finally:
         end = time.monotonic()
-    return steady_figures(client.between(start, end), end - start)
+        for client in clients:
+            client.__exit__()
+    return [steady_figures(client.between(start, end), end - start) for client in clients]
 
 
 # --- results ---------------------------------------------------------------------------------------
@@ -247,8 +256,7 @@ def picoord_phase(lab: Lab, root: Path, args: argparse.Namespace, result: Result
     print(f"picoord: VIP {vip} held by {holder}", flush=True)
     figures = result.picoord
 
-    result.direct = measure(lab.address(holder), args.rate, args.steady)
-    figures.steady = measure(vip, args.rate, args.steady)
+    result.direct, figures.steady = measure([lab.address(holder), vip], args.rate, args.steady)
     print(f"picoord: steady direct {result.direct}, VIP {figures.steady}", flush=True)
 
     with SteadyClient(vip, args.rate) as client:
@@ -287,6 +295,11 @@ def swarm_phase(lab: Lab, args: argparse.Namespace, result: Result) -> None:
     create[-1:-1] = ["--publish", f"published={PORT},target={PORT}"]  # ingress: the routing mesh
     entry = lab.address(lab.nodes[0])
     figures = result.swarm
+    if not Path("/proc/net/ip_vs").exists():
+        raise BenchError(
+            "Swarm's routing mesh forwards with IPVS, which this kernel lacks (no /proc/net/ip_vs, "
+            "no ip_vs module to load): the mesh cannot answer here"
+        )
     view = SwarmView(lab)
     try:
         docker(lab, lab.nodes[0], *create)
@@ -297,7 +310,7 @@ def swarm_phase(lab: Lab, args: argparse.Namespace, result: Result) -> None:
             ),
             180,
         )
-        figures.steady = measure(entry, args.rate, args.steady)
+        [figures.steady] = measure([entry], args.rate, args.steady)
         print(f"swarm: steady through the mesh {figures.steady}", flush=True)
 
         with SteadyClient(entry, args.rate) as client:
