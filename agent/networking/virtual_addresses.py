@@ -4,7 +4,7 @@ child of the agent, configured from the assignment's VirtualAddress list.
 `render_config` is the decision, pure and table-tested: one `vrrp_instance` per address,
 on the interface that holds the node's cluster address, every instance BACKUP with
 `nopreempt` (VRRP elects the holder by priority, and nobody takes the address from a
-working holder), advert_int 1, and unicast adverts to the other taking-part nodes (so it
+working holder), advert_int 1, and unicast adverts to every other node of the subnet (so it
 works on a LAN that drops multicast). VRRP is IP protocol 112; a firewall between the
 nodes must let it through (unicast here; 224.0.0.18 when a VIP has a single node).
 
