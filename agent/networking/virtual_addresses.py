@@ -217,3 +217,24 @@ def held_addresses(assigned: Sequence[workloads_pb2.VirtualAddress]) -> list[str
     if not assigned:
         return []
     return held((item.address for item in assigned), local_interfaces())
+
+
+RELEASE_DRAIN = 1.5  # seconds a released address's services keep serving before their stop
+
+
+def released_services(
+    previous: Sequence[workloads_pb2.VirtualAddress],
+    current: Sequence[workloads_pb2.VirtualAddress],
+    held_now: Iterable[str],
+) -> set[str]:
+    """Services of the addresses this node held and no longer announces. Their replicas are
+    stopped RELEASE_DRAIN seconds later, not at once: keepalived's priority-0 advert hands the
+    address to a peer in under a second, and until then this node still receives its clients."""
+    kept = {item.address for item in current}
+    held_set = set(held_now)
+    return {
+        service
+        for item in previous
+        if item.address not in kept and item.address in held_set
+        for service in item.services
+    }

@@ -22,7 +22,12 @@ from pathlib import Path
 
 import structlog
 
-from picoord.agent.networking.virtual_addresses import Keepalived, held_addresses
+from picoord.agent.networking.virtual_addresses import (
+    RELEASE_DRAIN,
+    Keepalived,
+    held_addresses,
+    released_services,
+)
 from picoord.agent.runtime.health import Health, observe
 from picoord.agent.runtime.model import ContainerSpec, HealthCheck, Port, ReplicaState, VolumeMount
 from picoord.agent.state import ASSIGNMENT_FILE
@@ -160,6 +165,8 @@ class Supervisor:
         self._volumes_gone: tuple[str, ...] = ()
         self.keepalived = Keepalived(state_dir / "keepalived")
         self._address_error = ""
+        self._announced: list[workloads_pb2.VirtualAddress] = []  # what keepalived was given last
+        self._draining: dict[str, float] = {}  # service -> when its replicas may stop (monotonic)
 
     # the assignment
     def _load(self) -> workloads_pb2.NodeAssignment:
@@ -225,8 +232,14 @@ class Supervisor:
         self.keepalived.close()
 
     def _virtual_addresses(self) -> None:
+        current = self.virtual_addresses()
+        now = time.monotonic()
+        for service in released_services(self._announced, current, held_addresses(self._announced)):
+            self._draining[service] = now + RELEASE_DRAIN
+        self._draining = {service: until for service, until in self._draining.items() if until > now}
+        self._announced = current
         try:
-            self.keepalived.converge(self.virtual_addresses())
+            self.keepalived.converge(current)
             self._address_error = ""
         except Exception as error:  # replicas go on; tried again next tick, said once per cause
             if str(error) != self._address_error:
@@ -251,9 +264,13 @@ class Supervisor:
         actual = engine.replicas()  # type: ignore[attr-defined]
         plan = plan_node(desired, actual)
         for state in plan.stop:
+            if state.service in self._draining:  # its address is moving away: a moment more
+                continue
             log.info("stopping replica", replica=state.replica, revision=state.revision)
             engine.stop(state.container_id, grace=self._grace(state))  # type: ignore[attr-defined]
         for spec in plan.start:
+            if spec.service in self._draining:  # its old replica still serves (and holds the port)
+                continue
             self._start(engine, spec)
         if plan.stop or plan.start:
             actual = engine.replicas()  # type: ignore[attr-defined]

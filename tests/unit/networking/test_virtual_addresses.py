@@ -15,6 +15,7 @@ from picoord.agent.networking.virtual_addresses import (
     held,
     keepalived_argv,
     local_interfaces,
+    released_services,
     render_config,
 )
 from picoord.common.checks.workloads import check_assignment
@@ -227,3 +228,103 @@ def test_the_supervisor_reports_the_assigned_addresses_this_node_holds(tmp_path:
     assert list(supervisor.reports([], []).virtual_addresses_held) == [mine]
     supervisor.assign(workloads_pb2.NodeAssignment(generation=3))
     assert list(supervisor.reports([], []).virtual_addresses_held) == []
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "held_now", "expected"),
+    [
+        # held here and no longer announced: its services drain
+        ([_vip(services=["web", "api"])], [], ["10.213.0.200"], {"web", "api"}),
+        # not held here (a backup): nothing to hand over
+        ([_vip()], [], [], set()),
+        # still announced (another priority): nothing released
+        ([_vip()], [_vip(priority=200)], ["10.213.0.200"], set()),
+        ([], [_vip()], [], set()),
+    ],
+)
+def test_released_services(previous: list, current: list, held_now: list, expected: set) -> None:
+    assert released_services(previous, current, held_now) == expected
+
+
+class _Engine:
+    """dockerd as the supervisor sees it: one running container per assigned replica."""
+
+    def __init__(self) -> None:
+        from picoord.agent.runtime.model import ReplicaState
+
+        self.running = {"web.1": ReplicaState("web", 1, "web.1", "c1", "running", 0, 0, "", "mcp:1")}
+        self.stopped: list[str] = []
+        self.started: list[str] = []
+
+    def replicas(self) -> list:
+        return list(self.running.values())
+
+    def stop(self, container_id: str, grace: float) -> None:
+        self.stopped.append(container_id)
+        self.running = {k: v for k, v in self.running.items() if v.container_id != container_id}
+
+    def pull(self, image: str) -> None:
+        pass
+
+    def run(self, spec: object) -> None:
+        self.started.append(spec.replica)  # type: ignore[attr-defined]
+
+
+class _Keepalived:
+    def converge(self, addresses: object) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_replica_whose_address_this_node_gives_up_stops_a_moment_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop-first on the VIP holder: the address moves first (keepalived hands it over in
+    under a second), then the old replica stops and the new one starts."""
+    import picoord.agent.runtime.supervisor as supervisor_module
+    from picoord.agent.networking.virtual_addresses import RELEASE_DRAIN
+
+    clock = [1000.0]
+    monkeypatch.setattr(supervisor_module.time, "monotonic", lambda: clock[0])
+    interfaces = [(name, items) for name, items in local_interfaces() if name != "lo" and items]
+    mine = interfaces[0][1][0].split("/")[0]  # an address this machine has: "held"
+    engine = _Engine()
+    supervisor = supervisor_module.Supervisor(tmp_path, "/x.sock", lambda _: None, lambda _: engine)
+    supervisor.keepalived = _Keepalived()  # type: ignore[assignment]
+    old = workloads_pb2.ReplicaSpec(
+        service="web", revision=1, replica="web.1", image="mcp:1", restart="always"
+    )
+    new = workloads_pb2.ReplicaSpec(
+        service="web", revision=2, replica="web.1", image="mcp:2", restart="always"
+    )
+    vip = _vip(address=mine, source=mine, services=["web"])
+    supervisor.assign(workloads_pb2.NodeAssignment(generation=1, replicas=[old], virtual_addresses=[vip]))
+    supervisor.tick()
+    assert engine.stopped == [] and engine.started == []
+    supervisor.assign(workloads_pb2.NodeAssignment(generation=2, replicas=[new]))  # the rollout's step
+    supervisor.tick()
+    assert engine.stopped == [] and engine.started == []  # the address is moving away
+    clock[0] += RELEASE_DRAIN + 0.1
+    supervisor.tick()
+    assert engine.stopped == ["c1"] and engine.started == ["web.1"]
+
+
+def test_a_replica_stops_at_once_when_this_node_did_not_hold_the_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import picoord.agent.runtime.supervisor as supervisor_module
+
+    engine = _Engine()
+    supervisor = supervisor_module.Supervisor(tmp_path, "/x.sock", lambda _: None, lambda _: engine)
+    supervisor.keepalived = _Keepalived()  # type: ignore[assignment]
+    old = workloads_pb2.ReplicaSpec(
+        service="web", revision=1, replica="web.1", image="mcp:1", restart="always"
+    )
+    vip = _vip(address="192.0.2.200", services=["web"])  # a backup here: not on an interface
+    supervisor.assign(workloads_pb2.NodeAssignment(generation=1, replicas=[old], virtual_addresses=[vip]))
+    supervisor.tick()
+    supervisor.assign(workloads_pb2.NodeAssignment(generation=2))
+    supervisor.tick()
+    assert engine.stopped == ["c1"]
