@@ -68,7 +68,7 @@ from picoord.coordinator.placement.scheduler import Node
 from picoord.coordinator.reconcile.reconciler import NodeStatus
 from picoord.coordinator.rollout import history as revisions
 from picoord.coordinator.rollout import planner
-from picoord.coordinator.rollout.replicas import Replica
+from picoord.coordinator.rollout.replicas import HEALTH_STARTING, RUNNING, STARTING, UNKNOWN, Replica
 from picoord.coordinator.status import Status
 from picoord.coordinator.workloads.spec import ServiceSpec, secret_stamp, secret_users, secrets_set_since
 from picoord.v1 import services_pb2, workloads_pb2
@@ -426,7 +426,16 @@ class WorkloadController:
         held = {
             node: list(report.virtual_addresses_held) for node, report in self.dispatcher.reports().items()
         }
-        plan = plan_announcements(vips, node_networks(self.cluster), healthy, held)
+        warming = [  # running, no health result yet: in the election below the healthy ones
+            (replica.service, replica.node)
+            for replica in replicas.values()
+            if replica.service in current
+            and not replica.stopping
+            and replica.state in (STARTING, RUNNING)
+            and replica.health in (UNKNOWN, HEALTH_STARTING)
+            and current[replica.service].health is not None
+        ]
+        plan = plan_announcements(vips, node_networks(self.cluster), healthy, held, warming)
         return {
             node: [
                 workloads_pb2.VirtualAddress(

@@ -32,6 +32,7 @@ from picoord.coordinator.workloads.stacks import Applied
 
 HOLDER_PRIORITY = 200  # the node that holds the address now
 FIRST_PRIORITY = 100  # the best-ranked of the others; each next one a step lower
+WARMING_PRIORITY = 50  # the best-ranked node whose replicas have no health result yet
 LOWEST_PRIORITY = 1
 ROUTER_IDS = 255
 
@@ -101,31 +102,49 @@ def plan_announcements(
     nodes: Sequence[NodeNetwork],
     healthy: Iterable[tuple[str, str]],
     held: Mapping[str, Collection[str]],
+    warming: Iterable[tuple[str, str]] = (),
 ) -> dict[str, list[Announcement]]:
     """node -> its VRRP instances. `vips`: address -> the services it leads to; `healthy`:
-    (service, node) for each healthy replica; `held`: node -> the VIPs it reports holding."""
-    count: dict[tuple[str, str], int] = {}
-    for service, node in healthy:
-        count[(service, node)] = count.get((service, node), 0) + 1
+    (service, node) for each healthy replica; `held`: node -> the VIPs it reports holding;
+    `warming`: (service, node) for each replica that runs and has no health result yet.
+
+    A node with only warming replicas takes part below every healthy one (WARMING_PRIORITY
+    and down): its keepalived is then already listening when a holder hands the address
+    over (a keepalived started at that moment misses the priority-0 advert and waits its
+    full master-down interval, about 3.6 s, measured in a rollout here)."""
+    count = _counts(healthy)
+    warm = _counts(warming)
     ids = router_ids(vips)
     plan: dict[str, list[Announcement]] = {}
     for address in sorted(vips, key=lambda text: int(ipaddress.IPv4Address(text))):
         services = tuple(sorted(set(vips[address])))
         ip = ipaddress.IPv4Address(address)
-        taking_part = []
+        taking_part = []  # (node, healthy replicas, warming replicas)
         for node in nodes:
             network = node.network()
             replicas = sum(count.get((service, node.name), 0) for service in services)
-            if node.ready and network is not None and ip in network and replicas and node.address != address:
-                taking_part.append((node, replicas))
-        holders = sorted(node.name for node, _ in taking_part if address in held.get(node.name, ()))
+            starting = sum(warm.get((service, node.name), 0) for service in services)
+            if not (node.ready and network is not None and ip in network and node.address != address):
+                continue
+            if replicas or starting:
+                taking_part.append((node, replicas, starting))
+        holders = sorted(
+            node.name for node, ready, _ in taking_part if ready and address in held.get(node.name, ())
+        )
         holder = holders[0] if holders else ""
-        ranked = sorted(taking_part, key=lambda pair: (pair[0].name != holder, -pair[1], pair[0].name))
-        for rank, (node, _) in enumerate(ranked):
+        ranked = sorted(
+            taking_part, key=lambda item: (item[0].name != holder, -item[1], -item[2], item[0].name)
+        )
+        serving = [item for item in ranked if item[1]]
+        for node, replicas, _ in ranked:
             if node.name == holder:
                 priority = HOLDER_PRIORITY
+            elif replicas:
+                rank = serving.index(next(item for item in serving if item[0] is node)) - (1 if holder else 0)
+                priority = max(WARMING_PRIORITY + 1, FIRST_PRIORITY - rank)
             else:
-                priority = max(LOWEST_PRIORITY, FIRST_PRIORITY - (rank - (1 if holder else 0)))
+                rank = [item[0] for item in ranked if not item[1]].index(node)
+                priority = max(LOWEST_PRIORITY, WARMING_PRIORITY - rank)
             network = node.network()
             assert network is not None
             plan.setdefault(node.name, []).append(
@@ -140,6 +159,13 @@ def plan_announcements(
                 )
             )
     return plan
+
+
+def _counts(pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    count: dict[tuple[str, str], int] = {}
+    for pair in pairs:
+        count[pair] = count.get(pair, 0) + 1
+    return count
 
 
 def _peers(node: NodeNetwork, ip: ipaddress.IPv4Address, nodes: Sequence[NodeNetwork]) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from picoord.common.validation import FieldError
 from picoord.coordinator.networking.virtual_ips import (
     FIRST_PRIORITY,
     HOLDER_PRIORITY,
+    WARMING_PRIORITY,
     NodeNetwork,
     check_virtual_address,
     holders,
@@ -109,7 +110,39 @@ def test_priorities_stay_within_vrrp_range_with_many_nodes() -> None:
     plan = plan_announcements({"10.1.9.9": ["web"]}, nodes, [("web", node.name) for node in nodes], {})
     priorities = _priorities(plan, "10.1.9.9")
     assert len(priorities) == 150
-    assert min(priorities.values()) == 1 and max(priorities.values()) == FIRST_PRIORITY
+    # healthy ones stay above every warming one, however many
+    assert min(priorities.values()) == WARMING_PRIORITY + 1 and max(priorities.values()) == FIRST_PRIORITY
+    warming = plan_announcements({"10.1.9.9": ["web"]}, nodes, [], {}, [("web", node.name) for node in nodes])
+    assert sorted(_priorities(warming, "10.1.9.9").values())[0] == 1
+    assert max(_priorities(warming, "10.1.9.9").values()) == WARMING_PRIORITY
+
+
+@pytest.mark.parametrize(
+    ("healthy", "warming", "held", "expected"),
+    [
+        # a replica without a health result yet: in the election, below every healthy node
+        ([("mcp", "pi1")], [("mcp", "pi2")], {}, {"pi1": FIRST_PRIORITY, "pi2": WARMING_PRIORITY}),
+        (
+            [("mcp", "pi1")],
+            [("mcp", "pi2"), ("mcp", "pi3")],
+            {"pi1": [VIP]},
+            {"pi1": HOLDER_PRIORITY, "pi2": WARMING_PRIORITY, "pi3": WARMING_PRIORITY - 1},
+        ),
+        # a warming node that holds it (nobody else could) is not made the preferred holder
+        (
+            [("mcp", "pi1")],
+            [("mcp", "pi2")],
+            {"pi2": [VIP]},
+            {"pi1": FIRST_PRIORITY, "pi2": WARMING_PRIORITY},
+        ),
+        # a node with a healthy and a warming replica ranks as healthy
+        ([("mcp", "pi2")], [("mcp", "pi2")], {}, {"pi2": FIRST_PRIORITY}),
+    ],
+)
+def test_warming_replicas_join_the_election_below_healthy_ones(
+    healthy: list, warming: list, held: dict, expected: dict
+) -> None:
+    assert _priorities(plan_announcements({VIP: ["mcp"]}, NODES, healthy, held, warming)) == expected
 
 
 @pytest.mark.parametrize(
