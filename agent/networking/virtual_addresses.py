@@ -22,7 +22,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 import structlog
@@ -219,22 +219,29 @@ def held_addresses(assigned: Sequence[workloads_pb2.VirtualAddress]) -> list[str
     return held((item.address for item in assigned), local_interfaces())
 
 
+HANDOVER_DELAY = 2.0  # seconds a holder keeps an address whose replicas here are being stopped
 RELEASE_DRAIN = 1.5  # seconds a released address's services keep serving before their stop
 
 
-def released_services(
-    previous: Sequence[workloads_pb2.VirtualAddress],
-    current: Sequence[workloads_pb2.VirtualAddress],
+def hand_overs(
+    announced: Sequence[workloads_pb2.VirtualAddress],
+    assigned: Sequence[workloads_pb2.VirtualAddress],
     held_now: Iterable[str],
-) -> set[str]:
-    """Services of the addresses this node held and no longer announces. Their replicas are
-    stopped RELEASE_DRAIN seconds later, not at once: keepalived's priority-0 advert hands the
-    address to a peer in under a second, and until then this node still receives its clients."""
-    kept = {item.address for item in current}
+    stopping: Collection[str],
+    now: float,
+) -> list[tuple[workloads_pb2.VirtualAddress, float]]:
+    """The addresses this node held and is no longer assigned, each with when keepalived is
+    to let it go: HANDOVER_DELAY from now when a replica of its services here is being
+    stopped (a rollout or scale-down: the peers the same assignment added get time to start
+    their keepalived, which would miss the priority-0 advert otherwise), at once when not
+    (its replicas turned unhealthy: nothing here serves). Their services' stops wait until
+    RELEASE_DRAIN after that, so clients are answered until a peer holds the address."""
+    kept = {item.address for item in assigned}
     held_set = set(held_now)
-    return {
-        service
-        for item in previous
-        if item.address not in kept and item.address in held_set
-        for service in item.services
-    }
+    found = []
+    for item in announced:
+        if item.address in kept or item.address not in held_set:
+            continue
+        delay = HANDOVER_DELAY if set(item.services) & set(stopping) else 0.0
+        found.append((item, now + delay))
+    return found

@@ -25,8 +25,8 @@ import structlog
 from picoord.agent.networking.virtual_addresses import (
     RELEASE_DRAIN,
     Keepalived,
+    hand_overs,
     held_addresses,
-    released_services,
 )
 from picoord.agent.runtime.health import Health, observe
 from picoord.agent.runtime.model import ContainerSpec, HealthCheck, Port, ReplicaState, VolumeMount
@@ -166,6 +166,7 @@ class Supervisor:
         self.keepalived = Keepalived(state_dir / "keepalived")
         self._address_error = ""
         self._announced: list[workloads_pb2.VirtualAddress] = []  # what keepalived was given last
+        self._retained: dict[str, tuple[workloads_pb2.VirtualAddress, float]] = {}  # held until
         self._draining: dict[str, float] = {}  # service -> when its replicas may stop (monotonic)
 
     # the assignment
@@ -231,12 +232,26 @@ class Supervisor:
         """The agent exits: its keepalived goes with it (the addresses move to the peers)."""
         self.keepalived.close()
 
-    def _virtual_addresses(self) -> None:
-        current = self.virtual_addresses()
+    def _virtual_addresses(self, stopping: set[str]) -> None:
+        """keepalived as assigned, but an address this node held is let go only after its
+        hand-over delay, and its services' replicas stop a moment after that."""
+        assigned = self.virtual_addresses()
         now = time.monotonic()
-        for service in released_services(self._announced, current, held_addresses(self._announced)):
-            self._draining[service] = now + RELEASE_DRAIN
+        held_now = held_addresses(self._announced)
+        for item, until in hand_overs(self._announced, assigned, held_now, stopping, now):
+            if item.address not in self._retained:
+                self._retained[item.address] = (item, until)
+                for service in item.services:
+                    self._draining[service] = max(self._draining.get(service, 0.0), until + RELEASE_DRAIN)
+        addresses = {item.address for item in assigned}
+        router_ids = {item.router_id for item in assigned}
+        self._retained = {
+            address: (item, until)
+            for address, (item, until) in self._retained.items()
+            if until > now and address not in addresses and item.router_id not in router_ids
+        }
         self._draining = {service: until for service, until in self._draining.items() if until > now}
+        current = [*assigned, *(item for item, _ in self._retained.values())]
         self._announced = current
         try:
             self.keepalived.converge(current)
@@ -256,13 +271,14 @@ class Supervisor:
         return self._engine
 
     def tick(self) -> None:
-        self._virtual_addresses()
         desired = self.desired()
         engine = self._engine_or_none(desired)
         if engine is None:
+            self._virtual_addresses(set())
             return
         actual = engine.replicas()  # type: ignore[attr-defined]
         plan = plan_node(desired, actual)
+        self._virtual_addresses({state.service for state in plan.stop})
         for state in plan.stop:
             if state.service in self._draining:  # its address is moving away: a moment more
                 continue

@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from picoord.agent.networking.virtual_addresses import (
+    HANDOVER_DELAY,
     Keepalived,
     NoInterface,
+    hand_overs,
     held,
     keepalived_argv,
     local_interfaces,
-    released_services,
     render_config,
 )
 from picoord.common.checks.workloads import check_assignment
@@ -231,19 +232,21 @@ def test_the_supervisor_reports_the_assigned_addresses_this_node_holds(tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("previous", "current", "held_now", "expected"),
+    ("assigned", "held_now", "stopping", "expected"),
     [
-        # held here and no longer announced: its services drain
-        ([_vip(services=["web", "api"])], [], ["10.213.0.200"], {"web", "api"}),
+        # held here, no longer assigned, its replicas here stopping: let go after the delay
+        ([], ["10.213.0.200"], {"mcp-server"}, [("10.213.0.200", HANDOVER_DELAY)]),
+        # held, no longer assigned, nothing stopping (its replicas turned unhealthy): at once
+        ([], ["10.213.0.200"], set(), [("10.213.0.200", 0.0)]),
         # not held here (a backup): nothing to hand over
-        ([_vip()], [], [], set()),
-        # still announced (another priority): nothing released
-        ([_vip()], [_vip(priority=200)], ["10.213.0.200"], set()),
-        ([], [_vip()], [], set()),
+        ([], [], {"mcp-server"}, []),
+        # still assigned (another priority): nothing to hand over
+        ([_vip(priority=200)], ["10.213.0.200"], {"mcp-server"}, []),
     ],
 )
-def test_released_services(previous: list, current: list, held_now: list, expected: set) -> None:
-    assert released_services(previous, current, held_now) == expected
+def test_hand_overs(assigned: list, held_now: list, stopping: set, expected: list) -> None:
+    found = hand_overs([_vip()], assigned, held_now, stopping, 100.0)
+    assert [(item.address, until - 100.0) for item, until in found] == expected
 
 
 class _Engine:
@@ -271,20 +274,24 @@ class _Engine:
 
 
 class _Keepalived:
-    def converge(self, addresses: object) -> None:
-        pass
+    def __init__(self) -> None:
+        self.given: list[list[str]] = []
+
+    def converge(self, addresses: list) -> None:
+        self.given.append([item.address for item in addresses])
 
     def close(self) -> None:
         pass
 
 
-def test_a_replica_whose_address_this_node_gives_up_stops_a_moment_later(
+def test_a_holder_whose_replica_is_stopped_hands_the_address_over_then_stops_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Stop-first on the VIP holder: the address moves first (keepalived hands it over in
-    under a second), then the old replica stops and the new one starts."""
+    """Stop-first on the VIP holder: the address stays HANDOVER_DELAY (the peers the same
+    assignment added start their keepalived), is let go (keepalived hands it over in under a
+    second), and the old replica stops RELEASE_DRAIN later, then the new one starts."""
     import picoord.agent.runtime.supervisor as supervisor_module
-    from picoord.agent.networking.virtual_addresses import RELEASE_DRAIN
+    from picoord.agent.networking.virtual_addresses import HANDOVER_DELAY, RELEASE_DRAIN
 
     clock = [1000.0]
     monkeypatch.setattr(supervisor_module.time, "monotonic", lambda: clock[0])
@@ -292,7 +299,7 @@ def test_a_replica_whose_address_this_node_gives_up_stops_a_moment_later(
     mine = interfaces[0][1][0].split("/")[0]  # an address this machine has: "held"
     engine = _Engine()
     supervisor = supervisor_module.Supervisor(tmp_path, "/x.sock", lambda _: None, lambda _: engine)
-    supervisor.keepalived = _Keepalived()  # type: ignore[assignment]
+    keepalived = supervisor.keepalived = _Keepalived()  # type: ignore[assignment]
     old = workloads_pb2.ReplicaSpec(
         service="web", revision=1, replica="web.1", image="mcp:1", restart="always"
     )
@@ -302,13 +309,35 @@ def test_a_replica_whose_address_this_node_gives_up_stops_a_moment_later(
     vip = _vip(address=mine, source=mine, services=["web"])
     supervisor.assign(workloads_pb2.NodeAssignment(generation=1, replicas=[old], virtual_addresses=[vip]))
     supervisor.tick()
-    assert engine.stopped == [] and engine.started == []
+    assert engine.stopped == [] and engine.started == [] and keepalived.given[-1] == [mine]
     supervisor.assign(workloads_pb2.NodeAssignment(generation=2, replicas=[new]))  # the rollout's step
     supervisor.tick()
-    assert engine.stopped == [] and engine.started == []  # the address is moving away
-    clock[0] += RELEASE_DRAIN + 0.1
+    assert engine.stopped == [] and engine.started == [] and keepalived.given[-1] == [mine]  # still held
+    clock[0] += HANDOVER_DELAY + 0.1
+    supervisor.tick()
+    assert keepalived.given[-1] == [] and engine.stopped == []  # let go; still serving
+    clock[0] += RELEASE_DRAIN
     supervisor.tick()
     assert engine.stopped == ["c1"] and engine.started == ["web.1"]
+
+
+def test_an_address_whose_replicas_turn_unhealthy_is_let_go_at_once(tmp_path: Path) -> None:
+    from picoord.agent.runtime.supervisor import Supervisor
+
+    interfaces = [(name, items) for name, items in local_interfaces() if name != "lo" and items]
+    mine = interfaces[0][1][0].split("/")[0]
+    engine = _Engine()
+    supervisor = Supervisor(tmp_path, "/x.sock", lambda _: None, lambda _: engine)
+    keepalived = supervisor.keepalived = _Keepalived()  # type: ignore[assignment]
+    old = workloads_pb2.ReplicaSpec(
+        service="web", revision=1, replica="web.1", image="mcp:1", restart="always"
+    )
+    vip = _vip(address=mine, source=mine, services=["web"])
+    supervisor.assign(workloads_pb2.NodeAssignment(generation=1, replicas=[old], virtual_addresses=[vip]))
+    supervisor.tick()
+    supervisor.assign(workloads_pb2.NodeAssignment(generation=2, replicas=[old]))  # unhealthy: out
+    supervisor.tick()
+    assert keepalived.given[-1] == [] and engine.stopped == []
 
 
 def test_a_replica_stops_at_once_when_this_node_did_not_hold_the_address(
