@@ -11,7 +11,9 @@ nodes must let it through (unicast here; 224.0.0.18 when a VIP has a single node
 `Keepalived` is the shell around it: it writes the file, starts
 `keepalived -n -l -D -P -f CONF -p PID -r VRRPPID` once, sends SIGHUP when the file
 changes, stops it (its addresses are released) when no address is assigned, and stops a
-keepalived a previous agent left behind before starting its own.
+keepalived a previous agent left behind before starting its own. `hand_overs` says when a
+holder lets an address go, so that the supervisor stops the replicas behind it only after a
+peer holds it (docs/virtual-addresses.md, hand-over).
 """
 
 from __future__ import annotations
