@@ -13,10 +13,12 @@ import contextlib
 import ipaddress
 import os
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -108,7 +110,7 @@ def one_holder(lab: Lab, address: str, within: float = 30.0) -> str:
 
     def check() -> str:
         held = holders(lab, address)
-        if len(held) == 1 and held[0] in replica_nodes(lab) and answer(address) == "mcp 1":
+        if len(held) == 1 and held[0] in replica_nodes(lab) and answer(address).startswith("mcp "):
             return held[0]
         return ""
 
@@ -217,6 +219,40 @@ def test_a_pi_whose_replica_turns_unhealthy_gives_the_address_up(lab: Lab, vip: 
         f"\n{holder} gave the VIP up {time.monotonic() - started:.1f} s after its health check began to fail"
     )
     assert holders(lab, vip) and holders(lab, vip)[0] in replica_nodes(lab)
+
+
+def test_a_rolling_update_hands_the_address_over_without_dropping_requests(lab: Lab, vip: str) -> None:
+    """Stop-first on the holder: it keeps the address until a peer can take it, then lets it
+    go, then stops its replica (docs/virtual-addresses.md, hand-over). A client at 20
+    requests/s, each on its own connection: a hand-over that left the address unheld for
+    0.6 s (as before) fails about a dozen of them."""
+    settle(lab, "web settled", "web", 2, timeout=60)
+    one_holder(lab, vip)
+    results: list[tuple[float, bool]] = []
+    stop = threading.Event()
+
+    def ask(sent: float) -> None:
+        results.append((sent, answer(vip, timeout=1.0).startswith("mcp ")))
+
+    def client() -> None:
+        with ThreadPoolExecutor(32) as pool:
+            while not stop.is_set():
+                pool.submit(ask, time.monotonic())
+                stop.wait(0.05)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        ok(lab, "rollout", "web", "--image", "mcp:2", timeout=ROLLOUT_TIMEOUT)
+        time.sleep(2)
+    finally:
+        stop.set()
+        thread.join()
+    failed = sorted(round(sent - results[0][0], 2) for sent, good in results if not good)
+    print(f"\nrolling update: {len(failed)} of {len(results)} requests to the VIP failed, at {failed}")
+    assert len(results) > 100
+    assert len(failed) <= 3, f"{len(failed)} of {len(results)} failed, at {failed} s"
+    assert answer(vip) == "mcp 2"
 
 
 def test_removing_the_stack_releases_the_address(lab: Lab, vip: str) -> None:
