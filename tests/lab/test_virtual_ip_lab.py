@@ -1,7 +1,8 @@
 """LoadBalancer virtual addresses for real: Debian's keepalived, one per Pi as a child of its
 agent, announcing a stack's VIP (`coordctl stack deploy --address`) from a Pi that runs a
 healthy replica; the address moves when that Pi is taken away (link down, its processes
-frozen) and when its replica turns unhealthy. Clients are on the lab bridge, as on the LAN.
+frozen) and when its replica turns unhealthy, and a rolling update hands it over without
+dropping requests. Clients are on the lab bridge, as on the LAN.
 
 One 3-Pi lab serves the module; the tests run in file order. The service has two replicas
 publishing 8080 (today's per-node publishing: the holder answers because it runs one).
