@@ -117,6 +117,8 @@ class AgentRunner:
             await self._reconnect_forever()
         finally:
             self._stop_supervisor.set()
+            if self.supervisor is not None:
+                self.supervisor.close()  # its keepalived: the thread may not get to it before exit
 
     def _start_supervisor(self) -> Supervisor:
         if self.supervisor is None:

@@ -103,6 +103,11 @@ NETWORK_NAME = 127
 NETWORKS_PER_REPLICA = 16  # networks one replica joins
 NETWORK_ALIASES = 32  # names one replica answers to on one network
 OVERLAY_NETWORKS = 256  # networks a manager is told to keep, or reports present
+# LoadBalancer virtual addresses one node announces or reports holding: VRRP has 255 router ids
+VIRTUAL_ADDRESSES = 255
+VIRTUAL_ADDRESS_PEERS = 256  # other nodes of one VRRP instance
+VIRTUAL_ADDRESS_SERVICES = 64  # services one virtual address leads to
+IP_ADDRESS = 64  # an IP address as text (IPv6 with a zone at most)
 # `coordctl logs`: a replica's output travels up the node's session in chunks. A line longer
 # than LOG_LINE_BYTES is cut (the rest counted as dropped). Each stream (one replica) and
 # each node spends from a byte bucket (rate per second, burst): output past it is dropped

@@ -83,6 +83,7 @@ TEXT_LIMITS: dict[str, int] = {
     "ReplicaReport.message": limits.REPLICA_MESSAGE,
     "ReplicaReports.volumes_removed[]": limits.TEXT,
     "ReplicaReports.networks_present[]": limits.NETWORK_NAME,
+    "ReplicaReports.virtual_addresses_held[]": limits.IP_ADDRESS,
     "LogChunk.request_id": limits.TEXT,
     "LogChunk.error": limits.REPLICA_MESSAGE,
     "LogLine.text": limits.LOG_LINE_BYTES,
@@ -109,6 +110,7 @@ COUNT_LIMITS: dict[str, int] = {
     "ReplicaReports.replicas": limits.REPLICAS_PER_NODE,
     "ReplicaReports.volumes_removed": limits.VOLUME_REMOVALS,
     "ReplicaReports.networks_present": limits.OVERLAY_NETWORKS,
+    "ReplicaReports.virtual_addresses_held": limits.VIRTUAL_ADDRESSES,
     "LogChunk.lines": limits.LOG_CHUNK_LINES,
 }
 

@@ -210,7 +210,8 @@ def test_agent_unit_runs_picoord_agent_forever_as_root() -> None:
 
 def test_agent_confinement_leaves_its_helpers_what_they_need() -> None:
     """Seccomp-only hardening: a deny list sparing mounts, modules and privileged calls; the
-    socket families of gRPC, dockerd (unix) and netfilter (netlink)."""
+    socket families of gRPC, dockerd (unix), netfilter (netlink) and keepalived's gratuitous
+    ARP (packet)."""
     service = load(AGENT_UNIT)["Service"]
 
     (syscall_filter,) = service["SystemCallFilter"]
@@ -221,6 +222,7 @@ def test_agent_confinement_leaves_its_helpers_what_they_need() -> None:
         "AF_INET",
         "AF_INET6",
         "AF_NETLINK",
+        "AF_PACKET",
     }
     assert service["SystemCallArchitectures"] == ["native"]
     assert service["RestrictSUIDSGID"] == ["yes"]

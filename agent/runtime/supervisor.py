@@ -22,6 +22,12 @@ from pathlib import Path
 
 import structlog
 
+from picoord.agent.networking.virtual_addresses import (
+    RELEASE_DRAIN,
+    Keepalived,
+    hand_overs,
+    held_addresses,
+)
 from picoord.agent.runtime.health import Health, observe
 from picoord.agent.runtime.model import (
     ContainerSpec,
@@ -187,6 +193,11 @@ class Supervisor:
         self._networks_present: tuple[str, ...] = ()
         self._keeps_networks = bool(self._assignment.networks)  # told networks once: a manager
         self._network_failures: dict[str, str] = {}  # name -> the last error logged for it
+        self.keepalived = Keepalived(state_dir / "keepalived")
+        self._address_error = ""
+        self._announced: list[workloads_pb2.VirtualAddress] = []  # what keepalived was given last
+        self._retained: dict[str, tuple[workloads_pb2.VirtualAddress, float]] = {}  # held until
+        self._draining: dict[str, float] = {}  # service -> when its replicas may stop (monotonic)
 
     # the assignment
     def _load(self) -> workloads_pb2.NodeAssignment:
@@ -225,6 +236,10 @@ class Supervisor:
     def generation(self) -> int:
         return self._assignment.generation
 
+    def virtual_addresses(self) -> list[workloads_pb2.VirtualAddress]:
+        with self._lock:
+            return list(self._assignment.virtual_addresses)
+
     def desired(self) -> list[ContainerSpec]:
         with self._lock:
             return [spec_from_wire(spec) for spec in self._assignment.replicas]
@@ -232,13 +247,49 @@ class Supervisor:
     # the loop
     def run(self, stop: threading.Event) -> None:
         """The supervisor thread: converge, probe, report, until `stop` is set."""
-        while not stop.is_set():
-            try:
-                self.tick()
-            except Exception:
-                log.exception("supervisor tick failed; retrying")
-            self._wake.wait(TICK)
-            self._wake.clear()
+        try:
+            while not stop.is_set():
+                try:
+                    self.tick()
+                except Exception:
+                    log.exception("supervisor tick failed; retrying")
+                self._wake.wait(TICK)
+                self._wake.clear()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """The agent exits: its keepalived goes with it (the addresses move to the peers)."""
+        self.keepalived.close()
+
+    def _virtual_addresses(self, stopping: set[str]) -> None:
+        """keepalived as assigned, but an address this node held is let go only after its
+        hand-over delay, and its services' replicas stop a moment after that."""
+        assigned = self.virtual_addresses()
+        now = time.monotonic()
+        held_now = held_addresses(self._announced)
+        for item, until in hand_overs(self._announced, assigned, held_now, stopping, now):
+            if item.address not in self._retained:
+                self._retained[item.address] = (item, until)
+                for service in item.services:
+                    self._draining[service] = max(self._draining.get(service, 0.0), until + RELEASE_DRAIN)
+        addresses = {item.address for item in assigned}
+        router_ids = {item.router_id for item in assigned}
+        self._retained = {
+            address: (item, until)
+            for address, (item, until) in self._retained.items()
+            if until > now and address not in addresses and item.router_id not in router_ids
+        }
+        self._draining = {service: until for service, until in self._draining.items() if until > now}
+        current = [*assigned, *(item for item, _ in self._retained.values())]
+        self._announced = current
+        try:
+            self.keepalived.converge(current)
+            self._address_error = ""
+        except Exception as error:  # replicas go on; tried again next tick, said once per cause
+            if str(error) != self._address_error:
+                log.error("virtual addresses not applied", error=str(error)[:300])
+            self._address_error = str(error)
 
     def _engine_or_none(self, desired: list[ContainerSpec]) -> object | None:
         if self._engine is None and (desired or self._assignment.networks or self.path.exists()):
@@ -253,13 +304,19 @@ class Supervisor:
         desired = self.desired()
         engine = self._engine_or_none(desired)
         if engine is None:
+            self._virtual_addresses(set())
             return
         actual = engine.replicas()  # type: ignore[attr-defined]
         plan = plan_node(desired, actual)
+        self._virtual_addresses({state.service for state in plan.stop})
         for state in plan.stop:
+            if state.service in self._draining:  # its address is moving away: a moment more
+                continue
             log.info("stopping replica", replica=state.replica, revision=state.revision)
             engine.stop(state.container_id, grace=self._grace(state))  # type: ignore[attr-defined]
         for spec in plan.start:
+            if spec.service in self._draining:  # its old replica still serves (and holds the port)
+                continue
             self._start(engine, spec)
         if plan.stop or plan.start:
             actual = engine.replicas()  # type: ignore[attr-defined]
@@ -424,6 +481,7 @@ class Supervisor:
             generation=self.generation,
             volumes_removed=self._volumes_gone,
             networks_present=self._networks_present,
+            virtual_addresses_held=held_addresses(self.virtual_addresses()),
         )
         for spec in desired:
             tracked = self._track(spec)

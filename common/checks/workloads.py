@@ -192,6 +192,39 @@ def check_assignment(assignment: workloads_pb2.NodeAssignment, node: NodeMounts 
     _network_names("assignment.networks", [network.name for network in assignment.networks])
     if len({network.name for network in assignment.networks}) != len(assignment.networks):
         raise FieldError("assignment.networks", "names a network twice")
+    _count("assignment.virtual_addresses", assignment.virtual_addresses, limits.VIRTUAL_ADDRESSES)
+    router_ids: set[int] = set()
+    for index, item in enumerate(assignment.virtual_addresses):
+        check_virtual_address(item, f"assignment.virtual_addresses[{index}]")
+        if item.router_id in router_ids:
+            raise FieldError(
+                f"assignment.virtual_addresses[{index}].router_id", f"{item.router_id} appears twice"
+            )
+        router_ids.add(item.router_id)
+
+
+def check_virtual_address(item: workloads_pb2.VirtualAddress, field: str) -> None:
+    """One VRRP instance as keepalived.conf will hold it: every value a plain IPv4 address
+    or a number in VRRP's range, so nothing else reaches the file."""
+    _ipv4(f"{field}.address", item.address)
+    _ipv4(f"{field}.source", item.source)
+    if not 1 <= item.prefix_length <= 32:
+        raise FieldError(f"{field}.prefix_length", f"{item.prefix_length} is not 1-32")
+    if not 1 <= item.router_id <= 255:
+        raise FieldError(f"{field}.router_id", f"{item.router_id} is not a VRRP router id (1-255)")
+    if not 1 <= item.priority <= 254:
+        raise FieldError(f"{field}.priority", f"{item.priority} is not a VRRP priority (1-254)")
+    _count(f"{field}.peers", item.peers, limits.VIRTUAL_ADDRESS_PEERS)
+    for index, peer in enumerate(item.peers):
+        _ipv4(f"{field}.peers[{index}]", peer)
+    _count(f"{field}.services", item.services, limits.VIRTUAL_ADDRESS_SERVICES)
+    for index, service in enumerate(item.services):
+        _name(f"{field}.services[{index}]", service)
+
+
+def _ipv4(field: str, value: str) -> None:
+    if len(value) > 15 or ip_address(field, value) != value or ":" in value:
+        raise FieldError(field, f"{value!r} is not an IPv4 address in dotted form")
 
 
 def check_reports(reports: workloads_pb2.ReplicaReports) -> None:
@@ -208,6 +241,9 @@ def check_reports(reports: workloads_pb2.ReplicaReports) -> None:
             raise FieldError(f"{where}.message", f"is longer than {MAX_REPORT_TEXT} characters")
     _volume_names("volumes_removed", reports.volumes_removed)
     _network_names("networks_present", reports.networks_present)
+    _count("virtual_addresses_held", reports.virtual_addresses_held, limits.VIRTUAL_ADDRESSES)
+    for index, address in enumerate(reports.virtual_addresses_held):
+        _ipv4(f"virtual_addresses_held[{index}]", address)
 
 
 def _volume_names(field: str, names: Sequence[str]) -> None:

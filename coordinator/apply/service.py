@@ -14,11 +14,14 @@ from dataclasses import dataclass
 
 import structlog
 
+from picoord.common.validation import FieldError
 from picoord.coordinator.apply.action_planner import IssueRegistryTls, NodeView, RegistryTls, Step, plan
 from picoord.coordinator.apply.runner import ApplyRun
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.controller.records import WorkloadRecords
+from picoord.coordinator.networking import virtual_ips
+from picoord.coordinator.networking.nodes import node_networks
 from picoord.coordinator.placement.constraints import NodeFacts
 from picoord.coordinator.placement.inputs import accepted_labels, node_from
 from picoord.coordinator.workloads import networks, stacks
@@ -164,7 +167,7 @@ class ApplyService:
         try:
             preface = [admin_pb2.ApplyEvent(warning=line) for line in workloads.warning_lines()]
             specs = networks.stack_networks(workloads.services, stack, workloads.network_mode)
-            preface += await self._stage(specs, dry_run, source, stack, prune)
+            preface += await self._stage(specs, dry_run, source, stack, prune, workloads.keeps_address)
             if not dry_run:
                 for name, addresses in registries(steps).items():
                     await self.cluster.record_registry(name, addresses)
@@ -178,7 +181,13 @@ class ApplyService:
         return StartedApply(run, steps, events, task, preface)
 
     async def _stage(
-        self, specs: list[ServiceSpec], dry_run: bool, source: str, stack: str = "", prune: bool = False
+        self,
+        specs: list[ServiceSpec],
+        dry_run: bool,
+        source: str,
+        stack: str = "",
+        prune: bool = False,
+        keeps_address: bool = False,
     ) -> list[admin_pb2.ApplyEvent]:
         if not specs and not stack:
             return []
@@ -187,6 +196,12 @@ class ApplyService:
             record.name: stacks.Applied(record.stack, record.spec)
             for record in await asyncio.to_thread(self.workloads.services)
         }
+        try:
+            specs = virtual_ips.stack_addresses(
+                specs, existing, stack, keeps_address, node_networks(self.cluster)
+            )
+        except FieldError as error:
+            raise WorkloadError(f"{source}: {error}" if source else str(error)) from None
         changes = stacks.plan_stack(existing, specs, stack, prune)
         # the file's own errors first; then whether its nodes can carry its networks
         refusal = networks.overlay_refusal(specs, stack, self.node_facts(), self.cluster.swarm())

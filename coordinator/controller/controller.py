@@ -62,12 +62,14 @@ from picoord.coordinator.controller.records import (
 )
 from picoord.coordinator.controller.views import ServiceFigures, Snapshot
 from picoord.coordinator.logs import LogHub
+from picoord.coordinator.networking.nodes import node_networks
+from picoord.coordinator.networking.virtual_ips import plan_announcements
 from picoord.coordinator.placement.inputs import node_from
 from picoord.coordinator.placement.scheduler import Node
 from picoord.coordinator.reconcile.reconciler import NodeStatus
 from picoord.coordinator.rollout import history as revisions
 from picoord.coordinator.rollout import planner
-from picoord.coordinator.rollout.replicas import Replica
+from picoord.coordinator.rollout.replicas import HEALTH_STARTING, RUNNING, STARTING, UNKNOWN, Replica
 from picoord.coordinator.status import Status
 from picoord.coordinator.workloads import networks
 from picoord.coordinator.workloads.spec import ServiceSpec, secret_stamp, secret_users, secrets_set_since
@@ -416,8 +418,58 @@ class WorkloadController:
         for problem in problems:
             self._problems[problem.split(".", 1)[0]].append(problem)
         await self.dispatcher.send(
-            by_node, self.cluster.sessions, records, facts.now, await self._volume_requests(by_node), keep
+            by_node,
+            self.cluster.sessions,
+            records,
+            facts.now,
+            await self._volume_requests(by_node),
+            networks=keep,
+            virtual=self._virtual_addresses(current, replicas),
         )
+
+    def _virtual_addresses(
+        self, current: Mapping[str, ServiceSpec], replicas: Mapping[str, Replica]
+    ) -> dict[str, list[workloads_pb2.VirtualAddress]]:
+        """node -> the VRRP instances it runs (virtual_ips.plan_announcements, pure)."""
+        vips: dict[str, list[str]] = {}
+        for name, spec in current.items():
+            if spec.address:
+                vips.setdefault(spec.address, []).append(name)
+        if not vips:
+            return {}
+        healthy = [
+            (replica.service, replica.node)
+            for replica in replicas.values()
+            if replica.service in current and replica.available(current[replica.service].health is not None)
+        ]
+        held = {
+            node: list(report.virtual_addresses_held) for node, report in self.dispatcher.reports().items()
+        }
+        warming = [  # running, no health result yet: in the election below the healthy ones
+            (replica.service, replica.node)
+            for replica in replicas.values()
+            if replica.service in current
+            and not replica.stopping
+            and replica.state in (STARTING, RUNNING)
+            and replica.health in (UNKNOWN, HEALTH_STARTING)
+            and current[replica.service].health is not None
+        ]
+        plan = plan_announcements(vips, node_networks(self.cluster), healthy, held, warming)
+        return {
+            node: [
+                workloads_pb2.VirtualAddress(
+                    address=item.address,
+                    prefix_length=item.prefix_length,
+                    router_id=item.router_id,
+                    priority=item.priority,
+                    source=item.source,
+                    peers=list(item.peers),
+                    services=list(item.services),
+                )
+                for item in items
+            ]
+            for node, items in plan.items()
+        }
 
     async def _volume_requests(
         self, by_node: Mapping[str, list[workloads_pb2.ReplicaSpec]]

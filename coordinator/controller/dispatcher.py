@@ -67,10 +67,11 @@ class Dispatcher:
         now: float,
         volumes: Mapping[str, list[str]] | None = None,
         networks: Mapping[str, list[workloads_pb2.OverlayNetwork]] | None = None,
+        virtual: Mapping[str, list[workloads_pb2.VirtualAddress]] | None = None,
     ) -> int:
         """Send each connected node its assignment (its replicas, the named volumes to
-        remove, and for the Swarm manager the overlay networks to keep) if it changed;
-        return how many were sent."""
+        remove, for the Swarm manager the overlay networks to keep, the virtual addresses it
+        announces) if it changed; return how many were sent."""
         on_node: dict[str, list[str]] = {}
         for record in records:
             on_node.setdefault(record.node, []).append(record.id)
@@ -79,13 +80,20 @@ class Dispatcher:
             replicas = by_node.get(node, [])
             remove = (volumes or {}).get(node, [])
             keep = (networks or {}).get(node, [])
-            unsent = workloads_pb2.NodeAssignment(replicas=replicas, remove_volumes=remove, networks=keep)
+            announce = (virtual or {}).get(node, [])
+            unsent = workloads_pb2.NodeAssignment(
+                replicas=replicas, remove_volumes=remove, networks=keep, virtual_addresses=announce
+            )
             data = unsent.SerializeToString(deterministic=True)
             if self._sent.get(node) == data:
                 continue
             self._generation = max(self._generation + 1, int(now * 1000))
             assignment = workloads_pb2.NodeAssignment(
-                generation=self._generation, replicas=replicas, remove_volumes=remove, networks=keep
+                generation=self._generation,
+                replicas=replicas,
+                remove_volumes=remove,
+                networks=keep,
+                virtual_addresses=announce,
             )
             await session.outbox.put(agent_pb2.CoordinatorMessage(assignment=assignment))
             self._sent[node] = data

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import grpc
+import yaml
 from google.protobuf.json_format import MessageToDict
 from rich.live import Live
 
@@ -22,6 +23,7 @@ from picoord.common.durations import parse_duration
 from picoord.common.joining import InvalidJoinFile, parse_join_command, render_first_boot
 from picoord.common.names import InvalidName, parse_label_assignment, validate_label_key, validate_node_name
 from picoord.common.pi_throttled_flags import describe_throttled
+from picoord.common.validation import FieldError
 from picoord.coordinator.apply.cluster_spec import MAX_SPEC_BYTES, SpecError
 from picoord.coordinator.clock_offsets import CLOCK_OFFSET_WARNING_SECONDS
 from picoord.coordinator.ctl import workloads
@@ -52,6 +54,7 @@ from picoord.coordinator.ctl.output import (
 )
 from picoord.coordinator.ctl.remote import add_remote_parsers, context_store
 from picoord.coordinator.status import OUTCOME_NAMES, STATUS_NAMES
+from picoord.coordinator.workloads.importers.compose import with_stack_address
 from picoord.coordinator.workloads.reader import WorkloadError, read_workloads
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, services_pb2_grpc
 
@@ -419,6 +422,13 @@ def _print_record(record: admin_pb2.ActionRecord, dry_run: bool) -> None:
 
 def cmd_apply(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
     text = read_spec_file(args.file)
+    if getattr(args, "address", None):
+        if not args.stack:
+            raise SpecError("--address is a stack's virtual address: give --stack NAME too")
+        try:
+            text = with_stack_address(text, args.address)
+        except (FieldError, yaml.YAMLError) as error:
+            raise SpecError(f"{args.file}: {error}") from None
     read_workloads(text, args.file)  # the same checks the coordinator makes: fail early, before sending
     request = admin_pb2.ApplyRequest(
         documents=text,
@@ -522,6 +532,13 @@ def operator_name() -> str:
     return f"{os.environ.get('SUDO_USER', user)}@{socket.gethostname()}"
 
 
+ADDRESS_HELP = (
+    "the stack's LoadBalancer virtual address (an unused IPv4 of the nodes' subnet), announced by "
+    "a node with a healthy replica of a service that publishes a port; 'none' gives it up, "
+    "leaving it out keeps the stack's (x-picoord.address in the file says the same)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="coordctl",
@@ -604,6 +621,7 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument(
         "--prune", action="store_true", help="with --stack: remove its services the file no longer names"
     )
+    apply.add_argument("--address", help=ADDRESS_HELP)
     apply.set_defaults(handler=cmd_apply)
     stack = commands.add_parser("stack", help="stacks: docker stack deploy's spelling").add_subparsers(
         dest="stack_command", required=True
@@ -612,6 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("-c", "--compose-file", dest="file", required=True, help="- for stdin")
     deploy.add_argument("stack", metavar="NAME")
     deploy.add_argument("--prune", action="store_true", help="remove its services the file no longer names")
+    deploy.add_argument("--address", help=ADDRESS_HELP)
     deploy.add_argument("--dry-run", action="store_true", help="show what would change; change nothing")
     deploy.set_defaults(handler=cmd_apply)
     actions = with_output(commands.add_parser("actions", help="history of node actions"))

@@ -33,6 +33,8 @@ class Workloads:
     source: str = ""
     namespace: str = ""  # the Kubernetes documents' metadata.namespace: their stack
     network_mode: str = networks.OVERLAY  # a Compose file's x-picoord.network_mode (networks.py)
+    # a Compose file without x-picoord.address: a re-deploy keeps the stack's virtual address
+    keeps_address: bool = False
 
     def warning_lines(self) -> list[str]:
         prefix = f"{self.source}: " if self.source else ""
@@ -64,6 +66,7 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
     kubernetes_documents: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
     modes: set[str] = set()
+    keeps_address = False
     try:
         for index, raw in enumerate(raw_documents):
             if not isinstance(raw, dict):
@@ -74,7 +77,9 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
             kind = _format(raw)
             if kind == "compose":
                 services.extend(compose.read_compose(raw, warnings))
-                modes.add(compose.network_mode(raw))
+                settings = compose.stack_settings(raw)
+                modes.add(settings.network_mode)
+                keeps_address = settings.address is None
             elif kind == "kubernetes":
                 kubernetes_documents.append(raw)
             elif kind == "picoord":
@@ -100,7 +105,7 @@ def read_workloads(text: str | bytes, source: str = "") -> Workloads:
     if len(modes) > 1:
         raise WorkloadError(f"{prefix}x-picoord.network_mode: one file is one stack; its documents differ")
     mode = next(iter(modes), networks.OVERLAY)
-    return Workloads(tuple(services), tuple(warnings), tuple(cluster), source, namespace, mode)
+    return Workloads(tuple(services), tuple(warnings), tuple(cluster), source, namespace, mode, keeps_address)
 
 
 def _namespace(documents: list[dict[str, Any]]) -> str:

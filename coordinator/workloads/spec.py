@@ -192,7 +192,11 @@ class ServiceSpec:
     # sha256:... that `image`'s tag named when the rollout began (common/images.py); set by
     # the coordinator, never read from a file: a re-pushed tag is a new digest, a new revision
     image_digest: str = ""
+    # A LoadBalancer virtual address (VIP) that leads to its published ports, announced by a
+    # node with a healthy replica (coordinator/networking/virtual_ips.py); '' for none.
+    address: str = ""
     origin: str = field(default="", compare=False)  # e.g. "Service/mcp", "services.postgres"
+    address_field: str = field(default="", compare=False)  # where the file gave the address
 
     @property
     def named_volumes(self) -> frozenset[str]:
@@ -203,7 +207,17 @@ class ServiceSpec:
 # What a replica runs: a change here is a new revision, rolled out replica by replica.
 # The rest changes how many run and how updates go, not what each runs (as Kubernetes'
 # pod-template-hash leaves out replicas and strategy).
-NOT_IN_REVISION = ("mode", "replicas", "update", "rollback", "depends_on", "references", "aliases", "origin")
+NOT_IN_REVISION = (
+    "mode",
+    "replicas",
+    "update",
+    "rollback",
+    "depends_on",
+    "references",
+    "aliases",
+    "origin",
+    "address",  # the VIP moves between nodes; what each replica runs stays
+)
 
 
 def _canonical(value: object) -> object:
@@ -234,7 +248,11 @@ def revision_key(spec: ServiceSpec) -> str:
 
 def spec_digest(spec: ServiceSpec) -> str:
     """A stable hash of the whole spec: tells an unchanged `apply` from a changed one."""
-    text = json.dumps(_canonical(spec), sort_keys=True, separators=(",", ":"))
+    data = _canonical(spec)
+    assert isinstance(data, dict)
+    if not data.get("address"):
+        data.pop("address", None)  # as before VIPs existed: a stored spec's digest stays
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -470,6 +488,11 @@ def referenced_services(spec: ServiceSpec, names: Iterable[str]) -> tuple[str, .
             if host in wanted:
                 found.add(host)
     return tuple(sorted(found))
+
+
+def publishes(spec: ServiceSpec) -> bool:
+    """Whether any port is published: what a virtual address can lead to."""
+    return any(port.published for port in spec.ports)
 
 
 def placement_request(spec: ServiceSpec, replicas: int | None = None) -> Request:

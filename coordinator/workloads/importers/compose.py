@@ -15,11 +15,19 @@ from __future__ import annotations
 
 import re
 import shlex
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from picoord.common.names import normalise_arch
-from picoord.common.validation import FieldError, absolute_path, env_name, image_reference, port, volume_name
+from picoord.common.validation import (
+    FieldError,
+    absolute_path,
+    env_name,
+    image_reference,
+    ip_address,
+    port,
+    volume_name,
+)
 from picoord.coordinator.placement.constraints import (
     ARCH,
     EQUAL,
@@ -35,7 +43,8 @@ from picoord.coordinator.workloads.fields import Fields, SpecWarning, argv, as_l
 from picoord.coordinator.workloads.importers.native import device_request
 from picoord.coordinator.workloads.quantities import DOCKER, cpu_millicores, duration_seconds, memory_bytes
 
-EXTENSION = "x-picoord"  # picoord's own top-level settings of a file (network_mode)
+EXTENSION = "x-picoord"  # picoord's own top-level settings of a file (StackSettings)
+NO_ADDRESS = "none"  # `--address none`: the stack gives its virtual address up
 WARN = "warn"
 ERROR = "error"
 MAX_PORT_RANGE = 100
@@ -170,7 +179,7 @@ def read_compose(raw: dict[str, Any], warnings: list[SpecWarning]) -> list[s.Ser
     volumes = _declared_volumes(top.mapping("volumes"))
     declared = _networks(top.mapping("networks"))
     top.used.add(EXTENSION)
-    network_mode(raw)
+    settings = stack_settings(raw)
     services = top.mapping("services")
     if services is None or not services.data:
         raise FieldError("services", "names no service")
@@ -178,8 +187,42 @@ def read_compose(raw: dict[str, Any], warnings: list[SpecWarning]) -> list[s.Ser
     names = [spec.name for spec in specs]
     specs = [_with_references(spec, names) for spec in specs]
     s.check_references(specs, {spec.name: f"services.{spec.name}.depends_on" for spec in specs})
+    address = settings.address
+    if address:
+        if not any(s.publishes(spec) for spec in specs):
+            raise FieldError(
+                f"{EXTENSION}.address",
+                "no service of the file publishes a port, so a virtual address would lead nowhere",
+            )
+        specs = [
+            replace(spec, address=address, address_field=f"{EXTENSION}.address")
+            if s.publishes(spec)
+            else spec
+            for spec in specs
+        ]
     top.finish(extensions_warn=True)
     return specs
+
+
+def with_stack_address(text: str, address: str) -> str:
+    """A Compose file's text with `x-picoord.address` set (`stack deploy --address`): the
+    same checks then apply as to an address written in the file. A file that already names
+    another address is refused."""
+    import yaml
+
+    document = yaml.safe_load(text)
+    if not is_compose(document):
+        raise FieldError(
+            "--address", "is for Compose/stack files; a Kubernetes Service sets spec.loadBalancerIP"
+        )
+    extension = document.setdefault(EXTENSION, {})
+    if not isinstance(extension, dict):
+        raise FieldError(EXTENSION, "must be a mapping")
+    written = extension.get("address")
+    if written is not None and str(written) != address:
+        raise FieldError(f"{EXTENSION}.address", f"the file says {written}, --address says {address}")
+    extension["address"] = address
+    return yaml.safe_dump(document, sort_keys=False)
 
 
 def _with_references(spec: s.ServiceSpec, names: list[str]) -> s.ServiceSpec:
@@ -227,16 +270,30 @@ def _declared_volumes(table: Fields | None) -> set[str]:
     return set(table.data)
 
 
-def network_mode(raw: dict[str, Any]) -> str:
-    """The file's choice between Swarm overlay networks (the default) and today's
-    published-ports mode: `x-picoord: {network_mode: published-ports}` (docs/networking.md)."""
+@dataclass(frozen=True)
+class StackSettings:
+    """A file's `x-picoord` settings (docs/networking.md, docs/virtual-addresses.md)."""
+
+    network_mode: str = networks.OVERLAY  # or today's published-ports mode
+    # the stack's LoadBalancer virtual address, on every service that publishes a port; None
+    # when the file says nothing (a re-deploy keeps the stack's address), '' for `none`
+    address: str | None = None
+
+
+def stack_settings(raw: dict[str, Any]) -> StackSettings:
+    """The file's `x-picoord: {network_mode: ..., address: ...}`, each checked."""
     extension = raw.get(EXTENSION)
     if extension is None:
-        return networks.OVERLAY
+        return StackSettings()
     table = mapping(EXTENSION, extension, [])
     mode = table.text("network_mode", networks.OVERLAY, choices=networks.NETWORK_MODES)
+    address = None
+    value = table.get("address")
+    if value is not None:
+        text = scalar_text(table.at("address"), value).strip()
+        address = "" if text == NO_ADDRESS else ip_address(table.at("address"), text)
     table.finish()
-    return mode
+    return StackSettings(mode, address)
 
 
 def _networks(table: Fields | None) -> dict[str, bool]:

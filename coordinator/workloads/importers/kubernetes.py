@@ -15,7 +15,15 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from picoord.common.validation import FieldError, absolute_path, env_name, image_reference, port, volume_name
+from picoord.common.validation import (
+    FieldError,
+    absolute_path,
+    env_name,
+    image_reference,
+    ip_address,
+    port,
+    volume_name,
+)
 from picoord.coordinator.placement.constraints import from_node_selector
 from picoord.coordinator.rollout.policy import START_FIRST, UpdatePolicy, validate_update_policy
 from picoord.coordinator.workloads import spec as s
@@ -105,7 +113,6 @@ SERVICE_SPEC_KEYS = {
     "internalTrafficPolicy": (WARN, "traffic goes to the replica on the node it reaches"),
     "ipFamilies": (WARN, "not used"),
     "ipFamilyPolicy": (WARN, "not used"),
-    "loadBalancerIP": (WARN, "no load balancer"),
     "loadBalancerSourceRanges": (ERROR, "source ranges are not enforced; use a FirewallPolicy"),
     "loadBalancerClass": (WARN, "no load balancer"),
     "allocateLoadBalancerNodePorts": (WARN, "no load balancer"),
@@ -115,8 +122,9 @@ SERVICE_SPEC_KEYS = {
     "externalName": (ERROR, "ExternalName services are not supported"),
 }
 _LOAD_BALANCER = (
-    "no load balancer in picoord: the port is published on each node that runs a replica, "
-    "so clients reach the service through one of those nodes"
+    "no spec.loadBalancerIP: picoord has no address pool, so the port is published on each node "
+    "that runs a replica; give an unused address of the nodes' subnet for a virtual IP that "
+    "follows healthy replicas"
 )
 _K8S_ROLLING_DEFAULT = "25%"
 _VOLUME_SOURCES = ("hostPath", "emptyDir", "persistentVolumeClaim")
@@ -594,7 +602,12 @@ def _service_document(raw: dict[str, Any], warnings: list[SpecWarning]) -> tuple
     )
     if kind == "ExternalName":
         raise FieldError(spec_fields.at("type"), "ExternalName services are not supported")
-    if kind == "LoadBalancer":
+    address = ""
+    if spec_fields.has("loadBalancerIP"):
+        if kind != "LoadBalancer":
+            raise FieldError(spec_fields.at("loadBalancerIP"), "only a LoadBalancer Service has one")
+        address = ip_address(spec_fields.at("loadBalancerIP"), spec_fields.text("loadBalancerIP"))
+    elif kind == "LoadBalancer":
         warnings.append(SpecWarning(spec_fields.at("type"), _LOAD_BALANCER))
     selector = _string_map(spec_fields.mapping("selector"))
     ports = []
@@ -612,7 +625,8 @@ def _service_document(raw: dict[str, Any], warnings: list[SpecWarning]) -> tuple
         item.finish()
     spec_fields.finish()
     doc.finish()
-    return doc, {"name": name, "type": kind, "selector": selector, "ports": ports}
+    service = {"name": name, "type": kind, "selector": selector, "ports": ports, "address": address}
+    return doc, {**service, "address_field": spec_fields.at("loadBalancerIP")}
 
 
 def _expose(spec: s.ServiceSpec, service: dict[str, Any], port_names: dict[str, int]) -> s.ServiceSpec:
@@ -645,4 +659,11 @@ def _expose(spec: s.ServiceSpec, service: dict[str, Any], port_names: dict[str, 
         else:
             ports.append(s.PortMapping(target_port, published, protocol))
     aliases = spec.aliases if service["name"] == spec.name else (*spec.aliases, service["name"])
-    return replace(spec, ports=tuple(ports), aliases=aliases)
+    address, address_field = spec.address, spec.address_field
+    if service["address"]:
+        if address and address != service["address"]:
+            raise FieldError(
+                service["address_field"], f"{spec.name} already has the virtual address {address}"
+            )
+        address, address_field = service["address"], service["address_field"]
+    return replace(spec, ports=tuple(ports), aliases=aliases, address=address, address_field=address_field)

@@ -78,3 +78,18 @@ async def test_a_replica_left_out_while_it_waits_is_not_gone_once_it_is_sent() -
     await dispatcher.send({}, {"pi1": session}, [stopping], 3.0)
     dispatcher.reported("pi1", report(waited))  # the agent had not yet applied the one that sent it
     assert dispatcher.confirmed_gone([stopping]) == frozenset()
+
+
+async def test_virtual_addresses_ride_with_the_assignment_and_a_change_of_them_is_sent() -> None:
+    dispatcher = Dispatcher()
+    session = LiveSession(node="pi1", serial="c1")
+    replicas = {"pi1": [workloads_pb2.ReplicaSpec(replica="web.1")]}
+    vip = workloads_pb2.VirtualAddress(address="10.0.0.200", router_id=201, priority=100)
+    assert await dispatcher.send(replicas, {"pi1": session}, [], 1.0, virtual={"pi1": [vip]}) == 1
+    assert [a.address for a in session.outbox.get_nowait().assignment.virtual_addresses] == ["10.0.0.200"]
+    assert await dispatcher.send(replicas, {"pi1": session}, [], 2.0, virtual={"pi1": [vip]}) == 0
+    holder = workloads_pb2.VirtualAddress(address="10.0.0.200", router_id=201, priority=200)
+    assert await dispatcher.send(replicas, {"pi1": session}, [], 3.0, virtual={"pi1": [holder]}) == 1
+    assert session.outbox.get_nowait().assignment.virtual_addresses[0].priority == 200
+    assert await dispatcher.send(replicas, {"pi1": session}, [], 4.0, virtual={}) == 1  # given up
+    assert not session.outbox.get_nowait().assignment.virtual_addresses

@@ -434,12 +434,44 @@ def test_service_types(service_spec: dict, published: int) -> None:
     assert spec.aliases == ("web-svc",)
 
 
-def test_a_load_balancer_is_a_warning() -> None:
-    _, warnings = _read(DEPLOYMENT, _with(("spec",), {"type": "LoadBalancer"}, SERVICE))
+def test_a_load_balancer_without_an_address_is_a_warning() -> None:
+    spec, warnings = _read(DEPLOYMENT, _with(("spec",), {"type": "LoadBalancer"}, SERVICE))
     assert warnings == [
-        "k8s.yaml: Service/web-svc.spec.type: no load balancer in picoord: the port is published on "
-        "each node that runs a replica, so clients reach the service through one of those nodes"
+        "k8s.yaml: Service/web-svc.spec.type: no spec.loadBalancerIP: picoord has no address pool, so "
+        "the port is published on each node that runs a replica; give an unused address of the "
+        "nodes' subnet for a virtual IP that follows healthy replicas"
     ]
+    assert spec.address == ""
+
+
+def test_a_load_balancer_ip_is_the_services_virtual_address() -> None:
+    service = _with(("spec",), {"type": "LoadBalancer", "loadBalancerIP": "10.213.0.200"}, SERVICE)
+    spec, warnings = _read(DEPLOYMENT, service)
+    assert spec.address == "10.213.0.200"
+    assert spec.address_field == "Service/web-svc.spec.loadBalancerIP"
+    assert spec.ports == (s.PortMapping(8080, 8080),)
+    assert warnings == []
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        (
+            {"type": "LoadBalancer", "loadBalancerIP": "ten"},
+            "spec.loadBalancerIP: 'ten' is not an IP address",
+        ),
+        ({"type": "NodePort", "loadBalancerIP": "10.0.0.5"}, "only a LoadBalancer Service has one"),
+    ],
+)
+def test_bad_load_balancer_ips_are_refused(values: dict, error: str) -> None:
+    assert error in _error(DEPLOYMENT, _with(("spec",), values, SERVICE))
+
+
+def test_two_load_balancers_of_one_deployment_with_different_addresses_are_refused() -> None:
+    first = _with(("spec",), {"type": "LoadBalancer", "loadBalancerIP": "10.0.0.5"}, SERVICE)
+    second = _with(("metadata",), {"name": "web-svc2"}, first)
+    second["spec"]["loadBalancerIP"] = "10.0.0.6"
+    assert "web already has the virtual address 10.0.0.5" in _error(DEPLOYMENT, first, second)
 
 
 def test_a_service_named_like_its_deployment_adds_no_alias_and_new_ports() -> None:
