@@ -310,8 +310,8 @@ class AgentRunner:
 
     def _assign(self, assignment: workloads_pb2.NodeAssignment) -> None:
         """A new assignment replaces the old one only if all of it is acceptable."""
-        if self.supervisor is None and not assignment.replicas:
-            return  # nothing to run, nothing ran: the runtime stays unloaded
+        if self.supervisor is None and not assignment.replicas and not assignment.HasField("service_ports"):
+            return  # nothing to run or answer, nothing ran: the runtime stays unloaded
         from picoord.common.checks.workloads import NodeMounts, check_assignment
         from picoord.common.validation import FieldError
 

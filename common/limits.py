@@ -98,6 +98,15 @@ MESSAGE_NAMES: dict[str, str] = {
 REPLICAS_PER_NODE = 256  # replicas one node may be assigned or report
 VOLUME_REMOVALS = 256  # named volumes one node is asked to remove at once, or reports removed (rm --volumes)
 REPLICA_MESSAGE = 1024  # a replica's last probe output or error, as reported
+PUBLISHED_PORTS = (
+    1024  # published ports of the whole cluster, sent to every node (NodeAssignment.service_ports)
+)
+PORT_ENDPOINTS = 1024  # healthy replicas behind one published port
+CLUSTER_NODES = 1024  # node addresses a node lets in on its endpoint ports
+# Endpoint ports: where Docker binds a replica's published container port on its own node's
+# cluster address (Kubernetes' NodePort range, below Linux's ephemeral ports).
+ENDPOINT_PORT_FIRST = 30000
+ENDPOINT_PORT_LAST = 32767
 # `coordctl logs`: a replica's output travels up the node's session in chunks. A line longer
 # than LOG_LINE_BYTES is cut (the rest counted as dropped). Each stream (one replica) and
 # each node spends from a byte bucket (rate per second, burst): output past it is dropped

@@ -21,6 +21,7 @@ class Dispatcher:
         self._sent: dict[str, bytes] = {}  # node -> the replicas last sent, serialized
         self._removed_at: dict[str, int] = {}  # replica id -> generation of the assignment without it
         self._generation = 0
+        self._generations: dict[str, int] = {}  # node -> generation of the assignment last sent
         self._reports: dict[str, workloads_pb2.ReplicaReports] = {}
 
     # what the agents say
@@ -55,6 +56,10 @@ class Dispatcher:
                 gone.add(record.id)
         return frozenset(gone)
 
+    def sent_generation(self, node: str) -> int:
+        """The generation of the assignment last sent to `node` (0: none this session)."""
+        return self._generations.get(node, 0) if node in self._sent else 0
+
     def forgotten(self, replicas: Iterable[str]) -> None:
         for replica in replicas:
             self._removed_at.pop(replica, None)
@@ -66,9 +71,10 @@ class Dispatcher:
         records: Iterable[ReplicaRecord],
         now: float,
         volumes: Mapping[str, list[str]] | None = None,
+        service_ports: Mapping[str, workloads_pb2.ServicePorts] | None = None,
     ) -> int:
-        """Send each connected node its assignment (its replicas, and the named volumes to
-        remove) if it changed; return how many were sent."""
+        """Send each connected node its assignment (its replicas, the named volumes to
+        remove, the published ports it answers) if it changed; return how many were sent."""
         on_node: dict[str, list[str]] = {}
         for record in records:
             on_node.setdefault(record.node, []).append(record.id)
@@ -76,16 +82,20 @@ class Dispatcher:
         for node, session in list(sessions.items()):
             replicas = by_node.get(node, [])
             remove = (volumes or {}).get(node, [])
-            unsent = workloads_pb2.NodeAssignment(replicas=replicas, remove_volumes=remove)
+            ports = (service_ports or {}).get(node)
+            unsent = workloads_pb2.NodeAssignment(
+                replicas=replicas, remove_volumes=remove, service_ports=ports
+            )
             data = unsent.SerializeToString(deterministic=True)
             if self._sent.get(node) == data:
                 continue
             self._generation = max(self._generation + 1, int(now * 1000))
             assignment = workloads_pb2.NodeAssignment(
-                generation=self._generation, replicas=replicas, remove_volumes=remove
+                generation=self._generation, replicas=replicas, remove_volumes=remove, service_ports=ports
             )
             await session.outbox.put(agent_pb2.CoordinatorMessage(assignment=assignment))
             self._sent[node] = data
+            self._generations[node] = self._generation
             sent += 1
             named = {spec.replica for spec in replicas}
             for replica in on_node.get(node, ()):
