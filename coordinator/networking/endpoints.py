@@ -4,14 +4,15 @@ Swarm's routing mesh and Kubernetes' NodePort in picoord's terms: every publishe
 every service is answered on every node's local addresses, forwarded in the kernel by the
 node's `picoord_ports` nftables table (agent/networking/service_ports.py) to the healthy
 replicas. Each replica binds its published container port on its own node's cluster address
-only, at an endpoint port chosen here from `limits.ENDPOINT_PORT_FIRST..LAST` (Kubernetes'
-NodePort range). The endpoint port follows the replica's id (`mcp.7`: ids are never reused),
-not its slot: during a rollout the old replica of a slot keeps serving until every node has
-stopped sending it traffic, while its replacement (maybe on the same node) already starts,
-so the two must not want the same port. Consecutive replicas of a service never share a
-port; two services can collide on one node (a chance of about k^2/5536 with k endpoints on a
-node): the second replica then fails to start and its replacement, with a new id, takes
-another port (docs/service-ports.md).
+only, at an endpoint port chosen here from `limits.ENDPOINT_PORT_FIRST..LAST` (61000-63999).
+
+The endpoint port follows the replica's id (`mcp.7`: ids are never reused), not its slot:
+during a rollout the old replica of a slot keeps serving until every node has stopped
+sending it traffic, while its replacement (maybe on the same node) already starts, so the
+two must not want the same port. Consecutive replicas of a service never share a port; two
+services can collide on one node (a chance of about k^2/6000 with k endpoints on a node):
+the second replica then fails to start and its replacement, with a new id, takes another
+port (docs/service-ports.md).
 
 A replica is in the rotation when it is available (running and healthy, or running without
 a health check) and not being stopped: a replica the controller stops leaves every node's

@@ -115,3 +115,10 @@ def test_every_node_gets_every_port_with_its_own_address_and_the_agent_accepts_i
     assert (port.service, port.port, port.protocol, len(port.endpoints)) == ("mcp", 8080, "tcp", 2)
     assert port.endpoints[0].port == endpoint_port("mcp", "mcp.1", 0, 1)
     assert port.endpoints[0].target == 8080
+
+
+def test_a_published_port_among_the_endpoint_ports_is_refused_naming_the_field() -> None:
+    from picoord.coordinator.workloads.reader import WorkloadError
+
+    with pytest.raises(WorkloadError, match=r"ports: port 61500 is one of the endpoint ports 61000-63999"):
+        spec(ports="[{target: 80, published: 61500}]")

@@ -32,23 +32,23 @@ def chain(script: str, name: str) -> list[str]:
     [
         # a local replica is reached straight at its container
         (
-            ports(("mcp.1", "10.0.0.11", 30001)),
+            ports(("mcp.1", "10.0.0.11", 61001)),
             {"mcp.1": "172.17.0.2"},
             ["meta l4proto tcp dnat to 172.17.0.2:8080"],
         ),
         # a local one whose container address is not known yet: at its endpoint port
-        (ports(("mcp.1", "10.0.0.11", 30001)), {}, ["meta l4proto tcp dnat to 10.0.0.11:30001"]),
+        (ports(("mcp.1", "10.0.0.11", 61001)), {}, ["meta l4proto tcp dnat to 10.0.0.11:61001"]),
         # a remote one: marked (masqueraded, let through DOCKER-USER), at its node's endpoint port
         (
-            ports(("mcp.2", "10.0.0.12", 30002)),
+            ports(("mcp.2", "10.0.0.12", 61002)),
             {},
-            [f"meta l4proto tcp ct mark set {REMOTE_MARK:#x} dnat to 10.0.0.12:30002"],
+            [f"meta l4proto tcp ct mark set {REMOTE_MARK:#x} dnat to 10.0.0.12:61002"],
         ),
         # udp
         (
-            ports(("dns.1", "10.0.0.12", 30003), port=53, protocol="udp"),
+            ports(("dns.1", "10.0.0.12", 61003), port=53, protocol="udp"),
             {},
-            [f"meta l4proto udp ct mark set {REMOTE_MARK:#x} dnat to 10.0.0.12:30003"],
+            [f"meta l4proto udp ct mark set {REMOTE_MARK:#x} dnat to 10.0.0.12:61003"],
         ),
     ],
 )
@@ -64,7 +64,7 @@ def test_each_endpoint_is_one_dnat(
 
 
 def test_a_published_port_is_answered_on_every_local_address_arriving_and_from_the_node() -> None:
-    script = ruleset(ports(("mcp.1", "10.0.0.11", 30001), ("mcp.2", "10.0.0.12", 30002)), {})
+    script = ruleset(ports(("mcp.1", "10.0.0.11", 61001), ("mcp.2", "10.0.0.12", 61002)), {})
     assert script.startswith(HEAD)  # one transaction: the old table goes, the new one comes
     jump = "fib daddr type local ip daddr != 127.0.0.0/8 tcp dport 8080 jump svc_tcp_8080"
     assert chain(script, "prerouting") == ["type nat hook prerouting priority -110; policy accept;", jump]
@@ -76,10 +76,10 @@ def test_a_published_port_is_answered_on_every_local_address_arriving_and_from_t
 
 
 def test_only_other_nodes_reach_the_endpoint_ports() -> None:
-    script = ruleset(ports(("mcp.1", "10.0.0.11", 30001)), {})
+    script = ruleset(ports(("mcp.1", "10.0.0.11", 61001)), {})
     assert chain(script, "guard") == [
         "type filter hook prerouting priority -150; policy accept;",
-        "ip daddr 10.0.0.11 meta l4proto { tcp, udp } th dport 30000-32767 ip saddr != @nodes drop",
+        "ip daddr 10.0.0.11 meta l4proto { tcp, udp } th dport 61000-63999 ip saddr != @nodes drop",
     ]
     assert "elements = { 10.0.0.11, 10.0.0.12, 10.0.0.13 }" in script
 
@@ -119,7 +119,7 @@ def test_the_applier_loads_a_change_once_and_leaves_an_untouched_kernel_alone() 
     recorder = Recorder()
     applier = ServicePortsApplier(recorder.load, recorder.allow)
     assert applier.apply(None, {}) and recorder.scripts == []  # never told: nothing touched
-    message = ports(("mcp.2", "10.0.0.12", 30002))
+    message = ports(("mcp.2", "10.0.0.12", 61002))
     assert applier.apply(message, {}) and applier.apply(message, {})
     assert len(recorder.scripts) == 1 and recorder.forwarding == 1  # a remote endpoint: forwarding allowed
     assert applier.apply(None, {})  # the ports went away: the table goes
@@ -129,7 +129,7 @@ def test_the_applier_loads_a_change_once_and_leaves_an_untouched_kernel_alone() 
 def test_a_failed_load_is_kept_and_tried_again() -> None:
     recorder = Recorder(ok=False)
     applier = ServicePortsApplier(recorder.load, recorder.allow)
-    message = ports(("mcp.1", "10.0.0.11", 30001))
+    message = ports(("mcp.1", "10.0.0.11", 61001))
     assert not applier.apply(message, {}) and applier.error == "Error: boom"
     assert not applier.apply(message, {})
     assert len(recorder.scripts) == 2 and recorder.forwarding == 0  # local only: no forwarding
