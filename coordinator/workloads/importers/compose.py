@@ -140,10 +140,6 @@ TOP_LEVEL_KEYS: dict[str, tuple[str, str]] = {
     ),
     "configs": (ERROR, "configs are not supported yet"),
 }
-_ROUTING_MESH = (
-    "Swarm publishes this port on every node (routing mesh); picoord publishes it on each node that "
-    "runs a replica, so reach the service through one of those nodes"
-)
 _RESTART_CONDITIONS = {"none": s.RESTART_NONE, "on-failure": s.RESTART_ON_FAILURE, "any": s.RESTART_ALWAYS}
 _COMPOSE_RESTART = {
     "no": s.RESTART_NONE,
@@ -279,9 +275,9 @@ def _service(services: Fields, name: str, volumes: set[str]) -> s.ServiceSpec:
             f"{mode!r} is not supported; picoord runs replicated and global services (not jobs)",
         )
     replicas = _replicas(doc, deploy, mode)
-    ports = tuple(_ports(doc))
-    if any(item.published for item in ports):
-        doc.warnings.append(SpecWarning(doc.at("ports"), _ROUTING_MESH))
+    ports = tuple(
+        _ports(doc)
+    )  # published: answered on every node, as Swarm's routing mesh (docs/service-ports.md)
     health = _healthcheck(doc.mapping("healthcheck"))
     placement_fields = deploy.mapping("placement")
     constraints, spread = _placement(placement_fields)
