@@ -275,9 +275,8 @@ def _service(services: Fields, name: str, volumes: set[str]) -> s.ServiceSpec:
             f"{mode!r} is not supported; picoord runs replicated and global services (not jobs)",
         )
     replicas = _replicas(doc, deploy, mode)
-    ports = tuple(
-        _ports(doc)
-    )  # published: answered on every node, as Swarm's routing mesh (docs/service-ports.md)
+    # A published port is answered on every node, as Swarm's routing mesh (docs/service-ports.md).
+    ports = tuple(_ports(doc))
     health = _healthcheck(doc.mapping("healthcheck"))
     placement_fields = deploy.mapping("placement")
     constraints, spread = _placement(placement_fields)
