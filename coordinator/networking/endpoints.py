@@ -21,6 +21,7 @@ rules first (controller/decide.py `leaving`).
 
 from __future__ import annotations
 
+import ipaddress
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,14 @@ class Published:
     port: int
     protocol: str
     endpoints: tuple[Endpoint, ...]  # in the rotation only, by replica id
+
+
+def ipv4(address: str) -> str:
+    """The address if it is IPv4 (the nodes' tables are `table ip`), else ""."""
+    try:
+        return address if ipaddress.ip_address(address).version == 4 else ""
+    except ValueError:
+        return ""
 
 
 def published(spec: ServiceSpec) -> tuple[PortMapping, ...]:
@@ -99,7 +108,7 @@ def service_endpoints(
     The ports are those of the services' applied specs, plus those of revisions still running
     (a rollout that changes a published port serves the old one until its replicas go). A
     replica stands behind a port when its own revision publishes it, it is in the rotation and
-    its node's address is known (a node without a session cannot be reached anyway)."""
+    its node's IPv4 address is known (a node without a session cannot be reached anyway)."""
     members = sorted(members, key=lambda m: m.replica)
     wanted: dict[tuple[str, int], str] = {}
     problems: list[str] = []
@@ -116,7 +125,7 @@ def service_endpoints(
     behind: dict[tuple[str, int], list[Endpoint]] = {key: [] for key in wanted}
     for member in members:
         spec = specs.get((member.service, member.revision))
-        address = addresses.get(member.node, "")
+        address = ipv4(addresses.get(member.node, ""))
         if spec is None or not member.in_rotation or not address:
             continue
         ports = endpoint_ports(spec, member.replica)
@@ -136,9 +145,8 @@ def service_ports_message(
     ports: Sequence[Published], node_address: str, addresses: Mapping[str, str]
 ) -> workloads_pb2.ServicePorts:
     """The wire form one node gets: every port, its own address, and every node's."""
-    message = workloads_pb2.ServicePorts(
-        node_address=node_address, nodes=sorted(set(addresses.values()) - {""})
-    )
+    nodes = sorted({ipv4(address) for address in addresses.values()} - {""})
+    message = workloads_pb2.ServicePorts(node_address=ipv4(node_address), nodes=nodes)
     for port in ports:
         entry = message.ports.add(service=port.service, port=port.port, protocol=port.protocol)
         for endpoint in port.endpoints:

@@ -17,7 +17,7 @@ from picoord.coordinator.networking.endpoints import (
 from picoord.coordinator.workloads.reader import read_workloads
 from picoord.coordinator.workloads.spec import ServiceSpec
 
-ADDRESSES = {"pi1": "10.0.0.11", "pi2": "10.0.0.12", "pi3": "10.0.0.13"}
+ADDRESSES = {"pi1": "10.0.0.11", "pi2": "10.0.0.12", "pi3": "10.0.0.13", "v6": "fd00::5"}
 
 
 def spec(name: str = "mcp", ports: str = "[{target: 8080, published: 8080}]") -> ServiceSpec:
@@ -51,6 +51,7 @@ def ends(ports: list, port: int = 8080) -> list[tuple[str, str]]:  # type: ignor
             [("mcp.1", "10.0.0.11")],
         ),  # unhealthy / stopping
         ([m("mcp.1", "pi1"), m("mcp.2", "pi9")], [("mcp.1", "10.0.0.11")]),  # a node without a session
+        ([m("mcp.1", "pi1"), m("mcp.2", "v6")], [("mcp.1", "10.0.0.11")]),  # IPv6 only: the tables are IPv4
         ([m("mcp.1", "pi1", serving=False)], []),  # nobody: the port is known, nothing answers
         ([m("mcp.3", "pi1"), m("mcp.1", "pi1")], [("mcp.1", "10.0.0.11"), ("mcp.3", "10.0.0.11")]),  # by id
     ],
