@@ -162,7 +162,7 @@ class Supervisor:
         self._last_sent_at = 0.0
         self._volumes_gone: tuple[str, ...] = ()
         self.service_ports = ports_applier or ServicePortsApplier()
-        self._addresses: dict[str, str] = {}  # container id -> its address (published ports' local endpoints)
+        self._addresses: dict[tuple[str, str], str] = {}  # (container, started at) -> its address
 
     # the assignment
     def _load(self) -> workloads_pb2.NodeAssignment:
@@ -183,7 +183,7 @@ class Supervisor:
             if assignment.generation and assignment.generation < self._assignment.generation:
                 return
             self._assignment = assignment
-        if not assignment.replicas and not self.path.exists():  # published ports live in the kernel
+        if not assignment.replicas and not self.path.exists():  # published ports alone: kept by the kernel
             self._wake.set()
             return  # a node that never ran workloads keeps no file (and never opens the engine)
         try:
@@ -262,14 +262,15 @@ class Supervisor:
         for state in actual:
             if state.replica not in local or state.state != "running":
                 continue
-            address = self._addresses.get(state.container_id)
+            key = (state.container_id, state.started_at)  # a restarted container may get another address
+            address = self._addresses.get(key)
             if not address:
                 address = engine.address(state.container_id)  # type: ignore[attr-defined]
                 if address:
-                    self._addresses[state.container_id] = address
+                    self._addresses[key] = address
             if address:
                 found[state.replica] = address
-        live = {state.container_id for state in actual}
+        live = {(state.container_id, state.started_at) for state in actual}
         for container in [c for c in self._addresses if c not in live]:
             del self._addresses[container]
         return found
