@@ -36,14 +36,16 @@ def _tail(data: bytes | str | None) -> str:
     return data[-OUTPUT_TAIL_BYTES:]
 
 
-def run_command(argv: Sequence[str], timeout: float, env: dict[str, str] | None = None) -> CommandResult:
+def run_command(
+    argv: Sequence[str], timeout: float, env: dict[str, str] | None = None, input_text: str | None = None
+) -> CommandResult:
+    """`input_text`: what the program reads on stdin (e.g. an `nft -f -` script); else none."""
     if isinstance(argv, str) or not argv or not all(isinstance(part, str) for part in argv):
         raise TypeError("run_command takes a non-empty list of strings, never a shell string")
     command = tuple(argv)
     try:
-        done = subprocess.run(
-            command, capture_output=True, timeout=timeout, check=False, env=env, stdin=subprocess.DEVNULL
-        )
+        stdin = {"input": input_text.encode()} if input_text is not None else {"stdin": subprocess.DEVNULL}
+        done = subprocess.run(command, capture_output=True, timeout=timeout, check=False, env=env, **stdin)
     except FileNotFoundError as error:
         return CommandResult(command, -1, "", str(error))
     except subprocess.TimeoutExpired as error:

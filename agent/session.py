@@ -312,8 +312,13 @@ class AgentRunner:
 
     def _assign(self, assignment: workloads_pb2.NodeAssignment) -> None:
         """A new assignment replaces the old one only if all of it is acceptable."""
-        if self.supervisor is None and not assignment.replicas and not assignment.networks:
-            return  # nothing to run or keep, nothing ran: the runtime stays unloaded
+        if (
+            self.supervisor is None
+            and not assignment.replicas
+            and not assignment.networks
+            and not assignment.HasField("service_ports")
+        ):
+            return  # nothing to run, keep or answer, nothing ran: the runtime stays unloaded
         from picoord.common.checks.workloads import NodeMounts, check_assignment
         from picoord.common.validation import FieldError
 

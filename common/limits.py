@@ -108,6 +108,16 @@ VIRTUAL_ADDRESSES = 255
 VIRTUAL_ADDRESS_PEERS = 256  # other nodes of one VRRP instance
 VIRTUAL_ADDRESS_SERVICES = 64  # services one virtual address leads to
 IP_ADDRESS = 64  # an IP address as text (IPv6 with a zone at most)
+PUBLISHED_PORTS = (
+    1024  # published ports of the whole cluster, sent to every node (NodeAssignment.service_ports)
+)
+PORT_ENDPOINTS = 1024  # healthy replicas behind one published port
+CLUSTER_NODES = 1024  # node addresses a node lets in on its endpoint ports
+# Endpoint ports: where Docker binds a replica's published container port on its own node's
+# cluster address. Above Linux's ephemeral ports (32768-60999) and Kubernetes' NodePort range
+# (30000-32767, which an imported `nodePort` publishes): no published port may be one.
+ENDPOINT_PORT_FIRST = 61000
+ENDPOINT_PORT_LAST = 63999
 # `coordctl logs`: a replica's output travels up the node's session in chunks. A line longer
 # than LOG_LINE_BYTES is cut (the rest counted as dropped). Each stream (one replica) and
 # each node spends from a byte bucket (rate per second, burst): output past it is dropped

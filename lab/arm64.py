@@ -328,3 +328,59 @@ def prepare_pi_dirs(pi_dir: Path) -> None:
     for path in pi_root_dirs(pi_dir).values():
         path.mkdir(parents=True, exist_ok=True)
     os.chmod(pi_dir / "arm64", 0o700)
+
+
+# --------------------------------------------------------------------------- netfilter tools
+
+# qemu-user refuses NETLINK_NETFILTER sockets, so an arm64 nft or iptables cannot work in an
+# emulated Pi. The kernel runs this machine's own x86_64 programs natively, though: a layer
+# on top of the Pi's root holds the host's nft and iptables (xtables-nft-multi) with their
+# libraries, loader and iptables extensions, so the agent's published-ports table
+# (agent/networking/service_ports.py) loads there as on a real Pi.
+HOST_NETFILTER_TOOLS = {"nft": "/usr/sbin/nft", "xtables-nft-multi": "/usr/sbin/xtables-nft-multi"}
+TOOL_LINKS = {"iptables": "xtables-nft-multi"}
+
+
+def ldd_paths(text: str) -> list[str]:
+    """The absolute paths `ldd` names (the libraries and the loader), in order, once each."""
+    found: list[str] = []
+    for line in text.splitlines():
+        for word in line.split():
+            if word.startswith("/") and word not in found:
+                found.append(word)
+    return found
+
+
+def layer_path(host_path: str) -> str:
+    """Where a host file goes in the layer: under its directory's real path (this machine's
+    /lib and /lib64 are links into /usr, and so are the arm64 root's /lib, /bin and /sbin: a
+    real lib/ directory in a layer would hide the arm64 root's link), by the name it is
+    asked for (a library's soname, not the file its link leads to)."""
+    directory, name = os.path.split(host_path)
+    return os.path.join(os.path.realpath(directory), name).lstrip("/")
+
+
+def host_netfilter_layer(into: Path) -> Path:
+    """Build the layer (idempotent); returns `into`."""
+    if (into / "usr" / "sbin" / "nft").exists():
+        return into
+    files: list[str] = []
+    for name, path in HOST_NETFILTER_TOOLS.items():
+        target = into / "usr" / "sbin" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(path), target)
+        files += ldd_paths(_run(["ldd", path], 30, f"ldd {path}").stdout)
+    for link, name in TOOL_LINKS.items():
+        (into / "usr" / "sbin" / link).symlink_to(name)
+    extensions = sorted(Path("/usr/lib").glob("*-linux-gnu/xtables"))
+    for directory in extensions[:1]:
+        shutil.copytree(directory, into / layer_path(str(directory)), dirs_exist_ok=True)
+    for path in files:
+        target = into / layer_path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(path), target)
+    if any(
+        path.startswith("/lib64/") for path in files
+    ):  # the ELF interpreter, at /lib64/ld-linux-x86-64.so.2
+        (into / "lib64").symlink_to("usr/lib64")  # (the loader itself is in usr/lib64, as on this machine)
+    return into

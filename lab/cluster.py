@@ -488,10 +488,12 @@ class Lab:
 
     def _mount_arm64_root(self, node: str) -> None:
         """The Pi's own overlay of the arm64 root, inside its mount namespace (it goes with
-        the namespace), with /proc, /sys, /dev, its docker dir and the lab's work dir."""
+        the namespace), with /proc, /sys, /dev, its docker dir and the lab's work dir; on
+        top, this machine's own nft and iptables (arm64.host_netfilter_layer)."""
         pi_dir = self.arm64_pi_dir(node)
         arm64.prepare_pi_dirs(pi_dir)
-        lower = [Path(path) for path in self.config.arm64_root]
+        tools = arm64.host_netfilter_layer(self.work_dir.absolute() / "arm64-netfilter")
+        lower = [tools, *(Path(path) for path in self.config.arm64_root)]
         for argv in arm64.pi_root_commands(lower, pi_dir, [str(self.work_dir.absolute())]):
             self.sandbox(node).run(argv, timeout=60, check=True)
 

@@ -51,8 +51,13 @@ class RuntimeFailure(Exception):
 # --- pure: the create request ------------------------------------------------------------------
 
 
-def _port_bindings(bindings: Mapping[str, int]) -> dict[str, list[dict[str, str]]]:
-    return {port: [{"HostIp": "", "HostPort": str(published)}] for port, published in bindings.items()}
+def _port_bindings(bindings: Mapping[str, int | tuple[str, int]]) -> dict[str, list[dict[str, str]]]:
+    """A port number binds on every address; (address, port) on that address only."""
+    found = {}
+    for port, binding in bindings.items():
+        address, number = binding if isinstance(binding, tuple) else ("", binding)
+        found[port] = [{"HostIp": address, "HostPort": str(number)}]
+    return found
 
 
 def _binds(binds: Mapping[str, Mapping[str, str]]) -> list[str]:

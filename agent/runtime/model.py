@@ -26,6 +26,15 @@ class Port:
     target: int
     published: int = 0  # 0: not published on the node
     protocol: str = "tcp"
+    endpoint: int = 0  # set: bound at this port on `bind_address` only (every node answers `published`)
+    bind_address: str = ""
+
+    @property
+    def binding(self) -> int | tuple[str, int] | None:
+        """Where Docker binds it on the node (docker-py's port_bindings value), or None."""
+        if self.endpoint:
+            return (self.bind_address, self.endpoint)
+        return self.published or None
 
 
 @dataclass(frozen=True)
@@ -108,7 +117,7 @@ def host_config(spec: ContainerSpec) -> dict[str, Any]:
         restart["MaximumRetryCount"] = spec.restart_max_attempts
     config: dict[str, Any] = {
         "port_bindings": {
-            f"{port.target}/{port.protocol}": port.published for port in spec.ports if port.published
+            f"{port.target}/{port.protocol}": port.binding for port in spec.ports if port.binding is not None
         },
         "binds": {
             volume.source: {"bind": volume.target, "mode": "ro" if volume.read_only else "rw"}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import structlog
 
+from picoord.agent.networking.service_ports import ServicePortsApplier
 from picoord.agent.networking.virtual_addresses import (
     RELEASE_DRAIN,
     Keepalived,
@@ -62,7 +63,9 @@ def spec_from_wire(spec: workloads_pb2.ReplicaSpec) -> ContainerSpec:
         command=tuple(spec.command),
         args=tuple(spec.args),
         env=dict(spec.env),
-        ports=tuple(Port(p.target, p.published, p.protocol or "tcp") for p in spec.ports),
+        ports=tuple(
+            Port(p.target, p.published, p.protocol or "tcp", p.endpoint, p.bind_address) for p in spec.ports
+        ),
         volumes=tuple(VolumeMount(v.source, v.target, v.read_only, v.tmpfs) for v in spec.volumes),
         memory_limit=spec.memory_limit_bytes,
         memory_reservation=spec.memory_reservation_bytes,
@@ -177,6 +180,7 @@ class Supervisor:
         docker_socket: str,
         report: Callable[[workloads_pb2.ReplicaReports], None],
         engine_factory: Callable[[str], object] | None = None,
+        ports_applier: ServicePortsApplier | None = None,
     ) -> None:
         self.path = state_dir / ASSIGNMENT_FILE
         self.docker_socket = docker_socket
@@ -198,6 +202,8 @@ class Supervisor:
         self._announced: list[workloads_pb2.VirtualAddress] = []  # what keepalived was given last
         self._retained: dict[str, tuple[workloads_pb2.VirtualAddress, float]] = {}  # held until
         self._draining: dict[str, float] = {}  # service -> when its replicas may stop (monotonic)
+        self.service_ports = ports_applier or ServicePortsApplier()
+        self._addresses: dict[tuple[str, str], str] = {}  # (container, started at) -> its address
 
     # the assignment
     def _load(self) -> workloads_pb2.NodeAssignment:
@@ -301,10 +307,16 @@ class Supervisor:
         return self._engine
 
     def tick(self) -> None:
-        desired = self.desired()
+        with self._lock:
+            assignment = self._assignment
+        desired = [spec_from_wire(spec) for spec in assignment.replicas]
+        ports = assignment.service_ports if assignment.HasField("service_ports") else None
         engine = self._engine_or_none(desired)
         if engine is None:
             self._virtual_addresses(set())
+            self.service_ports.apply(ports, {})
+            if ports is not None:
+                self._send(desired, [], assignment.generation)
             return
         actual = engine.replicas()  # type: ignore[attr-defined]
         plan = plan_node(desired, actual)
@@ -320,10 +332,36 @@ class Supervisor:
             self._start(engine, spec)
         if plan.stop or plan.start:
             actual = engine.replicas()  # type: ignore[attr-defined]
+        self.service_ports.apply(ports, self._local_addresses(engine, ports, actual))
         self._remove_volumes(engine)
         self._keep_networks(engine)
         self._probe(engine, desired, actual)
-        self._send(desired, actual)
+        self._send(desired, actual, assignment.generation)
+
+    def _local_addresses(
+        self, engine: object, ports: workloads_pb2.ServicePorts | None, actual: list[ReplicaState]
+    ) -> dict[str, str]:
+        """replica -> container address of this node's replicas behind a published port
+        (asked of dockerd once per container)."""
+        if ports is None:
+            return {}
+        local = {e.replica for port in ports.ports for e in port.endpoints if e.address == ports.node_address}
+        found = {}
+        for state in actual:
+            if state.replica not in local or state.state != "running":
+                continue
+            key = (state.container_id, state.started_at)  # a restarted container may get another address
+            address = self._addresses.get(key)
+            if not address:
+                address = engine.address(state.container_id)  # type: ignore[attr-defined]
+                if address:
+                    self._addresses[key] = address
+            if address:
+                found[state.replica] = address
+        live = {(state.container_id, state.started_at) for state in actual}
+        for container in [c for c in self._addresses if c not in live]:
+            del self._addresses[container]
+        return found
 
     def _remove_volumes(self, engine: object) -> None:
         """Remove the named volumes asked for that no container uses (after this tick's stops)."""
@@ -474,11 +512,15 @@ class Supervisor:
             del self._tracked[key]
 
     def reports(
-        self, desired: list[ContainerSpec], actual: list[ReplicaState]
+        self, desired: list[ContainerSpec], actual: list[ReplicaState], generation: int | None = None
     ) -> workloads_pb2.ReplicaReports:
+        """`generation`: the assignment this tick applied (replicas and published ports): the
+        coordinator's acknowledgement that this node no longer sends traffic to a replica
+        that left them."""
         by_key = {(state.replica, state.revision): state for state in actual}
+        applied = self.generation if generation is None else generation
         reports = workloads_pb2.ReplicaReports(
-            generation=self.generation,
+            generation=applied,
             volumes_removed=self._volumes_gone,
             networks_present=self._networks_present,
             virtual_addresses_held=held_addresses(self.virtual_addresses()),
@@ -502,8 +544,10 @@ class Supervisor:
             )
         return reports
 
-    def _send(self, desired: list[ContainerSpec], actual: list[ReplicaState]) -> None:
-        reports = self.reports(desired, actual)
+    def _send(
+        self, desired: list[ContainerSpec], actual: list[ReplicaState], generation: int | None = None
+    ) -> None:
+        reports = self.reports(desired, actual, generation)
         data = reports.SerializeToString(deterministic=True)
         now = time.monotonic()
         if data != self._last_sent or (desired and now - self._last_sent_at >= REPORT_EVERY):

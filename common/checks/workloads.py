@@ -95,6 +95,11 @@ def check_replica_spec(
             port(f"{field}.ports[{index}].published", binding.published)
         if binding.protocol not in PROTOCOLS:
             raise FieldError(f"{field}.ports[{index}].protocol", f"{binding.protocol!r} is not tcp or udp")
+        if binding.endpoint:
+            endpoint_port(f"{field}.ports[{index}].endpoint", binding.endpoint)
+            ip_address(f"{field}.ports[{index}].bind_address", binding.bind_address)
+        elif binding.bind_address:
+            raise FieldError(f"{field}.ports[{index}].bind_address", "is set without an endpoint port")
     _count(f"{field}.volumes", spec.volumes, MAX_VOLUMES)
     for index, volume in enumerate(spec.volumes):
         where = f"{field}.volumes[{index}]"
@@ -202,6 +207,9 @@ def check_assignment(assignment: workloads_pb2.NodeAssignment, node: NodeMounts 
             )
         router_ids.add(item.router_id)
 
+    if assignment.HasField("service_ports"):
+        check_service_ports(assignment.service_ports)
+
 
 def check_virtual_address(item: workloads_pb2.VirtualAddress, field: str) -> None:
     """One VRRP instance as keepalived.conf will hold it: every value a plain IPv4 address
@@ -225,6 +233,44 @@ def check_virtual_address(item: workloads_pb2.VirtualAddress, field: str) -> Non
 def _ipv4(field: str, value: str) -> None:
     if len(value) > 15 or ip_address(field, value) != value or ":" in value:
         raise FieldError(field, f"{value!r} is not an IPv4 address in dotted form")
+
+
+def endpoint_port(field: str, value: int) -> int:
+    port(field, value)
+    if not limits.ENDPOINT_PORT_FIRST <= value <= limits.ENDPOINT_PORT_LAST:
+        raise FieldError(
+            field,
+            f"{value} is outside the endpoint ports {limits.ENDPOINT_PORT_FIRST}-{limits.ENDPOINT_PORT_LAST}",
+        )
+    return value
+
+
+def check_service_ports(ports: workloads_pb2.ServicePorts, field: str = "assignment.service_ports") -> None:
+    """The agent's check of the published ports it is to answer: every value reaches an nft
+    ruleset, so each is a number, an address or a name of the safe alphabet."""
+    if ports.node_address:
+        ip_address(f"{field}.node_address", ports.node_address)
+    _count(f"{field}.nodes", ports.nodes, limits.CLUSTER_NODES)
+    for index, address in enumerate(ports.nodes):
+        ip_address(f"{field}.nodes[{index}]", address)
+    _count(f"{field}.ports", ports.ports, limits.PUBLISHED_PORTS)
+    seen: set[tuple[str, int]] = set()
+    for index, published in enumerate(ports.ports):
+        where = f"{field}.ports[{index}]"
+        _name(f"{where}.service", published.service)
+        port(f"{where}.port", published.port)
+        if published.protocol not in PROTOCOLS:
+            raise FieldError(f"{where}.protocol", f"{published.protocol!r} is not tcp or udp")
+        if (published.protocol, published.port) in seen:
+            raise FieldError(f"{where}.port", f"{published.port}/{published.protocol} appears twice")
+        seen.add((published.protocol, published.port))
+        _count(f"{where}.endpoints", published.endpoints, limits.PORT_ENDPOINTS)
+        for number, endpoint in enumerate(published.endpoints):
+            at = f"{where}.endpoints[{number}]"
+            _name(f"{at}.replica", endpoint.replica)
+            ip_address(f"{at}.address", endpoint.address)
+            endpoint_port(f"{at}.port", endpoint.port)
+            port(f"{at}.target", endpoint.target)
 
 
 def check_reports(reports: workloads_pb2.ReplicaReports) -> None:

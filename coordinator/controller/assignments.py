@@ -23,6 +23,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from picoord.common import limits
+from picoord.coordinator.networking.endpoints import endpoint_ports
 from picoord.coordinator.workloads import networks
 from picoord.coordinator.workloads.spec import EXEC, HTTP, TCP, TMPFS, ServiceSpec
 from picoord.v1 import workloads_pb2
@@ -50,9 +51,12 @@ def replica_spec(
     secrets: Mapping[tuple[str, str], str],
     hosts: Mapping[str, str],
     publish_targets: bool,
+    node_address: str = "",
 ) -> workloads_pb2.ReplicaSpec:
     """The wire form of one replica; secrets resolved into env (they travel only inside the
-    node's mutual-TLS session)."""
+    node's mutual-TLS session). A published port is bound at the replica's endpoint port on
+    its node's cluster address only (`node_address`); every node answers the published port
+    itself (networking/endpoints.py)."""
     env = {variable.name: variable.value for variable in spec.env}
     for secret in spec.secrets:
         value = secrets.get((secret.secret, secret.key))
@@ -80,9 +84,13 @@ def replica_spec(
     )
     for attach in networks.attachments(spec):
         message.networks.add(name=attach.network, aliases=list(attach.aliases))
+    endpoints = endpoint_ports(spec, placed.replica) if node_address else {}
     for port in spec.ports:
         published = port.published or (port.target if publish_targets else 0)
-        message.ports.add(target=port.target, published=published, protocol=port.protocol)
+        binding = message.ports.add(target=port.target, published=published, protocol=port.protocol)
+        endpoint = endpoints.get((port.target, port.protocol)) if port.published else None
+        if endpoint is not None:
+            binding.endpoint, binding.bind_address = endpoint, node_address
     for volume in spec.volumes:
         tmpfs = volume.type == TMPFS
         message.volumes.add(
@@ -169,7 +177,14 @@ def node_assignments(
         overlay = bool(spec.networks)
         hosts = {} if overlay else discovery_hosts(spec, pairs, addresses, current)
         try:
-            message = replica_spec(spec, entry, secrets, hosts, not overlay and entry.service in referenced)
+            message = replica_spec(
+                spec,
+                entry,
+                secrets,
+                hosts,
+                not overlay and entry.service in referenced,
+                addresses.get(entry.node, ""),
+            )
         except MissingSecret as error:
             problems.append(f"{entry.replica}: {error}")
             continue

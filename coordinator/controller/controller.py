@@ -43,9 +43,11 @@ from picoord.coordinator.controller.backoff import Backoff
 from picoord.coordinator.controller.decide import (
     Decisions,
     Facts,
+    Leaving,
     Removal,
     decide,
     global_targets,
+    leaving,
     refusal,
     removal,
     scale_refusal,
@@ -62,6 +64,7 @@ from picoord.coordinator.controller.records import (
 )
 from picoord.coordinator.controller.views import ServiceFigures, Snapshot
 from picoord.coordinator.logs import LogHub
+from picoord.coordinator.networking.endpoints import Member, service_endpoints, service_ports_message
 from picoord.coordinator.networking.nodes import node_networks
 from picoord.coordinator.networking.virtual_ips import plan_announcements
 from picoord.coordinator.placement.inputs import node_from
@@ -152,6 +155,11 @@ class WorkloadController:
         self._unplaced: dict[str, str] = {}
         self._waiting: dict[str, str] = {}
         self._problems: dict[str, list[str]] = {}
+        self._port_problems: set[str] = set()
+        self._in_rotation: set[str] = set()  # replicas behind a published port, as last sent
+        self._leaving: dict[str, Leaving] = {}  # stopped replicas still running, out of the rotation
+        self._released: set[str] = set()  # stopped replicas that may go (left the rotation, or never in it)
+        self._leave_wake: float | None = None
         self._snapshot = Snapshot()
         self._wanted = 0  # changes announced
         self._published_for = 0  # the announced changes the published snapshot has seen
@@ -324,7 +332,10 @@ class WorkloadController:
         replicas = {rid: dataclasses.replace(r, stopping=True) if r.id in dict(decisions.stops) else r
                     for rid, r in replicas.items()}  # fmt: skip
         await self._dispatch(facts, records, replicas, read)
-        self._next_at = self._next_wake(decisions, facts)
+        self._next_at = min(
+            (at for at in (self._next_wake(decisions, facts), self._leave_wake) if at is not None),
+            default=None,
+        )
         services = dict(read.services)
         for rollout in decisions.rollouts:
             services[rollout.service] = dataclasses.replace(services[rollout.service], rollout=rollout)
@@ -387,13 +398,14 @@ class WorkloadController:
         replicas: dict[str, Replica],
         read: _Read,
     ) -> None:
-        live = [record for record in records if not record.stopping]
         secrets = await asyncio.to_thread(self.records.secret_values)
         addresses = {node: session.address for node, session in self.cluster.sessions.items()}
         healthy = {rid: replica.available(True) for rid, replica in replicas.items()}
         current = {name: service.spec for name, service in read.services.items()}
         manager = networks.swarm_manager(self.cluster.swarm())
         manager_report = self.dispatcher.reports().get(manager)
+        held = self._leave_before_stop(facts, records)
+        live = [record for record in records if not record.stopping or record.id in held]
         by_node, problems = node_assignments(
             [Assigned(r.id, r.service, r.revision, r.node) for r in live],
             read.specs,
@@ -417,6 +429,7 @@ class WorkloadController:
         self._problems = defaultdict(list)
         for problem in problems:
             self._problems[problem.split(".", 1)[0]].append(problem)
+        ports = self._service_ports(records, replicas, read, current, addresses)
         await self.dispatcher.send(
             by_node,
             self.cluster.sessions,
@@ -425,7 +438,58 @@ class WorkloadController:
             await self._volume_requests(by_node),
             networks=keep,
             virtual=self._virtual_addresses(current, replicas),
+            service_ports=ports,
         )
+        for replica, state in self._leaving.items():
+            if state.owed is None:
+                owed = {node: self.dispatcher.sent_generation(node) for node in self._ready(facts)}
+                self._leaving[replica] = Leaving(state.since, owed)
+
+    def _ready(self, facts: Facts) -> set[str]:
+        return {name for name, node in facts.nodes.items() if node.ready and name in self.cluster.sessions}
+
+    def _leave_before_stop(self, facts: Facts, records: list[ReplicaRecord]) -> frozenset[str]:
+        """The stopping replicas that keep running, out of the published ports' rotation,
+        until every Ready node has applied an assignment without them (decide.leaving)."""
+        stopping = {record.id for record in records if record.stopping}
+        for replica in stopping - self._leaving.keys() - self._released:
+            if replica in self._in_rotation:
+                self._leaving[replica] = Leaving(facts.now)
+            else:
+                self._released.add(replica)
+        acked = {node: report.generation for node, report in self.dispatcher.reports().items()}
+        held, self._leave_wake = leaving(self._leaving, acked, self._ready(facts), facts.now)
+        for replica in [r for r in self._leaving if r not in held]:
+            del self._leaving[replica]
+            self._released.add(replica)
+        self._released &= stopping
+        return held
+
+    def _service_ports(
+        self,
+        records: list[ReplicaRecord],
+        replicas: Mapping[str, Replica],
+        read: _Read,
+        current: Mapping[str, ServiceSpec],
+        addresses: Mapping[str, str],
+    ) -> dict[str, workloads_pb2.ServicePorts]:
+        """node -> the published ports it answers, each with the replicas in its rotation
+        (none at all while no service publishes a port)."""
+        members = []
+        for record in records:
+            replica, spec = replicas.get(record.id), read.specs.get((record.service, record.revision))
+            if replica is None or spec is None:
+                continue
+            serving = replica.available(spec.health is not None) and not record.stopping
+            members.append(Member(record.id, record.service, record.revision, record.node, serving))
+        ports, problems = service_endpoints(members, read.specs, current, addresses)
+        for problem in set(problems) - self._port_problems:
+            self._note(problem.split(":", 1)[0], problem)
+        self._port_problems = set(problems)
+        self._in_rotation = {endpoint.replica for port in ports for endpoint in port.endpoints}
+        if not ports:
+            return {}
+        return {node: service_ports_message(ports, address, addresses) for node, address in addresses.items()}
 
     def _virtual_addresses(
         self, current: Mapping[str, ServiceSpec], replicas: Mapping[str, Replica]

@@ -473,3 +473,45 @@ def removal(
         ).named_volumes
     }
     return Removal(tuple(names), gone, (), away, tuple(sorted(on_nodes)))
+
+
+LEAVE_WAIT = 5.0  # seconds a stopped replica keeps running, out of the rotation, for the nodes' acks
+
+
+@dataclass(frozen=True)
+class Leaving:
+    """A replica the controller stops that was in a published port's rotation: out of every
+    node's rules from `since`, still running until the nodes say so."""
+
+    since: float
+    owed: Mapping[str, int] | None = (
+        None  # Ready node -> generation of its first assignment without it; None: not sent yet
+    )
+
+
+def leaving(
+    left: Mapping[str, Leaving],
+    acked: Mapping[str, int],
+    ready: Collection[str],
+    now: float,
+    wait: float = LEAVE_WAIT,
+) -> tuple[frozenset[str], float | None]:
+    """Leave before stopping: of the replicas that left the rotation, those that must keep
+    running, and when to look again (the earliest end of a wait).
+
+    A replica is stopped once every Ready node has acknowledged (reported applying) an
+    assignment without it, so no node forwards a new connection to a container about to
+    receive SIGTERM; a node that is not Ready cannot answer and is not waited for, and no
+    replica waits longer than `wait` (a node that stopped applying assignments must not
+    hold a rollout, a drain or an rm). Nothing sent yet (`owed` None): it waits."""
+    held = set()
+    for replica, state in left.items():
+        deadline = state.since + wait
+        if now >= deadline:
+            continue
+        if state.owed is None or any(
+            node in ready and acked.get(node, 0) < generation for node, generation in state.owed.items()
+        ):
+            held.add(replica)
+    wakes = [left[replica].since + wait for replica in held]
+    return frozenset(held), min(wakes, default=None)

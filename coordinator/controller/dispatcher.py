@@ -21,6 +21,7 @@ class Dispatcher:
         self._sent: dict[str, bytes] = {}  # node -> the replicas last sent, serialized
         self._removed_at: dict[str, int] = {}  # replica id -> generation of the assignment without it
         self._generation = 0
+        self._generations: dict[str, int] = {}  # node -> generation of the assignment last sent
         self._reports: dict[str, workloads_pb2.ReplicaReports] = {}
 
     # what the agents say
@@ -55,6 +56,10 @@ class Dispatcher:
                 gone.add(record.id)
         return frozenset(gone)
 
+    def sent_generation(self, node: str) -> int:
+        """The generation of the assignment last sent to `node` (0: none this session)."""
+        return self._generations.get(node, 0) if node in self._sent else 0
+
     def forgotten(self, replicas: Iterable[str]) -> None:
         for replica in replicas:
             self._removed_at.pop(replica, None)
@@ -68,10 +73,11 @@ class Dispatcher:
         volumes: Mapping[str, list[str]] | None = None,
         networks: Mapping[str, list[workloads_pb2.OverlayNetwork]] | None = None,
         virtual: Mapping[str, list[workloads_pb2.VirtualAddress]] | None = None,
+        service_ports: Mapping[str, workloads_pb2.ServicePorts] | None = None,
     ) -> int:
         """Send each connected node its assignment (its replicas, the named volumes to
         remove, for the Swarm manager the overlay networks to keep, the virtual addresses it
-        announces) if it changed; return how many were sent."""
+        announces, the published ports it answers) if it changed; return how many were sent."""
         on_node: dict[str, list[str]] = {}
         for record in records:
             on_node.setdefault(record.node, []).append(record.id)
@@ -81,8 +87,13 @@ class Dispatcher:
             remove = (volumes or {}).get(node, [])
             keep = (networks or {}).get(node, [])
             announce = (virtual or {}).get(node, [])
+            ports = (service_ports or {}).get(node)
             unsent = workloads_pb2.NodeAssignment(
-                replicas=replicas, remove_volumes=remove, networks=keep, virtual_addresses=announce
+                replicas=replicas,
+                remove_volumes=remove,
+                networks=keep,
+                virtual_addresses=announce,
+                service_ports=ports,
             )
             data = unsent.SerializeToString(deterministic=True)
             if self._sent.get(node) == data:
@@ -94,9 +105,11 @@ class Dispatcher:
                 remove_volumes=remove,
                 networks=keep,
                 virtual_addresses=announce,
+                service_ports=ports,
             )
             await session.outbox.put(agent_pb2.CoordinatorMessage(assignment=assignment))
             self._sent[node] = data
+            self._generations[node] = self._generation
             sent += 1
             named = {spec.replica for spec in replicas}
             for replica in named:  # sent again (it had waited, e.g. for its network): not removed

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from picoord.common.limits import ENDPOINT_PORT_FIRST, ENDPOINT_PORT_LAST
 from picoord.common.names import normalise_arch
 from picoord.common.validation import FieldError, absolute_path, outside_system_directories
 from picoord.coordinator.placement.constraints import ARCH, Constraint, Spread
@@ -290,6 +291,13 @@ def check_service(spec: ServiceSpec, paths: Mapping[str, str]) -> ServiceSpec:
     published = [(p.published, p.protocol) for p in spec.ports if p.published]
     if len(published) != len(set(published)):
         raise FieldError(at("ports"), "a port is published twice")
+    reserved = [number for number, _ in published if ENDPOINT_PORT_FIRST <= number <= ENDPOINT_PORT_LAST]
+    if reserved:
+        raise FieldError(
+            at("ports"),
+            f"port {reserved[0]} is one of the endpoint ports {ENDPOINT_PORT_FIRST}-{ENDPOINT_PORT_LAST} "
+            "(where each node binds its replicas for the published ports): publish another",
+        )
     targets = [(p.target, p.protocol) for p in spec.ports]
     if len(targets) != len(set(targets)):
         raise FieldError(at("ports"), "a container port is listed twice")

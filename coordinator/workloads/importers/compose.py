@@ -146,10 +146,6 @@ TOP_LEVEL_KEYS: dict[str, tuple[str, str]] = {
     ),
     "configs": (ERROR, "configs are not supported yet"),
 }
-_ROUTING_MESH = (
-    "Swarm publishes this port on every node (routing mesh); picoord publishes it on each node that "
-    "runs a replica, so reach the service through one of those nodes"
-)
 _RESTART_CONDITIONS = {"none": s.RESTART_NONE, "on-failure": s.RESTART_ON_FAILURE, "any": s.RESTART_ALWAYS}
 _COMPOSE_RESTART = {
     "no": s.RESTART_NONE,
@@ -406,9 +402,8 @@ def _service(services: Fields, name: str, volumes: set[str], declared: dict[str,
             f"{mode!r} is not supported; picoord runs replicated and global services (not jobs)",
         )
     replicas = _replicas(doc, deploy, mode)
+    # A published port is answered on every node, as Swarm's routing mesh (docs/service-ports.md).
     ports = tuple(_ports(doc))
-    if any(item.published for item in ports):
-        doc.warnings.append(SpecWarning(doc.at("ports"), _ROUTING_MESH))
     health = _healthcheck(doc.mapping("healthcheck"))
     placement_fields = deploy.mapping("placement")
     constraints, spread = _placement(placement_fields)

@@ -129,11 +129,10 @@ def test_port_errors(ports: list, message: str) -> None:
     assert "services.web.ports" in error and message in error
 
 
-def test_published_ports_warn_about_the_routing_mesh() -> None:
-    _, warnings = _read({"ports": ["8080:8080"]})
-    assert any("services.web.ports" in line and "routing mesh" in line for line in warnings)
-    _, warnings = _read({"ports": ["8080"]})
-    assert not any("routing mesh" in line for line in warnings)
+def test_published_ports_mean_what_swarms_routing_mesh_means_no_warning() -> None:
+    spec, warnings = _read({"ports": ["8080:8080"]})
+    assert [(p.target, p.published) for p in spec.ports] == [(8080, 8080)]
+    assert not any("services.web.ports" in line for line in warnings)
 
 
 def test_expose_adds_container_ports() -> None:
