@@ -336,8 +336,14 @@ def prepare_pi_dirs(pi_dir: Path) -> None:
 # emulated Pi. The kernel runs this machine's own x86_64 programs natively, though: a layer
 # on top of the Pi's root holds the host's nft and iptables (xtables-nft-multi) with their
 # libraries, loader and iptables extensions, so the agent's published-ports table
-# (agent/networking/service_ports.py) loads there as on a real Pi.
-HOST_NETFILTER_TOOLS = {"nft": "/usr/sbin/nft", "xtables-nft-multi": "/usr/sbin/xtables-nft-multi"}
+# (agent/networking/service_ports.py) loads there as on a real Pi. keepalived goes there too,
+# for the same reason: its VRRP instances track interfaces and addresses through netlink
+# (agent/networking/virtual_addresses.py).
+HOST_NETFILTER_TOOLS = {
+    "nft": "/usr/sbin/nft",
+    "xtables-nft-multi": "/usr/sbin/xtables-nft-multi",
+    "keepalived": "/usr/sbin/keepalived",
+}
 TOOL_LINKS = {"iptables": "xtables-nft-multi"}
 
 
@@ -362,7 +368,7 @@ def layer_path(host_path: str) -> str:
 
 def host_netfilter_layer(into: Path) -> Path:
     """Build the layer (idempotent); returns `into`."""
-    if (into / "usr" / "sbin" / "nft").exists():
+    if all((into / "usr" / "sbin" / name).exists() for name in HOST_NETFILTER_TOOLS):
         return into
     files: list[str] = []
     for name, path in HOST_NETFILTER_TOOLS.items():
@@ -371,7 +377,8 @@ def host_netfilter_layer(into: Path) -> Path:
         shutil.copy2(os.path.realpath(path), target)
         files += ldd_paths(_run(["ldd", path], 30, f"ldd {path}").stdout)
     for link, name in TOOL_LINKS.items():
-        (into / "usr" / "sbin" / link).symlink_to(name)
+        if not (into / "usr" / "sbin" / link).is_symlink():
+            (into / "usr" / "sbin" / link).symlink_to(name)
     extensions = sorted(Path("/usr/lib").glob("*-linux-gnu/xtables"))
     for directory in extensions[:1]:
         shutil.copytree(directory, into / layer_path(str(directory)), dirs_exist_ok=True)
@@ -379,8 +386,7 @@ def host_netfilter_layer(into: Path) -> Path:
         target = into / layer_path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(os.path.realpath(path), target)
-    if any(
-        path.startswith("/lib64/") for path in files
-    ):  # the ELF interpreter, at /lib64/ld-linux-x86-64.so.2
-        (into / "lib64").symlink_to("usr/lib64")  # (the loader itself is in usr/lib64, as on this machine)
+    # the ELF interpreter, at /lib64/ld-linux-x86-64.so.2 (the loader itself is in usr/lib64, as here)
+    if any(path.startswith("/lib64/") for path in files) and not (into / "lib64").is_symlink():
+        (into / "lib64").symlink_to("usr/lib64")
     return into

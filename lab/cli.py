@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -350,6 +351,19 @@ class _Demo:
         for node in nodes:
             print(f"{node}: {_http_text(f'http://{self.lab.address(node)}:8080/version')}")
 
+    def answered_by(self, address: str, replicas: int, requests: int = 30) -> None:
+        """GET /cgi-bin/db on `address`:8080 `requests` times from the host and say which
+        replicas answered (each names its container); fewer than `replicas` fails the step."""
+        url = f"http://{address}:{MCP_PORT}/cgi-bin/db"
+        print(f"\n$ for i in $(seq {requests}); do curl -s {url}; done | sort | uniq -c   # the stack's VIP")
+        answers = Counter(_http_text(url) for _ in range(requests))
+        for text, count in sorted(answers.items()):
+            print(f"{count:7} {text}")
+        answered = {text for text in answers if text.startswith("db: reached postgres:5432 from ")}
+        if len(answered) < replicas:
+            self.failed = True
+            print(f"({len(answered)} replicas answered, expected {replicas})", file=sys.stderr)
+
     def closed(self, nodes: Sequence[str], port: int) -> None:
         """Say, for each node's address, that `port` is closed there (open: the step fails)."""
         print(f"\n$ nc -w 3 <node> {port}   # from the host, each node's own address")
@@ -440,7 +454,8 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
     demo.show("node", "label", "pi1", "role=storage")
     demo.apply_cluster(SEED_CLUSTER, SEED_DESKTOP, "pi2")
     demo.metrics("pi1")
-    demo.show("stack", "deploy", "-c", str(SEED_STACK), SEED_STACK_NAME, timeout=120)
+    vip = lab.spare_address()  # the stack's LoadBalancer address, held by a Pi with a replica
+    demo.show("stack", "deploy", "-c", str(SEED_STACK), "--address", vip, SEED_STACK_NAME, timeout=120)
     demo.show("rollout", SEED_STACK_NAME, timeout=1500)  # postgres first, then mcp-server
     demo.show("ps", SEED_SERVICE)
     demo.show("ps", "postgres")
@@ -471,6 +486,7 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
             if not said.startswith("db: reached postgres:5432"):
                 demo.failed = True
     demo.closed((*SEED_PIS, SEED_DESKTOP), POSTGRES_PORT)  # the overlay carries it; no node publishes it
+    demo.answered_by(vip, len(SEED_PIS))  # one address, every replica behind it
     demo.versions(SEED_PIS)
     demo.show("rollout", SEED_SERVICE, "--image", "mcp:2", timeout=900)
     demo.versions(SEED_PIS)

@@ -317,6 +317,10 @@ class Lab:
     def address(self, node: str) -> str:
         return self._net().pi(node).address
 
+    def spare_address(self) -> str:
+        """An address of the lab's subnet that no Pi has: a virtual address for a stack."""
+        return self._net().spare_address()
+
     def _net(self) -> LabNetwork:
         if self.network is None:
             raise LabError(f"lab {self.lab_id} has no network: call up() first")
@@ -489,7 +493,7 @@ class Lab:
     def _mount_arm64_root(self, node: str) -> None:
         """The Pi's own overlay of the arm64 root, inside its mount namespace (it goes with
         the namespace), with /proc, /sys, /dev, its docker dir and the lab's work dir; on
-        top, this machine's own nft and iptables (arm64.host_netfilter_layer)."""
+        top, this machine's own nft, iptables and keepalived (arm64.host_netfilter_layer)."""
         pi_dir = self.arm64_pi_dir(node)
         arm64.prepare_pi_dirs(pi_dir)
         tools = arm64.host_netfilter_layer(self.work_dir.absolute() / "arm64-netfilter")

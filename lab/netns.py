@@ -91,6 +91,13 @@ class LabNetwork:
     def prefixlen(self) -> int:
         return ipaddress.IPv4Network(self.subnet).prefixlen
 
+    def spare_address(self) -> str:
+        """An address of the subnet that no Pi and not the bridge has: for a virtual address
+        (a stack's `--address`). Pis take the low addresses; this is near the top."""
+        taken = {pi.address for pi in self.pis} | {self.gateway.split("/")[0]}
+        hosts = list(ipaddress.IPv4Network(self.subnet).hosts())
+        return next(str(host) for host in reversed(hosts[:-9]) if str(host) not in taken)
+
     def pi(self, node: str) -> PiNet:
         for pi in self.pis:
             if node in (pi.node, pi.netns):

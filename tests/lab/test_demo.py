@@ -109,7 +109,16 @@ def test_the_demo_rolls_the_seed_stack_out_on_arm64_pis(tmp_path: Path) -> None:
     assert applied[1].endswith("nothing to change: every node is already as the file says"), applied
     swarm = table(outputs(found, "docker node ls")[0])
     assert sorted(row["HOSTNAME"] for row in swarm) == sorted([*PIS, DESKTOP]), swarm
-    deployed = outputs(found, "coordctl stack deploy -c examples/seed-docker-stack.yml mcp")[0]
+    deploys = [
+        (shown, text)
+        for shown, text in found
+        if re.fullmatch(
+            r"coordctl stack deploy -c examples/seed-docker-stack.yml --address [\d.]+ mcp", shown
+        )
+    ]
+    assert len(deploys) == 1, [shown for shown, _ in found if "stack deploy" in shown]
+    vip = deploys[0][0].split()[-2]
+    deployed = deploys[0][1]
     assert "service/mcp-server recorded" in deployed and "service/postgres recorded" in deployed, deployed
     rolled = outputs(found, "coordctl rollout mcp")[0]
     assert rolled.index("postgres") < rolled.index("mcp-server"), rolled  # dependencies first
@@ -119,8 +128,24 @@ def test_the_demo_rolls_the_seed_stack_out_on_arm64_pis(tmp_path: Path) -> None:
     assert {(row["REVISION"], row["STATE"]) for row in first} == {("1", "running")}, first
     postgres = table(outputs(found, "coordctl ps postgres")[0])
     assert [(row["NODE"], row["STATE"]) for row in postgres] == [(DESKTOP, "running")], postgres
-    machines = [text for command, text in found if command.startswith("docker exec")]
+    machines = [text for command, text in found if command.startswith("docker exec") and "uname" in command]
     assert machines == ["aarch64"] * 3, machines  # each replica's own `uname -m`, on its Pi
+    # each replica reaches postgres by name over the stack's overlay network...
+    reached = [
+        text for command, text in found if command.startswith("docker exec") and "cgi-bin/db" in command
+    ]
+    assert len(reached) == 3 and all(
+        text.startswith("db: reached postgres:5432 from ") for text in reached
+    ), reached
+    # ... while 5432 is closed on every node's own address
+    closed = outputs(found, "nc -w 3 <node> 5432")[0].splitlines()
+    assert len(closed) == 4 and all(line.endswith(": 5432 closed") for line in closed), closed
+    # one address, the stack's VIP, answered by all three replicas
+    counted = outputs(
+        found, f"for i in $(seq 30); do curl -s http://{vip}:8080/cgi-bin/db; done | sort | uniq -c"
+    )
+    answers = [line.split(None, 1)[1] for line in counted[0].splitlines()]
+    assert set(answers) == set(reached), (answers, reached)
 
     broken = outputs(found, "coordctl rollout mcp-server --image mcp:4")[0]
     assert "(exit 1, as expected)" in broken and "rolled back mcp-server to revision 2" in broken, broken

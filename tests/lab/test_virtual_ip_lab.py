@@ -11,7 +11,6 @@ publishing 8080 (today's per-node publishing: the holder answers because it runs
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import os
 import signal
 import threading
@@ -61,9 +60,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
 def vip(lab: Lab) -> str:
     """An address of the lab's subnet that no Pi and not the bridge has."""
     assert lab.network is not None
-    taken = {lab.address(node) for node in NODES} | {lab.network.gateway.split("/")[0]}
-    address = str(list(ipaddress.IPv4Network(lab.network.subnet).hosts())[-10])
-    assert address not in taken
+    address = lab.spare_address()
+    assert address not in {lab.address(node) for node in NODES} | {lab.network.gateway.split("/")[0]}
     return address
 
 
