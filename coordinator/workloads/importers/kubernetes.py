@@ -122,9 +122,9 @@ SERVICE_SPEC_KEYS = {
     "externalName": (ERROR, "ExternalName services are not supported"),
 }
 _LOAD_BALANCER = (
-    "no spec.loadBalancerIP: picoord has no address pool, so the port is published on each node "
-    "that runs a replica; give an unused address of the nodes' subnet for a virtual IP that "
-    "follows healthy replicas"
+    "no spec.loadBalancerIP: picoord has no address pool, so the port is answered on every node's "
+    "own address; give an unused address of the nodes' subnet for a virtual IP that follows "
+    "healthy replicas"
 )
 _K8S_ROLLING_DEFAULT = "25%"
 _VOLUME_SOURCES = ("hostPath", "emptyDir", "persistentVolumeClaim")

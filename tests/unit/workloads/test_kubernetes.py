@@ -438,8 +438,8 @@ def test_a_load_balancer_without_an_address_is_a_warning() -> None:
     spec, warnings = _read(DEPLOYMENT, _with(("spec",), {"type": "LoadBalancer"}, SERVICE))
     assert warnings == [
         "k8s.yaml: Service/web-svc.spec.type: no spec.loadBalancerIP: picoord has no address pool, so "
-        "the port is published on each node that runs a replica; give an unused address of the "
-        "nodes' subnet for a virtual IP that follows healthy replicas"
+        "the port is answered on every node's own address; give an unused address of the nodes' "
+        "subnet for a virtual IP that follows healthy replicas"
     ]
     assert spec.address == ""
 

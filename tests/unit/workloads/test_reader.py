@@ -106,7 +106,7 @@ def test_the_seed_files_warn_about_what_picoord_does_differently() -> None:
     k8s = _read("seed-mcp-deployment.yaml").warning_lines()
     assert k8s == [
         "seed-mcp-deployment.yaml: Service/mcp-service.spec.type: no spec.loadBalancerIP: picoord has no "
-        "address pool, so the port is published on each node that runs a replica; give an unused address "
+        "address pool, so the port is answered on every node's own address; give an unused address "
         "of the nodes' subnet for a virtual IP that follows healthy replicas"
     ]
     assert _read("mcp.yaml").warnings == ()
