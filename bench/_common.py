@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -476,6 +476,24 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def finish_lab_bench(name: str, args: Any, run: Callable[[Any], Any], report: Callable[[Any], bool]) -> int:
+    """Run a lab bench and report it: its figures printed, written as JSON with --json (with
+    whether its targets were met), exit 1 under --strict when one is missed, 2 on a bench
+    error, 130 when interrupted (the lab cleaned up either way)."""
+    try:
+        result = run(args)
+    except BenchError as error:
+        print(f"{name}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted, cleaned up", file=sys.stderr)
+        return 130
+    met = report(result)
+    if args.json:
+        args.json.write_text(json.dumps({**asdict(result), "targets_met": met}, indent=2) + "\n")
+    return 1 if args.strict and not met else 0
 
 
 def verdict(ok: bool) -> str:

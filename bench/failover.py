@@ -35,18 +35,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
-from _common import BenchError, bench_workspace, table, verdict
+from _common import BenchError, bench_workspace, finish_lab_bench, table, verdict
 from rollout_vs_swarm import (
     SERVICE,
     SwarmView,
@@ -422,18 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("failover: run as root (the lab makes namespaces and links)", file=sys.stderr)
         return 2
-    try:
-        result = run(args)
-    except BenchError as error:
-        print(f"failover: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("failover: interrupted, cleaned up", file=sys.stderr)
-        return 130
-    met = report(result)
-    if args.json:
-        args.json.write_text(json.dumps({**asdict(result), "targets_met": met}, indent=2) + "\n")
-    return 1 if args.strict and not met else 0
+    return finish_lab_bench("failover", args, run, report)
 
 
 if __name__ == "__main__":

@@ -38,17 +38,16 @@ from __future__ import annotations
 import argparse
 import http.client
 import ipaddress
-import json
 import statistics
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _common import BenchError, bench_workspace, table, verdict
+from _common import BenchError, bench_workspace, finish_lab_bench, table, verdict
 from failover import outage
 from rollout_vs_swarm import (
     SERVICE,
@@ -443,18 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rate <= 0 or args.steady <= 0 or args.away <= 0:
         parser.error("--rate, --steady and --away must be positive")
-    try:
-        result = run(args)
-    except BenchError as error:
-        print(f"traffic: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("traffic: interrupted, cleaned up", file=sys.stderr)
-        return 130
-    met = report(result)
-    if args.json:
-        args.json.write_text(json.dumps({**asdict(result), "targets_met": met}, indent=2) + "\n")
-    return 1 if args.strict and not met else 0
+    return finish_lab_bench("traffic", args, run, report)
 
 
 if __name__ == "__main__":
