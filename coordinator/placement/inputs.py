@@ -93,17 +93,23 @@ def hostname_fact(name: str, hostname: str, other_names: Collection[str]) -> str
     return "" if hostname.casefold() in taken else hostname
 
 
-def roles_from_actions(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, str]:
-    """node -> MANAGER or WORKER, from the cluster-membership actions the coordinator ran:
-    the latest one that took effect (not a dry run) decides. Nodes absent never joined."""
+def _latest_effective(records: Iterable[admin_pb2.ActionRecord], kinds: Collection[str]) -> dict[str, str]:
+    """node -> the kind of its latest action of `kinds` that took effect (not a dry run)."""
     latest: dict[str, tuple[float, str]] = {}
     for record in records:
-        if record.kind not in MEMBERSHIP_KINDS or record.dry_run or record.outcome not in _TOOK_EFFECT:
+        if record.kind not in kinds or record.dry_run or record.outcome not in _TOOK_EFFECT:
             continue
         when = record.finished_at or record.started_at
         if record.node not in latest or when >= latest[record.node][0]:
-            latest[record.node] = (when, MANAGER if record.kind in _MANAGER_KINDS else WORKER)
-    return {node: role for node, (_, role) in latest.items()}
+            latest[record.node] = (when, record.kind)
+    return {node: kind for node, (_, kind) in sorted(latest.items())}
+
+
+def roles_from_actions(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, str]:
+    """node -> MANAGER or WORKER, from the cluster-membership actions the coordinator ran:
+    the latest one that took effect (not a dry run) decides. Nodes absent never joined."""
+    latest = _latest_effective(records, MEMBERSHIP_KINDS)
+    return {node: MANAGER if kind in _MANAGER_KINDS else WORKER for node, kind in latest.items()}
 
 
 _SWARM_ROLE = {"swarm_init": MANAGER, "swarm_join": WORKER, "swarm_leave": ""}
@@ -113,14 +119,8 @@ def swarm_members(records: Iterable[admin_pb2.ActionRecord]) -> dict[str, str]:
     """node -> MANAGER or WORKER for the nodes in the Docker Swarm the coordinator made: their
     latest swarm init/join/leave action that took effect (not a dry run) decides, and a node
     whose latest was a leave is in no Swarm (unlike roles_from_actions, which says worker)."""
-    latest: dict[str, tuple[float, str]] = {}
-    for record in records:
-        if record.kind not in _SWARM_ROLE or record.dry_run or record.outcome not in _TOOK_EFFECT:
-            continue
-        when = record.finished_at or record.started_at
-        if record.node not in latest or when >= latest[record.node][0]:
-            latest[record.node] = (when, _SWARM_ROLE[record.kind])
-    return {node: role for node, (_, role) in sorted(latest.items()) if role}
+    latest = _latest_effective(records, _SWARM_ROLE)
+    return {node: _SWARM_ROLE[kind] for node, kind in latest.items() if _SWARM_ROLE[kind]}
 
 
 def node_from(
