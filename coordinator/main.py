@@ -32,7 +32,7 @@ from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.config import ConfigError, CoordinatorConfig, load_settings
 from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.controller.records import WorkloadRecords
-from picoord.coordinator.prometheus import serve_metrics
+from picoord.coordinator.prometheus import RENDER_INTERVAL, serve_metrics
 from picoord.coordinator.rate_limit import FailureThrottle, ThrottlePolicy
 from picoord.coordinator.servicers.admin_certificates import LOCAL_ONLY_METHODS, AdminCertificatesServicer
 from picoord.coordinator.servicers.cluster_admin import AdminServicer
@@ -156,6 +156,13 @@ def connections_per_port(open_files: int, configured: int = 0) -> int:
     if configured:
         return configured
     return max(MIN_CONNECTIONS_PER_PORT, (open_files - FD_RESERVE) // AGENT_PORTS)
+
+
+def render_interval(metrics_interval: float) -> float:
+    """Seconds between renders of /metrics' node section: the agents' sample interval, as the
+    node figures change no faster (py-spy at 1,000 agents: rendering every second held the
+    GIL a fifth of the time, more than the session path)."""
+    return max(RENDER_INTERVAL, metrics_interval)
 
 
 def session_keepalive(heartbeat_timeout: float) -> list[tuple[str, int]]:
@@ -365,7 +372,13 @@ async def serve(config: CoordinatorConfig) -> None:
     reconciling = asyncio.create_task(controller.run(stop))
     try:
         metrics_host, metrics_port = split_host_port(config.metrics_listen, "metrics_listen")
-        serve_metrics(cluster, metrics_host, metrics_port, workloads=controller.metrics_snapshot)
+        serve_metrics(
+            cluster,
+            metrics_host,
+            metrics_port,
+            interval=render_interval(config.metrics_interval),
+            workloads=controller.metrics_snapshot,
+        )
         log.info(
             "coordinator started",
             version=VERSION,

@@ -178,3 +178,10 @@ def test_a_bad_lifetime_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         parse_args(["--node-cert-validity", "1w"])
     assert "--node-cert-validity: invalid duration '1w'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("metrics_interval", "render"), [(5.0, 5.0), (1.0, 1.0), (0.5, 1.0), (30.0, 30.0)])
+def test_metrics_are_rendered_as_often_as_samples_come(metrics_interval: float, render: float) -> None:
+    from picoord.coordinator.main import render_interval
+
+    assert render_interval(metrics_interval) == render
