@@ -342,9 +342,10 @@ def run(args: argparse.Namespace) -> Result:
     result = Result(settings={k: getattr(args, k) for k in SETTINGS})
     coordinator_args = [
         *("--disconnect-grace", f"{args.grace:g}"),
-        *("--heartbeat-interval", f"{args.heartbeat_interval:g}"),
         *("--heartbeat-timeout", f"{args.heartbeat_timeout:g}"),
     ]
+    if args.heartbeat_interval:
+        coordinator_args += ["--heartbeat-interval", f"{args.heartbeat_interval:g}"]
     lab_args = {"keep_logs": args.keep_logs, "coordinator_args": coordinator_args}
     with bench_workspace("failover") as (root, _processes), lab_up(**lab_args) as lab:
         print(f"lab {lab.lab_id} up: {', '.join(lab.nodes)}", flush=True)
@@ -369,9 +370,15 @@ def _seconds(value: float | None) -> str:
 def report(result: Result) -> bool:
     settings = result.settings
     print(
-        f"\npicoord: heartbeat every {settings['heartbeat_interval']:g} s, NotReady after "
-        f"{settings['heartbeat_timeout']:g} s of silence, then a {settings['grace']:g} s grace; "
-        f"stop grace {settings['stop_grace']:g} s for both; the Pi taken away: {result.victim}"
+        f"\npicoord: keepalive pings every {settings['heartbeat_timeout'] / 3:g} s, a session silent "
+        f"for {settings['heartbeat_timeout']:g} s ends (NotReady), then a {settings['grace']:g} s grace; "
+        f"agent messages: "
+        + (
+            f"at least every {settings['heartbeat_interval']:g} s; "
+            if settings["heartbeat_interval"]
+            else "samples only; "
+        )
+        + f"stop grace {settings['stop_grace']:g} s for both; the Pi taken away: {result.victim}"
     )
     systems = [result.picoord, *result.swarm]
     rows = [
@@ -404,7 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage", type=float, default=3.0, help="the short link outage, s (default 3)")
     parser.add_argument("--away", type=float, default=25.0, help="least time the Pi stays away, s (25)")
     parser.add_argument("--grace", type=float, default=5.0, help="coordinator's disconnect grace, s (5)")
-    parser.add_argument("--heartbeat-interval", type=float, default=1.0, help="coordinator's, s (1)")
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=0.0,
+        help="coordinator's, s (default: its own, the metrics interval)",
+    )
     parser.add_argument("--heartbeat-timeout", type=float, default=3.0, help="coordinator's, s (3)")
     parser.add_argument("--stop-grace", type=float, default=2.0, help="stop grace of both, s (2)")
     parser.add_argument(

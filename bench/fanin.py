@@ -2,22 +2,33 @@
 
 One picoord-coordinator on loopback; `--processes` load processes each enroll their share
 of `--sessions` simulated nodes through the real Enrollment RPC (pinned CA, token, CSR),
-then hold one real mutual-TLS Session stream per node: Hello, wait for Welcome, then one
-Raspberry-Pi-sized MetricsSample per second. Once every session is up, a steady window of
-`--seconds` measures, from this process:
+then hold one real mutual-TLS Session stream per node and send what agent/session.py
+sends: Hello with a Raspberry Pi's hardware report, wait for Welcome, then a Pi-sized
+MetricsSample every `--interval` s (the agent's default 5) and a heartbeat on each tick of
+the interval the Welcome gives in between. A lost session is opened again with the
+agent's backoff. Once every session is up, a steady window of `--seconds` measures, from
+this process:
 
 * admin round trips (ListNodes and Top over the unix socket, `--admin-rate` calls/s),
   p50/p99/max, against the same probe on the same coordinator before any session was
   opened (the anchor: ratio p99 under load / idle p99);
+* Ready nodes in every ListNodes answer of the window (the fewest is reported);
 * the coordinator's CPU (% of one core) and RSS, the load generator's CPU, the machine's;
 * messages/s the coordinator counted (picoord_coordinator_messages_received_total);
 * sessions held: Ready nodes in ListNodes and picoord_coordinator_sessions at the end,
   against sessions attempted.
 
-Targets: every session held, coordinator <= 1 core, admin p99 <= 100 ms. The coordinator
-and the load generator share this machine's CPUs: see bench/README.md.
+Then a reconnect storm: the coordinator is restarted under every session (SIGTERM, same
+state dir and ports); time until every node is Ready again, and its peak RSS meanwhile.
 
-    .venv/bin/python bench/fanin.py [--sessions 1000] [--seconds 60] [--strict] [--json out.json]
+`--baseline REV` first runs all of it against REV's coordinator (exported with `git
+archive`, the same load), then against this checkout's, and prints the ratios.
+
+Targets: every session held and every node Ready through the window, coordinator <= 1 core
+and RSS <= 600 MiB, admin p99 <= 100 ms, all Ready within 60 s of the restart. The
+coordinator and the load generator share this machine's CPUs: see bench/README.md.
+
+    .venv/bin/python bench/fanin.py [--sessions 1000] [--seconds 60] [--baseline HEAD~1] [--json F]
 """
 
 from __future__ import annotations
@@ -65,6 +76,8 @@ from picoord.common import PROTOCOL_VERSION, VERSION
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, node_pb2
 
 ADMIN_P99_TARGET = 0.100  # seconds
+RSS_TARGET_MIB = 600
+STORM_TARGET = 60.0  # seconds from the restart until every node is Ready
 CPU_TARGET = 100.0  # % of one core
 SETTLE_SECONDS = 5.0
 # Every simulated node has its own certificate, hence its own channel; a local subchannel
@@ -209,6 +222,10 @@ class SessionStats:
     open_failures: collections.Counter[str] = field(default_factory=collections.Counter)
     open_latencies: list[float] = field(default_factory=list)
     sent: int = 0
+    samples: int = 0
+    heartbeats: int = 0
+    live: int = 0  # sessions welcomed and not ended
+    retries: int = 0  # sessions opened again after one ended or a dial failed
     ended: collections.Counter[str] = field(default_factory=collections.Counter)
     all_tried: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -271,13 +288,42 @@ async def enroll_nodes(spec: WorkerSpec) -> tuple[list[Node], dict[str, Any]]:
     }
 
 
+def backoff(attempt: int) -> float:
+    """The agent's reconnect wait (agent/session.py: tenacity's wait_exponential_jitter,
+    initial 1 s, max 30 s, jitter up to 1 s)."""
+    return min(30.0, 2.0 ** (attempt - 1) + random.uniform(0.0, 1.0))
+
+
 async def hold_session(
     node: Node, spec: WorkerSpec, ca_pem: bytes, stats: SessionStats, opening: asyncio.Semaphore
 ) -> None:
-    """One agent: Hello, Welcome, then a sample every `interval` until cancelled."""
+    """One agent: Hello, Welcome, then what agent/session.py sends (a sample every
+    `interval`, a heartbeat in between at the interval the Welcome gives) until cancelled;
+    a lost session is opened again after the agent's backoff, as the agent does."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca_pem, private_key=node.key_pem, certificate_chain=node.certificate_pem
     )
+    attempt = 0
+    first_try = True
+    while True:
+        attempt += 1
+        opened = await _one_session(node, spec, credentials, stats, opening, first_try)
+        first_try = False
+        if opened:
+            attempt = 1
+        await asyncio.sleep(backoff(attempt))
+        stats.retries += 1
+
+
+async def _one_session(
+    node: Node,
+    spec: WorkerSpec,
+    credentials: grpc.ChannelCredentials,
+    stats: SessionStats,
+    opening: asyncio.Semaphore,
+    first_try: bool,
+) -> bool:
+    """One session from dial to its end; whether it was welcomed."""
     channel = grpc.aio.secure_channel(spec.session_address, credentials, options=SESSION_OPTIONS)
     opened = False
     try:
@@ -299,36 +345,70 @@ async def hold_session(
                 if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
                     raise BenchError(f"no welcome: {first}")
             except (grpc.aio.AioRpcError, BenchError, TimeoutError, grpc.aio.UsageError) as error:
-                stats.open_failures[_error_text(error)] += 1
+                if first_try:
+                    stats.open_failures[_error_text(error)] += 1
+                    stats.tried()
+                return False
+            if first_try:
+                stats.open_latencies.append(time.perf_counter() - started)
+                stats.opened += 1
                 stats.tried()
-                return
-            stats.open_latencies.append(time.perf_counter() - started)
-            stats.opened += 1
             opened = True
-            stats.tried()
-        message = pi_sample()
-        loop = asyncio.get_running_loop()
-        last = loop.time()
-        next_at = last + random.uniform(0, spec.interval)  # spread the agents over the second
-        while True:
-            await asyncio.sleep(max(0.0, next_at - loop.time()))
-            now = loop.time()
-            advance(message, now - last)
-            last = now
-            await call.write(message)
-            stats.sent += 1
-            next_at += spec.interval
+            stats.live += 1
+        await _send_like_an_agent(call, spec.interval, first.welcome.heartbeat_interval_seconds, stats)
     except asyncio.CancelledError:
         raise
     except Exception as error:
         if opened:
             stats.ended[_error_text(error)] += 1
-        else:
+        elif first_try:
             stats.open_failures[_error_text(error)] += 1
             stats.tried()
     finally:
+        if opened:
+            stats.live -= 1
         with contextlib.suppress(Exception):
             await asyncio.shield(channel.close())
+    return opened
+
+
+async def _send_like_an_agent(
+    call: grpc.aio.StreamStreamCall, interval: float, heartbeat_interval: float, stats: SessionStats
+) -> None:
+    """agent/session.py's `_send_samples`: a sample every `interval`, and a heartbeat on each
+    tick of `heartbeat_interval` in between when samples are rarer than heartbeats. The
+    coordinator's messages are read (and dropped) so its writes never wait on us."""
+    reader = asyncio.create_task(_drain(call))
+    message = pi_sample()
+    loop = asyncio.get_running_loop()
+    tick = min(interval, heartbeat_interval) if heartbeat_interval > 0 else interval
+    last = loop.time()
+    next_tick = next_sample = last + random.uniform(0, interval)  # spread the agents out
+    try:
+        while True:
+            await asyncio.sleep(max(0.0, min(next_tick, next_sample) - loop.time()))
+            if reader.done():
+                reader.result()
+                raise BenchError("the coordinator ended the session")
+            now = loop.time()
+            if now >= next_sample:
+                advance(message, now - last)
+                last = now
+                await call.write(message)
+                next_sample += interval
+                stats.samples += 1
+            else:
+                await call.write(agent_pb2.AgentMessage(heartbeat=agent_pb2.Heartbeat(timestamp=time.time())))
+                stats.heartbeats += 1
+            stats.sent += 1
+            next_tick += tick
+    finally:
+        reader.cancel()
+
+
+async def _drain(call: grpc.aio.StreamStreamCall) -> None:
+    while await call.read() is not grpc.aio.EOF:
+        pass
 
 
 async def worker_run(spec: WorkerSpec, events: dict[str, MpEvent], results: multiprocessing.Queue) -> None:
@@ -359,27 +439,34 @@ async def worker_run(spec: WorkerSpec, events: dict[str, MpEvent], results: mult
         )
     )
     await wait_event(events["window"])
-    sent_at_start = stats.sent
+    at_start = (stats.sent, stats.samples, stats.heartbeats)
+    ended_before = sum(stats.ended.values())
     window_started = time.perf_counter()
-    await wait_event(events["stop"])
+    await wait_event(events["window_end"])
     window = time.perf_counter() - window_started
-    sent_in_window = stats.sent - sent_at_start
-    live = sum(1 for task in tasks if not task.done())
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    sent, samples, heartbeats = (
+        now - then for now, then in zip((stats.sent, stats.samples, stats.heartbeats), at_start, strict=True)
+    )
     results.put(
         (
-            "done",
+            "window",
             spec.index,
             {
-                "sent": stats.sent,
-                "sent_per_second": sent_in_window / window,
-                "live": live,
+                "sent_per_second": sent / window,
+                "samples_per_second": samples / window,
+                "heartbeats_per_second": heartbeats / window,
+                "live": stats.live,
+                "ended_in_window": sum(stats.ended.values()) - ended_before,
                 "ended": dict(stats.ended),
             },
         )
     )
+    await wait_event(events["stop"])  # meanwhile the coordinator restarts: sessions come back
+    live = stats.live
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    results.put(("done", spec.index, {"live": live, "ended": dict(stats.ended), "retries": stats.retries}))
 
 
 def worker_main(spec: WorkerSpec, events: dict[str, MpEvent], results: multiprocessing.Queue) -> None:
@@ -424,7 +511,9 @@ class Workers:
 
     def __init__(self, specs: list[WorkerSpec]) -> None:
         context = multiprocessing.get_context("spawn")
-        self.events = {name: context.Event() for name in ("enroll", "sessions", "window", "stop")}
+        self.events = {
+            name: context.Event() for name in ("enroll", "sessions", "window", "window_end", "stop")
+        }
         self.results: multiprocessing.Queue = context.Queue()
         self.processes = [
             context.Process(
@@ -484,6 +573,7 @@ class Probe:
     latencies: dict[str, list[float]] = field(default_factory=lambda: {"ListNodes": [], "Top": []})
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
     last_list: admin_pb2.ListNodesResponse | None = None
+    ready_counts: list[int] = field(default_factory=list)  # Ready nodes in each ListNodes answer
 
     def summary(self) -> dict[str, dict[str, float]]:
         every = [v for values in self.latencies.values() for v in values]
@@ -511,6 +601,7 @@ def probe_admin(stub: admin_pb2_grpc.AdminStub, seconds: float, rate: float, ali
         try:
             if name == "ListNodes":
                 probe.last_list = stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=10)
+                probe.ready_counts.append(count_ready(probe.last_list))
             else:
                 stub.Top(admin_pb2.TopRequest(), timeout=10)
             probe.latencies[name].append(time.perf_counter() - began)
@@ -524,15 +615,74 @@ def probe_admin(stub: admin_pb2_grpc.AdminStub, seconds: float, rate: float, ali
     return probe
 
 
+def count_ready(reply: admin_pb2.ListNodesResponse) -> int:
+    return sum(1 for node in reply.nodes if node.status == admin_pb2.NODE_STATUS_READY)
+
+
 def ready_nodes(stub: admin_pb2_grpc.AdminStub) -> tuple[int, int, int]:
     """(Ready, connected, total) in ListNodes."""
     reply = stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=30)
-    ready = sum(1 for node in reply.nodes if node.status == admin_pb2.NODE_STATUS_READY)
-    return ready, sum(1 for node in reply.nodes if node.connected), len(reply.nodes)
+    return count_ready(reply), sum(1 for node in reply.nodes if node.connected), len(reply.nodes)
+
+
+def reconnect_storm(
+    args: argparse.Namespace, coordinator: Coordinator, processes: Processes, stub: admin_pb2_grpc.AdminStub
+) -> dict[str, Any]:
+    """Restart the coordinator under every session (SIGTERM, then the same state dir and
+    ports) and time until ListNodes shows every node Ready again; the new coordinator's
+    peak RSS meanwhile. The simulated agents reconnect with the agent's backoff."""
+    assert coordinator.process is not None
+    old = coordinator.process
+    say(f"reconnect storm: restarting the coordinator under {args.sessions} sessions ...")
+    stopped_at = time.monotonic()
+    old.terminate()
+    try:
+        old.wait(60)
+    except psutil.TimeoutExpired:
+        old.kill()
+    processes.forget(old.pid)
+    restarted_at = time.monotonic()
+    restarted = Coordinator.restart(coordinator, processes)
+    assert restarted.process is not None
+    answering_at = time.monotonic()
+    sampler = Sampler({"coordinator": restarted.process}, interval=0.5)
+    sampler.start()
+    ready, polls, all_ready_at = 0, 0, None
+    deadline = answering_at + args.storm_timeout
+    try:
+        while time.monotonic() < deadline:
+            processes.check_alive()
+            try:
+                ready = count_ready(stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=30))
+            except grpc.RpcError:
+                ready = 0
+            polls += 1
+            if ready >= args.sessions:
+                all_ready_at = time.monotonic()
+                break
+            time.sleep(0.5)
+        time.sleep(2.0)  # the peak may come just after the last hello
+    finally:
+        sampler.stop()
+    rss = [sample.rss for sample in sampler.samples["coordinator"]]
+    return {
+        "stop_seconds": restarted_at - stopped_at,
+        "start_seconds": answering_at - restarted_at,
+        "all_ready_seconds": (all_ready_at - restarted_at) if all_ready_at else None,
+        "ready_at_end": ready,
+        "peak_rss": max(rss, default=0),
+        "polls": polls,
+    }
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    result: dict[str, Any] = {"sessions": args.sessions, "processes": args.processes, "seconds": args.seconds}
+    result: dict[str, Any] = {
+        "sessions": args.sessions,
+        "processes": args.processes,
+        "seconds": args.seconds,
+        "storm_timeout": args.storm_timeout,
+        "interval": args.interval,
+    }
     result["nofile"] = raise_nofile_limit(max(65536, 4 * args.sessions))
     with bench_workspace("fanin") as (root, processes):
         coordinator = Coordinator.start(root, processes, ["--metrics-interval", str(args.interval)])
@@ -660,7 +810,10 @@ def measure(
     after, scrape_after = coordinator.metrics(COORDINATOR_SERIES)
     after_at = time.monotonic()
     ready, connected, listed = ready_nodes(stub)  # while every session is still up
-    workers.events["stop"].set()  # workers note what they sent, then hang up
+    workers.events["window_end"].set()
+    windows = workers.collect("window", 60)
+    storm = reconnect_storm(args, coordinator, processes, stub) if args.storm else None
+    workers.events["stop"].set()  # workers hang up
     done = workers.collect("done", 60)
 
     prints = {name: footprint(samples) for name, samples in sampler.samples.items()}
@@ -669,7 +822,7 @@ def measure(
         "picoord_coordinator_messages_received_total", 0
     )
     ended: collections.Counter[str] = collections.Counter()
-    for report in done:
+    for report in windows:
         ended.update(report["ended"])
     result["window"] = {
         "coordinator": asdict(prints["coordinator"]),
@@ -679,7 +832,11 @@ def measure(
         "machine_steal_cores": machine.steal_cores,
         "cpus": psutil.cpu_count(),
         "messages_per_second": received / (after_at - before_at),
-        "sent_per_second": sum(report["sent_per_second"] for report in done),
+        "sent_per_second": sum(report["sent_per_second"] for report in windows),
+        "samples_per_second": sum(report["samples_per_second"] for report in windows),
+        "heartbeats_per_second": sum(report["heartbeats_per_second"] for report in windows),
+        "ready_min": min(loaded.ready_counts, default=0),
+        "ready_probes": len(loaded.ready_counts),
         "admin": loaded.summary(),
         "admin_failures": dict(loaded.failures),
         "ready_nodes": ready,
@@ -688,13 +845,18 @@ def measure(
         "sessions_gauge": after.get("picoord_coordinator_sessions"),
         "sessions_gauge_before": before.get("picoord_coordinator_sessions"),
         "malformed": after.get("picoord_coordinator_malformed_messages_total"),
-        "live_at_end": sum(report["live"] for report in done),
+        "live_at_end": sum(report["live"] for report in windows),
+        "ended_in_window": sum(report["ended_in_window"] for report in windows),
         "ended_early": dict(ended),
         "metrics_scrape_seconds": max(scrape_before, scrape_after),
         "prometheus_interval": args.prometheus_interval,
         "prometheus_scrapes": scraper.durations if scraper else [],
         "prometheus_failures": scraper.failures if scraper else 0,
     }
+    if storm is not None:
+        storm["live_after"] = sum(report["live"] for report in done)
+        storm["retries"] = sum(report["retries"] for report in done)
+    result["storm"] = storm
 
 
 def say(text: str) -> None:
@@ -713,7 +875,8 @@ def report(result: dict[str, Any]) -> bool:
     attempted = result["sessions"]
     print(
         f"\npicoord fan-in: {attempted} simulated agents = {result['processes']} load processes x "
-        f"~{attempted // result['processes']} mTLS sessions, 1 Pi-sized sample/s each, "
+        f"~{attempted // result['processes']} mTLS sessions, each a Pi-sized sample every "
+        f"{result['interval']:g} s and heartbeats at the interval the Welcome gives, "
         f"{result['seconds']:.0f} s steady window (loopback)"
     )
     ours = (coordinator["cpu_percent"] + window["load_cpu_percent"] + window["bench_cpu_percent"]) / 100
@@ -743,8 +906,14 @@ def report(result: dict[str, Any]) -> bool:
     )
     print(
         f"messages: coordinator received {window['messages_per_second']:.0f}/s "
-        f"(picoord_coordinator_messages_received_total delta); load sent {window['sent_per_second']:.0f}/s; "
+        f"(picoord_coordinator_messages_received_total delta); load sent {window['sent_per_second']:.0f}/s "
+        f"({window['samples_per_second']:.0f} samples, {window['heartbeats_per_second']:.0f} heartbeats); "
         f"malformed {window['malformed']:.0f}"
+    )
+    print(
+        f"Ready through the window: at least {window['ready_min']}/{attempted} in each of "
+        f"{window['ready_probes']} ListNodes answers; "
+        f"sessions ended in the window: {window['ended_in_window']}"
     )
     held = min(window["ready_nodes"], window["sessions_gauge"] or 0)
     print(
@@ -797,9 +966,32 @@ def report(result: dict[str, Any]) -> bool:
         )
     else:
         print("(no Prometheus scrape during the window; --prometheus-interval 15 adds one)")
+    storm = result.get("storm")
+    if storm:
+        took = storm["all_ready_seconds"]
+        print(
+            f"reconnect storm: coordinator stopped in {storm['stop_seconds']:.1f} s, answered "
+            f"{storm['start_seconds']:.1f} s after its restart; all {attempted} Ready "
+            + (
+                f"{took:.1f} s after the restart"
+                if took is not None
+                else f"NOT within {result['storm_timeout']:.0f} s ({storm['ready_at_end']} Ready)"
+            )
+            + f"; peak RSS {mib(storm['peak_rss'])}; sessions live at the end {storm['live_after']}"
+        )
     worst = max(window["admin"]["ListNodes"]["p99"], window["admin"]["Top"]["p99"])
     checks = [
         (f"sessions held = attempted ({attempted})", f"{held}", held == attempted),
+        (
+            f"every node Ready in every ListNodes of the window ({attempted})",
+            f"min {window['ready_min']}",
+            window["ready_min"] == attempted and window["ready_probes"] > 0,
+        ),
+        (
+            f"coordinator RSS <= {RSS_TARGET_MIB} MiB (peak)",
+            mib(coordinator["peak_rss"]),
+            coordinator["peak_rss"] <= RSS_TARGET_MIB * 2**20,
+        ),
         (
             f"coordinator CPU <= {CPU_TARGET:.0f} % of one core",
             f"{coordinator['cpu_percent']:.1f} %",
@@ -811,8 +1003,84 @@ def report(result: dict[str, Any]) -> bool:
             worst <= ADMIN_P99_TARGET and not window["admin_failures"],
         ),
     ]
+    if storm:
+        took = storm["all_ready_seconds"]
+        checks.append(
+            (
+                f"reconnect storm: all Ready within {STORM_TARGET:.0f} s of the restart",
+                f"{took:.1f} s" if took is not None else "never",
+                took is not None and took <= STORM_TARGET,
+            )
+        )
     print(table(["target", "measured", "result"], [[t, m, verdict(ok)] for t, m, ok in checks]))
     return all(ok for _, _, ok in checks)
+
+
+# --- against a previous commit --------------------------------------------------------------
+
+HERE = Path(__file__).resolve().parent
+COORDINATOR_OVERRIDE = "PICOORD_BENCH_COORDINATOR"  # _common.program() reads it
+
+
+def resolve(rev: str) -> str:
+    import subprocess
+
+    done = subprocess.run(
+        ["git", "-C", str(HERE), "rev-parse", "--short", rev], capture_output=True, text=True, timeout=30
+    )
+    if done.returncode != 0:
+        raise BenchError(f"--baseline {rev}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def base_launcher(commit: str, into: Path) -> str:
+    """A command that runs `commit`'s coordinator: its tree exported with `git archive`
+    (controller.py's `export`), `picoord` imported from it (controller.py's `_use_tree`, with
+    this checkout's generated protobuf modules: the base's .proto files are older or equal)."""
+    from controller import export
+
+    root = export(commit, into)
+    launcher = into / "base-coordinator.py"
+    launcher.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        f"sys.path.insert(0, {str(HERE)!r})\n"
+        "from controller import _use_tree\n"
+        f"_use_tree(Path({str(root)!r}), Path({str(HERE.parent / 'proto/picoord/v1')!r}), "
+        f"Path({str(into / 'shim')!r}))\n"
+        "from picoord.coordinator.main import main\n"
+        "sys.argv[0] = 'picoord-coordinator'\n"
+        "sys.exit(main())\n"
+    )
+    return f"{sys.executable} {launcher}"
+
+
+def compare(base_commit: str, base: dict[str, Any], this: dict[str, Any]) -> None:
+    """The figures side by side: this / base."""
+
+    def figures(result: dict[str, Any]) -> dict[str, float | None]:
+        window, storm = result["window"], result.get("storm") or {}
+        return {
+            "coordinator CPU, % of one core": window["coordinator"]["cpu_percent"],
+            "coordinator RSS steady, MiB": window["coordinator"]["steady_rss"] / 2**20,
+            "coordinator RSS peak, MiB": window["coordinator"]["peak_rss"] / 2**20,
+            "messages received/s": window["messages_per_second"],
+            "Ready, fewest in a ListNodes": window["ready_min"],
+            "admin ListNodes p99, ms": 1000 * window["admin"]["ListNodes"]["p99"],
+            "admin Top p99, ms": 1000 * window["admin"]["Top"]["p99"],
+            "Hello->Welcome p99, ms": 1000 * result["ramp"]["p99"],
+            "storm: all Ready after restart, s": storm.get("all_ready_seconds"),
+            "storm: peak RSS, MiB": storm["peak_rss"] / 2**20 if storm else None,
+        }
+
+    rows = []
+    before, after = figures(base), figures(this)
+    for name, old in before.items():
+        new = after[name]
+        ratio = f"{new / old:.2f}x" if old and new is not None else "-"
+        rows.append([name, "-" if old is None else f"{old:.1f}", "-" if new is None else f"{new:.1f}", ratio])
+    print(f"\nthis checkout against {base_commit}, same machine, same run ({this['sessions']} agents):")
+    print(table(["figure", base_commit, "this", "this / base"], rows))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -824,7 +1092,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="steady window (default 60)")
     parser.add_argument("--idle-seconds", type=float, default=20.0, help="idle baseline probe (default 20)")
     parser.add_argument("--admin-rate", type=float, default=5.0, help="admin calls per second (default 5)")
-    parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples per agent")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=5.0,
+        help="seconds between samples per agent (default 5, the agent's)",
+    )
+    parser.add_argument(
+        "--no-storm", dest="storm", action="store_false", help="skip the reconnect storm after the window"
+    )
+    parser.add_argument(
+        "--storm-timeout",
+        type=float,
+        default=180.0,
+        help="most seconds to wait for all Ready after the restart",
+    )
+    parser.add_argument(
+        "--baseline",
+        default="",
+        metavar="REV",
+        help="first run the same bench against REV's coordinator (git archive of REV), then this "
+        "checkout's, and print the ratios (e.g. --baseline HEAD~1)",
+    )
     parser.add_argument("--enroll-concurrency", type=int, default=4, help="enrollments in flight per process")
     parser.add_argument(
         "--open-concurrency", type=int, default=50, help="session handshakes in flight per process"
@@ -841,6 +1130,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.sessions < 1 or args.processes < 1 or args.processes > args.sessions:
         parser.error("need 1 <= --processes <= --sessions")
     try:
+        if args.baseline:
+            with bench_workspace("fanin-base") as (root, _processes):
+                base_commit = resolve(args.baseline)
+                os.environ[COORDINATOR_OVERRIDE] = base_launcher(base_commit, root)
+                say(f"baseline: the coordinator of {base_commit} ...")
+                try:
+                    base = run(args)
+                finally:
+                    del os.environ[COORDINATOR_OVERRIDE]
+            say("this checkout's coordinator ...")
         result = run(args)
     except BenchError as error:
         print(f"fanin: {error}", file=sys.stderr)
@@ -848,8 +1147,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fanin: interrupted, cleaned up", file=sys.stderr)
         return 130
+    if args.baseline:
+        print(f"\n=== baseline: coordinator of {base_commit} ===")
+        base["targets_met"] = report(base)
+        print("\n=== this checkout ===")
     met = report(result)
     result["targets_met"] = met
+    if args.baseline:
+        compare(base_commit, base, result)
+        result = {"base_commit": base_commit, "base": base, "this": result}
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return 1 if args.strict and not met else 0

@@ -140,6 +140,9 @@ class Cluster:
         self.history = history
         self.clock = clock
         self.counters = Counters()
+        # Counts changes of records and sessions: admin snapshots (admin_snapshot.py) taken
+        # at an older generation are rebuilt.
+        self.generation = 0
         self.sessions: dict[str, LiveSession] = {}
         # False while the state disk refuses writes; one log line per change, not per failure.
         self.store_writable = True
@@ -177,11 +180,13 @@ class Cluster:
         try:
             result = await asyncio.to_thread(work, *args, **kwargs)
         except StateUnavailable as error:
+            self.generation += 1
             self.counters.store_write_failures += 1
             if self.store_writable:
                 self.store_writable = False
                 log.error("state store refuses writes: changes are refused until it heals", error=str(error))
             raise
+        self.generation += 1
         if not self.store_writable:
             self.store_writable = True
             log.info("state store takes writes again", state_dir=str(self.store_dir))
@@ -203,6 +208,7 @@ class Cluster:
         if previous is not None:
             previous.close("replaced by a newer session from the same node")
         self.sessions[session.node] = session
+        self.generation += 1
         now = self.clock()
         self._hardware[session.node] = hello.hardware
         self._last_seen[session.node] = now
@@ -230,6 +236,7 @@ class Cluster:
     def close_session(self, session: LiveSession) -> None:
         if self.sessions.get(session.node) is session:
             del self.sessions[session.node]
+            self.generation += 1
             for node, future in self._pending_actions.values():
                 if node == session.node and not future.done():
                     future.set_exception(
@@ -406,6 +413,7 @@ class Cluster:
 
     # changes made by the operator or by enrollment: the store first, then the view
     def _remember(self, name: str, record: NodeRecord | None) -> NodeRecord | None:
+        self.generation += 1
         if record is None:
             self._records.pop(name, None)
             self._summaries.pop(name, None)

@@ -33,6 +33,9 @@ def _type_refusal(value: object, default: object) -> str | None:
 
 
 DURATION_SETTINGS = ("node_cert_validity", "server_cert_validity")
+MAX_HEARTBEAT_INTERVAL = 60.0
+# An open session that carried nothing for this many heartbeat intervals is NotReady.
+SILENT_INTERVALS = 3
 CERT_VALIDITY_MIN = 30.0
 CERT_VALIDITY_MAX = 3650 * 86400.0
 
@@ -50,10 +53,15 @@ class CoordinatorConfig:
     # What join commands name: empty, the listen address if specific, else the address of
     # the default-route interface (coordinator/advertise.py, docs/join.md).
     advertise_address: str = ""
-    heartbeat_timeout: float = 3.0  # with the 5 s disconnect grace: replicas of a silent Pi move within ~9 s
+    # A cut link or a frozen agent ends its session within this (HTTP/2 keepalive pings that
+    # gRPC's core sends and times out): with the 5 s disconnect grace, replicas move within ~9 s.
+    heartbeat_timeout: float = 3.0
     down_timeout: float = 60.0
     metrics_interval: float = defaults.METRICS_INTERVAL_SECONDS
-    heartbeat_interval: float = 0.0  # 0: a quarter of heartbeat_timeout, at most 5 s
+    # An agent sends a message at least this often (samples count, so at the default no
+    # heartbeat is sent at all); 0: the metrics interval. An open session silent for three
+    # of these (an agent whose loop hangs while its gRPC core answers pings) is NotReady.
+    heartbeat_interval: float = 0.0
     metrics_history: int = 120
     log_level: str = "info"
     log_json: bool | None = None
@@ -144,9 +152,11 @@ class CoordinatorConfig:
         if not 0 < self.heartbeat_timeout <= self.down_timeout:
             raise ConfigError("heartbeat_timeout must be positive and at most down_timeout")
         if not self.heartbeat_interval:
-            self.heartbeat_interval = min(5.0, self.heartbeat_timeout / 4)
-        if not 0 < self.heartbeat_interval < self.heartbeat_timeout:
-            raise ConfigError("heartbeat_interval must be positive and shorter than heartbeat_timeout")
+            self.heartbeat_interval = self.metrics_interval
+        if not 0 < self.heartbeat_interval <= MAX_HEARTBEAT_INTERVAL:
+            raise ConfigError(
+                f"heartbeat_interval must be positive and at most {MAX_HEARTBEAT_INTERVAL:g} seconds"
+            )
         if not 0 < self.disconnect_grace <= 3600:
             raise ConfigError("disconnect_grace must be between 0 and 3600 seconds")
         if self.metrics_history < 2:
@@ -171,6 +181,13 @@ class CoordinatorConfig:
             if not CERT_VALIDITY_MIN <= seconds <= CERT_VALIDITY_MAX:
                 raise ConfigError(f"{name} must be between 30s and 3650d (the CA's own life)")
             setattr(self, name, seconds)
+
+    @property
+    def working_timeout(self) -> float:
+        """Seconds an open session may carry nothing before its node is NotReady: the agent's
+        own sign that it is alive and working (a gone link or process is the keepalive's,
+        within heartbeat_timeout). Never shorter than heartbeat_timeout, never past Down."""
+        return min(self.down_timeout, max(self.heartbeat_timeout, SILENT_INTERVALS * self.heartbeat_interval))
 
     def enroll_address(self) -> str:
         if self.enroll_listen:

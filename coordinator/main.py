@@ -32,7 +32,7 @@ from picoord.coordinator.cluster import Cluster
 from picoord.coordinator.config import ConfigError, CoordinatorConfig, load_settings
 from picoord.coordinator.controller.controller import WorkloadController
 from picoord.coordinator.controller.records import WorkloadRecords
-from picoord.coordinator.prometheus import serve_metrics
+from picoord.coordinator.prometheus import RENDER_INTERVAL, serve_metrics
 from picoord.coordinator.rate_limit import FailureThrottle, ThrottlePolicy
 from picoord.coordinator.registry_client import ImagePinner
 from picoord.coordinator.servicers.admin_certificates import LOCAL_ONLY_METHODS, AdminCertificatesServicer
@@ -93,13 +93,19 @@ def parse_args(argv: list[str] | None) -> tuple[CoordinatorConfig, argparse.Name
         help="host name or IP the Pis dial, as printed in join commands (default: a specific --listen "
         "address, else this host's address on its default-route interface)",
     )
-    parser.add_argument("--heartbeat-timeout", type=float, help="seconds of silence before NotReady (3)")
+    parser.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        help="seconds within which a cut link or a frozen agent shows NotReady (3)",
+    )
     parser.add_argument("--down-timeout", type=float, help="seconds of silence before Down (60)")
     parser.add_argument(
         "--disconnect-grace", type=float, help="seconds a node may be away before its replicas move (5)"
     )
     parser.add_argument(
-        "--heartbeat-interval", type=float, help="seconds between heartbeats (timeout/4, <= 5)"
+        "--heartbeat-interval",
+        type=float,
+        help="an agent sends a message at least this often, samples included (the metrics interval)",
     )
     parser.add_argument(
         "--metrics-interval", type=float, help="seconds between agent samples (5, at least 1)"
@@ -151,13 +157,46 @@ def connections_per_port(open_files: int, configured: int = 0) -> int:
     return max(MIN_CONNECTIONS_PER_PORT, (open_files - FD_RESERVE) // AGENT_PORTS)
 
 
+def render_interval(metrics_interval: float) -> float:
+    """Seconds between renders of /metrics' node section: the agents' sample interval, as the
+    node figures change no faster (py-spy at 1,000 agents: rendering every second held the
+    GIL a fifth of the time, more than the session path)."""
+    return max(RENDER_INTERVAL, metrics_interval)
+
+
+def session_keepalive(heartbeat_timeout: float) -> list[tuple[str, int]]:
+    """Liveness below Python: gRPC's core pings every agent connection each third of
+    `heartbeat_timeout` and closes it when a ping goes unanswered for the other two thirds,
+    so a cut link, a frozen agent or a frozen Pi ends its session (NotReady) within the
+    timeout, never sooner than two thirds of it (a short blip stays short), and no
+    heartbeat message reaches the event loop. The pings go whether or not data flows
+    (the agents send a sample only every few seconds, a frozen one nothing)."""
+    interval_ms = max(100, round(heartbeat_timeout * 1000 / 3))
+    answer_ms = max(100, round(heartbeat_timeout * 1000) - interval_ms)
+    return [
+        ("grpc.keepalive_time_ms", interval_ms),
+        ("grpc.keepalive_timeout_ms", answer_ms),
+        # Newer cores (checked with 1.85) time a keepalive ping's answer with this one (60 s
+        # by default); 1.51 uses keepalive_timeout_ms.
+        ("grpc.http2.ping_timeout_ms", answer_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # A frozen agent sends nothing: without this, a ping after a quiet spell waits for
+        # the core's minimum gap between pings without data (5 minutes in older cores).
+        ("grpc.http2.min_time_between_pings_ms", interval_ms),
+    ]
+
+
 def agent_server_options(config: CoordinatorConfig, open_files: int) -> list[tuple[str, int]]:
     """GRPC_OPTIONS plus the front door's limits. A connection that has not finished its
     TLS handshake within handshake_timeout is dropped (gRPC's default waits 120 s).
     grpc.max_allowed_incoming_connections is honoured from gRPC 1.6x (checked with 1.85);
     older cores (Debian 12's 1.51) ignore it and rely on the raised limit and the timeout."""
+    keepalive = session_keepalive(config.heartbeat_timeout)
+    keys = {key for key, _ in keepalive}
     return [
-        *GRPC_OPTIONS,
+        *((key, value) for key, value in GRPC_OPTIONS if key not in keys),
+        *keepalive,
         ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
         ("grpc.max_allowed_incoming_connections", connections_per_port(open_files, config.max_connections)),
         # A connection carrying no call is closed: one a node's refused extra session left
@@ -213,8 +252,11 @@ def admin_dial_address(admin_listen: str, advertise_host: str) -> str:
 def admin_listener_options(config: CoordinatorConfig) -> list[tuple[str, int]]:
     """The agent ports' front door (handshake timeout, a connection cap), sized for operators."""
     cap = min(config.max_connections or ADMIN_LISTENER_CONNECTIONS, ADMIN_LISTENER_CONNECTIONS)
+    keepalive = session_keepalive(config.heartbeat_timeout)
+    keys = {key for key, _ in keepalive}
     return [
-        *GRPC_OPTIONS,
+        *((key, value) for key, value in GRPC_OPTIONS if key not in keys),
+        *keepalive,
         ("grpc.server_handshake_timeout_ms", round(config.handshake_timeout * 1000)),
         ("grpc.max_allowed_incoming_connections", cap),
     ]
@@ -267,7 +309,7 @@ async def serve(config: CoordinatorConfig) -> None:
     store = Store(state_dir / "state.db")
     cluster = Cluster(
         store,
-        StatusTimeouts(config.heartbeat_timeout, config.down_timeout),
+        StatusTimeouts(config.working_timeout, config.down_timeout),
         MetricsHistory(config.metrics_history),
     )
     records = WorkloadRecords(store)
@@ -334,7 +376,13 @@ async def serve(config: CoordinatorConfig) -> None:
     reconciling = asyncio.create_task(controller.run(stop))
     try:
         metrics_host, metrics_port = split_host_port(config.metrics_listen, "metrics_listen")
-        serve_metrics(cluster, metrics_host, metrics_port, workloads=controller.metrics_snapshot)
+        serve_metrics(
+            cluster,
+            metrics_host,
+            metrics_port,
+            interval=render_interval(config.metrics_interval),
+            workloads=controller.metrics_snapshot,
+        )
         log.info(
             "coordinator started",
             version=VERSION,

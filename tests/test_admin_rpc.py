@@ -170,3 +170,26 @@ async def test_a_registry_document_sends_its_key_once_records_its_names_and_list
     listed = await coordinator.admin.CheckCertificateExpiration(admin_pb2.CheckCertificateExpirationRequest())
     (registry,) = [c for c in listed.certificates if c.kind == "registry"]
     assert registry.name == "registry/cluster" and registry.not_after > listed.now
+
+
+async def test_nodes_and_top_by_selector_and_limit_from_the_snapshot(coordinator: Coordinator) -> None:
+    """A selector and a limit cut the snapshot; a relabel shows at once (a change rebuilds it);
+    a bad selector is refused naming it."""
+    admin, cluster = coordinator.admin, coordinator.cluster
+    for index in (2, 3):
+        _, token = await cluster.create_token(3600.0, 0, "")
+        record = CertificateRecord(f"c{index}", f"pi{index}", 1.0, 4_000_000_000.0, None)
+        await cluster.enroll(token.token_id, f"pi{index}", {"zone": "desk"}, record, cluster.clock())
+    everything = await admin.ListNodes(admin_pb2.ListNodesRequest())
+    assert [node.name for node in everything.nodes] == ["pi1", "pi2", "pi3"] and everything.matched == 3
+    desk = await admin.ListNodes(admin_pb2.ListNodesRequest(selector={"zone": "desk"}, limit=1))
+    assert ([node.name for node in desk.nodes], desk.matched) == (["pi2"], 2)
+    top = await admin.Top(admin_pb2.TopRequest(selector={"zone": "desk"}))
+    assert ([row.name for row in top.rows], top.matched) == (["pi2", "pi3"], 2)
+    await admin.LabelNode(admin_pb2.LabelNodeRequest(name="pi1", set={"zone": "desk"}))
+    desk = await admin.ListNodes(admin_pb2.ListNodesRequest(selector={"zone": "desk"}))
+    assert [node.name for node in desk.nodes] == ["pi1", "pi2", "pi3"]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await admin.ListNodes(admin_pb2.ListNodesRequest(selector={"zone": "not a value!"}))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "selector" in (refused.value.details() or "")

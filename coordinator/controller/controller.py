@@ -268,9 +268,9 @@ class WorkloadController:
     def _node_status(self, node: Node, now: float) -> NodeStatus:
         connected = node.name in self.cluster.sessions
         if connected and not node.ready:
-            # A session nothing comes through (a cut link, a frozen Pi) is lost from when the
-            # node stopped being Ready (silent past the heartbeat timeout), not from when TCP
-            # keepalive ends the stream, tens of seconds later.
+            # A session still open that carries nothing (an agent whose loop hangs while its
+            # gRPC core answers pings) is lost from when the node stopped being Ready. A cut
+            # link or a frozen Pi ends the session itself (keepalive, heartbeat_timeout).
             lost_at = self.cluster.last_seen(node.name) + self.cluster.timeouts.not_ready_after
             return NodeStatus(node.name, False, lost_at, node.draining, node.facts)
         if connected:

@@ -182,8 +182,8 @@ def replicas_view(snapshot: Snapshot, name: str, now: float) -> list[services_pb
                 revision=record.revision,
                 node=record.node,
                 state=report.state if report else ReplicaState.PENDING.wire,
-                # Ready, not merely holding a session: a cut link keeps its session open
-                # until TCP keepalive gives up, long after the node went silent.
+                # Ready, not merely holding a session: an agent whose loop hangs keeps its
+                # session open while its gRPC core answers the keepalive pings.
                 node_unreachable=record.node not in snapshot.ready,
                 health=report.health if report else workloads_pb2.REPLICA_HEALTH_UNSPECIFIED,
                 since=replica.since,

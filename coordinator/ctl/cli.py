@@ -44,6 +44,7 @@ from picoord.coordinator.ctl.output import (
     clock_offset_text,
     echo,
     emit,
+    emit_json_lines_array,
     human_bytes,
     iso_time,
     node_view,
@@ -156,11 +157,40 @@ def cmd_token_list(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> 
     return 0
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _selection(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields of `--selector k=v` (repeatable) and `--limit N`."""
+    return {
+        "selector": dict(parse_label_assignment(item) for item in args.selector),
+        "limit": args.limit,
+    }
+
+
+def _say_cut(shown: int, matched: int, output: str) -> None:
+    """A table cut by --limit says so on stderr (the rows stay on stdout)."""
+    if output == "table" and matched > shown:
+        print(f"{shown} of {matched} nodes shown (--limit)", file=sys.stderr)
+
+
 def cmd_nodes(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
-    reply = stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=CALL_TIMEOUT)
+    reply = stub.ListNodes(admin_pb2.ListNodesRequest(**_selection(args)), timeout=CALL_TIMEOUT)
+    if args.output == "json":
+        emit_json_lines_array(node_view(node) for node in reply.nodes)
+        return 0
     views = [node_view(node) for node in reply.nodes]
     now = time.time()
     last_seen = {node.name: node.last_seen for node in reply.nodes}
+    _say_cut(len(views), reply.matched, args.output)
     emit(
         views,
         args.output,
@@ -351,12 +381,19 @@ TOP_COLUMNS = [
 
 
 def cmd_top(stub: admin_pb2_grpc.AdminStub, args: argparse.Namespace) -> int:
+    request = admin_pb2.TopRequest(**_selection(args))
+
     def snapshot() -> list[dict[str, Any]]:
-        return [top_view(row) for row in stub.Top(admin_pb2.TopRequest(), timeout=CALL_TIMEOUT).rows]
+        return [top_view(row) for row in stub.Top(request, timeout=CALL_TIMEOUT).rows]
 
     once = args.once or args.output != "table" or not sys.stdout.isatty()
+    if args.output == "json":
+        emit_json_lines_array(top_view(row) for row in stub.Top(request, timeout=CALL_TIMEOUT).rows)
+        return 0
     if once:
-        emit(snapshot(), args.output, TOP_COLUMNS)
+        reply = stub.Top(request, timeout=CALL_TIMEOUT)
+        _say_cut(len(reply.rows), reply.matched, args.output)
+        emit([top_view(row) for row in reply.rows], args.output, TOP_COLUMNS)
         return 0
     with Live(
         table(snapshot(), TOP_COLUMNS), console=output_console(), auto_refresh=False, screen=False
@@ -561,6 +598,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("-o", "--output", choices=FORMATS, default="table")
         return sub
 
+    def with_selection(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument(
+            "--selector",
+            action="append",
+            default=[],
+            metavar="k=v",
+            help="only nodes with this label (repeatable: all of them)",
+        )
+        sub.add_argument(
+            "--limit", type=non_negative_int, default=0, help="at most N nodes, in name order (default all)"
+        )
+        return sub
+
     token = commands.add_parser("token", help="bootstrap tokens").add_subparsers(
         dest="token_command", required=True
     )
@@ -592,7 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
         token.add_parser("list", help="list tokens (ids only) and the nodes that used each")
     ).set_defaults(handler=cmd_token_list)
 
-    with_output(commands.add_parser("nodes", help="list nodes")).set_defaults(handler=cmd_nodes)
+    with_selection(with_output(commands.add_parser("nodes", help="list nodes"))).set_defaults(
+        handler=cmd_nodes
+    )
     node = commands.add_parser("node", help="one node").add_subparsers(dest="node_command", required=True)
     show = with_output(node.add_parser("show", help="hardware report and recent metrics"))
     show.add_argument("name")
@@ -638,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
     actions.add_argument("--limit", type=int, default=50)
     actions.set_defaults(handler=cmd_actions)
 
-    top = with_output(commands.add_parser("top", help="live per-node resource view"))
+    top = with_selection(with_output(commands.add_parser("top", help="live per-node resource view")))
     top.add_argument("--once", action="store_true", help="print one snapshot and exit")
     top.add_argument("--interval", type=parse_duration, default=2.0, help="refresh period (default 2s)")
     top.set_defaults(handler=cmd_top)

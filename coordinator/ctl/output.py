@@ -11,7 +11,7 @@ import datetime as dt
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TextIO
 
 import yaml
@@ -124,6 +124,18 @@ def emit(rows: Sequence[dict[str, Any]] | dict[str, Any], fmt: str, columns: Seq
         yaml.safe_dump(rows, sys.stdout, sort_keys=False)
     else:
         console().print(table(rows if isinstance(rows, list) else [rows], columns))
+
+
+def emit_json_lines_array(rows: Iterable[dict[str, Any]]) -> None:
+    """A JSON array written row by row as the rows come (`-o json` of a 5,000-node
+    listing starts at once and never holds the whole text); the same JSON as `emit`."""
+    sys.stdout.write("[")
+    written = False
+    for row in rows:
+        sys.stdout.write(",\n  " if written else "\n  ")
+        sys.stdout.write(json.dumps(row, indent=2).replace("\n", "\n  "))
+        written = True
+    sys.stdout.write("\n]\n" if written else "]\n")
 
 
 def console() -> Console:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 import structlog
@@ -12,6 +12,7 @@ from picoord.common import defaults, limits
 from picoord.common.joining import join_command
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
+from picoord.coordinator.admin_snapshot import Snapshot, SnapshotCache, matching
 from picoord.coordinator.apply.action_planner import PlanError
 from picoord.coordinator.apply.service import ApplyBusy, ApplyService, registry_tls
 from picoord.coordinator.ca import ClusterCA, certificate_serial, certificate_state
@@ -68,6 +69,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.join_address = join_address
         self.enroll_port_hint = enroll_port_hint
         self.applies = ApplyService(cluster, workloads, registry_tls(ca))
+        self._node_rows: SnapshotCache[admin_pb2.NodeSummary] = SnapshotCache(self._node_snapshot)
+        self._top_rows: SnapshotCache[admin_pb2.TopRow] = SnapshotCache(self._top_snapshot)
+        self._whole: tuple[Snapshot[admin_pb2.NodeSummary], admin_pb2.ListNodesResponse] | None = None
 
     async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
         try:
@@ -122,11 +126,61 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListNodesResponse:
+        selector = await self._selector(request.selector, context)
+        snapshot = await self._node_rows.get(self._generation)
+        if not selector and not request.limit:
+            return self._whole_listing(snapshot)
+        picked, matched = matching(snapshot.labels, selector, request.limit)
+        return admin_pb2.ListNodesResponse(nodes=[snapshot.rows[i] for i in picked], matched=matched)
+
+    def _generation(self) -> int:
+        return self.cluster.generation
+
+    def _whole_listing(self, snapshot: Snapshot[admin_pb2.NodeSummary]) -> admin_pb2.ListNodesResponse:
+        """The unfiltered answer, built once per snapshot (gRPC only serializes it again)."""
+        if self._whole is None or self._whole[0] is not snapshot:
+            self._whole = (
+                snapshot,
+                admin_pb2.ListNodesResponse(nodes=snapshot.rows, matched=len(snapshot.rows)),
+            )
+        return self._whole[1]
+
+    async def _node_snapshot(self) -> tuple[list[admin_pb2.NodeSummary], list[Mapping[str, str]]]:
         newest = await self.cluster.newest_certificates()
-        summaries = [self.cluster.summary(record) for record in self.cluster.nodes()]
+        records = self.cluster.nodes()
+        summaries = [self.cluster.summary(record) for record in records]
+        now = self.cluster.clock()
         for summary in summaries:
-            with_certificate(summary, newest.get(summary.name), self.cluster.clock())
-        return admin_pb2.ListNodesResponse(nodes=summaries)
+            with_certificate(summary, newest.get(summary.name), now)
+        return summaries, [record.labels for record in records]
+
+    async def _top_snapshot(self) -> tuple[list[admin_pb2.TopRow], list[Mapping[str, str]]]:
+        records = self.cluster.nodes()
+        rows = [
+            self.cluster.history.top(
+                record.name,
+                STATUS_TO_WIRE[self.cluster.status(record.name)],
+                self.cluster.hardware(record).cpu_cores,
+            )
+            for record in records
+        ]
+        return rows, [record.labels for record in records]
+
+    async def _selector(
+        self, selector: Mapping[str, str], context: grpc.aio.ServicerContext
+    ) -> dict[str, str]:
+        """The request's label selector, checked as labels are (a clear error naming it)."""
+        wanted = dict(selector)
+        if len(wanted) > limits.LABELS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"selector: at most {limits.LABELS} labels, not {len(wanted)}",
+            )
+        try:
+            return validate_labels(wanted)
+        except InvalidName as error:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"selector: {error}")
+            raise AssertionError("unreachable") from error
 
     @unavailable_on_store_fault
     async def GetNode(
@@ -224,15 +278,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def Top(
         self, request: admin_pb2.TopRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.TopResponse:
-        rows = [
-            self.cluster.history.top(
-                record.name,
-                STATUS_TO_WIRE[self.cluster.status(record.name)],
-                self.cluster.hardware(record).cpu_cores,
-            )
-            for record in self.cluster.nodes()
-        ]
-        return admin_pb2.TopResponse(rows=rows)
+        selector = await self._selector(request.selector, context)
+        snapshot = await self._top_rows.get(self._generation)
+        picked, matched = matching(snapshot.labels, selector, request.limit)
+        return admin_pb2.TopResponse(rows=[snapshot.rows[i] for i in picked], matched=matched)
 
     async def CheckCertificateExpiration(
         self, request: admin_pb2.CheckCertificateExpirationRequest, context: grpc.aio.ServicerContext

@@ -62,7 +62,8 @@ def test_missing_config_file() -> None:
         ({"listen": "nowhere"}, "listen"),
         ({"metrics_interval": 0.5}, "metrics_interval"),
         ({"heartbeat_timeout": 90.0, "down_timeout": 60.0}, "heartbeat_timeout"),
-        ({"heartbeat_interval": 30.0, "heartbeat_timeout": 20.0}, "heartbeat_interval"),
+        ({"heartbeat_interval": 61.0}, "heartbeat_interval"),
+        ({"heartbeat_interval": -1.0}, "heartbeat_interval"),
         ({"metrics_history": 1}, "metrics_history"),
     ],
 )
@@ -72,11 +73,41 @@ def test_invalid_settings(changes: dict, message: str) -> None:
         config.validate()
 
 
-@pytest.mark.parametrize(("timeout", "interval"), [(20.0, 5.0), (8.0, 2.0), (3.0, 0.75)])
-def test_heartbeat_interval_follows_a_short_timeout(timeout: float, interval: float) -> None:
-    config = CoordinatorConfig(heartbeat_timeout=timeout, down_timeout=60.0)
+@pytest.mark.parametrize(
+    ("settings", "interval", "working"),
+    [
+        ({}, 5.0, 15.0),  # samples every 5 s are the only messages; 3 missed: NotReady
+        ({"metrics_interval": 1.0}, 1.0, 3.0),  # never below heartbeat_timeout
+        ({"metrics_interval": 30.0}, 30.0, 60.0),  # never past down_timeout
+        ({"heartbeat_interval": 2.0, "heartbeat_timeout": 10.0}, 2.0, 10.0),
+        ({"heartbeat_interval": 4.0, "down_timeout": 6.0}, 4.0, 6.0),
+    ],
+)
+def test_heartbeats_follow_the_samples(settings: dict, interval: float, working: float) -> None:
+    """Liveness is the keepalive's (heartbeat_timeout); the agent's messages only say it is
+    working, so by default they are its samples and nothing more."""
+    config = CoordinatorConfig(**settings)
     config.validate()
-    assert config.heartbeat_interval == interval
+    assert (config.heartbeat_interval, config.working_timeout) == (interval, working)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "ping_ms", "answer_ms"), [(3.0, 1000, 2000), (9.0, 3000, 6000), (0.2, 100, 100)]
+)
+def test_session_keepalive_ends_a_silent_link_within_the_timeout(
+    timeout: float, ping_ms: int, answer_ms: int
+) -> None:
+    from picoord.coordinator.main import agent_server_options, session_keepalive
+
+    options = dict(session_keepalive(timeout))
+    assert (options["grpc.keepalive_time_ms"], options["grpc.keepalive_timeout_ms"]) == (ping_ms, answer_ms)
+    assert options["grpc.http2.ping_timeout_ms"] == answer_ms  # what newer cores time the answer with
+    assert options["grpc.http2.max_pings_without_data"] == 0
+    assert options["grpc.http2.min_time_between_pings_ms"] == ping_ms
+    served = agent_server_options(CoordinatorConfig(heartbeat_timeout=timeout), 4096)
+    keys = [key for key, _ in served]
+    assert len(keys) == len(set(keys)), "an option given twice"
+    assert dict(served)["grpc.keepalive_time_ms"] == ping_ms
 
 
 def test_flags_override_the_config_file(tmp_path: Path) -> None:
@@ -91,7 +122,7 @@ def test_flags_override_the_config_file(tmp_path: Path) -> None:
         1.0,
     )
     config, _ = parse_args(["--config", str(path), "--listen", "10.0.0.1:7443", "--metrics-interval", "1"])
-    assert (config.listen, config.metrics_interval, config.heartbeat_interval) == ("10.0.0.1:7443", 1.0, 2.5)
+    assert (config.listen, config.metrics_interval, config.heartbeat_interval) == ("10.0.0.1:7443", 1.0, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -145,3 +176,10 @@ def test_a_bad_lifetime_flag_names_the_flag(capsys: pytest.CaptureFixture[str]) 
     with pytest.raises(SystemExit):
         parse_args(["--node-cert-validity", "1w"])
     assert "--node-cert-validity: invalid duration '1w'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("metrics_interval", "render"), [(5.0, 5.0), (1.0, 1.0), (0.5, 1.0), (30.0, 30.0)])
+def test_metrics_are_rendered_as_often_as_samples_come(metrics_interval: float, render: float) -> None:
+    from picoord.coordinator.main import render_interval
+
+    assert render_interval(metrics_interval) == render

@@ -79,6 +79,9 @@ def hostile(index: int) -> str:
 class HostileAdmin(admin_pb2_grpc.AdminServicer):
     """An Admin server whose every node-supplied string is hostile."""
 
+    def __init__(self) -> None:
+        self.requests: list[object] = []
+
     def ListNodes(self, request: admin_pb2.ListNodesRequest, context: grpc.ServicerContext) -> object:
         nodes = [
             admin_pb2.NodeSummary(
@@ -93,6 +96,9 @@ class HostileAdmin(admin_pb2_grpc.AdminServicer):
             )
             for index, text in enumerate(HOSTILE)
         ]
+        self.requests.append(request)
+        if request.limit:  # as the coordinator cuts a selection: the rows, and how many matched
+            return admin_pb2.ListNodesResponse(nodes=nodes[: request.limit], matched=len(nodes))
         return admin_pb2.ListNodesResponse(nodes=nodes)
 
     def GetNode(self, request: admin_pb2.GetNodeRequest, context: grpc.ServicerContext) -> object:
@@ -153,11 +159,14 @@ def action(text: str) -> admin_pb2.ActionRecord:
     )
 
 
+SERVED = HostileAdmin()  # the requests it was sent are in SERVED.requests
+
+
 @pytest.fixture(scope="module")
 def admin_socket(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     path = tmp_path_factory.mktemp("admin") / "admin.sock"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    admin_pb2_grpc.add_AdminServicer_to_server(HostileAdmin(), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(SERVED, server)
     assert server.add_insecure_port(f"unix:{path}")
     server.start()
     yield path
@@ -239,3 +248,28 @@ def test_an_error_from_the_coordinator_is_literal(
     code, out, err = run(admin_socket, capsys, "node", "show", "pi9")
     assert (code, out) == (1, "")
     assert err == "coordctl: not_found: no node \\x1b[2J[bold]pi9[/] \\x07here\n"
+
+
+def test_nodes_asks_for_a_selection_and_says_when_the_table_is_cut(
+    admin_socket: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(
+        admin_socket, capsys, "nodes", "--selector", "zone=desk", "--selector", "disk=ssd", "--limit", "2"
+    )
+    request = SERVED.requests[-1]
+    assert (dict(request.selector), request.limit) == ({"zone": "desk", "disk": "ssd"}, 2)
+    assert code == 0 and out.count("\npi") + out.startswith("pi") <= 2
+    assert err == f"2 of {len(HOSTILE)} nodes shown (--limit)\n"
+    code, out, err = run(admin_socket, capsys, "nodes", "--limit", "2", "-o", "json")
+    assert (code, err) == (0, "") and [node["name"] for node in json.loads(out)] == ["pi0", "pi1"]
+
+
+@pytest.mark.parametrize("argv", [("--limit", "-1"), ("--selector", "novalue")])
+def test_a_bad_selection_is_refused_before_any_call(
+    admin_socket: Path, capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    calls = len(SERVED.requests)
+    with pytest.raises(SystemExit) as done:
+        coordctl(["--admin-socket", str(admin_socket), "nodes", *argv])
+    assert done.value.code != 0
+    assert len(SERVED.requests) == calls
