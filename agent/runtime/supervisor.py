@@ -332,20 +332,26 @@ class Supervisor:
             self._start(engine, spec)
         if plan.stop or plan.start:
             actual = engine.replicas()  # type: ignore[attr-defined]
-        self.service_ports.apply(ports, self._local_addresses(engine, ports, actual))
+        self.service_ports.apply(ports, self._local_addresses(engine, ports, actual, desired))
         self._remove_volumes(engine)
         self._keep_networks(engine)
         self._probe(engine, desired, actual)
         self._send(desired, actual, assignment.generation)
 
     def _local_addresses(
-        self, engine: object, ports: workloads_pb2.ServicePorts | None, actual: list[ReplicaState]
+        self,
+        engine: object,
+        ports: workloads_pb2.ServicePorts | None,
+        actual: list[ReplicaState],
+        desired: list[ContainerSpec],
     ) -> dict[str, str]:
         """replica -> container address of this node's replicas behind a published port
-        (asked of dockerd once per container)."""
+        (asked of dockerd once per container): the one the node reaches, on docker_gwbridge
+        for a replica on overlay networks."""
         if ports is None:
             return {}
         local = {e.replica for port in ports.ports for e in port.endpoints if e.address == ports.node_address}
+        on_overlay = {spec.replica for spec in desired if spec.networks}
         found = {}
         for state in actual:
             if state.replica not in local or state.state != "running":
@@ -353,7 +359,8 @@ class Supervisor:
             key = (state.container_id, state.started_at)  # a restarted container may get another address
             address = self._addresses.get(key)
             if not address:
-                address = engine.address(state.container_id)  # type: ignore[attr-defined]
+                overlay = state.replica in on_overlay
+                address = engine.address(state.container_id, overlay=overlay)  # type: ignore[attr-defined]
                 if address:
                     self._addresses[key] = address
             if address:

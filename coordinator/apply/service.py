@@ -9,7 +9,7 @@ coordctl goes away, because actions already sent must be followed and recorded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 
 import structlog
@@ -94,10 +94,11 @@ class ApplyService:
         self.running: ApplyRun | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def inventory(self) -> list[NodeView]:
+    def inventory(self, vips: Collection[str] = ()) -> list[NodeView]:
         """The nodes as the planner sees them: labels, arch, where each session comes from,
-        and its Swarm role (the firewall check keeps Swarm's ports open between members).
-        `virtual_addresses` stays False until a node can be assigned a virtual address."""
+        its Swarm role and whether VRRP passes to it for one of the stored services' virtual
+        addresses `vips` (the firewall check keeps Swarm's ports and VRRP open between them)."""
+        vrrp = virtual_ips.vrrp_nodes(vips, node_networks(self.cluster))
         views = []
         for record in self.cluster.nodes():
             session = self.cluster.sessions.get(record.name)
@@ -108,6 +109,7 @@ class ApplyService:
                     arch=self.cluster.recorded_hardware(record).arch,
                     address=session.address if session else "",
                     swarm_role=self.cluster.swarm_role(record.name),
+                    virtual_addresses=record.name in vrrp,
                 )
             )
         return views
@@ -148,7 +150,10 @@ class ApplyService:
         if prune and not stack:
             raise StackError("--prune removes what a stack's file no longer names: give --stack")
         # plan() issues a Registry's certificate (files in the state dir): off the event loop
-        steps = await asyncio.to_thread(plan, list(workloads.cluster), self.inventory(), self.issue_tls)
+        stored = await asyncio.to_thread(self.workloads.services) if self.workloads is not None else []
+        vips = {record.spec.address for record in stored} | {spec.address for spec in workloads.services}
+        inventory = self.inventory(vips - {""})
+        steps = await asyncio.to_thread(plan, list(workloads.cluster), inventory, self.issue_tls)
         if workloads.services and self.workloads is None:
             raise WorkloadError("services need the coordinator's workload store, which is not set up")
         # No await from this check to the claim below: of two applies, exactly one runs.

@@ -184,6 +184,17 @@ def _peers(node: NodeNetwork, ip: ipaddress.IPv4Address, nodes: Sequence[NodeNet
     )
 
 
+def vrrp_nodes(vips: Iterable[str], nodes: Sequence[NodeNetwork]) -> set[str]:
+    """The nodes VRRP passes between: every node in a VIP's subnet, since adverts go to them
+    all (_peers), whichever holds it. A default-deny firewall there must let VRRP in
+    (coordinator/apply/cluster_ports.py)."""
+    found: set[str] = set()
+    for vip in vips:
+        ip = ipaddress.ip_address(vip)
+        found |= {node.name for node in nodes if (net := node.network()) is not None and ip in net}
+    return found
+
+
 def holders(vips: Iterable[str], held: Mapping[str, Collection[str]]) -> dict[str, list[str]]:
     """address -> the nodes that report holding it (one, unless VRRP is still settling)."""
     return {address: sorted(node for node, items in held.items() if address in items) for address in vips}

@@ -46,7 +46,17 @@ services:
       placement: {max_replicas_per_node: 1}
       resources: {reservations: {memory: 16M}}
       update_config: {parallelism: 1, monitor: 1s}
+x-picoord: {network_mode: published-ports}  # this lab's Pis form no Swarm
 """
+FIREWALL = """\
+kind: FirewallPolicy
+name: vip-lab
+nodes: [pi1, pi2, pi3]
+backend: nftables
+default_incoming: deny
+rules:
+  - {{action: allow, port: 8080, protocol: tcp, comment: the app}}
+{extra}"""
 
 
 @pytest.fixture(scope="module")
@@ -252,6 +262,28 @@ def test_a_rolling_update_hands_the_address_over_without_dropping_requests(lab: 
     assert len(results) > 100
     assert len(failed) <= 3, f"{len(failed)} of {len(results)} failed, at {failed} s"
     assert answer(vip) == "mcp 2"
+
+
+def test_a_default_deny_firewall_must_let_vrrp_pass_and_then_keeps_one_holder(
+    lab: Lab, vip: str, tmp_path: Path
+) -> None:
+    """Without VRRP allowed between the Pis of the VIP's subnet, a default-deny policy is
+    refused naming it, changing nothing; with it, the Pis still elect one holder (blocked
+    adverts would leave every taking-part Pi holding the address) and the VIP answers."""
+    assert lab.network is not None
+    refused = lab.coordctl("apply", "-f", str(spec_file(tmp_path, "deny", FIREWALL.format(extra=""))))
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "vrrp" in said, said
+    for node in NODES:
+        assert lab.sandbox(node).run(["nft", "list", "table", "inet", "picoord"]).returncode != 0, node
+    vrrp = f"  - {{action: allow, from: {lab.network.subnet}, protocol: vrrp, comment: VIP elections}}\n"
+    ok(lab, "apply", "-f", str(spec_file(tmp_path, "allow", FIREWALL.format(extra=vrrp))), timeout=120)
+    for node in NODES:
+        assert lab.sandbox(node).run(["nft", "list", "table", "inet", "picoord"]).returncode == 0, node
+    holder = one_holder(lab, vip, 30)
+    time.sleep(4)  # several adverts (advert_int 1 s): a blocked election would show two holders
+    assert holders(lab, vip) == [holder]
+    assert answer(vip).startswith("mcp ")
 
 
 def test_removing_the_stack_releases_the_address(lab: Lab, vip: str) -> None:

@@ -25,15 +25,23 @@ class Engine:
     def replicas(self) -> list[ReplicaState]:
         return [ReplicaState("web", 1, "web.1", "c1", "running", 0, 0, self.started_at, "mcp:1")]
 
-    def address(self, container_id: str) -> str:
+    def address(self, container_id: str, overlay: bool = False) -> str:
+        """Its bridge address; for a replica on overlay networks, its docker_gwbridge one
+        (the overlay address is out of the node's reach)."""
         self.asked.append(container_id)
-        return f"172.17.0.{len(self.asked) + 1}"
+        return f"{'172.18' if overlay else '172.17'}.0.{len(self.asked) + 1}"
 
 
-def assignment(generation: int, with_replica: bool = True) -> workloads_pb2.NodeAssignment:
+def assignment(
+    generation: int, with_replica: bool = True, overlay: bool = False
+) -> workloads_pb2.NodeAssignment:
     message = workloads_pb2.NodeAssignment(generation=generation)
     if with_replica:
-        message.replicas.add(service="web", revision=1, replica="web.1", image="mcp:1", restart="no")
+        replica = message.replicas.add(
+            service="web", revision=1, replica="web.1", image="mcp:1", restart="no"
+        )
+        if overlay:
+            replica.networks.add(name="web_default", aliases=["web"])
     ports = message.service_ports
     ports.node_address, ports.nodes[:] = NODE, [NODE, "10.0.0.12"]
     port = ports.ports.add(service="web", port=8080, protocol="tcp")
@@ -79,3 +87,11 @@ def test_a_node_without_replicas_answers_the_ports_and_acknowledges(tmp_path: Pa
     made.tick()
     assert "dnat to 10.0.0.12:61002" in scripts[-1] and acked == [9]
     assert list(tmp_path.iterdir()) == []  # no stored assignment: the kernel keeps the table
+
+
+def test_a_local_replica_on_an_overlay_network_is_reached_through_docker_gwbridge(tmp_path: Path) -> None:
+    engine = Engine()
+    made, scripts, _ = supervisor(tmp_path, engine)
+    made.assign(assignment(7, overlay=True))
+    made.tick()
+    assert "meta l4proto tcp dnat to 172.18.0.2:8080" in scripts[-1]

@@ -19,6 +19,7 @@ from picoord.coordinator.networking.virtual_ips import (
     plan_announcements,
     router_ids,
     stack_addresses,
+    vrrp_nodes,
 )
 from picoord.coordinator.workloads.spec import PortMapping, ServiceSpec
 from picoord.coordinator.workloads.stacks import Applied
@@ -271,3 +272,17 @@ def test_a_stacks_services_share_its_address() -> None:
 def test_a_node_address_is_refused_at_apply() -> None:
     with pytest.raises(FieldError, match="node pi1's own address"):
         stack_addresses([_spec("a", "10.213.0.11")], {}, "s", False, NODES)
+
+
+@pytest.mark.parametrize(
+    ("vips", "nodes", "expected"),
+    [
+        ([], NODES, set()),  # no virtual address: VRRP nowhere
+        (["10.213.0.200"], NODES, {"pi1", "pi2", "pi3"}),  # adverts go to every node of the subnet
+        (["10.213.0.200"], [*NODES, NodeNetwork("far", True, "10.9.0.5/24")], {"pi1", "pi2", "pi3"}),
+        (["10.9.0.200"], [*NODES, NodeNetwork("far", True, "10.9.0.5/24")], {"far"}),
+        (["10.213.0.200"], [NodeNetwork("pi9", False, "")], set()),  # no address reported
+    ],
+)
+def test_vrrp_passes_between_the_nodes_of_each_vips_subnet(vips, nodes, expected) -> None:
+    assert vrrp_nodes(vips, nodes) == expected
