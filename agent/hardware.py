@@ -354,12 +354,31 @@ def _prefix_length(netmask: str, max_prefixlen: int) -> int:
     return prefix
 
 
+IFF_UP = 0x1  # linux/if.h: what psutil's isup reads
+
+
+def _sysfs_link(name: str, sys_net: Path = Path("/sys/class/net")) -> tuple[bool, int]:
+    """(up, mtu) of an interface from sysfs: what psutil's ethtool ioctl gives where that
+    ioctl is missing (an arm64 agent under qemu-user: ENOSYS)."""
+    try:
+        flags = int((sys_net / name / "flags").read_text().strip(), 16)
+        mtu = int((sys_net / name / "mtu").read_text().strip())
+    except (OSError, ValueError):
+        return False, 0
+    return bool(flags & IFF_UP), max(mtu, 0)
+
+
 def collect_interfaces() -> list[node_pb2.NetworkInterface]:
-    """Every interface the kernel lists, with MAC, addresses and link state, sorted by name."""
+    """Every interface the kernel lists, with MAC, addresses and link state, sorted by name.
+    Without the ethtool ioctl the addresses are still reported (they place virtual
+    addresses), with link state and MTU from sysfs and no speed."""
     addresses = psutil.net_if_addrs()
-    stats = psutil.net_if_stats()
+    try:
+        stats = psutil.net_if_stats()
+    except OSError:
+        stats = None
     interfaces: list[node_pb2.NetworkInterface] = []
-    for name in sorted(set(addresses) | set(stats)):
+    for name in sorted(set(addresses) | set(stats or {})):
         interface = node_pb2.NetworkInterface(name=name)
         for entry in addresses.get(name, []):
             if entry.family == psutil.AF_LINK:
@@ -368,8 +387,10 @@ def collect_interfaces() -> list[node_pb2.NetworkInterface]:
             formatted = format_address(entry.family, entry.address, entry.netmask)
             if formatted is not None:
                 interface.addresses.append(formatted)
-        stat = stats.get(name)
-        if stat is not None:
+        stat = stats.get(name) if stats is not None else None
+        if stats is None:
+            interface.up, interface.mtu = _sysfs_link(name)
+        elif stat is not None:
             interface.up = bool(stat.isup)
             interface.speed_mbps = max(int(stat.speed), 0)
             interface.mtu = max(int(stat.mtu), 0)

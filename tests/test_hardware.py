@@ -504,3 +504,22 @@ def test_collect_disks_lists_each_device_once(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     devices = done.stdout.split()
     assert devices and len(devices) == len(set(devices))
+
+
+def test_interfaces_keep_their_addresses_without_the_ethtool_ioctl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-user has no SIOCETHTOOL (psutil.net_if_stats raises ENOSYS): the addresses, which
+    place a stack's virtual address, are still reported, link state and MTU from sysfs."""
+    from picoord.agent import hardware
+
+    with_stats = {item.name: item for item in hardware.collect_interfaces()}
+
+    def no_ethtool() -> None:
+        raise OSError(38, "Function not implemented (originated from ioctl(SIOCETHTOOL))")
+
+    monkeypatch.setattr(hardware.psutil, "net_if_stats", no_ethtool)
+    without = {item.name: item for item in hardware.collect_interfaces()}
+    assert without.keys() == with_stats.keys() and "lo" in without
+    for name, item in without.items():
+        assert list(item.addresses) == list(with_stats[name].addresses), name
+        assert (item.up, item.mtu) == (with_stats[name].up, with_stats[name].mtu), name
+        assert item.speed_mbps == 0
