@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import ipaddress
 import statistics
 import sys
 import threading
@@ -205,8 +204,9 @@ class Result:
 # --- picoord ---------------------------------------------------------------------------------------
 
 
-def stack_file(image: str, work: Workload) -> str:
+def stack_file(image: str, work: Workload, network_mode: str = "overlay") -> str:
     return f"""\
+x-picoord: {{network_mode: {network_mode}}}
 services:
   {SERVICE}:
     image: {image}
@@ -226,15 +226,6 @@ services:
 """
 
 
-def free_address(lab: Lab) -> str:
-    assert lab.network is not None
-    taken = {lab.address(node) for node in lab.nodes} | {lab.network.gateway}
-    for host in reversed(list(ipaddress.IPv4Network(lab.network.subnet).hosts())):
-        if str(host) not in taken:
-            return str(host)
-    raise BenchError("no free address in the lab's subnet")
-
-
 def vip_holders(lab: Lab, address: str) -> list[str]:
     return [
         node
@@ -245,9 +236,9 @@ def vip_holders(lab: Lab, address: str) -> list[str]:
 
 def picoord_phase(lab: Lab, root: Path, args: argparse.Namespace, result: Result) -> None:
     work = Workload(replicas=REPLICAS, monitor=args.monitor, stop_grace=args.stop_grace)
-    vip = free_address(lab)
+    vip = lab.spare_address()
     path = root / "stack.yml"
-    path.write_text(stack_file(image_ref(lab, 1), work))
+    path.write_text(stack_file(image_ref(lab, 1), work, args.network_mode))
     coordctl(lab, "stack", "deploy", "-c", str(path), "--address", vip, SERVICE)
     coordctl(lab, "rollout", SERVICE, timeout=300)
     wait_until(f"the VIP {vip} answering", lambda: len(vip_holders(lab, vip)) == 1 and get_version(vip), 60)
@@ -436,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--away", type=float, default=20.0, help="seconds the Pi stays away (20)")
     parser.add_argument("--monitor", type=float, default=5.0, help="update monitor window of both, s (5)")
     parser.add_argument("--stop-grace", type=float, default=2.0, help="stop grace of both, s (2)")
+    parser.add_argument(
+        "--network-mode",
+        choices=("overlay", "published-ports"),
+        default="overlay",
+        help="picoord's stack on Swarm overlay networks (the default) or in published-ports mode",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the lab's logs (its work dir)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--json", type=Path, help="also write the results to this file")
