@@ -24,7 +24,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import structlog
@@ -229,21 +229,20 @@ def hand_overs(
     announced: Sequence[workloads_pb2.VirtualAddress],
     assigned: Sequence[workloads_pb2.VirtualAddress],
     held_now: Iterable[str],
-    stopping: Collection[str],
     now: float,
 ) -> list[tuple[workloads_pb2.VirtualAddress, float]]:
     """The addresses this node held and is no longer assigned, each with when keepalived is
-    to let it go: HANDOVER_DELAY from now when a replica of its services here is being
-    stopped (a rollout or scale-down: the peers the same assignment added get time to start
-    their keepalived, which would miss the priority-0 advert otherwise), at once when not
-    (its replicas turned unhealthy: nothing here serves). Their services' stops wait until
+    to let it go: HANDOVER_DELAY from now, whatever the reason (a replica here leaving the
+    rotation for a rollout or scale-down, or turned unhealthy). The peers the same
+    assignment changed get time to be listening, which would miss the priority-0 advert
+    otherwise and wait their master-down interval (about 3 s without answers, measured in a
+    rollout here); meanwhile this node still answers, its published ports forwarding to the
+    healthy replicas elsewhere (service_ports.py). Their services' stops here wait until
     RELEASE_DRAIN after that, so clients are answered until a peer holds the address."""
     kept = {item.address for item in assigned}
     held_set = set(held_now)
-    found = []
-    for item in announced:
-        if item.address in kept or item.address not in held_set:
-            continue
-        delay = HANDOVER_DELAY if set(item.services) & set(stopping) else 0.0
-        found.append((item, now + delay))
-    return found
+    return [
+        (item, now + HANDOVER_DELAY)
+        for item in announced
+        if item.address not in kept and item.address in held_set
+    ]

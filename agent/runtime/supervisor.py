@@ -268,13 +268,13 @@ class Supervisor:
         """The agent exits: its keepalived goes with it (the addresses move to the peers)."""
         self.keepalived.close()
 
-    def _virtual_addresses(self, stopping: set[str]) -> None:
+    def _virtual_addresses(self) -> None:
         """keepalived as assigned, but an address this node held is let go only after its
         hand-over delay, and its services' replicas stop a moment after that."""
         assigned = self.virtual_addresses()
         now = time.monotonic()
         held_now = held_addresses(self._announced)
-        for item, until in hand_overs(self._announced, assigned, held_now, stopping, now):
+        for item, until in hand_overs(self._announced, assigned, held_now, now):
             if item.address not in self._retained:
                 self._retained[item.address] = (item, until)
                 for service in item.services:
@@ -313,14 +313,14 @@ class Supervisor:
         ports = assignment.service_ports if assignment.HasField("service_ports") else None
         engine = self._engine_or_none(desired)
         if engine is None:
-            self._virtual_addresses(set())
+            self._virtual_addresses()
             self.service_ports.apply(ports, {})
             if ports is not None:
                 self._send(desired, [], assignment.generation)
             return
         actual = engine.replicas()  # type: ignore[attr-defined]
         plan = plan_node(desired, actual)
-        self._virtual_addresses({state.service for state in plan.stop})
+        self._virtual_addresses()
         for state in plan.stop:
             if state.service in self._draining:  # its address is moving away: a moment more
                 continue

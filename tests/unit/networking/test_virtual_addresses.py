@@ -232,20 +232,18 @@ def test_the_supervisor_reports_the_assigned_addresses_this_node_holds(tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("assigned", "held_now", "stopping", "expected"),
+    ("assigned", "held_now", "expected"),
     [
-        # held here, no longer assigned, its replicas here stopping: let go after the delay
-        ([], ["10.213.0.200"], {"mcp-server"}, [("10.213.0.200", HANDOVER_DELAY)]),
-        # held, no longer assigned, nothing stopping (its replicas turned unhealthy): at once
-        ([], ["10.213.0.200"], set(), [("10.213.0.200", 0.0)]),
+        # held here, no longer assigned (its replica here leaving, or unhealthy): after the delay
+        ([], ["10.213.0.200"], [("10.213.0.200", HANDOVER_DELAY)]),
         # not held here (a backup): nothing to hand over
-        ([], [], {"mcp-server"}, []),
+        ([], [], []),
         # still assigned (another priority): nothing to hand over
-        ([_vip(priority=200)], ["10.213.0.200"], {"mcp-server"}, []),
+        ([_vip(priority=200)], ["10.213.0.200"], []),
     ],
 )
-def test_hand_overs(assigned: list, held_now: list, stopping: set, expected: list) -> None:
-    found = hand_overs([_vip()], assigned, held_now, stopping, 100.0)
+def test_hand_overs(assigned: list, held_now: list, expected: list) -> None:
+    found = hand_overs([_vip()], assigned, held_now, 100.0)
     assert [(item.address, until - 100.0) for item, until in found] == expected
 
 
@@ -321,9 +319,19 @@ def test_a_holder_whose_replica_is_stopped_hands_the_address_over_then_stops_it(
     assert engine.stopped == ["c1"] and engine.started == ["web.1"]
 
 
-def test_an_address_whose_replicas_turn_unhealthy_is_let_go_at_once(tmp_path: Path) -> None:
-    from picoord.agent.runtime.supervisor import Supervisor
+def test_an_address_withdrawn_while_its_replica_still_runs_is_kept_for_the_hand_over(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its replica turned unhealthy, or is leaving the published ports' rotation before a
+    rollout stops it (the replica is still assigned): the address is let go only after
+    HANDOVER_DELAY, while this node forwards to the healthy replicas elsewhere; the
+    replica itself is not stopped for it."""
+    import picoord.agent.runtime.supervisor as supervisor_module
+    from picoord.agent.networking.virtual_addresses import HANDOVER_DELAY
 
+    clock = [1000.0]
+    monkeypatch.setattr(supervisor_module.time, "monotonic", lambda: clock[0])
+    Supervisor = supervisor_module.Supervisor
     interfaces = [(name, items) for name, items in local_interfaces() if name != "lo" and items]
     mine = interfaces[0][1][0].split("/")[0]
     engine = _Engine()
@@ -336,6 +344,9 @@ def test_an_address_whose_replicas_turn_unhealthy_is_let_go_at_once(tmp_path: Pa
     supervisor.assign(workloads_pb2.NodeAssignment(generation=1, replicas=[old], virtual_addresses=[vip]))
     supervisor.tick()
     supervisor.assign(workloads_pb2.NodeAssignment(generation=2, replicas=[old]))  # unhealthy: out
+    supervisor.tick()
+    assert keepalived.given[-1] == [mine] and engine.stopped == []  # still held: the peers get ready
+    clock[0] += HANDOVER_DELAY + 0.1
     supervisor.tick()
     assert keepalived.given[-1] == [] and engine.stopped == []
 
