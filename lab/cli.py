@@ -490,6 +490,7 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
     demo.versions(SEED_PIS)
     demo.show("rollout", SEED_SERVICE, "--image", "mcp:2", timeout=900)
     demo.versions(SEED_PIS)
+    demo.answered_by(vip, len(SEED_PIS))  # the new replicas behind the VIP, each logging a request
     demo.show("logs", SEED_SERVICE, "--tail", "1", timeout=120)  # each replica's last line
     demo.show("rollout", SEED_SERVICE, "--image", "mcp:4", timeout=900, expect=1)  # it exits at start
     demo.show("ps", SEED_SERVICE)

@@ -146,6 +146,10 @@ def test_the_demo_rolls_the_seed_stack_out_on_arm64_pis(tmp_path: Path) -> None:
     )
     answers = [line.split(None, 1)[1] for line in counted[0].splitlines()]
     assert set(answers) == set(reached), (answers, reached)
+    # after the update to mcp:2, the three new replicas answer there too (other containers)
+    renewed = {line.split(None, 1)[1] for line in counted[1].splitlines()}
+    assert len(renewed) == 3 and not renewed & set(reached), (renewed, reached)
+    assert all(text.startswith("db: reached postgres:5432 from ") for text in renewed), renewed
 
     broken = outputs(found, "coordctl rollout mcp-server --image mcp:4")[0]
     assert "(exit 1, as expected)" in broken and "rolled back mcp-server to revision 2" in broken, broken
