@@ -351,6 +351,14 @@ class _Demo:
         for node in nodes:
             print(f"{node}: {_http_text(f'http://{self.lab.address(node)}:8080/version')}")
 
+    def replica_containers(self, node: str, label_filter: str) -> list[str]:
+        """The node's containers with the label filter; none fails the step."""
+        ids = self.lab.sandbox(node).run(["docker", "ps", "-q", "--filter", label_filter], timeout=60)
+        if not ids.stdout.split():
+            self.failed = True
+            print(f"no container ({label_filter}) runs on {node}: {ids.stderr.strip()}", file=sys.stderr)
+        return ids.stdout.split()
+
     def answered_by(self, address: str, replicas: int, requests: int = 30) -> None:
         """GET /cgi-bin/db on `address`:8080 `requests` times from the host and say which
         replicas answered (each names its container); fewer than `replicas` fails the step."""
@@ -460,11 +468,7 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
     demo.show("ps", SEED_SERVICE)
     demo.show("ps", "postgres")
     for node in SEED_PIS:
-        ids = lab.sandbox(node).run(["docker", "ps", "-q", "--filter", SEED_SERVICE_LABEL], timeout=60)
-        if not ids.stdout.split():
-            demo.failed = True
-            print(f"no {SEED_SERVICE} container runs on {node}: {ids.stderr.strip()}", file=sys.stderr)
-        for container in ids.stdout.split()[:1]:
+        for container in demo.replica_containers(node, SEED_SERVICE_LABEL)[:1]:
             demo.on_node(
                 node,
                 ["docker", "exec", container, "busybox", "uname", "-m"],
@@ -490,7 +494,22 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
     demo.versions(SEED_PIS)
     demo.show("rollout", SEED_SERVICE, "--image", "mcp:2", timeout=900)
     demo.versions(SEED_PIS)
-    demo.answered_by(vip, len(SEED_PIS))  # the new replicas behind the VIP, each logging a request
+    demo.answered_by(vip, len(SEED_PIS))  # the new replicas behind the VIP
+    for node in SEED_PIS:  # each replica asked on its own loopback: a request line each to log
+        for container in demo.replica_containers(node, SEED_SERVICE_LABEL)[:1]:
+            demo.on_node(
+                node,
+                [
+                    "docker",
+                    "exec",
+                    container,
+                    "busybox",
+                    "wget",
+                    "-qO-",
+                    f"http://127.0.0.1:{MCP_PORT}/version",
+                ],
+                f"the {SEED_SERVICE} replica on {node}",
+            )
     demo.show("logs", SEED_SERVICE, "--tail", "1", timeout=120)  # each replica's last line
     demo.show("rollout", SEED_SERVICE, "--image", "mcp:4", timeout=900, expect=1)  # it exits at start
     demo.show("ps", SEED_SERVICE)

@@ -157,6 +157,8 @@ def test_the_demo_rolls_the_seed_stack_out_on_arm64_pis(tmp_path: Path) -> None:
     assert {(row["REVISION"], row["STATE"]) for row in after_rollback} == {("2", "running")}, after_rollback
     versions = outputs(found, "curl -s http://<pi>:8080/version")
     assert versions[-1].splitlines() == [f"{pi}: mcp 2" for pi in PIS], versions
+    asked = [text for command, text in found if command.startswith("docker exec") and "/version" in command]
+    assert asked == ["mcp 2"] * 3, asked  # each new replica, on its own loopback
     logged = outputs(found, "coordctl logs mcp-server --tail 1")[0].splitlines()
     prefixes = [re.match(r"mcp-server\.\d+@(pi\d) \| .*response:200", line) for line in logged]
     assert all(prefixes) and sorted(match[1] for match in prefixes if match) == PIS, logged
