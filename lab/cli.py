@@ -351,13 +351,16 @@ class _Demo:
         for node in nodes:
             print(f"{node}: {_http_text(f'http://{self.lab.address(node)}:8080/version')}")
 
-    def replica_containers(self, node: str, label_filter: str) -> list[str]:
-        """The node's containers with the label filter; none fails the step."""
-        ids = self.lab.sandbox(node).run(["docker", "ps", "-q", "--filter", label_filter], timeout=60)
+    def in_replica(self, node: str, busybox_argv: list[str], comment: str) -> str:
+        """Run a busybox applet in the node's mcp-server replica (docker exec), as on_node;
+        no replica there fails the step."""
+        ids = self.lab.sandbox(node).run(["docker", "ps", "-q", "--filter", SEED_SERVICE_LABEL], timeout=60)
         if not ids.stdout.split():
             self.failed = True
-            print(f"no container ({label_filter}) runs on {node}: {ids.stderr.strip()}", file=sys.stderr)
-        return ids.stdout.split()
+            print(f"no {SEED_SERVICE} container runs on {node}: {ids.stderr.strip()}", file=sys.stderr)
+            return ""
+        container = ids.stdout.split()[0]
+        return self.on_node(node, ["docker", "exec", container, "busybox", *busybox_argv], comment)
 
     def answered_by(self, address: str, replicas: int, requests: int = 30) -> None:
         """GET /cgi-bin/db on `address`:8080 `requests` times from the host and say which
@@ -467,28 +470,16 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
     demo.show("rollout", SEED_STACK_NAME, timeout=1500)  # postgres first, then mcp-server
     demo.show("ps", SEED_SERVICE)
     demo.show("ps", "postgres")
+    local = f"http://127.0.0.1:{MCP_PORT}"
     for node in SEED_PIS:
-        for container in demo.replica_containers(node, SEED_SERVICE_LABEL)[:1]:
-            demo.on_node(
-                node,
-                ["docker", "exec", container, "busybox", "uname", "-m"],
-                f"the {SEED_SERVICE} replica on {node}",
-            )
-            said = demo.on_node(
-                node,
-                [
-                    "docker",
-                    "exec",
-                    container,
-                    "busybox",
-                    "wget",
-                    "-qO-",
-                    f"http://127.0.0.1:{MCP_PORT}/cgi-bin/db",
-                ],
-                f"the {SEED_SERVICE} replica on {node} opens DATABASE_URL's postgres:5432, by name",
-            )
-            if not said.startswith("db: reached postgres:5432"):
-                demo.failed = True
+        demo.in_replica(node, ["uname", "-m"], f"the {SEED_SERVICE} replica on {node}")
+        said = demo.in_replica(
+            node,
+            ["wget", "-qO-", f"{local}/cgi-bin/db"],
+            f"the {SEED_SERVICE} replica on {node} opens DATABASE_URL's postgres:5432, by name",
+        )
+        if not said.startswith("db: reached postgres:5432"):
+            demo.failed = True
     demo.closed((*SEED_PIS, SEED_DESKTOP), POSTGRES_PORT)  # the overlay carries it; no node publishes it
     demo.answered_by(vip, len(SEED_PIS))  # one address, every replica behind it
     demo.versions(SEED_PIS)
@@ -496,20 +487,7 @@ def _seed_steps(demo: _Demo, args: argparse.Namespace) -> None:
     demo.versions(SEED_PIS)
     demo.answered_by(vip, len(SEED_PIS))  # the new replicas behind the VIP
     for node in SEED_PIS:  # each replica asked on its own loopback: a request line each to log
-        for container in demo.replica_containers(node, SEED_SERVICE_LABEL)[:1]:
-            demo.on_node(
-                node,
-                [
-                    "docker",
-                    "exec",
-                    container,
-                    "busybox",
-                    "wget",
-                    "-qO-",
-                    f"http://127.0.0.1:{MCP_PORT}/version",
-                ],
-                f"the {SEED_SERVICE} replica on {node}",
-            )
+        demo.in_replica(node, ["wget", "-qO-", f"{local}/version"], f"the {SEED_SERVICE} replica on {node}")
     demo.show("logs", SEED_SERVICE, "--tail", "1", timeout=120)  # each replica's last line
     demo.show("rollout", SEED_SERVICE, "--image", "mcp:4", timeout=900, expect=1)  # it exits at start
     demo.show("ps", SEED_SERVICE)
