@@ -44,6 +44,7 @@ from picoord.common.node_series import (
 )
 from picoord.common.vocabulary import RolloutStatus
 from picoord.coordinator.cluster import Cluster
+from picoord.coordinator.rate_limit import duty_pause
 from picoord.coordinator.status import Status
 from picoord.v1 import node_pb2
 
@@ -438,7 +439,7 @@ def render_pause(interval: float, render_seconds: float) -> float:
     """Seconds until the next render: `interval`, stretched so rendering takes at most a
     RENDER_DUTY share of the time (of the GIL, that is) when the cluster is large or the
     machine busy."""
-    return max(interval, render_seconds * (1 - RENDER_DUTY) / RENDER_DUTY)
+    return max(interval, duty_pause(render_seconds, RENDER_DUTY))
 
 
 class RenderStopped(Exception):

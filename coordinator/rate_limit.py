@@ -1,5 +1,6 @@
 """Rate limits in the spirit of fail2ban: failed enrollments per source address, and one
-node's session opens and messages (servicers/session.py's SessionLimits).
+node's session opens and messages (servicers/session.py's SessionLimits); and `duty_pause`,
+the brake on work that grows with the cluster (controller ticks, /metrics renders).
 
 The enrollment port takes calls from anyone who can reach it. Without a brake, a client
 can try bootstrap tokens as fast as the coordinator answers (1,578 a second on loopback).
@@ -80,6 +81,15 @@ class FailureThrottle:
     def succeeded(self, source: str) -> None:
         """A good enrollment clears the source's record."""
         self._sources.pop(source, None)
+
+
+def duty_pause(busy_seconds: float, duty: float) -> float:
+    """How long to rest after `busy_seconds` of work so that the work takes at most a `duty`
+    share of the time: with 5,000 nodes a controller tick or a render takes tens of ms, and
+    back to back they would starve the sessions of the event loop (or of the GIL)."""
+    if not 0 < duty <= 1:
+        raise ValueError(f"a duty is a share in (0, 1], not {duty}")
+    return max(0.0, busy_seconds) * (1 - duty) / duty
 
 
 def retry_hint(seconds: float) -> str:

@@ -69,6 +69,7 @@ from picoord.coordinator.networking.nodes import node_networks
 from picoord.coordinator.networking.virtual_ips import plan_announcements
 from picoord.coordinator.placement.inputs import node_from
 from picoord.coordinator.placement.scheduler import Node
+from picoord.coordinator.rate_limit import duty_pause
 from picoord.coordinator.reconcile.reconciler import NodeStatus
 from picoord.coordinator.rollout import history as revisions
 from picoord.coordinator.rollout import planner
@@ -90,6 +91,11 @@ CEILING = 30.0
 RETRY = 1.0
 # The least a woken loop waits, so a wake_at of now never spins it.
 MIN_SLEEP = 0.05
+# At most this share of the event loop goes to ticks (rate_limit.duty_pause): a tick walks
+# every node (about 40 ms at 5,000), and every session open wakes the loop, so a reconnect
+# storm would otherwise tick back to back and starve the sessions themselves. With a few
+# dozen nodes a tick takes about a millisecond and the rest is as short.
+TICK_DUTY = 0.3
 # How long a read view waits for the tick an announced change started, before it shows
 # the last snapshot anyway.
 FRESH_WAIT = 2.0
@@ -194,12 +200,14 @@ class WorkloadController:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._sleep())
                 self._wake.clear()
+                started = time.perf_counter()
                 try:
                     async with self._lock:
                         await self.tick()
                 except Exception:
                     log.exception("workload tick failed; retrying")
                     self._next_at = self.clock() + RETRY
+                await asyncio.sleep(duty_pause(time.perf_counter() - started, TICK_DUTY))
         finally:
             self._running = False
 

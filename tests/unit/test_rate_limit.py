@@ -7,6 +7,7 @@ import pytest
 from picoord.coordinator.rate_limit import (
     FailureThrottle,
     ThrottlePolicy,
+    duty_pause,
     retry_hint,
     source_of_peer,
 )
@@ -152,3 +153,26 @@ def test_source_of_peer(peer: str, source: str) -> None:
 )
 def test_retry_hint_rounds_up(seconds: float, text: str) -> None:
     assert retry_hint(seconds) == text
+
+
+@pytest.mark.parametrize(
+    ("busy", "duty", "pause"),
+    [
+        (0.04, 0.3, 0.04 * 0.7 / 0.3),  # a 5,000-node tick: rest about 93 ms
+        (0.001, 0.3, 0.001 * 0.7 / 0.3),  # a small cluster's tick: about 2 ms
+        (0.5, 0.2, 2.0),  # a render at 20 %: four times its length
+        (0.0, 0.2, 0.0),
+        (-1.0, 0.5, 0.0),  # a clock step backwards rests nothing
+        (0.3, 1.0, 0.0),  # a duty of the whole time never rests
+    ],
+)
+def test_duty_pause_keeps_work_to_its_share(busy: float, duty: float, pause: float) -> None:
+    assert duty_pause(busy, duty) == pytest.approx(pause)
+    if busy > 0:
+        assert busy / (busy + duty_pause(busy, duty)) == pytest.approx(duty)
+
+
+@pytest.mark.parametrize("duty", [0.0, -0.1, 1.5])
+def test_duty_pause_refuses_a_share_outside_zero_to_one(duty: float) -> None:
+    with pytest.raises(ValueError, match="share"):
+        duty_pause(1.0, duty)

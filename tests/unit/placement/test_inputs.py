@@ -9,6 +9,7 @@ from picoord.coordinator.placement.inputs import (
     hardware_changes,
     hostname_fact,
     load_from_sample,
+    names_by_fold,
     node_from,
     roles_from_actions,
 )
@@ -129,10 +130,12 @@ def test_hardware_changes_are_what_placement_would_read_differently(reported, ch
         ("pi2", "PI1", {"pi1"}, ""),  # matched as constraints match, case-insensitively
         ("pi2", "pi2", {"pi1", "pi2"}, "pi2"),  # its own name is its own
         ("pi2", "pi1", set(), "pi1"),  # no node of that name (yet): harmless
+        ("pi2", "pi1", {"PI1", "pi2"}, ""),  # another node's name, whatever its case
+        ("pi2", "PI2", {"pi2"}, "PI2"),  # its own name in another case is its own
     ],
 )
 def test_a_hostname_never_names_another_node(name, hostname, others, fact):
-    assert hostname_fact(name, hostname, others) == fact
+    assert hostname_fact(name, hostname, names_by_fold(others)) == fact
 
 
 def record(node, kind, outcome=agent_pb2.ACTION_OUTCOME_SUCCEEDED, at=1.0, dry_run=False):
@@ -175,13 +178,21 @@ def test_accepted_labels_leave_out_the_pending():
         (
             {},
             hw(hostname="pi1"),
-            Enrolled(hw(hostname="pi1"), other_names={"pi1"}),
+            Enrolled(hw(hostname="pi1"), node_names=names_by_fold({"pi1"})),
             "worker",
             "node.hostname == pi1",
             False,
             0,
         ),
-        ({}, hw(), Enrolled(PI, other_names={"pi1"}), "worker", "node.hostname == pi2", True, 0),
+        (
+            {},
+            hw(),
+            Enrolled(PI, node_names=names_by_fold(["pi1"])),
+            "worker",
+            "node.hostname == pi2",
+            True,
+            0,
+        ),
         # a later hello's hostname is no fact either: the recorded one is
         ({}, hw(hostname="db"), Enrolled(PI), "worker", "node.hostname == db", False, 0),
         # row 3: role=manager asked for at join: neither node.role nor node.labels.role
