@@ -1,7 +1,17 @@
 """Admin reads that do not grow with the calls: `coordctl nodes` and `top` are answered from
-a snapshot of every node's row, rebuilt at most once a second, or at once after a change of
-the cluster's records or sessions (the cluster's `generation`). A selector and a limit are
-applied to the snapshot, so a terminal asks for the rows it can show.
+a snapshot of every node's row. A selector and a limit are applied to the snapshot, so a
+terminal asks for the rows it can show; the unfiltered answer is built once per snapshot.
+
+When to rebuild (measured at 5,000 nodes, where one build takes about 0.1 s):
+- no snapshot yet, or what rows show changed (the cluster's `generation`: a node record,
+  a session opened or ended, a role): rebuilt before answering, so an operator sees their
+  own change, and a node that went away, at once;
+- older than `max_age` (last seen, Ready-by-silence and clock offsets move with time): the
+  caller gets the current snapshot at once and one rebuild starts behind it, so no call
+  waits for a build while calls keep coming and the cluster holds still;
+- older than `max_stale` (nobody asked for a while): rebuilt before answering.
+A build yields to the event loop every SLICE rows, so sessions and other calls are never
+held for a whole build.
 
 `matching` is the pure part (table-tested); `SnapshotCache` only decides when to rebuild.
 """
@@ -10,13 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 Row = TypeVar("Row")
+Item = TypeVar("Item")
 
 SNAPSHOT_SECONDS = 1.0  # how stale a row's time-driven parts (last seen, Ready by silence) may be
+STALE_SECONDS = 5.0  # older than this, a caller waits for a rebuild rather than take it
+SLICE = 250  # rows built between two yields to the event loop (a few ms at 5,000 nodes)
 
 
 def matching(
@@ -32,51 +45,77 @@ def matching(
     return (picked[:limit] if limit else picked), len(picked)
 
 
+async def in_slices(items: Iterable[Item], size: int = SLICE) -> AsyncIterator[Item]:
+    """`items`, yielding to the event loop after every `size` of them."""
+    for index, item in enumerate(items, 1):
+        yield item
+        if not index % size:
+            await asyncio.sleep(0)
+
+
+@dataclass(frozen=True)
+class Built(Generic[Row]):
+    """What a build returns: the answer with every row, its rows, and each row's node labels."""
+
+    whole: object  # never changed once built: every unfiltered call returns it
+    # In name order: the answer's own repeated field (a list of its 5,000 rows took as long
+    # to make as the rows themselves).
+    rows: Sequence[Row]
+    labels: list[Mapping[str, str]]  # for selectors
+
+
 @dataclass(frozen=True)
 class Snapshot(Generic[Row]):
-    rows: list[Row]  # in name order
-    labels: list[Mapping[str, str]]  # each row's node labels, for selectors
+    whole: object
+    rows: Sequence[Row]
+    labels: list[Mapping[str, str]]
     generation: int
     built_at: float
 
 
 class SnapshotCache(Generic[Row]):
-    """The latest snapshot, rebuilt by `build` when the cluster changed or it is older than
-    `max_age`; concurrent callers share one rebuild."""
+    """The latest snapshot, rebuilt by `build` as the module says; one build at a time,
+    shared by every caller waiting for it."""
 
     def __init__(
         self,
-        build: Callable[[], Awaitable[tuple[list[Row], list[Mapping[str, str]]]]],
+        build: Callable[[], Awaitable[Built[Row]]],
         max_age: float = SNAPSHOT_SECONDS,
+        max_stale: float = STALE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._build = build
         self.max_age = max_age
+        self.max_stale = max(max_stale, max_age)
         self._clock = clock
         self._latest: Snapshot[Row] | None = None
         self._lock = asyncio.Lock()
+        self._refresh: asyncio.Task[Snapshot[Row]] | None = None
         self.builds = 0
 
-    def _fresh(self, generation: int) -> Snapshot[Row] | None:
+    def _usable(self, generation: int, within: float) -> Snapshot[Row] | None:
         latest = self._latest
-        if (
-            latest is not None
-            and latest.generation == generation
-            and self._clock() - latest.built_at < self.max_age
-        ):
-            return latest
-        return None
+        if latest is None or latest.generation != generation:
+            return None
+        return latest if self._clock() - latest.built_at < within else None
 
     async def get(self, generation: Callable[[], int]) -> Snapshot[Row]:
-        fresh = self._fresh(generation())
-        if fresh is not None:
-            return fresh
+        if self._usable(generation(), self.max_age) is not None:
+            return self._latest  # type: ignore[return-value]
+        current = self._usable(generation(), self.max_stale)
+        if current is not None:
+            if self._refresh is None or self._refresh.done():
+                self._refresh = asyncio.create_task(self._rebuild(generation))
+            return current
+        return await self._rebuild(generation)
+
+    async def _rebuild(self, generation: Callable[[], int]) -> Snapshot[Row]:
         async with self._lock:
-            fresh = self._fresh(generation())  # another caller may have rebuilt meanwhile
+            fresh = self._usable(generation(), self.max_age)  # built meanwhile by another caller
             if fresh is not None:
                 return fresh
             started, at = generation(), self._clock()
-            rows, labels = await self._build()
+            built = await self._build()
             self.builds += 1
-            self._latest = Snapshot(rows, labels, started, at)
+            self._latest = Snapshot(built.whole, built.rows, built.labels, started, at)
             return self._latest

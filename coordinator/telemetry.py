@@ -99,8 +99,11 @@ class MetricsHistory:
     def latest(self, node: str) -> node_pb2.MetricsSample | None:
         return self._latest.get(node)
 
-    def top(self, node: str, status: int, cpu_cores: int) -> admin_pb2.TopRow:
-        row = admin_pb2.TopRow()
+    def top(
+        self, node: str, status: int, cpu_cores: int, into: admin_pb2.TopRow | None = None
+    ) -> admin_pb2.TopRow:
+        """The node's `top` row, written `into` a message when given (a response's own row)."""
+        row = admin_pb2.TopRow() if into is None else into
         cached = self._top.get(node)
         if cached is not None:
             row.CopyFrom(cached)

@@ -12,7 +12,7 @@ from picoord.common import defaults, limits
 from picoord.common.joining import join_command
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
-from picoord.coordinator.admin_snapshot import Snapshot, SnapshotCache, matching
+from picoord.coordinator.admin_snapshot import Built, SnapshotCache, in_slices, matching
 from picoord.coordinator.apply.action_planner import PlanError
 from picoord.coordinator.apply.service import ApplyBusy, ApplyService, registry_tls
 from picoord.coordinator.ca import ClusterCA, certificate_serial, certificate_state
@@ -71,7 +71,6 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.applies = ApplyService(cluster, workloads, registry_tls(ca))
         self._node_rows: SnapshotCache[admin_pb2.NodeSummary] = SnapshotCache(self._node_snapshot)
         self._top_rows: SnapshotCache[admin_pb2.TopRow] = SnapshotCache(self._top_snapshot)
-        self._whole: tuple[Snapshot[admin_pb2.NodeSummary], admin_pb2.ListNodesResponse] | None = None
 
     async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
         try:
@@ -129,42 +128,35 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         selector = await self._selector(request.selector, context)
         snapshot = await self._node_rows.get(self._generation)
         if not selector and not request.limit:
-            return self._whole_listing(snapshot)
+            return snapshot.whole  # type: ignore[return-value]
         picked, matched = matching(snapshot.labels, selector, request.limit)
         return admin_pb2.ListNodesResponse(nodes=[snapshot.rows[i] for i in picked], matched=matched)
 
     def _generation(self) -> int:
         return self.cluster.generation
 
-    def _whole_listing(self, snapshot: Snapshot[admin_pb2.NodeSummary]) -> admin_pb2.ListNodesResponse:
-        """The unfiltered answer, built once per snapshot (gRPC only serializes it again)."""
-        if self._whole is None or self._whole[0] is not snapshot:
-            self._whole = (
-                snapshot,
-                admin_pb2.ListNodesResponse(nodes=snapshot.rows, matched=len(snapshot.rows)),
-            )
-        return self._whole[1]
-
-    async def _node_snapshot(self) -> tuple[list[admin_pb2.NodeSummary], list[Mapping[str, str]]]:
+    async def _node_snapshot(self) -> Built[admin_pb2.NodeSummary]:
+        """Every node's row, built into the unfiltered answer itself (no second copy)."""
         newest = await self.cluster.newest_certificates()
         records = self.cluster.nodes()
-        summaries = [self.cluster.summary(record) for record in records]
         now = self.cluster.clock()
-        for summary in summaries:
-            with_certificate(summary, newest.get(summary.name), now)
-        return summaries, [record.labels for record in records]
+        whole = admin_pb2.ListNodesResponse(matched=len(records))
+        async for record in in_slices(records):
+            summary = self.cluster.summary(record, into=whole.nodes.add())
+            with_certificate(summary, newest.get(record.name), now)
+        return Built(whole, whole.nodes, [record.labels for record in records])
 
-    async def _top_snapshot(self) -> tuple[list[admin_pb2.TopRow], list[Mapping[str, str]]]:
+    async def _top_snapshot(self) -> Built[admin_pb2.TopRow]:
         records = self.cluster.nodes()
-        rows = [
+        whole = admin_pb2.TopResponse(matched=len(records))
+        async for record in in_slices(records):
             self.cluster.history.top(
                 record.name,
                 STATUS_TO_WIRE[self.cluster.status(record.name)],
                 self.cluster.hardware(record).cpu_cores,
+                into=whole.rows.add(),
             )
-            for record in records
-        ]
-        return rows, [record.labels for record in records]
+        return Built(whole, whole.rows, [record.labels for record in records])
 
     async def _selector(
         self, selector: Mapping[str, str], context: grpc.aio.ServicerContext
@@ -280,6 +272,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.TopResponse:
         selector = await self._selector(request.selector, context)
         snapshot = await self._top_rows.get(self._generation)
+        if not selector and not request.limit:
+            return snapshot.whole  # type: ignore[return-value]
         picked, matched = matching(snapshot.labels, selector, request.limit)
         return admin_pb2.TopResponse(rows=[snapshot.rows[i] for i in picked], matched=matched)
 

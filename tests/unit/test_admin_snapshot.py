@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from picoord.coordinator.admin_snapshot import SnapshotCache, matching
+from picoord.coordinator.admin_snapshot import Built, SnapshotCache, in_slices, matching
 
 LABELS = [
     {"zone": "desk", "disk": "ssd"},
@@ -42,26 +42,69 @@ class Clock:
         return self.now
 
 
-def test_rebuilt_on_a_change_or_after_a_second_and_shared_by_concurrent_callers() -> None:
+def _cache(clock: Clock, built: list[float], seconds: float = 0.01) -> SnapshotCache[int]:
+    async def build() -> Built[int]:
+        built.append(clock.now)
+        await asyncio.sleep(seconds)  # a build yields to the loop in slices
+        return Built(f"whole {len(built)}", [len(built)], [{}])
+
+    return SnapshotCache(build, max_age=1.0, max_stale=2.0, clock=clock)
+
+
+def test_a_change_is_rebuilt_before_answering_and_concurrent_callers_share_one_build() -> None:
     clock, generation, built = Clock(), [0], []
 
-    async def build() -> tuple[list[int], list[dict[str, str]]]:
-        built.append(clock.now)
-        await asyncio.sleep(0.01)  # a store read
-        return [len(built)], [{}]
-
     async def scenario() -> None:
-        cache = SnapshotCache(build, max_age=1.0, clock=clock)
+        cache = _cache(clock, built)
         first, second = await asyncio.gather(
             cache.get(lambda: generation[0]), cache.get(lambda: generation[0])
         )
-        assert first is second and cache.builds == 1
+        assert first is second and cache.builds == 1 and first.whole == "whole 1"
         clock.now += 0.5
         assert (await cache.get(lambda: generation[0])).rows == [1]  # fresh: no rebuild
-        generation[0] += 1  # a node or session changed
+        generation[0] += 1  # a node record or a session changed: the caller waits for it
         assert (await cache.get(lambda: generation[0])).rows == [2]
-        clock.now += 1.0  # a second old: last seen and Ready-by-silence may have moved
+        clock.now += 5.0  # nobody asked for longer than max_stale: rebuilt before answering
         assert (await cache.get(lambda: generation[0])).rows == [3]
         assert cache.builds == 3
 
     asyncio.run(scenario())
+
+
+def test_an_aged_snapshot_is_answered_at_once_and_rebuilt_behind_the_call() -> None:
+    clock, generation, built = Clock(), [0], []
+
+    async def scenario() -> None:
+        cache = _cache(clock, built, seconds=0.05)
+        await cache.get(lambda: generation[0])
+        clock.now += 1.5  # past max_age, within max_stale: time-driven parts only
+        answered = await asyncio.wait_for(cache.get(lambda: generation[0]), 0.01)
+        assert answered.rows == [1]  # no wait for the build
+        again = await cache.get(lambda: generation[0])
+        assert again.rows == [1] and len(built) == 2  # one build behind, not one per call
+        await asyncio.sleep(0.1)
+        assert (await cache.get(lambda: generation[0])).rows == [2] and cache.builds == 2
+
+    asyncio.run(scenario())
+
+
+def test_in_slices_yields_every_item_and_lets_the_loop_run_between_slices() -> None:
+    async def scenario() -> tuple[list[int], int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        items = [item async for item in in_slices(range(10), size=3)]
+        task.cancel()
+        return items, ticks - before
+
+    items, ran = asyncio.run(scenario())
+    assert items == list(range(10))
+    assert ran == 3  # after items 3, 6 and 9
