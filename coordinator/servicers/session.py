@@ -260,7 +260,7 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
             self.workloads.on_session_open(node)
         log.info("session opened", node=node, agent_version=hello.agent_version, peer=context.peer())
         reader = asyncio.create_task(self._read(node, messages, session, hello.hardware))
-        closed = asyncio.create_task(session.closed.wait())
+        reader.add_done_callback(lambda _: session.outbox.wake())
         try:
             await self._send(
                 context,
@@ -274,17 +274,18 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                     )
                 ),
             )
+            # One wait per session: the outbox's next message, or its wake (None) when the
+            # session is closed or the reader ended.
             while True:
-                outgoing = asyncio.create_task(session.outbox.get())
-                done, _ = await asyncio.wait({outgoing, reader, closed}, return_when=asyncio.FIRST_COMPLETED)
-                if outgoing in done and not session.closed.is_set():
-                    await self._send(context, session, outgoing.result())
-                    continue
-                outgoing.cancel()
+                outgoing = await session.outbox.get()
                 if session.closed.is_set():
                     log.info("session closed by coordinator", node=node, reason=session.close_reason)
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED, session.close_reason)
                     return
+                if not reader.done():
+                    if outgoing is not None:
+                        await self._send(context, session, outgoing)
+                    continue  # None: a wake that found the session going on
                 error = reader.exception()
                 if isinstance(error, MalformedMessage):
                     await self._reject(context, node, error)
@@ -295,7 +296,6 @@ class SessionServicer(agent_pb2_grpc.AgentSessionServicer):
                 return
         finally:
             reader.cancel()
-            closed.cancel()
             self.cluster.close_session(session)
             if self.workloads is not None and node not in self.cluster.sessions:
                 self.workloads.on_session_closed(node)

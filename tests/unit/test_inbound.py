@@ -10,6 +10,7 @@ from picoord.coordinator.inbound import (
     COUNT_LIMITS,
     TEXT_LIMITS,
     MalformedMessage,
+    _bounded,
     _is_repeated,
     _key,
     check_enroll_request,
@@ -372,3 +373,24 @@ def test_samples_are_held_to_themselves_and_their_hello(
 def test_a_sample_of_hardware_the_hello_did_not_report_is_not_compared() -> None:
     unknown = node_pb2.Hardware()  # an agent that could not read its totals
     check_plausible(pi_sample(memory_total_bytes=64 * GIB, memory_available_bytes=GIB, cpus=64), unknown)
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "bounded"),
+    [
+        (node_pb2.CpuTimes.DESCRIPTOR, False),  # numbers only: never walked into
+        (node_pb2.MetricsSample.DESCRIPTOR, True),  # repeated fields, devices' names
+        (node_pb2.FilesystemUsage.DESCRIPTOR, True),  # a device and a mountpoint
+        (agent_pb2.AgentMessage.DESCRIPTOR, True),
+    ],
+)
+def test_only_types_that_hold_something_bounded_are_walked(descriptor: Descriptor, bounded: bool) -> None:
+    assert _bounded(descriptor) is bounded
+
+
+def test_a_repeated_numbers_only_field_still_has_its_count_checked() -> None:
+    sample = node_pb2.MetricsSample(
+        cpus=[node_pb2.CpuTimes(cpu=n) for n in range(COUNT_LIMITS["MetricsSample.cpus"] + 1)]
+    )
+    with pytest.raises(MalformedMessage, match=r"metrics\.cpus has \d+ entries"):
+        check_followup(agent_pb2.AgentMessage(metrics=sample), node_pb2.Hardware())
