@@ -164,6 +164,24 @@ def render_interval(metrics_interval: float) -> float:
     return max(RENDER_INTERVAL, metrics_interval)
 
 
+# Young objects a collection waits for (Python's default is 700). Measured with 5,000
+# sessions: about 50,000 allocations a second (1,000 samples), so the default ran 70 young
+# collections a second, and the older generations, holding every session's tasks and
+# state, came due often enough for pauses of 0.2-0.6 s, the admin p99's stalls.
+GC_YOUNG_THRESHOLD = 20_000
+GC_OLDER_THRESHOLD = 20
+
+
+def tune_garbage_collector() -> None:
+    """Once serving: everything loaded so far (modules, the store's node records) lives as
+    long as the process and is frozen out of every collection, and collections run less
+    often (GC_YOUNG_THRESHOLD). Memory is freed by reference counting as before; only
+    cycles wait longer."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, GC_OLDER_THRESHOLD, GC_OLDER_THRESHOLD)
+
+
 def session_keepalive(heartbeat_timeout: float) -> list[tuple[str, int]]:
     """Liveness below Python: gRPC's core pings every agent connection each third of
     `heartbeat_timeout` and closes it when a ping goes unanswered for the other two thirds,
@@ -369,9 +387,7 @@ async def serve(config: CoordinatorConfig) -> None:
     admin_server, relay = await start_admin_server(admin, admin_socket, workloads, identities)
     remote_admin = await start_admin_listener(config, ca, admin, workloads, identities)
     rotation = asyncio.create_task(rotate_server_certificate(ca))
-    # Everything loaded so far lives as long as the process: keep it out of the garbage
-    # collector's full scans, which otherwise pause the event loop for every session.
-    gc.freeze()
+    tune_garbage_collector()
     stop = asyncio.Event()
     reconciling = asyncio.create_task(controller.run(stop))
     try:

@@ -183,3 +183,18 @@ def test_metrics_are_rendered_as_often_as_samples_come(metrics_interval: float, 
     from picoord.coordinator.main import render_interval
 
     assert render_interval(metrics_interval) == render
+
+
+def test_the_garbage_collector_runs_less_often_and_skips_start_up_objects() -> None:
+    import gc
+
+    from picoord.coordinator.main import GC_YOUNG_THRESHOLD, tune_garbage_collector
+
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD > before[0]
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
