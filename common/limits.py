@@ -140,7 +140,10 @@ LOG_PENDING_BYTES = LOG_NODE_BURST  # line bytes the coordinator holds for one s
 # --- Memory -------------------------------------------------------------------------------
 HISTORY_SAMPLES = 120  # per node, by count
 HISTORY_NODE_BYTES = 2 * MIB  # per node, serialized samples
-HISTORY_TOTAL_BYTES = 256 * MIB  # all nodes together
+# All nodes together. `node show` reads the last 10 by default; 32 MiB keeps 120 of a Pi's
+# samples (about 530 bytes each) for up to about 500 nodes, and about 12 each at 5,000, where
+# 256 MiB let the history alone reach 300 MiB of the coordinator's memory after 10 minutes.
+HISTORY_TOTAL_BYTES = 32 * MIB
 
 # --- Logs ---------------------------------------------------------------------------------
 LOG_TEXT = 200  # the most of any untrusted value written to a log line
