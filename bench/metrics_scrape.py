@@ -64,9 +64,8 @@ TICK = 0.010
 # --- the cluster ---------------------------------------------------------------------------------
 
 
-def build_cluster(root: Path, count: int) -> Cluster:
+async def build_cluster(store: Store, count: int) -> Cluster:
     """`count` enrolled nodes with an open session and one sample each."""
-    store = Store(root / "state.db")
     now = time.time()
     store.add_token(TokenRecord("abcdef", "bench", now, now + 86400, 0, 0, "metrics bench"))
     for index in range(count):
@@ -79,8 +78,10 @@ def build_cluster(root: Path, count: int) -> Cluster:
     for index in range(count):
         name = f"pi{index}"
         hello = agent_pb2.Hello(agent_version="0.1.0", hardware=pi_hardware(name, index))
-        cluster.open_session(LiveSession(name, f"serial{index}"), hello)
+        await cluster.open_session(LiveSession(name, f"serial{index}"), hello)
         cluster.history.add(name, next_sample(template, index))
+    if len(cluster.sessions) != count:  # what every figure here assumes
+        raise RuntimeError(f"{len(cluster.sessions)} of {count} sessions open")
     return cluster
 
 
@@ -270,13 +271,17 @@ async def watch_renders(endpoint: MetricsEndpoint, rendered: list[float], stop: 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     with bench_workspace("metrics") as (root, _processes):
         say(f"building a cluster of {args.nodes} nodes with one sample each")
-        cluster = build_cluster(root, args.nodes)
-        try:
-            result = asyncio.run(windows(cluster, args))
-        finally:
-            cluster.store.close()
+        result = asyncio.run(built_and_measured(root, args))
     result.update(nodes=args.nodes, seconds=args.seconds, interval=args.interval, pause=args.pause)
     return result
+
+
+async def built_and_measured(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    store = Store(root / "state.db")
+    try:
+        return await windows(await build_cluster(store, args.nodes), args)
+    finally:
+        store.close()
 
 
 def say(text: str) -> None:

@@ -30,3 +30,27 @@ def test_bench_starts(script: Path) -> None:
     )
     assert done.returncode == 0, f"{script.name} --help failed:\n{done.stderr[-2000:]}"
     assert "usage:" in done.stdout, done.stdout[:500]
+
+
+def test_metrics_scrape_builds_its_cluster_with_every_session_open(tmp_path: Path) -> None:
+    """More than an import: the cluster every metrics_scrape figure is measured on (its
+    sessions once went unopened, unseen, when opening a session became a coroutine)."""
+    import asyncio
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        from metrics_scrape import build_cluster
+    finally:
+        sys.path.remove(str(BENCH))
+
+    from picoord.coordinator.store import Store
+
+    async def built() -> tuple[int, int]:
+        store = Store(tmp_path / "state.db")
+        try:
+            cluster = await build_cluster(store, 3)
+            return len(cluster.sessions), sum(1 for name in cluster.sessions if cluster.history.latest(name))
+        finally:
+            store.close()
+
+    assert asyncio.run(built()) == (3, 3)
