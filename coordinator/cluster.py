@@ -480,10 +480,7 @@ class Cluster:
             self._store.enroll(token_id, node, labels, certificate, now)
             return self._store.get_node(node)
 
-        try:
-            record = self._remember(node, await self._write(enroll_and_read))
-        finally:
-            self._certificate_writes += 1
+        record = self._remember(node, await self._write_certificates(enroll_and_read))
         assert record is not None
         return record
 
@@ -523,8 +520,13 @@ class Cluster:
     @whole
     async def add_certificate(self, record: CertificateRecord) -> bool:
         """Record a renewed certificate; False when its node is no longer enrolled."""
+        return await self._write_certificates(self._store.add_certificate, record)
+
+    async def _write_certificates(self, work: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        """A store change that writes certificates: the kept newest ones are read again after
+        it, whether it succeeded or not."""
         try:
-            return await self._write(self._store.add_certificate, record)
+            return await self._write(work, *args, **kwargs)
         finally:
             self._certificate_writes += 1
 
@@ -554,10 +556,7 @@ class Cluster:
 
     @whole
     async def remove_node(self, name: str) -> tuple[list[str], bool]:
-        try:
-            serials = await self._write(self._store.remove_node, name, self.clock())
-        finally:
-            self._certificate_writes += 1
+        serials = await self._write_certificates(self._store.remove_node, name, self.clock())
         self._remember(name, None)
         session = self.sessions.get(name)
         if session is not None:
