@@ -167,7 +167,8 @@ def render_interval(metrics_interval: float) -> float:
 # Young objects a collection waits for (Python's default is 700). Measured with 5,000
 # sessions: about 50,000 allocations a second (1,000 samples), so the default ran 70 young
 # collections a second, and the older generations, holding every session's tasks and
-# state, came due often enough for pauses of 0.2-0.6 s, the admin p99's stalls.
+# state, came due often enough for pauses of 0.2-0.6 s (timed with gc.callbacks). Admin
+# stalls remained after this change: it is not their whole cause (bench/README.md).
 GC_YOUNG_THRESHOLD = 20_000
 GC_OLDER_THRESHOLD = 20
 
