@@ -13,19 +13,29 @@ When to rebuild (at 5,000 nodes a build takes about 30 ms of CPU, several times 
 A build yields to the event loop every SLICE rows, so sessions and other calls are never
 held for a whole build.
 
+`at_once` is the same rule for a caller off the event loop (the admin server's threads,
+admin_threads.py): a snapshot it may take now, else None and the call goes to the loop. A
+snapshot is never changed once built, so any thread may read it.
+
 `matching` is the pure part (table-tested); `SnapshotCache` only decides when to rebuild.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import structlog
+
+log = structlog.get_logger("picoord.coordinator.admin")
+
 Row = TypeVar("Row")
 Item = TypeVar("Item")
+Answer = TypeVar("Answer")
 
 SNAPSHOT_SECONDS = 1.0  # how stale a row's time-driven parts (last seen, Ready by silence) may be
 STALE_SECONDS = 5.0  # older than this, a caller waits for a rebuild rather than take it
@@ -71,6 +81,16 @@ class Snapshot(Built[Row]):
     generation: int
     built_at: float
 
+    def answer(
+        self, selector: Mapping[str, str], limit: int, make: Callable[[list[Row], int], Answer]
+    ) -> Answer:
+        """The answer to a call with this selector and limit: the whole one when neither is
+        given, else `make(rows, matched)` from the rows that match."""
+        if not selector and not limit:
+            return self.whole  # type: ignore[return-value]
+        picked, matched = matching(self.labels, selector, limit)
+        return make([self.rows[i] for i in picked], matched)
+
 
 class SnapshotCache(Generic[Row]):
     """The latest snapshot, rebuilt by `build` as the module says; one build at a time,
@@ -90,6 +110,7 @@ class SnapshotCache(Generic[Row]):
         self._latest: Snapshot[Row] | None = None
         self._lock = asyncio.Lock()
         self._refresh: asyncio.Task[Snapshot[Row]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # where builds run, from the first get
         self.builds = 0
 
     def _usable(self, generation: int, within: float) -> Snapshot[Row] | None:
@@ -99,15 +120,34 @@ class SnapshotCache(Generic[Row]):
         return latest if self._clock() - latest.built_at < within else None
 
     async def get(self, generation: Callable[[], int]) -> Snapshot[Row]:
+        self._loop = asyncio.get_running_loop()
         fresh = self._usable(generation(), self.max_age)
         if fresh is not None:
             return fresh
         current = self._usable(generation(), self.max_stale)
         if current is not None:
-            if self._refresh is None or self._refresh.done():
-                self._refresh = asyncio.create_task(self._rebuild(generation))
+            self._refresh_behind(generation)
             return current
         return await self._rebuild(generation)
+
+    def at_once(self, generation: Callable[[], int]) -> Snapshot[Row] | None:
+        """From any thread: the snapshot `get` would answer without waiting for a build (a
+        rebuild behind it started on the loop when it is aged), or None when `get` would
+        build first: that caller must go to the loop."""
+        current = self._usable(generation(), self.max_stale)
+        loop = self._loop
+        if current is None or loop is None:
+            return None
+        if self._clock() - current.built_at >= self.max_age:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: the coordinator stops
+                loop.call_soon_threadsafe(self._refresh_behind, generation)
+        return current
+
+    def _refresh_behind(self, generation: Callable[[], int]) -> None:
+        """One rebuild behind the callers, unless one is running."""
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self._rebuild(generation))
+            self._refresh.add_done_callback(_log_failure)
 
     async def _rebuild(self, generation: Callable[[], int]) -> Snapshot[Row]:
         async with self._lock:
@@ -119,3 +159,10 @@ class SnapshotCache(Generic[Row]):
             self.builds += 1
             self._latest = Snapshot(built.whole, built.rows, built.labels, started, at)
             return self._latest
+
+
+def _log_failure(task: asyncio.Task[object]) -> None:
+    """A rebuild behind the callers has nobody awaiting it: its failure is logged here (the
+    next caller then builds before answering, and sees the error itself)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("admin snapshot rebuild failed", error=repr(task.exception()))

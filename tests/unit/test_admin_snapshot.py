@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from picoord.coordinator.admin_snapshot import Built, SnapshotCache, in_slices, matching
+from picoord.coordinator.admin_snapshot import Built, Snapshot, SnapshotCache, in_slices, matching
 
 LABELS = [
     {"zone": "desk", "disk": "ssd"},
@@ -87,6 +87,36 @@ def test_an_aged_snapshot_is_answered_at_once_and_rebuilt_behind_the_call() -> N
         assert (await cache.get(lambda: generation[0])).rows == [2] and cache.builds == 2
 
     asyncio.run(scenario())
+
+
+def test_at_once_gives_what_get_would_answer_without_a_build_and_asks_the_loop_for_one_when_aged() -> None:
+    """The admin server's threads ask `at_once`: None sends the call to the loop."""
+    clock, generation, built = Clock(), [0], []
+
+    async def scenario() -> None:
+        cache = _cache(clock, built)
+        assert cache.at_once(lambda: generation[0]) is None  # nothing built yet
+        first = await cache.get(lambda: generation[0])
+        assert cache.at_once(lambda: generation[0]) is first  # fresh
+        clock.now += 1.5  # aged, within max_stale: answered, and one rebuild asked of the loop
+        answered = [await asyncio.to_thread(cache.at_once, lambda: generation[0]) for _ in range(3)]
+        assert answered == [first] * 3
+        await asyncio.sleep(0.05)  # the loop ran the one rebuild it was handed
+        assert built == [100.0, 101.5] and cache.at_once(lambda: generation[0]).rows == [2]
+        generation[0] += 1  # a change: only a build before answering shows it
+        assert cache.at_once(lambda: generation[0]) is None
+        await cache.get(lambda: generation[0])
+        clock.now += 5.0  # nobody asked for longer than max_stale
+        assert cache.at_once(lambda: generation[0]) is None
+
+    asyncio.run(scenario())
+
+
+def test_a_snapshot_answers_whole_or_by_selector_and_limit() -> None:
+    snapshot = Snapshot("whole", ["a", "b", "c", "d", "e"], LABELS, 0, 0.0)
+    assert snapshot.answer({}, 0, lambda rows, matched: (rows, matched)) == "whole"
+    assert snapshot.answer({"zone": "desk"}, 2, lambda rows, matched: (rows, matched)) == (["a", "c"], 3)
+    assert snapshot.answer({}, 1, lambda rows, matched: (rows, matched)) == (["a"], 5)
 
 
 def test_in_slices_yields_every_item_and_lets_the_loop_run_between_slices() -> None:
