@@ -26,6 +26,7 @@ from picoord.common.logs import configure_logging
 from picoord.common.sd_notify import notify, watchdog_period
 from picoord.coordinator import backup
 from picoord.coordinator.admin_relay import AdminRelay
+from picoord.coordinator.admin_threads import ThreadedServer, ThreadedServicer
 from picoord.coordinator.advertise import advertise
 from picoord.coordinator.ca import CAUnavailable, ClusterCA, new_cluster_hint
 from picoord.coordinator.cluster import Cluster
@@ -225,7 +226,7 @@ def agent_server_options(config: CoordinatorConfig, open_files: int) -> list[tup
 
 
 def add_operator_services(
-    server: grpc.aio.Server,
+    server: grpc.aio.Server | grpc.Server,
     admin: AdminServicer,
     workloads: WorkloadsServicer | None,
     identities: AdminCertificatesServicer | None,
@@ -243,18 +244,25 @@ async def start_admin_server(
     admin_socket: Path,
     workloads: WorkloadsServicer | None = None,
     identities: AdminCertificatesServicer | None = None,
-) -> tuple[grpc.aio.Server, AdminRelay]:
+) -> tuple[ThreadedServer, AdminRelay]:
     """The admin API (and the workload API) on a gRPC server of its own, reached only
     through the relay on the admin socket, which names each caller from its socket
-    credentials."""
+    credentials. Its threads take the calls and run them on this loop, or answer `nodes`
+    and `top` from a snapshot themselves (admin_threads.py)."""
     relay = AdminRelay(admin_socket, LOCAL_OPERATORS)
-    server = grpc.aio.server(options=GRPC_OPTIONS, maximum_concurrent_rpcs=None)
-    add_operator_services(server, admin, workloads, identities)
-    if not server.add_insecure_port(relay.internal_address):
+    loop = asyncio.get_running_loop()
+    threaded = ThreadedServer(GRPC_OPTIONS)
+    add_operator_services(
+        threaded.server,
+        ThreadedServicer(admin, loop, admin.answers_at_once()),  # type: ignore[arg-type]
+        None if workloads is None else ThreadedServicer(workloads, loop),  # type: ignore[arg-type]
+        None if identities is None else ThreadedServicer(identities, loop),  # type: ignore[arg-type]
+    )
+    if not threaded.server.add_insecure_port(relay.internal_address):
         raise OSError(f"cannot listen on {relay.internal_address}")
-    await server.start()
+    threaded.start()
     await relay.start()
-    return server, relay
+    return threaded, relay
 
 
 def admin_dial_address(admin_listen: str, advertise_host: str) -> str:

@@ -5,6 +5,8 @@ the checks a client that skips it meets."""
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ class Coordinator:
     cluster: Cluster
     admin: admin_pb2_grpc.AdminStub
     session: LiveSession
+    socket: Path
 
 
 @pytest.fixture
@@ -53,7 +56,7 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
     )
     channel = grpc.aio.insecure_channel(grpc_unix_address(socket))
     try:
-        yield Coordinator(cluster, admin_pb2_grpc.AdminStub(channel), session)
+        yield Coordinator(cluster, admin_pb2_grpc.AdminStub(channel), session, socket)
     finally:
         await channel.close()
         await relay.close()
@@ -193,3 +196,38 @@ async def test_nodes_and_top_by_selector_and_limit_from_the_snapshot(coordinator
         await admin.ListNodes(admin_pb2.ListNodesRequest(selector={"zone": "not a value!"}))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "selector" in (refused.value.details() or "")
+
+
+async def test_nodes_and_top_are_answered_while_the_event_loop_is_held(coordinator: Coordinator) -> None:
+    """The admin server's threads answer `nodes` and `top` from a built snapshot without a
+    turn of the loop (at 5,000 sessions its turns are long); a call that needs the loop
+    (a change to show first, a write) waits for it, and still gets its answer."""
+    admin = coordinator.admin
+    await admin.ListNodes(admin_pb2.ListNodesRequest())
+    await admin.Top(admin_pb2.TopRequest())  # both snapshots built
+    address = grpc_unix_address(coordinator.socket)
+
+    connected, go = threading.Event(), threading.Event()
+
+    def call_from_a_thread() -> tuple[list[str], list[str], float]:
+        with grpc.insecure_channel(address) as channel:
+            stub = admin_pb2_grpc.AdminStub(channel)
+            stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=5)  # the relay (on the loop) connects it
+            connected.set()
+            go.wait(5)
+            nodes = stub.ListNodes(admin_pb2.ListNodesRequest(), timeout=5)
+            top = stub.Top(admin_pb2.TopRequest(limit=1), timeout=5)
+            return [n.name for n in nodes.nodes], [r.name for r in top.rows], time.monotonic()
+
+    answered = asyncio.get_running_loop().run_in_executor(None, call_from_a_thread)
+    assert await asyncio.to_thread(connected.wait, 5)
+    go.set()
+    time.sleep(1.0)  # the loop is held: nothing else on it runs meanwhile
+    released = time.monotonic()
+    nodes, top, at = await answered
+    assert (nodes, top) == (["pi1"], ["pi1"])
+    assert at < released  # answered in the admin server's threads
+    # A change must show at once: that call waits for a build on the loop, and gets it.
+    await admin.LabelNode(admin_pb2.LabelNodeRequest(name="pi1", set={"zone": "desk"}))
+    relabeled = await admin.ListNodes(admin_pb2.ListNodesRequest(selector={"zone": "desk"}))
+    assert [node.name for node in relabeled.nodes] == ["pi1"]

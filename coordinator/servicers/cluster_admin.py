@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 import grpc
 import structlog
@@ -12,7 +13,7 @@ from picoord.common import defaults, limits
 from picoord.common.joining import join_command
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
-from picoord.coordinator.admin_snapshot import Built, SnapshotCache, in_slices, matching
+from picoord.coordinator.admin_snapshot import Answer, Built, Row, SnapshotCache, in_slices
 from picoord.coordinator.apply.action_planner import PlanError
 from picoord.coordinator.apply.service import ApplyBusy, ApplyService, registry_tls
 from picoord.coordinator.ca import ClusterCA, certificate_serial, certificate_state
@@ -127,10 +128,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ListNodesResponse:
         selector = await self._selector(request.selector, context)
         snapshot = await self._node_rows.get(self._generation)
-        if not selector and not request.limit:
-            return snapshot.whole  # type: ignore[return-value]
-        picked, matched = matching(snapshot.labels, selector, request.limit)
-        return admin_pb2.ListNodesResponse(nodes=[snapshot.rows[i] for i in picked], matched=matched)
+        return snapshot.answer(selector, request.limit, _nodes_answer)
 
     def _generation(self) -> int:
         return self.cluster.generation
@@ -162,17 +160,30 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, selector: Mapping[str, str], context: grpc.aio.ServicerContext
     ) -> dict[str, str]:
         """The request's label selector, checked as labels are (a clear error naming it)."""
-        wanted = dict(selector)
-        if len(wanted) > limits.LABELS:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"selector: at most {limits.LABELS} labels, not {len(wanted)}",
-            )
         try:
-            return validate_labels(wanted)
+            return checked_selector(selector)
         except InvalidName as error:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"selector: {error}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             raise AssertionError("unreachable") from error
+
+    def answers_at_once(self) -> dict[str, Callable[[Any], Any | None]]:
+        """The reads a thread may answer off the event loop (admin_threads.py), by method:
+        each gives the answer from a snapshot already built, or None (a selector to refuse,
+        no snapshot to take) and the call runs on the loop as any other."""
+        return {
+            "ListNodes": lambda request: self._at_once(self._node_rows, request, _nodes_answer),
+            "Top": lambda request: self._at_once(self._top_rows, request, _top_answer),
+        }
+
+    def _at_once(
+        self, cache: SnapshotCache[Row], request: Any, make: Callable[[list[Row], int], Answer]
+    ) -> Answer | None:
+        try:
+            selector = checked_selector(request.selector)
+        except InvalidName:
+            return None
+        snapshot = cache.at_once(self._generation)
+        return None if snapshot is None else snapshot.answer(selector, request.limit, make)
 
     @unavailable_on_store_fault
     async def GetNode(
@@ -272,10 +283,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.TopResponse:
         selector = await self._selector(request.selector, context)
         snapshot = await self._top_rows.get(self._generation)
-        if not selector and not request.limit:
-            return snapshot.whole  # type: ignore[return-value]
-        picked, matched = matching(snapshot.labels, selector, request.limit)
-        return admin_pb2.TopResponse(rows=[snapshot.rows[i] for i in picked], matched=matched)
+        return snapshot.answer(selector, request.limit, _top_answer)
 
     async def CheckCertificateExpiration(
         self, request: admin_pb2.CheckCertificateExpirationRequest, context: grpc.aio.ServicerContext
@@ -327,3 +335,22 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 )
             )
         return admin_pb2.CheckCertificateExpirationResponse(certificates=listed, now=now)
+
+
+def checked_selector(selector: Mapping[str, str]) -> dict[str, str]:
+    """A request's label selector, checked as labels are; InvalidName names the selector."""
+    wanted = dict(selector)
+    if len(wanted) > limits.LABELS:
+        raise InvalidName(f"selector: at most {limits.LABELS} labels, not {len(wanted)}")
+    try:
+        return validate_labels(wanted)
+    except InvalidName as error:
+        raise InvalidName(f"selector: {error}") from error
+
+
+def _nodes_answer(rows: list[admin_pb2.NodeSummary], matched: int) -> admin_pb2.ListNodesResponse:
+    return admin_pb2.ListNodesResponse(nodes=rows, matched=matched)
+
+
+def _top_answer(rows: list[admin_pb2.TopRow], matched: int) -> admin_pb2.TopResponse:
+    return admin_pb2.TopResponse(rows=rows, matched=matched)

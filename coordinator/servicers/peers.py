@@ -121,10 +121,15 @@ class LocalOperators:
 LOCAL_OPERATORS = LocalOperators()
 
 
+def is_local_operator(context: grpc.ServicerContext | grpc.aio.ServicerContext) -> bool:
+    """The caller came through the root-only admin socket (the relay named it)."""
+    return LOCAL_OPERATORS.lookup(context.peer()) is not None
+
+
 def is_operator(context: grpc.aio.ServicerContext) -> bool:
     """The admin API is for processes on the root-only admin socket (as the relay saw
     them), or for a certificate of the admins group (checked further by `admin_refusal`)."""
-    if LOCAL_OPERATORS.lookup(context.peer()) is not None:
+    if is_local_operator(context):
         return True
     peer = certified_peer(context)
     return peer is not None and ADMIN_ORGANIZATION in peer.organizations
@@ -202,7 +207,7 @@ async def call_refusal(
 ) -> tuple[grpc.StatusCode, str] | None:
     """Why this call may not run, or None. Local operators pass; a certificate passes only
     with a gate that finds it an admin certificate in force, and never for local-only calls."""
-    if LOCAL_OPERATORS.lookup(context.peer()) is not None:
+    if is_local_operator(context):
         return None
     peer = certified_peer(context)
     if peer is None or gate is None:
