@@ -579,6 +579,7 @@ class Workers:
 
 
 WHOLE = ("ListNodes", "Top")
+SLOWEST = 5  # calls whose wall-clock time is printed, to find them in the coordinator's log
 
 
 def probe_names(page: int) -> list[str]:
@@ -594,6 +595,7 @@ class Probe:
     failures: collections.Counter[str] = field(default_factory=collections.Counter)
     last_list: admin_pb2.ListNodesResponse | None = None
     ready_counts: list[int] = field(default_factory=list)  # Ready nodes in each ListNodes answer
+    slowest: list[tuple[float, float, str]] = field(default_factory=list)  # (seconds, wall clock, call)
 
     def summary(self) -> dict[str, dict[str, float]]:
         every = [v for values in self.latencies.values() for v in values]
@@ -630,7 +632,9 @@ def probe_admin(
                 stub.ListNodes(admin_pb2.ListNodesRequest(limit=limit), timeout=10)
             else:
                 stub.Top(admin_pb2.TopRequest(limit=limit), timeout=10)
-            probe.latencies[name].append(time.perf_counter() - began)
+            took = time.perf_counter() - began
+            probe.latencies[name].append(took)
+            probe.slowest = sorted([*probe.slowest, (took, time.time(), name)], reverse=True)[:SLOWEST]
         except grpc.RpcError as error:
             probe.failures[f"{name}: {error.code().name}"] += 1  # type: ignore[attr-defined]
         if turn % 10 == 0:
@@ -865,6 +869,7 @@ def measure(
         "ready_probes": len(loaded.ready_counts),
         "admin": loaded.summary(),
         "admin_failures": dict(loaded.failures),
+        "admin_slowest": loaded.slowest,
         "ready_nodes": ready,
         "connected_nodes": connected,
         "listed_nodes": listed,
@@ -969,6 +974,13 @@ def report(result: dict[str, Any]) -> bool:
             )
     print("admin round trip over the unix socket (the calls in turn):")
     print(table(["phase", "rpc", "calls", "p50", "p99", "max", "failed"], rows))
+    print(
+        "slowest under load: "
+        + ", ".join(
+            f"{name} {ms(took)} at {time.strftime('%H:%M:%S', time.gmtime(at))}.{int(at % 1 * 1000):03d} UTC"
+            for took, at, name in window["admin_slowest"]
+        )
+    )
     ratios = {
         rpc: window["admin"][rpc]["p99"] / idle["admin"][rpc]["p99"]
         if idle["admin"][rpc]["p99"] > 0
