@@ -96,7 +96,8 @@ class LocalOperators:
     connection (`unix:<private dir>/c<n>`), registered before the relay connects.
 
     A call whose peer is not registered came to the private socket some other way and is
-    no operator's."""
+    no operator's. The relay writes it on the event loop and the admin server's threads
+    read it: each method is one dict operation, which the GIL makes atomic."""
 
     def __init__(self) -> None:
         self._by_peer: dict[str, LocalOperator] = {}
