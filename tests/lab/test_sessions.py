@@ -61,7 +61,10 @@ def test_a_certificate_from_another_cluster_is_refused(lab_factory: Callable[...
     assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
     # the positive control: the same call with our cluster's certificate is welcomed
     replies = open_session(ours.coordinator_address, credentials_of(ours), [hello("pi1")])
-    assert [reply.WhichOneof("body") for reply in replies] == ["welcome"]
+    # A new session is also sent its (here empty) assignment on the controller's next tick,
+    # which may come before this short session ends (controller/dispatcher.py).
+    kinds = [reply.WhichOneof("body") for reply in replies]
+    assert kinds[0] == "welcome" and set(kinds[1:]) <= {"assignment"}, kinds
     assert replies[0].welcome.node_name == "pi1"
 
 
