@@ -119,26 +119,30 @@ class SnapshotCache(Generic[Row]):
             return None
         return latest if self._clock() - latest.built_at < within else None
 
+    def _answerable(self, generation: int) -> tuple[Snapshot[Row] | None, bool]:
+        """The snapshot a caller may take now (None: build first), and whether it is aged
+        (older than max_age: one rebuild behind the callers is due)."""
+        current = self._usable(generation, self.max_stale)
+        return current, current is not None and self._clock() - current.built_at >= self.max_age
+
     async def get(self, generation: Callable[[], int]) -> Snapshot[Row]:
         self._loop = asyncio.get_running_loop()
-        fresh = self._usable(generation(), self.max_age)
-        if fresh is not None:
-            return fresh
-        current = self._usable(generation(), self.max_stale)
-        if current is not None:
+        current, aged = self._answerable(generation())
+        if current is None:
+            return await self._rebuild(generation)
+        if aged:
             self._refresh_behind(generation)
-            return current
-        return await self._rebuild(generation)
+        return current
 
     def at_once(self, generation: Callable[[], int]) -> Snapshot[Row] | None:
         """From any thread: the snapshot `get` would answer without waiting for a build (a
         rebuild behind it started on the loop when it is aged), or None when `get` would
         build first: that caller must go to the loop."""
-        current = self._usable(generation(), self.max_stale)
+        current, aged = self._answerable(generation())
         loop = self._loop
         if current is None or loop is None:
             return None
-        if self._clock() - current.built_at >= self.max_age:
+        if aged:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the coordinator stops
                 loop.call_soon_threadsafe(self._refresh_behind, generation)
         return current
