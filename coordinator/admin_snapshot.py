@@ -15,9 +15,11 @@ held for a whole build.
 
 `at_once` is the same rule for a caller off the event loop (the admin server's threads,
 admin_threads.py): a snapshot it may take now, else None and the call goes to the loop. A
-snapshot is never changed once built, so any thread may read it.
+snapshot is never changed once built, so any thread may read it. The read replica
+(admin_replica.py) applies the same rule, `answerable`, to the copies it is sent.
 
-`matching` is the pure part (table-tested); `SnapshotCache` only decides when to rebuild.
+`matching` and `answerable` are the pure part (table-tested); `SnapshotCache` only decides
+when to rebuild.
 """
 
 from __future__ import annotations
@@ -92,6 +94,17 @@ class Snapshot(Built[Row]):
         return make([self.rows[i] for i in picked], matched)
 
 
+def answerable(
+    latest: Snapshot[Row] | None, generation: int, now: float, max_age: float, max_stale: float
+) -> tuple[Snapshot[Row] | None, bool]:
+    """The snapshot a caller may take now (None: build first: there is none, what rows show
+    changed since, or it is older than `max_stale`), and whether it is aged (older than
+    `max_age`: one rebuild behind the callers is due)."""
+    if latest is None or latest.generation != generation or now - latest.built_at >= max_stale:
+        return None, False
+    return latest, now - latest.built_at >= max_age
+
+
 class SnapshotCache(Generic[Row]):
     """The latest snapshot, rebuilt by `build` as the module says; one build at a time,
     shared by every caller waiting for it."""
@@ -112,6 +125,8 @@ class SnapshotCache(Generic[Row]):
         self._refresh: asyncio.Task[Snapshot[Row]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # where builds run, from the first get
         self.builds = 0
+        # Told of every snapshot built, on the loop (the read replica is sent a copy).
+        self.on_built: Callable[[Snapshot[Row]], None] | None = None
 
     def _usable(self, generation: int, within: float) -> Snapshot[Row] | None:
         latest = self._latest
@@ -120,10 +135,7 @@ class SnapshotCache(Generic[Row]):
         return latest if self._clock() - latest.built_at < within else None
 
     def _answerable(self, generation: int) -> tuple[Snapshot[Row] | None, bool]:
-        """The snapshot a caller may take now (None: build first), and whether it is aged
-        (older than max_age: one rebuild behind the callers is due)."""
-        current = self._usable(generation, self.max_stale)
-        return current, current is not None and self._clock() - current.built_at >= self.max_age
+        return answerable(self._latest, generation, self._clock(), self.max_age, self.max_stale)
 
     async def get(self, generation: Callable[[], int]) -> Snapshot[Row]:
         self._loop = asyncio.get_running_loop()
@@ -131,7 +143,7 @@ class SnapshotCache(Generic[Row]):
         if current is None:
             return await self._rebuild(generation)
         if aged:
-            self._refresh_behind(generation)
+            self.refresh_behind(generation)
         return current
 
     def at_once(self, generation: Callable[[], int]) -> Snapshot[Row] | None:
@@ -144,11 +156,11 @@ class SnapshotCache(Generic[Row]):
             return None
         if aged:
             with contextlib.suppress(RuntimeError):  # the loop is closed: the coordinator stops
-                loop.call_soon_threadsafe(self._refresh_behind, generation)
+                loop.call_soon_threadsafe(self.refresh_behind, generation)
         return current
 
-    def _refresh_behind(self, generation: Callable[[], int]) -> None:
-        """One rebuild behind the callers, unless one is running."""
+    def refresh_behind(self, generation: Callable[[], int]) -> None:
+        """On the loop: one rebuild behind the callers, unless one is running."""
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.create_task(self._rebuild(generation))
             self._refresh.add_done_callback(_log_failure)
@@ -161,8 +173,10 @@ class SnapshotCache(Generic[Row]):
             started, at = generation(), self._clock()
             built = await self._build()
             self.builds += 1
-            self._latest = Snapshot(built.whole, built.rows, built.labels, started, at)
-            return self._latest
+            self._latest = latest = Snapshot(built.whole, built.rows, built.labels, started, at)
+            if self.on_built is not None:
+                self.on_built(latest)
+            return latest
 
 
 def _log_failure(task: asyncio.Task[object]) -> None:

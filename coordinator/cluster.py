@@ -153,7 +153,9 @@ class Cluster:
         # Counts changes of what a node's row shows, but time: its record (enrollment, labels,
         # acceptance, removal, hello), its session, its role. An admin snapshot of an older
         # generation is rebuilt before answering (admin_snapshot.py).
-        self.generation = 0
+        self._generation = 0
+        # Told of every new generation: the admin read replica's cell (admin_replica.py).
+        self.publish_generation: Callable[[int], None] | None = None
         self.sessions: dict[str, LiveSession] = {}
         # False while the state disk refuses writes; one log line per change, not per failure.
         self.store_writable = True
@@ -211,6 +213,16 @@ class Cluster:
         """A change to the store's other tables (the workload records), followed like the
         cluster's own: a full state disk shows in `store_writable` and the failure counter."""
         return await self._write(work, *args, **kwargs)
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    @generation.setter
+    def generation(self, value: int) -> None:
+        self._generation = value
+        if self.publish_generation is not None:
+            self.publish_generation(value)
 
     # sessions
     @whole

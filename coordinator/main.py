@@ -25,7 +25,9 @@ from picoord.common.files import UnsafeStateDir, check_state_dir
 from picoord.common.logs import configure_logging
 from picoord.common.sd_notify import notify, watchdog_period
 from picoord.coordinator import backup
-from picoord.coordinator.admin_relay import AdminRelay
+from picoord.coordinator.admin_reads import replica_socket
+from picoord.coordinator.admin_relay import SUN_PATH_MAX, AdminRelay
+from picoord.coordinator.admin_replica import AdminReplica
 from picoord.coordinator.admin_threads import ThreadedServer, ThreadedServicer
 from picoord.coordinator.advertise import advertise
 from picoord.coordinator.ca import CAUnavailable, ClusterCA, new_cluster_hint
@@ -265,6 +267,24 @@ async def start_admin_server(
     return threaded, relay
 
 
+async def start_admin_replica(
+    admin: AdminServicer, cluster: Cluster, relay: AdminRelay
+) -> AdminReplica | None:
+    """The admin read replica (admin_replica.py): `nodes` and `top` answered by a process of
+    its own from the snapshots built here. None (and coordctl asks the admin socket) when
+    its socket's path is too long for a unix socket."""
+    socket_path = replica_socket(relay.admin_socket)
+    if len(str(socket_path).encode()) > SUN_PATH_MAX:
+        log.warning("admin read replica not started: its socket path is too long", socket=str(socket_path))
+        return None
+    replica = AdminReplica(relay.admin_socket, relay.directory, admin.refresh)
+    cluster.publish_generation = replica.cell.write
+    replica.cell.write(cluster.generation)
+    admin.send_snapshots_to(replica.ship)
+    await replica.start()
+    return replica
+
+
 def admin_dial_address(admin_listen: str, advertise_host: str) -> str:
     """What admin bundles name to dial: a specific listen host as is, else the host agents
     are told (coordinator/advertise.py); empty when the listener is off."""
@@ -394,6 +414,7 @@ async def serve(config: CoordinatorConfig) -> None:
     admin_socket = Path(config.admin_socket)
     await server.start()
     admin_server, relay = await start_admin_server(admin, admin_socket, workloads, identities)
+    replica = await start_admin_replica(raw_admin, cluster, relay)
     remote_admin = await start_admin_listener(config, ca, admin, workloads, identities)
     rotation = asyncio.create_task(rotate_server_certificate(ca))
     tune_garbage_collector()
@@ -438,6 +459,8 @@ async def serve(config: CoordinatorConfig) -> None:
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(reconciling, 5)
+        if replica is not None:
+            await replica.stop()
         await relay.close()
         await admin_server.stop(grace=1)
         if remote_admin is not None:

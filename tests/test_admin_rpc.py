@@ -5,6 +5,8 @@ the checks a client that skips it meets."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -15,9 +17,11 @@ import grpc
 import pytest
 
 from picoord.common.addresses import grpc_unix_address
+from picoord.coordinator.admin_relay import AdminRelay
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster, LiveSession
-from picoord.coordinator.main import start_admin_server
+from picoord.coordinator.ctl.client import AdminClient, replica_channel
+from picoord.coordinator.main import start_admin_replica, start_admin_server
 from picoord.coordinator.servicers.cluster_admin import AdminServicer
 from picoord.coordinator.servicers.peers import restrict_to_operators
 from picoord.coordinator.status import StatusTimeouts
@@ -34,6 +38,8 @@ class Coordinator:
     admin: admin_pb2_grpc.AdminStub
     session: LiveSession
     socket: Path
+    relay: AdminRelay
+    servicer: AdminServicer
 
 
 @pytest.fixture
@@ -56,7 +62,7 @@ async def coordinator(tmp_path: Path) -> AsyncIterator[Coordinator]:
     )
     channel = grpc.aio.insecure_channel(grpc_unix_address(socket))
     try:
-        yield Coordinator(cluster, admin_pb2_grpc.AdminStub(channel), session, socket)
+        yield Coordinator(cluster, admin_pb2_grpc.AdminStub(channel), session, socket, relay, servicer)
     finally:
         await channel.close()
         await relay.close()
@@ -231,3 +237,67 @@ async def test_nodes_and_top_are_answered_while_the_event_loop_is_held(coordinat
     await admin.LabelNode(admin_pb2.LabelNodeRequest(name="pi1", set={"zone": "desk"}))
     relabeled = await admin.ListNodes(admin_pb2.ListNodesRequest(selector={"zone": "desk"}))
     assert [node.name for node in relabeled.nodes] == ["pi1"]
+
+
+async def test_the_read_replica_answers_while_the_coordinator_is_held_and_shows_a_change_at_once(
+    coordinator: Coordinator,
+) -> None:
+    """The read replica (a process of its own) answers `nodes` and `top` from the snapshots
+    the coordinator sends it, with the coordinator's loop held; a change shows at once (it
+    forwards, through the generation cell); a bad selector gets the coordinator's error;
+    killed, coordctl's client still answers from the admin socket and the replica is back."""
+    cluster, admin = coordinator.cluster, coordinator.admin
+    replica = await start_admin_replica(coordinator.servicer, cluster, coordinator.relay)
+    assert replica is not None
+    try:
+        await admin.ListNodes(admin_pb2.ListNodesRequest())
+        await admin.Top(admin_pb2.TopRequest())  # both built, and sent to the replica
+        client = AdminClient(
+            grpc.insecure_channel(grpc_unix_address(coordinator.socket)), replica_channel(coordinator.socket)
+        )
+        reads = admin_pb2_grpc.AdminStub(grpc.insecure_channel(grpc_unix_address(replica.socket)))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # wait for the replica's listener and first frames
+            try:
+                reads.ListNodes(admin_pb2.ListNodesRequest(), timeout=1)
+                break
+            except grpc.RpcError:
+                await asyncio.sleep(0.1)
+
+        def from_the_replica() -> tuple[list[str], list[str], float]:
+            nodes = reads.ListNodes(admin_pb2.ListNodesRequest(), timeout=5)
+            top = reads.Top(admin_pb2.TopRequest(limit=1), timeout=5)
+            return [n.name for n in nodes.nodes], [r.name for r in top.rows], time.monotonic()
+
+        answered = asyncio.get_running_loop().run_in_executor(None, from_the_replica)
+        time.sleep(1.0)  # the loop is held, and the coordinator's admin threads wait for it
+        released = time.monotonic()
+        nodes, top, at = await answered
+        assert (nodes, top) == (["pi1"], ["pi1"])
+        assert at < released
+
+        await admin.LabelNode(admin_pb2.LabelNodeRequest(name="pi1", set={"zone": "desk"}))
+        relabeled = await asyncio.to_thread(
+            reads.ListNodes, admin_pb2.ListNodesRequest(selector={"zone": "desk"}), timeout=5
+        )
+        assert [node.name for node in relabeled.nodes] == ["pi1"]
+        with pytest.raises(grpc.RpcError) as refused:
+            await asyncio.to_thread(
+                reads.ListNodes, admin_pb2.ListNodesRequest(selector={"zone": "not a value!"}), timeout=5
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert "selector" in refused.value.details()  # type: ignore[attr-defined]
+
+        first = replica.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        listed = await asyncio.to_thread(client.ListNodes, admin_pb2.ListNodesRequest(), timeout=5)
+        assert [node.name for node in listed.nodes] == ["pi1"]  # from the admin socket meanwhile
+        deadline = time.monotonic() + 10
+        while replica.pid == first and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert replica.pid not in (None, first)
+        assert replica.starts == 2
+    finally:
+        await replica.stop()
+    assert not replica.socket.exists()

@@ -35,6 +35,7 @@ from picoord.coordinator.ctl.client import (
     ConnectionChoiceError,
     choose_connection,
     open_channel,
+    replica_channel,
     unreachable_message,
 )
 from picoord.coordinator.ctl.contexts import BundleError, expiry_refusal
@@ -718,7 +719,8 @@ def connect_for(args: argparse.Namespace) -> tuple[Any, str | None]:
     channel = open_channel(connection, contexts)
     if getattr(args, "api", "admin") == "workloads":
         return services_pb2_grpc.WorkloadsStub(channel), connection.context
-    return AdminClient(channel), connection.context
+    replica = None if connection.socket_path is None else replica_channel(connection.socket_path)
+    return AdminClient(channel, replica), connection.context
 
 
 def rpc_error_message(error: grpc.RpcError, context: str | None) -> str:

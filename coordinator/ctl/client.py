@@ -11,18 +11,22 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from picoord.common import defaults, limits
 from picoord.common.addresses import InvalidAddress, grpc_unix_address, split_host_port
+from picoord.coordinator.admin_reads import replica_socket
 from picoord.coordinator.ctl.contexts import Bundle, ContextStore, foreign_server_message
 from picoord.v1 import admin_pb2_grpc
 
 CALL_TIMEOUT = 10.0
+# The read replica answered neither yes nor no: gone (UNAVAILABLE), or not a replica at all.
+REPLICA_ABSENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED)
 PROBE_TIMEOUT = 5.0
 
 
@@ -71,11 +75,39 @@ def choose_connection(
 
 
 class AdminClient(admin_pb2_grpc.AdminStub):
-    """The Admin stub, with the admin certificates service on the same channel."""
+    """The Admin stub, with the admin certificates service on the same channel. Given the
+    read replica's channel, `ListNodes` and `Top` ask it first (admin_replica.py)."""
 
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, replica: grpc.Channel | None = None) -> None:
         super().__init__(channel)
         self.certificates = admin_pb2_grpc.AdminCertificatesStub(channel)
+        if replica is not None:
+            reads = admin_pb2_grpc.AdminStub(replica)
+            self.ListNodes = _replica_first(reads.ListNodes, self.ListNodes)
+            self.Top = _replica_first(reads.Top, self.Top)
+
+
+def _replica_first(replica: Callable[..., Any], admin: Callable[..., Any]) -> Callable[..., Any]:
+    """A read from the replica, or from the admin socket when the replica is not there (not
+    started, or restarting): the answer is the same, only slower under load."""
+
+    def call(request: Any, **kwargs: Any) -> Any:
+        try:
+            return replica(request, **kwargs)
+        except grpc.RpcError as error:
+            if error.code() not in REPLICA_ABSENT:  # type: ignore[attr-defined]
+                raise
+            return admin(request, **kwargs)
+
+    return call
+
+
+def replica_channel(socket_path: Path) -> grpc.Channel | None:
+    """A channel to the read replica beside the admin socket, or None when there is none."""
+    replica = replica_socket(socket_path)
+    if not replica.exists() or not os.access(replica, os.R_OK | os.W_OK):
+        return None
+    return grpc.insecure_channel(grpc_unix_address(replica))
 
 
 def socket_channel(socket_path: Path) -> grpc.Channel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -13,7 +14,8 @@ from picoord.common import defaults, limits
 from picoord.common.joining import join_command
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
-from picoord.coordinator.admin_snapshot import Answer, Built, Row, SnapshotCache, in_slices
+from picoord.coordinator.admin_reads import NODES, TOP, SnapshotRead, checked_selector
+from picoord.coordinator.admin_snapshot import Answer, Built, Row, Snapshot, SnapshotCache, in_slices
 from picoord.coordinator.apply.action_planner import PlanError
 from picoord.coordinator.apply.service import ApplyBusy, ApplyService, registry_tls
 from picoord.coordinator.ca import ClusterCA, certificate_serial, certificate_state
@@ -128,7 +130,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ListNodesResponse:
         selector = await self._selector(request.selector, context)
         snapshot = await self._node_rows.get(self._generation)
-        return snapshot.answer(selector, request.limit, _nodes_answer)
+        return snapshot.answer(selector, request.limit, NODES.answer)
 
     def _generation(self) -> int:
         return self.cluster.generation
@@ -171,9 +173,19 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         each gives the answer from a snapshot already built, or None (a selector to refuse,
         no snapshot to take) and the call runs on the loop as any other."""
         return {
-            "ListNodes": lambda request: self._at_once(self._node_rows, request, _nodes_answer),
-            "Top": lambda request: self._at_once(self._top_rows, request, _top_answer),
+            "ListNodes": lambda request: self._at_once(self._node_rows, request, NODES.answer),
+            "Top": lambda request: self._at_once(self._top_rows, request, TOP.answer),
         }
+
+    def send_snapshots_to(self, ship: Callable[[SnapshotRead, Snapshot[Any]], None]) -> None:
+        """Hand every snapshot built from now on to `ship` (the admin read replica)."""
+        self._node_rows.on_built = functools.partial(ship, NODES)
+        self._top_rows.on_built = functools.partial(ship, TOP)
+
+    def refresh(self, kind: bytes) -> None:
+        """On the loop: one rebuild behind the callers of this read (its replica's copy aged)."""
+        cache = {NODES.kind: self._node_rows, TOP.kind: self._top_rows}[kind]
+        cache.refresh_behind(self._generation)
 
     def _at_once(
         self, cache: SnapshotCache[Row], request: Any, make: Callable[[list[Row], int], Answer]
@@ -283,7 +295,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.TopResponse:
         selector = await self._selector(request.selector, context)
         snapshot = await self._top_rows.get(self._generation)
-        return snapshot.answer(selector, request.limit, _top_answer)
+        return snapshot.answer(selector, request.limit, TOP.answer)
 
     async def CheckCertificateExpiration(
         self, request: admin_pb2.CheckCertificateExpirationRequest, context: grpc.aio.ServicerContext
@@ -335,22 +347,3 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 )
             )
         return admin_pb2.CheckCertificateExpirationResponse(certificates=listed, now=now)
-
-
-def checked_selector(selector: Mapping[str, str]) -> dict[str, str]:
-    """A request's label selector, checked as labels are; InvalidName names the selector."""
-    wanted = dict(selector)
-    if len(wanted) > limits.LABELS:
-        raise InvalidName(f"selector: at most {limits.LABELS} labels, not {len(wanted)}")
-    try:
-        return validate_labels(wanted)
-    except InvalidName as error:
-        raise InvalidName(f"selector: {error}") from error
-
-
-def _nodes_answer(rows: list[admin_pb2.NodeSummary], matched: int) -> admin_pb2.ListNodesResponse:
-    return admin_pb2.ListNodesResponse(nodes=rows, matched=matched)
-
-
-def _top_answer(rows: list[admin_pb2.TopRow], matched: int) -> admin_pb2.TopResponse:
-    return admin_pb2.TopResponse(rows=rows, matched=matched)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from picoord.coordinator.admin_snapshot import Built, Snapshot, SnapshotCache, in_slices, matching
+from picoord.coordinator.admin_snapshot import Built, Snapshot, SnapshotCache, answerable, in_slices, matching
 
 LABELS = [
     {"zone": "desk", "disk": "ssd"},
@@ -139,3 +139,38 @@ def test_in_slices_yields_every_item_and_lets_the_loop_run_between_slices() -> N
     items, ran = asyncio.run(scenario())
     assert items == list(range(10))
     assert ran == 3  # after items 3, 6 and 9
+
+
+SNAP = Snapshot("whole", [1], [{}], generation=7, built_at=100.0)
+
+
+@pytest.mark.parametrize(
+    ("latest", "generation", "now", "taken", "aged"),
+    [
+        (None, 7, 100.0, None, False),  # nothing built yet
+        (SNAP, 8, 100.0, None, False),  # what rows show changed since
+        (SNAP, 7, 100.5, SNAP, False),  # fresh
+        (SNAP, 7, 101.0, SNAP, True),  # aged: answered, one rebuild behind
+        (SNAP, 7, 104.9, SNAP, True),
+        (SNAP, 7, 105.0, None, False),  # stale: rebuilt before answering
+    ],
+)
+def test_answerable(
+    latest: Snapshot | None, generation: int, now: float, taken: Snapshot | None, aged: bool
+) -> None:
+    assert answerable(latest, generation, now, max_age=1.0, max_stale=5.0) == (taken, aged)
+
+
+def test_every_build_is_handed_to_on_built() -> None:
+    clock, built, handed = Clock(), [], []
+
+    async def scenario() -> None:
+        cache = _cache(clock, built)
+        cache.on_built = handed.append
+        first = await cache.get(lambda: 0)
+        again = await cache.get(lambda: 0)  # the same snapshot: no build, nothing handed
+        changed = await cache.get(lambda: 1)
+        assert handed == [first, changed]
+        assert again is first
+
+    asyncio.run(scenario())

@@ -1,0 +1,55 @@
+"""The admin reads answered from a snapshot (admin_snapshot.py), `coordctl nodes` and `top`:
+what each is called, how its answer is made from rows, the selector check, and where the
+read replica answers them. One definition for the coordinator's servicer, the read
+replica (admin_replica.py) and coordctl."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from picoord.common import limits
+from picoord.common.names import InvalidName, validate_labels
+from picoord.v1 import admin_pb2
+
+
+@dataclass(frozen=True)
+class SnapshotRead:
+    """One read: its Admin RPC, its one-byte name between the coordinator and the replica,
+    and its answer's type and repeated field of rows."""
+
+    method: str
+    kind: bytes
+    answer_type: type[Any]
+    rows_field: str
+
+    def answer(self, rows: Sequence[Any], matched: int) -> Any:
+        """The answer carrying `rows`, of `matched` rows that matched the selector."""
+        return self.answer_type(**{self.rows_field: rows, "matched": matched})
+
+    def rows(self, whole: Any) -> Sequence[Any]:
+        return getattr(whole, self.rows_field)  # type: ignore[no-any-return]
+
+
+NODES = SnapshotRead("ListNodes", b"n", admin_pb2.ListNodesResponse, "nodes")
+TOP = SnapshotRead("Top", b"t", admin_pb2.TopResponse, "rows")
+READS = {read.kind: read for read in (NODES, TOP)}
+
+
+def replica_socket(admin_socket: Path) -> Path:
+    """Where the admin read replica listens (admin_replica.py): beside the admin socket,
+    where coordctl finds it."""
+    return admin_socket.with_name(admin_socket.name + ".reads")
+
+
+def checked_selector(selector: Mapping[str, str]) -> dict[str, str]:
+    """A request's label selector, checked as labels are; InvalidName names the selector."""
+    wanted = dict(selector)
+    if len(wanted) > limits.LABELS:
+        raise InvalidName(f"selector: at most {limits.LABELS} labels, not {len(wanted)}")
+    try:
+        return validate_labels(wanted)
+    except InvalidName as error:
+        raise InvalidName(f"selector: {error}") from error

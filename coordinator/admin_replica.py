@@ -1,0 +1,281 @@
+"""The admin read replica: `coordctl nodes` and `top` answered by a process of their own.
+
+Why a process: at 5,000 sessions the coordinator's event loop holds its GIL nearly all the
+time, and a call answered by one of the coordinator's threads (admin_threads.py) still
+waits for that GIL several times over (the relay's copies, gRPC's poller, the call): p99
+0.2-0.8 s for a 100-row page, however small the answer. The replica has a GIL of its own.
+
+How (this module is the coordinator's side and what both sides share; the replica's own
+is admin_replica_process.py):
+- every snapshot the coordinator builds (`SnapshotCache.on_built`) is sent to the replica
+  over its stdin: a FRAME header, the rows' labels as JSON, the whole answer as protobuf.
+  A thread of ours serializes and writes it, so the loop only hands it over;
+- the cluster generation is also written into a small file both processes map
+  (`GenerationCell`), so the replica sees a change the moment the coordinator makes it:
+  an operator's own change shows at once, as on the admin socket;
+- the replica answers by the coordinator's own rule (`admin_snapshot.answerable`). When
+  a snapshot is aged it writes the read's kind byte to its stdout, and the coordinator
+  starts one rebuild behind the callers; what it cannot answer (no snapshot, a change
+  since, too stale, a selector to refuse) it forwards to the admin socket as it came, and
+  passes the answer or the error on;
+- it listens on `replica_socket(admin socket)`, root-only like the admin socket, and
+  coordctl asks it first for `nodes` and `top` (the admin socket when it is not there).
+  The coordinator starts it again when it exits; it exits when the coordinator's end of
+  its stdin closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import mmap
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import structlog
+
+from picoord.coordinator.admin_reads import READS, SnapshotRead, replica_socket
+from picoord.coordinator.admin_snapshot import Snapshot
+
+log = structlog.get_logger("picoord.coordinator.admin")
+
+FRAME = struct.Struct("<1sQdII")  # kind, generation, built_at (monotonic), labels bytes, answer bytes
+FRAME_BYTES_MAX = 256 * 1024 * 1024  # a replica refuses a frame part larger than this
+_CELL = struct.Struct("<Q")
+RESTART_SECONDS = 1.0  # between the replica's exit and its next start, at least
+RESTART_MAX_SECONDS = 30.0
+BRIEF_LIFE_SECONDS = 10.0  # a replica that exits sooner is started again after twice the wait
+STOP_SECONDS = 3.0  # for the replica to exit once its stdin is closed, before it is killed
+PROCESS_MODULE = "picoord.coordinator.admin_replica_process"
+
+
+class FrameError(ValueError):
+    """A frame the replica cannot take: it was not sent by a coordinator of this version."""
+
+
+def encode_frame(kind: bytes, snapshot: Snapshot[Any]) -> bytes:
+    """A snapshot as the replica reads it (`read_frame`)."""
+    labels = json.dumps([dict(each) for each in snapshot.labels], separators=(",", ":")).encode()
+    whole = snapshot.whole.SerializeToString()  # type: ignore[attr-defined]
+    return b"".join(
+        (FRAME.pack(kind, snapshot.generation, snapshot.built_at, len(labels), len(whole)), labels, whole)
+    )
+
+
+def read_frame(stream: BinaryIO) -> tuple[SnapshotRead, Snapshot[Any]] | None:
+    """The next snapshot on `stream`, and which read it answers; None at its end."""
+    header = _read_exactly(stream, FRAME.size)
+    if header is None:
+        return None
+    kind, generation, built_at, labels_size, whole_size = FRAME.unpack(header)
+    read = READS.get(kind)
+    if read is None:
+        raise FrameError(f"unknown snapshot kind {kind!r}")
+    if max(labels_size, whole_size) > FRAME_BYTES_MAX:
+        raise FrameError(f"a snapshot of {max(labels_size, whole_size)} bytes")
+    labels_text, whole_bytes = _read_exactly(stream, labels_size), _read_exactly(stream, whole_size)
+    if labels_text is None or whole_bytes is None:
+        raise FrameError("the stream ended inside a snapshot")
+    labels = json.loads(labels_text)
+    whole = read.answer_type.FromString(whole_bytes)
+    rows = read.rows(whole)
+    if not isinstance(labels, list) or len(labels) != len(rows):
+        raise FrameError(f"{len(rows)} rows but labels for {len(labels)}")
+    return read, Snapshot(whole, rows, labels, generation, built_at)
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:
+    """`size` bytes, or None when the stream ends before the first of them."""
+    parts: list[bytes] = []
+    wanted = size
+    while wanted:
+        part = stream.read(wanted)
+        if not part:
+            if parts:
+                raise FrameError("the stream ended inside a snapshot")
+            return None
+        parts.append(part)
+        wanted -= len(part)
+    return b"".join(parts)
+
+
+class GenerationCell:
+    """The cluster generation in a file both processes map: the coordinator writes it at
+    every change (`Cluster.generation`), the replica reads it at every call."""
+
+    def __init__(self, path: Path, create: bool = False) -> None:
+        self.path = path
+        if create:
+            path.write_bytes(_CELL.pack(0))
+        with path.open("r+b") as file:
+            self._map = mmap.mmap(file.fileno(), _CELL.size)
+
+    def write(self, generation: int) -> None:
+        _CELL.pack_into(self._map, 0, generation)
+
+    def read(self) -> int:
+        return int(_CELL.unpack_from(self._map, 0)[0])
+
+    def close(self) -> None:
+        self._map.close()
+
+
+class AdminReplica:
+    """The coordinator's end: starts the replica, sends it snapshots, takes its requests for
+    a rebuild (`refresh(kind)`, on the loop), and starts it again when it exits."""
+
+    def __init__(
+        self,
+        admin_socket: Path,
+        directory: Path,
+        refresh: Callable[[bytes], None],
+        command: Sequence[str] = (sys.executable, "-m", PROCESS_MODULE),
+    ) -> None:
+        self.admin_socket = admin_socket
+        self.socket = replica_socket(admin_socket)
+        self.cell = GenerationCell(directory / "generation", create=True)
+        self._refresh = refresh
+        self._command = list(command)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._latest: dict[bytes, Snapshot[Any]] = {}
+        self._pending: dict[bytes, Snapshot[Any]] = {}  # newest of each read, not yet written
+        self._wake = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._started_at = 0.0
+        self.starts = 0
+
+    async def start(self) -> None:
+        self._spawn()
+        self._writer = threading.Thread(target=self._write_frames, name="admin-replica", daemon=True)
+        self._writer.start()
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def ship(self, read: SnapshotRead, snapshot: Snapshot[Any]) -> None:
+        """On the loop: send the replica this snapshot (only the newest of a read is sent)."""
+        self._latest[read.kind] = snapshot
+        with self._wake:
+            self._pending[read.kind] = snapshot
+            self._wake.notify()
+
+    def _spawn(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()  # left by a replica that was killed
+        process = subprocess.Popen(
+            [
+                *self._command,
+                "--socket",
+                str(self.socket),
+                "--forward",
+                str(self.admin_socket),
+                "--generation",
+                str(self.cell.path),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert process.stdout is not None
+        os.set_blocking(process.stdout.fileno(), False)
+        asyncio.get_running_loop().add_reader(process.stdout.fileno(), self._requests, process)
+        self._process = process
+        self._started_at = time.monotonic()
+        self.starts += 1
+        with self._wake:  # a new replica starts from the newest snapshots
+            self._pending.update(self._latest)
+            self._wake.notify()
+
+    def _requests(self, process: subprocess.Popen[bytes]) -> None:
+        """The replica's stdout is readable: kind bytes, each a request for a rebuild."""
+        assert process.stdout is not None
+        try:
+            data = os.read(process.stdout.fileno(), 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # it exited: the supervisor starts another
+            asyncio.get_running_loop().remove_reader(process.stdout.fileno())
+            return
+        for kind in {bytes([each]) for each in data}:
+            if kind in READS:
+                self._refresh(kind)
+
+    def _write_frames(self) -> None:
+        """The writer thread: serializes and writes each pending snapshot, newest only."""
+        while True:
+            with self._wake:
+                while not self._pending and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                pending, self._pending = self._pending, {}
+            process = self._process
+            if process is None or process.stdin is None:
+                continue
+            for kind, snapshot in pending.items():
+                try:
+                    process.stdin.write(encode_frame(kind, snapshot))
+                    process.stdin.flush()
+                except (OSError, ValueError):  # it exited (the supervisor starts another) or we stop
+                    break
+
+    async def _supervise(self) -> None:
+        """Starts the replica again when it exits, waiting longer each time it lived briefly
+        (a replica that cannot start must not fill the journal)."""
+        delay = RESTART_SECONDS
+        while True:
+            await asyncio.sleep(RESTART_SECONDS)
+            process = self._process
+            if process is None or process.poll() is None:
+                continue
+            lived = time.monotonic() - self._started_at
+            delay = RESTART_SECONDS if lived > BRIEF_LIFE_SECONDS else min(2 * delay, RESTART_MAX_SECONDS)
+            log.warning("admin read replica exited", code=process.returncode, restart_in=delay)
+            self._forget(process)
+            await asyncio.sleep(delay - RESTART_SECONDS)
+            self._spawn()
+
+    def _forget(self, process: subprocess.Popen[bytes]) -> None:
+        for pipe in (process.stdin, process.stdout):
+            if pipe is None:
+                continue
+            if pipe is process.stdout:
+                with contextlib.suppress(ValueError, OSError):
+                    asyncio.get_running_loop().remove_reader(pipe.fileno())
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        with self._wake:
+            self._wake.notify()
+        process = self._process
+        if process is not None:
+            self._forget(process)  # its stdin ends: it exits
+            try:
+                await asyncio.to_thread(process.wait, STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                await asyncio.to_thread(process.wait)
+        if self._writer is not None:
+            await asyncio.to_thread(self._writer.join, STOP_SECONDS)
+        with contextlib.suppress(FileNotFoundError):
+            self.socket.unlink()
+        self.cell.close()

@@ -1,0 +1,158 @@
+"""The admin read replica's process (admin_replica.py says why and how): it takes the
+coordinator's snapshots from stdin, answers `ListNodes` and `Top` on its own socket from
+them, and forwards to the admin socket what it cannot answer.
+
+    python -m picoord.coordinator.admin_replica_process --socket S --forward ADMIN --generation CELL
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+
+from picoord.common import limits
+from picoord.common.addresses import grpc_unix_address
+from picoord.common.logs import configure_logging
+from picoord.common.names import InvalidName
+from picoord.coordinator.admin_reads import NODES, TOP, SnapshotRead, checked_selector
+from picoord.coordinator.admin_replica import FrameError, GenerationCell, read_frame
+from picoord.coordinator.admin_snapshot import SNAPSHOT_SECONDS, STALE_SECONDS, Snapshot, answerable
+from picoord.v1 import admin_pb2_grpc
+
+log = structlog.get_logger("picoord.coordinator.admin_replica")
+
+REPLICA_THREADS = 8  # calls answered at once; more wait for a thread
+FORWARD_SECONDS = 30.0  # a forwarded call's deadline when its caller gave none
+
+
+class Replica:
+    """The newest snapshot of each read and the coordinator's answering rule over them."""
+
+    def __init__(
+        self,
+        generation: Callable[[], int],
+        ask_rebuild: Callable[[bytes], None],
+        clock: Callable[[], float] = time.monotonic,
+        max_age: float = SNAPSHOT_SECONDS,
+        max_stale: float = STALE_SECONDS,
+    ) -> None:
+        self._generation = generation
+        self._ask_rebuild = ask_rebuild
+        self._clock = clock
+        self.max_age = max_age
+        self.max_stale = max(max_stale, max_age)
+        self._latest: dict[bytes, Snapshot[Any]] = {}
+        self._asked: dict[bytes, float] = {}  # the built_at of the snapshot a rebuild was asked for
+
+    def take(self, read: SnapshotRead, snapshot: Snapshot[Any]) -> None:
+        self._latest[read.kind] = snapshot
+
+    def answer(self, read: SnapshotRead, request: Any) -> Any | None:
+        """The answer from a snapshot, or None: the coordinator must answer this call."""
+        try:
+            selector = checked_selector(request.selector)
+        except InvalidName:
+            return None  # the coordinator refuses it, in its words
+        snapshot, aged = answerable(
+            self._latest.get(read.kind), self._generation(), self._clock(), self.max_age, self.max_stale
+        )
+        if snapshot is None:
+            return None
+        if aged and self._asked.get(read.kind) != snapshot.built_at:
+            self._asked[read.kind] = snapshot.built_at  # once per snapshot, not once per call
+            self._ask_rebuild(read.kind)
+        return snapshot.answer(selector, request.limit, read.answer)
+
+
+class ReplicaServicer(admin_pb2_grpc.AdminServicer):
+    """`ListNodes` and `Top` (every other Admin method is UNIMPLEMENTED here)."""
+
+    def __init__(self, replica: Replica, forward: admin_pb2_grpc.AdminStub) -> None:
+        self._replica = replica
+        self._forward = forward
+
+    def ListNodes(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._read(NODES, request, context)
+
+    def Top(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return self._read(TOP, request, context)
+
+    def _read(self, read: SnapshotRead, request: Any, context: grpc.ServicerContext) -> Any:
+        answer = self._replica.answer(read, request)
+        if answer is not None:
+            return answer
+        remaining = context.time_remaining()
+        timeout = FORWARD_SECONDS if remaining is None else min(remaining, FORWARD_SECONDS)
+        try:
+            return getattr(self._forward, read.method)(request, timeout=timeout)
+        except grpc.RpcError as error:
+            context.abort(error.code(), error.details())  # type: ignore[attr-defined]
+
+
+def take_snapshots(replica: Replica, stream: Any) -> None:
+    """Until the coordinator closes our stdin: each snapshot it sends becomes the newest."""
+    while True:
+        taken = read_frame(stream)
+        if taken is None:
+            return
+        replica.take(*taken)
+
+
+def ask_rebuild(kind: bytes) -> None:
+    """Tell the coordinator (our stdout) that this read's snapshot is aged."""
+    with contextlib.suppress(OSError):  # the coordinator is gone: stdin ends too, and we exit
+        os.write(sys.stdout.fileno(), kind)
+
+
+def serve(socket: Path, forward: Path, generation_cell: Path) -> int:
+    cell = GenerationCell(generation_cell)
+    replica = Replica(cell.read, ask_rebuild)
+    forward_channel = grpc.insecure_channel(
+        grpc_unix_address(forward), options=[("grpc.max_receive_message_length", limits.GRPC_RECEIVE_BYTES)]
+    )
+    pool = concurrent.futures.ThreadPoolExecutor(REPLICA_THREADS, thread_name_prefix="replica")
+    server = grpc.server(pool, options=[("grpc.max_receive_message_length", limits.GRPC_RECEIVE_BYTES)])
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        ReplicaServicer(replica, admin_pb2_grpc.AdminStub(forward_channel)), server
+    )
+    os.umask(0o177)  # the socket is born 0600, as the admin socket: only root reads the cluster
+    if not server.add_insecure_port(grpc_unix_address(socket)):
+        log.error("admin read replica cannot listen", socket=str(socket))
+        return 1
+    server.start()
+    try:
+        take_snapshots(replica, sys.stdin.buffer)  # to EOF: the coordinator stopped, or stops us
+        return 0
+    except FrameError as error:
+        log.error("admin read replica got a bad snapshot", error=str(error))
+        return 1
+    finally:
+        server.stop(0).wait()
+        forward_channel.close()
+        cell.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="admin_replica_process", description=__doc__)
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--forward", type=Path, required=True, help="the admin socket")
+    parser.add_argument("--generation", type=Path, required=True, help="the generation cell's file")
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C stops the coordinator, which stops us
+    configure_logging()
+    return serve(args.socket, args.forward, args.generation)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

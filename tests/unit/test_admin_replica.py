@@ -1,0 +1,136 @@
+"""The admin read replica's parts that need no process: the snapshot frames the coordinator
+sends it, the generation cell, and its answering rule."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+
+from picoord.coordinator.admin_reads import NODES, TOP, replica_socket
+from picoord.coordinator.admin_replica import FRAME, FrameError, GenerationCell, encode_frame, read_frame
+from picoord.coordinator.admin_replica_process import Replica
+from picoord.coordinator.admin_snapshot import Snapshot
+from picoord.v1 import admin_pb2
+
+
+def nodes_snapshot(generation: int = 3, built_at: float = 100.0) -> Snapshot[admin_pb2.NodeSummary]:
+    whole = admin_pb2.ListNodesResponse(
+        nodes=[admin_pb2.NodeSummary(name=name) for name in ("pi1", "pi2", "pi3")], matched=3
+    )
+    labels = [{"zone": "desk"}, {}, {"zone": "desk", "disk": "ssd"}]
+    return Snapshot(whole, whole.nodes, labels, generation, built_at)
+
+
+def test_a_snapshot_crosses_in_a_frame_as_it_was_built() -> None:
+    sent = nodes_snapshot()
+    top = admin_pb2.TopResponse(rows=[admin_pb2.TopRow(name="pi1")], matched=1)
+    stream = io.BytesIO(
+        encode_frame(NODES.kind, sent) + encode_frame(TOP.kind, Snapshot(top, top.rows, [{}], 4, 101.0))
+    )
+    read, received = read_frame(stream)  # type: ignore[misc]
+    assert read is NODES
+    assert (received.whole, received.labels, received.generation, received.built_at) == (
+        sent.whole,
+        sent.labels,
+        3,
+        100.0,
+    )
+    assert [row.name for row in received.rows] == ["pi1", "pi2", "pi3"]
+    read, received = read_frame(stream)  # type: ignore[misc]
+    assert (read, received.whole, received.generation) == (TOP, top, 4)
+    assert read_frame(stream) is None  # the coordinator closed the pipe
+
+
+@pytest.mark.parametrize(
+    ("frame", "error"),
+    [
+        (FRAME.pack(b"x", 1, 1.0, 2, 0) + b"[]", "unknown snapshot kind"),
+        (FRAME.pack(b"n", 1, 1.0, 2, 0)[:-3], "ended inside"),
+        (FRAME.pack(b"n", 1, 1.0, 40, 0) + b"[]", "ended inside"),
+        (FRAME.pack(b"n", 1, 1.0, 2**31, 0), "bytes"),
+        (FRAME.pack(b"n", 1, 1.0, 4, 0) + b"[{}]", "labels for 1"),
+    ],
+)
+def test_a_frame_that_is_not_whole_or_not_ours_is_refused(frame: bytes, error: str) -> None:
+    with pytest.raises(FrameError, match=error):
+        read_frame(io.BytesIO(frame))
+
+
+def test_the_generation_cell_is_shared_through_its_file(tmp_path: Path) -> None:
+    writer = GenerationCell(tmp_path / "generation", create=True)
+    reader = GenerationCell(tmp_path / "generation")
+    assert reader.read() == 0
+    writer.write(41)
+    writer.write(42)
+    assert reader.read() == 42
+    writer.close()
+    reader.close()
+
+
+def test_the_replica_listens_beside_the_admin_socket() -> None:
+    assert replica_socket(Path("/run/picoord/admin.sock")) == Path("/run/picoord/admin.sock.reads")
+
+
+class Fixture:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.generation = 3
+        self.asked: list[bytes] = []
+        self.replica = Replica(
+            lambda: self.generation, self.asked.append, lambda: self.now, max_age=1.0, max_stale=5.0
+        )
+
+
+def test_the_replica_answers_pages_and_selections_from_its_snapshot() -> None:
+    f = Fixture()
+    f.replica.take(NODES, nodes_snapshot())
+    whole = f.replica.answer(NODES, admin_pb2.ListNodesRequest())
+    assert [node.name for node in whole.nodes] == ["pi1", "pi2", "pi3"]
+    page = f.replica.answer(NODES, admin_pb2.ListNodesRequest(selector={"zone": "desk"}, limit=1))
+    assert ([node.name for node in page.nodes], page.matched) == (["pi1"], 2)
+    assert f.asked == []
+
+
+@pytest.mark.parametrize(
+    ("change", "answered", "asked"),
+    [
+        ("nothing", True, []),
+        ("aged", True, [b"n"]),  # answered, and one rebuild asked for
+        ("stale", False, []),  # the coordinator answers (and builds)
+        ("generation", False, []),  # a change since: the coordinator answers, showing it
+        ("bad selector", False, []),  # the coordinator refuses it, in its words
+        ("other read", False, []),  # no Top snapshot yet
+    ],
+)
+def test_the_replica_answers_by_the_coordinators_rule(
+    change: str, answered: bool, asked: list[bytes]
+) -> None:
+    f = Fixture()
+    f.replica.take(NODES, nodes_snapshot())
+    read, request = NODES, admin_pb2.ListNodesRequest()
+    if change == "aged":
+        f.now += 1.5
+    elif change == "stale":
+        f.now += 5.0
+    elif change == "generation":
+        f.generation += 1
+    elif change == "bad selector":
+        request = admin_pb2.ListNodesRequest(selector={"zone": "not a value!"})
+    elif change == "other read":
+        read, request = TOP, admin_pb2.TopRequest()
+    assert (f.replica.answer(read, request) is not None) == answered
+    assert f.asked == asked
+
+
+def test_an_aged_snapshot_asks_for_one_rebuild_not_one_per_call() -> None:
+    f = Fixture()
+    f.replica.take(NODES, nodes_snapshot())
+    f.now += 1.5
+    for _ in range(3):
+        f.replica.answer(NODES, admin_pb2.ListNodesRequest())
+    f.replica.take(NODES, nodes_snapshot(built_at=101.4))  # the rebuild it asked for
+    f.now += 1.0
+    f.replica.answer(NODES, admin_pb2.ListNodesRequest())
+    assert f.asked == [b"n", b"n"]
