@@ -363,10 +363,17 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system + times.children_user + times.children_system
 
 
-def take_sample(process: psutil.Process) -> Sample:
+def take_sample(process: psutil.Process, with_children: bool = False) -> Sample:
+    """CPU and memory of `process`, and of its live children when `with_children` (the
+    coordinator's admin read replica is part of the coordinator's cost)."""
     with process.oneshot():
         cpu = cpu_seconds(process)
         rss = process.memory_info().rss
+    for child in process.children(recursive=True) if with_children else ():
+        with contextlib.suppress(psutil.Error):  # it exited meanwhile: its CPU is reaped into ours
+            times = child.cpu_times()
+            cpu += times.user + times.system
+            rss += child.memory_info().rss
     uss: int | None = None
     with contextlib.suppress(psutil.AccessDenied, AttributeError, OSError):
         uss = process.memory_full_info().uss
@@ -374,12 +381,19 @@ def take_sample(process: psutil.Process) -> Sample:
 
 
 class Sampler(threading.Thread):
-    """Samples named processes every `interval` seconds until stopped."""
+    """Samples named processes every `interval` seconds until stopped; those named in
+    `with_children` with their live children."""
 
-    def __init__(self, processes: dict[str, psutil.Process], interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        processes: dict[str, psutil.Process],
+        interval: float = 1.0,
+        with_children: frozenset[str] = frozenset(),
+    ) -> None:
         super().__init__(name="sampler", daemon=True)
         self.processes = processes
         self.interval = interval
+        self.with_children = with_children
         self.samples: dict[str, list[Sample]] = {name: [] for name in processes}
         self.errors: list[str] = []
         self._stop_event = threading.Event()
@@ -387,7 +401,7 @@ class Sampler(threading.Thread):
     def sample_all(self) -> None:
         for name, process in self.processes.items():
             try:
-                self.samples[name].append(take_sample(process))
+                self.samples[name].append(take_sample(process, name in self.with_children))
             except psutil.Error as error:
                 self.errors.append(f"{name}: {error!r}")
 

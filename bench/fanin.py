@@ -74,6 +74,7 @@ from _common import (
 from picoord.agent.channel import channel_options
 from picoord.agent.enroll import Endpoint, fetch_pinned_ca, new_key_and_csr
 from picoord.common import PROTOCOL_VERSION, VERSION
+from picoord.coordinator.ctl.client import AdminClient, replica_channel
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, node_pb2
 
 ADMIN_P99_TARGET = 0.100  # seconds
@@ -579,6 +580,8 @@ class Workers:
 
 
 WHOLE = ("ListNodes", "Top")
+COORDINATOR = frozenset({"coordinator"})  # sampled with its children: the admin read replica
+REPLICA_WAIT_SECONDS = 10.0  # for the read replica's socket after the coordinator started
 SLOWEST = 5  # calls whose wall-clock time is printed, to find them in the coordinator's log
 
 
@@ -675,7 +678,7 @@ def reconnect_storm(
     restarted = Coordinator.restart(coordinator, processes)
     assert restarted.process is not None
     answering_at = time.monotonic()
-    sampler = Sampler({"coordinator": restarted.process}, interval=0.5)
+    sampler = Sampler({"coordinator": restarted.process}, interval=0.5, with_children=COORDINATOR)
     sampler.start()
     ready, polls, all_ready_at = 0, 0, None
     deadline = answering_at + args.storm_timeout
@@ -705,6 +708,18 @@ def reconnect_storm(
     }
 
 
+def wait_for_replica(admin_socket: Path) -> grpc.Channel | None:
+    """The admin read replica's channel once it listens; None for a coordinator without one
+    (a baseline from before it), whose admin socket then answers every call."""
+    deadline = time.monotonic() + REPLICA_WAIT_SECONDS
+    while time.monotonic() < deadline:
+        replica = replica_channel(admin_socket)
+        if replica is not None:
+            return replica
+        time.sleep(0.1)
+    return None
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "sessions": args.sessions,
@@ -719,7 +734,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         assert coordinator.process is not None
         channel = grpc.insecure_channel(f"unix:{coordinator.admin_socket}")
         try:
-            stub = admin_pb2_grpc.AdminStub(channel)
+            replica = wait_for_replica(coordinator.admin_socket)
+            result["admin_via"] = "the read replica's socket" if replica else "the admin socket"
+            stub = AdminClient(channel, replica)  # nodes and top asked as coordctl asks them
             created = stub.CreateToken(
                 admin_pb2.CreateTokenRequest(
                     ttl_seconds=3600, usage_limit=args.sessions, description="fanin bench"
@@ -789,7 +806,7 @@ def measure(
     }
 
     say(f"idle baseline: admin probe for {args.idle_seconds:.0f} s with no session open ...")
-    idle_cpu = Sampler({"coordinator": coordinator.process})
+    idle_cpu = Sampler({"coordinator": coordinator.process}, with_children=COORDINATOR)
     idle_cpu.sample_all()
     idle = probe_admin(stub, args.idle_seconds, args.admin_rate, args.admin_page, alive)
     idle_cpu.sample_all()
@@ -823,7 +840,7 @@ def measure(
     say(f"steady window: {args.seconds:.0f} s ...")
     watched = {"coordinator": coordinator.process, "bench": psutil.Process()}
     watched.update({f"load-{i}": psutil.Process(pid) for i, pid in enumerate(pids)})
-    sampler = Sampler(watched)
+    sampler = Sampler(watched, with_children=COORDINATOR)
     machine = MachineCpu()
     scraper = PrometheusScraper(coordinator, args.prometheus_interval) if args.prometheus_interval else None
     workers.events["window"].set()
@@ -931,7 +948,8 @@ def report(result: dict[str, Any]) -> bool:
         + (f"; failures {ramp['failures']}" if ramp["failures"] else "")
     )
     print(
-        f"coordinator over the window: CPU {coordinator['cpu_percent']:.1f} % of one core "
+        f"coordinator (with its read replica) over the window: "
+        f"CPU {coordinator['cpu_percent']:.1f} % of one core "
         f"(idle baseline {idle['coordinator']['cpu_percent']:.1f} %), "
         f"RSS steady {mib(coordinator['steady_rss'])}, peak {mib(coordinator['peak_rss'])}"
     )
@@ -972,7 +990,7 @@ def report(result: dict[str, Any]) -> bool:
                     str(failed),
                 ]
             )
-    print("admin round trip over the unix socket (the calls in turn):")
+    print(f"admin round trip over {result.get('admin_via', 'the admin socket')} (the calls in turn):")
     print(table(["phase", "rpc", "calls", "p50", "p99", "max", "failed"], rows))
     print(
         "slowest under load: "
