@@ -22,6 +22,7 @@ class SnapshotRead:
 
     method: str
     kind: bytes
+    request_type: type[Any]
     answer_type: type[Any]
     rows_field: str
 
@@ -32,9 +33,14 @@ class SnapshotRead:
     def rows(self, whole: Any) -> Sequence[Any]:
         return getattr(whole, self.rows_field)  # type: ignore[no-any-return]
 
+    @property
+    def rows_number(self) -> int:
+        """The field number of the answer's rows, for the replica's work on the wire bytes."""
+        return int(self.answer_type.DESCRIPTOR.fields_by_name[self.rows_field].number)
 
-NODES = SnapshotRead("ListNodes", b"n", admin_pb2.ListNodesResponse, "nodes")
-TOP = SnapshotRead("Top", b"t", admin_pb2.TopResponse, "rows")
+
+NODES = SnapshotRead("ListNodes", b"n", admin_pb2.ListNodesRequest, admin_pb2.ListNodesResponse, "nodes")
+TOP = SnapshotRead("Top", b"t", admin_pb2.TopRequest, admin_pb2.TopResponse, "rows")
 READS = {read.kind: read for read in (NODES, TOP)}
 
 

@@ -13,6 +13,9 @@ is admin_replica_process.py):
 - the cluster generation is also written into a small file both processes map
   (`GenerationCell`), so the replica sees a change the moment the coordinator makes it:
   an operator's own change shows at once, as on the admin socket;
+- the replica keeps each answer as those wire bytes and each row as its slice of them
+  (`FrameReader`): the whole answer is sent as it came, a page is its rows' slices
+  joined, so nothing is parsed or serialized again there;
 - the replica answers by the coordinator's own rule (`admin_snapshot.answerable`). When
   a snapshot is aged it writes the read's kind byte to its stdout, and the coordinator
   starts one rebuild behind the callers; what it cannot answer (no snapshot, a change
@@ -36,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -70,26 +73,91 @@ def encode_frame(kind: bytes, snapshot: Snapshot[Any]) -> bytes:
     )
 
 
-def read_frame(stream: BinaryIO) -> tuple[SnapshotRead, Snapshot[Any]] | None:
-    """The next snapshot on `stream`, and which read it answers; None at its end."""
-    header = _read_exactly(stream, FRAME.size)
-    if header is None:
-        return None
-    kind, generation, built_at, labels_size, whole_size = FRAME.unpack(header)
-    read = READS.get(kind)
-    if read is None:
-        raise FrameError(f"unknown snapshot kind {kind!r}")
-    if max(labels_size, whole_size) > FRAME_BYTES_MAX:
-        raise FrameError(f"a snapshot of {max(labels_size, whole_size)} bytes")
-    labels_text, whole_bytes = _read_exactly(stream, labels_size), _read_exactly(stream, whole_size)
-    if labels_text is None or whole_bytes is None:
-        raise FrameError("the stream ended inside a snapshot")
-    labels = json.loads(labels_text)
-    whole = read.answer_type.FromString(whole_bytes)
-    rows = read.rows(whole)
-    if not isinstance(labels, list) or len(labels) != len(rows):
-        raise FrameError(f"{len(rows)} rows but labels for {len(labels)}")
-    return read, Snapshot(whole, rows, labels, generation, built_at)
+class FrameReader:
+    """The snapshots on a stream, as the replica keeps them: the whole answer as the wire
+    bytes the coordinator serialized, and each row as its slice of them (with its field
+    tag), so that no answer is parsed or serialized again in the replica, only cut and
+    joined (`page`). Labels arrive with every snapshot; their JSON is parsed only when it
+    changed."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self._stream = stream
+        self._labels: dict[bytes, tuple[bytes, list[Mapping[str, str]]]] = {}
+
+    def next(self) -> tuple[SnapshotRead, Snapshot[memoryview]] | None:
+        """The next snapshot, and which read it answers; None at the stream's end."""
+        header = _read_exactly(self._stream, FRAME.size)
+        if header is None:
+            return None
+        kind, generation, built_at, labels_size, whole_size = FRAME.unpack(header)
+        read = READS.get(kind)
+        if read is None:
+            raise FrameError(f"unknown snapshot kind {kind!r}")
+        if max(labels_size, whole_size) > FRAME_BYTES_MAX:
+            raise FrameError(f"a snapshot of {max(labels_size, whole_size)} bytes")
+        labels_text = _read_exactly(self._stream, labels_size)
+        whole = _read_exactly(self._stream, whole_size)
+        if labels_text is None or whole is None:
+            raise FrameError("the stream ended inside a snapshot")
+        labels = self._parsed_labels(kind, labels_text)
+        rows = field_entries(whole, read.rows_number)
+        if len(labels) != len(rows):
+            raise FrameError(f"{len(rows)} rows but labels for {len(labels)}")
+        return read, Snapshot(whole, rows, labels, generation, built_at)
+
+    def _parsed_labels(self, kind: bytes, text: bytes) -> list[Mapping[str, str]]:
+        previous = self._labels.get(kind)
+        if previous is not None and previous[0] == text:
+            return previous[1]
+        try:
+            labels = json.loads(text)
+        except ValueError as error:
+            raise FrameError(f"labels are not JSON: {error}") from error
+        if not isinstance(labels, list) or not all(isinstance(each, dict) for each in labels):
+            raise FrameError("labels are not a list of label maps")
+        self._labels[kind] = (text, labels)
+        return labels
+
+
+def page(rows: Sequence[memoryview], matched: int, read: SnapshotRead) -> bytes:
+    """The wire bytes of `read`'s answer carrying these rows (slices from `field_entries`)."""
+    return b"".join(rows) + read.answer_type(matched=matched).SerializeToString()
+
+
+def field_entries(data: bytes, number: int) -> list[memoryview]:
+    """Each entry of the length-delimited field `number` in a protobuf message's wire bytes,
+    tag and length included: concatenated, they encode a message with those entries."""
+    view, entries, at = memoryview(data), [], 0
+    try:
+        while at < len(data):
+            start = at
+            tag, at = _varint(data, at)
+            wire_type = tag & 7
+            if wire_type == 0:
+                _, at = _varint(data, at)
+            elif wire_type == 2:
+                size, at = _varint(data, at)
+                at += size
+                if tag >> 3 == number:
+                    entries.append(view[start:at])
+            else:
+                raise FrameError(f"wire type {wire_type} in a snapshot")
+    except IndexError as error:
+        raise FrameError("a snapshot's answer ends inside a field") from error
+    if at != len(data):
+        raise FrameError("a snapshot's answer ends inside a field")
+    return entries
+
+
+def _varint(data: bytes, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, at
+        shift += 7
 
 
 def _read_exactly(stream: BinaryIO, size: int) -> bytes | None:

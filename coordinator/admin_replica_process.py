@@ -1,6 +1,8 @@
 """The admin read replica's process (admin_replica.py says why and how): it takes the
 coordinator's snapshots from stdin, answers `ListNodes` and `Top` on its own socket from
-them, and forwards to the admin socket what it cannot answer.
+them, and forwards to the admin socket what it cannot answer. Answers stay the wire bytes
+the coordinator serialized, cut and joined, so a call holds this process's GIL for
+about a millisecond.
 
     python -m picoord.coordinator.admin_replica_process --socket S --forward ADMIN --generation CELL
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import functools
 import os
 import signal
 import sys
@@ -25,10 +28,10 @@ from picoord.common import limits
 from picoord.common.addresses import grpc_unix_address
 from picoord.common.logs import configure_logging
 from picoord.common.names import InvalidName
-from picoord.coordinator.admin_reads import NODES, TOP, SnapshotRead, checked_selector
-from picoord.coordinator.admin_replica import FrameError, GenerationCell, read_frame
+from picoord.coordinator.admin_reads import READS, SnapshotRead, checked_selector
+from picoord.coordinator.admin_replica import FrameError, FrameReader, GenerationCell, page
 from picoord.coordinator.admin_snapshot import SNAPSHOT_SECONDS, STALE_SECONDS, Snapshot, answerable
-from picoord.v1 import admin_pb2_grpc
+from picoord.v1 import admin_pb2
 
 log = structlog.get_logger("picoord.coordinator.admin_replica")
 
@@ -52,14 +55,14 @@ class Replica:
         self._clock = clock
         self.max_age = max_age
         self.max_stale = max(max_stale, max_age)
-        self._latest: dict[bytes, Snapshot[Any]] = {}
+        self._latest: dict[bytes, Snapshot[memoryview]] = {}
         self._asked: dict[bytes, float] = {}  # the built_at of the snapshot a rebuild was asked for
 
-    def take(self, read: SnapshotRead, snapshot: Snapshot[Any]) -> None:
+    def take(self, read: SnapshotRead, snapshot: Snapshot[memoryview]) -> None:
         self._latest[read.kind] = snapshot
 
-    def answer(self, read: SnapshotRead, request: Any) -> Any | None:
-        """The answer from a snapshot, or None: the coordinator must answer this call."""
+    def answer(self, read: SnapshotRead, request: Any) -> bytes | None:
+        """The answer's wire bytes from a snapshot, or None: the coordinator must answer."""
         try:
             selector = checked_selector(request.selector)
         except InvalidName:
@@ -72,40 +75,51 @@ class Replica:
         if aged and self._asked.get(read.kind) != snapshot.built_at:
             self._asked[read.kind] = snapshot.built_at  # once per snapshot, not once per call
             self._ask_rebuild(read.kind)
-        return snapshot.answer(selector, request.limit, read.answer)
+        return snapshot.answer(selector, request.limit, functools.partial(page, read=read))
 
 
-class ReplicaServicer(admin_pb2_grpc.AdminServicer):
-    """`ListNodes` and `Top` (every other Admin method is UNIMPLEMENTED here)."""
+def answer_or_forward(
+    replica: Replica,
+    read: SnapshotRead,
+    forward: Callable[..., bytes],
+    request: Any,
+    context: grpc.ServicerContext,
+) -> bytes:
+    """One call: the replica's answer, else the coordinator's (its error passed on as it is)."""
+    answer = replica.answer(read, request)
+    if answer is not None:
+        return answer
+    remaining = context.time_remaining()
+    timeout = FORWARD_SECONDS if remaining is None else min(remaining, FORWARD_SECONDS)
+    try:
+        return forward(request, timeout=timeout)
+    except grpc.RpcError as error:
+        context.abort(error.code(), error.details())  # type: ignore[attr-defined]
+        raise  # unreachable: abort raises
 
-    def __init__(self, replica: Replica, forward: admin_pb2_grpc.AdminStub) -> None:
-        self._replica = replica
-        self._forward = forward
 
-    def ListNodes(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._read(NODES, request, context)
-
-    def Top(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return self._read(TOP, request, context)
-
-    def _read(self, read: SnapshotRead, request: Any, context: grpc.ServicerContext) -> Any:
-        answer = self._replica.answer(read, request)
-        if answer is not None:
-            return answer
-        remaining = context.time_remaining()
-        timeout = FORWARD_SECONDS if remaining is None else min(remaining, FORWARD_SECONDS)
-        try:
-            return getattr(self._forward, read.method)(request, timeout=timeout)
-        except grpc.RpcError as error:
-            context.abort(error.code(), error.details())  # type: ignore[attr-defined]
+def read_handlers(replica: Replica, forward_channel: grpc.Channel) -> grpc.GenericRpcHandler:
+    """`ListNodes` and `Top` of the Admin service, answered as wire bytes (every other
+    method is UNIMPLEMENTED here); forwarded calls come back as bytes too."""
+    service = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+    methods = {}
+    for read in READS.values():
+        forward = forward_channel.unary_unary(
+            f"/{service}/{read.method}",
+            request_serializer=read.request_type.SerializeToString,
+            response_deserializer=None,
+        )
+        methods[read.method] = grpc.unary_unary_rpc_method_handler(
+            functools.partial(answer_or_forward, replica, read, forward),
+            request_deserializer=read.request_type.FromString,
+        )
+    return grpc.method_handlers_generic_handler(service, methods)
 
 
 def take_snapshots(replica: Replica, stream: Any) -> None:
     """Until the coordinator closes our stdin: each snapshot it sends becomes the newest."""
-    while True:
-        taken = read_frame(stream)
-        if taken is None:
-            return
+    frames = FrameReader(stream)
+    while (taken := frames.next()) is not None:
         replica.take(*taken)
 
 
@@ -123,9 +137,7 @@ def serve(socket: Path, forward: Path, generation_cell: Path) -> int:
     )
     pool = concurrent.futures.ThreadPoolExecutor(REPLICA_THREADS, thread_name_prefix="replica")
     server = grpc.server(pool, options=[("grpc.max_receive_message_length", limits.GRPC_RECEIVE_BYTES)])
-    admin_pb2_grpc.add_AdminServicer_to_server(
-        ReplicaServicer(replica, admin_pb2_grpc.AdminStub(forward_channel)), server
-    )
+    server.add_generic_rpc_handlers((read_handlers(replica, forward_channel),))
     os.umask(0o177)  # the socket is born 0600, as the admin socket: only root reads the cluster
     if not server.add_insecure_port(grpc_unix_address(socket)):
         log.error("admin read replica cannot listen", socket=str(socket))

@@ -9,13 +9,22 @@ from pathlib import Path
 import pytest
 
 from picoord.coordinator.admin_reads import NODES, TOP, replica_socket
-from picoord.coordinator.admin_replica import FRAME, FrameError, GenerationCell, encode_frame, read_frame
+from picoord.coordinator.admin_replica import (
+    FRAME,
+    FrameError,
+    FrameReader,
+    GenerationCell,
+    encode_frame,
+    field_entries,
+    page,
+)
 from picoord.coordinator.admin_replica_process import Replica
 from picoord.coordinator.admin_snapshot import Snapshot
 from picoord.v1 import admin_pb2
 
 
 def nodes_snapshot(generation: int = 3, built_at: float = 100.0) -> Snapshot[admin_pb2.NodeSummary]:
+    """As the coordinator builds it."""
     whole = admin_pb2.ListNodesResponse(
         nodes=[admin_pb2.NodeSummary(name=name) for name in ("pi1", "pi2", "pi3")], matched=3
     )
@@ -23,24 +32,46 @@ def nodes_snapshot(generation: int = 3, built_at: float = 100.0) -> Snapshot[adm
     return Snapshot(whole, whole.nodes, labels, generation, built_at)
 
 
-def test_a_snapshot_crosses_in_a_frame_as_it_was_built() -> None:
+def test_a_snapshot_crosses_in_a_frame_as_the_wire_bytes_it_was_built_into() -> None:
     sent = nodes_snapshot()
     top = admin_pb2.TopResponse(rows=[admin_pb2.TopRow(name="pi1")], matched=1)
-    stream = io.BytesIO(
-        encode_frame(NODES.kind, sent) + encode_frame(TOP.kind, Snapshot(top, top.rows, [{}], 4, 101.0))
+    frames = FrameReader(
+        io.BytesIO(
+            encode_frame(NODES.kind, sent) + encode_frame(TOP.kind, Snapshot(top, top.rows, [{}], 4, 101.0))
+        )
     )
-    read, received = read_frame(stream)  # type: ignore[misc]
+    read, received = frames.next()  # type: ignore[misc]
     assert read is NODES
-    assert (received.whole, received.labels, received.generation, received.built_at) == (
-        sent.whole,
-        sent.labels,
-        3,
-        100.0,
-    )
-    assert [row.name for row in received.rows] == ["pi1", "pi2", "pi3"]
-    read, received = read_frame(stream)  # type: ignore[misc]
-    assert (read, received.whole, received.generation) == (TOP, top, 4)
-    assert read_frame(stream) is None  # the coordinator closed the pipe
+    assert received.whole == sent.whole.SerializeToString()  # sent on as it came
+    assert (received.labels, received.generation, received.built_at) == (sent.labels, 3, 100.0)
+    # each row is its slice of the answer: joined, they are an answer with those rows
+    rows = admin_pb2.ListNodesResponse.FromString(b"".join(received.rows[1:]))
+    assert [row.name for row in rows.nodes] == ["pi2", "pi3"]
+    read, received = frames.next()  # type: ignore[misc]
+    assert (read, admin_pb2.TopResponse.FromString(received.whole), received.generation) == (TOP, top, 4)
+    assert frames.next() is None  # the coordinator closed the pipe
+
+
+def test_a_page_is_its_rows_slices_and_the_matched_count() -> None:
+    whole = nodes_snapshot().whole
+    rows = field_entries(whole.SerializeToString(), NODES.rows_number)
+    answer = admin_pb2.ListNodesResponse.FromString(page([rows[0], rows[2]], 7, NODES))
+    assert answer == admin_pb2.ListNodesResponse(nodes=[whole.nodes[0], whole.nodes[2]], matched=7)
+    assert admin_pb2.ListNodesResponse.FromString(page([], 0, NODES)) == admin_pb2.ListNodesResponse()
+
+
+def test_rows_are_found_past_other_fields_of_every_wire_type() -> None:
+    message = admin_pb2.ListNodesResponse(
+        nodes=[admin_pb2.NodeSummary(name="pi" + "x" * 200)], matched=300
+    )  # a two-byte length and a two-byte varint
+    data = admin_pb2.ListNodesResponse(matched=5).SerializeToString() + message.SerializeToString()
+    assert [bytes(entry) for entry in field_entries(data, 1)] == [
+        admin_pb2.ListNodesResponse(nodes=message.nodes).SerializeToString()
+    ]
+    with pytest.raises(FrameError, match="ends inside"):
+        field_entries(data[:-1], 1)
+    with pytest.raises(FrameError, match="wire type 5"):
+        field_entries(b"\x0d\x00\x00\x00\x00", 1)  # a fixed32: no answer of ours has one
 
 
 @pytest.mark.parametrize(
@@ -51,11 +82,20 @@ def test_a_snapshot_crosses_in_a_frame_as_it_was_built() -> None:
         (FRAME.pack(b"n", 1, 1.0, 40, 0) + b"[]", "ended inside"),
         (FRAME.pack(b"n", 1, 1.0, 2**31, 0), "bytes"),
         (FRAME.pack(b"n", 1, 1.0, 4, 0) + b"[{}]", "labels for 1"),
+        (FRAME.pack(b"n", 1, 1.0, 5, 0) + b'["a"]', "not a list of label maps"),
+        (FRAME.pack(b"n", 1, 1.0, 4, 0) + b"[{]]", "not JSON"),
     ],
 )
 def test_a_frame_that_is_not_whole_or_not_ours_is_refused(frame: bytes, error: str) -> None:
     with pytest.raises(FrameError, match=error):
-        read_frame(io.BytesIO(frame))
+        FrameReader(io.BytesIO(frame)).next()
+
+
+def test_labels_that_did_not_change_are_not_parsed_again() -> None:
+    frames = FrameReader(io.BytesIO(encode_frame(NODES.kind, nodes_snapshot()) * 2))
+    first, again = frames.next(), frames.next()
+    assert first is not None and again is not None
+    assert again[1].labels is first[1].labels
 
 
 def test_the_generation_cell_is_shared_through_its_file(tmp_path: Path) -> None:
@@ -73,6 +113,12 @@ def test_the_replica_listens_beside_the_admin_socket() -> None:
     assert replica_socket(Path("/run/picoord/admin.sock")) == Path("/run/picoord/admin.sock.reads")
 
 
+def as_the_replica_gets_it(snapshot: Snapshot) -> Snapshot[memoryview]:
+    taken = FrameReader(io.BytesIO(encode_frame(NODES.kind, snapshot))).next()
+    assert taken is not None
+    return taken[1]
+
+
 class Fixture:
     def __init__(self) -> None:
         self.now = 100.0
@@ -85,11 +131,12 @@ class Fixture:
 
 def test_the_replica_answers_pages_and_selections_from_its_snapshot() -> None:
     f = Fixture()
-    f.replica.take(NODES, nodes_snapshot())
-    whole = f.replica.answer(NODES, admin_pb2.ListNodesRequest())
+    f.replica.take(NODES, as_the_replica_gets_it(nodes_snapshot()))
+    whole = admin_pb2.ListNodesResponse.FromString(f.replica.answer(NODES, admin_pb2.ListNodesRequest()))
     assert [node.name for node in whole.nodes] == ["pi1", "pi2", "pi3"]
-    page = f.replica.answer(NODES, admin_pb2.ListNodesRequest(selector={"zone": "desk"}, limit=1))
-    assert ([node.name for node in page.nodes], page.matched) == (["pi1"], 2)
+    picked = f.replica.answer(NODES, admin_pb2.ListNodesRequest(selector={"zone": "desk"}, limit=1))
+    answer = admin_pb2.ListNodesResponse.FromString(picked)
+    assert ([node.name for node in answer.nodes], answer.matched) == (["pi1"], 2)
     assert f.asked == []
 
 
@@ -108,7 +155,7 @@ def test_the_replica_answers_by_the_coordinators_rule(
     change: str, answered: bool, asked: list[bytes]
 ) -> None:
     f = Fixture()
-    f.replica.take(NODES, nodes_snapshot())
+    f.replica.take(NODES, as_the_replica_gets_it(nodes_snapshot()))
     read, request = NODES, admin_pb2.ListNodesRequest()
     if change == "aged":
         f.now += 1.5
@@ -126,11 +173,11 @@ def test_the_replica_answers_by_the_coordinators_rule(
 
 def test_an_aged_snapshot_asks_for_one_rebuild_not_one_per_call() -> None:
     f = Fixture()
-    f.replica.take(NODES, nodes_snapshot())
+    f.replica.take(NODES, as_the_replica_gets_it(nodes_snapshot()))
     f.now += 1.5
     for _ in range(3):
         f.replica.answer(NODES, admin_pb2.ListNodesRequest())
-    f.replica.take(NODES, nodes_snapshot(built_at=101.4))  # the rebuild it asked for
+    f.replica.take(NODES, as_the_replica_gets_it(nodes_snapshot(built_at=101.4)))  # the rebuild it asked for
     f.now += 1.0
     f.replica.answer(NODES, admin_pb2.ListNodesRequest())
     assert f.asked == [b"n", b"n"]
