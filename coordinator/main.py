@@ -278,10 +278,10 @@ async def start_admin_replica(
         log.warning("admin read replica not started: its socket path is too long", socket=str(socket_path))
         return None
     replica = AdminReplica(relay.admin_socket, relay.directory, admin.refresh)
-    cluster.publish_generation = replica.cell.write
-    replica.cell.write(cluster.generation)
     admin.send_snapshots_to(replica.ship)
     await replica.start()
+    replica.cell.write(cluster.generation)
+    cluster.publish_generation = replica.generation_changed
     return replica
 
 

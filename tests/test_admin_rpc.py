@@ -18,6 +18,7 @@ import pytest
 
 from picoord.common.addresses import grpc_unix_address
 from picoord.coordinator.admin_relay import AdminRelay
+from picoord.coordinator.admin_replica import FOLLOW_SECONDS
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster, LiveSession
 from picoord.coordinator.ctl.client import AdminClient, replica_channel
@@ -287,6 +288,21 @@ async def test_the_read_replica_answers_while_the_coordinator_is_held_and_shows_
             )
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         assert "selector" in refused.value.details()  # type: ignore[attr-defined]
+
+        # A change is followed by a rebuild nobody asked for: the replica answers it alone again.
+        await admin.LabelNode(admin_pb2.LabelNodeRequest(name="pi1", set={"zone": "shelf"}))
+        await asyncio.sleep(FOLLOW_SECONDS + 1.0)
+
+        def shelf_from_the_replica() -> tuple[list[str], float]:
+            reply = reads.ListNodes(admin_pb2.ListNodesRequest(selector={"zone": "shelf"}), timeout=5)
+            return [node.name for node in reply.nodes], time.monotonic()
+
+        on_shelf = asyncio.get_running_loop().run_in_executor(None, shelf_from_the_replica)
+        time.sleep(1.0)  # the loop is held
+        released = time.monotonic()
+        shelf, at = await on_shelf
+        assert shelf == ["pi1"]
+        assert at < released  # the replica had the change's snapshot: nothing was forwarded
 
         first = replica.pid
         assert first is not None
