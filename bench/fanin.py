@@ -582,7 +582,22 @@ class Workers:
 WHOLE = ("ListNodes", "Top")
 COORDINATOR = frozenset({"coordinator"})  # sampled with its children: the admin read replica
 REPLICA_WAIT_SECONDS = 10.0  # for the read replica's socket after the coordinator started
+REALTIME_PRIORITY = 10  # --realtime-probe's SCHED_FIFO priority
 SLOWEST = 5  # calls whose wall-clock time is printed, to find them in the coordinator's log
+
+
+def realtime(processes: list[psutil.Process]) -> int:
+    """Diagnostic (--realtime-probe): every thread of these processes (the probe's, the read
+    replica's) at SCHED_FIFO, as are the threads they start, so that neither waits for a
+    CPU on this saturated machine: what is left of an admin call is its own cost. Returns
+    the threads set."""
+    threads = 0
+    for process in processes:
+        for thread in process.threads():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setscheduler(thread.id, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+                threads += 1
+    return threads
 
 
 def probe_names(page: int) -> list[str]:
@@ -847,6 +862,8 @@ def measure(
     sampler.start()
     if scraper:
         scraper.start()
+    if args.realtime_probe:
+        result["realtime_probe"] = realtime([psutil.Process(), *coordinator.process.children()])
     try:
         loaded = probe_admin(stub, args.seconds, args.admin_rate, args.admin_page, alive)
     finally:
@@ -1038,6 +1055,8 @@ def report(result: dict[str, Any]) -> bool:
     worst = max(window["admin"][rpc]["p99"] for rpc in WHOLE)
     pages = [rpc for rpc in window["admin"] if rpc not in (*WHOLE, "all")]
     worst_page = max((window["admin"][rpc]["p99"] for rpc in pages), default=None)
+    # With --realtime-probe the admin figures leave out the wait for a CPU: not the target as set.
+    realtime_note = ", probe and replica at SCHED_FIFO" if result.get("realtime_probe") else ""
     checks = [
         (f"sessions held = attempted ({attempted})", f"{held}", held == attempted),
         (
@@ -1056,7 +1075,7 @@ def report(result: dict[str, Any]) -> bool:
             coordinator["cpu_percent"] <= CPU_TARGET,
         ),
         (
-            f"admin p99 <= {ms(ADMIN_P99_TARGET)} (worse of ListNodes, Top)",
+            f"admin p99 <= {ms(ADMIN_P99_TARGET)} (worse of ListNodes, Top){realtime_note}",
             ms(worst),
             worst <= ADMIN_P99_TARGET and not window["admin_failures"],
         ),
@@ -1064,7 +1083,7 @@ def report(result: dict[str, Any]) -> bool:
     if worst_page is not None:
         checks.append(
             (
-                f"admin p99 <= {ms(ADMIN_P99_TARGET)} for a page ({', '.join(pages)})",
+                f"admin p99 <= {ms(ADMIN_P99_TARGET)} for a page ({', '.join(pages)}){realtime_note}",
                 ms(worst_page),
                 worst_page <= ADMIN_P99_TARGET and not window["admin_failures"],
             )
@@ -1168,6 +1187,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=100,
         help="also probe ListNodes and Top with --limit N (default 100; 0: whole answers only)",
+    )
+    parser.add_argument(
+        "--realtime-probe",
+        action="store_true",
+        help="diagnostic: run the window's admin probe and the read replica at SCHED_FIFO, so that "
+        "neither waits for a CPU (the admin figures are then the calls' own cost; their verdicts say so)",
     )
     parser.add_argument(
         "--interval",
