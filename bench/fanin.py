@@ -965,7 +965,7 @@ def report(result: dict[str, Any]) -> bool:
         + (f"; failures {ramp['failures']}" if ramp["failures"] else "")
     )
     print(
-        f"coordinator (with its read replica) over the window: "
+        f"coordinator (and its children: the read replica) over the window: "
         f"CPU {coordinator['cpu_percent']:.1f} % of one core "
         f"(idle baseline {idle['coordinator']['cpu_percent']:.1f} %), "
         f"RSS steady {mib(coordinator['steady_rss'])}, peak {mib(coordinator['peak_rss'])}"
