@@ -262,30 +262,34 @@ class AdminReplica:
     def _spawn(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.socket.unlink()  # left by a replica that was killed
-        process = subprocess.Popen(
-            [
-                *self._command,
-                "--socket",
-                str(self.socket),
-                "--forward",
-                str(self.admin_socket),
-                "--generation",
-                str(self.cell.path),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-            # A session of its own: where the kernel groups CPU time by session (autogroup),
-            # the replica is then weighed as a program of its own, not as one more thread
-            # beside the coordinator's busy ones (at 5,000 sessions on 2 cores a call waited
-            # up to 0.1 s for the CPU). It still exits with us: its stdin ends.
-            start_new_session=True,
-        )
+        self._started_at = time.monotonic()
+        try:
+            process = subprocess.Popen(
+                [
+                    *self._command,
+                    "--socket",
+                    str(self.socket),
+                    "--forward",
+                    str(self.admin_socket),
+                    "--generation",
+                    str(self.cell.path),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                close_fds=True,
+                # A session of its own: where the kernel groups CPU time by session (autogroup),
+                # the replica is then weighed as a program of its own, not as one more thread
+                # beside the coordinator's busy ones (at 5,000 sessions on 2 cores a call waited
+                # up to 0.1 s for the CPU). It still exits with us: its stdin ends.
+                start_new_session=True,
+            )
+        except OSError as error:  # coordctl asks the admin socket meanwhile
+            log.warning("admin read replica not started", error=str(error))
+            return
         assert process.stdout is not None
         os.set_blocking(process.stdout.fileno(), False)
         asyncio.get_running_loop().add_reader(process.stdout.fileno(), self._requests, process)
         self._process = process
-        self._started_at = time.monotonic()
         self.starts += 1
         with self._wake:  # a new replica starts from the newest snapshots
             self._pending.update(self._latest)
@@ -333,12 +337,14 @@ class AdminReplica:
         while True:
             await asyncio.sleep(RESTART_SECONDS)
             process = self._process
-            if process is None or process.poll() is None:
+            if process is not None and process.poll() is None:
                 continue
             lived = time.monotonic() - self._started_at
             delay = RESTART_SECONDS if lived > BRIEF_LIFE_SECONDS else min(2 * delay, RESTART_MAX_SECONDS)
-            log.warning("admin read replica exited", code=process.returncode, restart_in=delay)
-            self._forget(process)
+            if process is not None:  # else it could not be started: _spawn said why
+                log.warning("admin read replica exited", code=process.returncode, restart_in=delay)
+                self._forget(process)
+                self._process = None
             await asyncio.sleep(delay - RESTART_SECONDS)
             self._spawn()
 

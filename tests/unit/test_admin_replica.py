@@ -3,14 +3,18 @@ sends it, the generation cell, and its answering rule."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import sys
 from pathlib import Path
 
 import pytest
 
+from picoord.coordinator import admin_replica
 from picoord.coordinator.admin_reads import NODES, TOP, replica_socket
 from picoord.coordinator.admin_replica import (
     FRAME,
+    AdminReplica,
     FrameError,
     FrameReader,
     GenerationCell,
@@ -181,3 +185,30 @@ def test_an_aged_snapshot_asks_for_one_rebuild_not_one_per_call() -> None:
     f.now += 1.0
     f.replica.answer(NODES, admin_pb2.ListNodesRequest())
     assert f.asked == [b"n", b"n"]
+
+
+def test_a_replica_that_cannot_start_or_exits_leaves_the_coordinator_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unstartable, it is only logged (coordctl asks the admin socket); exiting at once, it
+    is started again, each time after a longer wait."""
+    monkeypatch.setattr(admin_replica, "RESTART_SECONDS", 0.05)
+    monkeypatch.setattr(admin_replica, "RESTART_MAX_SECONDS", 0.4)
+
+    async def scenario() -> tuple[int, int]:
+        missing = AdminReplica(tmp_path / "a.sock", tmp_path, lambda kind: None, [str(tmp_path / "nothing")])
+        await missing.start()
+        await asyncio.sleep(0.3)
+        await missing.stop()
+        exiting = AdminReplica(
+            tmp_path / "b.sock", tmp_path, lambda kind: None, [sys.executable, "-c", "raise SystemExit(3)"]
+        )
+        await exiting.start()
+        await asyncio.sleep(1.5)
+        await exiting.stop()
+        return missing.starts, exiting.starts
+
+    missing_starts, exiting_starts = asyncio.run(scenario())
+    assert missing_starts == 0
+    # waits of 0.1, 0.2, 0.4, 0.4 s (and the exits themselves) in 1.5 s: never one a tick
+    assert 2 <= exiting_starts <= 6
