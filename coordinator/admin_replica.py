@@ -68,7 +68,7 @@ class FrameError(ValueError):
 
 
 def encode_frame(kind: bytes, snapshot: Snapshot[Any]) -> bytes:
-    """A snapshot as the replica reads it (`read_frame`)."""
+    """A snapshot as the replica reads it (`FrameReader`)."""
     labels = json.dumps([dict(each) for each in snapshot.labels], separators=(",", ":")).encode()
     whole = snapshot.whole.SerializeToString()  # type: ignore[attr-defined]
     return b"".join(
@@ -369,7 +369,11 @@ class AdminReplica:
             self._wake.notify()
         process = self._process
         if process is not None:
-            self._forget(process)  # its stdin ends: it exits
+            # It keeps nothing: ended at once, so that a write blocked on a replica that no
+            # longer reads (stopped, say) fails rather than hold its pipe's close.
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            self._forget(process)
             try:
                 await asyncio.to_thread(process.wait, STOP_SECONDS)
             except subprocess.TimeoutExpired:
