@@ -310,7 +310,7 @@ async def test_the_read_replica_answers_while_the_coordinator_is_held_and_shows_
         listed = await asyncio.to_thread(client.ListNodes, admin_pb2.ListNodesRequest(), timeout=5)
         assert [node.name for node in listed.nodes] == ["pi1"]  # from the admin socket meanwhile
         deadline = time.monotonic() + 10
-        while replica.pid == first and time.monotonic() < deadline:
+        while replica.pid in (None, first) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert replica.pid not in (None, first)
         assert replica.starts == 2
