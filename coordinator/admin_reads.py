@@ -30,9 +30,6 @@ class SnapshotRead:
         """The answer carrying `rows`, of `matched` rows that matched the selector."""
         return self.answer_type(**{self.rows_field: rows, "matched": matched})
 
-    def rows(self, whole: Any) -> Sequence[Any]:
-        return getattr(whole, self.rows_field)  # type: ignore[no-any-return]
-
     @property
     def rows_number(self) -> int:
         """The field number of the answer's rows, for the replica's work on the wire bytes."""

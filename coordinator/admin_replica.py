@@ -349,14 +349,14 @@ class AdminReplica:
             self._spawn()
 
     def _forget(self, process: subprocess.Popen[bytes]) -> None:
+        """Stop reading its stdout and close both pipes (the writer thread's next write fails)."""
+        if process.stdout is not None:
+            with contextlib.suppress(ValueError, OSError):  # already closed, or at EOF
+                asyncio.get_running_loop().remove_reader(process.stdout.fileno())
         for pipe in (process.stdin, process.stdout):
-            if pipe is None:
-                continue
-            if pipe is process.stdout:
-                with contextlib.suppress(ValueError, OSError):
-                    asyncio.get_running_loop().remove_reader(pipe.fileno())
-            with contextlib.suppress(OSError):
-                pipe.close()
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
 
     async def stop(self) -> None:
         self._stopping = True

@@ -128,12 +128,6 @@ class SnapshotCache(Generic[Row]):
         # Told of every snapshot built, on the loop (the read replica is sent a copy).
         self.on_built: Callable[[Snapshot[Row]], None] | None = None
 
-    def _usable(self, generation: int, within: float) -> Snapshot[Row] | None:
-        latest = self._latest
-        if latest is None or latest.generation != generation:
-            return None
-        return latest if self._clock() - latest.built_at < within else None
-
     def _answerable(self, generation: int) -> tuple[Snapshot[Row] | None, bool]:
         return answerable(self._latest, generation, self._clock(), self.max_age, self.max_stale)
 
@@ -167,9 +161,9 @@ class SnapshotCache(Generic[Row]):
 
     async def _rebuild(self, generation: Callable[[], int]) -> Snapshot[Row]:
         async with self._lock:
-            fresh = self._usable(generation(), self.max_age)  # built meanwhile by another caller
-            if fresh is not None:
-                return fresh
+            current, aged = self._answerable(generation())
+            if current is not None and not aged:  # built meanwhile by another caller
+                return current
             started, at = generation(), self._clock()
             built = await self._build()
             self.builds += 1
