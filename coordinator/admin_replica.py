@@ -67,9 +67,15 @@ class FrameError(ValueError):
     """A frame the replica cannot take: it was not sent by a coordinator of this version."""
 
 
-def encode_frame(kind: bytes, snapshot: Snapshot[Any]) -> bytes:
-    """A snapshot as the replica reads it (`FrameReader`)."""
-    labels = json.dumps([dict(each) for each in snapshot.labels], separators=(",", ":")).encode()
+def labels_json(snapshot: Snapshot[Any]) -> bytes:
+    """A snapshot's row labels as a frame carries them."""
+    return json.dumps([dict(each) for each in snapshot.labels], separators=(",", ":")).encode()
+
+
+def encode_frame(kind: bytes, snapshot: Snapshot[Any], labels: bytes | None = None) -> bytes:
+    """A snapshot as the replica reads it (`FrameReader`); `labels`, its `labels_json` when
+    the caller has it already."""
+    labels = labels_json(snapshot) if labels is None else labels
     whole = snapshot.whole.SerializeToString()  # type: ignore[attr-defined]
     return b"".join(
         (FRAME.pack(kind, snapshot.generation, snapshot.built_at, len(labels), len(whole)), labels, whole)
@@ -218,6 +224,7 @@ class AdminReplica:
         self._process: subprocess.Popen[bytes] | None = None
         self._latest: dict[bytes, Snapshot[Any]] = {}
         self._pending: dict[bytes, Snapshot[Any]] = {}  # newest of each read, not yet written
+        self._labels_made: dict[bytes, tuple[int, bytes]] = {}  # by read: generation, labels JSON
         self._wake = threading.Condition()
         self._writer: threading.Thread | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -325,10 +332,19 @@ class AdminReplica:
                 continue
             for kind, snapshot in pending.items():
                 try:
-                    process.stdin.write(encode_frame(kind, snapshot))
+                    process.stdin.write(encode_frame(kind, snapshot, self._labels_of(kind, snapshot)))
                     process.stdin.flush()
                 except (OSError, ValueError):  # it exited (the supervisor starts another) or we stop
                     break
+
+    def _labels_of(self, kind: bytes, snapshot: Snapshot[Any]) -> bytes:
+        """In the writer thread: the snapshot's labels JSON, made again only when the
+        generation moved (a label changes only with it; snapshots of one generation, one a
+        second while callers come, carry the same labels)."""
+        made = self._labels_made.get(kind)
+        if made is None or made[0] != snapshot.generation:
+            made = self._labels_made[kind] = (snapshot.generation, labels_json(snapshot))
+        return made[1]
 
     async def _supervise(self) -> None:
         """Starts the replica again when it exits, waiting longer each time it lived briefly

@@ -14,7 +14,7 @@ from picoord.common import defaults, limits
 from picoord.common.joining import join_command
 from picoord.common.names import InvalidName, validate_label_key, validate_labels, validate_node_name
 from picoord.common.pki import certificate_not_after, certificate_not_before
-from picoord.coordinator.admin_reads import NODES, TOP, SnapshotRead, checked_selector
+from picoord.coordinator.admin_reads import NODES, READS, TOP, SnapshotRead, checked_selector
 from picoord.coordinator.admin_snapshot import Answer, Built, Row, Snapshot, SnapshotCache, in_slices
 from picoord.coordinator.apply.action_planner import PlanError
 from picoord.coordinator.apply.service import ApplyBusy, ApplyService, registry_tls
@@ -74,6 +74,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self.applies = ApplyService(cluster, workloads, registry_tls(ca))
         self._node_rows: SnapshotCache[admin_pb2.NodeSummary] = SnapshotCache(self._node_snapshot)
         self._top_rows: SnapshotCache[admin_pb2.TopRow] = SnapshotCache(self._top_snapshot)
+        self._snapshots: dict[SnapshotRead, SnapshotCache[Any]] = {
+            NODES: self._node_rows,
+            TOP: self._top_rows,
+        }
 
     async def _node(self, name: str, context: grpc.aio.ServicerContext) -> NodeRecord:
         try:
@@ -179,13 +183,12 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def send_snapshots_to(self, ship: Callable[[SnapshotRead, Snapshot[Any]], None]) -> None:
         """Hand every snapshot built from now on to `ship` (the admin read replica)."""
-        self._node_rows.on_built = functools.partial(ship, NODES)
-        self._top_rows.on_built = functools.partial(ship, TOP)
+        for read, cache in self._snapshots.items():
+            cache.on_built = functools.partial(ship, read)
 
     def refresh(self, kind: bytes) -> None:
         """On the loop: one rebuild behind the callers of this read (its replica's copy aged)."""
-        cache = {NODES.kind: self._node_rows, TOP.kind: self._top_rows}[kind]
-        cache.refresh_behind(self._generation)
+        self._snapshots[READS[kind]].refresh_behind(self._generation)
 
     def _at_once(
         self, cache: SnapshotCache[Row], request: Any, make: Callable[[list[Row], int], Answer]

@@ -212,3 +212,13 @@ def test_a_replica_that_cannot_start_or_exits_leaves_the_coordinator_serving(
     assert missing_starts == 0
     # waits of 0.1, 0.2, 0.4, 0.4 s (and the exits themselves) in 1.5 s: never one a tick
     assert 2 <= exiting_starts <= 6
+
+
+def test_labels_are_made_again_only_when_the_generation_moved(tmp_path: Path) -> None:
+    replica = AdminReplica(tmp_path / "admin.sock", tmp_path, lambda kind: None)
+    first = replica._labels_of(NODES.kind, nodes_snapshot(generation=3, built_at=100.0))
+    again = replica._labels_of(NODES.kind, nodes_snapshot(generation=3, built_at=101.0))
+    moved = replica._labels_of(NODES.kind, nodes_snapshot(generation=4, built_at=102.0))
+    assert again is first  # the same generation's snapshot one second later: not encoded again
+    assert moved is not first and moved == first  # same labels, but made again for the new generation
+    replica.cell.close()
