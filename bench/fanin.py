@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from multiprocessing.synchronize import Event as MpEvent
 from pathlib import Path
@@ -69,11 +70,13 @@ from _common import (
     raise_nofile_limit,
     table,
     verdict,
+    wait_for,
 )
 
 from picoord.agent.channel import channel_options
 from picoord.agent.enroll import Endpoint, fetch_pinned_ca, new_key_and_csr
 from picoord.common import PROTOCOL_VERSION, VERSION
+from picoord.coordinator.admin_reads import replica_socket
 from picoord.coordinator.ctl.client import AdminClient, replica_channel
 from picoord.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, node_pb2
 
@@ -723,16 +726,13 @@ def reconnect_storm(
     }
 
 
-def wait_for_replica(admin_socket: Path) -> grpc.Channel | None:
+def wait_for_replica(admin_socket: Path, alive: Callable[[], None]) -> grpc.Channel | None:
     """The admin read replica's channel once it listens; None for a coordinator without one
     (a baseline from before it), whose admin socket then answers every call."""
-    deadline = time.monotonic() + REPLICA_WAIT_SECONDS
-    while time.monotonic() < deadline:
-        replica = replica_channel(admin_socket)
-        if replica is not None:
-            return replica
-        time.sleep(0.1)
-    return None
+    listening = replica_socket(admin_socket).exists
+    with contextlib.suppress(BenchError):  # timed out: there is none
+        wait_for("the read replica's socket", listening, REPLICA_WAIT_SECONDS, alive)
+    return replica_channel(admin_socket)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -749,7 +749,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         assert coordinator.process is not None
         channel = grpc.insecure_channel(f"unix:{coordinator.admin_socket}")
         try:
-            replica = wait_for_replica(coordinator.admin_socket)
+            replica = wait_for_replica(coordinator.admin_socket, processes.check_alive)
             result["admin_via"] = "the read replica's socket" if replica else "the admin socket"
             stub = AdminClient(channel, replica)  # nodes and top asked as coordctl asks them
             created = stub.CreateToken(
