@@ -132,11 +132,10 @@ def ask_rebuild(kind: bytes) -> None:
 def serve(socket: Path, forward: Path, generation_cell: Path) -> int:
     cell = GenerationCell(generation_cell)
     replica = Replica(cell.read, ask_rebuild)
-    forward_channel = grpc.insecure_channel(
-        grpc_unix_address(forward), options=[("grpc.max_receive_message_length", limits.GRPC_RECEIVE_BYTES)]
-    )
+    options = [("grpc.max_receive_message_length", limits.GRPC_RECEIVE_BYTES)]  # as the coordinator's
+    forward_channel = grpc.insecure_channel(grpc_unix_address(forward), options=options)
     pool = concurrent.futures.ThreadPoolExecutor(REPLICA_THREADS, thread_name_prefix="replica")
-    server = grpc.server(pool, options=[("grpc.max_receive_message_length", limits.GRPC_RECEIVE_BYTES)])
+    server = grpc.server(pool, options=options)
     server.add_generic_rpc_handlers((read_handlers(replica, forward_channel),))
     os.umask(0o177)  # the socket is born 0600, as the admin socket: only root reads the cluster
     if not server.add_insecure_port(grpc_unix_address(socket)):
