@@ -11,6 +11,7 @@ from picoord.coordinator.inbound import (
     TEXT_LIMITS,
     MalformedMessage,
     _bounded,
+    _checks,
     _is_repeated,
     _key,
     check_enroll_request,
@@ -386,6 +387,29 @@ def test_a_sample_of_hardware_the_hello_did_not_report_is_not_compared() -> None
 )
 def test_only_types_that_hold_something_bounded_are_walked(descriptor: Descriptor, bounded: bool) -> None:
     assert _bounded(descriptor) is bounded
+
+
+@pytest.mark.parametrize(
+    ("descriptor", "read"),
+    [
+        # Numbers are never read; a repeated field of numbers has its count checked.
+        (
+            node_pb2.MetricsSample.DESCRIPTOR,
+            ["cpus", "filesystems", "network", "temperatures", "series_values"],
+        ),
+        (node_pb2.CpuTimes.DESCRIPTOR, []),
+        (node_pb2.Temperature.DESCRIPTOR, ["zone", "type"]),
+    ],
+)
+def test_the_walk_reads_only_the_fields_a_limit_applies_to(descriptor: Descriptor, read: list[str]) -> None:
+    assert [check.rule.name for check in _checks(descriptor)] == read
+
+
+def test_a_message_body_is_looked_into_only_when_it_is_set() -> None:
+    checks = {check.rule.name: check for check in _checks(agent_pb2.AgentMessage.DESCRIPTOR)}
+    assert {"hello", "metrics", "replicas"} <= checks.keys()
+    assert "heartbeat" not in checks  # a number only
+    assert all(check.present for check in checks.values())
 
 
 def test_a_repeated_numbers_only_field_still_has_its_count_checked() -> None:
