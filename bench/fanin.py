@@ -546,9 +546,7 @@ class Workers:
                     timeout=max(0.1, min(1.0, deadline - time.monotonic()))
                 )
             except queue.Empty:
-                dead = [p.name for p in self.processes if not p.is_alive()]
-                if dead:
-                    raise BenchError(f"load processes died: {', '.join(dead)}") from None
+                self.check_alive()
                 if time.monotonic() > deadline:
                     raise BenchError(
                         f"timed out after {timeout:.0f} s waiting for '{kind}' from the load"
