@@ -54,7 +54,7 @@ class Replica:
         self._ask_rebuild = ask_rebuild
         self._clock = clock
         self.max_age = max_age
-        self.max_stale = max(max_stale, max_age)
+        self.max_stale = max_stale
         self._latest: dict[bytes, Snapshot[memoryview]] = {}
         self._asked: dict[bytes, float] = {}  # the built_at of the snapshot a rebuild was asked for
 

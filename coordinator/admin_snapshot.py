@@ -102,11 +102,14 @@ def answerable(
     latest: Snapshot[Row] | None, generation: int, now: float, max_age: float, max_stale: float
 ) -> tuple[Snapshot[Row] | None, bool]:
     """The snapshot a caller may take now (None: build first: there is none, what rows show
-    changed since, or it is older than `max_stale`), and whether it is aged (older than
-    `max_age`: one rebuild behind the callers is due)."""
-    if latest is None or latest.generation != generation or now - latest.built_at >= max_stale:
+    changed since, or it is older than `max_stale`, never less than `max_age`), and whether
+    it is aged (older than `max_age`: one rebuild behind the callers is due)."""
+    if latest is None or latest.generation != generation:
         return None, False
-    return latest, now - latest.built_at >= max_age
+    age = now - latest.built_at
+    if age >= max(max_stale, max_age):
+        return None, False
+    return latest, age >= max_age
 
 
 class SnapshotCache(Generic[Row]):
@@ -123,7 +126,7 @@ class SnapshotCache(Generic[Row]):
     ) -> None:
         self._build = build
         self.max_age = max_age
-        self.max_stale = max(max_stale, max_age)
+        self.max_stale = max_stale
         self._clock = clock
         self._latest: Snapshot[Row] | None = None
         self._lock = asyncio.Lock()

@@ -162,20 +162,28 @@ SNAP = Snapshot("whole", [1], [{}], generation=7, built_at=100.0)
 
 
 @pytest.mark.parametrize(
-    ("latest", "generation", "now", "taken", "aged"),
+    ("latest", "generation", "now", "taken", "aged", "max_stale"),
     [
-        (None, 7, 100.0, None, False),  # nothing built yet
-        (SNAP, 8, 100.0, None, False),  # what rows show changed since
-        (SNAP, 7, 100.5, SNAP, False),  # fresh
-        (SNAP, 7, 101.0, SNAP, True),  # aged: answered, one rebuild behind
-        (SNAP, 7, 104.9, SNAP, True),
-        (SNAP, 7, 105.0, None, False),  # stale: rebuilt before answering
+        (None, 7, 100.0, None, False, 5.0),  # nothing built yet
+        (SNAP, 8, 100.0, None, False, 5.0),  # what rows show changed since
+        (SNAP, 7, 100.5, SNAP, False, 5.0),  # fresh
+        (SNAP, 7, 101.0, SNAP, True, 5.0),  # aged: answered, one rebuild behind
+        (SNAP, 7, 104.9, SNAP, True, 5.0),
+        (SNAP, 7, 105.0, None, False, 5.0),  # stale: rebuilt before answering
+        # max_stale below max_age counts as max_age: never stale before it is aged
+        (SNAP, 7, 100.5, SNAP, False, 0.2),
+        (SNAP, 7, 101.0, None, False, 0.2),
     ],
 )
 def test_answerable(
-    latest: Snapshot | None, generation: int, now: float, taken: Snapshot | None, aged: bool
+    latest: Snapshot | None,
+    generation: int,
+    now: float,
+    taken: Snapshot | None,
+    aged: bool,
+    max_stale: float,
 ) -> None:
-    assert answerable(latest, generation, now, max_age=1.0, max_stale=5.0) == (taken, aged)
+    assert answerable(latest, generation, now, max_age=1.0, max_stale=max_stale) == (taken, aged)
 
 
 def test_every_build_is_handed_to_on_built() -> None:
