@@ -358,6 +358,20 @@ class Sample:
     uss: int | None
 
 
+def thread_cpu_seconds(process: psutil.Process) -> dict[str, float]:
+    """CPU seconds of the process's live threads so far, summed by thread name (/proc's
+    comm): gRPC's core names its threads (event_engine, ...), Python's threads keep the
+    process's name. A thread that ended between two readings drops out of the difference."""
+    totals: dict[str, float] = {}
+    for thread in process.threads():
+        try:
+            name = Path(f"/proc/{process.pid}/task/{thread.id}/comm").read_text().strip()
+        except OSError:
+            continue  # ended meanwhile
+        totals[name] = totals.get(name, 0.0) + thread.user_time + thread.system_time
+    return totals
+
+
 def cpu_seconds(process: psutil.Process) -> float:
     times = process.cpu_times()
     return times.user + times.system + times.children_user + times.children_system

@@ -69,6 +69,7 @@ from _common import (
     percentile,
     raise_nofile_limit,
     table,
+    thread_cpu_seconds,
     verdict,
     wait_for,
 )
@@ -585,6 +586,7 @@ COORDINATOR = frozenset({"coordinator"})  # sampled with its children: the admin
 REPLICA_WAIT_SECONDS = 10.0  # for the read replica's socket after the coordinator started
 REALTIME_PRIORITY = 10  # --realtime-probe's SCHED_FIFO priority
 SLOWEST = 5  # calls whose wall-clock time is printed, to find them in the coordinator's log
+GRPC_CORE_THREADS = "event_engine"  # what gRPC's core names its threads: TLS, HTTP/2, pings
 
 
 def realtime(processes: list[psutil.Process]) -> int:
@@ -855,6 +857,7 @@ def measure(
     watched.update({f"load-{i}": psutil.Process(pid) for i, pid in enumerate(pids)})
     sampler = Sampler(watched, with_children=COORDINATOR)
     machine = MachineCpu()
+    threads_before, threads_at = thread_cpu_seconds(coordinator.process), time.monotonic()
     scraper = PrometheusScraper(coordinator, args.prometheus_interval) if args.prometheus_interval else None
     workers.events["window"].set()
     sampler.start()
@@ -869,6 +872,7 @@ def measure(
             scraper.stop()
         sampler.stop()
         machine.stop()
+    threads_after, threads_span = thread_cpu_seconds(coordinator.process), time.monotonic() - threads_at
     after, scrape_after = coordinator.metrics(COORDINATOR_SERIES)
     after_at = time.monotonic()
     ready, connected, listed = ready_nodes(stub)  # while every session is still up
@@ -888,6 +892,10 @@ def measure(
         ended.update(report["ended"])
     result["window"] = {
         "coordinator": asdict(prints["coordinator"]),
+        "coordinator_threads_percent": {
+            name: 100 * (seconds - threads_before.get(name, 0.0)) / threads_span
+            for name, seconds in threads_after.items()
+        },
         "bench_cpu_percent": prints["bench"].cpu_percent,
         "load_cpu_percent": load_cpu,
         "machine_busy_cores": machine.busy_cores,
@@ -967,6 +975,14 @@ def report(result: dict[str, Any]) -> bool:
         f"CPU {coordinator['cpu_percent']:.1f} % of one core "
         f"(idle baseline {idle['coordinator']['cpu_percent']:.1f} %), "
         f"RSS steady {mib(coordinator['steady_rss'])}, peak {mib(coordinator['peak_rss'])}"
+    )
+    threads = window.get("coordinator_threads_percent", {})
+    busy = sorted(((pct, name) for name, pct in threads.items() if pct >= 0.5), reverse=True)
+    print(
+        "coordinator process by thread (the replica apart): "
+        + ", ".join(f"{name} {pct:.1f} %" for pct, name in busy)
+        + f" ({GRPC_CORE_THREADS}: gRPC's core, TLS, HTTP/2 and the keepalive pings; the process's"
+        " own name: Python)"
     )
     print(
         f"messages: coordinator received {window['messages_per_second']:.0f}/s "
@@ -1143,8 +1159,10 @@ def compare(base_commit: str, base: dict[str, Any], this: dict[str, Any]) -> Non
 
     def figures(result: dict[str, Any]) -> dict[str, float | None]:
         window, storm = result["window"], result.get("storm") or {}
+        threads = window.get("coordinator_threads_percent", {})
         return {
             "coordinator CPU, % of one core": window["coordinator"]["cpu_percent"],
+            "  of it gRPC's core threads (event_engine), %": threads.get(GRPC_CORE_THREADS),
             "coordinator RSS steady, MiB": window["coordinator"]["steady_rss"] / 2**20,
             "coordinator RSS peak, MiB": window["coordinator"]["peak_rss"] / 2**20,
             "messages received/s": window["messages_per_second"],
