@@ -10,11 +10,8 @@ When to rebuild (at 5,000 nodes a build takes about 30 ms of CPU, several times 
   caller gets the current snapshot at once and one rebuild starts behind it, so no call
   waits for a build while calls keep coming and the cluster holds still;
 - older than `max_stale` (nobody asked for a while): rebuilt before answering.
-A build behind the callers yields to the event loop every SLICE rows, so sessions and
-other calls are never held for a whole build nobody waits for. A build a caller waits for
-runs through (WAITED_SLICE): at 5,000 agents its yields let the session messages that
-queued meanwhile in between its slices, and the first call after a quiet spell waited
-0.4-0.8 s for a build of about 30 ms of CPU (bench/fanin.py).
+A build yields to the event loop every SLICE rows, so sessions and other calls are never
+held for a whole build.
 
 `at_once` is the same rule for a caller off the event loop (the admin server's threads,
 admin_threads.py): a snapshot it may take now, else None and the call goes to the loop. A
@@ -45,7 +42,6 @@ Answer = TypeVar("Answer")
 SNAPSHOT_SECONDS = 1.0  # how stale a row's time-driven parts (last seen, Ready by silence) may be
 STALE_SECONDS = 5.0  # older than this, a caller waits for a rebuild rather than take it
 SLICE = 250  # rows built between two yields to the event loop (a few ms at 5,000 nodes)
-WAITED_SLICE = 0  # a build a caller waits for: no yield
 
 
 def matching(
@@ -61,11 +57,11 @@ def matching(
     return (picked[:limit] if limit else picked), len(picked)
 
 
-async def in_slices(items: Iterable[Item], size: int) -> AsyncIterator[Item]:
-    """`items`, yielding to the event loop after every `size` of them (0: never)."""
+async def in_slices(items: Iterable[Item], size: int = SLICE) -> AsyncIterator[Item]:
+    """`items`, yielding to the event loop after every `size` of them."""
     for index, item in enumerate(items, 1):
         yield item
-        if size and not index % size:
+        if not index % size:
             await asyncio.sleep(0)
 
 
@@ -113,13 +109,12 @@ def answerable(
 
 
 class SnapshotCache(Generic[Row]):
-    """The latest snapshot, rebuilt by `build(slice)` as the module says (`slice`: rows
-    between two yields to the loop, for `in_slices`); one build at a time, shared by every
-    caller waiting for it."""
+    """The latest snapshot, rebuilt by `build` as the module says; one build at a time,
+    shared by every caller waiting for it."""
 
     def __init__(
         self,
-        build: Callable[[int], Awaitable[Built[Row]]],
+        build: Callable[[], Awaitable[Built[Row]]],
         max_age: float = SNAPSHOT_SECONDS,
         max_stale: float = STALE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
@@ -143,7 +138,7 @@ class SnapshotCache(Generic[Row]):
         self._loop = asyncio.get_running_loop()
         current, aged = self._answerable(generation())
         if current is None:
-            return await self._rebuild(generation, WAITED_SLICE)
+            return await self._rebuild(generation)
         if aged:
             self.refresh_behind(generation)
         return current
@@ -164,16 +159,16 @@ class SnapshotCache(Generic[Row]):
     def refresh_behind(self, generation: Callable[[], int]) -> None:
         """On the loop: one rebuild behind the callers, unless one is running."""
         if self._refresh is None or self._refresh.done():
-            self._refresh = asyncio.create_task(self._rebuild(generation, SLICE))
+            self._refresh = asyncio.create_task(self._rebuild(generation))
             self._refresh.add_done_callback(_log_failure)
 
-    async def _rebuild(self, generation: Callable[[], int], slice_rows: int) -> Snapshot[Row]:
+    async def _rebuild(self, generation: Callable[[], int]) -> Snapshot[Row]:
         async with self._lock:
             current, aged = self._answerable(generation())
             if current is not None and not aged:  # built meanwhile by another caller
                 return current
             started, at = generation(), self._clock()
-            built = await self._build(slice_rows)
+            built = await self._build()
             self.builds += 1
             self._latest = latest = Snapshot(built.whole, built.rows, built.labels, started, at)
             if self.on_built is not None:

@@ -139,21 +139,21 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def _generation(self) -> int:
         return self.cluster.generation
 
-    async def _node_snapshot(self, slice_rows: int) -> Built[admin_pb2.NodeSummary]:
+    async def _node_snapshot(self) -> Built[admin_pb2.NodeSummary]:
         """Every node's row, built into the unfiltered answer itself (no second copy)."""
         newest = await self.cluster.newest_certificates()
         records = self.cluster.nodes()
         now = self.cluster.clock()
         whole = admin_pb2.ListNodesResponse(matched=len(records))
-        async for record in in_slices(records, slice_rows):
+        async for record in in_slices(records):
             summary = self.cluster.summary(record, into=whole.nodes.add())
             with_certificate(summary, newest.get(record.name), now)
         return Built(whole, whole.nodes, [record.labels for record in records])
 
-    async def _top_snapshot(self, slice_rows: int) -> Built[admin_pb2.TopRow]:
+    async def _top_snapshot(self) -> Built[admin_pb2.TopRow]:
         records = self.cluster.nodes()
         whole = admin_pb2.TopResponse(matched=len(records))
-        async for record in in_slices(records, slice_rows):
+        async for record in in_slices(records):
             self.cluster.history.top(
                 record.name,
                 STATUS_TO_WIRE[self.cluster.status(record.name)],
