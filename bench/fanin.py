@@ -541,13 +541,20 @@ class Workers:
         """Wait for one `kind` report from every worker."""
         reports: dict[int, dict[str, Any]] = {}
         deadline = time.monotonic() + timeout
+        gone_once = False
         while len(reports) < len(self.processes):
             try:
                 got, index, payload = self.results.get(
                     timeout=max(0.1, min(1.0, deadline - time.monotonic()))
                 )
             except queue.Empty:
-                self.check_alive()
+                # A worker that sent its last report exits at once; one that exited without
+                # it is dead, once a second look at the queue has not found its report.
+                unreported = [p for i, p in enumerate(self.processes) if i not in reports]
+                if any(p.exitcode is not None for p in unreported):
+                    if gone_once:
+                        self.check_alive()
+                    gone_once = True
                 if time.monotonic() > deadline:
                     raise BenchError(
                         f"timed out after {timeout:.0f} s waiting for '{kind}' from the load"
