@@ -22,7 +22,7 @@ from picoord.coordinator.admin_relay import AdminRelay
 from picoord.coordinator.admin_replica import FOLLOW_SECONDS
 from picoord.coordinator.ca import ClusterCA
 from picoord.coordinator.cluster import Cluster, LiveSession
-from picoord.coordinator.ctl.client import REPLICA_PATIENCE, AdminClient, replica_channel
+from picoord.coordinator.ctl.client import AdminClient, replica_channel
 from picoord.coordinator.main import start_admin_replica, start_admin_server
 from picoord.coordinator.servicers.cluster_admin import AdminServicer
 from picoord.coordinator.servicers.peers import restrict_to_operators
@@ -258,8 +258,7 @@ async def test_the_read_replica_answers_while_the_coordinator_is_held_and_shows_
     """The read replica (a process of its own) answers `nodes` and `top` from the snapshots
     the coordinator sends it, with the coordinator's loop held; a change shows at once (it
     forwards, through the generation cell); a bad selector gets the coordinator's error;
-    stopped or killed, coordctl's client still answers from the admin socket (without
-    waiting out its deadline), and a killed replica is back."""
+    killed, coordctl's client still answers from the admin socket and the replica is back."""
     cluster, admin = coordinator.cluster, coordinator.admin
     replica = await start_admin_replica(coordinator.servicer, cluster, coordinator.relay)
     assert replica is not None
@@ -311,15 +310,6 @@ async def test_the_read_replica_answers_while_the_coordinator_is_held_and_shows_
 
         first = replica.pid
         assert first is not None
-        os.kill(first, signal.SIGSTOP)  # alive but stuck: coordctl does not wait out its deadline
-        try:
-            began = time.monotonic()
-            listed = await asyncio.to_thread(client.ListNodes, admin_pb2.ListNodesRequest(), timeout=10)
-            waited = time.monotonic() - began
-        finally:
-            os.kill(first, signal.SIGCONT)
-        assert [node.name for node in listed.nodes] == ["pi1"]
-        assert REPLICA_PATIENCE <= waited < REPLICA_PATIENCE + 3  # from the admin socket
         os.kill(first, signal.SIGKILL)
         listed = await asyncio.to_thread(client.ListNodes, admin_pb2.ListNodesRequest(), timeout=5)
         assert [node.name for node in listed.nodes] == ["pi1"]  # from the admin socket meanwhile

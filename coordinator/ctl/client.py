@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,6 @@ from picoord.v1 import admin_pb2_grpc
 CALL_TIMEOUT = 10.0
 # The read replica answered neither yes nor no: gone (UNAVAILABLE), or not a replica at all.
 REPLICA_ABSENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED)
-# The longest the read replica is given before the admin socket is asked: it answers in
-# milliseconds, or forwards to the coordinator; one that is alive but stuck (stopped,
-# swapped out) would otherwise hold `coordctl nodes` for its whole deadline.
-REPLICA_PATIENCE = 2.0
 PROBE_TIMEOUT = 5.0
 
 
@@ -94,23 +89,15 @@ class AdminClient(admin_pb2_grpc.AdminStub):
 
 def _replica_first(replica: Callable[..., Any], admin: Callable[..., Any]) -> Callable[..., Any]:
     """A read from the replica, or from the admin socket when the replica is not there (not
-    started, or restarting) or gives no answer within REPLICA_PATIENCE while the call's own
-    deadline has time left: the answer is the same, only slower under load."""
+    started, or restarting): the answer is the same, only slower under load."""
 
     def call(request: Any, **kwargs: Any) -> Any:
-        timeout = kwargs.get("timeout")
-        patience = REPLICA_PATIENCE if timeout is None else min(timeout, REPLICA_PATIENCE)
-        started = time.monotonic()
         try:
-            return replica(request, **{**kwargs, "timeout": patience})
+            return replica(request, **kwargs)
         except grpc.RpcError as error:
-            code = error.code()  # type: ignore[attr-defined]
-            stuck = code == grpc.StatusCode.DEADLINE_EXCEEDED and patience != timeout
-            if code not in REPLICA_ABSENT and not stuck:
+            if error.code() not in REPLICA_ABSENT:  # type: ignore[attr-defined]
                 raise
-        if timeout is not None:
-            kwargs = {**kwargs, "timeout": timeout - (time.monotonic() - started)}
-        return admin(request, **kwargs)
+            return admin(request, **kwargs)
 
     return call
 
