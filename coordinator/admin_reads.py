@@ -5,6 +5,7 @@ replica (admin_replica.py) and coordctl."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,24 @@ def replica_socket(admin_socket: Path) -> Path:
     """Where the admin read replica listens (admin_replica.py): beside the admin socket,
     where coordctl finds it."""
     return admin_socket.with_name(admin_socket.name + ".reads")
+
+
+# The replica's sign of life: it touches its socket every REPLICA_BEAT seconds. A stopped
+# replica's socket still accepts connections (the kernel queues them), so without this a
+# call to it waits out coordctl's whole deadline; coordctl skips a socket silent longer.
+REPLICA_BEAT = 0.25
+REPLICA_SILENT_AFTER = 2.0
+
+
+def replica_alive(socket: Path, now: float | None = None) -> bool:
+    """Whether the replica at `socket` touched it within REPLICA_SILENT_AFTER seconds
+    (wall clock, as the file's times are: a clock step makes it look stopped for a moment,
+    and coordctl then asks the admin socket, which answers the same)."""
+    try:
+        touched = socket.stat().st_mtime
+    except OSError:
+        return False
+    return abs((time.time() if now is None else now) - touched) <= REPLICA_SILENT_AFTER
 
 
 def checked_selector(selector: Mapping[str, str]) -> dict[str, str]:

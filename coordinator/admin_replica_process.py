@@ -16,6 +16,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +29,7 @@ from picoord.common import limits
 from picoord.common.addresses import grpc_unix_address
 from picoord.common.logs import configure_logging
 from picoord.common.names import InvalidName
-from picoord.coordinator.admin_reads import READS, SnapshotRead, checked_selector
+from picoord.coordinator.admin_reads import READS, REPLICA_BEAT, SnapshotRead, checked_selector
 from picoord.coordinator.admin_replica import FrameError, FrameReader, GenerationCell, page
 from picoord.coordinator.admin_snapshot import SNAPSHOT_SECONDS, STALE_SECONDS, Snapshot, answerable
 from picoord.v1 import admin_pb2
@@ -142,6 +143,8 @@ def serve(socket: Path, forward: Path, generation_cell: Path) -> int:
         log.error("admin read replica cannot listen", socket=str(socket))
         return 1
     server.start()
+    beating = threading.Event()
+    threading.Thread(target=beat, args=(socket, beating), name="replica-beat", daemon=True).start()
     try:
         take_snapshots(replica, sys.stdin.buffer)  # to EOF: the coordinator stopped, or stops us
         return 0
@@ -149,9 +152,17 @@ def serve(socket: Path, forward: Path, generation_cell: Path) -> int:
         log.error("admin read replica got a bad snapshot", error=str(error))
         return 1
     finally:
+        beating.set()
         server.stop(0).wait()
         forward_channel.close()
         cell.close()
+
+
+def beat(socket: Path, stop: threading.Event) -> None:
+    """Our sign of life for coordctl (`replica_alive`): the socket touched every REPLICA_BEAT."""
+    while not stop.wait(REPLICA_BEAT):
+        with contextlib.suppress(OSError):  # unlinked by the coordinator starting our successor
+            os.utime(socket)
 
 
 def main(argv: list[str] | None = None) -> int:

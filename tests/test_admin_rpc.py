@@ -18,6 +18,7 @@ import grpc
 import pytest
 
 from picoord.common.addresses import grpc_unix_address
+from picoord.coordinator.admin_reads import REPLICA_SILENT_AFTER, replica_alive
 from picoord.coordinator.admin_relay import AdminRelay
 from picoord.coordinator.admin_replica import FOLLOW_SECONDS
 from picoord.coordinator.ca import ClusterCA
@@ -258,7 +259,8 @@ async def test_the_read_replica_answers_while_the_coordinator_is_held_and_shows_
     """The read replica (a process of its own) answers `nodes` and `top` from the snapshots
     the coordinator sends it, with the coordinator's loop held; a change shows at once (it
     forwards, through the generation cell); a bad selector gets the coordinator's error;
-    killed, coordctl's client still answers from the admin socket and the replica is back."""
+    stopped, coordctl skips it at once; killed, coordctl's client still answers from the
+    admin socket and the replica is back."""
     cluster, admin = coordinator.cluster, coordinator.admin
     replica = await start_admin_replica(coordinator.servicer, cluster, coordinator.relay)
     assert replica is not None
@@ -308,8 +310,32 @@ async def test_the_read_replica_answers_while_the_coordinator_is_held_and_shows_
         # answered before the loop was let go: the replica had the change's snapshot, nothing forwarded
         assert await while_the_loop_is_held(shelf_from_the_replica) == (["pi1"], True)
 
+        # Stopped, it shows no sign of life: coordctl asks the admin socket at once instead
+        # of waiting out its deadline on a socket the kernel still queues connections for.
         first = replica.pid
         assert first is not None
+        assert replica_alive(replica.socket)
+        os.kill(first, signal.SIGSTOP)
+        try:
+            deadline = time.monotonic() + REPLICA_SILENT_AFTER + 3
+            while replica_alive(replica.socket) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert replica_channel(coordinator.socket) is None
+            started = time.monotonic()
+            stuck_client = AdminClient(
+                grpc.insecure_channel(grpc_unix_address(coordinator.socket)),
+                replica_channel(coordinator.socket),
+            )
+            listed = await asyncio.to_thread(stuck_client.ListNodes, admin_pb2.ListNodesRequest(), timeout=5)
+            assert [node.name for node in listed.nodes] == ["pi1"]
+            assert time.monotonic() - started < 2.0
+        finally:
+            os.kill(first, signal.SIGCONT)
+        deadline = time.monotonic() + 5
+        while not replica_alive(replica.socket) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert replica_channel(coordinator.socket) is not None  # beating again
+
         os.kill(first, signal.SIGKILL)
         listed = await asyncio.to_thread(client.ListNodes, admin_pb2.ListNodesRequest(), timeout=5)
         assert [node.name for node in listed.nodes] == ["pi1"]  # from the admin socket meanwhile

@@ -20,7 +20,7 @@ import grpc
 
 from picoord.common import defaults, limits
 from picoord.common.addresses import InvalidAddress, grpc_unix_address, split_host_port
-from picoord.coordinator.admin_reads import replica_socket
+from picoord.coordinator.admin_reads import replica_alive, replica_socket
 from picoord.coordinator.ctl.contexts import Bundle, ContextStore, foreign_server_message
 from picoord.v1 import admin_pb2_grpc
 
@@ -103,9 +103,10 @@ def _replica_first(replica: Callable[..., Any], admin: Callable[..., Any]) -> Ca
 
 
 def replica_channel(socket_path: Path) -> grpc.Channel | None:
-    """A channel to the read replica beside the admin socket, or None when there is none."""
+    """A channel to the read replica beside the admin socket, or None when there is none
+    or it shows no sign of life (stopped, say: its calls would wait out the deadline)."""
     replica = replica_socket(socket_path)
-    if not replica.exists() or not os.access(replica, os.R_OK | os.W_OK):
+    if not replica_alive(replica) or not os.access(replica, os.R_OK | os.W_OK):
         return None
     return grpc.insecure_channel(grpc_unix_address(replica))
 

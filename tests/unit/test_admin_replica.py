@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 from picoord.coordinator import admin_replica
-from picoord.coordinator.admin_reads import NODES, TOP, replica_socket
+from picoord.coordinator.admin_reads import NODES, REPLICA_SILENT_AFTER, TOP, replica_alive, replica_socket
 from picoord.coordinator.admin_replica import (
     FRAME,
     AdminReplica,
@@ -222,3 +223,22 @@ def test_labels_are_made_again_only_when_the_generation_moved(tmp_path: Path) ->
     assert again is first  # the same generation's snapshot one second later: not encoded again
     assert moved is not first and moved == first  # same labels, but made again for the new generation
     replica.cell.close()
+
+
+@pytest.mark.parametrize(
+    ("touched_ago", "alive"),
+    [
+        pytest.param(0.0, True, id="just touched"),
+        pytest.param(REPLICA_SILENT_AFTER - 0.5, True, id="within the silence allowed"),
+        pytest.param(REPLICA_SILENT_AFTER + 0.5, False, id="silent too long: stopped"),
+        pytest.param(-(REPLICA_SILENT_AFTER + 0.5), False, id="touched in the future: the clock stepped"),
+        pytest.param(None, False, id="no socket"),
+    ],
+)
+def test_replica_alive(tmp_path: Path, touched_ago: float | None, alive: bool) -> None:
+    socket = tmp_path / "admin.sock.reads"
+    now = 1_000_000.0
+    if touched_ago is not None:
+        socket.touch()
+        os.utime(socket, (now - touched_ago, now - touched_ago))
+    assert replica_alive(socket, now) is alive
