@@ -2,10 +2,11 @@
 `instance` set to the node name (scrape with `honor_labels: true`), plus the
 coordinator's own figures.
 
-A scrape never renders. A background thread renders the whole exposition at most every
-`interval` seconds while someone scrapes (a thousand Pis are about 300,000 series: each
-declares some 200 of node_exporter's, see common/node_series.py), and the
-HTTP handler returns the latest complete bytes. The node section is written by a small
+A scrape never renders. A background thread renders the whole exposition while someone
+scrapes (a thousand Pis are about 300,000 series: each declares some 200 of
+node_exporter's, see common/node_series.py), and the HTTP handler returns the latest
+complete bytes. It renders once per expected scrape, just before it (`next_render_in`),
+and never more often than every `interval` seconds. The node section is written by a small
 hand-made formatter over a snapshot taken on the event loop, from the families of
 common/node_series.py; the coordinator's own figures still go through prometheus_client
 (`CoordinatorCollector`). The prometheus_client rendering of the node section that this
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import math
 import socket
+import statistics
 import threading
 import time
 from collections import deque
@@ -24,6 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import pairwise
 from typing import TYPE_CHECKING, TypeVar
 
 import structlog
@@ -59,6 +63,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 RENDER_INTERVAL = 1.0  # seconds between renders while scrapes come
 RENDER_DUTY = 0.2  # at most this share of the time goes to rendering (see render_pause)
 IDLE_AFTER = 300.0  # no scrape for this long: stop rendering until the next one
+SCRAPE_LEAD = 1.0  # a render for an expected scrape is due to finish this long before it
+SCRAPES_KEPT = 5  # the lower median of the gaps between these last scrapes is the cadence
+SCRAPES_AHEAD = 2  # renders for this many expected scrapes past the last one that came
 SNAPSHOT_TIMEOUT = 10.0  # a render waits this long for the event loop to hand over a snapshot
 SCRAPE_WAIT = 10.0  # a scrape that finds no fresh exposition waits this long for one
 SNAPSHOT_SLICE = 100  # nodes per snapshot callback on the loop (about 1 ms)
@@ -442,6 +449,45 @@ def render_pause(interval: float, render_seconds: float) -> float:
     return max(interval, duty_pause(render_seconds, RENDER_DUTY))
 
 
+def next_render_in(
+    now: float,
+    scrapes: Sequence[float],
+    last: Rendered | None,
+    interval: float,
+    idle_after: float,
+    lead: float = SCRAPE_LEAD,
+) -> float | None:
+    """Seconds until the next render is due (0: now), or None: none until a scrape asks.
+
+    Prometheus scrapes at a steady cadence (15 s is usual), so one render per scrape, timed
+    to finish `lead` seconds before the next one is expected, serves it bytes as fresh as
+    rendering every second would, at a fifteenth of the cost (about 4 % of a core at 5,000
+    nodes). The cadence is the lower median of the gaps between the recent `scrapes`
+    (monotonic times, oldest first): one odd gap (a curl between two scrapes) does not move
+    it, and two scrapers taking turns are served by the nearer. One scrape alone has no
+    cadence yet; nor has anyone whose last scrape is over `idle_after` ago. Renders serve
+    the next SCRAPES_AHEAD expected scrapes (a scraper that stops costs no more), and are
+    still at least `render_pause` apart: a scraper faster than `lead` gets a render about
+    every `interval`, as before cadences were kept."""
+    if not scrapes or now - scrapes[-1] > idle_after:
+        return None
+    gaps = [later - earlier for earlier, later in pairwise(scrapes) if later > earlier]
+    if not gaps:
+        return None
+    cadence = statistics.median_low(gaps)
+    took = last.seconds if last is not None else 0.0
+    started = last.rendered_at - last.seconds if last is not None else -math.inf
+    ahead = max(1, math.ceil((now - scrapes[-1]) / cadence))  # the next expected scrape
+    while True:
+        if ahead > SCRAPES_AHEAD or ahead * cadence > idle_after:
+            return None  # served, or missed: the next scrape that comes asks
+        start = scrapes[-1] + ahead * cadence - lead - took
+        if started < start:  # this one has no render yet
+            break
+        ahead += 1
+    return max(0.0, start - now, started + render_pause(interval, took) - now)
+
+
 class RenderStopped(Exception):
     """The exposition was stopped while a render waited for the event loop."""
 
@@ -474,9 +520,9 @@ class MetricsExposition:
 
     With an event `loop`, the node snapshot is taken on that loop (the coordinator's), so
     the render never races the servicers; without one (benchmarks, tests) in the thread.
-    A scrape gets the latest bytes at once. Only when there are none yet, or they are
-    stale because nobody scraped for `idle_after` seconds and rendering paused, does it
-    wait for a fresh render.
+    A scrape at the expected cadence gets the latest bytes at once. Only when there are
+    none yet, or they are stale (the first scrape, an irregular one, or one after nobody
+    scraped for `idle_after` seconds) does it wait for a fresh render.
     """
 
     def __init__(
@@ -486,12 +532,14 @@ class MetricsExposition:
         loop: asyncio.AbstractEventLoop | None = None,
         idle_after: float = IDLE_AFTER,
         workloads: Workloads | None = None,
+        lead: float = SCRAPE_LEAD,
     ) -> None:
         if interval <= 0:
             raise ValueError("metrics render interval must be positive")
         self.cluster = cluster
         self.interval = interval
         self.idle_after = max(idle_after, interval)
+        self.lead = lead
         self.loop = loop
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(CoordinatorCollector(cluster, workloads))
@@ -501,7 +549,7 @@ class MetricsExposition:
         self._changed = threading.Condition()
         self._wanted = threading.Event()
         self._stop = threading.Event()
-        self._last_scrape = -float("inf")
+        self._scrapes: deque[float] = deque(maxlen=SCRAPES_KEPT)  # monotonic times, by any thread
         self._pause = interval
         self._thread: threading.Thread | None = None
 
@@ -548,16 +596,24 @@ class MetricsExposition:
             self._changed.notify_all()
         return rendered
 
+    def _next_render_in(self) -> float | None:
+        return next_render_in(
+            time.monotonic(), tuple(self._scrapes), self._latest, self.interval, self.idle_after, self.lead
+        )
+
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wanted.wait(self._pause)
+            due_in = self._next_render_in()
+            # Woken at least every interval: a new scrape may have moved the next render.
+            self._wanted.wait(self.interval if due_in is None else min(due_in, self.interval))
+            asked = self._wanted.is_set()
             self._wanted.clear()
             if self._stop.is_set():
                 return
             if self.loop is not None and self.loop.is_closed():
                 return  # the coordinator is shutting down
-            if time.monotonic() - self._last_scrape > self.idle_after:
-                continue  # nobody is scraping: save the CPU
+            if not asked and self._next_render_in() != 0.0:
+                continue  # no scrape is coming soon: save the CPU
             try:
                 rendered = self.render()
             except RenderStopped:
@@ -565,6 +621,7 @@ class MetricsExposition:
             except Exception as error:  # the previous exposition stays served
                 log.warning("metrics render failed", error=f"{type(error).__name__}: {error}")
                 self._pause = self.interval
+                self._stop.wait(self.interval)  # the same render is still due: not at once
             else:
                 self._pause = render_pause(self.interval, rendered.seconds)
 
@@ -594,7 +651,7 @@ class MetricsExposition:
 
     def _nodes_section(self, timeout: float) -> Rendered | None:
         now = time.monotonic()
-        self._last_scrape = now
+        self._scrapes.append(now)
         current = self._latest
         if current is not None and now - current.rendered_at <= self._stale_after():
             return current
@@ -606,8 +663,9 @@ class MetricsExposition:
             return self._latest
 
     def _stale_after(self) -> float:
-        """Older than this, the renderer has paused for want of scrapes: it renders every
-        `_pause` seconds (at least `interval`), and a render takes well under a second."""
+        """A scrape takes cached bytes up to this old, as fresh as rendering every `_pause`
+        seconds keeps them; older ones (no scrape was expected: a first or irregular one,
+        or the renderer had paused) it waits for a fresh render."""
         return 2 * self._pause + 2.0
 
     def gzipped(self, rendered: Rendered) -> bytes:

@@ -24,7 +24,10 @@ from picoord.coordinator.prometheus import (
     NODE_FAMILIES,
     MetricsEndpoint,
     MetricsExposition,
+    Rendered,
+    Scrape,
     escape_label_value,
+    next_render_in,
     render_nodes,
     render_pause,
     serve_metrics,
@@ -283,19 +286,107 @@ def test_coordinator_counters_are_never_a_render_behind(endpoint: MetricsEndpoin
     assert "picoord_coordinator_enrollments_refused_total 7.0" in get(url)[2].decode()
 
 
-def test_nothing_is_rendered_until_someone_scrapes(tmp_path: Path) -> None:
-    exposition = MetricsExposition(make_cluster(tmp_path), interval=0.05)
+def test_nothing_is_rendered_until_someone_scrapes_at_a_cadence(tmp_path: Path) -> None:
+    exposition = MetricsExposition(make_cluster(tmp_path), interval=0.05, lead=0.0)
     exposition.start()
     try:
         time.sleep(0.3)
         assert exposition.latest() is None
         first = exposition.scrape()
         assert first is not None
-        time.sleep(0.3)  # being scraped, it keeps the cache fresh by itself
-        latest = exposition.latest()
-        assert latest is not None and latest.rendered_at > first.nodes.rendered_at
+        time.sleep(0.3)  # one scrape is no cadence: nothing more is rendered
+        assert exposition.latest() is first.nodes
+        served = set()
+        for _ in range(20):  # scraped every 0.1 s, it keeps the cache fresh by itself
+            time.sleep(0.1)
+            scrape = exposition.scrape()
+            assert scrape is not None
+            served.add(scrape.nodes.rendered_at)
+        assert len(served) >= 2  # never older than the stale limit: no scrape made these
     finally:
         exposition.stop()
+
+
+def test_a_failing_render_is_tried_again_after_an_interval_not_at_once(tmp_path: Path) -> None:
+    exposition = MetricsExposition(make_cluster(tmp_path), interval=0.1, lead=0.0)
+    attempts: list[float] = []
+    render = exposition.render
+
+    def failing_after_the_first() -> Rendered:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            return render()
+        raise RuntimeError("the snapshot failed")
+
+    exposition.render = failing_after_the_first  # type: ignore[method-assign]
+    exposition.start()
+    try:
+        for _ in range(4):  # scraped at a cadence: a render is due all along
+            assert exposition.scrape() is not None
+            time.sleep(0.1)
+    finally:
+        exposition.stop()
+    assert 2 <= len(attempts) <= 10, len(attempts)  # about one per interval, not a busy loop
+
+
+def scraped_at_a_cadence(exposition: MetricsExposition) -> Scrape:
+    """A few scrapes 0.05 s apart, so the renderer keeps rendering by itself: the last one."""
+    for _ in range(3):
+        scrape = exposition.scrape()
+        assert scrape is not None
+        time.sleep(0.05)
+    return scrape
+
+
+def rendered(finished: float, seconds: float) -> Rendered:
+    return Rendered(b"", finished, seconds)
+
+
+@pytest.mark.parametrize(
+    ("now", "scrapes", "last", "due_in"),
+    [
+        pytest.param(100.0, (), None, None, id="never scraped"),
+        pytest.param(100.0, (99.0,), rendered(99.5, 0.5), None, id="one scrape is no cadence yet"),
+        pytest.param(100.0, (99.0, 99.0), rendered(99.5, 0.5), None, id="two at once are no cadence either"),
+        pytest.param(1000.0, (600.0, 615.0), rendered(615.5, 0.5), None, id="nobody scraped for idle_after"),
+        pytest.param(
+            401.0, (0.0, 400.0), rendered(400.5, 0.5), None, id="the next scrape is past idle_after"
+        ),
+        # Prometheus every 15 s, the last scrape's render (started 100.0) just done: the
+        # next render is to finish a second (the lead) before 115.
+        pytest.param(
+            100.6, (85.0, 100.0), rendered(100.5, 0.5), 12.9, id="every 15 s: render before the next"
+        ),
+        pytest.param(113.5, (85.0, 100.0), rendered(100.5, 0.5), 0.0, id="every 15 s: due now"),
+        pytest.param(101.0, (85.0, 100.0), None, 13.0, id="never rendered: a render takes no time"),
+        pytest.param(
+            114.2, (85.0, 100.0), rendered(114.0, 0.5), 14.3, id="this scrape has its render: the next"
+        ),
+        pytest.param(
+            116.0, (85.0, 100.0), rendered(114.0, 0.5), 12.5, id="an expected scrape missed: the one after"
+        ),
+        pytest.param(131.0, (85.0, 100.0), rendered(128.5, 0.5), None, id="two missed: none until one comes"),
+        # Scraped every 0.1 s: a render about every second, as before cadences were kept.
+        pytest.param(100.25, (100.0, 100.1, 100.2), rendered(100.05, 0.01), None, id="fast: just rendered"),
+        pytest.param(100.25, (100.0, 100.1, 100.2), rendered(99.31, 0.01), 0.05, id="fast: every interval"),
+        pytest.param(
+            100.25, (100.0, 100.1, 100.2), rendered(99.3, 0.5), 0.55, id="a slow render stretches it"
+        ),
+        # Two scrapers, 7 and 8 s apart in turn: the nearer one is served.
+        pytest.param(
+            107.1, (85.0, 92.0, 100.0, 107.0), rendered(100.6, 0.5), 5.4, id="two scrapers: the shorter gap"
+        ),
+        # A curl 2.3 s after a scrape, then Prometheus every 15 s again: 15 s is the cadence.
+        pytest.param(
+            97.4, (50.0, 52.3, 67.3, 82.3, 97.3), rendered(97.3, 0.3), 13.6, id="an odd gap does not move it"
+        ),
+    ],
+)
+def test_next_render_in(
+    now: float, scrapes: tuple[float, ...], last: Rendered | None, due_in: float | None
+) -> None:
+    got = next_render_in(now, scrapes, last, interval=1.0, idle_after=300.0, lead=1.0)
+    assert got == (None if due_in is None else pytest.approx(due_in))
 
 
 def test_a_scrape_during_a_render_gets_the_previous_complete_exposition(tmp_path: Path) -> None:
@@ -305,12 +396,11 @@ def test_a_scrape_during_a_render_gets_the_previous_complete_exposition(tmp_path
     loop = asyncio.new_event_loop()
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
     loop_thread.start()
-    exposition = MetricsExposition(cluster, interval=0.05, loop=loop)
+    exposition = MetricsExposition(cluster, interval=0.05, loop=loop, lead=0.0)
     busy, release = threading.Event(), threading.Event()
     try:
         exposition.start()
-        before = exposition.scrape()
-        assert before is not None
+        before = scraped_at_a_cadence(exposition)
         loop.call_soon_threadsafe(lambda: (busy.set(), release.wait(10)))
         assert busy.wait(5)
         cluster.history.add("pi0", sample(0, "changed"))
@@ -353,10 +443,10 @@ def test_stop_does_not_wait_for_a_busy_loop(tmp_path: Path) -> None:
     loop_thread = threading.Thread(target=loop.run_forever, daemon=True)
     loop_thread.start()
     release = threading.Event()
-    exposition = MetricsExposition(make_cluster(tmp_path), interval=0.05, loop=loop)
+    exposition = MetricsExposition(make_cluster(tmp_path), interval=0.05, loop=loop, lead=0.0)
     try:
         exposition.start()
-        assert exposition.scrape() is not None
+        scraped_at_a_cadence(exposition)
         loop.call_soon_threadsafe(release.wait, 10)
         time.sleep(0.2)  # the next render is now waiting for the loop
         started = time.monotonic()
