@@ -329,6 +329,32 @@ def test_a_failing_render_is_tried_again_after_an_interval_not_at_once(tmp_path:
     assert 2 <= len(attempts) <= 10, len(attempts)  # about one per interval, not a busy loop
 
 
+def test_scrapes_waiting_for_the_same_render_get_one_render(tmp_path: Path) -> None:
+    """A scrape that asks for a render while one is under way is served by that one: the
+    renderer does not start a second for it."""
+    exposition = MetricsExposition(make_cluster(tmp_path), interval=0.05, lead=0.0)
+    renders: list[float] = []
+    render = exposition.render
+
+    def slow() -> Rendered:
+        renders.append(time.monotonic())
+        time.sleep(0.3)
+        return render()
+
+    exposition.render = slow  # type: ignore[method-assign]
+    exposition.start()
+    try:
+        first = threading.Thread(target=exposition.scrape)
+        first.start()
+        time.sleep(0.1)  # the first scrape's render is under way
+        assert exposition.scrape() is not None
+        first.join(5)
+        time.sleep(0.5)
+    finally:
+        exposition.stop()
+    assert len(renders) == 1, renders
+
+
 def scraped_at_a_cadence(exposition: MetricsExposition) -> Scrape:
     """A few scrapes 0.05 s apart, so the renderer keeps rendering by itself: the last one."""
     for _ in range(3):
@@ -353,32 +379,32 @@ def rendered(finished: float, seconds: float) -> Rendered:
             401.0, (0.0, 400.0), rendered(400.5, 0.5), None, id="the next scrape is past idle_after"
         ),
         # Prometheus every 15 s, the last scrape's render (started 100.0) just done: the
-        # next render is to finish a second (the lead) before 115.
+        # next render is to finish a second (the lead) and a render's time before 115.
         pytest.param(
-            100.6, (85.0, 100.0), rendered(100.5, 0.5), 12.9, id="every 15 s: render before the next"
+            100.6, (85.0, 100.0), rendered(100.5, 0.5), 12.4, id="every 15 s: render before the next"
         ),
-        pytest.param(113.5, (85.0, 100.0), rendered(100.5, 0.5), 0.0, id="every 15 s: due now"),
+        pytest.param(113.0, (85.0, 100.0), rendered(100.5, 0.5), 0.0, id="every 15 s: due now"),
         pytest.param(101.0, (85.0, 100.0), None, 13.0, id="never rendered: a render takes no time"),
         pytest.param(
-            114.2, (85.0, 100.0), rendered(114.0, 0.5), 14.3, id="this scrape has its render: the next"
+            114.2, (85.0, 100.0), rendered(114.0, 0.5), 13.8, id="this scrape has its render: the next"
         ),
         pytest.param(
-            116.0, (85.0, 100.0), rendered(114.0, 0.5), 12.5, id="an expected scrape missed: the one after"
+            116.0, (85.0, 100.0), rendered(114.0, 0.5), 12.0, id="an expected scrape missed: the one after"
         ),
         pytest.param(131.0, (85.0, 100.0), rendered(128.5, 0.5), None, id="two missed: none until one comes"),
         # Scraped every 0.1 s: a render about every second, as before cadences were kept.
         pytest.param(100.25, (100.0, 100.1, 100.2), rendered(100.05, 0.01), None, id="fast: just rendered"),
         pytest.param(100.25, (100.0, 100.1, 100.2), rendered(99.31, 0.01), 0.05, id="fast: every interval"),
         pytest.param(
-            100.25, (100.0, 100.1, 100.2), rendered(99.3, 0.5), 0.55, id="a slow render stretches it"
+            100.21, (100.0, 100.1, 100.2), rendered(98.8, 0.5), 0.09, id="a slow render stretches it"
         ),
         # Two scrapers, 7 and 8 s apart in turn: the nearer one is served.
         pytest.param(
-            107.1, (85.0, 92.0, 100.0, 107.0), rendered(100.6, 0.5), 5.4, id="two scrapers: the shorter gap"
+            107.1, (85.0, 92.0, 100.0, 107.0), rendered(100.6, 0.5), 4.9, id="two scrapers: the shorter gap"
         ),
         # A curl 2.3 s after a scrape, then Prometheus every 15 s again: 15 s is the cadence.
         pytest.param(
-            97.4, (50.0, 52.3, 67.3, 82.3, 97.3), rendered(97.3, 0.3), 13.6, id="an odd gap does not move it"
+            97.4, (50.0, 52.3, 67.3, 82.3, 97.3), rendered(97.3, 0.3), 13.3, id="an odd gap does not move it"
         ),
     ],
 )
