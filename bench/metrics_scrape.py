@@ -28,9 +28,9 @@ cached exposition, loop lag p99/max in each window, and the anchor/cached ratios
 cadence, the renders and their seconds, and the age of the bytes each scrape got.
 Targets: cached scrape p99 <= 250 ms; loop lag max <= 50 ms while scrapes run; at the
 cadence, no more renders than the anchor and, once the first two scrapes have shown the
-cadence, no older bytes than its plus a second. (Where
-a render is slow, at thousands of nodes, the render duty cap already spaces the anchor's
-renders: the counts meet, and the gain is the bytes' age.)
+cadence, no older bytes than its plus a second. (Where a render is slow, at thousands of
+nodes, the render duty cap already spaces the anchor's renders: the counts come close,
+and the gain is mostly the bytes' age.)
 
     .venv/bin/python bench/metrics_scrape.py [--nodes 1000] [--seconds 20] [--strict] [--json out.json]
 """
