@@ -257,18 +257,10 @@ async def windows(cluster: Cluster, args: argparse.Namespace) -> dict[str, Any]:
             started[0].shutdown()
             started[0].server_close()
 
-        endpoint: MetricsEndpoint = serve_metrics(cluster, LOOPBACK, new_port, interval=args.interval)
-        rendered: list[float] = []
-        watcher = asyncio.create_task(watch_renders(endpoint, rendered, stop))
-        try:
-            say(
-                f"cached window: serve_metrics, render every {args.interval:g} s, "
-                f"{args.seconds:.0f} s of scrapes"
-            )
-            scraped = await scrape_window(f"http://{LOOPBACK}:{new_port}/metrics", args.seconds, args.pause)
-        finally:
-            watcher.cancel()
-            await asyncio.to_thread(endpoint.close)
+        say(
+            f"cached window: serve_metrics, render every {args.interval:g} s, {args.seconds:.0f} s of scrapes"
+        )
+        rendered, scraped = await served_and_scraped(cluster, args, new_port, args.seconds, args.pause)
         result["cached"] = {
             "render": {"renders": len(rendered), "p50": percentile(rendered, 50), "max": max(rendered)},
             "scrape": scrape_figures(scraped),
@@ -290,6 +282,25 @@ async def cadence_window(
 ) -> dict[str, Any]:
     """Scrapes every `args.cadence` s; the renders counted from the scraper's first scrape."""
     (port,) = pick_ports(1)
+    rendered, scraped = await served_and_scraped(cluster, args, port, seconds, args.cadence, anchor_rule)
+    return {
+        "renders": len(rendered),
+        "render_seconds": sum(rendered),
+        "seconds": seconds,
+        "scrape": scrape_figures(scraped),
+    }
+
+
+async def served_and_scraped(
+    cluster: Cluster,
+    args: argparse.Namespace,
+    port: int,
+    seconds: float,
+    pause: float,
+    anchor_rule: bool = False,
+) -> tuple[list[float], dict[str, Any]]:
+    """`serve_metrics` on `port` (with the anchor's render rule if asked), scraped for
+    `seconds`: each render's seconds, and what the scraper measured."""
     endpoint = serve_metrics(cluster, LOOPBACK, port, interval=args.interval)
     if anchor_rule:
         every_interval(endpoint.exposition)
@@ -297,17 +308,12 @@ async def cadence_window(
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch_renders(endpoint, rendered, stop))
     try:
-        scraped = await scrape_window(f"http://{LOOPBACK}:{port}/metrics", seconds, args.cadence)
+        scraped = await scrape_window(f"http://{LOOPBACK}:{port}/metrics", seconds, pause)
     finally:
         stop.set()
         await watcher
         await asyncio.to_thread(endpoint.close)
-    return {
-        "renders": len(rendered),
-        "render_seconds": sum(rendered),
-        "seconds": seconds,
-        "scrape": scrape_figures(scraped),
-    }
+    return rendered, scraped
 
 
 def every_interval(exposition: MetricsExposition) -> None:
