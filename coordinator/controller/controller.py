@@ -195,6 +195,9 @@ class WorkloadController:
     async def run(self, stop: asyncio.Event) -> None:
         self._running = True
         self._loop = asyncio.get_running_loop()
+        # The wait between ticks can be CEILING long: a stop wakes it, or every coordinator
+        # shutdown (and so every restart under a cluster's sessions) would wait it out.
+        waking_on_stop = asyncio.create_task(self._wake_on(stop))
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -210,6 +213,11 @@ class WorkloadController:
                 await asyncio.sleep(duty_pause(time.perf_counter() - started, TICK_DUTY))
         finally:
             self._running = False
+            waking_on_stop.cancel()
+
+    async def _wake_on(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._wake.set()
 
     def _sleep(self) -> float:
         if self._next_at is None:

@@ -4,6 +4,7 @@ session's outbox and answers with replica reports, as an agent's supervisor woul
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,3 +286,21 @@ async def test_an_unknown_tag_is_refused_by_name(rig: Rig, registry: Registry) -
     rig.controller.pin_image = missing
     with pytest.raises(WorkloadRefused, match=r"mcp: cannot pin mcp:1 .*HTTP 404"):
         await rig.controller.start_rollout("mcp")
+
+
+async def test_a_stop_ends_the_loop_at_once_not_after_its_longest_sleep(tmp_path: Path) -> None:
+    """With nothing to do the loop sleeps CEILING (30 s) between ticks; a coordinator's
+    shutdown (and so a restart under every Pi's session) must not wait that out."""
+    store = Store(tmp_path / "state.db")
+    try:
+        clock = Clock()
+        cluster = Cluster(store, StatusTimeouts(), MetricsHistory(4), clock=clock)
+        controller = WorkloadController(cluster, WorkloadRecords(store), clock=clock)
+        stop = asyncio.Event()
+        running = asyncio.create_task(controller.run(stop))
+        await asyncio.sleep(0.2)  # its first tick done, it sleeps
+        assert not running.done()
+        stop.set()
+        await asyncio.wait_for(running, 2.0)
+    finally:
+        store.close()
