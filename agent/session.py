@@ -2,8 +2,8 @@
 
 The agent dials out, says hello with its hardware report, then streams metric samples
 (which double as heartbeats). When the coordinator is away the agent keeps retrying
-with exponential backoff and jitter, so a restarted coordinator is not flooded by every
-Pi at once, and never exits on its own: the node's workloads do not depend on it.
+with exponential backoff and full jitter, so a restarted coordinator is not flooded by
+every Pi at once, and never exits on its own: the node's workloads do not depend on it.
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import contextlib
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
 from picoord.agent.channel import channel_options
 from picoord.agent.clock import RETRIES_BY_ITSELF, clock_message, presented_window
@@ -66,6 +66,20 @@ REJOIN_FIX = (
     "Fix: on the coordinator run `coordctl token create`, then run the `picoord-agent join ...` "
     "command it prints here, with --force"
 )
+
+
+def reconnect_delay(
+    attempt: int, initial: float, maximum: float, draw: Callable[[], float] = random.random
+) -> float:
+    """The wait after failed dial `attempt` (1, 2, ...): anywhere from 0 to the exponential
+    ceiling (initial doubling up to maximum), drawn afresh each time ("full jitter").
+
+    Every agent of a cluster loses its session at the same moment when the coordinator
+    restarts. With the ceiling plus up to a second of jitter they would dial again in
+    waves a second wide (at 1, 3, 7, 15 s...), each wave thousands of TLS handshakes at
+    once and the coordinator idle in between; drawn over the whole range, the dials spread
+    evenly and the first of them find the restarted coordinator as soon as it answers."""
+    return draw() * min(maximum, initial * 2.0 ** (attempt - 1))
 
 
 def renewal_retry_delay(remaining: float) -> float:
@@ -146,9 +160,7 @@ class AgentRunner:
         while True:
             retrying = AsyncRetrying(
                 retry=retry_if_exception_type(SessionLost),
-                wait=wait_exponential_jitter(
-                    initial=self.settings.backoff_initial, max=self.settings.backoff_max
-                ),
+                wait=self._reconnect_wait,
                 stop=stop_never,
                 before_sleep=self._before_sleep,
                 reraise=True,
@@ -159,6 +171,9 @@ class AgentRunner:
                         await self._session_once()
             except HealthySessionEnded as ended:
                 log.warning("session ended, reconnecting", reason=str(ended))
+
+    def _reconnect_wait(self, state: RetryCallState) -> float:
+        return reconnect_delay(state.attempt_number, self.settings.backoff_initial, self.settings.backoff_max)
 
     @staticmethod
     def _before_sleep(state: object) -> None:

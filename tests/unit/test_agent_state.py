@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from picoord.agent.enroll import new_key_and_csr
-from picoord.agent.session import renewal_retry_delay
+from picoord.agent.session import reconnect_delay, renewal_retry_delay
 from picoord.agent.state import AgentFiles, BadCredentials, Enrollment, split_pem
 from picoord.common.pki import certificate_not_after
 from picoord.coordinator.ca import ClusterCA, certificate_pem
@@ -106,3 +107,32 @@ def test_split_pem_takes_the_key_and_the_certificate(ca: ClusterCA) -> None:
 )
 def test_renewal_retry_delay(remaining: float, delay: float) -> None:
     assert renewal_retry_delay(remaining) == delay
+
+
+@pytest.mark.parametrize(
+    ("attempt", "draw", "delay"),
+    [
+        (1, 0.0, 0.0),  # the first redial may come at once
+        (1, 0.5, 0.5),
+        (1, 1.0, 1.0),
+        (2, 1.0, 2.0),
+        (4, 0.5, 4.0),
+        (5, 1.0, 16.0),
+        (6, 1.0, 30.0),  # capped at the maximum
+        (6, 0.25, 7.5),  # the whole range below the cap, not only near it
+        (60, 0.5, 15.0),  # no overflow however long the coordinator stays away
+    ],
+)
+def test_reconnect_delay_is_drawn_over_the_whole_range_up_to_the_ceiling(
+    attempt: int, draw: float, delay: float
+) -> None:
+    assert reconnect_delay(attempt, 1.0, 30.0, draw=lambda: draw) == pytest.approx(delay)
+
+
+def test_reconnect_delays_spread_a_cluster_s_redials_instead_of_waves() -> None:
+    """5,000 agents that lost their sessions together: their fourth redials (ceiling 8 s)
+    spread over the whole 8 s, no second of it holding more than a few times its share."""
+    draws = random.Random(7)
+    waits = [reconnect_delay(4, 1.0, 30.0, draw=draws.random) for _ in range(5000)]
+    per_second = [sum(1 for wait in waits if second <= wait < second + 1) for second in range(8)]
+    assert min(per_second) > 500 and max(per_second) < 750, per_second
