@@ -2,8 +2,8 @@
 
 The agent dials out, says hello with its hardware report, then streams metric samples
 (which double as heartbeats). When the coordinator is away the agent keeps retrying
-with exponential backoff and full jitter, so a restarted coordinator is not flooded by
-every Pi at once, and never exits on its own: the node's workloads do not depend on it.
+with exponential backoff and jitter, so a restarted coordinator is not flooded by every
+Pi at once, and never exits on its own: the node's workloads do not depend on it.
 """
 
 from __future__ import annotations
@@ -71,15 +71,18 @@ REJOIN_FIX = (
 def reconnect_delay(
     attempt: int, initial: float, maximum: float, draw: Callable[[], float] = random.random
 ) -> float:
-    """The wait after failed dial `attempt` (1, 2, ...): anywhere from 0 to the exponential
-    ceiling (initial doubling up to maximum), drawn afresh each time ("full jitter").
+    """The wait after failed dial `attempt` (1, 2, ...): between half the exponential
+    ceiling (initial doubling up to maximum) and the whole of it, drawn afresh each time.
 
     Every agent of a cluster loses its session at the same moment when the coordinator
-    restarts. With the ceiling plus up to a second of jitter they would dial again in
-    waves a second wide (at 1, 3, 7, 15 s...), each wave thousands of TLS handshakes at
-    once and the coordinator idle in between; drawn over the whole range, the dials spread
-    evenly and the first of them find the restarted coordinator as soon as it answers."""
-    return draw() * min(maximum, initial * 2.0 ** (attempt - 1))
+    restarts. With the ceiling plus up to a second of jitter they dialed again in waves a
+    second wide (at 1, 3, 7, 15 s...): thousands of TLS handshakes at once, the
+    coordinator idle in between, and the handshakes it could not finish in time made to
+    wait longer. Drawn over the upper half, the waves spread over seconds; over the whole
+    range ("full jitter") they spread further, but some agents then dial often enough to
+    reach long ceilings early and come back last, long after a short restart."""
+    ceiling = min(maximum, initial * 2.0 ** (attempt - 1))
+    return ceiling / 2 + draw() * ceiling / 2
 
 
 def renewal_retry_delay(remaining: float) -> float:
