@@ -13,6 +13,7 @@ import os
 import resource
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -456,19 +457,35 @@ async def serve(config: CoordinatorConfig) -> None:
     finally:
         notify("STOPPING=1")
         log.info("coordinator stopping")
+        # How long each step of the stop took, logged at the end: a restart under every
+        # Pi's session is only as quick as this.
+        stopping = last = time.monotonic()
+        took: dict[str, float] = {}
+
+        def done(step: str) -> None:
+            nonlocal last
+            now = time.monotonic()
+            took[step], last = round(now - last, 3), now
+
         stop.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(reconciling, 5)
+        done("controller")
         if replica is not None:
             await replica.stop()
         await relay.close()
+        done("replica")
         await admin_server.stop(grace=1)
         if remote_admin is not None:
             await remote_admin.stop(grace=1)
+        done("admin")
         rotation.cancel()
         await server.stop(grace=2)
+        done("sessions")
         await flush_once(cluster)
         store.close()
+        done("store")
+        log.info("coordinator stopped", seconds=round(time.monotonic() - stopping, 3), **took)
 
 
 # ---------------------------------------------------------------- certificate rotation
