@@ -76,6 +76,7 @@ from _common import (
 
 from picoord.agent.channel import channel_options
 from picoord.agent.enroll import Endpoint, fetch_pinned_ca, new_key_and_csr
+from picoord.agent.session import HEALTHY_SESSION, WELCOME_TIMEOUT, RunSettings, reconnect_delay
 from picoord.common import PROTOCOL_VERSION, VERSION
 from picoord.coordinator.admin_reads import replica_socket
 from picoord.coordinator.ctl.client import AdminClient, replica_channel
@@ -90,6 +91,7 @@ RSS_TARGET_MIB = 600
 STORM_TARGET = 60.0  # seconds from the restart until every node is Ready
 CPU_TARGET = 100.0  # % of one core
 SETTLE_SECONDS = 5.0
+WELCOMED = "welcomed"  # a storm dial's outcome when it was welcomed
 # Every simulated node has its own certificate, hence its own channel; a local subchannel
 # pool makes sure gRPC never folds two of them onto one connection.
 SESSION_OPTIONS = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
@@ -238,6 +240,13 @@ class SessionStats:
     retries: int = 0  # sessions opened again after one ended or a dial failed
     ended: collections.Counter[str] = field(default_factory=collections.Counter)
     all_tried: asyncio.Event = field(default_factory=asyncio.Event)
+    # From the end of the steady window on (the reconnect storm): each session's end, and each
+    # dial as (queued, dialed, finished, outcome), wall-clock times (queued: waiting for one of
+    # this process's --open-concurrency slots), so the storm's tail can be told apart: agents
+    # still backing off, dials queued in the bench, or dials that failed, and why.
+    recording: bool = False
+    storm_ends: list[float] = field(default_factory=list)
+    storm_dials: list[tuple[float, float, float, str]] = field(default_factory=list)
 
     def tried(self) -> None:
         if self.opened + sum(self.open_failures.values()) >= self.attempted:
@@ -299,9 +308,9 @@ async def enroll_nodes(spec: WorkerSpec) -> tuple[list[Node], dict[str, Any]]:
 
 
 def backoff(attempt: int) -> float:
-    """The agent's reconnect wait (agent/session.py: tenacity's wait_exponential_jitter,
-    initial 1 s, max 30 s, jitter up to 1 s)."""
-    return min(30.0, 2.0 ** (attempt - 1) + random.uniform(0.0, 1.0))
+    """The agent's wait after failed dial `attempt`, with the agent's own settings."""
+    settings = RunSettings()
+    return reconnect_delay(attempt, settings.backoff_initial, settings.backoff_max)
 
 
 async def hold_session(
@@ -309,7 +318,8 @@ async def hold_session(
 ) -> None:
     """One agent: Hello, Welcome, then what agent/session.py sends (a sample every
     `interval`, a heartbeat in between at the interval the Welcome gives) until cancelled;
-    a lost session is opened again after the agent's backoff, as the agent does."""
+    a lost session is opened again as the agent does: at once after a session of
+    HEALTHY_SESSION or longer, else after the agent's backoff."""
     credentials = grpc.ssl_channel_credentials(
         root_certificates=ca_pem, private_key=node.key_pem, certificate_chain=node.certificate_pem
     )
@@ -317,11 +327,13 @@ async def hold_session(
     first_try = True
     while True:
         attempt += 1
+        dialed = time.monotonic()
         opened = await _one_session(node, spec, credentials, stats, opening, first_try)
         first_try = False
-        if opened:
-            attempt = 1
-        await asyncio.sleep(backoff(attempt))
+        if opened and time.monotonic() - dialed >= HEALTHY_SESSION:
+            attempt = 0
+        else:
+            await asyncio.sleep(backoff(attempt))
         stats.retries += 1
 
 
@@ -336,8 +348,11 @@ async def _one_session(
     """One session from dial to its end; whether it was welcomed."""
     channel = grpc.aio.secure_channel(spec.session_address, credentials, options=SESSION_OPTIONS)
     opened = False
+    recording, queued = stats.recording, time.time()
+    dialed = queued
     try:
         async with opening:
+            dialed = time.time()
             started = time.perf_counter()
             try:
                 call = agent_pb2_grpc.AgentSessionStub(channel).Session()
@@ -351,14 +366,18 @@ async def _one_session(
                         )
                     )
                 )
-                first = await asyncio.wait_for(call.read(), 60)
+                first = await asyncio.wait_for(call.read(), WELCOME_TIMEOUT)
                 if first is grpc.aio.EOF or first.WhichOneof("body") != "welcome":
                     raise BenchError(f"no welcome: {first}")
             except (grpc.aio.AioRpcError, BenchError, TimeoutError, grpc.aio.UsageError) as error:
                 if first_try:
                     stats.open_failures[_error_text(error)] += 1
                     stats.tried()
+                if recording:
+                    stats.storm_dials.append((queued, dialed, time.time(), _error_text(error)))
                 return False
+            if recording:
+                stats.storm_dials.append((queued, dialed, time.time(), WELCOMED))
             if first_try:
                 stats.open_latencies.append(time.perf_counter() - started)
                 stats.opened += 1
@@ -371,12 +390,17 @@ async def _one_session(
     except Exception as error:
         if opened:
             stats.ended[_error_text(error)] += 1
-        elif first_try:
-            stats.open_failures[_error_text(error)] += 1
-            stats.tried()
+        else:
+            if first_try:
+                stats.open_failures[_error_text(error)] += 1
+                stats.tried()
+            if recording:
+                stats.storm_dials.append((queued, dialed, time.time(), _error_text(error)))
     finally:
         if opened:
             stats.live -= 1
+            if stats.recording:
+                stats.storm_ends.append(time.time())
         with contextlib.suppress(Exception):
             await asyncio.shield(channel.close())
     return opened
@@ -396,7 +420,8 @@ async def _send_like_an_agent(
     next_tick = next_sample = last + random.uniform(0, interval)  # spread the agents out
     try:
         while True:
-            await asyncio.sleep(max(0.0, min(next_tick, next_sample) - loop.time()))
+            # Woken by the reader's end too: the agent notices a closed session at once.
+            await asyncio.wait({reader}, timeout=max(0.0, min(next_tick, next_sample) - loop.time()))
             if reader.done():
                 reader.result()
                 raise BenchError("the coordinator ended the session")
@@ -453,6 +478,7 @@ async def worker_run(spec: WorkerSpec, events: dict[str, MpEvent], results: mult
     ended_before = sum(stats.ended.values())
     window_started = time.perf_counter()
     await wait_event(events["window_end"])
+    stats.recording = True
     window = time.perf_counter() - window_started
     sent, samples, heartbeats = (
         now - then for now, then in zip((stats.sent, stats.samples, stats.heartbeats), at_start, strict=True)
@@ -472,11 +498,24 @@ async def worker_run(spec: WorkerSpec, events: dict[str, MpEvent], results: mult
         )
     )
     await wait_event(events["stop"])  # meanwhile the coordinator restarts: sessions come back
+    stats.recording = False  # the ends that follow are the bench's own
     live = stats.live
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    results.put(("done", spec.index, {"live": live, "ended": dict(stats.ended), "retries": stats.retries}))
+    results.put(
+        (
+            "done",
+            spec.index,
+            {
+                "live": live,
+                "ended": dict(stats.ended),
+                "retries": stats.retries,
+                "storm_ends": stats.storm_ends,
+                "storm_dials": stats.storm_dials,
+            },
+        )
+    )
 
 
 def worker_main(spec: WorkerSpec, events: dict[str, MpEvent], results: multiprocessing.Queue) -> None:
@@ -692,14 +731,14 @@ def reconnect_storm(
     assert coordinator.process is not None
     old = coordinator.process
     say(f"reconnect storm: restarting the coordinator under {args.sessions} sessions ...")
-    stopped_at = time.monotonic()
+    stopped_at, stopped_wall = time.monotonic(), time.time()
     old.terminate()
     try:
         old.wait(60)
     except psutil.TimeoutExpired:
         old.kill()
     processes.forget(old.pid)
-    restarted_at = time.monotonic()
+    restarted_at, restarted_wall = time.monotonic(), time.time()
     restarted = Coordinator.restart(coordinator, processes)
     assert restarted.process is not None
     answering_at = time.monotonic()
@@ -724,6 +763,8 @@ def reconnect_storm(
         sampler.stop()
     rss = [sample.rss for sample in sampler.samples["coordinator"]]
     return {
+        "stopped_wall": stopped_wall,
+        "restarted_wall": restarted_wall,
         "stop_seconds": restarted_at - stopped_at,
         "start_seconds": answering_at - restarted_at,
         "all_ready_seconds": (all_ready_at - restarted_at) if all_ready_at else None,
@@ -934,7 +975,69 @@ def measure(
     if storm is not None:
         storm["live_after"] = sum(report["live"] for report in done)
         storm["retries"] = sum(report["retries"] for report in done)
+        storm["timeline"] = storm_timeline(
+            storm,
+            [end for report in done for end in report["storm_ends"]],
+            [dial for report in done for dial in report["storm_dials"]],
+        )
     result["storm"] = storm
+
+
+def storm_timeline(
+    storm: dict[str, Any], ends: list[float], dials: list[tuple[float, float, float, str]]
+) -> dict[str, Any]:
+    """Where the storm's time went, from the simulated agents' side: when their sessions
+    ended (after the SIGTERM), when they dialed again and what each dial came to (after the
+    restart), so a long tail shows as agents still backing off or as dials that failed."""
+    stopped, restarted = storm["stopped_wall"], storm["restarted_wall"]
+    welcomed = [(dialed - restarted, done - restarted) for _, dialed, done, why in dials if why == WELCOMED]
+    failed: dict[str, list[float]] = collections.defaultdict(list)
+    for _, dialed, done, outcome in dials:
+        if outcome != WELCOMED:
+            failed[outcome].append(done - dialed)
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {f"p{q}": percentile(values, q) for q in (0, 10, 50, 90, 99, 100)}
+
+    def per_second(values: list[float]) -> dict[int, int]:
+        return dict(sorted(collections.Counter(int(value // 1) for value in values).items()))
+
+    return {
+        "ends_after_stop": spread([end - stopped for end in ends]),
+        "ends_per_second_after_stop": per_second([end - stopped for end in ends]),
+        "welcomes_per_second_after_restart": per_second([done for _, done in welcomed]),
+        "dials": len(dials),
+        "dials_before_restart": sum(1 for _, dialed, _, _ in dials if dialed < restarted),
+        "queued_for_a_slot": spread([dialed - queued for queued, dialed, _, _ in dials]),
+        "welcomed": len(welcomed),
+        "welcome_dialed_after_restart": spread([dialed for dialed, _ in welcomed]),
+        "welcomed_after_restart": spread([done for _, done in welcomed]),
+        "welcome_took": spread([done - dialed for dialed, done in welcomed]),
+        "failed": {
+            reason: {"count": len(took), "took_p50": percentile(took, 50), "took_max": max(took)}
+            for reason, took in sorted(failed.items(), key=lambda item: -len(item[1]))[:8]
+        },
+    }
+
+
+def print_storm_timeline(timeline: dict[str, Any]) -> None:
+    def seconds(spread: dict[str, float]) -> str:
+        return " / ".join(f"{spread[key]:.1f}" for key in ("p0", "p50", "p90", "p99", "p100")) + " s"
+
+    print(
+        f"  storm, agents' side (min / p50 / p90 / p99 / max): sessions ended "
+        f"{seconds(timeline['ends_after_stop'])} after the SIGTERM; {timeline['dials']} dials, "
+        f"{timeline['dials_before_restart']} before the restart; {timeline['welcomed']} welcomed, "
+        f"dialed {seconds(timeline['welcome_dialed_after_restart'])} and welcomed "
+        f"{seconds(timeline['welcomed_after_restart'])} after the restart, dial to Welcome "
+        f"{seconds(timeline['welcome_took'])}; waits for an --open-concurrency slot "
+        f"{seconds(timeline['queued_for_a_slot'])}"
+    )
+    for reason, failed in timeline["failed"].items():
+        print(
+            f"  storm dial failed x{failed['count']} (took p50 {failed['took_p50']:.1f} s, "
+            f"max {failed['took_max']:.1f} s): {reason}"
+        )
 
 
 def say(text: str) -> None:
@@ -1073,6 +1176,7 @@ def report(result: dict[str, Any]) -> bool:
             )
             + f"; peak RSS {mib(storm['peak_rss'])}; sessions live at the end {storm['live_after']}"
         )
+        print_storm_timeline(storm["timeline"])
     worst = max(window["admin"][rpc]["p99"] for rpc in WHOLE)
     pages = [rpc for rpc in window["admin"] if rpc not in (*WHOLE, "all")]
     worst_page = max((window["admin"][rpc]["p99"] for rpc in pages), default=None)
