@@ -435,15 +435,6 @@ def test_lab_up_runs_every_agent_in_its_namespace_then_down_from_another_process
     old = lab.processes["coordinator"].pid
     lab.restart_coordinator()
     assert lab.processes["coordinator"].pid != old and lab.is_running("coordinator")
-    # The stop logged how long each of its steps took (what a slow restart is read from).
-    stopped = [
-        json.loads(line)
-        for line in lab.log_path("coordinator").read_text().splitlines()
-        if '"coordinator stopped"' in line
-    ]
-    assert len(stopped) == 1, stopped
-    assert {"controller", "replica", "admin", "sessions", "store", "seconds"} <= stopped[0].keys()
-    assert stopped[0]["seconds"] >= stopped[0]["sessions"] >= 0
     assert lab.exec_in("pi1", "ip", "-br", "addr", "show", "dev", "eth0").stdout.split()[2].startswith("10.")
 
     # `picoord-lab status` and `down` from another process, by work dir.

@@ -9,6 +9,7 @@ One lab (the workloads tests' three Pis with dockerd, running the demo) and one 
 
 from __future__ import annotations
 
+import json
 import stat
 import subprocess
 import threading
@@ -107,6 +108,15 @@ def test_backup_under_load_restored_on_a_fresh_state_dir(demo_lab: Lab, tmp_path
 
     # The coordinator's host loses its disk: a new state dir, the same address.
     lab.stop_coordinator()
+    # The stop logged how long each of its steps took (what a slow restart is read from).
+    stopped = [
+        json.loads(line)
+        for line in lab.log_path("coordinator").read_text().splitlines()
+        if '"coordinator stopped"' in line
+    ]
+    assert len(stopped) == 1, stopped
+    assert {"controller", "replica", "admin", "sessions", "store", "seconds"} <= stopped[0].keys()
+    assert stopped[0]["seconds"] >= stopped[0]["sessions"] >= 0
     lost = lab.coordinator_state_dir.rename(lab.work_dir / "coordinator.lost")
     restored = coordinator_command(
         lab, "restore", str(archive), "--state-dir", str(lab.coordinator_state_dir)
