@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import threading
 import time
@@ -81,7 +82,10 @@ def reconnect_delay(
     wait longer. Drawn over the upper half, the waves spread over seconds; over the whole
     range ("full jitter") they spread further, but some agents then dial often enough to
     reach long ceilings early and come back last, long after a short restart."""
-    ceiling = min(maximum, initial * 2.0 ** (attempt - 1))
+    # The exponent stops growing once the ceiling is reached: a coordinator away for a day
+    # means thousands of attempts, and 2.0 ** 1024 overflows a float.
+    doublings = min(attempt - 1, max(0, math.ceil(math.log2(maximum / initial))))
+    ceiling = min(maximum, initial * 2.0**doublings)
     return ceiling / 2 + draw() * ceiling / 2
 
 

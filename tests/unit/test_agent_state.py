@@ -121,6 +121,7 @@ def test_renewal_retry_delay(remaining: float, delay: float) -> None:
         (6, 1.0, 30.0),  # capped at the maximum
         (6, 0.0, 15.0),
         (60, 0.5, 22.5),  # no overflow however long the coordinator stays away
+        (5000, 1.0, 30.0),  # a day of attempts: 2.0 ** 4999 would overflow a float
     ],
 )
 def test_reconnect_delay_is_drawn_over_the_upper_half_of_the_ceiling(
