@@ -92,6 +92,7 @@ STORM_TARGET = 60.0  # seconds from the restart until every node is Ready
 CPU_TARGET = 100.0  # % of one core
 SETTLE_SECONDS = 5.0
 WELCOMED = "welcomed"  # a storm dial's outcome when it was welcomed
+AGENT_SETTINGS = RunSettings()  # the agent's defaults: its reconnect waits
 # Every simulated node has its own certificate, hence its own channel; a local subchannel
 # pool makes sure gRPC never folds two of them onto one connection.
 SESSION_OPTIONS = [*channel_options(), ("grpc.use_local_subchannel_pool", 1)]
@@ -309,8 +310,7 @@ async def enroll_nodes(spec: WorkerSpec) -> tuple[list[Node], dict[str, Any]]:
 
 def backoff(attempt: int) -> float:
     """The agent's wait after failed dial `attempt`, with the agent's own settings."""
-    settings = RunSettings()
-    return reconnect_delay(attempt, settings.backoff_initial, settings.backoff_max)
+    return reconnect_delay(attempt, AGENT_SETTINGS.backoff_initial, AGENT_SETTINGS.backoff_max)
 
 
 async def hold_session(
@@ -1002,9 +1002,10 @@ def storm_timeline(
     def per_second(values: list[float]) -> dict[int, int]:
         return dict(sorted(collections.Counter(int(value // 1) for value in values).items()))
 
+    ended = [end - stopped for end in ends]
     return {
-        "ends_after_stop": spread([end - stopped for end in ends]),
-        "ends_per_second_after_stop": per_second([end - stopped for end in ends]),
+        "ends_after_stop": spread(ended),
+        "ends_per_second_after_stop": per_second(ended),
         "welcomes_per_second_after_restart": per_second([done for _, done in welcomed]),
         "dials": len(dials),
         "dials_before_restart": sum(1 for _, dialed, _, _ in dials if dialed < restarted),
